@@ -1,0 +1,1340 @@
+//! Per-key Paxos: one replica's acceptor and proposer, as a sans-IO state
+//! machine.
+//!
+//! Each key is a sequence of single-decree Paxos instances, one per version
+//! ("slot"). Slot `v + 1` decides the key's whole value at version `v + 1`,
+//! computed by the key's policy from the value at `v`. Only the slot after
+//! the newest chosen one is open, so an acceptor keeps O(1) state per key.
+//!
+//! Every slot starts with a shared *fast round* (ballot 0) that any replica
+//! may use without a prepare: one round trip when a fast quorum
+//! (`q_fast`, with `q_classic + 2 q_fast > n`) accepts. When proposers
+//! collide, or a fast quorum does not answer in time, a classic round
+//! (ballot >= 1, owned by one replica) recovers with Fast Paxos's rule.
+//! `docs/design.md` gives the safety argument.
+//!
+//! Inputs: [`Replica::step`]. Outputs: the returned [`Ready`] (to persist),
+//! then [`Replica::release`] (to send, complete and arm) once it is durable.
+
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use crate::types::*;
+use crate::wire::{Accepted, Ballot, Chosen, KeyState as State, Msg, Proposal, ProposalId};
+
+/// Longest key the protocol accepts.
+pub const KEY_MAX: usize = 4096;
+/// How long a replica that missed a fast round is passed over by fast rounds.
+pub const SUSPECT_MS: u64 = 1000;
+/// Backoff between attempts: starts here, doubles, jittered to [0.5x, 1.5x].
+pub const BACKOFF_BASE_MS: u64 = 10;
+/// Backoff never exceeds this (before jitter).
+pub const BACKOFF_MAX_MS: u64 = 1000;
+
+/// Log levels of the guest `log` interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// What a replica needs from its host while stepping: the key's policy.
+pub trait Env {
+    /// Runs the policy bound to `key`.
+    fn apply(
+        &mut self,
+        key: &[u8],
+        current: &Current,
+        command: &[u8],
+        now_ms: u64,
+    ) -> Result<Change, Rejection>;
+    /// Diagnostics; dropped by default.
+    fn log(&mut self, _level: Level, _message: &str) {}
+}
+
+/// The two directions of a protocol implementation, native or wasm.
+pub trait Core {
+    /// Hands in a batch of events; returns what must be made durable.
+    fn step(&mut self, batch: Batch) -> Ready;
+    /// Returns the effects of ready `id` once the host has persisted it.
+    /// Readies are released in the order `step` returned them.
+    fn release(&mut self, id: u64) -> Actions;
+}
+
+/// Classic quorum: any two intersect.
+pub fn quorum_classic(n: usize) -> usize {
+    n / 2 + 1
+}
+
+/// Fast quorum: the smallest size with `q_classic + 2 q_fast > 2n`, so a
+/// classic quorum and any two fast quorums share an acceptor.
+pub fn quorum_fast(n: usize) -> usize {
+    (2 * n - quorum_classic(n)) / 2 + 1
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    Command(Vec<u8>),
+    Read,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    Idle,
+    Fast {
+        slot: u64,
+        ballot: Ballot,
+        acks: BTreeSet<ReplicaId>,
+        nacks: BTreeSet<ReplicaId>,
+    },
+    Prepare {
+        slot: u64,
+        ballot: Ballot,
+        promises: BTreeMap<ReplicaId, Option<Accepted>>,
+    },
+    Accept {
+        slot: u64,
+        ballot: Ballot,
+        proposal: Proposal,
+        acks: BTreeSet<ReplicaId>,
+    },
+    Query {
+        id: u64,
+        replies: BTreeMap<ReplicaId, (Chosen, Option<Accepted>)>,
+    },
+    Backoff,
+}
+
+impl Phase {
+    fn slot(&self) -> Option<u64> {
+        match self {
+            Phase::Fast { slot, .. } | Phase::Prepare { slot, .. } | Phase::Accept { slot, .. } => {
+                Some(*slot)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A client operation this replica coordinates.
+#[derive(Clone, Debug)]
+struct Op {
+    request: u64,
+    kind: Kind,
+    attempts: u32,
+    phase: Phase,
+    /// Our proposal, and the slot it was computed for.
+    own: Option<(u64, Proposal)>,
+    /// Slots where an accept carrying our own proposal went out and whose
+    /// winner we do not know yet: the command may have taken effect there.
+    exposed: BTreeSet<u64>,
+    /// The timer token that is current for this op.
+    token: u64,
+    /// Highest ballot counter seen in refusals for the current slot.
+    counter_seen: u64,
+    /// Why the last attempt did not finish.
+    trouble: FailureReason,
+}
+
+#[derive(Default)]
+struct KeyOps {
+    active: Option<Op>,
+    queue: VecDeque<Op>,
+}
+
+/// One replica's protocol logic.
+pub struct Replica<E: Env> {
+    config: Config,
+    env: E,
+    q_classic: usize,
+    q_fast: usize,
+    /// Source of proposal seqs, query ids and timer tokens.
+    seq: u64,
+    rng: u64,
+    now_ms: u64,
+    ops: BTreeMap<Vec<u8>, KeyOps>,
+    inflight: usize,
+    suspect_until: BTreeMap<ReplicaId, u64>,
+    ready_next: u64,
+    unreleased: VecDeque<(u64, Actions)>,
+    /// Scratch for the step in progress.
+    states: BTreeMap<Vec<u8>, State>,
+    dirty: BTreeMap<Vec<u8>, bool>,
+    actions: Actions,
+    loopback: VecDeque<(Vec<u8>, Msg)>,
+    planted_epoxy: bool,
+}
+
+impl<E: Env> Replica<E> {
+    /// Starts a replica; volatile state starts empty.
+    pub fn new(config: Config, env: E) -> Result<Self, String> {
+        let n = config.voters.len();
+        if n == 0 || n > 64 {
+            return Err(format!("need 1 to 64 voters, got {n}"));
+        }
+        if !config.voters.contains(&config.self_id) {
+            return Err(format!(
+                "replica {} is not among the voters",
+                config.self_id
+            ));
+        }
+        let mut sorted = config.voters.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != n {
+            return Err("voters contain duplicates".to_string());
+        }
+        if config.attempts_max == 0 || config.inflight_max == 0 {
+            return Err("attempts-max and inflight-max must be at least 1".to_string());
+        }
+        Ok(Replica {
+            q_classic: quorum_classic(n),
+            q_fast: quorum_fast(n),
+            config,
+            env,
+            seq: 0,
+            rng: 0x9e37_79b9_7f4a_7c15,
+            now_ms: 0,
+            ops: BTreeMap::new(),
+            inflight: 0,
+            suspect_until: BTreeMap::new(),
+            ready_next: 1,
+            unreleased: VecDeque::new(),
+            states: BTreeMap::new(),
+            dirty: BTreeMap::new(),
+            actions: Actions::default(),
+            loopback: VecDeque::new(),
+            planted_epoxy: false,
+        })
+    }
+
+    /// Replaces the safe fast round with the one the background describes as
+    /// unsafe: each proposer skips prepare with its own ballot (1, id) and
+    /// waits for Epoxy's fast quorum. Exists only so tests can show that the
+    /// checker catches it.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_epoxy_fast_path(&mut self) {
+        self.planted_epoxy = true;
+        let n = self.config.voters.len();
+        self.q_fast = n - (self.q_classic - 1) / 2;
+    }
+
+    /// The protocol's name and formats.
+    pub fn info() -> Info {
+        Info {
+            name: "ballot-paxos".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            state_formats: alloc::vec![crate::wire::STATE_FORMAT as u32],
+            wire_formats: alloc::vec![crate::wire::WIRE_FORMAT as u32],
+        }
+    }
+
+    /// Gives access to the environment (the policy host).
+    pub fn env_mut(&mut self) -> &mut E {
+        &mut self.env
+    }
+
+    fn n(&self) -> usize {
+        self.config.voters.len()
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn random(&mut self) -> u64 {
+        // splitmix64
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    // ----- state access -------------------------------------------------
+
+    fn state(&mut self, key: &[u8]) -> &mut State {
+        match self.states.get_mut(key) {
+            Some(s) => s,
+            None => panic!("host contract: no state supplied for a key the batch touches"),
+        }
+    }
+
+    fn mark_dirty(&mut self, key: &[u8], committed: bool) {
+        let entry = self.dirty.entry(key.to_vec()).or_insert(false);
+        *entry |= committed;
+    }
+
+    fn learn(&mut self, key: &[u8], chosen: &Chosen) -> bool {
+        let learned = self.state(key).learn(chosen);
+        if learned {
+            self.mark_dirty(key, true);
+        }
+        learned
+    }
+
+    fn current(&mut self, key: &[u8]) -> Current {
+        let chosen = &self.state(key).chosen;
+        Current {
+            value: chosen.value.clone(),
+            version: chosen.version,
+        }
+    }
+
+    // ----- sending ------------------------------------------------------
+
+    fn send(&mut self, to: ReplicaId, key: &[u8], msg: Msg) {
+        if to == self.config.self_id {
+            self.loopback.push_back((key.to_vec(), msg));
+        } else {
+            self.actions.send.push(Outbound {
+                to,
+                key: key.to_vec(),
+                payload: msg.encode(),
+            });
+        }
+    }
+
+    fn broadcast(&mut self, key: &[u8], msg: &Msg) {
+        for to in self.config.voters.clone() {
+            self.send(to, key, msg.clone());
+        }
+    }
+
+    fn arm(&mut self, key: &[u8], op: &mut Op, delay_ms: u64) {
+        op.token = self.next_seq();
+        self.actions.timers.push(Timer {
+            key: key.to_vec(),
+            token: op.token,
+            at_ms: self.now_ms + delay_ms,
+        });
+    }
+
+    // ----- the step -----------------------------------------------------
+
+    /// Processes one batch. See [`Core::step`].
+    pub fn step(&mut self, batch: Batch) -> Ready {
+        self.now_ms = self.now_ms.max(batch.now_ms);
+        self.rng ^= batch.seed;
+        self.states.clear();
+        self.dirty.clear();
+        for ks in batch.states {
+            match State::decode(&ks.state) {
+                Ok(s) => {
+                    self.states.insert(ks.key, s);
+                }
+                Err(e) => {
+                    // Stored bytes this protocol cannot read: refuse to act on
+                    // the key rather than guess (the host reports the error).
+                    self.env
+                        .log(Level::Error, &format!("undecodable state for a key: {e}"));
+                }
+            }
+        }
+        for request in batch.requests {
+            self.on_request(request);
+            self.drain_loopback();
+        }
+        for m in batch.messages {
+            if !self.states.contains_key(&m.key) {
+                continue;
+            }
+            if m.from != self.config.self_id && !self.config.voters.contains(&m.from) {
+                self.env.log(
+                    Level::Warn,
+                    &format!("message from unknown replica {}", m.from),
+                );
+                continue;
+            }
+            match Msg::decode(&m.payload) {
+                Ok(msg) => {
+                    self.suspect_until.remove(&m.from);
+                    self.on_message(m.from, &m.key, msg);
+                    self.resolve(&m.key);
+                }
+                Err(e) => self.env.log(
+                    Level::Warn,
+                    &format!("dropped a message from {}: {e}", m.from),
+                ),
+            }
+            self.drain_loopback();
+        }
+        for t in batch.timers {
+            if self.states.contains_key(&t.key) {
+                self.on_timer(&t.key, t.token);
+                self.drain_loopback();
+            }
+        }
+        let id = self.ready_next;
+        self.ready_next += 1;
+        let dirty = core::mem::take(&mut self.dirty);
+        let persist = dirty
+            .into_iter()
+            .map(|(key, committed)| {
+                let st = &self.states[&key];
+                let commit = committed.then(|| Commit {
+                    version: st.chosen.version,
+                    value: st.chosen.value.clone(),
+                });
+                Write {
+                    state: st.encode(),
+                    key,
+                    commit,
+                }
+            })
+            .collect();
+        self.states.clear();
+        let actions = core::mem::take(&mut self.actions);
+        self.unreleased.push_back((id, actions));
+        Ready { id, persist }
+    }
+
+    /// Returns the effects of a persisted ready. See [`Core::release`].
+    pub fn release(&mut self, id: u64) -> Actions {
+        match self.unreleased.front() {
+            Some((first, _)) if *first == id => self
+                .unreleased
+                .pop_front()
+                .map(|(_, a)| a)
+                .unwrap_or_default(),
+            Some((first, _)) => panic!("host contract: released ready {id} before ready {first}"),
+            None => panic!("host contract: released unknown ready {id}"),
+        }
+    }
+
+    fn drain_loopback(&mut self) {
+        // Messages to ourselves are handled at once; their state changes join
+        // this step's ready, so they are durable before anything depending on
+        // them is released.
+        while let Some((key, msg)) = self.loopback.pop_front() {
+            let me = self.config.self_id;
+            self.on_message(me, &key, msg);
+            self.resolve(&key);
+        }
+    }
+
+    // ----- requests -----------------------------------------------------
+
+    fn on_request(&mut self, request: Request) {
+        let fail = |reason, message: &str| {
+            Outcome::Failed(Failure {
+                reason,
+                maybe_applied: false,
+                message: message.to_string(),
+            })
+        };
+        if request.key.is_empty() || request.key.len() > KEY_MAX {
+            let outcome = fail(FailureReason::Invalid, "key must be 1 to 4096 bytes");
+            self.actions.complete.push(Completion {
+                id: request.id,
+                outcome,
+            });
+            return;
+        }
+        if !self.states.contains_key(&request.key) {
+            let outcome = fail(
+                FailureReason::Invalid,
+                "the key's stored state is unreadable",
+            );
+            self.actions.complete.push(Completion {
+                id: request.id,
+                outcome,
+            });
+            return;
+        }
+        let kind = match request.op {
+            Operation::Read(Consistency::Local) => {
+                let outcome = Outcome::Done(self.current(&request.key));
+                self.actions.complete.push(Completion {
+                    id: request.id,
+                    outcome,
+                });
+                return;
+            }
+            Operation::Read(Consistency::Linearizable) => Kind::Read,
+            Operation::Command(c) => Kind::Command(c),
+        };
+        if self.inflight >= self.config.inflight_max as usize {
+            let outcome = fail(
+                FailureReason::Overloaded,
+                "too many operations in flight on this replica",
+            );
+            self.actions.complete.push(Completion {
+                id: request.id,
+                outcome,
+            });
+            return;
+        }
+        self.inflight += 1;
+        let op = Op {
+            request: request.id,
+            kind,
+            attempts: 0,
+            phase: Phase::Idle,
+            own: None,
+            exposed: BTreeSet::new(),
+            token: 0,
+            counter_seen: 0,
+            trouble: FailureReason::NoQuorum,
+        };
+        let ops = self.ops.entry(request.key.clone()).or_default();
+        ops.queue.push_back(op);
+        if ops.active.is_none() {
+            self.start_next(&request.key);
+        }
+    }
+
+    fn start_next(&mut self, key: &[u8]) {
+        let Some(ops) = self.ops.get_mut(key) else {
+            return;
+        };
+        debug_assert!(ops.active.is_none());
+        match ops.queue.pop_front() {
+            Some(op) => self.advance(key, op),
+            None => {
+                self.ops.remove(key);
+            }
+        }
+    }
+
+    fn put_active(&mut self, key: &[u8], op: Op) {
+        let ops = self.ops.entry(key.to_vec()).or_default();
+        debug_assert!(ops.active.is_none());
+        ops.active = Some(op);
+    }
+
+    fn take_active(&mut self, key: &[u8]) -> Option<Op> {
+        self.ops.get_mut(key).and_then(|ops| ops.active.take())
+    }
+
+    fn finish(&mut self, key: &[u8], op: Op, outcome: Outcome) {
+        self.actions.complete.push(Completion {
+            id: op.request,
+            outcome,
+        });
+        self.inflight -= 1;
+        self.start_next(key);
+    }
+
+    fn fail(&mut self, key: &[u8], op: Op, reason: FailureReason, message: String) {
+        let maybe_applied = !op.exposed.is_empty();
+        self.finish(
+            key,
+            op,
+            Outcome::Failed(Failure {
+                reason,
+                maybe_applied,
+                message,
+            }),
+        );
+    }
+
+    fn evaluate(&mut self, key: &[u8], command: &[u8]) -> Result<Change, Rejection> {
+        let current = self.current(key);
+        let now = self.now_ms;
+        self.env.apply(key, &current, command, now)
+    }
+
+    /// Our proposal for `slot` from `change`, reusing the earlier one when it
+    /// was computed for the same slot (its id may already be accepted).
+    fn own_proposal(&mut self, op: &mut Op, slot: u64, change: Change) -> Proposal {
+        if let Some((s, p)) = &op.own {
+            if *s == slot {
+                return p.clone();
+            }
+        }
+        let value = match change {
+            Change::Set(v) => Some(v),
+            Change::Remove => None,
+            Change::Keep => unreachable!("keep is never proposed"),
+        };
+        let id = ProposalId {
+            replica: self.config.self_id,
+            incarnation: self.config.incarnation,
+            seq: self.next_seq(),
+        };
+        let p = Proposal { id, value };
+        op.own = Some((slot, p.clone()));
+        p
+    }
+
+    /// Starts a new attempt from the replica's local view of the key.
+    fn advance(&mut self, key: &[u8], op: Op) {
+        let Some(mut op) = self.settle(key, op) else {
+            return;
+        };
+        op.attempts += 1;
+        if op.attempts > self.config.attempts_max {
+            let reason = op.trouble;
+            let message = match reason {
+                FailureReason::Contention => {
+                    "gave up: other proposals kept winning the key".to_string()
+                }
+                _ => "gave up: no quorum of replicas answered".to_string(),
+            };
+            return self.fail(key, op, reason, message);
+        }
+        let st = self.state(key);
+        let slot = st.slot();
+        let touched = st.accepted.is_some() || !st.promised.is_fast();
+        match op.kind.clone() {
+            Kind::Read => self.begin_query(key, op),
+            Kind::Command(_) if touched => self.begin_prepare(key, op, slot),
+            Kind::Command(command) => match self.evaluate(key, &command) {
+                Ok(Change::Keep) | Err(_) => self.begin_query(key, op),
+                Ok(change) => {
+                    let proposal = self.own_proposal(&mut op, slot, change);
+                    self.begin_fast_or_classic(key, op, slot, proposal)
+                }
+            },
+        }
+    }
+
+    fn fast_allowed(&self) -> bool {
+        let now = self.now_ms;
+        let live = self
+            .config
+            .voters
+            .iter()
+            .filter(|v| self.suspect_until.get(v).is_none_or(|until| *until <= now))
+            .count();
+        live >= self.q_fast
+    }
+
+    fn begin_fast_or_classic(&mut self, key: &[u8], op: Op, slot: u64, proposal: Proposal) {
+        if !self.fast_allowed() {
+            return self.begin_prepare(key, op, slot);
+        }
+        self.begin_fast(key, op, slot, proposal)
+    }
+
+    fn begin_fast(&mut self, key: &[u8], mut op: Op, slot: u64, proposal: Proposal) {
+        let ballot = if self.planted_epoxy {
+            Ballot {
+                counter: 1,
+                replica: self.config.self_id,
+            }
+        } else {
+            Ballot::FAST
+        };
+        op.exposed.insert(slot);
+        op.phase = Phase::Fast {
+            slot,
+            ballot,
+            acks: BTreeSet::new(),
+            nacks: BTreeSet::new(),
+        };
+        let delay = self.config.fast_timeout_ms as u64;
+        self.arm(key, &mut op, delay);
+        self.put_active(key, op);
+        self.broadcast(
+            key,
+            &Msg::Accept {
+                slot,
+                ballot,
+                proposal,
+                catch_up: None,
+            },
+        );
+    }
+
+    fn begin_prepare(&mut self, key: &[u8], mut op: Op, slot: u64) {
+        let promised = self.state(key).promised.counter;
+        let ballot = Ballot {
+            counter: promised.max(op.counter_seen) + 1,
+            replica: self.config.self_id,
+        };
+        op.phase = Phase::Prepare {
+            slot,
+            ballot,
+            promises: BTreeMap::new(),
+        };
+        let delay = self.config.round_timeout_ms as u64;
+        self.arm(key, &mut op, delay);
+        self.put_active(key, op);
+        self.broadcast(
+            key,
+            &Msg::Prepare {
+                slot,
+                ballot,
+                catch_up: None,
+            },
+        );
+    }
+
+    fn begin_accept(
+        &mut self,
+        key: &[u8],
+        mut op: Op,
+        slot: u64,
+        ballot: Ballot,
+        proposal: Proposal,
+    ) {
+        if op.own.as_ref().is_some_and(|(_, p)| p.id == proposal.id) {
+            op.exposed.insert(slot);
+        }
+        op.phase = Phase::Accept {
+            slot,
+            ballot,
+            proposal: proposal.clone(),
+            acks: BTreeSet::new(),
+        };
+        let delay = self.config.round_timeout_ms as u64;
+        self.arm(key, &mut op, delay);
+        self.put_active(key, op);
+        self.broadcast(
+            key,
+            &Msg::Accept {
+                slot,
+                ballot,
+                proposal,
+                catch_up: None,
+            },
+        );
+    }
+
+    fn begin_query(&mut self, key: &[u8], mut op: Op) {
+        let id = self.next_seq();
+        op.phase = Phase::Query {
+            id,
+            replies: BTreeMap::new(),
+        };
+        let delay = self.config.round_timeout_ms as u64;
+        self.arm(key, &mut op, delay);
+        self.put_active(key, op);
+        self.broadcast(key, &Msg::Query { id });
+    }
+
+    fn backoff(&mut self, key: &[u8], mut op: Op, trouble: FailureReason) {
+        op.trouble = trouble;
+        op.phase = Phase::Backoff;
+        let base = (BACKOFF_BASE_MS << op.attempts.min(7)).min(BACKOFF_MAX_MS);
+        let delay = base / 2 + self.random() % (base + 1);
+        self.arm(key, &mut op, delay);
+        self.put_active(key, op);
+    }
+
+    // ----- timers -------------------------------------------------------
+
+    fn on_timer(&mut self, key: &[u8], token: u64) {
+        let Some(op) = self.take_active(key) else {
+            return;
+        };
+        if op.token != token {
+            return self.put_active(key, op);
+        }
+        match &op.phase {
+            Phase::Fast {
+                slot, acks, nacks, ..
+            } => {
+                // The fast quorum did not answer: pass over the silent
+                // replicas for a while and recover with a classic round.
+                let until = self.now_ms + SUSPECT_MS;
+                for v in self.config.voters.clone() {
+                    if !acks.contains(&v) && !nacks.contains(&v) && v != self.config.self_id {
+                        self.suspect_until.insert(v, until);
+                    }
+                }
+                let slot = *slot;
+                self.begin_prepare(key, op, slot)
+            }
+            Phase::Backoff => self.advance(key, op),
+            _ => self.backoff(key, op, FailureReason::NoQuorum),
+        }
+    }
+
+    // ----- messages -----------------------------------------------------
+
+    fn on_message(&mut self, from: ReplicaId, key: &[u8], msg: Msg) {
+        match msg {
+            Msg::Prepare {
+                slot,
+                ballot,
+                catch_up,
+            } => self.acceptor_prepare(from, key, slot, ballot, catch_up),
+            Msg::Accept {
+                slot,
+                ballot,
+                proposal,
+                catch_up,
+            } => self.acceptor_accept(from, key, slot, ballot, proposal, catch_up),
+            Msg::Query { id } => {
+                let st = self.state(key);
+                let reply = Msg::QueryReply {
+                    id,
+                    chosen: st.chosen.clone(),
+                    accepted: st.accepted.clone(),
+                };
+                self.send(from, key, reply);
+            }
+            Msg::Learn { chosen } | Msg::Stale { chosen } => {
+                self.learn(key, &chosen);
+                self.resolve(key);
+            }
+            Msg::Promise {
+                slot,
+                ballot,
+                accepted,
+            } => self.on_promise(from, key, slot, ballot, accepted),
+            Msg::Accepted { slot, ballot, id } => self.on_accepted(from, key, slot, ballot, id),
+            Msg::Nack {
+                slot,
+                ballot,
+                promised,
+                accepted: _,
+            } => self.on_nack(from, key, slot, ballot, promised),
+            Msg::Behind { slot } => self.on_behind(from, key, slot),
+            Msg::QueryReply {
+                id,
+                chosen,
+                accepted,
+            } => self.on_query_reply(from, key, id, chosen, accepted),
+        }
+    }
+
+    /// Common checks of an acceptor message for `slot`: learn what the
+    /// proposer brought, then refuse a slot that is decided or ahead of us.
+    fn acceptor_slot_ok(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        slot: u64,
+        catch_up: Option<Chosen>,
+    ) -> bool {
+        if let Some(c) = catch_up {
+            self.learn(key, &c);
+        }
+        let st = self.state(key);
+        let open = st.slot();
+        if open > slot {
+            let chosen = st.chosen.clone();
+            self.send(from, key, Msg::Stale { chosen });
+            return false;
+        }
+        if open < slot {
+            self.send(from, key, Msg::Behind { slot });
+            return false;
+        }
+        true
+    }
+
+    fn acceptor_prepare(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        slot: u64,
+        ballot: Ballot,
+        catch_up: Option<Chosen>,
+    ) {
+        if !self.acceptor_slot_ok(from, key, slot, catch_up) {
+            return;
+        }
+        let st = self.state(key);
+        if ballot < st.promised || ballot.is_fast() {
+            let promised = st.promised;
+            return self.send(
+                from,
+                key,
+                Msg::Nack {
+                    slot,
+                    ballot,
+                    promised,
+                    accepted: None,
+                },
+            );
+        }
+        let changed = st.promised != ballot;
+        st.promised = ballot;
+        let accepted = st.accepted.clone();
+        if changed {
+            self.mark_dirty(key, false);
+        }
+        self.send(
+            from,
+            key,
+            Msg::Promise {
+                slot,
+                ballot,
+                accepted,
+            },
+        );
+    }
+
+    fn acceptor_accept(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        slot: u64,
+        ballot: Ballot,
+        proposal: Proposal,
+        catch_up: Option<Chosen>,
+    ) {
+        if !self.acceptor_slot_ok(from, key, slot, catch_up) {
+            return;
+        }
+        let st = self.state(key);
+        let ok = if ballot.is_fast() {
+            // The fast round: first value wins, and only before any classic
+            // round has started at this acceptor.
+            st.promised.is_fast()
+                && st
+                    .accepted
+                    .as_ref()
+                    .is_none_or(|a| a.ballot.is_fast() && a.proposal.id == proposal.id)
+        } else {
+            ballot >= st.promised
+        };
+        if !ok {
+            let (promised, accepted) = (st.promised, st.accepted.clone());
+            return self.send(
+                from,
+                key,
+                Msg::Nack {
+                    slot,
+                    ballot,
+                    promised,
+                    accepted,
+                },
+            );
+        }
+        let id = proposal.id;
+        let new = Some(Accepted { ballot, proposal });
+        let changed = st.promised != ballot || st.accepted != new;
+        st.promised = ballot;
+        st.accepted = new;
+        if changed {
+            self.mark_dirty(key, false);
+        }
+        self.send(from, key, Msg::Accepted { slot, ballot, id });
+    }
+
+    fn on_accepted(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        slot: u64,
+        ballot: Ballot,
+        id: ProposalId,
+    ) {
+        let Some(mut op) = self.take_active(key) else {
+            return;
+        };
+        let own_id = op.own.as_ref().map(|(_, p)| p.id);
+        let decided = match &mut op.phase {
+            Phase::Fast {
+                slot: s,
+                ballot: b,
+                acks,
+                ..
+            } if *s == slot && *b == ballot && own_id == Some(id) => {
+                acks.insert(from);
+                (acks.len() >= self.q_fast)
+                    .then(|| op.own.as_ref().map(|(_, p)| p.clone()))
+                    .flatten()
+            }
+            Phase::Accept {
+                slot: s,
+                ballot: b,
+                proposal,
+                acks,
+            } if *s == slot && *b == ballot && proposal.id == id => {
+                acks.insert(from);
+                (acks.len() >= self.q_classic).then(|| proposal.clone())
+            }
+            _ => None,
+        };
+        self.put_active(key, op);
+        if let Some(proposal) = decided {
+            self.decided(key, slot, &proposal);
+        }
+    }
+
+    /// `proposal` is chosen at `slot`: learn it, tell everyone, settle the op.
+    fn decided(&mut self, key: &[u8], slot: u64, proposal: &Proposal) {
+        let st = self.state(key);
+        if st.chosen.version + 1 == slot {
+            let next = st.chosen.next(proposal);
+            self.learn(key, &next);
+        }
+        let st = self.state(key);
+        if st.chosen.version >= slot {
+            let learn = Msg::Learn {
+                chosen: st.chosen.clone(),
+            };
+            for to in self.config.voters.clone() {
+                if to != self.config.self_id {
+                    self.send(to, key, learn.clone());
+                }
+            }
+        }
+        self.resolve(key);
+    }
+
+    /// Checks the slots where `op` exposed its own proposal against what is
+    /// chosen: finishes the op if it won one (or cannot tell), and returns it
+    /// otherwise, with the slots it lost forgotten. Every path that picks an
+    /// op up again goes through here, so a command is never evaluated twice.
+    fn settle(&mut self, key: &[u8], mut op: Op) -> Option<Op> {
+        let chosen = self.state(key).chosen.clone();
+        let own_id = op.own.as_ref().map(|(_, p)| p.id);
+        let mut won = None;
+        let mut unknown = false;
+        for slot in op.exposed.clone() {
+            if slot > chosen.version {
+                continue;
+            }
+            match chosen.winner(slot) {
+                Some(w) if Some(w) == own_id => won = Some(slot),
+                Some(_) => {
+                    op.exposed.remove(&slot);
+                }
+                None => unknown = true,
+            }
+        }
+        if let Some(slot) = won {
+            let value = op.own.as_ref().and_then(|(_, p)| p.value.clone());
+            self.finish(
+                key,
+                op,
+                Outcome::Done(Current {
+                    value,
+                    version: slot,
+                }),
+            );
+            return None;
+        }
+        if unknown {
+            let message =
+                "outcome unknown: the key moved on too far to tell whether this command won";
+            self.fail(key, op, FailureReason::Contention, message.to_string());
+            return None;
+        }
+        Some(op)
+    }
+
+    /// Settles the active op if the slot it works on has been decided.
+    fn resolve(&mut self, key: &[u8]) {
+        let Some(op) = self.take_active(key) else {
+            return;
+        };
+        let Some(mut op) = self.settle(key, op) else {
+            return;
+        };
+        let chosen = &self.state(key).chosen;
+        match op.phase.slot() {
+            Some(slot) if slot <= chosen.version => match op.kind {
+                // A read that had to finish a pending slot returns the value
+                // as of now: it was chosen during the read.
+                Kind::Read => {
+                    let current = Current {
+                        value: chosen.value.clone(),
+                        version: chosen.version,
+                    };
+                    self.finish(key, op, Outcome::Done(current))
+                }
+                // Our slot went to another proposal: try again on the new value.
+                Kind::Command(_) => {
+                    op.trouble = FailureReason::Contention;
+                    self.advance(key, op)
+                }
+            },
+            _ => self.put_active(key, op),
+        }
+    }
+
+    fn on_nack(
+        &mut self,
+        _from: ReplicaId,
+        key: &[u8],
+        slot: u64,
+        ballot: Ballot,
+        promised: Ballot,
+    ) {
+        let Some(mut op) = self.take_active(key) else {
+            return;
+        };
+        op.counter_seen = op.counter_seen.max(promised.counter);
+        match &mut op.phase {
+            Phase::Fast {
+                slot: s,
+                ballot: b,
+                nacks,
+                ..
+            } if *s == slot && *b == ballot => {
+                nacks.insert(_from);
+                // A fast quorum is out of reach: recover in a classic round.
+                if nacks.len() > self.n() - self.q_fast {
+                    return self.begin_prepare(key, op, slot);
+                }
+                self.put_active(key, op)
+            }
+            Phase::Prepare {
+                slot: s, ballot: b, ..
+            }
+            | Phase::Accept {
+                slot: s, ballot: b, ..
+            } if *s == slot && *b == ballot => self.backoff(key, op, FailureReason::Contention),
+            _ => self.put_active(key, op),
+        }
+    }
+
+    fn on_behind(&mut self, from: ReplicaId, key: &[u8], slot: u64) {
+        let chosen = self.state(key).chosen.clone();
+        if chosen.version + 1 != slot {
+            return;
+        }
+        let Some(op) = self.take_active(key) else {
+            return;
+        };
+        let resend = match &op.phase {
+            Phase::Fast {
+                slot: s, ballot, ..
+            } if *s == slot => op.own.as_ref().map(|(_, p)| Msg::Accept {
+                slot,
+                ballot: *ballot,
+                proposal: p.clone(),
+                catch_up: Some(chosen.clone()),
+            }),
+            Phase::Prepare {
+                slot: s, ballot, ..
+            } if *s == slot => Some(Msg::Prepare {
+                slot,
+                ballot: *ballot,
+                catch_up: Some(chosen.clone()),
+            }),
+            Phase::Accept {
+                slot: s,
+                ballot,
+                proposal,
+                ..
+            } if *s == slot => Some(Msg::Accept {
+                slot,
+                ballot: *ballot,
+                proposal: proposal.clone(),
+                catch_up: Some(chosen.clone()),
+            }),
+            _ => None,
+        };
+        self.put_active(key, op);
+        if let Some(m) = resend {
+            self.send(from, key, m);
+        }
+    }
+
+    fn on_promise(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        slot: u64,
+        ballot: Ballot,
+        accepted: Option<Accepted>,
+    ) {
+        let Some(mut op) = self.take_active(key) else {
+            return;
+        };
+        let quorum = match &mut op.phase {
+            Phase::Prepare {
+                slot: s,
+                ballot: b,
+                promises,
+            } if *s == slot && *b == ballot => {
+                promises.insert(from, accepted);
+                promises.len() >= self.q_classic
+            }
+            _ => false,
+        };
+        if !quorum {
+            return self.put_active(key, op);
+        }
+        let Phase::Prepare { promises, .. } = core::mem::replace(&mut op.phase, Phase::Idle) else {
+            unreachable!()
+        };
+        match self.constrained(&promises) {
+            Some(proposal) => self.begin_accept(key, op, slot, ballot, proposal),
+            None => self.free_choice(key, op, slot, ballot),
+        }
+    }
+
+    /// Fast Paxos's rule: the value a classic round at a higher ballot must
+    /// propose, given promises from a classic quorum, or `None` if free.
+    fn constrained(&self, promises: &BTreeMap<ReplicaId, Option<Accepted>>) -> Option<Proposal> {
+        let highest = promises.values().flatten().map(|a| a.ballot).max()?;
+        if !highest.is_fast() {
+            // One classic ballot carries one value.
+            return promises
+                .values()
+                .flatten()
+                .find(|a| a.ballot == highest)
+                .map(|a| a.proposal.clone());
+        }
+        // Fast round: a value chosen there was accepted by q_fast acceptors,
+        // of which at most n - |promises| are outside this quorum.
+        let threshold = self.q_fast + promises.len() - self.n();
+        let mut counts: BTreeMap<ProposalId, (usize, &Proposal)> = BTreeMap::new();
+        for a in promises.values().flatten() {
+            counts.entry(a.proposal.id).or_insert((0, &a.proposal)).0 += 1;
+        }
+        counts
+            .into_values()
+            .find(|(count, _)| *count >= threshold)
+            .map(|(_, p)| p.clone())
+    }
+
+    /// Nothing can have been chosen at `slot` below `ballot`, and we hold a
+    /// quorum's promise: the value at `slot - 1` is current.
+    fn free_choice(&mut self, key: &[u8], mut op: Op, slot: u64, ballot: Ballot) {
+        if self.state(key).slot() != slot {
+            // Learned a decision meanwhile.
+            self.put_active(key, op);
+            return self.resolve(key);
+        }
+        match op.kind.clone() {
+            Kind::Read => {
+                let current = self.current(key);
+                self.finish(key, op, Outcome::Done(current))
+            }
+            Kind::Command(command) => match self.evaluate(key, &command) {
+                Ok(Change::Keep) => {
+                    let current = self.current(key);
+                    self.finish(key, op, Outcome::Done(current))
+                }
+                Err(rejection) => {
+                    let current = self.current(key);
+                    self.finish(key, op, Outcome::Rejected(rejection, current))
+                }
+                Ok(change) => {
+                    let proposal = self.own_proposal(&mut op, slot, change);
+                    self.begin_accept(key, op, slot, ballot, proposal)
+                }
+            },
+        }
+    }
+
+    fn on_query_reply(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        id: u64,
+        chosen: Chosen,
+        accepted: Option<Accepted>,
+    ) {
+        let Some(mut op) = self.take_active(key) else {
+            return;
+        };
+        let quorum = match &mut op.phase {
+            Phase::Query { id: q, replies } if *q == id => {
+                replies.insert(from, (chosen, accepted));
+                replies.len() >= self.q_classic
+            }
+            _ => false,
+        };
+        if !quorum {
+            return self.put_active(key, op);
+        }
+        let Phase::Query { replies, .. } = core::mem::replace(&mut op.phase, Phase::Idle) else {
+            unreachable!()
+        };
+        let newest = replies
+            .values()
+            .map(|(c, _)| c)
+            .max_by_key(|c| c.version)
+            .cloned()
+            .unwrap_or_default();
+        // Repair: replicas that answered with an older value learn the newest.
+        for (replica, (c, _)) in &replies {
+            if c.version < newest.version && *replica != self.config.self_id {
+                self.send(
+                    *replica,
+                    key,
+                    Msg::Learn {
+                        chosen: newest.clone(),
+                    },
+                );
+            }
+        }
+        self.learn(key, &newest);
+        let Some(mut op) = self.settle(key, op) else {
+            return;
+        };
+        let pending = replies
+            .values()
+            .any(|(c, a)| c.version == newest.version && a.is_some());
+        let local = self.state(key).chosen.version;
+        if pending && local == newest.version {
+            // Slot newest+1 may hold a chosen value nobody has learned:
+            // finish it in a classic round before answering.
+            return self.begin_prepare(key, op, newest.version + 1);
+        }
+        if local != newest.version {
+            // We learned something newer meanwhile; start over from it.
+            return self.advance(key, op);
+        }
+        let current = Current {
+            value: newest.value.clone(),
+            version: newest.version,
+        };
+        match op.kind.clone() {
+            Kind::Read => self.finish(key, op, Outcome::Done(current)),
+            Kind::Command(command) => match self.evaluate(key, &command) {
+                Ok(Change::Keep) => self.finish(key, op, Outcome::Done(current)),
+                Err(rejection) => self.finish(key, op, Outcome::Rejected(rejection, current)),
+                Ok(change) => {
+                    let slot = newest.version + 1;
+                    let proposal = self.own_proposal(&mut op, slot, change);
+                    self.begin_fast_or_classic(key, op, slot, proposal)
+                }
+            },
+        }
+    }
+}
+
+impl<E: Env> Core for Replica<E> {
+    fn step(&mut self, batch: Batch) -> Ready {
+        Replica::step(self, batch)
+    }
+
+    fn release(&mut self, id: u64) -> Actions {
+        Replica::release(self, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_sizes() {
+        let table: Vec<(usize, usize, usize)> = (1..=9)
+            .map(|n| (n, quorum_classic(n), quorum_fast(n)))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                (1, 1, 1),
+                (2, 2, 2),
+                (3, 2, 3),
+                (4, 3, 3),
+                (5, 3, 4),
+                (6, 4, 5),
+                (7, 4, 6),
+                (8, 5, 6),
+                (9, 5, 7)
+            ]
+        );
+        for n in 1..=64 {
+            let (qc, qf) = (quorum_classic(n), quorum_fast(n));
+            assert!(
+                qc + 2 * qf > 2 * n,
+                "n={n}: a classic and two fast quorums must intersect"
+            );
+            assert!(2 * qc > n);
+            assert!(qf * 4 >= 3 * n, "n={n}: fast quorum must be at least 3n/4");
+        }
+    }
+}

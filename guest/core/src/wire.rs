@@ -1,0 +1,353 @@
+//! The protocol's persisted key state and its peer messages, and their bytes.
+//!
+//! Both are encoded as one format byte followed by the postcard encoding
+//! (varint integers, length-prefixed byte strings, enum variants as a varint
+//! index) of the structures below. `docs/design.md` lists the fields in order;
+//! the golden fixtures in this module's tests pin the bytes.
+
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+use crate::types::ReplicaId;
+
+/// Version of the persisted key-state encoding.
+pub const STATE_FORMAT: u8 = 1;
+/// Version of the peer message encoding.
+pub const WIRE_FORMAT: u8 = 1;
+/// How many recent (version, proposal) pairs a key remembers, so a proposer
+/// that fell behind can still tell whether its own proposal won.
+pub const WINNERS_MAX: usize = 16;
+
+/// A ballot: ordered by counter, then replica. Counter 0 is the shared fast
+/// round of a slot, open to every proposer; classic rounds have counter >= 1
+/// and belong to one replica.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
+pub struct Ballot {
+    pub counter: u64,
+    pub replica: ReplicaId,
+}
+
+impl Ballot {
+    /// The fast round; also "nothing promised yet".
+    pub const FAST: Ballot = Ballot {
+        counter: 0,
+        replica: 0,
+    };
+
+    pub fn is_fast(&self) -> bool {
+        *self == Ballot::FAST
+    }
+}
+
+/// Identifies one proposal: unique across replicas and restarts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProposalId {
+    pub replica: ReplicaId,
+    pub incarnation: u64,
+    pub seq: u64,
+}
+
+/// A candidate for one slot: the key's whole next value (`None` = tombstone).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Proposal {
+    pub id: ProposalId,
+    pub value: Option<Vec<u8>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub ballot: Ballot,
+    pub proposal: Proposal,
+}
+
+/// A chosen value: the key's state at `version`, with the ids of the
+/// proposals chosen at the most recent versions (newest last).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Chosen {
+    pub version: u64,
+    pub value: Option<Vec<u8>>,
+    pub winners: Vec<(u64, ProposalId)>,
+}
+
+impl Chosen {
+    /// The id chosen at `version`, if this record still remembers it.
+    pub fn winner(&self, version: u64) -> Option<ProposalId> {
+        self.winners
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, id)| *id)
+    }
+
+    /// The state after `proposal` is chosen at `self.version + 1`.
+    pub fn next(&self, proposal: &Proposal) -> Chosen {
+        let version = self.version + 1;
+        let mut winners = self.winners.clone();
+        winners.push((version, proposal.id));
+        if winners.len() > WINNERS_MAX {
+            winners.remove(0);
+        }
+        Chosen {
+            version,
+            value: proposal.value.clone(),
+            winners,
+        }
+    }
+}
+
+/// Everything an acceptor persists for one key. Slot `chosen.version + 1` is
+/// the only open one; `promised` and `accepted` refer to it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyState {
+    pub chosen: Chosen,
+    pub promised: Ballot,
+    pub accepted: Option<Accepted>,
+}
+
+impl KeyState {
+    /// The open slot.
+    pub fn slot(&self) -> u64 {
+        self.chosen.version + 1
+    }
+
+    /// Adopts a chosen state newer than ours; returns whether it was newer.
+    pub fn learn(&mut self, chosen: &Chosen) -> bool {
+        if chosen.version <= self.chosen.version {
+            return false;
+        }
+        *self = KeyState {
+            chosen: chosen.clone(),
+            promised: Ballot::FAST,
+            accepted: None,
+        };
+        true
+    }
+}
+
+/// A message between replicas about one key (the key travels beside it).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Phase 1a of a classic round. `catch_up` carries slot - 1 to an
+    /// acceptor that said it is behind.
+    Prepare {
+        slot: u64,
+        ballot: Ballot,
+        catch_up: Option<Chosen>,
+    },
+    /// Phase 1b.
+    Promise {
+        slot: u64,
+        ballot: Ballot,
+        accepted: Option<Accepted>,
+    },
+    /// Phase 2a, fast (`ballot` = FAST) or classic.
+    Accept {
+        slot: u64,
+        ballot: Ballot,
+        proposal: Proposal,
+        catch_up: Option<Chosen>,
+    },
+    /// Phase 2b.
+    Accepted {
+        slot: u64,
+        ballot: Ballot,
+        id: ProposalId,
+    },
+    /// The acceptor refused `ballot` at `slot`: it promised `promised`, and
+    /// for a refused fast accept, it holds `accepted`.
+    Nack {
+        slot: u64,
+        ballot: Ballot,
+        promised: Ballot,
+        accepted: Option<Accepted>,
+    },
+    /// The slot asked about is already decided; here is what is chosen.
+    Stale { chosen: Chosen },
+    /// The acceptor has not learned slot - 1 yet.
+    Behind { slot: u64 },
+    /// A decision, broadcast after it is reached and sent again as repair.
+    Learn { chosen: Chosen },
+    /// A linearizable read asks every acceptor what it holds.
+    Query { id: u64 },
+    QueryReply {
+        id: u64,
+        chosen: Chosen,
+        accepted: Option<Accepted>,
+    },
+}
+
+/// A decoding failure: wrong format version or malformed bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    Empty,
+    Format(u8),
+    Malformed,
+}
+
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            DecodeError::Empty => write!(f, "empty input"),
+            DecodeError::Format(v) => write!(f, "unsupported format version {v}"),
+            DecodeError::Malformed => write!(f, "malformed bytes"),
+        }
+    }
+}
+
+fn encode<T: Serialize>(format: u8, value: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(format);
+    // Serializing into a Vec cannot fail for these types.
+    let body = postcard::to_allocvec(value).expect("postcard encoding into a Vec");
+    out.extend_from_slice(&body);
+    out
+}
+
+fn decode<'a, T: Deserialize<'a>>(format: u8, bytes: &'a [u8]) -> Result<T, DecodeError> {
+    let (got, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if *got != format {
+        return Err(DecodeError::Format(*got));
+    }
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((value, rest)) if rest.is_empty() => Ok(value),
+        _ => Err(DecodeError::Malformed),
+    }
+}
+
+impl KeyState {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(STATE_FORMAT, self)
+    }
+
+    /// Decodes persisted state; empty bytes are a key never touched.
+    pub fn decode(bytes: &[u8]) -> Result<KeyState, DecodeError> {
+        if bytes.is_empty() {
+            return Ok(KeyState::default());
+        }
+        decode(STATE_FORMAT, bytes)
+    }
+}
+
+impl Msg {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(WIRE_FORMAT, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
+        decode(WIRE_FORMAT, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn id(replica: u32, seq: u64) -> ProposalId {
+        ProposalId {
+            replica,
+            incarnation: 1,
+            seq,
+        }
+    }
+
+    fn sample_state() -> KeyState {
+        KeyState {
+            chosen: Chosen {
+                version: 2,
+                value: Some(b"ab".to_vec()),
+                winners: vec![(1, id(1, 1)), (2, id(2, 1))],
+            },
+            promised: Ballot {
+                counter: 3,
+                replica: 2,
+            },
+            accepted: Some(Accepted {
+                ballot: Ballot {
+                    counter: 3,
+                    replica: 2,
+                },
+                proposal: Proposal {
+                    id: id(2, 5),
+                    value: None,
+                },
+            }),
+        }
+    }
+
+    /// Golden bytes: a change here breaks every stored key. Bump
+    /// `STATE_FORMAT` and keep reading the old one instead.
+    #[test]
+    fn golden_key_state_v1() {
+        let bytes = sample_state().encode();
+        assert_eq!(
+            bytes,
+            [
+                1, // format
+                2, 1, 2, b'a', b'b', // chosen: version 2, Some("ab")
+                2, 1, 1, 1, 1, 2, 2, 1, 1, // winners: (1, {1,1,1}), (2, {2,1,1})
+                3, 2, // promised (3, 2)
+                1, 3, 2, 2, 1, 5, 0, // accepted: Some((3,2), {id (2,1,5), value None})
+            ]
+        );
+        assert_eq!(KeyState::decode(&bytes).unwrap(), sample_state());
+        assert_eq!(KeyState::decode(&[]).unwrap(), KeyState::default());
+    }
+
+    #[test]
+    fn golden_messages_v1() {
+        let accept = Msg::Accept {
+            slot: 3,
+            ballot: Ballot::FAST,
+            proposal: Proposal {
+                id: id(1, 9),
+                value: Some(b"v".to_vec()),
+            },
+            catch_up: None,
+        };
+        assert_eq!(accept.encode(), [1, 2, 3, 0, 0, 1, 1, 9, 1, 1, b'v', 0]);
+        let learn = Msg::Learn {
+            chosen: Chosen {
+                version: 1,
+                value: None,
+                winners: vec![],
+            },
+        };
+        assert_eq!(learn.encode(), [1, 7, 1, 0, 0]);
+        for m in [
+            accept,
+            learn,
+            Msg::Query { id: u64::MAX },
+            Msg::Behind { slot: 1 },
+        ] {
+            assert_eq!(Msg::decode(&m.encode()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn bad_bytes_are_refused() {
+        assert_eq!(Msg::decode(&[]), Err(DecodeError::Empty));
+        assert_eq!(Msg::decode(&[2, 0]), Err(DecodeError::Format(2)));
+        assert_eq!(Msg::decode(&[1, 200]), Err(DecodeError::Malformed));
+        let mut long = Msg::Behind { slot: 1 }.encode();
+        long.push(0);
+        assert_eq!(Msg::decode(&long), Err(DecodeError::Malformed));
+        assert_eq!(KeyState::decode(&[9, 9]), Err(DecodeError::Format(9)));
+    }
+
+    #[test]
+    fn winners_are_bounded() {
+        let mut c = Chosen::default();
+        for seq in 0..40 {
+            c = c.next(&Proposal {
+                id: id(1, seq),
+                value: None,
+            });
+        }
+        assert_eq!(c.version, 40);
+        assert_eq!(c.winners.len(), WINNERS_MAX);
+        assert_eq!(c.winner(40), Some(id(1, 39)));
+        assert_eq!(c.winner(1), None);
+    }
+}

@@ -1,0 +1,9 @@
+//! The Ballot host: runs the consensus components in wasmtime and does all
+//! the I/O they may not.
+//!
+//! This crate's library part is what the daemon, the CLI and the simulator
+//! share. It does not decide anything about consensus: the protocol
+//! component does (see `ballot-core` and `wit/ballot.wit`).
+#![deny(missing_docs)]
+
+pub mod runtime;

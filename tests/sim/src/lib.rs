@@ -1,0 +1,697 @@
+//! A deterministic simulator for Ballot's protocol.
+//!
+//! One thread, one seed: n replicas run the real protocol logic (the native
+//! build of `ballot-core`, or the default wasm component in wasmtime) over a
+//! simulated network that drops, duplicates, delays, reorders and partitions
+//! messages, and a simulated disk whose unpersisted writes are lost when a
+//! replica crashes. Clients issue every register operation on a few hot keys.
+//! Each run records the client history and checks it for linearizability per
+//! key, and checks that no two replicas ever commit different values for the
+//! same key and version. The same seed always replays the same run.
+
+pub mod check;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use ballot_core::register::Command;
+use ballot_core::{
+    Batch, Config, Consistency, Core, Inbound, KeyState, Operation, Outcome, RegisterEnv, Replica,
+    ReplicaId, Request, Timer, Write,
+};
+
+use check::{Input, Output};
+
+/// Which build of the protocol runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoreKind {
+    Native,
+    Wasm,
+}
+
+/// A deliberately broken protocol, to show the checker catches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Planted {
+    /// Epoxy's fast path: per-proposer ballots (1, id) skipping prepare.
+    EpoxyFastPath,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub nodes: usize,
+    pub core: CoreKind,
+    /// Loss, duplication, delay and reordering, partitions, crash-restarts.
+    pub faults: bool,
+    pub planted: Option<Planted>,
+    pub clients: usize,
+    pub ops_per_client: usize,
+    pub keys: usize,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, nodes: usize) -> Self {
+        SimConfig {
+            seed,
+            nodes,
+            core: CoreKind::Native,
+            faults: true,
+            planted: None,
+            clients: 2 * nodes,
+            ops_per_client: 12,
+            keys: 2,
+        }
+    }
+}
+
+/// One client operation, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub client: usize,
+    pub node: ReplicaId,
+    pub key: Vec<u8>,
+    pub op: Operation,
+    pub call: u64,
+    pub ret: Option<u64>,
+    /// `None` when the replica crashed before answering.
+    pub outcome: Option<Outcome>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub steps: u64,
+    pub messages: u64,
+    pub dropped: u64,
+    pub crashes: u64,
+    pub ops_done: u64,
+    pub ops_failed: u64,
+    pub ops_unknown: u64,
+    pub virtual_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub history: Vec<Record>,
+    pub violations: Vec<String>,
+    pub stats: Stats,
+}
+
+/// Creates protocol cores for replicas.
+pub trait CoreFactory {
+    fn make(&self, config: Config) -> Box<dyn Core>;
+}
+
+/// The native build of `ballot-core`, optionally with a planted bug.
+pub struct NativeFactory(pub Option<Planted>);
+
+impl CoreFactory for NativeFactory {
+    fn make(&self, config: Config) -> Box<dyn Core> {
+        let mut replica = Replica::new(config, RegisterEnv).expect("valid sim config");
+        if self.0 == Some(Planted::EpoxyFastPath) {
+            replica.plant_epoxy_fast_path();
+        }
+        Box::new(replica)
+    }
+}
+
+/// The embedded default components, in wasmtime.
+pub struct WasmFactory(pub ballot::runtime::Runtime);
+
+impl CoreFactory for WasmFactory {
+    fn make(&self, config: Config) -> Box<dyn Core> {
+        Box::new(
+            self.0
+                .replica(config)
+                .expect("instantiating the protocol component"),
+        )
+    }
+}
+
+/// splitmix64: small, fast, and the same everywhere.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x5851_f42d_4c95_7f2d)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+    /// True with probability `p` (0.0 to 1.0).
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+}
+
+enum NodeInput {
+    Request(Request),
+    Message(Inbound),
+    Timer(Timer),
+}
+
+#[derive(Debug)]
+enum Ev {
+    Wake(usize),
+    Deliver(usize, Inbound),
+    Fire(usize, u64, Timer),
+    Persisted(usize, u64, u64),
+    Client(usize),
+    Crash(usize),
+    Restart(usize),
+    Partition,
+    Heal,
+}
+
+struct Node {
+    id: ReplicaId,
+    core: Option<Box<dyn Core>>,
+    incarnation: u64,
+    durable: BTreeMap<Vec<u8>, Vec<u8>>,
+    cache: BTreeMap<Vec<u8>, Vec<u8>>,
+    disk: VecDeque<(u64, Vec<Write>)>,
+    disk_free_at: u64,
+    inbox: Vec<NodeInput>,
+    wake_pending: bool,
+    /// Request id -> index into the history.
+    requests: BTreeMap<u64, usize>,
+}
+
+struct Client {
+    remaining: usize,
+    seq: usize,
+    busy: bool,
+    last_version: u64,
+}
+
+/// Network fault rates drawn once per run.
+struct Faults {
+    drop: f64,
+    dup: f64,
+    long_delay: f64,
+}
+
+pub struct Sim<'f> {
+    cfg: SimConfig,
+    factory: &'f dyn CoreFactory,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    events: BTreeMap<(u64, u64), Ev>,
+    nodes: Vec<Node>,
+    clients: Vec<Client>,
+    /// Node index -> side of the current partition.
+    side: Vec<bool>,
+    faults: Faults,
+    history: Vec<Record>,
+    chosen: BTreeMap<(Vec<u8>, u64), Option<Vec<u8>>>,
+    violations: Vec<String>,
+    stats: Stats,
+    request_next: u64,
+    fault_window_ms: u64,
+}
+
+const TIME_LIMIT_MS: u64 = 600_000;
+
+impl<'f> Sim<'f> {
+    pub fn new(cfg: SimConfig, factory: &'f dyn CoreFactory) -> Self {
+        let mut rng = Rng::new(cfg.seed);
+        let faults = if cfg.faults {
+            Faults {
+                drop: rng.range(0, 10) as f64 / 100.0,
+                dup: rng.range(0, 5) as f64 / 100.0,
+                long_delay: 0.05,
+            }
+        } else {
+            Faults {
+                drop: 0.0,
+                dup: 0.0,
+                long_delay: 0.0,
+            }
+        };
+        let voters: Vec<ReplicaId> = (1..=cfg.nodes as ReplicaId).collect();
+        let nodes = voters
+            .iter()
+            .map(|&id| Node {
+                id,
+                core: Some(factory.make(Config::new(id, 1, voters.clone()))),
+                incarnation: 1,
+                durable: BTreeMap::new(),
+                cache: BTreeMap::new(),
+                disk: VecDeque::new(),
+                disk_free_at: 0,
+                inbox: Vec::new(),
+                wake_pending: false,
+                requests: BTreeMap::new(),
+            })
+            .collect();
+        let clients = (0..cfg.clients)
+            .map(|_| Client {
+                remaining: cfg.ops_per_client,
+                seq: 0,
+                busy: false,
+                last_version: 0,
+            })
+            .collect();
+        let n = cfg.nodes;
+        Sim {
+            cfg,
+            factory,
+            rng,
+            now: 0,
+            seq: 0,
+            events: BTreeMap::new(),
+            nodes,
+            clients,
+            side: vec![false; n],
+            faults,
+            history: Vec::new(),
+            chosen: BTreeMap::new(),
+            violations: Vec::new(),
+            stats: Stats::default(),
+            request_next: 1,
+            fault_window_ms: 1500,
+        }
+    }
+
+    fn at(&mut self, time: u64, ev: Ev) {
+        self.seq += 1;
+        self.events.insert((time, self.seq), ev);
+    }
+
+    /// A global order of events, used as the history's clock.
+    fn tick(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn key(&self, i: usize) -> Vec<u8> {
+        format!("k{i}").into_bytes()
+    }
+
+    pub fn run(mut self) -> Report {
+        for c in 0..self.clients.len() {
+            let t = self.rng.range(0, 20);
+            self.at(t, Ev::Client(c));
+        }
+        if self.cfg.faults {
+            let crashes = self.rng.range(0, self.cfg.nodes as u64);
+            for _ in 0..crashes {
+                let t = self.rng.range(0, self.fault_window_ms);
+                let node = self.rng.range(0, self.cfg.nodes as u64 - 1) as usize;
+                self.at(t, Ev::Crash(node));
+            }
+            let partitions = self.rng.range(0, 3);
+            for _ in 0..partitions {
+                let t = self.rng.range(0, self.fault_window_ms);
+                self.at(t, Ev::Partition);
+                let d = self.rng.range(10, 400);
+                self.at(t + d, Ev::Heal);
+            }
+        }
+        while let Some(((time, _), ev)) = self.events.pop_first() {
+            self.now = time;
+            if time > TIME_LIMIT_MS {
+                self.violations.push(format!(
+                    "liveness: run still busy after {TIME_LIMIT_MS} ms of simulated time"
+                ));
+                break;
+            }
+            self.handle(ev);
+            if self.clients.iter().all(|c| c.remaining == 0 && !c.busy) {
+                break;
+            }
+        }
+        self.stats.virtual_ms = self.now;
+        self.finish()
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Wake(i) => self.wake(i),
+            Ev::Deliver(i, m) => {
+                if self.nodes[i].core.is_some() {
+                    self.nodes[i].inbox.push(NodeInput::Message(m));
+                    self.schedule_wake(i);
+                }
+            }
+            Ev::Fire(i, inc, t) => {
+                if self.nodes[i].core.is_some() && self.nodes[i].incarnation == inc {
+                    self.nodes[i].inbox.push(NodeInput::Timer(t));
+                    self.schedule_wake(i);
+                }
+            }
+            Ev::Persisted(i, inc, id) => self.persisted(i, inc, id),
+            Ev::Client(c) => self.client_next(c),
+            Ev::Crash(i) => self.crash(i),
+            Ev::Restart(i) => self.restart(i),
+            Ev::Partition => {
+                for s in 0..self.side.len() {
+                    self.side[s] = self.rng.chance(0.5);
+                }
+            }
+            Ev::Heal => self.side.iter_mut().for_each(|s| *s = false),
+        }
+    }
+
+    fn schedule_wake(&mut self, i: usize) {
+        if !self.nodes[i].wake_pending {
+            self.nodes[i].wake_pending = true;
+            let now = self.now;
+            self.at(now, Ev::Wake(i));
+        }
+    }
+
+    fn wake(&mut self, i: usize) {
+        let seed = self.rng.next();
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        node.wake_pending = false;
+        let Some(core) = node.core.as_mut() else {
+            return;
+        };
+        let inbox = std::mem::take(&mut node.inbox);
+        if inbox.is_empty() {
+            return;
+        }
+        let mut batch = Batch {
+            now_ms: now,
+            seed,
+            ..Batch::default()
+        };
+        let mut keys = BTreeSet::new();
+        for input in inbox {
+            match input {
+                NodeInput::Request(r) => {
+                    keys.insert(r.key.clone());
+                    batch.requests.push(r);
+                }
+                NodeInput::Message(m) => {
+                    keys.insert(m.key.clone());
+                    batch.messages.push(m);
+                }
+                NodeInput::Timer(t) => {
+                    keys.insert(t.key.clone());
+                    batch.timers.push(t);
+                }
+            }
+        }
+        batch.states = keys
+            .into_iter()
+            .map(|key| KeyState {
+                state: node.cache.get(&key).cloned().unwrap_or_default(),
+                key,
+            })
+            .collect();
+        let ready = core.step(batch);
+        self.stats.steps += 1;
+        for w in &ready.persist {
+            node.cache.insert(w.key.clone(), w.state.clone());
+        }
+        let latency = self.rng.range(0, 3);
+        let node = &mut self.nodes[i];
+        let done = node.disk_free_at.max(now + latency);
+        node.disk_free_at = done;
+        node.disk.push_back((ready.id, ready.persist));
+        let inc = node.incarnation;
+        self.at(done, Ev::Persisted(i, inc, ready.id));
+    }
+
+    fn persisted(&mut self, i: usize, inc: u64, id: u64) {
+        if self.nodes[i].core.is_none() || self.nodes[i].incarnation != inc {
+            return;
+        }
+        let (first, writes) = self.nodes[i]
+            .disk
+            .pop_front()
+            .expect("a persisted ready is queued");
+        assert_eq!(first, id, "the simulated disk completes in order");
+        for w in writes {
+            if let Some(c) = &w.commit {
+                self.record_commit(&w.key, c.version, &c.value, self.nodes[i].id);
+            }
+            self.nodes[i].durable.insert(w.key, w.state);
+        }
+        let actions = self.nodes[i].core.as_mut().expect("up").release(id);
+        for out in actions.send {
+            let to = out.to as usize - 1;
+            let from = self.nodes[i].id;
+            self.transmit(
+                i,
+                to,
+                Inbound {
+                    from,
+                    key: out.key,
+                    payload: out.payload,
+                },
+            );
+        }
+        for t in actions.timers {
+            let at = t.at_ms.max(self.now);
+            self.at(at, Ev::Fire(i, inc, t));
+        }
+        for c in actions.complete {
+            if let Some(h) = self.nodes[i].requests.remove(&c.id) {
+                self.complete(h, Some(c.outcome));
+            }
+        }
+    }
+
+    fn record_commit(
+        &mut self,
+        key: &[u8],
+        version: u64,
+        value: &Option<Vec<u8>>,
+        node: ReplicaId,
+    ) {
+        match self.chosen.get(&(key.to_vec(), version)) {
+            Some(v) if v != value => self.violations.push(format!(
+                "agreement: replica {node} committed {:?} at {} version {version}, another replica {:?}",
+                value.as_deref().map(String::from_utf8_lossy),
+                String::from_utf8_lossy(key),
+                v.as_deref().map(String::from_utf8_lossy),
+            )),
+            Some(_) => {}
+            None => {
+                self.chosen.insert((key.to_vec(), version), value.clone());
+            }
+        }
+    }
+
+    fn transmit(&mut self, from: usize, to: usize, m: Inbound) {
+        self.stats.messages += 1;
+        if self.side[from] != self.side[to] || self.rng.chance(self.faults.drop) {
+            self.stats.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.chance(self.faults.dup) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = if self.rng.chance(self.faults.long_delay) {
+                self.rng.range(20, 200)
+            } else {
+                self.rng.range(1, 5)
+            };
+            let t = self.now + delay;
+            self.at(t, Ev::Deliver(to, m.clone()));
+        }
+    }
+
+    fn client_next(&mut self, c: usize) {
+        if self.clients[c].remaining == 0 {
+            return;
+        }
+        let up: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].core.is_some())
+            .collect();
+        if up.is_empty() {
+            let t = self.now + 10;
+            self.at(t, Ev::Client(c));
+            return;
+        }
+        let node = up[self.rng.range(0, up.len() as u64 - 1) as usize];
+        let k = self.rng.range(0, self.cfg.keys as u64 - 1) as usize;
+        let key = self.key(k);
+        let client = &mut self.clients[c];
+        client.remaining -= 1;
+        client.seq += 1;
+        client.busy = true;
+        let value = format!("c{c}.{}", client.seq).into_bytes();
+        let last = client.last_version;
+        let op = match self.rng.range(0, 9) {
+            0 | 1 => Operation::Command(Command::Create(value).encode()),
+            2 | 3 => Operation::Command(Command::Put(value).encode()),
+            4 | 5 => {
+                let expected = last.saturating_sub(self.rng.range(0, 1)) + self.rng.range(0, 1);
+                Operation::Command(Command::Cas { expected, value }.encode())
+            }
+            6 => Operation::Command(Command::Delete.encode()),
+            7 => Operation::Read(Consistency::Local),
+            _ => Operation::Read(Consistency::Linearizable),
+        };
+        let id = self.request_next;
+        self.request_next += 1;
+        let call = self.tick();
+        self.history.push(Record {
+            client: c,
+            node: self.nodes[node].id,
+            key: key.clone(),
+            op: op.clone(),
+            call,
+            ret: None,
+            outcome: None,
+        });
+        let h = self.history.len() - 1;
+        self.nodes[node].requests.insert(id, h);
+        self.nodes[node]
+            .inbox
+            .push(NodeInput::Request(Request { id, key, op }));
+        self.schedule_wake(node);
+    }
+
+    fn complete(&mut self, h: usize, outcome: Option<Outcome>) {
+        let ret = self.tick();
+        let record = &mut self.history[h];
+        match &outcome {
+            Some(Outcome::Done(cur)) | Some(Outcome::Rejected(_, cur)) => {
+                record.ret = Some(ret);
+                self.stats.ops_done += 1;
+                let c = &mut self.clients[record.client];
+                c.last_version = c.last_version.max(cur.version);
+            }
+            Some(Outcome::Failed(_)) => {
+                record.ret = Some(ret);
+                self.stats.ops_failed += 1;
+            }
+            None => self.stats.ops_unknown += 1,
+        }
+        record.outcome = outcome;
+        let c = record.client;
+        self.clients[c].busy = false;
+        let t = self.now + self.rng.range(0, 5);
+        self.at(t, Ev::Client(c));
+    }
+
+    fn crash(&mut self, i: usize) {
+        if self.nodes[i].core.is_none() {
+            return;
+        }
+        self.stats.crashes += 1;
+        let node = &mut self.nodes[i];
+        node.core = None;
+        node.cache.clear();
+        node.disk.clear();
+        node.inbox.clear();
+        let lost: Vec<usize> = std::mem::take(&mut node.requests).into_values().collect();
+        for h in lost {
+            self.complete(h, None);
+        }
+        let t = self.now + self.rng.range(20, 800);
+        self.at(t, Ev::Restart(i));
+    }
+
+    fn restart(&mut self, i: usize) {
+        let voters: Vec<ReplicaId> = self.nodes.iter().map(|n| n.id).collect();
+        let node = &mut self.nodes[i];
+        node.incarnation += 1;
+        node.cache = node.durable.clone();
+        node.disk_free_at = 0;
+        node.core = Some(
+            self.factory
+                .make(Config::new(node.id, node.incarnation, voters)),
+        );
+    }
+
+    fn finish(mut self) -> Report {
+        if !self.clients.iter().all(|c| c.remaining == 0 && !c.busy) {
+            self.violations
+                .push("liveness: clients did not finish".to_string());
+        }
+        // Local reads must return a value that was committed at that version.
+        for r in &self.history {
+            if let (Operation::Read(Consistency::Local), Some(Outcome::Done(cur))) =
+                (&r.op, &r.outcome)
+            {
+                if cur.version > 0 {
+                    if let Some(v) = self.chosen.get(&(r.key.clone(), cur.version)) {
+                        if *v != cur.value {
+                            self.violations.push(format!(
+                                "local read returned an uncommitted value at version {}",
+                                cur.version
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for k in 0..self.cfg.keys {
+            let key = self.key(k);
+            let ops: Vec<check::Op> = self
+                .history
+                .iter()
+                .filter(|r| r.key == key)
+                .filter_map(to_check_op)
+                .collect();
+            if let Err(e) = check::check(&ops) {
+                self.violations
+                    .push(format!("key {}: {e}", String::from_utf8_lossy(&key)));
+            }
+        }
+        Report {
+            history: self.history,
+            violations: self.violations,
+            stats: self.stats,
+        }
+    }
+}
+
+/// Maps a recorded operation to the checker's terms; `None` for operations
+/// outside the check (local reads, failures that certainly did not apply).
+fn to_check_op(r: &Record) -> Option<check::Op> {
+    let input = match &r.op {
+        Operation::Read(Consistency::Local) => return None,
+        Operation::Read(Consistency::Linearizable) => Input::Read,
+        Operation::Command(bytes) => {
+            match Command::decode(bytes).expect("the sim encodes valid commands") {
+                Command::Create(v) => Input::Create(v),
+                Command::Put(v) => Input::Put(v),
+                Command::Cas { expected, value } => Input::Cas(expected, value),
+                Command::Delete => Input::Delete,
+                Command::DeleteIf { .. } => unreachable!("the sim does not issue delete-if"),
+            }
+        }
+    };
+    let (output, ret) = match &r.outcome {
+        Some(Outcome::Done(c)) => (Output::Done(c.value.clone(), c.version), r.ret),
+        Some(Outcome::Rejected(rej, c)) => (
+            Output::Rejected(rej.code.clone(), c.value.clone(), c.version),
+            r.ret,
+        ),
+        Some(Outcome::Failed(f)) if !f.maybe_applied => return None,
+        Some(Outcome::Failed(_)) | None => (Output::Unknown, None),
+    };
+    if matches!(input, Input::Read) && output == Output::Unknown {
+        return None;
+    }
+    Some(check::Op {
+        input,
+        output,
+        call: r.call,
+        ret,
+    })
+}
+
+/// Runs one seed.
+pub fn run(cfg: SimConfig, factory: &dyn CoreFactory) -> Report {
+    Sim::new(cfg, factory).run()
+}

@@ -1,0 +1,167 @@
+//! `ballot-sim`: run many seeds of the deterministic simulator.
+//!
+//! ```text
+//! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7
+//! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7 --core wasm
+//! cargo run --release -p ballot-sim -- --seed-start 1234 --seeds 1 --nodes 4 --history
+//! ```
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use ballot_sim::{run, CoreFactory, CoreKind, NativeFactory, Planted, SimConfig, WasmFactory};
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CoreArg {
+    Native,
+    Wasm,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PlantArg {
+    /// Epoxy's per-proposer fast ballots (unsafe for n >= 4).
+    Epoxy,
+}
+
+/// Runs the protocol under simulated faults and checks every history for
+/// linearizability. Exits non-zero, with a replay command, on any violation.
+#[derive(Parser, Debug)]
+#[command(name = "ballot-sim", version)]
+struct Args {
+    /// Seeds to run for each cluster size.
+    #[arg(long, default_value_t = 200)]
+    seeds: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    seed_start: u64,
+    /// Cluster sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "3,4,5,7")]
+    nodes: Vec<usize>,
+    /// Which build of the protocol runs.
+    #[arg(long, value_enum, default_value_t = CoreArg::Native)]
+    core: CoreArg,
+    /// Turn off message loss, duplication, delay, partitions and crashes.
+    #[arg(long)]
+    no_faults: bool,
+    /// Run a deliberately broken protocol (to see the checker catch it).
+    #[arg(long, value_enum)]
+    planted: Option<PlantArg>,
+    /// Clients per run (default: twice the cluster size).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Operations per client.
+    #[arg(long, default_value_t = 12)]
+    ops: usize,
+    /// Hot keys the clients share.
+    #[arg(long, default_value_t = 2)]
+    keys: usize,
+    /// Print each run's history.
+    #[arg(long)]
+    history: bool,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.nodes.iter().any(|&n| n == 0 || n > 64) || args.keys == 0 || args.jobs == 0 {
+        eprintln!("ballot-sim: --nodes must be 1 to 64, --keys and --jobs at least 1");
+        return ExitCode::from(2);
+    }
+    let factory: Box<dyn CoreFactory + Sync> = match args.core {
+        CoreArg::Native => Box::new(NativeFactory(args.planted.map(|_| Planted::EpoxyFastPath))),
+        CoreArg::Wasm => {
+            if args.planted.is_some() {
+                eprintln!("ballot-sim: --planted needs --core native");
+                return ExitCode::from(2);
+            }
+            match ballot::runtime::Runtime::new() {
+                Ok(rt) => Box::new(WasmFactory(rt)),
+                Err(e) => {
+                    eprintln!("ballot-sim: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let mut passed = 0u64;
+    let mut failed = Vec::new();
+    for &n in &args.nodes {
+        let next = AtomicU64::new(args.seed_start);
+        let results = Mutex::new(Vec::new());
+        let end = args.seed_start + args.seeds;
+        std::thread::scope(|s| {
+            for _ in 0..args.jobs {
+                s.spawn(|| loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed >= end {
+                        break;
+                    }
+                    let mut cfg = SimConfig::new(seed, n);
+                    cfg.core = match args.core {
+                        CoreArg::Native => CoreKind::Native,
+                        CoreArg::Wasm => CoreKind::Wasm,
+                    };
+                    cfg.faults = !args.no_faults;
+                    cfg.planted = args.planted.map(|_| Planted::EpoxyFastPath);
+                    cfg.clients = args.clients.unwrap_or(2 * n);
+                    cfg.ops_per_client = args.ops;
+                    cfg.keys = args.keys;
+                    let report = run(cfg, factory.as_ref());
+                    results.lock().unwrap().push((seed, report));
+                });
+            }
+        });
+        let mut results = results.into_inner().unwrap();
+        results.sort_by_key(|(seed, _)| *seed);
+        let (mut ops, mut steps, mut msgs) = (0, 0, 0);
+        for (seed, report) in results {
+            ops += report.stats.ops_done + report.stats.ops_failed + report.stats.ops_unknown;
+            steps += report.stats.steps;
+            msgs += report.stats.messages;
+            if args.history {
+                println!("seed {seed} n={n}: {:?}", report.stats);
+                for r in &report.history {
+                    println!("  {r:?}");
+                }
+            }
+            if report.violations.is_empty() {
+                passed += 1;
+            } else {
+                let core = format!("{:?}", args.core).to_lowercase();
+                let mut replay = format!(
+                    "cargo run --release -p ballot-sim -- --seed-start {seed} --seeds 1 --nodes {n} --core {core} --ops {} --keys {}",
+                    args.ops, args.keys
+                );
+                if let Some(c) = args.clients {
+                    replay.push_str(&format!(" --clients {c}"));
+                }
+                if args.no_faults {
+                    replay.push_str(" --no-faults");
+                }
+                if args.planted.is_some() {
+                    replay.push_str(" --planted epoxy");
+                }
+                eprintln!("FAILED seed {seed} n={n}:");
+                for v in report.violations.iter().take(3) {
+                    eprintln!("  {v}");
+                }
+                eprintln!("  replay: {replay}");
+                failed.push((seed, n));
+            }
+        }
+        eprintln!(
+            "n={n}: {} seeds, {ops} client ops, {steps} steps, {msgs} messages",
+            args.seeds
+        );
+    }
+    println!("{passed} passed, {} failed", failed.len());
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
