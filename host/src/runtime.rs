@@ -136,6 +136,28 @@ impl Runtime {
     }
 }
 
+/// One line per embedded component: its world, name, version and formats.
+pub fn describe_embedded() -> Result<Vec<String>, Error> {
+    let rt = Runtime::new()?;
+    let mut core = rt.replica(core::Config::new(1, 1, vec![1]))?;
+    let info = core.describe()?;
+    let (name, version) = imp::Host::describe(&mut core.store.data_mut());
+    Ok(vec![
+        format!(
+            "protocol  {} {}  state formats {:?}  wire formats {:?}  ({} bytes)",
+            info.name,
+            info.version,
+            info.state_formats,
+            info.wire_formats,
+            PROTOCOL_WASM.len()
+        ),
+        format!(
+            "policy    {name} {version}  ({} bytes)",
+            REGISTER_WASM.len()
+        ),
+    ])
+}
+
 fn limits() -> StoreLimits {
     StoreLimitsBuilder::new()
         .memory_size(MEMORY_MAX_BYTES)
