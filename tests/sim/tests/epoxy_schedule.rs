@@ -1,12 +1,13 @@
 //! The schedule that breaks Epoxy's fast path, message by message.
 //!
-//! Four replicas. Replica 1 proposes `a` and replica 2 proposes `b` for the
-//! same fresh key, both skipping prepare. `a` reaches replicas 3 and 4 first;
-//! then `b` reaches them too. With per-proposer fast ballots ((1, 1) and
-//! (1, 2)), replicas 3 and 4 accept both, so each proposer holds Epoxy's fast
-//! quorum of 3 and two values are chosen for version 1. With Ballot's shared
-//! fast round, replicas 3 and 4 refuse `b` (they already accepted a fast value),
-//! replica 2 recovers in a classic round, finds `a`, and writes `b` at version 2.
+//! n = 4 or 5 replicas. Replica 1 proposes `a` and replica 2 proposes `b` for
+//! the same fresh key, both skipping prepare. `a` reaches replicas 3..=n
+//! first; then `b` reaches them too. With per-proposer fast ballots ((1, 1)
+//! and (1, 2)), replicas 3..=n accept both, so each proposer holds Epoxy's
+//! fast quorum (n - (n/2)/2: 3 of 4, 4 of 5) and two values are chosen for
+//! version 1. With Ballot's shared fast round, replicas 3..=n refuse `b`
+//! (they already accepted a fast value), replica 2 recovers in a classic
+//! round, finds `a`, and writes `b` at version 2.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -159,18 +160,22 @@ impl Cluster {
 }
 
 /// Runs the schedule; returns the two puts as the checker sees them.
-fn schedule(planted: bool) -> Vec<check::Op> {
-    let mut c = Cluster::new(4, planted);
+fn schedule(n: u32, planted: bool) -> Vec<check::Op> {
+    let mut c = Cluster::new(n, planted);
     let call_a = c.put(1, 1, "a");
     let call_b = c.put(2, 2, "b");
-    c.deliver(1, 3);
-    c.deliver(1, 4);
-    c.deliver(3, 1);
-    c.deliver(4, 1);
-    c.deliver(2, 3);
-    c.deliver(2, 4);
-    c.deliver(3, 2);
-    c.deliver(4, 2);
+    for other in 3..=n {
+        c.deliver(1, other);
+    }
+    for other in 3..=n {
+        c.deliver(other, 1);
+    }
+    for other in 3..=n {
+        c.deliver(2, other);
+    }
+    for other in 3..=n {
+        c.deliver(other, 2);
+    }
     c.settle();
     [(1, call_a, "a"), (2, call_b, "b")]
         .into_iter()
@@ -192,16 +197,20 @@ fn schedule(planted: bool) -> Vec<check::Op> {
 
 #[test]
 fn epoxy_fast_path_chooses_two_values_and_the_checker_says_so() {
-    let ops = schedule(true);
-    assert_eq!(ops[0].output, Output::Done(Some(b"a".to_vec()), 1));
-    assert_eq!(ops[1].output, Output::Done(Some(b"b".to_vec()), 1));
-    assert!(check::check(&ops).is_err());
+    for n in [4, 5] {
+        let ops = schedule(n, true);
+        assert_eq!(ops[0].output, Output::Done(Some(b"a".to_vec()), 1), "n={n}");
+        assert_eq!(ops[1].output, Output::Done(Some(b"b".to_vec()), 1), "n={n}");
+        assert!(check::check(&ops).is_err(), "n={n}");
+    }
 }
 
 #[test]
 fn ballot_is_safe_in_the_same_schedule() {
-    let ops = schedule(false);
-    assert_eq!(ops[0].output, Output::Done(Some(b"a".to_vec()), 1));
-    assert_eq!(ops[1].output, Output::Done(Some(b"b".to_vec()), 2));
-    check::check(&ops).unwrap();
+    for n in [4, 5] {
+        let ops = schedule(n, false);
+        assert_eq!(ops[0].output, Output::Done(Some(b"a".to_vec()), 1), "n={n}");
+        assert_eq!(ops[1].output, Output::Done(Some(b"b".to_vec()), 2), "n={n}");
+        check::check(&ops).unwrap();
+    }
 }
