@@ -624,48 +624,46 @@ impl<E: Env> Replica<E> {
             Ballot::FAST
         };
         op.exposed.insert(slot);
-        op.phase = Phase::Fast {
+        let phase = Phase::Fast {
             slot,
             ballot,
             acks: BTreeSet::new(),
             nacks: BTreeSet::new(),
         };
-        let delay = self.config.fast_timeout_ms as u64;
-        self.arm(key, &mut op, delay);
-        self.put_active(key, op);
-        self.broadcast(
-            key,
-            &Msg::Accept {
-                slot,
-                ballot,
-                proposal,
-                catch_up: None,
-            },
-        );
+        let msg = Msg::Accept {
+            slot,
+            ballot,
+            proposal,
+            catch_up: None,
+        };
+        self.launch(key, op, phase, self.config.fast_timeout_ms, msg);
     }
 
-    fn begin_prepare(&mut self, key: &[u8], mut op: Op, slot: u64) {
+    /// Enters `phase`, arms its timeout and sends `msg` to every voter.
+    fn launch(&mut self, key: &[u8], mut op: Op, phase: Phase, timeout_ms: u32, msg: Msg) {
+        op.phase = phase;
+        self.arm(key, &mut op, timeout_ms as u64);
+        self.put_active(key, op);
+        self.broadcast(key, &msg);
+    }
+
+    fn begin_prepare(&mut self, key: &[u8], op: Op, slot: u64) {
         let promised = self.state(key).promised.counter;
         let ballot = Ballot {
             counter: promised.max(op.counter_seen) + 1,
             replica: self.config.self_id,
         };
-        op.phase = Phase::Prepare {
+        let phase = Phase::Prepare {
             slot,
             ballot,
             promises: BTreeMap::new(),
         };
-        let delay = self.config.round_timeout_ms as u64;
-        self.arm(key, &mut op, delay);
-        self.put_active(key, op);
-        self.broadcast(
-            key,
-            &Msg::Prepare {
-                slot,
-                ballot,
-                catch_up: None,
-            },
-        );
+        let msg = Msg::Prepare {
+            slot,
+            ballot,
+            catch_up: None,
+        };
+        self.launch(key, op, phase, self.config.round_timeout_ms, msg);
     }
 
     fn begin_accept(
@@ -679,36 +677,34 @@ impl<E: Env> Replica<E> {
         if op.own.as_ref().is_some_and(|(_, p)| p.id == proposal.id) {
             op.exposed.insert(slot);
         }
-        op.phase = Phase::Accept {
+        let phase = Phase::Accept {
             slot,
             ballot,
             proposal: proposal.clone(),
             acks: BTreeSet::new(),
         };
-        let delay = self.config.round_timeout_ms as u64;
-        self.arm(key, &mut op, delay);
-        self.put_active(key, op);
-        self.broadcast(
-            key,
-            &Msg::Accept {
-                slot,
-                ballot,
-                proposal,
-                catch_up: None,
-            },
-        );
+        let msg = Msg::Accept {
+            slot,
+            ballot,
+            proposal,
+            catch_up: None,
+        };
+        self.launch(key, op, phase, self.config.round_timeout_ms, msg);
     }
 
-    fn begin_query(&mut self, key: &[u8], mut op: Op) {
+    fn begin_query(&mut self, key: &[u8], op: Op) {
         let id = self.next_seq();
-        op.phase = Phase::Query {
+        let phase = Phase::Query {
             id,
             replies: BTreeMap::new(),
         };
-        let delay = self.config.round_timeout_ms as u64;
-        self.arm(key, &mut op, delay);
-        self.put_active(key, op);
-        self.broadcast(key, &Msg::Query { id });
+        self.launch(
+            key,
+            op,
+            phase,
+            self.config.round_timeout_ms,
+            Msg::Query { id },
+        );
     }
 
     fn backoff(&mut self, key: &[u8], mut op: Op, trouble: FailureReason) {
@@ -1188,31 +1184,34 @@ impl<E: Env> Replica<E> {
 
     /// Nothing can have been chosen at `slot` below `ballot`, and we hold a
     /// quorum's promise: the value at `slot - 1` is current.
-    fn free_choice(&mut self, key: &[u8], mut op: Op, slot: u64, ballot: Ballot) {
+    fn free_choice(&mut self, key: &[u8], op: Op, slot: u64, ballot: Ballot) {
         if self.state(key).slot() != slot {
             // Learned a decision meanwhile.
             self.put_active(key, op);
             return self.resolve(key);
         }
-        match op.kind.clone() {
-            Kind::Read => {
-                let current = self.current(key);
-                self.finish(key, op, Outcome::Done(current))
+        self.conclude(key, op, slot, Some(ballot))
+    }
+
+    /// The value at `slot - 1` is confirmed current by a quorum: answer a
+    /// read, or finish or propose a command. `ballot` is the classic ballot
+    /// whose promises confirmed it, if any; without one the proposal opens
+    /// with the fast round.
+    fn conclude(&mut self, key: &[u8], mut op: Op, slot: u64, ballot: Option<Ballot>) {
+        let current = self.current(key);
+        let Kind::Command(command) = op.kind.clone() else {
+            return self.finish(key, op, Outcome::Done(current));
+        };
+        match self.evaluate(key, &command) {
+            Ok(Change::Keep) => self.finish(key, op, Outcome::Done(current)),
+            Err(rejection) => self.finish(key, op, Outcome::Rejected(rejection, current)),
+            Ok(change) => {
+                let proposal = self.own_proposal(&mut op, slot, change);
+                match ballot {
+                    Some(ballot) => self.begin_accept(key, op, slot, ballot, proposal),
+                    None => self.begin_fast_or_classic(key, op, slot, proposal),
+                }
             }
-            Kind::Command(command) => match self.evaluate(key, &command) {
-                Ok(Change::Keep) => {
-                    let current = self.current(key);
-                    self.finish(key, op, Outcome::Done(current))
-                }
-                Err(rejection) => {
-                    let current = self.current(key);
-                    self.finish(key, op, Outcome::Rejected(rejection, current))
-                }
-                Ok(change) => {
-                    let proposal = self.own_proposal(&mut op, slot, change);
-                    self.begin_accept(key, op, slot, ballot, proposal)
-                }
-            },
         }
     }
 
@@ -1259,7 +1258,7 @@ impl<E: Env> Replica<E> {
             }
         }
         self.learn(key, &newest);
-        let Some(mut op) = self.settle(key, op) else {
+        let Some(op) = self.settle(key, op) else {
             return;
         };
         let pending = replies
@@ -1275,22 +1274,7 @@ impl<E: Env> Replica<E> {
             // We learned something newer meanwhile; start over from it.
             return self.advance(key, op);
         }
-        let current = Current {
-            value: newest.value.clone(),
-            version: newest.version,
-        };
-        match op.kind.clone() {
-            Kind::Read => self.finish(key, op, Outcome::Done(current)),
-            Kind::Command(command) => match self.evaluate(key, &command) {
-                Ok(Change::Keep) => self.finish(key, op, Outcome::Done(current)),
-                Err(rejection) => self.finish(key, op, Outcome::Rejected(rejection, current)),
-                Ok(change) => {
-                    let slot = newest.version + 1;
-                    let proposal = self.own_proposal(&mut op, slot, change);
-                    self.begin_fast_or_classic(key, op, slot, proposal)
-                }
-            },
-        }
+        self.conclude(key, op, newest.version + 1, None)
     }
 }
 
