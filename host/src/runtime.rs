@@ -141,7 +141,7 @@ pub fn describe_embedded() -> Result<Vec<String>, Error> {
     let rt = Runtime::new()?;
     let mut core = rt.replica(core::Config::new(1, 1, vec![1]))?;
     let info = core.describe()?;
-    let (name, version) = imp::Host::describe(&mut core.store.data_mut());
+    let (name, version) = imp::Host::describe(core.store.data_mut());
     Ok(vec![
         format!(
             "protocol  {} {}  state formats {:?}  wire formats {:?}  ({} bytes)",

@@ -21,13 +21,6 @@ use ballot_core::{
 
 use check::{Input, Output};
 
-/// Which build of the protocol runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CoreKind {
-    Native,
-    Wasm,
-}
-
 /// A deliberately broken protocol, to show the checker catches it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Planted {
@@ -35,14 +28,14 @@ pub enum Planted {
     EpoxyFastPath,
 }
 
+/// One run's workload and faults. Which core runs, and whether a bug is
+/// planted, is the [`CoreFactory`]'s choice.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
     pub seed: u64,
     pub nodes: usize,
-    pub core: CoreKind,
     /// Loss, duplication, delay and reordering, partitions, crash-restarts.
     pub faults: bool,
-    pub planted: Option<Planted>,
     pub clients: usize,
     pub ops_per_client: usize,
     pub keys: usize,
@@ -53,9 +46,7 @@ impl SimConfig {
         SimConfig {
             seed,
             nodes,
-            core: CoreKind::Native,
             faults: true,
-            planted: None,
             clients: 2 * nodes,
             ops_per_client: 12,
             keys: 2,

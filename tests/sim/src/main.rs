@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use ballot_sim::{run, CoreFactory, CoreKind, NativeFactory, Planted, SimConfig, WasmFactory};
+use ballot_sim::{run, CoreFactory, NativeFactory, Planted, SimConfig, WasmFactory};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -101,12 +101,7 @@ fn main() -> ExitCode {
                         break;
                     }
                     let mut cfg = SimConfig::new(seed, n);
-                    cfg.core = match args.core {
-                        CoreArg::Native => CoreKind::Native,
-                        CoreArg::Wasm => CoreKind::Wasm,
-                    };
                     cfg.faults = !args.no_faults;
-                    cfg.planted = args.planted.map(|_| Planted::EpoxyFastPath);
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     cfg.ops_per_client = args.ops;
                     cfg.keys = args.keys;

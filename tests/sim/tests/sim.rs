@@ -1,7 +1,7 @@
 //! Simulation tests: seeds under faults, regressions, wasm against native,
 //! and the checker's power to catch a broken protocol.
 
-use ballot_sim::{run, CoreKind, NativeFactory, Planted, Report, SimConfig, WasmFactory};
+use ballot_sim::{run, NativeFactory, Planted, Report, SimConfig, WasmFactory};
 
 fn run_native(seed: u64, nodes: usize) -> Report {
     run(SimConfig::new(seed, nodes), &NativeFactory(None))
@@ -101,9 +101,7 @@ fn wasm_and_native_record_identical_histories() {
     let wasm = WasmFactory(ballot::runtime::Runtime::new().unwrap());
     for (seed, nodes) in [(1, 3), (2, 4), (3, 5), (4, 7), (1565, 3)] {
         let native = run_native(seed, nodes);
-        let mut cfg = SimConfig::new(seed, nodes);
-        cfg.core = CoreKind::Wasm;
-        let in_wasm = run(cfg, &wasm);
+        let in_wasm = run(SimConfig::new(seed, nodes), &wasm);
         assert_eq!(native.history, in_wasm.history, "seed {seed} n={nodes}");
         assert_eq!(native.stats, in_wasm.stats, "seed {seed} n={nodes}");
         assert_clean(&in_wasm, seed, nodes);
@@ -115,9 +113,7 @@ fn wasm_seeds_pass() {
     let wasm = WasmFactory(ballot::runtime::Runtime::new().unwrap());
     for nodes in [3, 4, 5, 7] {
         for seed in 1000..1025 {
-            let mut cfg = SimConfig::new(seed, nodes);
-            cfg.core = CoreKind::Wasm;
-            assert_clean(&run(cfg, &wasm), seed, nodes);
+            assert_clean(&run(SimConfig::new(seed, nodes), &wasm), seed, nodes);
         }
     }
 }
@@ -129,9 +125,10 @@ fn checker_catches_planted_epoxy_fast_path() {
     for nodes in [4, 5] {
         let mut caught = None;
         for seed in 0..50 {
-            let mut cfg = SimConfig::new(seed, nodes);
-            cfg.planted = Some(Planted::EpoxyFastPath);
-            let report = run(cfg, &NativeFactory(Some(Planted::EpoxyFastPath)));
+            let report = run(
+                SimConfig::new(seed, nodes),
+                &NativeFactory(Some(Planted::EpoxyFastPath)),
+            );
             if report
                 .violations
                 .iter()
