@@ -372,6 +372,13 @@ impl WasmCore {
                 .map(|c| core::Completion {
                     id: c.id,
                     outcome: outcome(c.outcome),
+                    trace: core::Trace {
+                        changed: c.trace.changed,
+                        prior_absent: c.trace.prior_absent,
+                        fast: c.trace.fast,
+                        attempts: c.trace.attempts,
+                        prepares: c.trace.prepares,
+                    },
                 })
                 .collect(),
             timers: a

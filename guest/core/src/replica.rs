@@ -139,6 +139,12 @@ struct Op {
     counter_seen: u64,
     /// Why the last attempt did not finish.
     trouble: FailureReason,
+    /// The key had no value at the slot before `own`'s.
+    own_prior_absent: bool,
+    /// Classic rounds started for this op.
+    prepares: u32,
+    /// Set when the op's own proposal won a slot: whether in the fast round.
+    won: Option<bool>,
 }
 
 #[derive(Default)]
@@ -434,6 +440,7 @@ impl<E: Env> Replica<E> {
             self.actions.complete.push(Completion {
                 id: request.id,
                 outcome,
+                trace: Trace::default(),
             });
             return;
         }
@@ -445,6 +452,7 @@ impl<E: Env> Replica<E> {
             self.actions.complete.push(Completion {
                 id: request.id,
                 outcome,
+                trace: Trace::default(),
             });
             return;
         }
@@ -454,6 +462,7 @@ impl<E: Env> Replica<E> {
                 self.actions.complete.push(Completion {
                     id: request.id,
                     outcome,
+                    trace: Trace::default(),
                 });
                 return;
             }
@@ -468,6 +477,7 @@ impl<E: Env> Replica<E> {
             self.actions.complete.push(Completion {
                 id: request.id,
                 outcome,
+                trace: Trace::default(),
             });
             return;
         }
@@ -482,6 +492,9 @@ impl<E: Env> Replica<E> {
             token: 0,
             counter_seen: 0,
             trouble: FailureReason::NoQuorum,
+            own_prior_absent: false,
+            prepares: 0,
+            won: None,
         };
         let ops = self.ops.entry(request.key.clone()).or_default();
         ops.queue.push_back(op);
@@ -514,9 +527,17 @@ impl<E: Env> Replica<E> {
     }
 
     fn finish(&mut self, key: &[u8], op: Op, outcome: Outcome) {
+        let trace = Trace {
+            changed: op.won.is_some(),
+            prior_absent: op.won.is_some() && op.own_prior_absent,
+            fast: op.won == Some(true),
+            attempts: op.attempts,
+            prepares: op.prepares,
+        };
         self.actions.complete.push(Completion {
             id: op.request,
             outcome,
+            trace,
         });
         self.inflight -= 1;
         self.start_next(key);
@@ -543,7 +564,7 @@ impl<E: Env> Replica<E> {
 
     /// Our proposal for `slot` from `change`, reusing the earlier one when it
     /// was computed for the same slot (its id may already be accepted).
-    fn own_proposal(&mut self, op: &mut Op, slot: u64, change: Change) -> Proposal {
+    fn own_proposal(&mut self, key: &[u8], op: &mut Op, slot: u64, change: Change) -> Proposal {
         if let Some((s, p)) = &op.own {
             if *s == slot {
                 return p.clone();
@@ -560,6 +581,7 @@ impl<E: Env> Replica<E> {
             seq: self.next_seq(),
         };
         let p = Proposal { id, value };
+        op.own_prior_absent = self.state(key).chosen.value.is_none();
         op.own = Some((slot, p.clone()));
         p
     }
@@ -589,7 +611,7 @@ impl<E: Env> Replica<E> {
             Kind::Command(command) => match self.evaluate(key, &command) {
                 Ok(Change::Keep) | Err(_) => self.begin_query(key, op),
                 Ok(change) => {
-                    let proposal = self.own_proposal(&mut op, slot, change);
+                    let proposal = self.own_proposal(key, &mut op, slot, change);
                     self.begin_fast_or_classic(key, op, slot, proposal)
                 }
             },
@@ -647,7 +669,8 @@ impl<E: Env> Replica<E> {
         self.broadcast(key, &msg);
     }
 
-    fn begin_prepare(&mut self, key: &[u8], op: Op, slot: u64) {
+    fn begin_prepare(&mut self, key: &[u8], mut op: Op, slot: u64) {
+        op.prepares += 1;
         let promised = self.state(key).promised.counter;
         let ballot = Ballot {
             counter: promised.max(op.counter_seen) + 1,
@@ -994,6 +1017,7 @@ impl<E: Env> Replica<E> {
             }
         }
         if let Some(slot) = won {
+            op.won = Some(matches!(op.phase, Phase::Fast { .. }));
             let value = op.own.as_ref().and_then(|(_, p)| p.value.clone());
             self.finish(
                 key,
@@ -1206,7 +1230,7 @@ impl<E: Env> Replica<E> {
             Ok(Change::Keep) => self.finish(key, op, Outcome::Done(current)),
             Err(rejection) => self.finish(key, op, Outcome::Rejected(rejection, current)),
             Ok(change) => {
-                let proposal = self.own_proposal(&mut op, slot, change);
+                let proposal = self.own_proposal(key, &mut op, slot, change);
                 match ballot {
                     Some(ballot) => self.begin_accept(key, op, slot, ballot, proposal),
                     None => self.begin_fast_or_classic(key, op, slot, proposal),
@@ -1291,6 +1315,71 @@ impl<E: Env> Core for Replica<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::register::Command;
+    use crate::RegisterEnv;
+
+    /// Runs one command on a one-replica cluster whose key state is `state`;
+    /// returns the completion and the new state.
+    fn run(state: Vec<u8>, command: Command) -> (Completion, Vec<u8>) {
+        let mut r = Replica::new(Config::new(1, 1, alloc::vec![1]), RegisterEnv).unwrap();
+        let ready = r.step(Batch {
+            states: alloc::vec![KeyState {
+                key: b"k".to_vec(),
+                state: state.clone()
+            }],
+            requests: alloc::vec![Request {
+                id: 9,
+                key: b"k".to_vec(),
+                op: Operation::Command(command.encode()),
+            }],
+            ..Batch::default()
+        });
+        let state = ready
+            .persist
+            .last()
+            .map(|w| w.state.clone())
+            .unwrap_or(state);
+        let mut done = r.release(ready.id).complete;
+        assert_eq!(done.len(), 1);
+        (done.remove(0), state)
+    }
+
+    #[test]
+    fn trace_tells_created_changed_and_kept_apart() {
+        let (c, s1) = run(Vec::new(), Command::Create(b"a".to_vec()));
+        assert!(matches!(
+            c.outcome,
+            Outcome::Done(Current { version: 1, .. })
+        ));
+        assert_eq!(
+            (
+                c.trace.changed,
+                c.trace.prior_absent,
+                c.trace.fast,
+                c.trace.attempts
+            ),
+            (true, true, true, 1)
+        );
+        // The same create again keeps the value: no new version.
+        let (c, _) = run(s1.clone(), Command::Create(b"a".to_vec()));
+        assert!(matches!(
+            c.outcome,
+            Outcome::Done(Current { version: 1, .. })
+        ));
+        assert!(!c.trace.changed && !c.trace.prior_absent);
+        // A put over an existing value changes it but creates nothing.
+        let (c, s2) = run(s1, Command::Put(b"b".to_vec()));
+        assert!(c.trace.changed && !c.trace.prior_absent);
+        // After a delete the key is absent again.
+        let (c, s3) = run(s2, Command::Delete);
+        assert!(c.trace.changed);
+        let (c, _) = run(s3, Command::Put(b"c".to_vec()));
+        assert!(matches!(
+            c.outcome,
+            Outcome::Done(Current { version: 4, .. })
+        ));
+        assert!(c.trace.changed && c.trace.prior_absent);
+    }
 
     #[test]
     fn quorum_sizes() {

@@ -161,10 +161,26 @@ pub enum Outcome {
     Failed(Failure),
 }
 
+/// How an operation went (`replica.trace`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Trace {
+    /// The command wrote a new version.
+    pub changed: bool,
+    /// The key had no value before the version this command wrote.
+    pub prior_absent: bool,
+    /// The new version was chosen in the fast round.
+    pub fast: bool,
+    /// Attempts made (1 when the first one finished).
+    pub attempts: u32,
+    /// Classic rounds (prepares) this replica started for it.
+    pub prepares: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Completion {
     pub id: u64,
     pub outcome: Outcome,
+    pub trace: Trace,
 }
 
 /// What a ready releases once it is durable.

@@ -172,6 +172,13 @@ impl wit::Guest for Component {
                 .map(|c| wit::Completion {
                     id: c.id,
                     outcome: outcome(c.outcome),
+                    trace: wit::Trace {
+                        changed: c.trace.changed,
+                        prior_absent: c.trace.prior_absent,
+                        fast: c.trace.fast,
+                        attempts: c.trace.attempts,
+                        prepares: c.trace.prepares,
+                    },
                 })
                 .collect(),
             timers: actions
