@@ -4,6 +4,15 @@
 //! This crate's library part is what the daemon, the CLI and the simulator
 //! share. It does not decide anything about consensus: the protocol
 //! component does (see `ballot-core` and `wit/ballot.wit`).
-#![deny(missing_docs)]
 
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod dev;
+pub mod metrics;
+pub mod node;
 pub mod runtime;
+pub mod server;
+pub mod storage;
+pub mod tls;
+pub mod transport;

@@ -1,0 +1,494 @@
+//! The client API: HTTP/1.1 and JSON, conventional semantics.
+//!
+//! | request | meaning |
+//! |---|---|
+//! | `GET /v1/kv/{key}` | value and `ETag: "<version>"`; 404 if absent. `?consistency=local` reads this replica's copy |
+//! | `PUT /v1/kv/{key}` | set; `If-None-Match: *` creates only, `If-Match: "<v>"` compares and swaps |
+//! | `DELETE /v1/kv/{key}` | delete; `If-Match: "<v>"` only at that version |
+//! | `GET /v1/cluster` | this replica's view of the cluster |
+//! | `GET /metrics`, `GET /healthz` | Prometheus metrics, liveness |
+//!
+//! Errors are `{"error":{"code":..., "message":...}}` with a status that says
+//! who must act: 4xx the client, 503 the cluster (no quorum, overloaded,
+//! stopped). A request never waits longer than [`REQUEST_TIMEOUT`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use ballot_core::register::Command;
+use ballot_core::{Completion, Consistency, Current, FailureReason, Operation, Outcome};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::node::{ClientRequest, Health, KEY_MAX};
+
+/// Largest value a client may write.
+pub const VALUE_MAX: usize = 1 << 20;
+/// Longest a request waits for the cluster.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// This replica's view of the cluster, as `GET /v1/cluster` returns it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub id: u32,
+    pub incarnation: u64,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `wasm` or `native`.
+    pub core: String,
+    pub protocol: ComponentView,
+    pub policy: ComponentView,
+    pub replicas: Vec<ReplicaView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ComponentView {
+    pub name: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state_formats: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wire_formats: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub id: u32,
+    pub peer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    /// `self`, `up` or `down`: the link from this replica to it.
+    pub link: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct App {
+    pub requests: mpsc::Sender<ClientRequest>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    /// Builds the cluster view on demand (link states change).
+    pub cluster: Arc<dyn Fn() -> ClusterView + Send + Sync>,
+}
+
+/// The router.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
+        .route("/v1/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
+        .with_state(app)
+}
+
+/// A JSON error response.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    error_with(status, code, message, serde_json::Map::new())
+}
+
+fn error_with(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    mut extra: serde_json::Map<String, serde_json::Value>,
+) -> Response {
+    extra.insert("code".into(), code.into());
+    extra.insert("message".into(), message.into());
+    let body = serde_json::json!({ "error": extra });
+    let mut response = (status, axum::Json(body)).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
+}
+
+/// Parses an entity tag `"<version>"` (quotes optional).
+fn parse_etag(raw: &str) -> Option<u64> {
+    let raw = raw.trim();
+    let inner = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw);
+    inner.parse().ok()
+}
+
+fn key_of(
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Vec<u8>, Response> {
+    let Path(key) = path.map_err(|e| error(StatusCode::BAD_REQUEST, "bad-key", &e.body_text()))?;
+    if key.is_empty() || key.len() > KEY_MAX {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad-key",
+            &format!("keys must be 1 to {KEY_MAX} bytes, got {}", key.len()),
+        ));
+    }
+    Ok(key.into_bytes())
+}
+
+async fn submit(app: &App, key: Vec<u8>, op: Operation) -> Result<Completion, Response> {
+    if let Some(reason) = app.health.fatal() {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replica-stopped",
+            &format!("this replica stopped answering: {reason}"),
+        ));
+    }
+    let (reply, done) = oneshot::channel();
+    if app
+        .requests
+        .try_send(ClientRequest { key, op, reply })
+        .is_err()
+    {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests queued on this replica",
+        ));
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, done).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(_)) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replica-stopped",
+            "the replica stopped before answering",
+        )),
+        Err(_) => {
+            let mut extra = serde_json::Map::new();
+            extra.insert("maybe_applied".into(), true.into());
+            Err(error_with(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "no answer from the cluster in time; the write may still take effect",
+                extra,
+            ))
+        }
+    }
+}
+
+fn current_json(current: &Current) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("version".into(), current.version.into());
+    match &current.value {
+        None => {
+            obj.insert("value".into(), serde_json::Value::Null);
+        }
+        Some(v) => match std::str::from_utf8(v) {
+            Ok(s) => {
+                obj.insert("value".into(), s.into());
+            }
+            Err(_) => {
+                let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+                obj.insert("value_hex".into(), hex.into());
+            }
+        },
+    }
+    obj.into()
+}
+
+/// Maps a non-success outcome to its response.
+fn unsuccessful(outcome: &Outcome) -> Option<Response> {
+    match outcome {
+        Outcome::Done(_) => None,
+        Outcome::Rejected(rejection, current) => {
+            let status = match rejection.code.as_str() {
+                "version-mismatch" | "conflict" => StatusCode::PRECONDITION_FAILED,
+                "invalid-command" => StatusCode::BAD_REQUEST,
+                "policy-failed" => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::CONFLICT,
+            };
+            let mut extra = serde_json::Map::new();
+            extra.insert("current".into(), current_json(current));
+            let mut r = error_with(status, &rejection.code, &rejection.message, extra);
+            r.headers_mut().insert(header::ETAG, etag(current.version));
+            Some(r)
+        }
+        Outcome::Failed(f) => {
+            let (status, code) = match f.reason {
+                FailureReason::NoQuorum => (StatusCode::SERVICE_UNAVAILABLE, "no-quorum"),
+                FailureReason::Contention => (StatusCode::SERVICE_UNAVAILABLE, "contention"),
+                FailureReason::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+                FailureReason::Invalid => (StatusCode::BAD_REQUEST, "invalid"),
+            };
+            let mut extra = serde_json::Map::new();
+            extra.insert("maybe_applied".into(), f.maybe_applied.into());
+            Some(error_with(status, code, &f.message, extra))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ReadParams {
+    consistency: Option<String>,
+}
+
+async fn get_kv(
+    State(app): State<App>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    params: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let key = match key_of(path) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let consistency = match params.as_ref().map(|q| q.consistency.as_deref()) {
+        Ok(None | Some("linearizable")) => Consistency::Linearizable,
+        Ok(Some("local")) => Consistency::Local,
+        Ok(Some(other)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad-parameter",
+                &format!("consistency must be linearizable or local, not {other:?}"),
+            )
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad-parameter", &e.body_text()),
+    };
+    let c = match submit(&app, key, Operation::Read(consistency)).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Some(r) = unsuccessful(&c.outcome) {
+        return r;
+    }
+    let Outcome::Done(current) = c.outcome else {
+        unreachable!()
+    };
+    match current.value {
+        Some(value) => (
+            StatusCode::OK,
+            [
+                (header::ETAG, etag(current.version)),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                ),
+            ],
+            value,
+        )
+            .into_response(),
+        None => {
+            let mut r = error(StatusCode::NOT_FOUND, "not-found", "the key has no value");
+            if current.version > 0 {
+                r.headers_mut().insert(header::ETAG, etag(current.version));
+            }
+            r
+        }
+    }
+}
+
+enum Precondition {
+    None,
+    Absent,
+    Version(u64),
+}
+
+fn precondition(headers: &HeaderMap) -> Result<Precondition, Response> {
+    let bad = |m: &str| error(StatusCode::BAD_REQUEST, "bad-precondition", m);
+    let one = |name: header::HeaderName| -> Result<Option<String>, Response> {
+        let mut values = headers.get_all(&name).iter();
+        let Some(first) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(bad(&format!("give {name} once")));
+        }
+        first
+            .to_str()
+            .map(|s| Some(s.trim().to_string()))
+            .map_err(|_| bad(&format!("{name} is not text")))
+    };
+    match (one(header::IF_NONE_MATCH)?, one(header::IF_MATCH)?) {
+        (Some(_), Some(_)) => Err(bad("give If-None-Match or If-Match, not both")),
+        (Some(v), None) if v == "*" => Ok(Precondition::Absent),
+        (Some(_), None) => Err(bad("only If-None-Match: * is supported (create if absent)")),
+        (None, Some(v)) => match parse_etag(&v) {
+            Some(version) => Ok(Precondition::Version(version)),
+            None => Err(bad("If-Match takes one version tag, like \"3\"")),
+        },
+        (None, None) => Ok(Precondition::None),
+    }
+}
+
+async fn read_body(request: Request) -> Result<Bytes, Response> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            &format!("values are at most {VALUE_MAX} bytes"),
+        )
+    };
+    if let Some(len) = request.headers().get(header::CONTENT_LENGTH) {
+        match len.to_str().ok().and_then(|l| l.parse::<u64>().ok()) {
+            Some(len) if len > VALUE_MAX as u64 => return Err(too_large()),
+            Some(_) => {}
+            None => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    "bad Content-Length",
+                ))
+            }
+        }
+    }
+    let body: Body = request.into_body();
+    axum::body::to_bytes(body, VALUE_MAX).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            source = s.source();
+        }
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            &format!("reading the body: {e}"),
+        )
+    })
+}
+
+fn written(c: &Completion, created_status: bool) -> Response {
+    let Outcome::Done(current) = &c.outcome else {
+        unreachable!()
+    };
+    let status = if created_status && c.trace.changed && c.trace.prior_absent {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = serde_json::json!({ "version": current.version, "changed": c.trace.changed });
+    (
+        status,
+        [(header::ETAG, etag(current.version))],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+async fn put_kv(
+    State(app): State<App>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    request: Request,
+) -> Response {
+    let key = match key_of(path) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let pre = match precondition(request.headers()) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let value = match read_body(request).await {
+        Ok(b) => b.to_vec(),
+        Err(r) => return r,
+    };
+    let command = match pre {
+        Precondition::None => Command::Put(value),
+        Precondition::Absent => Command::Create(value),
+        Precondition::Version(expected) => Command::Cas { expected, value },
+    };
+    let c = match submit(&app, key, Operation::Command(command.encode())).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    unsuccessful(&c.outcome).unwrap_or_else(|| written(&c, true))
+}
+
+async fn delete_kv(
+    State(app): State<App>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let key = match key_of(path) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let command = match precondition(&headers) {
+        Ok(Precondition::None) => Command::Delete,
+        Ok(Precondition::Version(expected)) => Command::DeleteIf { expected },
+        Ok(Precondition::Absent) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad-precondition",
+                "If-None-Match has no meaning on DELETE",
+            )
+        }
+        Err(r) => return r,
+    };
+    let c = match submit(&app, key, Operation::Command(command.encode())).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Some(r) = unsuccessful(&c.outcome) {
+        return r;
+    }
+    let Outcome::Done(current) = &c.outcome else {
+        unreachable!()
+    };
+    if !c.trace.changed {
+        let mut r = error(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "the key has no value to delete",
+        );
+        r.headers_mut().insert(header::ETAG, etag(current.version));
+        return r;
+    }
+    (
+        StatusCode::NO_CONTENT,
+        [(header::ETAG, etag(current.version))],
+    )
+        .into_response()
+}
+
+async fn cluster(State(app): State<App>) -> Response {
+    axum::Json((app.cluster)()).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    match app.health.fatal() {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(reason) => error(StatusCode::SERVICE_UNAVAILABLE, "replica-stopped", &reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_parse_quoted_or_bare() {
+        assert_eq!(parse_etag("\"12\""), Some(12));
+        assert_eq!(parse_etag(" 7 "), Some(7));
+        assert_eq!(parse_etag("W/\"1\""), None);
+        assert_eq!(parse_etag("\"x\""), None);
+    }
+}

@@ -1,0 +1,591 @@
+//! The `ballot` command line: the daemon, the client and the tools.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use hyper::StatusCode;
+
+use crate::client::{Client, Precondition, Response};
+use crate::dev::DevCluster;
+use crate::server::{CoreKind, NodeConfig, Peer};
+use crate::tls::TlsFiles;
+
+/// Ballot: a strongly consistent key-value store whose consensus protocol is
+/// a WebAssembly component.
+///
+/// Exit codes of client commands: 0 success, 1 error, 3 not found,
+/// 4 precondition failed, 5 cluster unavailable.
+#[derive(Parser, Debug)]
+#[command(name = "ballot", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run one replica.
+    Serve(Box<ServeArgs>),
+    /// Run a local cluster of real replica processes on loopback until Ctrl-C.
+    Dev(DevArgs),
+    /// Read and write keys.
+    #[command(subcommand)]
+    Kv(KvCmd),
+    /// Inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Make the cluster's certificates.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Describe the embedded default components: names, versions, formats.
+    Components,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Configuration file (TOML); the options below override it.
+    #[arg(long, env = "BALLOT_CONFIG")]
+    config: Option<PathBuf>,
+    /// This replica's id.
+    #[arg(long, env = "BALLOT_ID")]
+    id: Option<u32>,
+    /// Where this replica keeps its LMDB files.
+    #[arg(long, env = "BALLOT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// QUIC address for other replicas (UDP).
+    #[arg(long, env = "BALLOT_PEER_ADDR")]
+    peer_addr: Option<std::net::SocketAddr>,
+    /// HTTP address for clients.
+    #[arg(long, env = "BALLOT_HTTP_ADDR")]
+    http_addr: Option<std::net::SocketAddr>,
+    /// Another replica, as ID=HOST:PORT (repeat, or comma-separate in the
+    /// environment). Replaces the file's list.
+    #[arg(long = "peer", env = "BALLOT_PEERS", value_delimiter = ',', value_parser = parse_peer)]
+    peers: Vec<Peer>,
+    /// Cluster CA certificate (PEM).
+    #[arg(long, env = "BALLOT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This replica's certificate (PEM).
+    #[arg(long, env = "BALLOT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This replica's private key (PEM).
+    #[arg(long, env = "BALLOT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Run the protocol as the embedded wasm component or compiled in.
+    #[arg(long, env = "BALLOT_CORE", value_enum)]
+    core: Option<CoreKind>,
+    /// Log format.
+    #[arg(long, env = "BALLOT_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
+}
+
+fn parse_peer(s: &str) -> Result<Peer, String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT"))?;
+    Ok(Peer {
+        id: id.trim().parse().map_err(|e| format!("{id:?}: {e}"))?,
+        addr: addr.trim().parse().map_err(|e| format!("{addr:?}: {e}"))?,
+        http: None,
+    })
+}
+
+impl ServeArgs {
+    fn config(self) -> Result<NodeConfig, String> {
+        let base = match &self.config {
+            Some(path) => Some(NodeConfig::load(path)?),
+            None => None,
+        };
+        let missing = |what: &str| format!("missing {what}: give it in --config or as --{what}");
+        let tls = TlsFiles {
+            ca: self
+                .tls_ca
+                .or(base.as_ref().map(|b| b.tls.ca.clone()))
+                .ok_or_else(|| missing("tls-ca"))?,
+            cert: self
+                .tls_cert
+                .or(base.as_ref().map(|b| b.tls.cert.clone()))
+                .ok_or_else(|| missing("tls-cert"))?,
+            key: self
+                .tls_key
+                .or(base.as_ref().map(|b| b.tls.key.clone()))
+                .ok_or_else(|| missing("tls-key"))?,
+        };
+        Ok(NodeConfig {
+            id: self
+                .id
+                .or(base.as_ref().map(|b| b.id))
+                .ok_or_else(|| missing("id"))?,
+            data_dir: self
+                .data_dir
+                .or(base.as_ref().map(|b| b.data_dir.clone()))
+                .ok_or_else(|| missing("data-dir"))?,
+            peer_addr: self
+                .peer_addr
+                .or(base.as_ref().map(|b| b.peer_addr))
+                .ok_or_else(|| missing("peer-addr"))?,
+            http_addr: self
+                .http_addr
+                .or(base.as_ref().map(|b| b.http_addr))
+                .ok_or_else(|| missing("http-addr"))?,
+            peers: if self.peers.is_empty() {
+                base.as_ref().map(|b| b.peers.clone()).unwrap_or_default()
+            } else {
+                self.peers
+            },
+            tls,
+            core: self
+                .core
+                .or(base.as_ref().map(|b| b.core))
+                .unwrap_or_default(),
+            map_size_mib: base.as_ref().and_then(|b| b.map_size_mib),
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+struct DevArgs {
+    /// Number of replicas.
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    /// Cluster directory (certificates, configurations, data, logs).
+    #[arg(long, default_value = "ballot-dev")]
+    dir: PathBuf,
+    /// First replica's HTTP port; the others follow. 0 picks free ports.
+    #[arg(long, default_value_t = 8001)]
+    http_port: u16,
+    /// First replica's QUIC port; the others follow. 0 picks free ports.
+    #[arg(long, default_value_t = 7001)]
+    peer_port: u16,
+    /// Run the protocol as the embedded wasm component or compiled in.
+    #[arg(long, value_enum, default_value = "wasm")]
+    core: CoreKind,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Endpoint {
+    /// A replica's HTTP endpoint.
+    #[arg(
+        long,
+        env = "BALLOT_ENDPOINT",
+        default_value = "http://127.0.0.1:8001",
+        global = true
+    )]
+    endpoint: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum KvCmd {
+    /// Print a key's value (linearizable unless --local).
+    Get {
+        key: String,
+        /// Read this replica's committed copy (may be stale).
+        #[arg(long)]
+        local: bool,
+        /// Also print the version to stderr.
+        #[arg(long, short)]
+        verbose: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Set a key's value ('-' reads it from standard input).
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Set a key's value only if it has none (the same value again succeeds).
+    Create {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Set a key's value only if its version is VERSION.
+    Cas {
+        key: String,
+        version: u64,
+        value: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Delete a key.
+    Delete {
+        key: String,
+        /// Only if its version is this.
+        #[arg(long)]
+        if_version: Option<u64>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Show every replica, its link, health and components.
+    Status {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCmd {
+    /// Create the cluster's certificate authority.
+    Init {
+        /// Where the certificates live.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// A name for the cluster, recorded in the CA.
+        #[arg(long, default_value = "ballot")]
+        cluster: String,
+    },
+    /// Issue replica ID a certificate signed by the cluster CA.
+    Node {
+        id: u32,
+        /// Where the certificates live.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ballot: {message}");
+    ExitCode::FAILURE
+}
+
+/// Runs the command line; `ballot`'s `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve(args) => {
+            init_logging(args.log_format);
+            match args.config().and_then(crate::server::serve) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    fail(e)
+                }
+            }
+        }
+        Cmd::Dev(args) => dev(args),
+        Cmd::Kv(cmd) => client_runtime(kv(cmd)),
+        Cmd::Cluster(ClusterCmd::Status { endpoint }) => client_runtime(status(endpoint)),
+        Cmd::Cert(CertCmd::Init { dir, cluster }) => match crate::tls::init_ca(&dir, &cluster) {
+            Ok(()) => {
+                println!("wrote {}", crate::tls::ca_cert_path(&dir).display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Cmd::Cert(CertCmd::Node { id, dir }) => match crate::tls::issue_node(&dir, id) {
+            Ok(()) => {
+                println!("wrote {}", crate::tls::node_cert_path(&dir, id).display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Cmd::Components => match crate::runtime::describe_embedded() {
+            Ok(lines) => {
+                for line in lines {
+                    println!("{line}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+fn client_runtime(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => fail(format!("starting tokio: {e}")),
+    }
+}
+
+fn value_arg(value: String) -> Result<Bytes, String> {
+    if value == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| format!("reading standard input: {e}"))?;
+        Ok(buf.into())
+    } else {
+        Ok(value.into_bytes().into())
+    }
+}
+
+/// Prints an unsuccessful response and picks the exit code.
+fn report(r: &Response) -> ExitCode {
+    let code = r
+        .error_code()
+        .unwrap_or_else(|| r.status.as_u16().to_string());
+    eprintln!(
+        "ballot: {} {code}: {}",
+        r.status.as_u16(),
+        r.error_message()
+    );
+    match r.status {
+        StatusCode::NOT_FOUND => ExitCode::from(3),
+        StatusCode::PRECONDITION_FAILED => ExitCode::from(4),
+        StatusCode::SERVICE_UNAVAILABLE => ExitCode::from(5),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+async fn kv(cmd: KvCmd) -> ExitCode {
+    let write = |client: Client, key: String, value: String, pre: Precondition| async move {
+        let value = match value_arg(value) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        match client.put(&key, value, pre).await {
+            Ok(r) if r.status.is_success() => {
+                let created = if r.status == StatusCode::CREATED {
+                    " (created)"
+                } else {
+                    ""
+                };
+                println!("version {}{created}", r.version.unwrap_or(0));
+                ExitCode::SUCCESS
+            }
+            Ok(r) => report(&r),
+            Err(e) => fail(e),
+        }
+    };
+    match cmd {
+        KvCmd::Get {
+            key,
+            local,
+            verbose,
+            endpoint,
+        } => match Client::new(&endpoint.endpoint).get(&key, local).await {
+            Ok(r) if r.status == StatusCode::OK => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&r.body);
+                if out.is_terminal() && !r.body.ends_with(b"\n") {
+                    let _ = out.write_all(b"\n");
+                }
+                if verbose {
+                    eprintln!("version {}", r.version.unwrap_or(0));
+                }
+                ExitCode::SUCCESS
+            }
+            Ok(r) => report(&r),
+            Err(e) => fail(e),
+        },
+        KvCmd::Put {
+            key,
+            value,
+            endpoint,
+        } => {
+            write(
+                Client::new(&endpoint.endpoint),
+                key,
+                value,
+                Precondition::None,
+            )
+            .await
+        }
+        KvCmd::Create {
+            key,
+            value,
+            endpoint,
+        } => {
+            write(
+                Client::new(&endpoint.endpoint),
+                key,
+                value,
+                Precondition::Absent,
+            )
+            .await
+        }
+        KvCmd::Cas {
+            key,
+            version,
+            value,
+            endpoint,
+        } => {
+            let pre = Precondition::Version(version);
+            write(Client::new(&endpoint.endpoint), key, value, pre).await
+        }
+        KvCmd::Delete {
+            key,
+            if_version,
+            endpoint,
+        } => {
+            let pre = if_version.map_or(Precondition::None, Precondition::Version);
+            match Client::new(&endpoint.endpoint).delete(&key, pre).await {
+                Ok(r) if r.status.is_success() => {
+                    println!("deleted at version {}", r.version.unwrap_or(0));
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => report(&r),
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+async fn status(endpoint: Endpoint) -> ExitCode {
+    let client = Client::new(&endpoint.endpoint);
+    let view = match client.cluster().await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let mut rows = vec![[
+        "ID".to_string(),
+        "PEER".into(),
+        "HTTP".into(),
+        format!("LINK FROM {}", view.id),
+        "HEALTH".into(),
+        "INCARNATION".into(),
+        "PROTOCOL".into(),
+        "POLICY".into(),
+    ]];
+    for r in &view.replicas {
+        let remote = match &r.http {
+            Some(url) if r.id == view.id => Some(Ok(view.clone())),
+            Some(url) => Some(Client::new(url).cluster().await),
+            None => None,
+        };
+        let (health, incarnation, protocol, policy) = match remote {
+            Some(Ok(v)) => (
+                if v.healthy {
+                    "ok".to_string()
+                } else {
+                    format!("stopped: {}", v.error.unwrap_or_default())
+                },
+                v.incarnation.to_string(),
+                format!("{} {} ({})", v.protocol.name, v.protocol.version, v.core),
+                format!("{} {}", v.policy.name, v.policy.version),
+            ),
+            Some(Err(_)) => ("unreachable".into(), "-".into(), "-".into(), "-".into()),
+            None => ("unknown".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let mut link = r.link.clone();
+        if let Some(e) = &r.last_error {
+            link = format!("{link} ({e})");
+        }
+        rows.push([
+            r.id.to_string(),
+            r.peer.clone(),
+            r.http.clone().unwrap_or_else(|| "-".into()),
+            link,
+            health,
+            incarnation,
+            protocol,
+            policy,
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    ExitCode::SUCCESS
+}
+
+fn dev(args: DevArgs) -> ExitCode {
+    init_logging(LogFormat::Human);
+    let binary = match std::env::current_exe() {
+        Ok(b) => b,
+        Err(e) => return fail(format!("locating the ballot binary: {e}")),
+    };
+    let mut cluster = match DevCluster::prepare(
+        &args.dir,
+        args.nodes,
+        args.peer_port,
+        args.http_port,
+        args.core,
+        binary,
+    ) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("starting tokio: {e}")),
+    };
+    let code = rt.block_on(async {
+        if let Err(e) = cluster.start_all() {
+            return fail(e);
+        }
+        if let Err(e) = cluster.wait_all_ready(Duration::from_secs(60)).await {
+            return fail(e);
+        }
+        for node in &cluster.nodes {
+            println!("node {}: {}", node.id, node.http());
+        }
+        match cluster.write_manifest() {
+            Ok(path) => println!(
+                "cluster: {} (logs beside it); Ctrl-C stops it",
+                path.display()
+            ),
+            Err(e) => return fail(e),
+        }
+        let _ = std::io::stdout().flush();
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(e) => return fail(format!("installing a signal handler: {e}")),
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break ExitCode::SUCCESS,
+                _ = term.recv() => break ExitCode::SUCCESS,
+                _ = tick.tick() => {
+                    if let Some((id, status)) = cluster.exited() {
+                        break fail(format!(
+                            "replica {id} exited ({status}); see {}",
+                            cluster.log_path(id).display()
+                        ));
+                    }
+                }
+            }
+        }
+    });
+    eprintln!("stopping the cluster");
+    cluster.stop_all();
+    let _ = std::fs::remove_file(cluster.dir.join("cluster.json"));
+    code
+}

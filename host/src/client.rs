@@ -1,0 +1,191 @@
+//! A small HTTP client for the API, used by the CLI and the tests.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
+use hyper_util::rt::TokioExecutor;
+
+/// A client of one replica's HTTP API.
+#[derive(Clone)]
+pub struct Client {
+    endpoint: String,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+/// A response, whole.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    /// The version in the `ETag` header, if any.
+    pub version: Option<u64>,
+    pub body: Bytes,
+}
+
+impl Response {
+    /// The `error.code` of a JSON error body.
+    pub fn error_code(&self) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        v.get("error")?.get("code")?.as_str().map(str::to_string)
+    }
+
+    /// The `error.message` of a JSON error body, or the body as text.
+    pub fn error_message(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v.get("error")?.get("message")?.as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
+    }
+}
+
+/// Precondition of a write.
+#[derive(Clone, Copy, Debug)]
+pub enum Precondition {
+    None,
+    /// `If-None-Match: *`
+    Absent,
+    /// `If-Match: "<version>"`
+    Version(u64),
+}
+
+/// Escapes a key for the URL path (slashes are kept: keys may be paths).
+pub fn escape_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+impl Client {
+    /// `endpoint` like `http://127.0.0.1:8001`.
+    pub fn new(endpoint: &str) -> Client {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Client {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Sends one request and reads the whole response.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Result<Response, String> {
+        let url = format!("{}{}", self.endpoint, path);
+        let mut builder = Request::builder().method(method).uri(&url);
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        let request = builder.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let send = async {
+            let response = self.http.request(request).await.map_err(|e| {
+                let mut msg = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    msg = format!("{msg}: {s}");
+                    source = s.source();
+                }
+                format!("{url}: {msg}")
+            })?;
+            let status = response.status();
+            let version = response
+                .headers()
+                .get(hyper::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim_matches('"').parse().ok());
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("{url}: reading the response: {e}"))?
+                .to_bytes();
+            Ok(Response {
+                status,
+                version,
+                body,
+            })
+        };
+        tokio::time::timeout(self.timeout, send)
+            .await
+            .map_err(|_| format!("{url}: no response in {:?}", self.timeout))?
+    }
+
+    /// `GET /v1/kv/{key}`.
+    pub async fn get(&self, key: &str, local: bool) -> Result<Response, String> {
+        let query = if local { "?consistency=local" } else { "" };
+        let path = format!("/v1/kv/{}{query}", escape_key(key));
+        self.request(Method::GET, &path, &[], Bytes::new()).await
+    }
+
+    /// `PUT /v1/kv/{key}`.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        pre: Precondition,
+    ) -> Result<Response, String> {
+        let headers = precondition_headers(pre);
+        let path = format!("/v1/kv/{}", escape_key(key));
+        self.request(Method::PUT, &path, &headers, value).await
+    }
+
+    /// `DELETE /v1/kv/{key}`.
+    pub async fn delete(&self, key: &str, pre: Precondition) -> Result<Response, String> {
+        let headers = precondition_headers(pre);
+        let path = format!("/v1/kv/{}", escape_key(key));
+        self.request(Method::DELETE, &path, &headers, Bytes::new())
+            .await
+    }
+
+    /// `GET /v1/cluster`.
+    pub async fn cluster(&self) -> Result<crate::api::ClusterView, String> {
+        let r = self
+            .request(Method::GET, "/v1/cluster", &[], Bytes::new())
+            .await?;
+        if r.status != StatusCode::OK {
+            return Err(format!(
+                "{}: {} {}",
+                self.endpoint,
+                r.status,
+                r.error_message()
+            ));
+        }
+        serde_json::from_slice(&r.body)
+            .map_err(|e| format!("{}: bad cluster view: {e}", self.endpoint))
+    }
+
+    /// `GET /healthz`: true when the replica answers 200.
+    pub async fn healthy(&self) -> bool {
+        matches!(
+            self.request(Method::GET, "/healthz", &[], Bytes::new()).await,
+            Ok(r) if r.status == StatusCode::OK
+        )
+    }
+}
+
+fn precondition_headers(pre: Precondition) -> Vec<(&'static str, String)> {
+    match pre {
+        Precondition::None => Vec::new(),
+        Precondition::Absent => vec![("if-none-match", "*".to_string())],
+        Precondition::Version(v) => vec![("if-match", format!("\"{v}\""))],
+    }
+}

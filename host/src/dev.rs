@@ -1,0 +1,355 @@
+//! Local clusters of real replica processes on loopback: `ballot dev`, and
+//! the multi-process tests.
+//!
+//! A cluster directory holds everything: `certs/` (the CA and one
+//! certificate per replica), `node-N.toml`, `node-N/` (LMDB), `node-N.log`
+//! and, while `ballot dev` runs, `cluster.json`. Running `ballot dev` again
+//! on the same directory restarts the same replicas on their data.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::client::Client;
+use crate::server::{CoreKind, NodeConfig, Peer};
+use crate::tls::{self, TlsFiles};
+
+/// One replica of a local cluster.
+pub struct DevNode {
+    pub id: u32,
+    pub config_path: PathBuf,
+    pub config: NodeConfig,
+    child: Option<Child>,
+}
+
+impl DevNode {
+    /// The replica's client URL.
+    pub fn http(&self) -> String {
+        format!("http://{}", self.config.http_addr)
+    }
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+    /// A client of this replica.
+    pub fn client(&self) -> Client {
+        Client::new(&self.http())
+    }
+}
+
+/// A local cluster: its directory and its replica processes.
+pub struct DevCluster {
+    pub dir: PathBuf,
+    pub nodes: Vec<DevNode>,
+    binary: PathBuf,
+}
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    nodes: Vec<ManifestNode<'a>>,
+}
+
+#[derive(Serialize)]
+struct ManifestNode<'a> {
+    id: u32,
+    http: String,
+    peer: String,
+    pid: Option<u32>,
+    log: &'a Path,
+}
+
+fn free_tcp() -> Result<u16, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn free_udp() -> Result<u16, String> {
+    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
+    Ok(s.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+impl DevCluster {
+    /// Creates (or reopens) a cluster of `n` replicas in `dir`, run by
+    /// `binary` (`ballot` itself). Ports: `peer_port + i` and `http_port + i`
+    /// for replica `i + 1`, or free ones when the base is 0. An existing
+    /// directory keeps its certificates, configurations and data.
+    pub fn prepare(
+        dir: &Path,
+        n: u32,
+        peer_port: u16,
+        http_port: u16,
+        core: CoreKind,
+        binary: PathBuf,
+    ) -> Result<DevCluster, String> {
+        if n == 0 || n > 64 {
+            return Err("a cluster has 1 to 64 replicas".into());
+        }
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let certs = dir.join("certs");
+        if !tls::ca_cert_path(&certs).exists() {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "dev".into());
+            tls::init_ca(&certs, &name).map_err(|e| e.to_string())?;
+        }
+        let mut configs = Vec::new();
+        for id in 1..=n {
+            let path = dir.join(format!("node-{id}.toml"));
+            if path.exists() {
+                let mut c = NodeConfig::load(&path)?;
+                c.core = core;
+                configs.push((path, c));
+                continue;
+            }
+            if !tls::node_cert_path(&certs, id).exists() {
+                tls::issue_node(&certs, id).map_err(|e| e.to_string())?;
+            }
+            let port = |base: u16, free: fn() -> Result<u16, String>| -> Result<u16, String> {
+                if base == 0 {
+                    free()
+                } else {
+                    base.checked_add(id as u16 - 1)
+                        .ok_or_else(|| "port out of range".to_string())
+                }
+            };
+            let peer_addr: SocketAddr = ([127, 0, 0, 1], port(peer_port, free_udp)?).into();
+            let http_addr: SocketAddr = ([127, 0, 0, 1], port(http_port, free_tcp)?).into();
+            let config = NodeConfig {
+                id,
+                data_dir: dir.join(format!("node-{id}")),
+                peer_addr,
+                http_addr,
+                peers: Vec::new(),
+                tls: TlsFiles {
+                    ca: tls::ca_cert_path(&certs),
+                    cert: tls::node_cert_path(&certs, id),
+                    key: tls::node_key_path(&certs, id),
+                },
+                core,
+                map_size_mib: Some(4096),
+            };
+            configs.push((path, config));
+        }
+        let all: Vec<Peer> = configs
+            .iter()
+            .map(|(_, c)| Peer {
+                id: c.id,
+                addr: c.peer_addr,
+                http: Some(format!("http://{}", c.http_addr)),
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for (path, mut config) in configs {
+            config.peers = all.iter().filter(|p| p.id != config.id).cloned().collect();
+            let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+            std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            nodes.push(DevNode {
+                id: config.id,
+                config_path: path,
+                config,
+                child: None,
+            });
+        }
+        Ok(DevCluster { dir, nodes, binary })
+    }
+
+    fn node(&mut self, id: u32) -> &mut DevNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no replica {id}"))
+    }
+
+    /// The log file of replica `id`.
+    pub fn log_path(&self, id: u32) -> PathBuf {
+        self.dir.join(format!("node-{id}.log"))
+    }
+
+    /// Starts replica `id` (`ballot serve --config node-N.toml`), logging to
+    /// `node-N.log`. The process is killed if this one dies.
+    pub fn start(&mut self, id: u32) -> Result<(), String> {
+        let log_path = self.log_path(id);
+        let binary = self.binary.clone();
+        let node = self.node(id);
+        if node.child.is_some() {
+            return Err(format!("replica {id} is already running"));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let mut command = Command::new(&binary);
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&node.config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
+        // send SIGTERM to the child when its parent thread exits.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts every replica that is not running.
+    pub fn start_all(&mut self) -> Result<(), String> {
+        let ids: Vec<u32> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_none())
+            .map(|n| n.id)
+            .collect();
+        for id in ids {
+            self.start(id)?;
+        }
+        Ok(())
+    }
+
+    /// Kills replica `id` with SIGKILL (a crash).
+    pub fn kill(&mut self, id: u32) {
+        if let Some(mut child) = self.node(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops replica `id` with SIGTERM, then SIGKILL after `grace`.
+    pub fn stop(&mut self, id: u32, grace: Duration) {
+        let Some(mut child) = self.node(id).child.take() else {
+            return;
+        };
+        // SAFETY: sending a signal to a child we own and have not reaped.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Stops every replica.
+    pub fn stop_all(&mut self) {
+        let ids: Vec<u32> = self.nodes.iter().map(|n| n.id).collect();
+        for id in &ids {
+            if let Some(child) = &self.node(*id).child {
+                // SAFETY: as in `stop`.
+                unsafe {
+                    libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
+        for id in ids {
+            self.stop(id, Duration::from_secs(5));
+        }
+    }
+
+    /// The id of a replica whose process has exited, with its status.
+    pub fn exited(&mut self) -> Option<(u32, String)> {
+        for node in &mut self.nodes {
+            if let Some(child) = &mut node.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    node.child = None;
+                    return Some((node.id, status.to_string()));
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until replica `id` answers `/healthz`.
+    pub async fn wait_ready(&mut self, id: u32, timeout: Duration) -> Result<(), String> {
+        let client = self.node(id).client();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if client.healthy().await {
+                return Ok(());
+            }
+            if let Some((exited, status)) = self.exited() {
+                return Err(format!(
+                    "replica {exited} exited ({status}); see {}",
+                    self.log_path(exited).display()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "replica {id} did not become ready in {timeout:?}; see {}",
+                    self.log_path(id).display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for every replica.
+    pub async fn wait_all_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let ids: Vec<u32> = self.nodes.iter().map(|n| n.id).collect();
+        for id in ids {
+            self.wait_ready(id, timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `cluster.json`: every replica's id, URLs, pid and log.
+    pub fn write_manifest(&self) -> Result<PathBuf, String> {
+        let logs: Vec<PathBuf> = self.nodes.iter().map(|n| self.log_path(n.id)).collect();
+        let manifest = Manifest {
+            nodes: self
+                .nodes
+                .iter()
+                .zip(&logs)
+                .map(|(n, log)| ManifestNode {
+                    id: n.id,
+                    http: n.http(),
+                    peer: n.config.peer_addr.to_string(),
+                    pid: n.pid(),
+                    log,
+                })
+                .collect(),
+        };
+        let path = self.dir.join("cluster.json");
+        let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n")
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(path)
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

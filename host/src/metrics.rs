@@ -1,0 +1,180 @@
+//! Prometheus metrics of one replica, served at `GET /metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn seconds() -> Histogram {
+    // 50 µs to about 13 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 19))
+}
+
+fn sizes() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 14))
+}
+
+/// Every metric a replica exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Client requests by operation and outcome.
+    pub requests: Family<Labels, Counter>,
+    pub request_seconds: HistogramFamily,
+    /// Commands that wrote a new version, by path (fast or classic).
+    pub proposals_chosen: Family<Labels, Counter>,
+    /// Attempts beyond the first, summed over commands.
+    pub retries: Counter,
+    /// Classic rounds (prepares) started.
+    pub ballot_bumps: Counter,
+    /// Wall time of guest calls, by call (`step`, `release`).
+    pub guest_seconds: HistogramFamily,
+    /// Events handed to the protocol per `step`.
+    pub step_events: Histogram,
+    /// Write transactions: their duration including fsync, and their size.
+    pub fsync_seconds: Histogram,
+    pub group_commit_writes: Histogram,
+    pub group_commit_readies: Histogram,
+    /// 1 while the outgoing link to a peer is up.
+    pub peer_connected: Family<Labels, Gauge>,
+    /// Messages to a peer dropped because its queue was full or it was down.
+    pub peer_dropped: Family<Labels, Counter>,
+    /// Inbound peer messages dropped because the protocol's queue was full.
+    pub inbound_dropped: Counter,
+    /// Peer connections refused (TLS failure, wrong identity, bad frames).
+    pub peer_refused: Family<Labels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ballot");
+        let requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "requests",
+            "Client requests by operation and outcome",
+            requests.clone(),
+        );
+        let request_seconds: HistogramFamily = Family::new_with_constructor(seconds);
+        registry.register(
+            "request_duration_seconds",
+            "Client request latency by operation",
+            request_seconds.clone(),
+        );
+        let proposals_chosen = Family::<Labels, Counter>::default();
+        registry.register(
+            "proposals_chosen",
+            "Commands that wrote a new version, by path",
+            proposals_chosen.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "retries",
+            "Attempts beyond the first, over all commands",
+            retries.clone(),
+        );
+        let ballot_bumps = Counter::default();
+        registry.register(
+            "ballot_bumps",
+            "Classic rounds (prepares) started",
+            ballot_bumps.clone(),
+        );
+        let guest_seconds: HistogramFamily = Family::new_with_constructor(seconds);
+        registry.register(
+            "guest_call_seconds",
+            "Time spent in protocol component calls",
+            guest_seconds.clone(),
+        );
+        let step_events = sizes();
+        registry.register(
+            "step_events",
+            "Events handed to the protocol per step",
+            step_events.clone(),
+        );
+        let fsync_seconds = seconds();
+        registry.register(
+            "fsync_seconds",
+            "Group commits: write transaction and fsync duration",
+            fsync_seconds.clone(),
+        );
+        let group_commit_writes = sizes();
+        registry.register(
+            "group_commit_writes",
+            "Key writes per group commit",
+            group_commit_writes.clone(),
+        );
+        let group_commit_readies = sizes();
+        registry.register(
+            "group_commit_readies",
+            "Protocol steps made durable per group commit",
+            group_commit_readies.clone(),
+        );
+        let peer_connected = Family::<Labels, Gauge>::default();
+        registry.register(
+            "peer_connected",
+            "1 while the link to a peer is up",
+            peer_connected.clone(),
+        );
+        let peer_dropped = Family::<Labels, Counter>::default();
+        registry.register(
+            "peer_messages_dropped",
+            "Messages to a peer dropped (queue full or link down)",
+            peer_dropped.clone(),
+        );
+        let inbound_dropped = Counter::default();
+        registry.register(
+            "inbound_messages_dropped",
+            "Peer messages dropped because the protocol queue was full",
+            inbound_dropped.clone(),
+        );
+        let peer_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "peer_refused",
+            "Peer connections refused, by reason",
+            peer_refused.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            proposals_chosen,
+            retries,
+            ballot_bumps,
+            guest_seconds,
+            step_events,
+            fsync_seconds,
+            group_commit_writes,
+            group_commit_readies,
+            peer_connected,
+            peer_dropped,
+            inbound_dropped,
+            peer_refused,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// A single-label set.
+pub fn label(name: &'static str, value: impl Into<String>) -> Labels {
+    vec![(name, value.into())]
+}
+
+/// A two-label set.
+pub fn labels2(a: (&'static str, &str), b: (&'static str, &str)) -> Labels {
+    vec![(a.0, a.1.to_string()), (b.0, b.1.to_string())]
+}

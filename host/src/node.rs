@@ -1,0 +1,546 @@
+//! The replica's engine room: drives the protocol component and makes its
+//! decisions durable before they leave.
+//!
+//! Two threads:
+//! - the **core** thread owns the protocol instance. It gathers client
+//!   requests, peer messages and due timers into one batch, reads the state
+//!   of the keys they touch (the newest not-yet-durable copy if there is one,
+//!   LMDB otherwise), calls `step` once, and hands the ready to the writer;
+//!   when the writer reports it durable, it calls `release` and sends,
+//!   completes and arms what that returns. It does not wait for a ready to
+//!   become durable before stepping the next one (pipelining), but releases
+//!   strictly in order.
+//! - the **writer** thread takes every ready queued since its last commit
+//!   and writes them in one LMDB transaction with one fsync (group commit).
+//!
+//! Nothing a ready releases (a message to a peer, an answer to a client)
+//! leaves before that ready's fsync. A storage error or a trapping protocol
+//! component stops the replica from answering: it fails every request with
+//! the reason rather than guess.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ballot_core::{
+    Actions, Batch, Completion, Failure, FailureReason, Inbound, KeyState, Operation, Outcome,
+    Ready, RegisterEnv, Replica, Request, Timer, Trace,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+
+use crate::metrics::{label, labels2, Metrics};
+use crate::runtime::WasmCore;
+use crate::storage::Storage;
+use crate::transport::{Message, Transport};
+
+/// Longest key: LMDB's key size limit.
+pub const KEY_MAX: usize = 511;
+/// Readies stepped but not yet durable before the core stops taking input.
+const PIPELINE_MAX: usize = 64;
+/// Events handed to the protocol in one step, at most.
+const BATCH_MAX: usize = 2048;
+/// Client requests queued for the core thread.
+pub const REQUEST_QUEUE: usize = 16 * 1024;
+/// Peer message batches queued for the core thread.
+pub const INBOUND_QUEUE: usize = 4096;
+
+/// A protocol implementation the node can drive: the wasm component or the
+/// same logic compiled natively.
+pub trait Protocol: Send {
+    /// See `replica.step`. An error means the implementation failed.
+    fn step(&mut self, batch: Batch) -> Result<Ready, String>;
+    /// See `replica.release`.
+    fn release(&mut self, id: u64) -> Result<Actions, String>;
+}
+
+impl Protocol for WasmCore {
+    fn step(&mut self, batch: Batch) -> Result<Ready, String> {
+        self.try_step(batch).map_err(|e| e.to_string())
+    }
+    fn release(&mut self, id: u64) -> Result<Actions, String> {
+        self.try_release(id).map_err(|e| e.to_string())
+    }
+}
+
+impl Protocol for Replica<RegisterEnv> {
+    fn step(&mut self, batch: Batch) -> Result<Ready, String> {
+        Ok(Replica::step(self, batch))
+    }
+    fn release(&mut self, id: u64) -> Result<Actions, String> {
+        Ok(Replica::release(self, id))
+    }
+}
+
+/// A client's operation on its way to the core thread.
+pub struct ClientRequest {
+    pub key: Vec<u8>,
+    pub op: Operation,
+    /// The completion goes here.
+    pub reply: oneshot::Sender<Completion>,
+}
+
+/// Why a replica stopped answering, once it has.
+#[derive(Default)]
+pub struct Health {
+    fatal: Mutex<Option<String>>,
+}
+
+impl Health {
+    /// `None` while healthy.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().expect("health lock").clone()
+    }
+    fn stop(&self, reason: String) {
+        let mut fatal = self.fatal.lock().expect("health lock");
+        if fatal.is_none() {
+            error!("replica stopped answering: {reason}");
+            *fatal = Some(reason);
+        }
+    }
+}
+
+/// Handles to a running core.
+pub struct Core {
+    pub requests: mpsc::Sender<ClientRequest>,
+    pub health: Arc<Health>,
+}
+
+/// Starts the writer and core threads.
+pub fn start(
+    protocol: Box<dyn Protocol>,
+    storage: Storage,
+    inbound: mpsc::Receiver<Vec<Inbound>>,
+    transport: Arc<Transport>,
+    metrics: Arc<Metrics>,
+) -> Core {
+    let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
+    let health = Arc::new(Health::default());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Ready>();
+    let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+    {
+        let storage = storage.clone();
+        let metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("ballot-writer".into())
+            .spawn(move || writer(storage, ready_rx, durable_tx, metrics))
+            .expect("spawning the writer thread");
+    }
+    let driver = Driver {
+        protocol,
+        storage,
+        transport,
+        metrics,
+        health: health.clone(),
+        ready_tx,
+        pending: HashMap::new(),
+        unreleased: VecDeque::new(),
+        clients: HashMap::new(),
+        timers: BinaryHeap::new(),
+        next_request: 1,
+        clock_ms: 0,
+        seed: seed(),
+    };
+    std::thread::Builder::new()
+        .name("ballot-core".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("core runtime");
+            rt.block_on(driver.run(requests_rx, inbound, durable_rx));
+        })
+        .expect("spawning the core thread");
+    Core {
+        requests: requests_tx,
+        health,
+    }
+}
+
+fn seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (std::process::id() as u64).rotate_left(32)
+}
+
+/// The writer thread: group commits in ready order.
+fn writer(
+    storage: Storage,
+    readies: std::sync::mpsc::Receiver<Ready>,
+    durable: mpsc::UnboundedSender<Result<u64, String>>,
+    metrics: Arc<Metrics>,
+) {
+    while let Ok(first) = readies.recv() {
+        let mut group = vec![first];
+        while let Ok(more) = readies.try_recv() {
+            group.push(more);
+        }
+        let last = group.last().map(|r| r.id).expect("non-empty group");
+        let writes = group.iter().map(|r| r.persist.len()).sum::<usize>();
+        if writes > 0 {
+            match storage.commit(group.iter().flat_map(|r| r.persist.iter())) {
+                Ok(stats) => {
+                    metrics.fsync_seconds.observe(stats.elapsed.as_secs_f64());
+                    metrics.group_commit_writes.observe(stats.writes as f64);
+                    metrics.group_commit_readies.observe(group.len() as f64);
+                }
+                Err(e) => {
+                    let _ = durable.send(Err(format!("storage write failed: {e}")));
+                    return;
+                }
+            }
+        }
+        if durable.send(Ok(last)).is_err() {
+            return;
+        }
+    }
+}
+
+struct Client {
+    reply: oneshot::Sender<Completion>,
+    op: &'static str,
+    started: Instant,
+}
+
+struct Driver {
+    protocol: Box<dyn Protocol>,
+    storage: Storage,
+    transport: Arc<Transport>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    ready_tx: std::sync::mpsc::Sender<Ready>,
+    /// Newest state of keys whose last write is not durable yet, with the
+    /// ready that wrote it.
+    pending: HashMap<Vec<u8>, (u64, Vec<u8>)>,
+    /// Readies stepped and not released, in order.
+    unreleased: VecDeque<u64>,
+    clients: HashMap<u64, Client>,
+    timers: BinaryHeap<Reverse<(u64, u64, Vec<u8>)>>,
+    next_request: u64,
+    clock_ms: u64,
+    seed: u64,
+}
+
+fn op_name(op: &Operation) -> &'static str {
+    match op {
+        Operation::Command(_) => "command",
+        Operation::Read(ballot_core::Consistency::Linearizable) => "read",
+        Operation::Read(ballot_core::Consistency::Local) => "read-local",
+    }
+}
+
+fn failed(reason: FailureReason, message: String) -> Outcome {
+    Outcome::Failed(Failure {
+        reason,
+        maybe_applied: false,
+        message,
+    })
+}
+
+impl Driver {
+    fn now_ms(&mut self) -> u64 {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.clock_ms = self.clock_ms.max(wall);
+        self.clock_ms
+    }
+
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<ClientRequest>,
+        mut inbound: mpsc::Receiver<Vec<Inbound>>,
+        mut durable: mpsc::UnboundedReceiver<Result<u64, String>>,
+    ) {
+        loop {
+            let mut batch = Batch::default();
+            let fatal = self.health.fatal().is_some();
+            let open = self.unreleased.len() < PIPELINE_MAX && !fatal;
+            let now = self.now_ms();
+            let deadline = self.timers.peek().map(|Reverse((at, _, _))| {
+                tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now))
+            });
+            tokio::select! {
+                biased;
+                d = durable.recv() => match d {
+                    Some(d) => self.on_durable(d),
+                    None => self.health.stop("the writer thread ended".into()),
+                },
+                r = requests.recv(), if open || fatal => match r {
+                    Some(r) if fatal => self.refuse(r),
+                    Some(r) => self.admit(r, &mut batch),
+                    None => return,
+                },
+                m = inbound.recv(), if open => if let Some(m) = m {
+                    self.accept(m, &mut batch)
+                },
+                _ = sleep_until(deadline), if open && deadline.is_some() => {}
+            }
+            while let Ok(d) = durable.try_recv() {
+                self.on_durable(d);
+            }
+            if self.health.fatal().is_some() {
+                for c in std::mem::take(&mut self.clients).into_values() {
+                    let reason = self.health.fatal().unwrap_or_default();
+                    let _ = c.reply.send(Completion {
+                        id: 0,
+                        outcome: Outcome::Failed(Failure {
+                            reason: FailureReason::NoQuorum,
+                            maybe_applied: true,
+                            message: format!("replica stopped: {reason}"),
+                        }),
+                        trace: Trace::default(),
+                    });
+                }
+                while let Ok(r) = requests.try_recv() {
+                    self.refuse(r);
+                }
+                while inbound.try_recv().is_ok() {}
+                continue;
+            }
+            if self.unreleased.len() >= PIPELINE_MAX {
+                continue;
+            }
+            let mut events = batch.requests.len() + batch.messages.len();
+            while events < BATCH_MAX {
+                let mut more = false;
+                if let Ok(r) = requests.try_recv() {
+                    self.admit(r, &mut batch);
+                    more = true;
+                }
+                if let Ok(m) = inbound.try_recv() {
+                    self.accept(m, &mut batch);
+                    more = true;
+                }
+                if !more {
+                    break;
+                }
+                events = batch.requests.len() + batch.messages.len();
+            }
+            let now = self.now_ms();
+            while let Some(Reverse((at, _, _))) = self.timers.peek() {
+                if *at > now {
+                    break;
+                }
+                let Reverse((at_ms, token, key)) = self.timers.pop().expect("peeked");
+                batch.timers.push(Timer { key, token, at_ms });
+            }
+            if batch.requests.is_empty() && batch.messages.is_empty() && batch.timers.is_empty() {
+                continue;
+            }
+            self.step(batch, now);
+        }
+    }
+
+    fn admit(&mut self, r: ClientRequest, batch: &mut Batch) {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.clients.insert(
+            id,
+            Client {
+                reply: r.reply,
+                op: op_name(&r.op),
+                started: Instant::now(),
+            },
+        );
+        batch.requests.push(Request {
+            id,
+            key: r.key,
+            op: r.op,
+        });
+    }
+
+    fn refuse(&mut self, r: ClientRequest) {
+        let reason = self.health.fatal().unwrap_or_default();
+        let _ = r.reply.send(Completion {
+            id: 0,
+            outcome: failed(
+                FailureReason::NoQuorum,
+                format!("replica stopped: {reason}"),
+            ),
+            trace: Trace::default(),
+        });
+    }
+
+    fn accept(&mut self, messages: Vec<Inbound>, batch: &mut Batch) {
+        for m in messages {
+            if m.key.is_empty() || m.key.len() > KEY_MAX {
+                warn!(
+                    from = m.from,
+                    "dropped a peer message with a {}-byte key",
+                    m.key.len()
+                );
+                continue;
+            }
+            batch.messages.push(m);
+        }
+    }
+
+    fn step(&mut self, mut batch: Batch, now: u64) {
+        batch.now_ms = now;
+        self.seed = self
+            .seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        batch.seed = self.seed;
+        // Requests with keys LMDB cannot hold are answered here.
+        let mut refused = Vec::new();
+        batch.requests.retain(|r| {
+            let ok = !r.key.is_empty() && r.key.len() <= KEY_MAX;
+            if !ok {
+                refused.push(r.id);
+            }
+            ok
+        });
+        for id in refused {
+            let message = format!("keys must be 1 to {KEY_MAX} bytes");
+            self.complete(Completion {
+                id,
+                outcome: failed(FailureReason::Invalid, message),
+                trace: Trace::default(),
+            });
+        }
+        let mut keys: Vec<&[u8]> = Vec::new();
+        keys.extend(batch.requests.iter().map(|r| &r.key[..]));
+        keys.extend(batch.messages.iter().map(|m| &m.key[..]));
+        keys.extend(batch.timers.iter().map(|t| &t.key[..]));
+        keys.sort_unstable();
+        keys.dedup();
+        let mut states = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        for key in keys {
+            match self.pending.get(key) {
+                Some((_, state)) => states.push(KeyState {
+                    key: key.to_vec(),
+                    state: state.clone(),
+                }),
+                None => missing.push(key),
+            }
+        }
+        match self.storage.states(missing.into_iter()) {
+            Ok(found) => states.extend(found.into_iter().map(|(key, state)| KeyState {
+                key: key.to_vec(),
+                state,
+            })),
+            Err(e) => return self.health.stop(format!("storage read failed: {e}")),
+        }
+        batch.states = states;
+        let events = batch.requests.len() + batch.messages.len() + batch.timers.len();
+        self.metrics.step_events.observe(events as f64);
+        let started = Instant::now();
+        let ready = match self.protocol.step(batch) {
+            Ok(r) => r,
+            Err(e) => {
+                return self
+                    .health
+                    .stop(format!("protocol component failed in step: {e}"))
+            }
+        };
+        self.observe_guest("step", started);
+        for w in &ready.persist {
+            self.pending
+                .insert(w.key.clone(), (ready.id, w.state.clone()));
+        }
+        let id = ready.id;
+        if ready.persist.is_empty() && self.unreleased.is_empty() {
+            // Nothing to make durable and nothing before it: release now.
+            self.unreleased.push_back(id);
+            return self.on_durable(Ok(id));
+        }
+        self.unreleased.push_back(id);
+        if self.ready_tx.send(ready).is_err() {
+            self.health.stop("the writer thread ended".into());
+        }
+    }
+
+    fn observe_guest(&self, call: &str, started: Instant) {
+        self.metrics
+            .guest_seconds
+            .get_or_create(&label("call", call))
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn on_durable(&mut self, durable: Result<u64, String>) {
+        let upto = match durable {
+            Ok(id) => id,
+            Err(e) => return self.health.stop(e),
+        };
+        self.pending.retain(|_, (id, _)| *id > upto);
+        while let Some(&id) = self.unreleased.front() {
+            if id > upto {
+                break;
+            }
+            self.unreleased.pop_front();
+            let started = Instant::now();
+            let actions = match self.protocol.release(id) {
+                Ok(a) => a,
+                Err(e) => {
+                    return self
+                        .health
+                        .stop(format!("protocol component failed in release: {e}"))
+                }
+            };
+            self.observe_guest("release", started);
+            self.dispatch(actions);
+        }
+    }
+
+    fn dispatch(&mut self, actions: Actions) {
+        let mut by_peer: HashMap<u32, Vec<Message>> = HashMap::new();
+        for o in actions.send {
+            by_peer.entry(o.to).or_default().push((o.key, o.payload));
+        }
+        for (to, messages) in by_peer {
+            self.transport.send(to, messages);
+        }
+        for t in actions.timers {
+            self.timers.push(Reverse((t.at_ms, t.token, t.key)));
+        }
+        for c in actions.complete {
+            self.complete(c);
+        }
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let Some(client) = self.clients.remove(&c.id) else {
+            debug!(id = c.id, "completion for an unknown request");
+            return;
+        };
+        let outcome = match &c.outcome {
+            Outcome::Done(_) if c.trace.changed => "applied",
+            Outcome::Done(_) => "ok",
+            Outcome::Rejected(..) => "rejected",
+            Outcome::Failed(f) => match f.reason {
+                FailureReason::NoQuorum => "no-quorum",
+                FailureReason::Contention => "contention",
+                FailureReason::Overloaded => "overloaded",
+                FailureReason::Invalid => "invalid",
+            },
+        };
+        let m = &self.metrics;
+        m.requests
+            .get_or_create(&labels2(("op", client.op), ("outcome", outcome)))
+            .inc();
+        m.request_seconds
+            .get_or_create(&label("op", client.op))
+            .observe(client.started.elapsed().as_secs_f64());
+        if c.trace.changed {
+            let path = if c.trace.fast { "fast" } else { "classic" };
+            m.proposals_chosen.get_or_create(&label("path", path)).inc();
+        }
+        m.retries.inc_by(c.trace.attempts.saturating_sub(1) as u64);
+        m.ballot_bumps.inc_by(c.trace.prepares as u64);
+        let _ = client.reply.send(c);
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

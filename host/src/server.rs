@@ -1,0 +1,269 @@
+//! `ballot serve`: one replica process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::info;
+
+use crate::api::{self, App, ClusterView, ComponentView, ReplicaView};
+use crate::metrics::Metrics;
+use crate::node::{self, Protocol, INBOUND_QUEUE};
+use crate::runtime::Runtime;
+use crate::storage::{Storage, MAP_SIZE_DEFAULT};
+use crate::tls::{Identity, TlsFiles};
+use crate::transport::Transport;
+
+/// Which build of the protocol a replica runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CoreKind {
+    /// The embedded protocol and policy components, in wasmtime.
+    #[default]
+    Wasm,
+    /// The same logic compiled into the daemon (for comparisons).
+    Native,
+}
+
+/// Another replica of the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Peer {
+    pub id: u32,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// Its client URL, if known (shown by `ballot cluster status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+}
+
+/// A replica's configuration, as in `node.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub id: u32,
+    pub data_dir: PathBuf,
+    /// Where replicas reach this one (QUIC, UDP).
+    pub peer_addr: SocketAddr,
+    /// Where clients reach this one (HTTP, TCP).
+    pub http_addr: SocketAddr,
+    /// Every other voter.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    pub tls: TlsFiles,
+    #[serde(default)]
+    pub core: CoreKind,
+    /// LMDB map size in MiB (address space, not disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_size_mib: Option<usize>,
+}
+
+impl NodeConfig {
+    /// Reads a TOML file; relative paths in it are taken from its directory.
+    pub fn load(path: &Path) -> Result<NodeConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let mut config: NodeConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.data_dir,
+            &mut config.tls.ca,
+            &mut config.tls.cert,
+            &mut config.tls.key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Checks what a file cannot express by its shape.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut ids: Vec<u32> = self.peers.iter().map(|p| p.id).collect();
+        if ids.contains(&self.id) {
+            return Err(format!("replica {} lists itself among its peers", self.id));
+        }
+        ids.push(self.id);
+        ids.sort_unstable();
+        let n = ids.len();
+        ids.dedup();
+        if ids.len() != n {
+            return Err("peer ids must be distinct".into());
+        }
+        if n > 64 {
+            return Err("at most 64 voters".into());
+        }
+        Ok(())
+    }
+
+    fn voters(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.peers.iter().map(|p| p.id).collect();
+        v.push(self.id);
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Runs a replica until SIGINT or SIGTERM.
+pub fn serve(config: NodeConfig) -> Result<(), String> {
+    config.validate()?;
+    let map_size = config
+        .map_size_mib
+        .map(|m| m << 20)
+        .unwrap_or(MAP_SIZE_DEFAULT);
+    let (storage, incarnation) =
+        Storage::open(&config.data_dir, config.id, map_size).map_err(|e| e.to_string())?;
+    let identity = Identity::load(&config.tls).map_err(|e| e.to_string())?;
+    let mut core_config = ballot_core::Config::new(config.id, incarnation, config.voters());
+    core_config.inflight_max = 16 * 1024;
+    let (protocol, protocol_view): (Box<dyn Protocol>, ComponentView) = match config.core {
+        CoreKind::Wasm => {
+            let runtime = Runtime::new().map_err(|e| e.to_string())?;
+            let mut core = runtime.replica(core_config).map_err(|e| e.to_string())?;
+            let info = core.describe().map_err(|e| e.to_string())?;
+            (Box::new(core), component_view(info))
+        }
+        CoreKind::Native => {
+            let core = ballot_core::Replica::new(core_config, ballot_core::RegisterEnv)?;
+            let info = ballot_core::Replica::<ballot_core::RegisterEnv>::info();
+            (Box::new(core), component_view(info))
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ballot-io")
+        .build()
+        .map_err(|e| format!("starting tokio: {e}"))?;
+    rt.block_on(async move {
+        let metrics = Arc::new(Metrics::new());
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        let peers: Vec<(u32, SocketAddr)> = config.peers.iter().map(|p| (p.id, p.addr)).collect();
+        let transport = Arc::new(Transport::start(
+            config.id,
+            config.peer_addr,
+            &peers,
+            &identity,
+            inbound_tx,
+            metrics.clone(),
+        )?);
+        let core = node::start(
+            protocol,
+            storage,
+            inbound_rx,
+            transport.clone(),
+            metrics.clone(),
+        );
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|e| format!("binding the client address {}: {e}", config.http_addr))?;
+        let view = {
+            let config = config.clone();
+            let transport = transport.clone();
+            let health = core.health.clone();
+            let core_kind = match config.core {
+                CoreKind::Wasm => "wasm",
+                CoreKind::Native => "native",
+            };
+            move || {
+                cluster_view(
+                    &config,
+                    incarnation,
+                    core_kind,
+                    &protocol_view,
+                    &transport,
+                    health.fatal(),
+                )
+            }
+        };
+        let app = App {
+            requests: core.requests.clone(),
+            health: core.health.clone(),
+            metrics,
+            cluster: Arc::new(view),
+        };
+        info!(
+            id = config.id,
+            incarnation,
+            peer = %config.peer_addr,
+            http = %config.http_addr,
+            "replica serving"
+        );
+        axum::serve(listener, api::router(app))
+            .with_graceful_shutdown(shutdown())
+            .await
+            .map_err(|e| format!("serving HTTP: {e}"))?;
+        info!("shutting down");
+        transport.close();
+        Ok(())
+    })
+}
+
+fn component_view(info: ballot_core::Info) -> ComponentView {
+    ComponentView {
+        name: info.name,
+        version: info.version,
+        state_formats: info.state_formats,
+        wire_formats: info.wire_formats,
+    }
+}
+
+fn cluster_view(
+    config: &NodeConfig,
+    incarnation: u64,
+    core: &str,
+    protocol: &ComponentView,
+    transport: &Transport,
+    fatal: Option<String>,
+) -> ClusterView {
+    let mut replicas = vec![ReplicaView {
+        id: config.id,
+        peer: config.peer_addr.to_string(),
+        http: Some(format!("http://{}", config.http_addr)),
+        link: "self".into(),
+        last_error: None,
+    }];
+    for p in &config.peers {
+        let link = transport.links.get(&p.id);
+        let up = link.is_some_and(|l| l.up.load(Ordering::Relaxed));
+        let last_error = if up {
+            None
+        } else {
+            link.and_then(|l| l.last_error.lock().expect("link lock").clone())
+        };
+        replicas.push(ReplicaView {
+            id: p.id,
+            peer: p.addr.to_string(),
+            http: p.http.clone(),
+            link: if up { "up" } else { "down" }.into(),
+            last_error,
+        });
+    }
+    replicas.sort_by_key(|r| r.id);
+    ClusterView {
+        id: config.id,
+        incarnation,
+        healthy: fatal.is_none(),
+        error: fatal,
+        core: core.into(),
+        protocol: protocol.clone(),
+        policy: ComponentView {
+            name: ballot_core::register::NAME.into(),
+            version: ballot_core::register::VERSION.into(),
+            state_formats: Vec::new(),
+            wire_formats: Vec::new(),
+        },
+        replicas,
+    }
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,382 @@
+//! Durable storage: one LMDB environment per replica, through heed.
+//!
+//! Four databases, every value led by a format byte (see `docs/design.md`
+//! for the bytes):
+//! - `meta`: storage format, the replica id the directory belongs to, the
+//!   boot counter (the protocol's incarnation);
+//! - `state`: key -> the protocol component's opaque per-key state;
+//! - `values`: key -> the committed version and value, for scans and
+//!   changelog consumers;
+//! - `changelog`: local sequence number (u64 BE) -> one commit this replica
+//!   learned, in the order it made them durable.
+//!
+//! [`Storage::commit`] writes many readies in one write transaction and one
+//! fsync (LMDB's default durability: `mdb_txn_commit` syncs the data file
+//! before it returns).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ballot_core::Write;
+use heed::types::{Bytes, U64};
+use heed::{byteorder::BigEndian, Database, Env, EnvOpenOptions};
+
+/// Format of every record this module writes. Readers refuse other values.
+pub const STORAGE_FORMAT: u8 = 1;
+/// Default LMDB map size: address space reserved, not disk used.
+pub const MAP_SIZE_DEFAULT: usize = 64 << 30;
+
+const META_FORMAT: &[u8] = b"format";
+const META_REPLICA: &[u8] = b"replica";
+const META_INCARNATION: &[u8] = b"incarnation";
+
+/// A storage failure. After one, the replica stops answering.
+#[derive(Debug)]
+pub struct Error(pub String);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<heed::Error> for Error {
+    fn from(e: heed::Error) -> Self {
+        Error(format!("lmdb: {e}"))
+    }
+}
+
+/// A committed value as stored in `values` and `changelog`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub version: u64,
+    pub value: Option<Vec<u8>>,
+}
+
+/// One changelog entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub seq: u64,
+    pub key: Vec<u8>,
+    pub committed: Committed,
+}
+
+/// What one group commit did.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitStats {
+    pub writes: usize,
+    pub elapsed: Duration,
+}
+
+/// A replica's LMDB environment.
+#[derive(Clone)]
+pub struct Storage {
+    env: Env,
+    meta: Database<Bytes, Bytes>,
+    state: Database<Bytes, Bytes>,
+    values: Database<Bytes, Bytes>,
+    changelog: Database<U64<BigEndian>, Bytes>,
+}
+
+impl Storage {
+    /// Opens (or creates) the store in `dir` for replica `replica`, and
+    /// durably bumps the boot counter. Returns the store and the new
+    /// incarnation. Refuses a directory that belongs to another replica or
+    /// holds a format this build does not read.
+    pub fn open(dir: &Path, replica: u32, map_size: usize) -> Result<(Storage, u64), Error> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error(format!("creating {}: {e}", dir.display())))?;
+        // SAFETY: heed requires that the environment is opened once per
+        // process and that the files are not modified by anything else while
+        // open. The daemon opens its data directory once, at start-up.
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .map_size(map_size)
+                .max_dbs(8)
+                .open(dir)
+                .map_err(|e| Error(format!("opening LMDB in {}: {e}", dir.display())))?
+        };
+        let mut wtxn = env.write_txn()?;
+        let meta: Database<Bytes, Bytes> = env.create_database(&mut wtxn, Some("meta"))?;
+        let state = env.create_database(&mut wtxn, Some("state"))?;
+        let values = env.create_database(&mut wtxn, Some("values"))?;
+        let changelog = env.create_database(&mut wtxn, Some("changelog"))?;
+        match meta.get(&wtxn, META_FORMAT)? {
+            None => meta.put(&mut wtxn, META_FORMAT, &[STORAGE_FORMAT])?,
+            Some([STORAGE_FORMAT]) => {}
+            Some(other) => {
+                return Err(Error(format!(
+                    "{} holds storage format {other:?}; this build reads format {STORAGE_FORMAT}",
+                    dir.display()
+                )))
+            }
+        }
+        match meta.get(&wtxn, META_REPLICA)? {
+            None => meta.put(&mut wtxn, META_REPLICA, &record_u64(replica as u64))?,
+            Some(bytes) => {
+                let owner = read_u64(bytes)?;
+                if owner != replica as u64 {
+                    return Err(Error(format!(
+                        "{} belongs to replica {owner}, not {replica}",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        let incarnation = match meta.get(&wtxn, META_INCARNATION)? {
+            None => 1,
+            Some(bytes) => read_u64(bytes)? + 1,
+        };
+        meta.put(&mut wtxn, META_INCARNATION, &record_u64(incarnation))?;
+        wtxn.commit()?;
+        let storage = Storage {
+            env,
+            meta,
+            state,
+            values,
+            changelog,
+        };
+        Ok((storage, incarnation))
+    }
+
+    /// The persisted protocol state of each key (empty when never touched).
+    pub fn states<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k [u8]>,
+    ) -> Result<Vec<(&'k [u8], Vec<u8>)>, Error> {
+        let rtxn = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for key in keys {
+            let state = self.state.get(&rtxn, key)?.map(<[u8]>::to_vec);
+            out.push((key, state.unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
+    /// Makes every write durable in one transaction and one fsync.
+    pub fn commit<'w>(
+        &self,
+        writes: impl Iterator<Item = &'w Write>,
+    ) -> Result<CommitStats, Error> {
+        let started = Instant::now();
+        let mut wtxn = self.env.write_txn()?;
+        let mut seq = match self.changelog.last(&wtxn)? {
+            Some((last, _)) => last + 1,
+            None => 1,
+        };
+        let mut count = 0;
+        let mut record = Vec::new();
+        for w in writes {
+            count += 1;
+            self.state.put(&mut wtxn, &w.key, &w.state)?;
+            if let Some(commit) = &w.commit {
+                record.clear();
+                encode_committed(&mut record, commit.version, commit.value.as_deref());
+                self.values.put(&mut wtxn, &w.key, &record)?;
+                record.extend_from_slice(&(w.key.len() as u32).to_be_bytes());
+                record.extend_from_slice(&w.key);
+                self.changelog.put(&mut wtxn, &seq, &record)?;
+                seq += 1;
+            }
+        }
+        wtxn.commit()?;
+        Ok(CommitStats {
+            writes: count,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// The committed value of `key` as this replica last learned it.
+    pub fn committed(&self, key: &[u8]) -> Result<Option<Committed>, Error> {
+        let rtxn = self.env.read_txn()?;
+        match self.values.get(&rtxn, key)? {
+            None => Ok(None),
+            Some(bytes) => decode_committed(bytes).map(|(c, _)| Some(c)),
+        }
+    }
+
+    /// Changelog entries from `from` on, at most `limit`.
+    pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<Change>, Error> {
+        let rtxn = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for entry in self.changelog.range(&rtxn, &(from..))?.take(limit) {
+            let (seq, bytes) = entry?;
+            let (committed, rest) = decode_committed(bytes)?;
+            let key = match rest {
+                [a, b, c, d, key @ ..]
+                    if u32::from_be_bytes([*a, *b, *c, *d]) as usize == key.len() =>
+                {
+                    key
+                }
+                _ => return Err(Error(format!("changelog entry {seq} is malformed"))),
+            };
+            out.push(Change {
+                seq,
+                key: key.to_vec(),
+                committed,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The boot counter as persisted.
+    pub fn incarnation(&self) -> Result<u64, Error> {
+        let rtxn = self.env.read_txn()?;
+        match self.meta.get(&rtxn, META_INCARNATION)? {
+            Some(bytes) => read_u64(bytes),
+            None => Err(Error("no incarnation recorded".into())),
+        }
+    }
+}
+
+/// `[format][version u64 BE][present u8][value]`.
+fn encode_committed(out: &mut Vec<u8>, version: u64, value: Option<&[u8]>) {
+    out.push(STORAGE_FORMAT);
+    out.extend_from_slice(&version.to_be_bytes());
+    match value {
+        Some(v) => {
+            out.push(1);
+            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            out.extend_from_slice(v);
+        }
+        None => out.push(0),
+    }
+}
+
+fn decode_committed(bytes: &[u8]) -> Result<(Committed, &[u8]), Error> {
+    let bad = || Error("a committed-value record is malformed".to_string());
+    let [STORAGE_FORMAT, rest @ ..] = bytes else {
+        return Err(Error(format!(
+            "a committed-value record has format {:?}; this build reads {STORAGE_FORMAT}",
+            bytes.first()
+        )));
+    };
+    if rest.len() < 9 {
+        return Err(bad());
+    }
+    let version = u64::from_be_bytes(rest[..8].try_into().map_err(|_| bad())?);
+    match rest[8] {
+        0 => Ok((
+            Committed {
+                version,
+                value: None,
+            },
+            &rest[9..],
+        )),
+        1 if rest.len() >= 13 => {
+            let len = u32::from_be_bytes(rest[9..13].try_into().map_err(|_| bad())?) as usize;
+            let body = &rest[13..];
+            if body.len() < len {
+                return Err(bad());
+            }
+            let value = Some(body[..len].to_vec());
+            Ok((Committed { version, value }, &body[len..]))
+        }
+        _ => Err(bad()),
+    }
+}
+
+fn record_u64(v: u64) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = STORAGE_FORMAT;
+    out[1..].copy_from_slice(&v.to_be_bytes());
+    out
+}
+
+fn read_u64(bytes: &[u8]) -> Result<u64, Error> {
+    match bytes {
+        [STORAGE_FORMAT, rest @ ..] if rest.len() == 8 => {
+            Ok(u64::from_be_bytes(rest.try_into().expect("8 bytes")))
+        }
+        _ => Err(Error(format!("a meta record is malformed: {bytes:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballot_core::Commit;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ballot-storage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn writes_survive_reopen_and_the_boot_counter_grows() {
+        let dir = tmp("reopen");
+        {
+            let (s, inc) = Storage::open(&dir, 3, 1 << 26).unwrap();
+            assert_eq!(inc, 1);
+            let writes = [
+                Write {
+                    key: b"a".to_vec(),
+                    state: vec![1, 2],
+                    commit: Some(Commit {
+                        version: 1,
+                        value: Some(b"x".to_vec()),
+                    }),
+                },
+                Write {
+                    key: b"b".to_vec(),
+                    state: vec![3],
+                    commit: None,
+                },
+                Write {
+                    key: b"a".to_vec(),
+                    state: vec![4],
+                    commit: Some(Commit {
+                        version: 2,
+                        value: None,
+                    }),
+                },
+            ];
+            let stats = s.commit(writes.iter()).unwrap();
+            assert_eq!(stats.writes, 3);
+        }
+        let (s, inc) = Storage::open(&dir, 3, 1 << 26).unwrap();
+        assert_eq!(inc, 2);
+        assert_eq!(s.incarnation().unwrap(), 2);
+        let keys: [&[u8]; 3] = [b"a", b"b", b"c"];
+        let states = s.states(keys.into_iter()).unwrap();
+        assert_eq!(states[0].1, vec![4]);
+        assert_eq!(states[1].1, vec![3]);
+        assert!(states[2].1.is_empty());
+        assert_eq!(
+            s.committed(b"a").unwrap(),
+            Some(Committed {
+                version: 2,
+                value: None
+            })
+        );
+        assert_eq!(s.committed(b"b").unwrap(), None);
+        let log = s.changes(1, 10).unwrap();
+        assert_eq!(log.len(), 2);
+        assert_eq!(
+            (log[0].seq, &log[0].key[..], log[0].committed.version),
+            (1, &b"a"[..], 1)
+        );
+        assert_eq!(log[0].committed.value.as_deref(), Some(&b"x"[..]));
+        assert_eq!((log[1].seq, log[1].committed.version), (2, 2));
+        drop(s);
+        // Another replica's directory is refused.
+        let err = Storage::open(&dir, 4, 1 << 26).err().unwrap();
+        assert!(err.0.contains("belongs to replica 3"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn record_bytes_are_fixed() {
+        let mut out = Vec::new();
+        encode_committed(&mut out, 2, Some(b"hi"));
+        assert_eq!(out, [1, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 2, b'h', b'i']);
+        out.clear();
+        encode_committed(&mut out, 7, None);
+        assert_eq!(out, [1, 0, 0, 0, 0, 0, 0, 0, 7, 0]);
+        assert_eq!(record_u64(5), [1, 0, 0, 0, 0, 0, 0, 0, 5]);
+    }
+}

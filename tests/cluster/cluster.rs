@@ -1,0 +1,723 @@
+//! Multi-process tests: real `ballot serve` processes, QUIC with mutual TLS
+//! on loopback, LMDB files in a temporary directory, the embedded wasm
+//! components. Every test starts its own cluster on free ports and stops it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ballot::client::{Client, Precondition, Response};
+use ballot::dev::DevCluster;
+use ballot::server::{CoreKind, NodeConfig};
+use ballot_sim::check::{self, Input, Output};
+use bytes::Bytes;
+use hyper::StatusCode;
+
+const READY: Duration = Duration::from_secs(90);
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ballot"))
+}
+
+/// A fresh directory, removed when the test passes and kept (and named)
+/// when it fails.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir =
+            std::env::temp_dir().join(format!("ballot-{name}-{}-{nanos}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("cluster files kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn start(dir: &Path, n: u32) -> DevCluster {
+    let mut cluster = DevCluster::prepare(dir, n, 0, 0, CoreKind::Wasm, binary()).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_all_ready(READY).await.unwrap();
+    cluster
+}
+
+fn client(cluster: &DevCluster, id: u32) -> Client {
+    cluster.nodes[id as usize - 1].client()
+}
+
+fn clients(cluster: &DevCluster) -> Vec<Client> {
+    cluster.nodes.iter().map(|n| n.client()).collect()
+}
+
+async fn put(c: &Client, key: &str, value: &str) -> Response {
+    c.put(key, Bytes::from(value.to_string()), Precondition::None)
+        .await
+        .unwrap()
+}
+
+async fn expect_value(c: &Client, key: &str, local: bool, value: &str, version: u64) {
+    let r = c.get(key, local).await.unwrap();
+    assert_eq!(
+        (r.status, &r.body[..], r.version),
+        (StatusCode::OK, value.as_bytes(), Some(version)),
+        "{} get {key} (local: {local}): {}",
+        c.endpoint(),
+        r.error_message()
+    );
+}
+
+async fn metric(c: &Client, line_prefix: &str) -> f64 {
+    let r = c
+        .request(hyper::Method::GET, "/metrics", &[], Bytes::new())
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .filter(|l| l.starts_with(line_prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Records a history of register operations, per key, for the checker.
+#[derive(Clone, Default)]
+struct History {
+    origin: Arc<Mutex<Option<Instant>>>,
+    ops: Arc<Mutex<HashMap<String, Vec<check::Op>>>>,
+}
+
+impl History {
+    fn now(&self) -> u64 {
+        let mut origin = self.origin.lock().unwrap();
+        origin.get_or_insert_with(Instant::now).elapsed().as_nanos() as u64
+    }
+
+    /// Runs one operation through `c` and records it.
+    async fn run(&self, c: &Client, key: &str, input: Input) -> Output {
+        let call = self.now();
+        let text = |v: &[u8]| Bytes::from(v.to_vec());
+        let result = match &input {
+            Input::Read => c.get(key, false).await,
+            Input::Put(v) => c.put(key, text(v), Precondition::None).await,
+            Input::Create(v) => c.put(key, text(v), Precondition::Absent).await,
+            Input::Cas(version, v) => c.put(key, text(v), Precondition::Version(*version)).await,
+            Input::Delete => c.delete(key, Precondition::None).await,
+        };
+        let output = match result {
+            // The request never reached the replica: it did not happen.
+            Err(e) if e.contains("client error (Connect)") => None,
+            Err(_) if input == Input::Read => None,
+            Err(_) => Some(Output::Unknown),
+            Ok(r) => output_of(&input, &r),
+        };
+        let Some(output) = output else {
+            // Do not spin through the workload against a dead replica.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Output::Unknown;
+        };
+        let ret = (output != Output::Unknown).then(|| self.now());
+        self.ops
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default()
+            .push(check::Op {
+                input,
+                output: output.clone(),
+                call,
+                ret,
+            });
+        output
+    }
+
+    fn check(&self) {
+        let ops = self.ops.lock().unwrap();
+        for (key, ops) in ops.iter() {
+            if let Err(e) = check::check(ops) {
+                panic!("key {key}: {e}");
+            }
+        }
+    }
+
+    fn count(&self) -> (usize, usize) {
+        let ops = self.ops.lock().unwrap();
+        let all: Vec<&check::Op> = ops.values().flatten().collect();
+        let known = all.iter().filter(|o| o.output != Output::Unknown).count();
+        (all.len(), known)
+    }
+}
+
+/// Maps an HTTP answer to what the register model would have said; `None`
+/// for an operation that certainly had no effect (a failed read, a write
+/// refused before it reached any acceptor).
+fn output_of(input: &Input, r: &Response) -> Option<Output> {
+    let version = r.version.unwrap_or(0);
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    Some(match (input, r.status) {
+        (Input::Read, StatusCode::OK) => Output::Done(Some(r.body.to_vec()), version),
+        (Input::Read | Input::Delete, StatusCode::NOT_FOUND) => Output::Done(None, version),
+        (Input::Delete, StatusCode::NO_CONTENT) => Output::Done(None, version),
+        (
+            Input::Put(v) | Input::Create(v) | Input::Cas(_, v),
+            StatusCode::OK | StatusCode::CREATED,
+        ) => Output::Done(Some(v.clone()), version),
+        (_, StatusCode::PRECONDITION_FAILED) => {
+            let current = &body["error"]["current"];
+            let value = current["value"].as_str().map(|s| s.as_bytes().to_vec());
+            Output::Rejected(
+                body["error"]["code"].as_str().unwrap().to_string(),
+                value,
+                current["version"].as_u64().unwrap(),
+            )
+        }
+        (Input::Read, _) => return None,
+        _ if body["error"]["maybe_applied"] == false => return None,
+        // 503 and the like: the write may or may not have happened.
+        _ => Output::Unknown,
+    })
+}
+
+/// A small deterministic generator for client workloads.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// `clients` concurrent clients, spread over the replicas, each running
+/// `ops` random register operations on `keys` hot keys.
+async fn concurrent_history(replicas: Vec<Client>, clients: u64, ops: u64, keys: u64) -> History {
+    let history = History::default();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let client = replicas[(c as usize) % replicas.len()].clone();
+        let history = history.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Lcg(c * 7919 + 13);
+            for i in 0..ops {
+                let key = format!("hot-{}", rng.next(keys));
+                let value = format!("c{c}-{i}").into_bytes();
+                let input = match rng.next(10) {
+                    0..=2 => Input::Read,
+                    3..=4 => Input::Put(value),
+                    5 => Input::Create(value),
+                    6 => Input::Delete,
+                    _ => {
+                        // Read-modify-write: cas on the version just read.
+                        match history.run(&client, &key, Input::Read).await {
+                            Output::Done(_, v) => Input::Cas(v, value),
+                            _ => Input::Read,
+                        }
+                    }
+                };
+                history.run(&client, &key, input).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    history
+}
+
+#[test]
+fn writes_through_any_replica_read_back_linearizably_through_every_other() {
+    let scratch = Scratch::new("linearizable");
+    runtime().block_on(async {
+        let cluster = start(&scratch.0, 3).await;
+        for i in 0..9u32 {
+            let writer = client(&cluster, i % 3 + 1);
+            let key = format!("k{i}");
+            let r = put(&writer, &key, &format!("v{i}")).await;
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+            for reader in 1..=3 {
+                expect_value(&client(&cluster, reader), &key, false, &format!("v{i}"), 1).await;
+            }
+        }
+        // An overwrite through one replica is seen at once through the others.
+        let r = put(&client(&cluster, 2), "k0", "v0b").await;
+        assert_eq!((r.status, r.version), (StatusCode::OK, Some(2)));
+        expect_value(&client(&cluster, 1), "k0", false, "v0b", 2).await;
+        expect_value(&client(&cluster, 3), "k0", false, "v0b", 2).await;
+
+        // Concurrent clients on every replica, on two hot keys: the whole
+        // history must be linearizable.
+        let history = concurrent_history(clients(&cluster), 6, 40, 2).await;
+        let (total, known) = history.count();
+        assert!(
+            known * 10 >= total * 9,
+            "too many unknown outcomes: {known} of {total}"
+        );
+        history.check();
+    });
+}
+
+#[test]
+fn a_crashed_replica_is_not_needed_and_learns_what_it_missed() {
+    let scratch = Scratch::new("crash");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let r = put(&client(&cluster, 3), "before", "x").await;
+        assert!(r.status.is_success());
+        cluster.kill(3);
+        // Writes keep succeeding through the two survivors.
+        for i in 0..12u32 {
+            let c = client(&cluster, i % 2 + 1);
+            let r = put(&c, &format!("missed-{i}"), &format!("m{i}")).await;
+            assert_eq!(
+                r.status,
+                StatusCode::CREATED,
+                "write {i} through {}: {}",
+                c.endpoint(),
+                r.error_message()
+            );
+        }
+        let r = put(&client(&cluster, 1), "before", "y").await;
+        assert_eq!((r.status, r.version), (StatusCode::OK, Some(2)));
+
+        cluster.start(3).unwrap();
+        cluster.wait_ready(3, READY).await.unwrap();
+        let restarted = client(&cluster, 3);
+        assert_eq!(restarted.cluster().await.unwrap().incarnation, 2);
+        for i in 0..12u32 {
+            let key = format!("missed-{i}");
+            let value = format!("m{i}");
+            expect_value(&restarted, &key, false, &value, 1).await;
+            // The linearizable read taught the restarted replica the value.
+            expect_value(&restarted, &key, true, &value, 1).await;
+        }
+        expect_value(&restarted, "before", false, "y", 2).await;
+        expect_value(&restarted, "before", true, "y", 2).await;
+        // And it takes part in writes again.
+        let r = put(&restarted, "after", "z").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+    });
+}
+
+#[test]
+fn histories_stay_linearizable_while_a_replica_crashes_and_restarts() {
+    let scratch = Scratch::new("crash-under-load");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let load = tokio::spawn(concurrent_history(clients(&cluster), 6, 60, 3));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.kill(2);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        cluster.start(2).unwrap();
+        cluster.wait_ready(2, READY).await.unwrap();
+        let history = load.await.unwrap();
+        let (total, known) = history.count();
+        eprintln!("{total} operations recorded, {known} with a known outcome");
+        assert!(total >= 200, "the load stalled: {total} operations");
+        assert!(
+            known * 2 >= total,
+            "too many unknown outcomes: {known} of {total}"
+        );
+        history.check();
+    });
+}
+
+#[test]
+fn every_acknowledged_write_survives_restarting_all_replicas() {
+    let scratch = Scratch::new("restart-all");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let acked: Arc<Mutex<HashMap<String, (String, u64)>>> = Arc::default();
+        let mut tasks = Vec::new();
+        for w in 0..6u32 {
+            let c = client(&cluster, w % 3 + 1);
+            let acked = acked.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..25u32 {
+                    // Own keys, and one key every writer overwrites.
+                    for key in [format!("w{w}-{}", i % 5), "shared".to_string()] {
+                        let value = format!("w{w}-i{i}");
+                        let r = put(&c, &key, &value).await;
+                        assert!(r.status.is_success(), "{}", r.error_message());
+                        let version = r.version.unwrap();
+                        let mut acked = acked.lock().unwrap();
+                        let e = acked.entry(key).or_insert((String::new(), 0));
+                        if version > e.1 {
+                            *e = (value, version);
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Crash every replica at once, then bring them all back.
+        for id in 1..=3 {
+            cluster.kill(id);
+        }
+        cluster.start_all().unwrap();
+        cluster.wait_all_ready(READY).await.unwrap();
+        let acked = acked.lock().unwrap().clone();
+        assert_eq!(acked.len(), 31);
+        for (i, (key, (value, version))) in acked.iter().enumerate() {
+            let c = client(&cluster, i as u32 % 3 + 1);
+            expect_value(&c, key, false, value, *version).await;
+        }
+    });
+}
+
+/// Replaces replica 3's TLS files in its configuration.
+fn set_tls(cluster: &mut DevCluster, id: u32, ca: &Path, cert: &Path, key: &Path) {
+    let node = &mut cluster.nodes[id as usize - 1];
+    let mut config: NodeConfig = NodeConfig::load(&node.config_path).unwrap();
+    config.tls.ca = ca.to_path_buf();
+    config.tls.cert = cert.to_path_buf();
+    config.tls.key = key.to_path_buf();
+    std::fs::write(&node.config_path, toml::to_string(&config).unwrap()).unwrap();
+}
+
+async fn wait_for_metric(c: &Client, prefix: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = metric(c, prefix).await;
+        if v > 0.0 || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn peers_without_a_valid_certificate_are_refused() {
+    use ballot::tls;
+    let scratch = Scratch::new("certs");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let certs = cluster.dir.join("certs");
+        let (ca, cert3, key3) = (
+            tls::ca_cert_path(&certs),
+            tls::node_cert_path(&certs, 3),
+            tls::node_key_path(&certs, 3),
+        );
+
+        // Replica 3 comes back with a certificate from another CA.
+        cluster.stop(3, Duration::from_secs(5));
+        let rogue = cluster.dir.join("rogue");
+        tls::init_ca(&rogue, "rogue").unwrap();
+        tls::issue_node(&rogue, 3).unwrap();
+        set_tls(
+            &mut cluster,
+            3,
+            &tls::ca_cert_path(&rogue),
+            &tls::node_cert_path(&rogue, 3),
+            &tls::node_key_path(&rogue, 3),
+        );
+        cluster.start(3).unwrap();
+        cluster.wait_ready(3, READY).await.unwrap();
+        let one = client(&cluster, 1);
+        let refused =
+            wait_for_metric(&one, "ballot_peer_refused_total{reason=\"handshake\"}").await;
+        assert!(
+            refused > 0.0,
+            "replica 1 did not refuse the foreign certificate"
+        );
+        let log = std::fs::read_to_string(cluster.log_path(1)).unwrap();
+        assert!(
+            log.contains("refused a peer connection"),
+            "replica 1 did not log the refusal"
+        );
+        // The cluster serves without it; the impostor reaches no quorum.
+        let r = put(&one, "k", "v").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+        let r = put(&client(&cluster, 3), "k2", "v").await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            r.error_message()
+        );
+        let view = one.cluster().await.unwrap();
+        assert_eq!(view.replicas[2].link, "down");
+
+        // A certificate from the right CA that names another replica.
+        cluster.stop(3, Duration::from_secs(5));
+        set_tls(
+            &mut cluster,
+            3,
+            &ca,
+            &tls::node_cert_path(&certs, 2),
+            &tls::node_key_path(&certs, 2),
+        );
+        cluster.start(3).unwrap();
+        cluster.wait_ready(3, READY).await.unwrap();
+        let refused = wait_for_metric(&one, "ballot_peer_refused_total{reason=\"identity\"}").await;
+        assert!(
+            refused > 0.0,
+            "replica 1 accepted replica 2's certificate from replica 3"
+        );
+
+        // With its own certificate back, replica 3 rejoins.
+        cluster.stop(3, Duration::from_secs(5));
+        set_tls(&mut cluster, 3, &ca, &cert3, &key3);
+        cluster.start(3).unwrap();
+        cluster.wait_ready(3, READY).await.unwrap();
+        let r = put(&client(&cluster, 3), "k3", "v").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+        expect_value(&client(&cluster, 3), "k", false, "v", 1).await;
+    });
+}
+
+/// Opens a replica link to `addr` as replica `as_id` and sends `frames` raw.
+async fn send_raw_frames(
+    dir: &Path,
+    as_id: u32,
+    to: u32,
+    addr: std::net::SocketAddr,
+    frames: &[u8],
+) {
+    use ballot::tls::{self, Identity, TlsFiles};
+    let certs = dir.join("certs");
+    let identity = Identity::load(&TlsFiles {
+        ca: tls::ca_cert_path(&certs),
+        cert: tls::node_cert_path(&certs, as_id),
+        key: tls::node_key_path(&certs, as_id),
+    })
+    .unwrap();
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(identity.client_config().unwrap())
+            .unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint
+        .connect(addr, &tls::node_name(to))
+        .unwrap()
+        .await
+        .unwrap();
+    let mut stream = connection.open_uni().await.unwrap();
+    stream.write_all(frames).await.unwrap();
+    let _ = stream.finish();
+    // The replica closes the connection when it reads the bad frame.
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed()).await;
+    assert!(
+        closed.is_ok(),
+        "the replica kept a connection that sent a malformed frame"
+    );
+    endpoint.close(0u32.into(), b"");
+}
+
+#[test]
+fn malformed_requests_and_frames_get_clear_errors_and_the_daemon_stays_up() {
+    let scratch = Scratch::new("malformed");
+    runtime().block_on(async {
+        let cluster = start(&scratch.0, 3).await;
+        let c = client(&cluster, 1);
+        let call =
+            |method: &str, path: &str, headers: Vec<(&'static str, String)>, body: Vec<u8>| {
+                let c = c.clone();
+                let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
+                let path = path.to_string();
+                async move {
+                    c.request(method, &path, &headers, Bytes::from(body))
+                        .await
+                        .unwrap()
+                }
+            };
+        let cases: Vec<(Response, StatusCode, &str)> = vec![
+            (
+                call("PUT", "/v1/kv/big", vec![], vec![b'x'; (1 << 20) + 1]).await,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+            ),
+            (
+                call(
+                    "PUT",
+                    "/v1/kv/a",
+                    vec![("if-match", "three".into())],
+                    b"v".to_vec(),
+                )
+                .await,
+                StatusCode::BAD_REQUEST,
+                "bad-precondition",
+            ),
+            (
+                call(
+                    "PUT",
+                    "/v1/kv/a",
+                    vec![("if-none-match", "\"1\"".into())],
+                    b"v".to_vec(),
+                )
+                .await,
+                StatusCode::BAD_REQUEST,
+                "bad-precondition",
+            ),
+            (
+                call(
+                    "PUT",
+                    "/v1/kv/a",
+                    vec![("if-match", "\"1\"".into()), ("if-none-match", "*".into())],
+                    b"v".to_vec(),
+                )
+                .await,
+                StatusCode::BAD_REQUEST,
+                "bad-precondition",
+            ),
+            (
+                call("GET", "/v1/kv/a?consistency=eventual", vec![], vec![]).await,
+                StatusCode::BAD_REQUEST,
+                "bad-parameter",
+            ),
+            (
+                call(
+                    "GET",
+                    &format!("/v1/kv/{}", "k".repeat(512)),
+                    vec![],
+                    vec![],
+                )
+                .await,
+                StatusCode::BAD_REQUEST,
+                "bad-key",
+            ),
+            (
+                call("GET", "/v1/kv/%FF%FE", vec![], vec![]).await,
+                StatusCode::BAD_REQUEST,
+                "bad-key",
+            ),
+            (
+                call("GET", "/v1/nothing", vec![], vec![]).await,
+                StatusCode::NOT_FOUND,
+                "not-found",
+            ),
+            (
+                call("GET", "/v1/kv/absent", vec![], vec![]).await,
+                StatusCode::NOT_FOUND,
+                "not-found",
+            ),
+        ];
+        for (i, (r, status, code)) in cases.iter().enumerate() {
+            assert_eq!(
+                (r.status, r.error_code().as_deref()),
+                (*status, Some(*code)),
+                "case {i}: {:?}",
+                r.body
+            );
+        }
+        // A peer with a valid certificate that sends garbage is disconnected.
+        let addr = cluster.nodes[0].config.peer_addr;
+        let mut hello = vec![0, 0, 0, 6, 1, 1];
+        hello.extend_from_slice(&2u32.to_be_bytes());
+        let mut bad_format = hello.clone();
+        bad_format.extend_from_slice(&[0, 0, 0, 3, 9, 2, 0]);
+        send_raw_frames(&cluster.dir, 2, 1, addr, &bad_format).await;
+        let mut bad_body = hello.clone();
+        bad_body.extend_from_slice(&[0, 0, 0, 6, 1, 2, 0, 0, 0, 9]);
+        send_raw_frames(&cluster.dir, 2, 1, addr, &bad_body).await;
+        let mut oversized = hello;
+        oversized.extend_from_slice(&u32::MAX.to_be_bytes());
+        send_raw_frames(&cluster.dir, 2, 1, addr, &oversized).await;
+        let malformed = metric(&c, "ballot_peer_refused_total{reason=\"malformed\"}").await;
+        assert_eq!(malformed, 3.0);
+        // Still up, still serving, nothing lost.
+        assert!(c.healthy().await);
+        let r = put(&c, "after", "ok").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+        expect_value(&client(&cluster, 2), "after", false, "ok", 1).await;
+    });
+}
+
+#[test]
+fn ballot_dev_starts_a_cluster_and_stops_it_on_ctrl_c() {
+    use std::io::BufRead;
+    let scratch = Scratch::new("dev");
+    let dir = scratch.0.join("cluster");
+    let mut dev = std::process::Command::new(binary())
+        .args([
+            "dev",
+            "--nodes",
+            "3",
+            "--http-port",
+            "0",
+            "--peer-port",
+            "0",
+            "--dir",
+        ])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(dev.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("cluster:");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    for (i, line) in lines[..3].iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("node {}: http://127.0.0.1:", i + 1)),
+            "{line}"
+        );
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
+    let nodes = manifest["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| n["http"].as_str().unwrap().to_string())
+        .collect();
+    let pids: Vec<i32> = nodes
+        .iter()
+        .map(|n| n["pid"].as_i64().unwrap() as i32)
+        .collect();
+    runtime().block_on(async {
+        let r = put(&Client::new(&urls[0]), "hello", "world").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+        expect_value(&Client::new(&urls[2]), "hello", false, "world", 1).await;
+    });
+    // Ctrl-C.
+    unsafe {
+        libc::kill(dev.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = dev.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "ballot dev did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    for pid in pids {
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "replica process {pid} outlived ballot dev");
+    }
+    assert!(!dir.join("cluster.json").exists());
+}
