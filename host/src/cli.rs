@@ -287,10 +287,7 @@ pub fn main() -> ExitCode {
             init_logging(args.log_format);
             match args.config().and_then(crate::server::serve) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    fail(e)
-                }
+                Err(e) => fail(e),
             }
         }
         Cmd::Dev(args) => dev(args),

@@ -389,6 +389,58 @@ fn every_acknowledged_write_survives_restarting_all_replicas() {
     });
 }
 
+#[test]
+fn a_storage_failure_stops_the_replica_answering_and_the_others_carry_on() {
+    let scratch = Scratch::new("storage-failure");
+    runtime().block_on(async {
+        let mut cluster =
+            DevCluster::prepare(&scratch.0, 3, 0, 0, CoreKind::Wasm, binary()).unwrap();
+        // Replica 3 gets an LMDB map of 1 MiB: it fills after a few writes.
+        let node = &mut cluster.nodes[2];
+        node.config.map_size_mib = Some(1);
+        std::fs::write(&node.config_path, toml::to_string(&node.config).unwrap()).unwrap();
+        cluster.start_all().unwrap();
+        cluster.wait_all_ready(READY).await.unwrap();
+        let three = client(&cluster, 3);
+        let value = "v".repeat(100_000);
+        let mut acked = Vec::new();
+        for i in 0..40 {
+            let key = format!("big-{i}");
+            let r = put(&client(&cluster, i % 2 + 1), &key, &value).await;
+            assert!(r.status.is_success(), "write {i}: {}", r.error_message());
+            acked.push(key);
+            if !three.healthy().await {
+                break;
+            }
+        }
+        // Replica 3 stopped answering, saying why, instead of guessing.
+        let r = three
+            .request(hyper::Method::GET, "/healthz", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replica 3 never failed its writes"
+        );
+        assert!(
+            r.error_message().contains("storage write failed"),
+            "{}",
+            r.error_message()
+        );
+        let r = three.get("big-0", false).await.unwrap();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.error_code().as_deref(), Some("replica-stopped"));
+        // The process is still up, and the other two keep serving everything.
+        assert!(cluster.exited().is_none());
+        for key in &acked {
+            expect_value(&client(&cluster, 1), key, false, &value, 1).await;
+        }
+        let r = put(&client(&cluster, 2), "after", "ok").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+    });
+}
+
 /// Replaces replica 3's TLS files in its configuration.
 fn set_tls(cluster: &mut DevCluster, id: u32, ca: &Path, cert: &Path, key: &Path) {
     let node = &mut cluster.nodes[id as usize - 1];
