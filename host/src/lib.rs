@@ -6,6 +6,7 @@
 //! component does (see `ballot-core` and `wit/ballot.wit`).
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod dev;

@@ -773,3 +773,50 @@ fn ballot_dev_starts_a_cluster_and_stops_it_on_ctrl_c() {
     }
     assert!(!dir.join("cluster.json").exists());
 }
+
+#[test]
+fn ballot_bench_measures_local_clusters_and_writes_json_and_svg() {
+    let scratch = Scratch::new("bench");
+    let json = scratch.0.join("bench.json");
+    let svg = scratch.0.join("bench.svg");
+    let output = std::process::Command::new(binary())
+        .args([
+            "bench",
+            "--workloads",
+            "create,cas",
+            "--clients",
+            "1,4",
+            "--secs",
+            "0.5",
+        ])
+        .args(["--core", "wasm,native", "--dir"])
+        .arg(scratch.0.join("clusters"))
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("ballot-wasm/ballot-native"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let points = report["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2 * 2 * 2);
+    for p in points {
+        assert!(p["ops"].as_u64().unwrap() > 0, "{p}");
+        assert_eq!(p["errors"].as_u64(), Some(0), "{p}");
+        assert!(
+            p["breakdown"]["guest_us_per_op"].as_f64().unwrap() > 0.0,
+            "{p}"
+        );
+    }
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("create: throughput"));
+    // The clusters it started are gone with their directory.
+    assert!(!scratch.0.join("clusters").exists());
+}
