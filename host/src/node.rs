@@ -215,8 +215,9 @@ struct Driver {
     /// Newest state of keys whose last write is not durable yet, with the
     /// ready that wrote it.
     pending: HashMap<Vec<u8>, (u64, Vec<u8>)>,
-    /// Readies stepped and not released, in order.
-    unreleased: VecDeque<u64>,
+    /// Readies stepped and not released, in order, with their early
+    /// actions until those are applied.
+    unreleased: VecDeque<(u64, Option<Actions>)>,
     clients: HashMap<u64, Client>,
     timers: BinaryHeap<Reverse<(u64, u64, Vec<u8>)>>,
     next_request: u64,
@@ -432,7 +433,7 @@ impl Driver {
         let events = batch.requests.len() + batch.messages.len() + batch.timers.len();
         self.metrics.step_events.observe(events as f64);
         let started = Instant::now();
-        let ready = match self.protocol.step(batch) {
+        let mut ready = match self.protocol.step(batch) {
             Ok(r) => r,
             Err(e) => {
                 return self
@@ -446,12 +447,18 @@ impl Driver {
                 .insert(w.key.clone(), (ready.id, w.state.clone()));
         }
         let id = ready.id;
-        if ready.persist.is_empty() && self.unreleased.is_empty() {
+        let early = std::mem::take(&mut ready.early);
+        if self.unreleased.is_empty() {
+            // Every earlier ready is durable: the early actions go now.
+            self.dispatch(early);
+            self.unreleased.push_back((id, None));
+        } else {
+            self.unreleased.push_back((id, Some(early)));
+        }
+        if ready.persist.is_empty() && self.unreleased.len() == 1 {
             // Nothing to make durable and nothing before it: release now.
-            self.unreleased.push_back(id);
             return self.on_durable(Ok(id));
         }
-        self.unreleased.push_back(id);
         if self.ready_tx.send(ready).is_err() {
             self.health.stop("the writer thread ended".into());
         }
@@ -470,11 +477,13 @@ impl Driver {
             Err(e) => return self.health.stop(e),
         };
         self.pending.retain(|_, (id, _)| *id > upto);
-        while let Some(&id) = self.unreleased.front() {
+        while let Some(&(id, _)) = self.unreleased.front() {
             if id > upto {
                 break;
             }
-            self.unreleased.pop_front();
+            if let Some((_, Some(early))) = self.unreleased.pop_front() {
+                self.dispatch(early);
+            }
             let started = Instant::now();
             let actions = match self.protocol.release(id) {
                 Ok(a) => a,
@@ -486,6 +495,13 @@ impl Driver {
             };
             self.observe_guest("release", started);
             self.dispatch(actions);
+        }
+        // The next ready's early actions may go once everything before it
+        // is durable.
+        if let Some((_, early)) = self.unreleased.front_mut() {
+            if let Some(early) = early.take() {
+                self.dispatch(early);
+            }
         }
     }
 

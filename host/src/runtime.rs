@@ -332,6 +332,7 @@ impl WasmCore {
             .call_step(&mut self.store, &batch)
             .map_err(|e| err("step", e))?;
         Ok(core::Ready {
+            early: actions(ready.early),
             id: ready.id,
             persist: ready
                 .persist
@@ -356,41 +357,45 @@ impl WasmCore {
             .ballot_core_replica()
             .call_release(&mut self.store, id)
             .map_err(|e| err("release", e))?;
-        Ok(core::Actions {
-            send: a
-                .send
-                .into_iter()
-                .map(|o| core::Outbound {
-                    to: o.to,
-                    key: o.key,
-                    payload: o.payload,
-                })
-                .collect(),
-            complete: a
-                .complete
-                .into_iter()
-                .map(|c| core::Completion {
-                    id: c.id,
-                    outcome: outcome(c.outcome),
-                    trace: core::Trace {
-                        changed: c.trace.changed,
-                        prior_absent: c.trace.prior_absent,
-                        fast: c.trace.fast,
-                        attempts: c.trace.attempts,
-                        prepares: c.trace.prepares,
-                    },
-                })
-                .collect(),
-            timers: a
-                .timers
-                .into_iter()
-                .map(|t| core::Timer {
-                    key: t.key,
-                    token: t.token,
-                    at_ms: t.at_ms,
-                })
-                .collect(),
-        })
+        Ok(actions(a))
+    }
+}
+
+fn actions(a: wit::Actions) -> core::Actions {
+    core::Actions {
+        send: a
+            .send
+            .into_iter()
+            .map(|o| core::Outbound {
+                to: o.to,
+                key: o.key,
+                payload: o.payload,
+            })
+            .collect(),
+        complete: a
+            .complete
+            .into_iter()
+            .map(|c| core::Completion {
+                id: c.id,
+                outcome: outcome(c.outcome),
+                trace: core::Trace {
+                    changed: c.trace.changed,
+                    prior_absent: c.trace.prior_absent,
+                    fast: c.trace.fast,
+                    attempts: c.trace.attempts,
+                    prepares: c.trace.prepares,
+                },
+            })
+            .collect(),
+        timers: a
+            .timers
+            .into_iter()
+            .map(|t| core::Timer {
+                key: t.key,
+                token: t.token,
+                at_ms: t.at_ms,
+            })
+            .collect(),
     }
 }
 

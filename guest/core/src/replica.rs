@@ -171,9 +171,17 @@ pub struct Replica<E: Env> {
     /// Scratch for the step in progress.
     states: BTreeMap<Vec<u8>, State>,
     dirty: BTreeMap<Vec<u8>, bool>,
+    /// Keys whose promise or acceptance changed in this step: what is said
+    /// about them must wait for this step's writes to be durable.
+    voted: BTreeSet<Vec<u8>>,
+    /// The key of each completion made in this step.
+    completion_keys: BTreeMap<u64, Vec<u8>>,
+    /// Prepare, Accept and Query messages of this step.
+    requests_out: Vec<Outbound>,
     actions: Actions,
     loopback: VecDeque<(Vec<u8>, Msg)>,
     planted_epoxy: bool,
+    planted_early_votes: bool,
 }
 
 impl<E: Env> Replica<E> {
@@ -213,9 +221,13 @@ impl<E: Env> Replica<E> {
             unreleased: VecDeque::new(),
             states: BTreeMap::new(),
             dirty: BTreeMap::new(),
+            voted: BTreeSet::new(),
+            completion_keys: BTreeMap::new(),
+            requests_out: Vec::new(),
             actions: Actions::default(),
             loopback: VecDeque::new(),
             planted_epoxy: false,
+            planted_early_votes: false,
         })
     }
 
@@ -228,6 +240,14 @@ impl<E: Env> Replica<E> {
         self.planted_epoxy = true;
         let n = self.config.voters.len();
         self.q_fast = n - (self.q_classic - 1) / 2;
+    }
+
+    /// Lets every effect of a step leave before its writes are durable:
+    /// votes are announced before they are on disk. Exists only so tests
+    /// can show that the simulator catches it.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_early_votes(&mut self) {
+        self.planted_early_votes = true;
     }
 
     /// The protocol's name and formats.
@@ -277,6 +297,17 @@ impl<E: Env> Replica<E> {
         *entry |= committed;
     }
 
+    /// Records a change of this replica's promise or acceptance on `key`.
+    fn mark_voted(&mut self, key: &[u8]) {
+        self.mark_dirty(key, false);
+        self.voted.insert(key.to_vec());
+    }
+
+    fn complete(&mut self, key: &[u8], completion: Completion) {
+        self.completion_keys.insert(completion.id, key.to_vec());
+        self.actions.complete.push(completion);
+    }
+
     fn learn(&mut self, key: &[u8], chosen: &Chosen) -> bool {
         let learned = self.state(key).learn(chosen);
         if learned {
@@ -299,11 +330,22 @@ impl<E: Env> Replica<E> {
         if to == self.config.self_id {
             self.loopback.push_back((key.to_vec(), msg));
         } else {
-            self.actions.send.push(Outbound {
+            // A proposer's requests carry no vote of this replica's: their
+            // content is fixed by votes already durable (see split_actions).
+            let request = matches!(
+                msg,
+                Msg::Prepare { .. } | Msg::Accept { .. } | Msg::Query { .. }
+            );
+            let out = Outbound {
                 to,
                 key: key.to_vec(),
                 payload: msg.encode(),
-            });
+            };
+            if request {
+                self.requests_out.push(out);
+            } else {
+                self.actions.send.push(out);
+            }
         }
     }
 
@@ -330,6 +372,8 @@ impl<E: Env> Replica<E> {
         self.rng ^= batch.seed;
         self.states.clear();
         self.dirty.clear();
+        self.voted.clear();
+        self.completion_keys.clear();
         for ks in batch.states {
             match State::decode(&ks.state) {
                 Ok(s) => {
@@ -396,9 +440,52 @@ impl<E: Env> Replica<E> {
             })
             .collect();
         self.states.clear();
-        let actions = core::mem::take(&mut self.actions);
+        let (early, actions) = self.split_actions();
         self.unreleased.push_back((id, actions));
-        Ready { id, persist }
+        Ready { id, persist, early }
+    }
+
+    /// Splits this step's effects into those that may leave once every
+    /// earlier ready is durable and those that wait for this ready's writes.
+    ///
+    /// Early: a proposer's Prepare, Accept and Query (their ballots and
+    /// values follow from promises and acceptances made in earlier steps,
+    /// which are durable before anything early leaves; a proposal id is
+    /// unique across restarts), timers, and every other message and
+    /// completion about a key on which this step changed no promise or
+    /// acceptance of this replica (learned facts, answers decided by votes
+    /// that are durable). Everything else about a key this step voted on
+    /// (Promise, Accepted, Nack, a Learn or an answer that may count this
+    /// step's vote) waits for this ready.
+    fn split_actions(&mut self) -> (Actions, Actions) {
+        let all = core::mem::take(&mut self.actions);
+        let mut voted = core::mem::take(&mut self.voted);
+        if self.planted_early_votes {
+            voted.clear();
+        }
+        let keys = core::mem::take(&mut self.completion_keys);
+        let mut early = Actions {
+            send: core::mem::take(&mut self.requests_out),
+            complete: Vec::new(),
+            timers: all.timers,
+        };
+        let mut after = Actions::default();
+        for o in all.send {
+            if voted.contains(&o.key) {
+                after.send.push(o);
+            } else {
+                early.send.push(o);
+            }
+        }
+        for c in all.complete {
+            let waits = keys.get(&c.id).is_none_or(|k| voted.contains(k));
+            if waits {
+                after.complete.push(c);
+            } else {
+                early.complete.push(c);
+            }
+        }
+        (early, after)
     }
 
     /// Returns the effects of a persisted ready. See [`Core::release`].
@@ -437,11 +524,14 @@ impl<E: Env> Replica<E> {
         };
         if request.key.is_empty() || request.key.len() > KEY_MAX {
             let outcome = fail(FailureReason::Invalid, "key must be 1 to 4096 bytes");
-            self.actions.complete.push(Completion {
-                id: request.id,
-                outcome,
-                trace: Trace::default(),
-            });
+            self.complete(
+                &request.key,
+                Completion {
+                    id: request.id,
+                    outcome,
+                    trace: Trace::default(),
+                },
+            );
             return;
         }
         if !self.states.contains_key(&request.key) {
@@ -449,21 +539,27 @@ impl<E: Env> Replica<E> {
                 FailureReason::Invalid,
                 "the key's stored state is unreadable",
             );
-            self.actions.complete.push(Completion {
-                id: request.id,
-                outcome,
-                trace: Trace::default(),
-            });
+            self.complete(
+                &request.key,
+                Completion {
+                    id: request.id,
+                    outcome,
+                    trace: Trace::default(),
+                },
+            );
             return;
         }
         let kind = match request.op {
             Operation::Read(Consistency::Local) => {
                 let outcome = Outcome::Done(self.current(&request.key));
-                self.actions.complete.push(Completion {
-                    id: request.id,
-                    outcome,
-                    trace: Trace::default(),
-                });
+                self.complete(
+                    &request.key,
+                    Completion {
+                        id: request.id,
+                        outcome,
+                        trace: Trace::default(),
+                    },
+                );
                 return;
             }
             Operation::Read(Consistency::Linearizable) => Kind::Read,
@@ -474,11 +570,14 @@ impl<E: Env> Replica<E> {
                 FailureReason::Overloaded,
                 "too many operations in flight on this replica",
             );
-            self.actions.complete.push(Completion {
-                id: request.id,
-                outcome,
-                trace: Trace::default(),
-            });
+            self.complete(
+                &request.key,
+                Completion {
+                    id: request.id,
+                    outcome,
+                    trace: Trace::default(),
+                },
+            );
             return;
         }
         self.inflight += 1;
@@ -534,11 +633,14 @@ impl<E: Env> Replica<E> {
             attempts: op.attempts,
             prepares: op.prepares,
         };
-        self.actions.complete.push(Completion {
-            id: op.request,
-            outcome,
-            trace,
-        });
+        self.complete(
+            key,
+            Completion {
+                id: op.request,
+                outcome,
+                trace,
+            },
+        );
         self.inflight -= 1;
         self.start_next(key);
     }
@@ -872,7 +974,7 @@ impl<E: Env> Replica<E> {
         st.promised = ballot;
         let accepted = st.accepted.clone();
         if changed {
-            self.mark_dirty(key, false);
+            self.mark_voted(key);
         }
         self.send(
             from,
@@ -928,7 +1030,7 @@ impl<E: Env> Replica<E> {
         st.promised = ballot;
         st.accepted = new;
         if changed {
-            self.mark_dirty(key, false);
+            self.mark_voted(key);
         }
         self.send(from, key, Msg::Accepted { slot, ballot, id });
     }
@@ -1339,9 +1441,59 @@ mod tests {
             .last()
             .map(|w| w.state.clone())
             .unwrap_or(state);
-        let mut done = r.release(ready.id).complete;
+        let mut done = ready.early.complete;
+        done.extend(r.release(ready.id).complete);
         assert_eq!(done.len(), 1);
         (done.remove(0), state)
+    }
+
+    #[test]
+    fn requests_leave_early_and_votes_wait_for_their_writes() {
+        let config = |id| Config::new(id, 1, alloc::vec![1, 2, 3]);
+        let key = b"k".to_vec();
+        let mut proposer = Replica::new(config(1), RegisterEnv).unwrap();
+        let ready = proposer.step(Batch {
+            states: alloc::vec![KeyState {
+                key: key.clone(),
+                state: Vec::new()
+            }],
+            requests: alloc::vec![Request {
+                id: 1,
+                key: key.clone(),
+                op: Operation::Command(Command::Put(b"v".to_vec()).encode()),
+            }],
+            ..Batch::default()
+        });
+        // The proposer voted for its own value in this step (a write), yet
+        // its Accepts to the others need not wait for that write.
+        assert_eq!(ready.persist.len(), 1);
+        let to: Vec<ReplicaId> = ready.early.send.iter().map(|o| o.to).collect();
+        assert_eq!(to, [2, 3]);
+        let accept = ready.early.send[0].clone();
+        assert!(proposer.release(ready.id).send.is_empty());
+
+        // The acceptor's Accepted reports its vote: it waits for the write.
+        let mut acceptor = Replica::new(config(2), RegisterEnv).unwrap();
+        let ready = acceptor.step(Batch {
+            states: alloc::vec![KeyState {
+                key: key.clone(),
+                state: Vec::new()
+            }],
+            messages: alloc::vec![Inbound {
+                from: 1,
+                key: key.clone(),
+                payload: accept.payload
+            }],
+            ..Batch::default()
+        });
+        assert_eq!(ready.persist.len(), 1);
+        assert!(ready.early.send.is_empty());
+        let after = acceptor.release(ready.id).send;
+        assert_eq!(after.len(), 1);
+        assert!(matches!(
+            crate::wire::Msg::decode(&after[0].payload),
+            Ok(crate::wire::Msg::Accepted { .. })
+        ));
     }
 
     #[test]

@@ -130,6 +130,9 @@ pub struct Write {
 pub struct Ready {
     pub id: u64,
     pub persist: Vec<Write>,
+    /// Effects that do not depend on `persist`: they may be applied once
+    /// every earlier ready is durable, without waiting for this one.
+    pub early: Actions,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -151,46 +151,50 @@ impl wit::Guest for Component {
                     }),
                 })
                 .collect(),
+            early: actions(ready.early),
         }
     }
 
     fn release(id: u64) -> wit::Actions {
-        let actions = with_replica(|r| r.release(id));
-        wit::Actions {
-            send: actions
-                .send
-                .into_iter()
-                .map(|o| wit::Outbound {
-                    to: o.to,
-                    key: o.key,
-                    payload: o.payload,
-                })
-                .collect(),
-            complete: actions
-                .complete
-                .into_iter()
-                .map(|c| wit::Completion {
-                    id: c.id,
-                    outcome: outcome(c.outcome),
-                    trace: wit::Trace {
-                        changed: c.trace.changed,
-                        prior_absent: c.trace.prior_absent,
-                        fast: c.trace.fast,
-                        attempts: c.trace.attempts,
-                        prepares: c.trace.prepares,
-                    },
-                })
-                .collect(),
-            timers: actions
-                .timers
-                .into_iter()
-                .map(|t| wit::Timer {
-                    key: t.key,
-                    token: t.token,
-                    at_ms: t.at_ms,
-                })
-                .collect(),
-        }
+        actions(with_replica(|r| r.release(id)))
+    }
+}
+
+fn actions(actions: core::Actions) -> wit::Actions {
+    wit::Actions {
+        send: actions
+            .send
+            .into_iter()
+            .map(|o| wit::Outbound {
+                to: o.to,
+                key: o.key,
+                payload: o.payload,
+            })
+            .collect(),
+        complete: actions
+            .complete
+            .into_iter()
+            .map(|c| wit::Completion {
+                id: c.id,
+                outcome: outcome(c.outcome),
+                trace: wit::Trace {
+                    changed: c.trace.changed,
+                    prior_absent: c.trace.prior_absent,
+                    fast: c.trace.fast,
+                    attempts: c.trace.attempts,
+                    prepares: c.trace.prepares,
+                },
+            })
+            .collect(),
+        timers: actions
+            .timers
+            .into_iter()
+            .map(|t| wit::Timer {
+                key: t.key,
+                token: t.token,
+                at_ms: t.at_ms,
+            })
+            .collect(),
     }
 }
 

@@ -75,6 +75,9 @@ fn model(state: &State, input: &Input) -> (State, Output) {
 }
 
 const NIL: usize = usize::MAX;
+/// Configurations the search may memoise before it gives up: a bound on
+/// memory (histories with many unknown outcomes grow exponentially).
+pub const SEARCH_MAX: usize = 8_000_000;
 
 /// Checks one key's history; on failure says why, with the history.
 pub fn check(ops: &[Op]) -> Result<(), String> {
@@ -129,6 +132,13 @@ pub fn check(ops: &[Op]) -> Result<(), String> {
             if ok {
                 let mut lin = linearized.clone();
                 lin[cur / 64] |= 1 << (cur % 64);
+                if cache.len() >= SEARCH_MAX {
+                    return Err(format!(
+                        "checker: gave up after {SEARCH_MAX} states (too many operations with unknown outcome); \
+                         inconclusive:\n{}",
+                        render(ops)
+                    ));
+                }
                 if cache.insert((lin.clone(), after.clone())) {
                     stack.push((cur, state));
                     state = after;

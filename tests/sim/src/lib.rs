@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use ballot_core::register::Command;
 use ballot_core::{
-    Batch, Config, Consistency, Core, Inbound, KeyState, Operation, Outcome, RegisterEnv, Replica,
-    ReplicaId, Request, Timer, Write,
+    Actions, Batch, Config, Consistency, Core, Inbound, KeyState, Operation, Outcome, RegisterEnv,
+    Replica, ReplicaId, Request, Timer, Write,
 };
 
 use check::{Input, Output};
@@ -26,6 +26,8 @@ use check::{Input, Output};
 pub enum Planted {
     /// Epoxy's fast path: per-proposer ballots (1, id) skipping prepare.
     EpoxyFastPath,
+    /// Votes (promises, acceptances) announced before they are durable.
+    EarlyVotes,
 }
 
 /// One run's workload and faults. Which core runs, and whether a bug is
@@ -97,8 +99,10 @@ pub struct NativeFactory(pub Option<Planted>);
 impl CoreFactory for NativeFactory {
     fn make(&self, config: Config) -> Box<dyn Core> {
         let mut replica = Replica::new(config, RegisterEnv).expect("valid sim config");
-        if self.0 == Some(Planted::EpoxyFastPath) {
-            replica.plant_epoxy_fast_path();
+        match self.0 {
+            Some(Planted::EpoxyFastPath) => replica.plant_epoxy_fast_path(),
+            Some(Planted::EarlyVotes) => replica.plant_early_votes(),
+            None => {}
         }
         Box::new(replica)
     }
@@ -167,7 +171,9 @@ struct Node {
     incarnation: u64,
     durable: BTreeMap<Vec<u8>, Vec<u8>>,
     cache: BTreeMap<Vec<u8>, Vec<u8>>,
-    disk: VecDeque<(u64, Vec<Write>)>,
+    /// Readies not yet durable, in order, with their early actions until
+    /// every ready before them is durable.
+    disk: VecDeque<(u64, Vec<Write>, Option<Actions>)>,
     disk_free_at: u64,
     inbox: Vec<NodeInput>,
     wake_pending: bool,
@@ -207,6 +213,8 @@ pub struct Sim<'f> {
     stats: Stats,
     request_next: u64,
     fault_window_ms: u64,
+    /// Crashes left to inject in the middle of a stalled write.
+    stall_crashes: u32,
 }
 
 const TIME_LIMIT_MS: u64 = 600_000;
@@ -269,6 +277,7 @@ impl<'f> Sim<'f> {
             stats: Stats::default(),
             request_next: 1,
             fault_window_ms: 1500,
+            stall_crashes: 1,
         }
     }
 
@@ -406,24 +415,58 @@ impl<'f> Sim<'f> {
         for w in &ready.persist {
             node.cache.insert(w.key.clone(), w.state.clone());
         }
-        let latency = self.rng.range(0, 3);
+        // Disks are usually quick, sometimes stall: the window between a
+        // ready's early actions and its durability is where crashes bite.
+        let stall = self.rng.chance(0.02);
+        let latency = if stall {
+            self.rng.range(10, 40)
+        } else {
+            self.rng.range(0, 3)
+        };
         let node = &mut self.nodes[i];
         let done = node.disk_free_at.max(now + latency);
         node.disk_free_at = done;
-        node.disk.push_back((ready.id, ready.persist));
         let inc = node.incarnation;
+
+        // Early actions leave as soon as every earlier ready is durable.
+        let early = if node.disk.is_empty() {
+            node.disk.push_back((ready.id, ready.persist, None));
+            Some(ready.early)
+        } else {
+            node.disk
+                .push_back((ready.id, ready.persist, Some(ready.early)));
+            None
+        };
+        if let Some(early) = early {
+            self.apply(i, inc, early);
+        }
         self.at(done, Ev::Persisted(i, inc, ready.id));
+        // Now and then the replica dies in the middle of a stalled write,
+        // after its early actions left and before the write is durable.
+        if stall
+            && self.cfg.faults
+            && self.stall_crashes > 0
+            && now < self.fault_window_ms
+            && self.rng.chance(0.25)
+        {
+            self.stall_crashes -= 1;
+            self.at(done - 1, Ev::Crash(i));
+        }
     }
 
     fn persisted(&mut self, i: usize, inc: u64, id: u64) {
         if self.nodes[i].core.is_none() || self.nodes[i].incarnation != inc {
             return;
         }
-        let (first, writes) = self.nodes[i]
+        let (first, writes, early) = self.nodes[i]
             .disk
             .pop_front()
             .expect("a persisted ready is queued");
         assert_eq!(first, id, "the simulated disk completes in order");
+        assert!(
+            early.is_none(),
+            "early actions go before their ready is durable"
+        );
         for w in writes {
             if let Some(c) = &w.commit {
                 self.record_commit(&w.key, c.version, &c.value, self.nodes[i].id);
@@ -431,6 +474,18 @@ impl<'f> Sim<'f> {
             self.nodes[i].durable.insert(w.key, w.state);
         }
         let actions = self.nodes[i].core.as_mut().expect("up").release(id);
+        self.apply(i, inc, actions);
+        let next = self.nodes[i]
+            .disk
+            .front_mut()
+            .and_then(|(_, _, e)| e.take());
+        if let Some(early) = next {
+            self.apply(i, inc, early);
+        }
+    }
+
+    /// Sends, arms and completes what a replica released.
+    fn apply(&mut self, i: usize, inc: u64, actions: Actions) {
         for out in actions.send {
             let to = out.to as usize - 1;
             let from = self.nodes[i].id;

@@ -23,6 +23,8 @@ enum CoreArg {
 enum PlantArg {
     /// Epoxy's per-proposer fast ballots (unsafe for n >= 4).
     Epoxy,
+    /// Promises and acceptances sent before they are durable.
+    EarlyVotes,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -72,7 +74,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let factory: Box<dyn CoreFactory + Sync> = match args.core {
-        CoreArg::Native => Box::new(NativeFactory(args.planted.map(|_| Planted::EpoxyFastPath))),
+        CoreArg::Native => Box::new(NativeFactory(args.planted.map(|p| match p {
+            PlantArg::Epoxy => Planted::EpoxyFastPath,
+            PlantArg::EarlyVotes => Planted::EarlyVotes,
+        }))),
         CoreArg::Wasm => {
             if args.planted.is_some() {
                 eprintln!("ballot-sim: --planted needs --core native");
@@ -137,8 +142,10 @@ fn main() -> ExitCode {
                 if args.no_faults {
                     replay.push_str(" --no-faults");
                 }
-                if args.planted.is_some() {
-                    replay.push_str(" --planted epoxy");
+                match args.planted {
+                    Some(PlantArg::Epoxy) => replay.push_str(" --planted epoxy"),
+                    Some(PlantArg::EarlyVotes) => replay.push_str(" --planted early-votes"),
+                    None => {}
                 }
                 eprintln!("FAILED seed {seed} n={n}:");
                 for v in report.violations.iter().take(3) {

@@ -72,18 +72,22 @@ impl Cluster {
             .collect();
         batch.now_ms = self.now_ms;
         let ready = self.nodes[i].step(batch);
+        // The disk here is synchronous: early effects, then the rest.
+        let early = ready.early;
         for w in ready.persist {
             self.states[i].insert(w.key, w.state);
         }
-        let actions = self.nodes[i].release(ready.id);
-        for s in actions.send {
-            self.pool.push_back((id, s.to, s.key, s.payload));
-        }
-        self.timers
-            .extend(actions.timers.into_iter().map(|t| (id, t)));
-        for c in actions.complete {
-            let t = self.tick();
-            self.done.insert(c.id, (c.outcome, t));
+        let rest = self.nodes[i].release(ready.id);
+        for actions in [early, rest] {
+            for s in actions.send {
+                self.pool.push_back((id, s.to, s.key, s.payload));
+            }
+            self.timers
+                .extend(actions.timers.into_iter().map(|t| (id, t)));
+            for c in actions.complete {
+                let t = self.tick();
+                self.done.insert(c.id, (c.outcome, t));
+            }
         }
     }
 
