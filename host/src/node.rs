@@ -122,9 +122,13 @@ pub fn start(
     {
         let storage = storage.clone();
         let metrics = metrics.clone();
+        let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("ballot-writer".into())
-            .spawn(move || writer(storage, ready_rx, durable_tx, metrics))
+            .spawn(move || {
+                let _replica = span.enter();
+                writer(storage, ready_rx, durable_tx, metrics)
+            })
             .expect("spawning the writer thread");
     }
     let driver = Driver {
@@ -142,9 +146,11 @@ pub fn start(
         clock_ms: 0,
         seed: seed(),
     };
+    let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("ballot-core".into())
         .spawn(move || {
+            let _replica = span.enter();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()
@@ -180,6 +186,8 @@ fn writer(
         }
         let last = group.last().map(|r| r.id).expect("non-empty group");
         let writes = group.iter().map(|r| r.persist.len()).sum::<usize>();
+        let _commit =
+            tracing::debug_span!("group_commit", readies = group.len(), writes, last).entered();
         if writes > 0 {
             match storage.commit(group.iter().flat_map(|r| r.persist.iter())) {
                 Ok(stats) => {
@@ -432,6 +440,13 @@ impl Driver {
         batch.states = states;
         let events = batch.requests.len() + batch.messages.len() + batch.timers.len();
         self.metrics.step_events.observe(events as f64);
+        let _step = tracing::debug_span!(
+            "step",
+            requests = batch.requests.len(),
+            messages = batch.messages.len(),
+            timers = batch.timers.len()
+        )
+        .entered();
         let started = Instant::now();
         let mut ready = match self.protocol.step(batch) {
             Ok(r) => r,

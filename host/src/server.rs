@@ -110,6 +110,9 @@ impl NodeConfig {
 /// Runs a replica until SIGINT or SIGTERM.
 pub fn serve(config: NodeConfig) -> Result<(), String> {
     config.validate()?;
+    // Every line a replica logs, from any thread, names it.
+    let replica = tracing::info_span!("replica", id = config.id);
+    let _replica = replica.enter();
     let map_size = config
         .map_size_mib
         .map(|m| m << 20)
@@ -137,68 +140,73 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
         .thread_name("ballot-io")
         .build()
         .map_err(|e| format!("starting tokio: {e}"))?;
-    rt.block_on(async move {
-        let metrics = Arc::new(Metrics::new());
-        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-        let peers: Vec<(u32, SocketAddr)> = config.peers.iter().map(|p| (p.id, p.addr)).collect();
-        let transport = Arc::new(Transport::start(
-            config.id,
-            config.peer_addr,
-            &peers,
-            &identity,
-            inbound_tx,
-            metrics.clone(),
-        )?);
-        let core = node::start(
-            protocol,
-            storage,
-            inbound_rx,
-            transport.clone(),
-            metrics.clone(),
-        );
-        let listener = tokio::net::TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|e| format!("binding the client address {}: {e}", config.http_addr))?;
-        let view = {
-            let config = config.clone();
-            let transport = transport.clone();
-            let health = core.health.clone();
-            let core_kind = match config.core {
-                CoreKind::Wasm => "wasm",
-                CoreKind::Native => "native",
+    let in_replica = replica.clone();
+    rt.block_on(tracing::Instrument::instrument(
+        async move {
+            let metrics = Arc::new(Metrics::new());
+            let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+            let peers: Vec<(u32, SocketAddr)> =
+                config.peers.iter().map(|p| (p.id, p.addr)).collect();
+            let transport = Arc::new(Transport::start(
+                config.id,
+                config.peer_addr,
+                &peers,
+                &identity,
+                inbound_tx,
+                metrics.clone(),
+            )?);
+            let core = node::start(
+                protocol,
+                storage,
+                inbound_rx,
+                transport.clone(),
+                metrics.clone(),
+            );
+            let listener = tokio::net::TcpListener::bind(config.http_addr)
+                .await
+                .map_err(|e| format!("binding the client address {}: {e}", config.http_addr))?;
+            let view = {
+                let config = config.clone();
+                let transport = transport.clone();
+                let health = core.health.clone();
+                let core_kind = match config.core {
+                    CoreKind::Wasm => "wasm",
+                    CoreKind::Native => "native",
+                };
+                move || {
+                    cluster_view(
+                        &config,
+                        incarnation,
+                        core_kind,
+                        &protocol_view,
+                        &transport,
+                        health.fatal(),
+                    )
+                }
             };
-            move || {
-                cluster_view(
-                    &config,
-                    incarnation,
-                    core_kind,
-                    &protocol_view,
-                    &transport,
-                    health.fatal(),
-                )
-            }
-        };
-        let app = App {
-            requests: core.requests.clone(),
-            health: core.health.clone(),
-            metrics,
-            cluster: Arc::new(view),
-        };
-        info!(
-            id = config.id,
-            incarnation,
-            peer = %config.peer_addr,
-            http = %config.http_addr,
-            "replica serving"
-        );
-        axum::serve(listener, api::router(app))
-            .with_graceful_shutdown(shutdown())
-            .await
-            .map_err(|e| format!("serving HTTP: {e}"))?;
-        info!("shutting down");
-        transport.close();
-        Ok(())
-    })
+            let app = App {
+                requests: core.requests.clone(),
+                health: core.health.clone(),
+                metrics,
+                cluster: Arc::new(view),
+            };
+            info!(
+                id = config.id,
+                incarnation,
+                peer = %config.peer_addr,
+                http = %config.http_addr,
+                "replica serving"
+            );
+            axum::serve(listener, api::router(app))
+                .with_graceful_shutdown(shutdown())
+                .await
+                .map_err(|e| format!("serving HTTP: {e}"))?;
+            info!("shutting down");
+            transport.close();
+            Ok(())
+        },
+        in_replica,
+    ))
 }
 
 fn component_view(info: ballot_core::Info) -> ComponentView {

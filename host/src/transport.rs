@@ -42,6 +42,14 @@ const FRAME_TARGET: usize = 1 << 20;
 /// Batches of messages queued to one peer.
 pub const PEER_QUEUE: usize = 4096;
 
+/// Spawns a task that logs inside the caller's span (the replica's).
+fn spawn<F>(task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(tracing::Instrument::instrument(task, tracing::Span::current()));
+}
+
 const KIND_HELLO: u8 = 1;
 const KIND_MESSAGES: u8 = 2;
 
@@ -100,7 +108,7 @@ impl Transport {
         endpoint.set_default_client_config(client);
 
         let known: Arc<Vec<ReplicaId>> = Arc::new(peers.iter().map(|(id, _)| *id).collect());
-        tokio::spawn(accept_loop(
+        spawn(accept_loop(
             endpoint.clone(),
             known,
             inbound,
@@ -119,7 +127,7 @@ impl Transport {
                 .peer_connected
                 .get_or_create(&label("peer", id.to_string()))
                 .set(0);
-            tokio::spawn(dial_loop(
+            spawn(dial_loop(
                 endpoint.clone(),
                 self_id,
                 id,
@@ -370,7 +378,7 @@ async fn accept_loop(
         let known = known.clone();
         let inbound = inbound.clone();
         let metrics = metrics.clone();
-        tokio::spawn(async move {
+        spawn(async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
                 Ok(c) => c,
@@ -400,7 +408,7 @@ async fn accept_loop(
                     metrics.clone(),
                     cert.clone(),
                 );
-                tokio::spawn(async move {
+                spawn(async move {
                     if let Err((code, e)) = receive(stream, &cert, &known, &inbound, &metrics).await
                     {
                         warn!(%remote, "closed a peer connection: {}", e.0);
