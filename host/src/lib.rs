@@ -5,6 +5,26 @@
 //! share. It does not decide anything about consensus: the protocol
 //! component does (see `ballot-core` and `wit/ballot.wit`).
 
+/// Declares an error type that is a message: `Display` prints it, and it
+/// is a `std::error::Error`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! message_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name(pub String);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::error::Error for $name {}
+    };
+}
+
 pub mod api;
 pub mod bench;
 pub mod cli;

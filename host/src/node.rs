@@ -496,6 +496,8 @@ impl Driver {
             if id > upto {
                 break;
             }
+            // A ready made durable in the same group commit as the one
+            // before it has not had its early actions applied yet.
             if let Some((_, Some(early))) = self.unreleased.pop_front() {
                 self.dispatch(early);
             }

@@ -38,17 +38,10 @@ use policy_world::exports::ballot::core::policy_api as pol;
 use protocol_world::ballot::core::policy_api as imp;
 use protocol_world::exports::ballot::core::replica as wit;
 
-/// An error from the wasm runtime: compiling, instantiating or calling a guest.
-#[derive(Debug)]
-pub struct Error(pub String);
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
+crate::message_error!(
+    /// An error from the wasm runtime: compiling, instantiating or calling a guest.
+    Error
+);
 
 fn err(context: &str, e: impl std::fmt::Display) -> Error {
     Error(format!("{context}: {e}"))

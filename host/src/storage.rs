@@ -30,17 +30,10 @@ const META_FORMAT: &[u8] = b"format";
 const META_REPLICA: &[u8] = b"replica";
 const META_INCARNATION: &[u8] = b"incarnation";
 
-/// A storage failure. After one, the replica stops answering.
-#[derive(Debug)]
-pub struct Error(pub String);
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
+crate::message_error!(
+    /// A storage failure. After one, the replica stops answering.
+    Error
+);
 
 impl From<heed::Error> for Error {
     fn from(e: heed::Error) -> Self {

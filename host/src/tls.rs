@@ -21,17 +21,10 @@ use rustls::RootCertStore;
 /// ALPN protocol of replica links; the number is the frame format.
 pub const ALPN: &[u8] = b"ballot-peer/1";
 
-/// A TLS set-up failure, with the file it concerns.
-#[derive(Debug)]
-pub struct Error(pub String);
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
+crate::message_error!(
+    /// A TLS set-up failure, with the file it concerns.
+    Error
+);
 
 /// The name a replica's certificate carries.
 pub fn node_name(id: u32) -> String {

@@ -47,7 +47,10 @@ fn spawn<F>(task: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    tokio::spawn(tracing::Instrument::instrument(task, tracing::Span::current()));
+    tokio::spawn(tracing::Instrument::instrument(
+        task,
+        tracing::Span::current(),
+    ));
 }
 
 const KIND_HELLO: u8 = 1;
