@@ -5,6 +5,9 @@
 //! | `GET /v1/kv/{key}` | value and `ETag: "<version>"`; 404 if absent. `?consistency=local` reads this replica's copy |
 //! | `PUT /v1/kv/{key}` | set; `If-None-Match: *` creates only, `If-Match: "<v>"` compares and swaps |
 //! | `DELETE /v1/kv/{key}` | delete; `If-Match: "<v>"` only at that version |
+//! | `POST /v1/kv/{key}` | run the body as a command of the key's policy; the new value and ETag, 409 if the policy refuses |
+//! | `GET /v1/components`, `POST /v1/components` | list the stored components; push one (the body is the `.wasm`) |
+//! | `GET /v1/policies`, `POST /v1/policies`, `DELETE /v1/policies?prefix=P` | bindings this replica runs; bind `{"prefix","component"}`; unbind |
 //! | `GET /v1/cluster` | this replica's view of the cluster |
 //! | `GET /metrics`, `GET /healthz` | Prometheus metrics, liveness |
 //!
@@ -28,9 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::node::{ClientRequest, Health, KEY_MAX};
-
-/// Largest value a client may write.
-pub const VALUE_MAX: usize = 1 << 20;
+use crate::registry::{Registry, RegistryError, COMPONENT_MAX};
+pub use crate::runtime::VALUE_MAX;
 /// Longest a request waits for the cluster.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -79,12 +81,21 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Builds the cluster view on demand (link states change).
     pub cluster: Arc<dyn Fn() -> ClusterView + Send + Sync>,
+    pub registry: Arc<Registry>,
 }
 
 /// The router.
 pub fn router(app: App) -> Router {
     Router::new()
-        .route("/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
+        .route(
+            "/v1/kv/{*key}",
+            get(get_kv).put(put_kv).delete(delete_kv).post(post_kv),
+        )
+        .route("/v1/components", get(list_components).post(push_component))
+        .route(
+            "/v1/policies",
+            get(list_policies).post(bind_policy).delete(unbind_policy),
+        )
         .route("/v1/cluster", get(cluster))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -140,7 +151,30 @@ fn key_of(
             &format!("keys must be 1 to {KEY_MAX} bytes, got {}", key.len()),
         ));
     }
+    if key.starts_with('\0') {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad-key",
+            "keys beginning with a NUL byte belong to the cluster",
+        ));
+    }
     Ok(key.into_bytes())
+}
+
+/// PUT and DELETE speak the register's commands; a key bound to another
+/// policy takes its own commands through POST.
+fn register_only(app: &App, key: &[u8]) -> Result<(), Response> {
+    match app.registry.binding_for(key) {
+        None => Ok(()),
+        Some((binding, record)) => Err(error(
+            StatusCode::CONFLICT,
+            "policy-bound",
+            &format!(
+                "keys under {:?} are governed by policy {} {}: send its commands with POST",
+                binding.prefix, record.name, record.version
+            ),
+        )),
+    }
 }
 
 async fn submit(app: &App, key: Vec<u8>, op: Operation) -> Result<Completion, Response> {
@@ -203,16 +237,26 @@ fn current_json(current: &Current) -> serde_json::Value {
     obj.into()
 }
 
+/// How a command reached the policy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// PUT or DELETE: register commands built from HTTP preconditions.
+    Http,
+    /// POST: the client's own command for the key's policy.
+    Command,
+}
+
 /// Maps a non-success outcome to its response.
-fn unsuccessful(outcome: &Outcome) -> Option<Response> {
+fn unsuccessful(outcome: &Outcome, via: Via) -> Option<Response> {
     match outcome {
         Outcome::Done(_) => None,
         Outcome::Rejected(rejection, current) => {
-            let status = match rejection.code.as_str() {
-                "version-mismatch" | "conflict" => StatusCode::PRECONDITION_FAILED,
-                "invalid-command" => StatusCode::BAD_REQUEST,
-                "policy-failed" => StatusCode::INTERNAL_SERVER_ERROR,
-                _ => StatusCode::CONFLICT,
+            let status = match (rejection.code.as_str(), via) {
+                (crate::runtime::POLICY_FAILED, _) => StatusCode::INTERNAL_SERVER_ERROR,
+                (_, Via::Command) => StatusCode::CONFLICT,
+                ("version-mismatch" | "conflict", Via::Http) => StatusCode::PRECONDITION_FAILED,
+                ("invalid-command", Via::Http) => StatusCode::BAD_REQUEST,
+                (_, Via::Http) => StatusCode::CONFLICT,
             };
             let mut extra = serde_json::Map::new();
             extra.insert("current".into(), current_json(current));
@@ -264,7 +308,7 @@ async fn get_kv(
         Ok(c) => c,
         Err(r) => return r,
     };
-    if let Some(r) = unsuccessful(&c.outcome) {
+    if let Some(r) = unsuccessful(&c.outcome, Via::Http) {
         return r;
     }
     let Outcome::Done(current) = c.outcome else {
@@ -327,16 +371,20 @@ fn precondition(headers: &HeaderMap) -> Result<Precondition, Response> {
 }
 
 async fn read_body(request: Request) -> Result<Bytes, Response> {
+    read_body_max(request, VALUE_MAX, "values").await
+}
+
+async fn read_body_max(request: Request, max: usize, what: &str) -> Result<Bytes, Response> {
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too-large",
-            &format!("values are at most {VALUE_MAX} bytes"),
+            &format!("{what} are at most {max} bytes"),
         )
     };
     if let Some(len) = request.headers().get(header::CONTENT_LENGTH) {
         match len.to_str().ok().and_then(|l| l.parse::<u64>().ok()) {
-            Some(len) if len > VALUE_MAX as u64 => return Err(too_large()),
+            Some(len) if len > max as u64 => return Err(too_large()),
             Some(_) => {}
             None => {
                 return Err(error(
@@ -348,7 +396,7 @@ async fn read_body(request: Request) -> Result<Bytes, Response> {
         }
     }
     let body: Body = request.into_body();
-    axum::body::to_bytes(body, VALUE_MAX).await.map_err(|e| {
+    axum::body::to_bytes(body, max).await.map_err(|e| {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
             if s.is::<http_body_util::LengthLimitError>() {
@@ -391,6 +439,9 @@ async fn put_kv(
         Ok(k) => k,
         Err(r) => return r,
     };
+    if let Err(r) = register_only(&app, &key) {
+        return r;
+    }
     let pre = match precondition(request.headers()) {
         Ok(p) => p,
         Err(r) => return r,
@@ -408,7 +459,7 @@ async fn put_kv(
         Ok(c) => c,
         Err(r) => return r,
     };
-    unsuccessful(&c.outcome).unwrap_or_else(|| written(&c, true))
+    unsuccessful(&c.outcome, Via::Http).unwrap_or_else(|| written(&c, true))
 }
 
 async fn delete_kv(
@@ -420,6 +471,9 @@ async fn delete_kv(
         Ok(k) => k,
         Err(r) => return r,
     };
+    if let Err(r) = register_only(&app, &key) {
+        return r;
+    }
     let command = match precondition(&headers) {
         Ok(Precondition::None) => Command::Delete,
         Ok(Precondition::Version(expected)) => Command::DeleteIf { expected },
@@ -436,7 +490,7 @@ async fn delete_kv(
         Ok(c) => c,
         Err(r) => return r,
     };
-    if let Some(r) = unsuccessful(&c.outcome) {
+    if let Some(r) = unsuccessful(&c.outcome, Via::Http) {
         return r;
     }
     let Outcome::Done(current) = &c.outcome else {
@@ -456,6 +510,182 @@ async fn delete_kv(
         [(header::ETAG, etag(current.version))],
     )
         .into_response()
+}
+
+async fn post_kv(
+    State(app): State<App>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    request: Request,
+) -> Response {
+    let key = match key_of(path) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let command = match read_body(request).await {
+        Ok(b) => b.to_vec(),
+        Err(r) => return r,
+    };
+    let c = match submit(&app, key, Operation::Command(command)).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Some(r) = unsuccessful(&c.outcome, Via::Command) {
+        return r;
+    }
+    let Outcome::Done(current) = &c.outcome else {
+        unreachable!()
+    };
+    let mut body = current_json(current);
+    body["changed"] = c.trace.changed.into();
+    let status = if c.trace.changed && c.trace.prior_absent {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (
+        status,
+        [(header::ETAG, etag(current.version))],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+fn registry_error(e: RegistryError, invalid_code: &str) -> Response {
+    match e {
+        RegistryError::Invalid(m) => error(StatusCode::BAD_REQUEST, invalid_code, &m),
+        RegistryError::NotFound(m) => error(StatusCode::NOT_FOUND, "not-found", &m),
+        RegistryError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m),
+    }
+}
+
+async fn list_components(State(app): State<App>) -> Response {
+    match app.registry.config().await {
+        Ok((version, config)) => {
+            let components: Vec<serde_json::Value> = config
+                .components
+                .iter()
+                .map(|c| {
+                    let mut v = serde_json::to_value(c).expect("a record serialises");
+                    let bound: Vec<&str> = config
+                        .bindings
+                        .iter()
+                        .filter(|b| b.component == c.id)
+                        .map(|b| b.prefix.as_str())
+                        .collect();
+                    v["bound"] = bound.into();
+                    v
+                })
+                .collect();
+            axum::Json(serde_json::json!({
+                "config_version": version,
+                "components": components,
+            }))
+            .into_response()
+        }
+        Err(e) => registry_error(e, "invalid"),
+    }
+}
+
+async fn push_component(State(app): State<App>, request: Request) -> Response {
+    let bytes = match read_body_max(request, COMPONENT_MAX, "components").await {
+        Ok(b) => b.to_vec(),
+        Err(r) => return r,
+    };
+    match app.registry.push(bytes).await {
+        Ok((record, created)) => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let body = serde_json::json!({ "component": record, "created": created });
+            (status, axum::Json(body)).into_response()
+        }
+        Err(e) => registry_error(e, "invalid-component"),
+    }
+}
+
+async fn list_policies(State(app): State<App>) -> Response {
+    let applied = app.registry.applied();
+    let bindings: Vec<serde_json::Value> = applied
+        .config
+        .bindings
+        .iter()
+        .map(|b| {
+            let record = applied
+                .config
+                .components
+                .iter()
+                .find(|c| c.id == b.component);
+            serde_json::json!({
+                "prefix": b.prefix,
+                "component": b.component,
+                "name": record.map(|r| r.name.as_str()),
+                "version": record.map(|r| r.version.as_str()),
+                "bound_ms": b.bound_ms,
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({
+        "replica": (app.cluster)().id,
+        "applied_version": applied.version,
+        "error": applied.error,
+        "bindings": bindings,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct BindRequest {
+    prefix: String,
+    component: String,
+}
+
+async fn bind_policy(
+    State(app): State<App>,
+    body: Result<axum::Json<BindRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad-request", &e.body_text()),
+    };
+    match app.registry.bind(&req.prefix, &req.component).await {
+        Ok((version, binding, record)) => {
+            let applied = app.registry.wait_applied(version, REQUEST_TIMEOUT).await;
+            axum::Json(serde_json::json!({
+                "config_version": version,
+                "applied_here": applied,
+                "binding": binding,
+                "name": record.name,
+                "version": record.version,
+            }))
+            .into_response()
+        }
+        Err(e) => registry_error(e, "invalid-binding"),
+    }
+}
+
+#[derive(Deserialize)]
+struct UnbindParams {
+    prefix: String,
+}
+
+async fn unbind_policy(
+    State(app): State<App>,
+    params: Result<Query<UnbindParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad-parameter", &e.body_text()),
+    };
+    match app.registry.unbind(&params.prefix).await {
+        Ok(version) => {
+            let applied = app.registry.wait_applied(version, REQUEST_TIMEOUT).await;
+            axum::Json(serde_json::json!({ "config_version": version, "applied_here": applied }))
+                .into_response()
+        }
+        Err(e) => registry_error(e, "invalid-binding"),
+    }
 }
 
 async fn cluster(State(app): State<App>) -> Response {

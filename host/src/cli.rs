@@ -11,6 +11,7 @@ use hyper::StatusCode;
 
 use crate::client::{Client, Precondition, Response};
 use crate::dev::DevCluster;
+use crate::policy_cmd;
 use crate::server::{CoreKind, NodeConfig, Peer};
 use crate::tls::TlsFiles;
 
@@ -18,7 +19,7 @@ use crate::tls::TlsFiles;
 /// a WebAssembly component.
 ///
 /// Exit codes of client commands: 0 success, 1 error, 3 not found,
-/// 4 precondition failed, 5 cluster unavailable.
+/// 4 precondition failed or refused by the policy, 5 cluster unavailable.
 #[derive(Parser, Debug)]
 #[command(name = "ballot", version)]
 pub struct Cli {
@@ -43,8 +44,71 @@ enum Cmd {
     Cert(CertCmd),
     /// Measure throughput and latency of local clusters (and etcd), side by side.
     Bench(BenchArgs),
+    /// Store components in the cluster and list them.
+    #[command(subcommand)]
+    Component(ComponentCmd),
+    /// Write, build and bind conflict-resolution policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Describe the embedded default components: names, versions, formats.
     Components,
+}
+
+#[derive(Subcommand, Debug)]
+enum ComponentCmd {
+    /// Validate a component and store it in the cluster (content-addressed).
+    Push {
+        /// The component (.wasm).
+        file: PathBuf,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// List the stored components and what they are bound to.
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Create a policy crate that builds and passes its tests as it is.
+    New {
+        /// The policy's name (lower-case, - and _ allowed).
+        name: String,
+        /// Where to create it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The SDK crate (`guest/sdk` of a Ballot checkout); defaults to
+        /// $BALLOT_SDK, then the checkout this binary was built from.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a policy crate into a component, and check it as push would.
+    Build {
+        /// The crate's directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Route keys starting with PREFIX to a stored policy component.
+    Bind {
+        prefix: String,
+        /// The component's id (or at least 8 of its first hex digits).
+        component: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Send PREFIX's keys back to the built-in register policy.
+    Unbind {
+        prefix: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Show the bindings a replica runs.
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -269,6 +333,14 @@ enum KvCmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Run COMMAND through the key's policy ('-' reads it from standard input).
+    Apply {
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        command: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Delete a key.
     Delete {
         key: String,
@@ -356,6 +428,29 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Cmd::Component(ComponentCmd::Push { file, endpoint }) => {
+            client_runtime(policy_cmd::push(Client::new(&endpoint.endpoint), file))
+        }
+        Cmd::Component(ComponentCmd::List { endpoint }) => {
+            client_runtime(policy_cmd::list_components(Client::new(&endpoint.endpoint)))
+        }
+        Cmd::Policy(PolicyCmd::New { name, dir, sdk }) => policy_cmd::new(name, dir, sdk),
+        Cmd::Policy(PolicyCmd::Build { dir }) => policy_cmd::build(dir),
+        Cmd::Policy(PolicyCmd::Bind {
+            prefix,
+            component,
+            endpoint,
+        }) => client_runtime(policy_cmd::bind(
+            Client::new(&endpoint.endpoint),
+            prefix,
+            component,
+        )),
+        Cmd::Policy(PolicyCmd::Unbind { prefix, endpoint }) => {
+            client_runtime(policy_cmd::unbind(Client::new(&endpoint.endpoint), prefix))
+        }
+        Cmd::Policy(PolicyCmd::List { endpoint }) => {
+            client_runtime(policy_cmd::list_policies(Client::new(&endpoint.endpoint)))
+        }
         Cmd::Components => match crate::runtime::describe_embedded() {
             Ok(lines) => {
                 for line in lines {
@@ -484,6 +579,14 @@ async fn kv(cmd: KvCmd) -> ExitCode {
             let pre = Precondition::Version(version);
             write(Client::new(&endpoint.endpoint), key, value, pre).await
         }
+        KvCmd::Apply {
+            key,
+            command,
+            endpoint,
+        } => match value_arg(command) {
+            Ok(command) => policy_cmd::apply(Client::new(&endpoint.endpoint), key, command).await,
+            Err(e) => fail(e),
+        },
         KvCmd::Delete {
             key,
             if_version,

@@ -156,6 +156,29 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/kv/{key}`: a command for the key's policy.
+    pub async fn apply(&self, key: &str, command: Bytes) -> Result<Response, String> {
+        let path = format!("/v1/kv/{}", escape_key(key));
+        self.request(Method::POST, &path, &[], command).await
+    }
+
+    /// A JSON API call: the parsed body on success, else the response.
+    pub async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Result<serde_json::Value, Response>, String> {
+        let headers = [("content-type", "application/json".to_string())];
+        let r = self.request(method, path, &headers, body).await?;
+        if !r.status.is_success() {
+            return Ok(Err(r));
+        }
+        serde_json::from_slice(&r.body)
+            .map(Ok)
+            .map_err(|e| format!("{}{path}: bad JSON: {e}", self.endpoint))
+    }
+
     /// `GET /v1/cluster`.
     pub async fn cluster(&self) -> Result<crate::api::ClusterView, String> {
         let r = self

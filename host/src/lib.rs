@@ -32,6 +32,8 @@ pub mod client;
 pub mod dev;
 pub mod metrics;
 pub mod node;
+pub mod policy_cmd;
+pub mod registry;
 pub mod runtime;
 pub mod server;
 pub mod storage;

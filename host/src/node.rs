@@ -25,13 +25,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ballot_core::{
     Actions, Batch, Completion, Failure, FailureReason, Inbound, KeyState, Operation, Outcome,
-    Ready, RegisterEnv, Replica, Request, Timer, Trace,
+    Ready, Replica, Request, Timer, Trace,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use crate::metrics::{label, labels2, Metrics};
-use crate::runtime::WasmCore;
+use crate::registry::CONFIG_KEY;
+use crate::runtime::{Bound, Policies, WasmCore};
 use crate::storage::Storage;
 use crate::transport::{Message, Transport};
 
@@ -53,6 +54,8 @@ pub trait Protocol: Send {
     fn step(&mut self, batch: Batch) -> Result<Ready, String>;
     /// See `replica.release`.
     fn release(&mut self, id: u64) -> Result<Actions, String>;
+    /// The policies its commands run under.
+    fn policies(&mut self) -> &mut Policies;
 }
 
 impl Protocol for WasmCore {
@@ -62,14 +65,48 @@ impl Protocol for WasmCore {
     fn release(&mut self, id: u64) -> Result<Actions, String> {
         self.try_release(id).map_err(|e| e.to_string())
     }
+    fn policies(&mut self) -> &mut Policies {
+        self.policies_mut()
+    }
 }
 
-impl Protocol for Replica<RegisterEnv> {
+impl Protocol for Replica<Policies> {
     fn step(&mut self, batch: Batch) -> Result<Ready, String> {
         Ok(Replica::step(self, batch))
     }
     fn release(&mut self, id: u64) -> Result<Actions, String> {
         Ok(Replica::release(self, id))
+    }
+    fn policies(&mut self) -> &mut Policies {
+        self.env_mut()
+    }
+}
+
+/// Instructions for the core thread from the rest of the daemon.
+pub enum Control {
+    /// Route key prefixes to these policies from the next step on.
+    Rebind(Vec<Bound>),
+}
+
+/// A committed version of the component configuration, once durable here.
+pub type ConfigCommit = (u64, Option<Vec<u8>>);
+
+/// Runs one operation through the core and waits for its completion.
+pub async fn call(
+    requests: &mpsc::Sender<ClientRequest>,
+    key: Vec<u8>,
+    op: Operation,
+    timeout: Duration,
+) -> Result<Completion, String> {
+    let (reply, done) = oneshot::channel();
+    requests
+        .send(ClientRequest { key, op, reply })
+        .await
+        .map_err(|_| "the replica is shutting down".to_string())?;
+    match tokio::time::timeout(timeout, done).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(_)) => Err("the replica dropped the request".into()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }
 
@@ -105,6 +142,7 @@ impl Health {
 pub struct Core {
     pub requests: mpsc::Sender<ClientRequest>,
     pub health: Arc<Health>,
+    pub control: mpsc::UnboundedSender<Control>,
 }
 
 /// Starts the writer and core threads.
@@ -114,8 +152,10 @@ pub fn start(
     inbound: mpsc::Receiver<Vec<Inbound>>,
     transport: Arc<Transport>,
     metrics: Arc<Metrics>,
+    config_commits: mpsc::UnboundedSender<ConfigCommit>,
 ) -> Core {
     let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
     let health = Arc::new(Health::default());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Ready>();
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
@@ -145,6 +185,8 @@ pub fn start(
         next_request: 1,
         clock_ms: 0,
         seed: seed(),
+        config_pending: Vec::new(),
+        config_commits,
     };
     let span = tracing::Span::current();
     std::thread::Builder::new()
@@ -155,12 +197,13 @@ pub fn start(
                 .enable_time()
                 .build()
                 .expect("core runtime");
-            rt.block_on(driver.run(requests_rx, inbound, durable_rx));
+            rt.block_on(driver.run(requests_rx, inbound, durable_rx, control_rx));
         })
         .expect("spawning the core thread");
     Core {
         requests: requests_tx,
         health,
+        control: control_tx,
     }
 }
 
@@ -231,6 +274,9 @@ struct Driver {
     next_request: u64,
     clock_ms: u64,
     seed: u64,
+    /// Commits of the component configuration not durable yet, by ready.
+    config_pending: Vec<(u64, ConfigCommit)>,
+    config_commits: mpsc::UnboundedSender<ConfigCommit>,
 }
 
 fn op_name(op: &Operation) -> &'static str {
@@ -264,6 +310,7 @@ impl Driver {
         mut requests: mpsc::Receiver<ClientRequest>,
         mut inbound: mpsc::Receiver<Vec<Inbound>>,
         mut durable: mpsc::UnboundedReceiver<Result<u64, String>>,
+        mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         loop {
             let mut batch = Batch::default();
@@ -278,6 +325,9 @@ impl Driver {
                 d = durable.recv() => match d {
                     Some(d) => self.on_durable(d),
                     None => self.health.stop("the writer thread ended".into()),
+                },
+                Some(c) = control.recv() => match c {
+                    Control::Rebind(bound) => self.protocol.policies().rebind(bound),
                 },
                 r = requests.recv(), if open || fatal => match r {
                     Some(r) if fatal => self.refuse(r),
@@ -460,6 +510,10 @@ impl Driver {
         for w in &ready.persist {
             self.pending
                 .insert(w.key.clone(), (ready.id, w.state.clone()));
+            if let (Some(c), true) = (&w.commit, w.key == CONFIG_KEY) {
+                self.config_pending
+                    .push((ready.id, (c.version, c.value.clone())));
+            }
         }
         let id = ready.id;
         let early = std::mem::take(&mut ready.early);
@@ -492,6 +546,19 @@ impl Driver {
             Err(e) => return self.health.stop(e),
         };
         self.pending.retain(|_, (id, _)| *id > upto);
+        if self
+            .config_pending
+            .first()
+            .is_some_and(|(id, _)| *id <= upto)
+        {
+            let (durable, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.config_pending)
+                .into_iter()
+                .partition(|(id, _)| *id <= upto);
+            self.config_pending = later;
+            for (_, commit) in durable {
+                let _ = self.config_commits.send(commit);
+            }
+        }
         while let Some(&(id, _)) = self.unreleased.front() {
             if id > upto {
                 break;

@@ -19,6 +19,15 @@ pub const REGISTER_WASM: &[u8] = include_bytes!("../components/register.wasm");
 pub const FUEL_PER_CALL: u64 = 2_000_000_000;
 /// Linear memory one guest instance may grow to.
 pub const MEMORY_MAX_BYTES: usize = 256 << 20;
+/// Fuel one policy call may burn: a policy is a small function of one value.
+pub const POLICY_FUEL_PER_CALL: u64 = 200_000_000;
+/// Linear memory one policy instance may grow to.
+pub const POLICY_MEMORY_MAX_BYTES: usize = 64 << 20;
+/// Largest value a client or a policy may write.
+pub const VALUE_MAX: usize = 1 << 20;
+/// The rejection code of a command whose policy trapped, ran out of fuel or
+/// memory, or returned something the host refuses.
+pub const POLICY_FAILED: &str = "policy-failed";
 
 mod protocol_world {
     wasmtime::component::bindgen!({
@@ -85,30 +94,36 @@ impl Runtime {
         })
     }
 
+    /// The engine every component of this runtime must be compiled with.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The policies of a replica: the embedded register for every key until
+    /// prefixes are bound.
+    pub fn policies(&self) -> Result<Policies, Error> {
+        let default = PolicyInstance::new(self.policy.clone(), "register", register_version());
+        Policies::new(&self.engine, Some(default))
+    }
+
     /// Instantiates one replica: its own protocol and policy stores.
     pub fn replica(&self, config: core::Config) -> Result<WasmCore, Error> {
-        let mut linker = Linker::<PolicyHost>::new(&self.engine);
-        policy_world::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
-            .map_err(|e| err("linking the policy component", e))?;
-        let mut store = Store::new(&self.engine, PolicyHost { limits: limits() });
-        store.limiter(|s| &mut s.limits);
-        store.set_fuel(FUEL_PER_CALL).map_err(|e| err("fuel", e))?;
-        let policy = policy_world::Policy::instantiate(&mut store, &self.policy, &linker)
-            .map_err(|e| err("instantiating the policy component", e))?;
-
+        let policies = self.policies()?;
         let mut linker = Linker::<ProtocolHost>::new(&self.engine);
         protocol_world::Protocol::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| err("linking the protocol component", e))?;
         let host = ProtocolHost {
-            limits: limits(),
-            policy_store: store,
-            policy,
+            limits: limits(MEMORY_MAX_BYTES),
+            policies,
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|s| &mut s.limits);
         store.set_fuel(FUEL_PER_CALL).map_err(|e| err("fuel", e))?;
-        let bindings = protocol_world::Protocol::instantiate(&mut store, &self.protocol, &linker)
+        let instance = linker
+            .instantiate(&mut store, &self.protocol)
             .map_err(|e| err("instantiating the protocol component", e))?;
+        let bindings = protocol_world::Protocol::new(&mut store, &instance)
+            .map_err(|e| err("the protocol component's exports", e))?;
         let wit_config = wit::Config {
             self_id: config.self_id,
             incarnation: config.incarnation,
@@ -118,7 +133,11 @@ impl Runtime {
             attempts_max: config.attempts_max,
             inflight_max: config.inflight_max,
         };
-        let mut core = WasmCore { store, bindings };
+        let mut core = WasmCore {
+            store,
+            bindings,
+            instance,
+        };
         core.refuel()?;
         core.bindings
             .ballot_core_replica()
@@ -129,31 +148,42 @@ impl Runtime {
     }
 }
 
-/// One line per embedded component: its world, name, version and formats.
-pub fn describe_embedded() -> Result<Vec<String>, Error> {
-    let rt = Runtime::new()?;
-    let mut core = rt.replica(core::Config::new(1, 1, vec![1]))?;
-    let info = core.describe()?;
-    let (name, version) = imp::Host::describe(core.store.data_mut());
-    Ok(vec![
-        format!(
-            "protocol  {} {}  state formats {:?}  wire formats {:?}  ({} bytes)",
-            info.name,
-            info.version,
-            info.state_formats,
-            info.wire_formats,
-            PROTOCOL_WASM.len()
-        ),
-        format!(
-            "policy    {name} {version}  ({} bytes)",
-            REGISTER_WASM.len()
-        ),
-    ])
+fn register_version() -> &'static str {
+    core::register::VERSION
 }
 
-fn limits() -> StoreLimits {
+/// One line per embedded component: its world, name, version and formats.
+pub fn describe_embedded() -> Result<Vec<String>, Error> {
+    let engine = engine()?;
+    let mut lines = Vec::new();
+    for (bytes, file) in [
+        (PROTOCOL_WASM, "protocol.wasm"),
+        (REGISTER_WASM, "register.wasm"),
+    ] {
+        let (i, _) = crate::registry::inspect(&engine, bytes)?;
+        let formats = if i.kind == crate::registry::Kind::Protocol {
+            format!(
+                "  state formats {:?}  wire formats {:?}",
+                i.state_formats, i.wire_formats
+            )
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "{:<9} {} {}{formats}  ({file}, {} bytes, {})",
+            i.kind.to_string(),
+            i.name,
+            i.version,
+            bytes.len(),
+            &crate::registry::component_id(bytes)[..12]
+        ));
+    }
+    Ok(lines)
+}
+
+fn limits(memory: usize) -> StoreLimits {
     StoreLimitsBuilder::new()
-        .memory_size(MEMORY_MAX_BYTES)
+        .memory_size(memory)
         .instances(4)
         .build()
 }
@@ -169,7 +199,8 @@ fn log(level: u8, message: &str) {
     }
 }
 
-struct PolicyHost {
+/// A policy store's host side: logging and limits.
+pub struct PolicyHost {
     limits: StoreLimits,
 }
 
@@ -179,10 +210,249 @@ impl policy_world::ballot::core::log::Host for PolicyHost {
     }
 }
 
+/// A live policy instance.
+struct Live {
+    store: Store<PolicyHost>,
+    policy: policy_world::Policy,
+}
+
+/// One policy component and, once called, its instance. A trap drops the
+/// instance (its memory may be half-written); the next call starts afresh.
+pub struct PolicyInstance {
+    component: Component,
+    /// As the registry recorded it.
+    pub name: String,
+    pub version: String,
+    live: Option<Live>,
+}
+
+fn policy_failed(message: String) -> core::Rejection {
+    core::Rejection {
+        code: POLICY_FAILED.to_string(),
+        message,
+    }
+}
+
+impl PolicyInstance {
+    pub fn new(component: Component, name: &str, version: &str) -> PolicyInstance {
+        PolicyInstance {
+            component,
+            name: name.to_string(),
+            version: version.to_string(),
+            live: None,
+        }
+    }
+
+    fn instantiate(&self, linker: &Linker<PolicyHost>) -> Result<Live, Error> {
+        let mut store = Store::new(
+            self.component.engine(),
+            PolicyHost {
+                limits: limits(POLICY_MEMORY_MAX_BYTES),
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        store
+            .set_fuel(POLICY_FUEL_PER_CALL)
+            .map_err(|e| err("fuel", e))?;
+        let policy = policy_world::Policy::instantiate(&mut store, &self.component, linker)
+            .map_err(|e| err("instantiating the policy", e))?;
+        Ok(Live { store, policy })
+    }
+
+    fn apply(
+        &mut self,
+        linker: &Linker<PolicyHost>,
+        key: &[u8],
+        current: &core::Current,
+        command: &[u8],
+        now_ms: u64,
+    ) -> Result<core::Change, core::Rejection> {
+        let name = &self.name;
+        let mut live = match self.live.take() {
+            Some(live) => live,
+            None => self
+                .instantiate(linker)
+                .map_err(|e| policy_failed(format!("policy {name}: {e}")))?,
+        };
+        let current = pol::Current {
+            value: current.value.clone(),
+            version: current.version,
+        };
+        let result = live.store.set_fuel(POLICY_FUEL_PER_CALL).and_then(|()| {
+            live.policy.ballot_core_policy_api().call_apply(
+                &mut live.store,
+                key,
+                &current,
+                command,
+                now_ms,
+            )
+        });
+        let change = match result {
+            Ok(Ok(change)) => change,
+            Ok(Err(r)) => {
+                self.live = Some(live);
+                return Err(core::Rejection {
+                    code: r.code,
+                    message: r.message,
+                });
+            }
+            // The instance is dropped with its store; this command fails
+            // and changes nothing.
+            Err(e) => {
+                let why = trap_reason(&e);
+                tracing::warn!(policy = %name, "policy failed: {why}");
+                return Err(policy_failed(format!("policy {name} failed: {why}")));
+            }
+        };
+        self.live = Some(live);
+        match change {
+            pol::Change::Keep => Ok(core::Change::Keep),
+            pol::Change::Set(v) if v.len() > VALUE_MAX => Err(policy_failed(format!(
+                "policy {name} returned a value of {} bytes; values are at most {VALUE_MAX}",
+                v.len()
+            ))),
+            pol::Change::Set(v) => Ok(core::Change::Set(v)),
+            pol::Change::Remove => Ok(core::Change::Remove),
+        }
+    }
+}
+
+/// Instantiates a policy alone, under the sandbox's limits, for inspection.
+pub fn sandbox_policy(
+    engine: &Engine,
+    component: &Component,
+) -> Result<(Store<PolicyHost>, wasmtime::component::Instance), Error> {
+    let policies = Policies::new(engine, None)?;
+    let mut store = Store::new(
+        engine,
+        PolicyHost {
+            limits: limits(POLICY_MEMORY_MAX_BYTES),
+        },
+    );
+    store.limiter(|s| &mut s.limits);
+    store
+        .set_fuel(POLICY_FUEL_PER_CALL)
+        .map_err(|e| err("fuel", e))?;
+    let instance = policies
+        .linker
+        .instantiate(&mut store, component)
+        .map_err(|e| err("instantiating the policy", e))?;
+    Ok((store, instance))
+}
+
+/// Calls a policy instance's `describe`.
+pub fn describe_policy(
+    store: &mut Store<PolicyHost>,
+    instance: &wasmtime::component::Instance,
+) -> Result<(String, String), Error> {
+    let policy = policy_world::Policy::new(&mut *store, instance)
+        .map_err(|e| err("the policy's exports", e))?;
+    store
+        .set_fuel(POLICY_FUEL_PER_CALL)
+        .map_err(|e| err("fuel", e))?;
+    policy
+        .ballot_core_policy_api()
+        .call_describe(&mut *store)
+        .map_err(|e| Error(trap_reason(&e)))
+}
+
+/// Says what a guest call's error was, in words a client can act on.
+pub fn trap_reason(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => {
+            "it ran out of fuel (an endless or too long computation)".to_string()
+        }
+        Some(trap) => format!("it trapped: {trap}"),
+        None => format!("{e:#}"),
+    }
+}
+
+/// A key prefix routed to a policy component.
+pub struct Bound {
+    pub prefix: Vec<u8>,
+    /// The component's id (sha256).
+    pub id: String,
+    pub instance: PolicyInstance,
+}
+
+/// Routes each command to the policy of its key: the longest bound prefix,
+/// else the default register (the embedded component, or the native build
+/// when `default` is `None`). Keys of the cluster's own records (a leading
+/// NUL byte) always use the register.
+pub struct Policies {
+    linker: Linker<PolicyHost>,
+    default: Option<PolicyInstance>,
+    bound: Vec<Bound>,
+}
+
+impl Policies {
+    pub fn new(engine: &Engine, default: Option<PolicyInstance>) -> Result<Policies, Error> {
+        let mut linker = Linker::<PolicyHost>::new(engine);
+        policy_world::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| err("linking the policy component", e))?;
+        Ok(Policies {
+            linker,
+            default,
+            bound: Vec::new(),
+        })
+    }
+
+    /// Replaces the bindings. Instances of components that stay bound are
+    /// kept.
+    pub fn rebind(&mut self, bound: Vec<Bound>) {
+        let mut old = std::mem::take(&mut self.bound);
+        self.bound = bound
+            .into_iter()
+            .map(|mut b| {
+                if let Some(i) = old.iter().position(|o| o.id == b.id) {
+                    if let Some(live) = old[i].instance.live.take() {
+                        b.instance.live = Some(live);
+                    }
+                }
+                b
+            })
+            .collect();
+        // Longest prefix first: the first match is the most specific.
+        self.bound
+            .sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        old.clear();
+    }
+
+    /// The policy governing `key`, if it is not the default.
+    pub fn binding(&self, key: &[u8]) -> Option<&Bound> {
+        if key.first() == Some(&0) {
+            return None;
+        }
+        self.bound.iter().find(|b| key.starts_with(&b.prefix))
+    }
+}
+
+impl core::Env for Policies {
+    fn apply(
+        &mut self,
+        key: &[u8],
+        current: &core::Current,
+        command: &[u8],
+        now_ms: u64,
+    ) -> Result<core::Change, core::Rejection> {
+        let bound = if key.first() == Some(&0) {
+            None
+        } else {
+            self.bound.iter_mut().find(|b| key.starts_with(&b.prefix))
+        };
+        match (bound, &mut self.default) {
+            (Some(b), _) => b
+                .instance
+                .apply(&self.linker, key, current, command, now_ms),
+            (None, Some(default)) => default.apply(&self.linker, key, current, command, now_ms),
+            (None, None) => core::register::apply(current, command),
+        }
+    }
+}
+
 struct ProtocolHost {
     limits: StoreLimits,
-    policy_store: Store<PolicyHost>,
-    policy: policy_world::Policy,
+    policies: Policies,
 }
 
 impl protocol_world::ballot::core::log::Host for ProtocolHost {
@@ -193,12 +463,7 @@ impl protocol_world::ballot::core::log::Host for ProtocolHost {
 
 impl imp::Host for ProtocolHost {
     fn describe(&mut self) -> (String, String) {
-        let result = self.policy_store.set_fuel(FUEL_PER_CALL).and_then(|()| {
-            self.policy
-                .ballot_core_policy_api()
-                .call_describe(&mut self.policy_store)
-        });
-        result.unwrap_or_else(|e| ("unknown".to_string(), format!("trapped: {e}")))
+        ("register".to_string(), register_version().to_string())
     }
 
     fn apply(
@@ -208,32 +473,17 @@ impl imp::Host for ProtocolHost {
         command: Vec<u8>,
         now_ms: u64,
     ) -> Result<imp::Change, imp::Rejection> {
-        let current = pol::Current {
+        let current = core::Current {
             value: current.value,
             version: current.version,
         };
-        let result = self.policy_store.set_fuel(FUEL_PER_CALL).and_then(|()| {
-            self.policy.ballot_core_policy_api().call_apply(
-                &mut self.policy_store,
-                &key,
-                &current,
-                &command,
-                now_ms,
-            )
-        });
-        match result {
-            Ok(Ok(pol::Change::Keep)) => Ok(imp::Change::Keep),
-            Ok(Ok(pol::Change::Set(v))) => Ok(imp::Change::Set(v)),
-            Ok(Ok(pol::Change::Remove)) => Ok(imp::Change::Remove),
-            Ok(Err(r)) => Err(imp::Rejection {
+        match core::Env::apply(&mut self.policies, &key, &current, &command, now_ms) {
+            Ok(core::Change::Keep) => Ok(imp::Change::Keep),
+            Ok(core::Change::Set(v)) => Ok(imp::Change::Set(v)),
+            Ok(core::Change::Remove) => Ok(imp::Change::Remove),
+            Err(r) => Err(imp::Rejection {
                 code: r.code,
                 message: r.message,
-            }),
-            // A trapping policy fails this one command; the protocol changes
-            // no state for a rejected command.
-            Err(e) => Err(imp::Rejection {
-                code: "policy-failed".to_string(),
-                message: format!("the policy trapped: {e}"),
             }),
         }
     }
@@ -243,13 +493,25 @@ impl imp::Host for ProtocolHost {
 pub struct WasmCore {
     store: Store<ProtocolHost>,
     bindings: protocol_world::Protocol,
+    instance: wasmtime::component::Instance,
 }
 
 impl WasmCore {
+    /// The policies this replica's protocol calls.
+    pub fn policies_mut(&mut self) -> &mut Policies {
+        &mut self.store.data_mut().policies
+    }
+
     fn refuel(&mut self) -> Result<(), Error> {
         self.store
             .set_fuel(FUEL_PER_CALL)
             .map_err(|e| err("fuel", e))
+    }
+
+    /// Runs the component's `self-check` export; false when it has none.
+    pub fn self_check(&mut self) -> Result<bool, Error> {
+        self.refuel()?;
+        crate::registry::self_check(&mut self.store, &self.instance)
     }
 
     /// The component's own description.

@@ -12,7 +12,8 @@ use tracing::info;
 use crate::api::{self, App, ClusterView, ComponentView, ReplicaView};
 use crate::metrics::Metrics;
 use crate::node::{self, Protocol, INBOUND_QUEUE};
-use crate::runtime::Runtime;
+use crate::registry::Registry;
+use crate::runtime::{Policies, Runtime};
 use crate::storage::{Storage, MAP_SIZE_DEFAULT};
 use crate::tls::{Identity, TlsFiles};
 use crate::transport::Transport;
@@ -122,17 +123,26 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
     let identity = Identity::load(&config.tls).map_err(|e| e.to_string())?;
     let mut core_config = ballot_core::Config::new(config.id, incarnation, config.voters());
     core_config.inflight_max = 16 * 1024;
-    let (protocol, protocol_view): (Box<dyn Protocol>, ComponentView) = match config.core {
+    let (protocol, protocol_view, engine): (Box<dyn Protocol>, ComponentView, _) = match config.core
+    {
         CoreKind::Wasm => {
             let runtime = Runtime::new().map_err(|e| e.to_string())?;
             let mut core = runtime.replica(core_config).map_err(|e| e.to_string())?;
             let info = core.describe().map_err(|e| e.to_string())?;
-            (Box::new(core), component_view(info))
+            (
+                Box::new(core),
+                component_view(info),
+                runtime.engine().clone(),
+            )
         }
         CoreKind::Native => {
-            let core = ballot_core::Replica::new(core_config, ballot_core::RegisterEnv)?;
-            let info = ballot_core::Replica::<ballot_core::RegisterEnv>::info();
-            (Box::new(core), component_view(info))
+            // The protocol and the register compiled in; bound policies
+            // still run as components.
+            let engine = crate::runtime::engine().map_err(|e| e.to_string())?;
+            let policies = Policies::new(&engine, None).map_err(|e| e.to_string())?;
+            let core = ballot_core::Replica::new(core_config, policies)?;
+            let info = ballot_core::Replica::<Policies>::info();
+            (Box::new(core), component_view(info), engine)
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -155,13 +165,22 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 inbound_tx,
                 metrics.clone(),
             )?);
+            let (commits_tx, commits_rx) = mpsc::unbounded_channel();
             let core = node::start(
                 protocol,
                 storage,
                 inbound_rx,
                 transport.clone(),
                 metrics.clone(),
+                commits_tx,
             );
+            let registry = Arc::new(Registry::new(
+                engine,
+                &config.data_dir,
+                core.requests.clone(),
+                core.control.clone(),
+            ));
+            tokio::spawn(registry.clone().run(commits_rx));
             let listener = tokio::net::TcpListener::bind(config.http_addr)
                 .await
                 .map_err(|e| format!("binding the client address {}: {e}", config.http_addr))?;
@@ -189,6 +208,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 health: core.health.clone(),
                 metrics,
                 cluster: Arc::new(view),
+                registry,
             };
             info!(
                 id = config.id,

@@ -1,7 +1,8 @@
-//! Builds Ballot's default guest components and checks the committed ones.
+//! Builds Ballot's guest components (the defaults, the examples and the test
+//! fixtures) and checks the committed ones.
 //!
 //! ```text
-//! cargo xtask guests          # rebuild host/components/*.wasm from guest/
+//! cargo xtask guests          # rebuild every committed component from its source
 //! cargo xtask guests --check  # rebuild into target/ and compare with the committed files
 //! ```
 //!
@@ -11,24 +12,34 @@
 //! `-Zbuild-std` (see `docs/design.md`, "Building the guests").
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
-use sha2::{Digest, Sha256};
+use ballot_guest_build::{componentize, sha256_hex, Toolchain, TARGET};
 
-/// (crate, artifact stem, committed file name)
-const GUESTS: [(&str, &str, &str); 2] = [
+/// (crate, artifact stem, committed file, relative to the workspace)
+const GUESTS: [(&str, &str, &str); 8] = [
     (
         "ballot-guest-protocol",
         "ballot_guest_protocol",
-        "protocol.wasm",
+        "host/components/protocol.wasm",
     ),
     (
         "ballot-guest-register",
         "ballot_guest_register",
-        "register.wasm",
+        "host/components/register.wasm",
     ),
+    ("counter", "counter", "examples/counter/counter.wasm"),
+    ("lww", "lww", "examples/lww/lww.wasm"),
+    (
+        "reservation",
+        "reservation",
+        "examples/reservation/reservation.wasm",
+    ),
+    ("document", "document", "examples/document/document.wasm"),
+    ("hostile", "hostile", "tests/components/hostile.wasm"),
+    ("stray", "stray", "tests/components/stray.wasm"),
 ];
-const TARGET: &str = "wasm32-unknown-unknown";
+const MANIFEST: &str = "host/components/MANIFEST";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -58,97 +69,14 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// How this machine builds wasm: a description for the manifest, and the
-/// cargo command to run.
-struct Toolchain {
-    description: String,
-    cargo: Command,
-}
-
-fn output(cmd: &mut Command) -> Option<String> {
-    let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn toolchain(root: &Path) -> Result<Toolchain, String> {
-    let home = std::env::var("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
-        });
-    // Paths end up in panic messages; remap them so the bytes do not depend
-    // on where the checkout or the cargo cache lives.
-    let rustflags = format!(
-        "--remap-path-prefix={}=/ballot --remap-path-prefix={}=/cargo",
-        root.display(),
-        home.display()
-    );
-    let rustup_target = output(Command::new("rustup").args(["target", "list", "--installed"]))
-        .is_some_and(|list| list.lines().any(|l| l.trim() == TARGET));
-    if rustup_target {
-        let version = output(Command::new("rustc").arg("-V")).unwrap_or_default();
-        let mut cargo = Command::new("cargo");
-        cargo.env("RUSTFLAGS", rustflags);
-        return Ok(Toolchain {
-            description: format!("{version}; rustup target {TARGET}"),
-            cargo,
-        });
-    }
-    let debian_rustc = Path::new("/usr/bin/rustc");
-    let debian_cargo = Path::new("/usr/bin/cargo");
-    let sysroot = output(Command::new("rustc").args(["+stable", "--print", "sysroot"]))
-        .or_else(|| output(Command::new("rustc").args(["--print", "sysroot"])));
-    let lld =
-        sysroot.map(|s| PathBuf::from(s).join("lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-lld"));
-    match (
-        debian_rustc.exists() && debian_cargo.exists(),
-        lld.filter(|p| p.exists()),
-    ) {
-        (true, Some(lld)) => {
-            let version = output(Command::new(debian_rustc).arg("-V")).unwrap_or_default();
-            let mut cargo = Command::new(debian_cargo);
-            cargo
-                .env("RUSTC_BOOTSTRAP", "1")
-                .env("RUSTC", debian_rustc)
-                .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER", lld)
-                .env("RUSTFLAGS", rustflags)
-                .arg("-Zbuild-std=std,panic_abort");
-            Ok(Toolchain {
-                description: format!("{version}; build-std; rust-lld"),
-                cargo,
-            })
-        }
-        _ => Err(format!(
-            "no wasm toolchain: install rustup's {TARGET} target, or Debian's rustc-web \
-             (`apt-get install -y rustc-web cargo-web rust-web-src`, as .ci/run does)"
-        )),
-    }
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn build(check: bool) -> Result<(), String> {
     let root = workspace();
-    let tc = toolchain(&root)?;
+    let tc = Toolchain::find(&root)?;
     let target_dir = root.join("target/guest");
-    let mut cmd = tc.cargo;
+    let mut cmd = tc.build_command();
     cmd.current_dir(&root)
         // Keep the guests' build away from the host's: different flags.
-        .args([
-            "build",
-            "--profile",
-            "guest",
-            "--target",
-            TARGET,
-            "--target-dir",
-        ])
+        .args(["--profile", "guest", "--target-dir"])
         .arg(&target_dir);
     for (krate, _, _) in GUESTS {
         cmd.args(["-p", krate]);
@@ -159,7 +87,6 @@ fn build(check: bool) -> Result<(), String> {
         return Err(format!("guest build failed ({status})"));
     }
 
-    let components = root.join("host/components");
     let mut manifest = format!("# Built by `cargo xtask guests`; checked by `cargo xtask guests --check`.\ntoolchain = {}\n", tc.description);
     let mut mismatches = Vec::new();
     for (_, stem, file) in GUESTS {
@@ -169,12 +96,10 @@ fn build(check: bool) -> Result<(), String> {
             .join(format!("{stem}.wasm"));
         let module =
             std::fs::read(&core).map_err(|e| format!("reading {}: {e}", core.display()))?;
-        let component = wit_component::ComponentEncoder::default()
-            .module(&module)
-            .and_then(|e| e.validate(true).encode())
-            .map_err(|e| format!("encoding {file} as a component: {e:?}"))?;
-        manifest.push_str(&format!("{file} = {}\n", sha256(&component)));
-        let dest = components.join(file);
+        let component =
+            componentize(&module).map_err(|e| format!("encoding {file} as a component: {e}"))?;
+        manifest.push_str(&format!("{file} = {}\n", sha256_hex(&component)));
+        let dest = root.join(file);
         if check {
             let committed =
                 std::fs::read(&dest).map_err(|e| format!("reading {}: {e}", dest.display()))?;
@@ -182,7 +107,9 @@ fn build(check: bool) -> Result<(), String> {
                 mismatches.push(file);
             }
         } else {
-            std::fs::create_dir_all(&components).map_err(|e| e.to_string())?;
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
             std::fs::write(&dest, &component)
                 .map_err(|e| format!("writing {}: {e}", dest.display()))?;
             eprintln!(
@@ -192,7 +119,7 @@ fn build(check: bool) -> Result<(), String> {
             );
         }
     }
-    let manifest_path = components.join("MANIFEST");
+    let manifest_path = root.join(MANIFEST);
     if !check {
         std::fs::write(&manifest_path, manifest).map_err(|e| e.to_string())?;
         return Ok(());
