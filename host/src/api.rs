@@ -8,6 +8,8 @@
 //! | `POST /v1/kv/{key}` | run the body as a command of the key's policy; the new value and ETag, 409 if the policy refuses |
 //! | `GET /v1/components`, `POST /v1/components` | list the stored components; push one (the body is the `.wasm`) |
 //! | `GET /v1/policies`, `POST /v1/policies`, `DELETE /v1/policies?prefix=P` | bindings this replica runs; bind `{"prefix","component"}`; unbind |
+//! | `GET /v1/protocol` | the protocol this replica runs, the cluster's active one, the swap history |
+//! | `POST /v1/protocol/activate`, `POST /v1/protocol/rollback` | swap the cluster's protocol `{"component"}`; go back to the previous one |
 //! | `GET /v1/cluster` | this replica's view of the cluster |
 //! | `GET /metrics`, `GET /healthz` | Prometheus metrics, liveness |
 //!
@@ -95,6 +97,15 @@ pub fn router(app: App) -> Router {
         .route(
             "/v1/policies",
             get(list_policies).post(bind_policy).delete(unbind_policy),
+        )
+        .route("/v1/protocol", get(protocol_status))
+        .route(
+            "/v1/protocol/activate",
+            axum::routing::post(activate_protocol),
+        )
+        .route(
+            "/v1/protocol/rollback",
+            axum::routing::post(rollback_protocol),
         )
         .route("/v1/cluster", get(cluster))
         .route("/metrics", get(metrics))
@@ -270,6 +281,7 @@ fn unsuccessful(outcome: &Outcome, via: Via) -> Option<Response> {
                 FailureReason::Contention => (StatusCode::SERVICE_UNAVAILABLE, "contention"),
                 FailureReason::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
                 FailureReason::Invalid => (StatusCode::BAD_REQUEST, "invalid"),
+                FailureReason::Interrupted => (StatusCode::SERVICE_UNAVAILABLE, "interrupted"),
             };
             let mut extra = serde_json::Map::new();
             extra.insert("maybe_applied".into(), f.maybe_applied.into());
@@ -686,6 +698,70 @@ async fn unbind_policy(
         }
         Err(e) => registry_error(e, "invalid-binding"),
     }
+}
+
+async fn protocol_status(State(app): State<App>) -> Response {
+    let running = app.registry.running();
+    let mut body = serde_json::json!({
+        "replica": (app.cluster)().id,
+        "running": running,
+        "embedded": app.registry.embedded_id(),
+    });
+    match app.registry.config().await {
+        Ok((version, config)) => {
+            body["config_version"] = version.into();
+            body["active"] = config
+                .protocol
+                .active
+                .clone()
+                .unwrap_or_else(|| app.registry.embedded_id().to_string())
+                .into();
+            body["previous"] = serde_json::to_value(&config.protocol.previous).unwrap_or_default();
+            body["pending"] = serde_json::to_value(&config.protocol.pending).unwrap_or_default();
+            body["history"] = serde_json::to_value(&config.history).unwrap_or_default();
+            body["components"] = serde_json::to_value(&config.components).unwrap_or_default();
+        }
+        Err(e) => body["config_error"] = e.to_string().into(),
+    }
+    axum::Json(body).into_response()
+}
+
+#[derive(Deserialize)]
+struct ActivateRequest {
+    component: String,
+}
+
+async fn swapped(app: &App, result: Result<(u64, String), RegistryError>) -> Response {
+    match result {
+        Ok((version, label)) => {
+            let here = app.registry.wait_running(&label, REQUEST_TIMEOUT).await;
+            axum::Json(serde_json::json!({
+                "config_version": version,
+                "active": label,
+                "running_here": here,
+            }))
+            .into_response()
+        }
+        Err(e) => registry_error(e, "activation-refused"),
+    }
+}
+
+async fn activate_protocol(
+    State(app): State<App>,
+    body: Result<axum::Json<ActivateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad-request", &e.body_text()),
+    };
+    let target = (req.component != "embedded").then_some(req.component.as_str());
+    let result = app.registry.activate(target, "activate").await;
+    swapped(&app, result).await
+}
+
+async fn rollback_protocol(State(app): State<App>) -> Response {
+    let result = app.registry.rollback().await;
+    swapped(&app, result).await
 }
 
 async fn cluster(State(app): State<App>) -> Response {

@@ -68,6 +68,24 @@ enum ComponentCmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Swap the cluster's protocol to a stored protocol component, live
+    /// ('embedded' for the built-in one).
+    Activate {
+        /// The component's id (or at least 8 of its first hex digits).
+        component: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Swap back to the protocol that ran before the current one.
+    Rollback {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Show each replica's protocol and the swap history.
+    Status {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -433,6 +451,19 @@ pub fn main() -> ExitCode {
         }
         Cmd::Component(ComponentCmd::List { endpoint }) => {
             client_runtime(policy_cmd::list_components(Client::new(&endpoint.endpoint)))
+        }
+        Cmd::Component(ComponentCmd::Activate {
+            component,
+            endpoint,
+        }) => client_runtime(policy_cmd::swap(
+            Client::new(&endpoint.endpoint),
+            Some(component),
+        )),
+        Cmd::Component(ComponentCmd::Rollback { endpoint }) => {
+            client_runtime(policy_cmd::swap(Client::new(&endpoint.endpoint), None))
+        }
+        Cmd::Component(ComponentCmd::Status { endpoint }) => {
+            client_runtime(policy_cmd::protocol_status(Client::new(&endpoint.endpoint)))
         }
         Cmd::Policy(PolicyCmd::New { name, dir, sdk }) => policy_cmd::new(name, dir, sdk),
         Cmd::Policy(PolicyCmd::Build { dir }) => policy_cmd::build(dir),

@@ -47,6 +47,16 @@ pub struct Metrics {
     pub inbound_dropped: Counter,
     /// Peer connections refused (TLS failure, wrong identity, bad frames).
     pub peer_refused: Family<Labels, Counter>,
+    /// Protocol instances replaced, by cause (`swap`, `trap`).
+    pub protocol_restarts: Family<Labels, Counter>,
+    /// How long a swap waited for in-flight commands to finish.
+    pub swap_drain_seconds: Histogram,
+    /// Policy calls that trapped, ran out of fuel or memory, or returned
+    /// something refused.
+    pub policy_failures: Counter,
+    /// 1 for the protocol this replica runs, labelled with its name,
+    /// version and component id.
+    pub protocol_info: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -136,7 +146,35 @@ impl Metrics {
             "Peer connections refused, by reason",
             peer_refused.clone(),
         );
+        let protocol_restarts = Family::<Labels, Counter>::default();
+        registry.register(
+            "protocol_restarts",
+            "Protocol instances replaced, by cause (swap, trap)",
+            protocol_restarts.clone(),
+        );
+        let swap_drain_seconds = seconds();
+        registry.register(
+            "swap_drain_seconds",
+            "Time a protocol swap waited for in-flight commands",
+            swap_drain_seconds.clone(),
+        );
+        let policy_failures = Counter::default();
+        registry.register(
+            "policy_failures",
+            "Policy calls that trapped, ran out of fuel or memory, or returned a refused value",
+            policy_failures.clone(),
+        );
+        let protocol_info = Family::<Labels, Gauge>::default();
+        registry.register(
+            "protocol_info",
+            "1 for the protocol this replica runs",
+            protocol_info.clone(),
+        );
         Metrics {
+            protocol_restarts,
+            swap_drain_seconds,
+            policy_failures,
+            protocol_info,
             registry,
             requests,
             request_seconds,

@@ -28,7 +28,7 @@ use ballot_core::{
     Ready, Replica, Request, Timer, Trace,
 };
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::metrics::{label, labels2, Metrics};
 use crate::registry::CONFIG_KEY;
@@ -82,11 +82,42 @@ impl Protocol for Replica<Policies> {
     }
 }
 
+/// Builds a protocol instance for an incarnation.
+pub type ProtocolFactory = Arc<dyn Fn(u64) -> Result<Box<dyn Protocol>, String> + Send + Sync>;
+
 /// Instructions for the core thread from the rest of the daemon.
 pub enum Control {
     /// Route key prefixes to these policies from the next step on.
     Rebind(Vec<Bound>),
+    /// Switch to another protocol: stop admitting client requests, let the
+    /// commands in flight finish on the running instance (peer messages
+    /// keep flowing), then start the new one. `label` names it (a
+    /// component id).
+    Swap {
+        label: String,
+        factory: ProtocolFactory,
+    },
 }
+
+/// What the core thread reports about its protocol instance.
+#[derive(Clone, Debug)]
+pub enum CoreEvent {
+    /// A new instance runs `label`.
+    Swapped {
+        label: String,
+        incarnation: u64,
+        /// How long the commands in flight took to finish.
+        drained: Duration,
+        /// Commands that had not finished by the deadline and were failed.
+        abandoned: usize,
+    },
+    /// The instance running `label` trapped and was replaced by a fresh
+    /// one of the same component.
+    Trapped { label: String, reason: String },
+}
+
+/// Longest a swap waits for the commands in flight.
+pub const SWAP_DRAIN_MAX: Duration = Duration::from_secs(5);
 
 /// A committed version of the component configuration, once durable here.
 pub type ConfigCommit = (u64, Option<Vec<u8>>);
@@ -145,15 +176,25 @@ pub struct Core {
     pub control: mpsc::UnboundedSender<Control>,
 }
 
+/// The protocol a core starts with.
+pub struct Initial {
+    pub label: String,
+    pub factory: ProtocolFactory,
+    pub incarnation: u64,
+}
+
 /// Starts the writer and core threads.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
-    protocol: Box<dyn Protocol>,
+    initial: Initial,
     storage: Storage,
     inbound: mpsc::Receiver<Vec<Inbound>>,
     transport: Arc<Transport>,
     metrics: Arc<Metrics>,
     config_commits: mpsc::UnboundedSender<ConfigCommit>,
-) -> Core {
+    events: mpsc::UnboundedSender<CoreEvent>,
+) -> Result<Core, String> {
+    let protocol = (initial.factory)(initial.incarnation)?;
     let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let health = Arc::new(Health::default());
@@ -162,17 +203,23 @@ pub fn start(
     {
         let storage = storage.clone();
         let metrics = metrics.clone();
+        let health = health.clone();
         let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("ballot-writer".into())
             .spawn(move || {
                 let _replica = span.enter();
-                writer(storage, ready_rx, durable_tx, metrics)
+                writer(health, storage, ready_rx, durable_tx, metrics)
             })
             .expect("spawning the writer thread");
     }
     let driver = Driver {
         protocol,
+        label: initial.label,
+        factory: initial.factory,
+        swapping: None,
+        events,
+        host_seq: 0,
         storage,
         transport,
         metrics,
@@ -200,11 +247,11 @@ pub fn start(
             rt.block_on(driver.run(requests_rx, inbound, durable_rx, control_rx));
         })
         .expect("spawning the core thread");
-    Core {
+    Ok(Core {
         requests: requests_tx,
         health,
         control: control_tx,
-    }
+    })
 }
 
 fn seed() -> u64 {
@@ -217,6 +264,7 @@ fn seed() -> u64 {
 
 /// The writer thread: group commits in ready order.
 fn writer(
+    health: Arc<Health>,
     storage: Storage,
     readies: std::sync::mpsc::Receiver<Ready>,
     durable: mpsc::UnboundedSender<Result<u64, String>>,
@@ -239,7 +287,11 @@ fn writer(
                     metrics.group_commit_readies.observe(group.len() as f64);
                 }
                 Err(e) => {
-                    let _ = durable.send(Err(format!("storage write failed: {e}")));
+                    // Record the reason first: the core may notice the
+                    // writer is gone before it reads this message.
+                    let reason = format!("storage write failed: {e}");
+                    health.stop(reason.clone());
+                    let _ = durable.send(Err(reason));
                     return;
                 }
             }
@@ -256,19 +308,43 @@ struct Client {
     started: Instant,
 }
 
+/// A ready stepped and not yet released. `guest` is `None` once the
+/// instance that made it is gone (a trap or an abandoned drain): its writes
+/// still become durable in order, but nothing of it is released, as if the
+/// replica had crashed right after the fsync.
+struct Unreleased {
+    host: u64,
+    guest: Option<u64>,
+    early: Option<Actions>,
+}
+
+struct Swapping {
+    label: String,
+    factory: ProtocolFactory,
+    since: Instant,
+}
+
 struct Driver {
     protocol: Box<dyn Protocol>,
+    /// What `protocol` runs, and how to build another instance of it.
+    label: String,
+    factory: ProtocolFactory,
+    swapping: Option<Swapping>,
+    events: mpsc::UnboundedSender<CoreEvent>,
+    /// The host's own numbering of readies (the guest's restarts with each
+    /// instance).
+    host_seq: u64,
     storage: Storage,
     transport: Arc<Transport>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     ready_tx: std::sync::mpsc::Sender<Ready>,
     /// Newest state of keys whose last write is not durable yet, with the
-    /// ready that wrote it.
+    /// (host-numbered) ready that wrote it.
     pending: HashMap<Vec<u8>, (u64, Vec<u8>)>,
     /// Readies stepped and not released, in order, with their early
     /// actions until those are applied.
-    unreleased: VecDeque<(u64, Option<Actions>)>,
+    unreleased: VecDeque<Unreleased>,
     clients: HashMap<u64, Client>,
     timers: BinaryHeap<Reverse<(u64, u64, Vec<u8>)>>,
     next_request: u64,
@@ -316,6 +392,12 @@ impl Driver {
             let mut batch = Batch::default();
             let fatal = self.health.fatal().is_some();
             let open = self.unreleased.len() < PIPELINE_MAX && !fatal;
+            // While a swap drains, client requests wait in their queue.
+            let admit = open && self.swapping.is_none();
+            let swap_tick = self
+                .swapping
+                .as_ref()
+                .map(|_| tokio::time::Instant::now() + Duration::from_millis(20));
             let now = self.now_ms();
             let deadline = self.timers.peek().map(|Reverse((at, _, _))| {
                 tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now))
@@ -328,8 +410,13 @@ impl Driver {
                 },
                 Some(c) = control.recv() => match c {
                     Control::Rebind(bound) => self.protocol.policies().rebind(bound),
+                    Control::Swap { label, factory } => {
+                        debug!(%label, "protocol swap: draining");
+                        self.swapping = Some(Swapping { label, factory, since: Instant::now() });
+                    }
                 },
-                r = requests.recv(), if open || fatal => match r {
+                _ = sleep_until(swap_tick), if swap_tick.is_some() => {}
+                r = requests.recv(), if admit || fatal => match r {
                     Some(r) if fatal => self.refuse(r),
                     Some(r) => self.admit(r, &mut batch),
                     None => return,
@@ -342,6 +429,7 @@ impl Driver {
             while let Ok(d) = durable.try_recv() {
                 self.on_durable(d);
             }
+            self.try_swap();
             if self.health.fatal().is_some() {
                 for c in std::mem::take(&mut self.clients).into_values() {
                     let reason = self.health.fatal().unwrap_or_default();
@@ -367,9 +455,11 @@ impl Driver {
             let mut events = batch.requests.len() + batch.messages.len();
             while events < BATCH_MAX {
                 let mut more = false;
-                if let Ok(r) = requests.try_recv() {
-                    self.admit(r, &mut batch);
-                    more = true;
+                if self.swapping.is_none() {
+                    if let Ok(r) = requests.try_recv() {
+                        self.admit(r, &mut batch);
+                        more = true;
+                    }
                 }
                 if let Ok(m) = inbound.try_recv() {
                     self.accept(m, &mut batch);
@@ -500,33 +590,35 @@ impl Driver {
         let started = Instant::now();
         let mut ready = match self.protocol.step(batch) {
             Ok(r) => r,
-            Err(e) => {
-                return self
-                    .health
-                    .stop(format!("protocol component failed in step: {e}"))
-            }
+            Err(e) => return self.recover(e),
         };
         self.observe_guest("step", started);
+        self.host_seq += 1;
+        let host = self.host_seq;
+        let guest = std::mem::replace(&mut ready.id, host);
         for w in &ready.persist {
-            self.pending
-                .insert(w.key.clone(), (ready.id, w.state.clone()));
+            self.pending.insert(w.key.clone(), (host, w.state.clone()));
             if let (Some(c), true) = (&w.commit, w.key == CONFIG_KEY) {
                 self.config_pending
-                    .push((ready.id, (c.version, c.value.clone())));
+                    .push((host, (c.version, c.value.clone())));
             }
         }
-        let id = ready.id;
         let early = std::mem::take(&mut ready.early);
-        if self.unreleased.is_empty() {
+        let early = if self.unreleased.is_empty() {
             // Every earlier ready is durable: the early actions go now.
             self.dispatch(early);
-            self.unreleased.push_back((id, None));
+            None
         } else {
-            self.unreleased.push_back((id, Some(early)));
-        }
+            Some(early)
+        };
+        self.unreleased.push_back(Unreleased {
+            host,
+            guest: Some(guest),
+            early,
+        });
         if ready.persist.is_empty() && self.unreleased.len() == 1 {
             // Nothing to make durable and nothing before it: release now.
-            return self.on_durable(Ok(id));
+            return self.on_durable(Ok(host));
         }
         if self.ready_tx.send(ready).is_err() {
             self.health.stop("the writer thread ended".into());
@@ -559,32 +651,146 @@ impl Driver {
                 let _ = self.config_commits.send(commit);
             }
         }
-        while let Some(&(id, _)) = self.unreleased.front() {
-            if id > upto {
-                break;
-            }
+        while self.unreleased.front().is_some_and(|u| u.host <= upto) {
+            let u = self.unreleased.pop_front().expect("checked above");
             // A ready made durable in the same group commit as the one
             // before it has not had its early actions applied yet.
-            if let Some((_, Some(early))) = self.unreleased.pop_front() {
+            if let Some(early) = u.early {
                 self.dispatch(early);
             }
+            let Some(guest) = u.guest else {
+                continue;
+            };
             let started = Instant::now();
-            let actions = match self.protocol.release(id) {
+            let actions = match self.protocol.release(guest) {
                 Ok(a) => a,
-                Err(e) => {
-                    return self
-                        .health
-                        .stop(format!("protocol component failed in release: {e}"))
-                }
+                Err(e) => return self.recover(e),
             };
             self.observe_guest("release", started);
             self.dispatch(actions);
         }
         // The next ready's early actions may go once everything before it
         // is durable.
-        if let Some((_, early)) = self.unreleased.front_mut() {
-            if let Some(early) = early.take() {
+        if let Some(u) = self.unreleased.front_mut() {
+            if let Some(early) = u.early.take() {
                 self.dispatch(early);
+            }
+        }
+    }
+
+    /// Fails every waiting client with `message` (they may have applied).
+    fn abandon_clients(&mut self, message: &str) -> usize {
+        let clients = std::mem::take(&mut self.clients);
+        let n = clients.len();
+        for (id, c) in clients {
+            self.metrics
+                .requests
+                .get_or_create(&labels2(("op", c.op), ("outcome", "abandoned")))
+                .inc();
+            let _ = c.reply.send(Completion {
+                id,
+                outcome: Outcome::Failed(Failure {
+                    reason: FailureReason::Interrupted,
+                    maybe_applied: true,
+                    message: message.to_string(),
+                }),
+                trace: Trace::default(),
+            });
+        }
+        n
+    }
+
+    /// Replaces the protocol instance with a fresh one from `factory`, on a
+    /// new incarnation, keeping the policy bindings. What the old instance
+    /// had not released is dropped (its writes still become durable).
+    fn replace(&mut self, factory: &ProtocolFactory) -> Result<u64, String> {
+        let incarnation = self
+            .storage
+            .bump_incarnation()
+            .map_err(|e| format!("recording a new incarnation: {e}"))?;
+        let mut fresh = factory(incarnation)?;
+        let bound = self.protocol.policies().take_bound();
+        fresh.policies().rebind(bound);
+        self.protocol = fresh;
+        for u in &mut self.unreleased {
+            u.guest = None;
+            u.early = None;
+        }
+        // Timer tokens belong to the instance that armed them.
+        self.timers.clear();
+        Ok(incarnation)
+    }
+
+    /// After a trap: the instance's memory may be half-written, so it is
+    /// dropped and a fresh one of the same component takes over. Clients
+    /// waiting on it get an error (their commands may still apply).
+    fn recover(&mut self, reason: String) {
+        error!(label = %self.label, "protocol component failed, restarting it: {reason}");
+        self.metrics
+            .protocol_restarts
+            .get_or_create(&label("cause", "trap"))
+            .inc();
+        let message = format!(
+            "the protocol component failed ({reason}); it was restarted, and this \
+             command may or may not have taken effect"
+        );
+        self.abandon_clients(&message);
+        let factory = self.factory.clone();
+        if let Err(e) = self.replace(&factory) {
+            return self
+                .health
+                .stop(format!("restarting the protocol after a trap: {e}"));
+        }
+        let _ = self.events.send(CoreEvent::Trapped {
+            label: self.label.clone(),
+            reason,
+        });
+    }
+
+    /// Finishes a swap once nothing is in flight (or the drain deadline
+    /// has passed).
+    fn try_swap(&mut self) {
+        let Some(swap) = &self.swapping else {
+            return;
+        };
+        let drained = self.clients.is_empty() && self.unreleased.is_empty();
+        let waited = swap.since.elapsed();
+        if !drained && waited < SWAP_DRAIN_MAX {
+            return;
+        }
+        let swap = self.swapping.take().expect("checked above");
+        let abandoned = self.abandon_clients(
+            "the protocol was swapped before this command finished; it may or may not have taken effect",
+        );
+        match self.replace(&swap.factory) {
+            Ok(incarnation) => {
+                self.metrics
+                    .protocol_restarts
+                    .get_or_create(&label("cause", "swap"))
+                    .inc();
+                self.metrics
+                    .swap_drain_seconds
+                    .observe(waited.as_secs_f64());
+                info!(
+                    from = %self.label,
+                    to = %swap.label,
+                    incarnation,
+                    drained_ms = waited.as_millis() as u64,
+                    abandoned,
+                    "protocol swapped"
+                );
+                self.label = swap.label.clone();
+                self.factory = swap.factory;
+                let _ = self.events.send(CoreEvent::Swapped {
+                    label: swap.label,
+                    incarnation,
+                    drained: waited,
+                    abandoned,
+                });
+            }
+            Err(e) => {
+                // The old instance was not touched: keep running it.
+                error!(to = %swap.label, "protocol swap failed, staying on {}: {e}", self.label);
             }
         }
     }
@@ -619,6 +825,7 @@ impl Driver {
                 FailureReason::Contention => "contention",
                 FailureReason::Overloaded => "overloaded",
                 FailureReason::Invalid => "invalid",
+                FailureReason::Interrupted => "interrupted",
             },
         };
         let m = &self.metrics;

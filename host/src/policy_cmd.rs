@@ -517,3 +517,180 @@ pub fn new(name: String, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> ExitCode
     );
     ExitCode::SUCCESS
 }
+
+/// Waits until every replica the endpoint knows runs protocol `label`.
+async fn await_protocol(client: &Client, label: &str) -> bool {
+    let urls: Vec<String> = match client.cluster().await {
+        Ok(view) => view.replicas.into_iter().filter_map(|r| r.http).collect(),
+        Err(_) => vec![client.endpoint().to_string()],
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut done = 0;
+        for url in &urls {
+            if let Ok(Ok(v)) = Client::new(url)
+                .json(Method::GET, "/v1/protocol", Bytes::new())
+                .await
+            {
+                if v["running"]["label"] == label {
+                    done += 1;
+                }
+            }
+        }
+        if done == urls.len() || Instant::now() > deadline {
+            println!("{} runs on {done} of {} replicas", short(label), urls.len());
+            return done == urls.len();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `ballot component activate ID` and `ballot component rollback`.
+pub async fn swap(client: Client, component: Option<String>) -> ExitCode {
+    let (path, body) = match &component {
+        Some(id) => (
+            "/v1/protocol/activate",
+            serde_json::json!({ "component": id }).to_string(),
+        ),
+        None => ("/v1/protocol/rollback", String::new()),
+    };
+    match client.json(Method::POST, path, body.into()).await {
+        Ok(Ok(v)) => {
+            let label = v["active"].as_str().unwrap_or("?").to_string();
+            println!(
+                "active protocol: {} (configuration version {})",
+                short(&label),
+                v["config_version"]
+            );
+            if await_protocol(&client, &label).await {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(5)
+            }
+        }
+        Ok(Err(r)) => report(&r),
+        Err(e) => fail(e),
+    }
+}
+
+fn ago(at_ms: u64) -> String {
+    let secs = crate::registry::now_ms().saturating_sub(at_ms) / 1000;
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+fn describe(v: &serde_json::Value, id: Option<&str>) -> String {
+    let Some(id) = id else {
+        return "-".into();
+    };
+    let embedded = v["embedded"].as_str() == Some(id);
+    let record = v["components"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["id"] == id);
+    match (record, embedded) {
+        (Some(c), _) => format!(
+            "{} {} ({})",
+            c["name"].as_str().unwrap_or("?"),
+            c["version"].as_str().unwrap_or("?"),
+            short(id)
+        ),
+        (None, true) => format!("embedded ({})", short(id)),
+        (None, false) => short(id).to_string(),
+    }
+}
+
+/// `ballot component status`: each replica's protocol, and the history.
+pub async fn protocol_status(client: Client) -> ExitCode {
+    let urls: Vec<(u32, Option<String>)> = match client.cluster().await {
+        Ok(view) => view.replicas.into_iter().map(|r| (r.id, r.http)).collect(),
+        Err(e) => return fail(e),
+    };
+    let mut rows = vec![vec![
+        "REPLICA".to_string(),
+        "PROTOCOL".into(),
+        "COMPONENT".into(),
+        "STATE FORMATS".into(),
+        "INCARNATION".into(),
+    ]];
+    let mut cluster: Option<serde_json::Value> = None;
+    for (id, url) in urls {
+        let answer = match &url {
+            Some(url) => Client::new(url)
+                .json(Method::GET, "/v1/protocol", Bytes::new())
+                .await
+                .ok()
+                .and_then(Result::ok),
+            None => None,
+        };
+        match answer {
+            Some(v) => {
+                let r = &v["running"];
+                rows.push(vec![
+                    id.to_string(),
+                    format!(
+                        "{} {}",
+                        r["view"]["name"].as_str().unwrap_or("?"),
+                        r["view"]["version"].as_str().unwrap_or("?")
+                    ),
+                    short(r["label"].as_str().unwrap_or("?")).to_string(),
+                    r["view"]["state_formats"].to_string(),
+                    r["incarnation"].to_string(),
+                ]);
+                if cluster.is_none() && v.get("active").is_some() {
+                    cluster = Some(v);
+                }
+            }
+            None => rows.push(vec![
+                id.to_string(),
+                "unreachable".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]),
+        }
+    }
+    table(rows);
+    let Some(v) = cluster else {
+        return fail("no replica could read the cluster's configuration");
+    };
+    println!();
+    println!("active:      {}", describe(&v, v["active"].as_str()));
+    let previous = v["previous"]
+        .as_array()
+        .and_then(|p| p.last())
+        .map(|p| p.as_str().or(v["embedded"].as_str()));
+    println!(
+        "rollback to: {}",
+        previous.map_or("-".to_string(), |p| describe(&v, p))
+    );
+    let history = v["history"].as_array().cloned().unwrap_or_default();
+    if !history.is_empty() {
+        println!();
+        let mut rows = vec![vec![
+            "WHEN".to_string(),
+            "ACTION".into(),
+            "FROM".into(),
+            "TO".into(),
+            "BY".into(),
+            "REASON".into(),
+        ]];
+        let embedded = v["embedded"].as_str();
+        for h in history.iter().rev().take(20) {
+            rows.push(vec![
+                ago(h["at_ms"].as_u64().unwrap_or(0)),
+                h["action"].as_str().unwrap_or("?").into(),
+                describe(&v, h["from"].as_str().or(embedded)),
+                describe(&v, h["to"].as_str().or(embedded)),
+                h["by"].to_string(),
+                h["reason"].as_str().unwrap_or("").into(),
+            ]);
+        }
+        table(rows);
+    }
+    ExitCode::SUCCESS
+}

@@ -19,11 +19,11 @@
 //! component id and the engine's compatibility hash; the daemon only ever
 //! deserializes files it wrote there itself.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Current, Operation, Outcome};
@@ -33,7 +33,9 @@ use tracing::{debug, info, warn};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Store};
 
-use crate::node::{self, ClientRequest, ConfigCommit, Control};
+use crate::api::ComponentView;
+use crate::metrics::Metrics;
+use crate::node::{self, ClientRequest, ConfigCommit, Control, CoreEvent, ProtocolFactory};
 use crate::runtime::{self, Bound, Error, PolicyInstance};
 
 /// Prefix of every key the cluster keeps for itself.
@@ -105,6 +107,47 @@ pub struct Binding {
     pub bound_ms: u64,
 }
 
+/// An activation every voter is checking.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingActivation {
+    /// The protocol component to run; `None` is the embedded default.
+    pub target: Option<String>,
+    /// Names this attempt's readiness keys (ms since the epoch).
+    pub nonce: u64,
+    /// `activate`, `rollback` or `auto-rollback`.
+    pub action: String,
+}
+
+/// Which protocol the cluster runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtocolConfig {
+    /// The active protocol component; `None` is the embedded default.
+    #[serde(default)]
+    pub active: Option<String>,
+    /// Earlier active protocols, most recent last: what rollback returns to.
+    #[serde(default)]
+    pub previous: Vec<Option<String>>,
+    #[serde(default)]
+    pub pending: Option<PendingActivation>,
+}
+
+/// One entry of the swap history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapRecord {
+    pub at_ms: u64,
+    /// `activate`, `rollback`, `auto-rollback`, or `refused`.
+    pub action: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// The replica that recorded it.
+    pub by: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Swap history entries kept.
+const HISTORY_MAX: usize = 100;
+
 /// The value of [`CONFIG_KEY`]: JSON, with a format number.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterConfig {
@@ -113,6 +156,10 @@ pub struct ClusterConfig {
     pub components: Vec<ComponentRecord>,
     #[serde(default)]
     pub bindings: Vec<Binding>,
+    #[serde(default)]
+    pub protocol: ProtocolConfig,
+    #[serde(default)]
+    pub history: Vec<SwapRecord>,
 }
 
 impl ClusterConfig {
@@ -138,6 +185,12 @@ impl ClusterConfig {
 
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("the configuration serialises")
+    }
+
+    fn record(&mut self, entry: SwapRecord) {
+        self.history.push(entry);
+        let excess = self.history.len().saturating_sub(HISTORY_MAX);
+        self.history.drain(..excess);
     }
 
     /// The component with this id, or the only one whose id starts with it
@@ -456,8 +509,58 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// it missed the commit while it was down or cut off.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
+/// What a replica's protocol instance runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct Running {
+    /// The component id (`native` for the compiled-in build).
+    pub label: String,
+    pub view: ComponentView,
+    pub incarnation: u64,
+    pub since_ms: u64,
+}
+
+/// What the registry is built from.
+pub struct Setup {
+    pub engine: Engine,
+    pub data_dir: PathBuf,
+    pub requests: mpsc::Sender<ClientRequest>,
+    pub control: mpsc::UnboundedSender<Control>,
+    /// The embedded components, compiled; `None` on a native replica,
+    /// which cannot run protocol components.
+    pub runtime: Option<Arc<runtime::Runtime>>,
+    /// This replica's protocol configuration (incarnation aside).
+    pub core_config: ballot_core::Config,
+    pub running: Running,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Traps within this long after a swap count towards a rollback.
+const TRAP_WINDOW: Duration = Duration::from_secs(60);
+/// Traps in that window that make a replica fall back to the previous
+/// protocol.
+const TRAPS_TO_ROLL_BACK: usize = 3;
+/// How long an activation waits for every voter to say it can run the
+/// component.
+const READY_WAIT: Duration = Duration::from_secs(15);
+
+/// Protocol bookkeeping of one replica.
+#[derive(Default)]
+struct ProtocolState {
+    /// The component the core was last told to run.
+    desired: Option<String>,
+    /// Readiness checks done, by nonce.
+    reported: HashSet<u64>,
+    /// Components this replica fell back from: never swapped to again.
+    quarantined: HashSet<String>,
+    /// Traps since the last swap.
+    traps: Vec<Instant>,
+    swapped_at: Option<Instant>,
+    /// Views of the components this replica may run, by label.
+    views: HashMap<String, ComponentView>,
+}
+
 /// A replica's view of the stored components, and the task that keeps its
-/// policy bindings in step with the configuration record.
+/// policy bindings and protocol in step with the configuration record.
 pub struct Registry {
     engine: Engine,
     cache: Cache,
@@ -466,9 +569,16 @@ pub struct Registry {
     applied: RwLock<Applied>,
     changed: Notify,
     compiled: Mutex<HashMap<String, Component>>,
+    runtime: Option<Arc<runtime::Runtime>>,
+    core_config: ballot_core::Config,
+    embedded_id: String,
+    running: RwLock<Running>,
+    protocol: Mutex<ProtocolState>,
+    metrics: Arc<Metrics>,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch, by this replica's clock.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -483,22 +593,80 @@ fn unavailable(outcome: &Outcome) -> RegistryError {
     }
 }
 
+fn ready_key(nonce: u64, replica: u32) -> Vec<u8> {
+    let mut key = SYSTEM_PREFIX.to_vec();
+    key.extend_from_slice(format!("ready/{nonce}/{replica}").as_bytes());
+    key
+}
+
+/// Whether replicas running `from` and `to` side by side (as they do while
+/// a swap is under way) understand each other, and whether `to` reads the
+/// key states `from` wrote. Both lists end with the format written.
+pub fn compatible(from: &ComponentView, to: &ComponentView) -> Result<(), String> {
+    let writes = |f: &[u32]| f.last().copied();
+    let (Some(from_wire), Some(to_wire), Some(from_state)) = (
+        writes(&from.wire_formats),
+        writes(&to.wire_formats),
+        writes(&from.state_formats),
+    ) else {
+        return Err("a protocol must declare the state and wire formats it reads".into());
+    };
+    if !to.wire_formats.contains(&from_wire) {
+        return Err(format!(
+            "{} {} cannot read wire format {from_wire}, which {} {} sends while the swap is under way",
+            to.name, to.version, from.name, from.version
+        ));
+    }
+    if !from.wire_formats.contains(&to_wire) {
+        return Err(format!(
+            "{} {} cannot read wire format {to_wire}, which {} {} would send while the swap is under way; \
+             first activate a version that reads it",
+            from.name, from.version, to.name, to.version
+        ));
+    }
+    if !to.state_formats.contains(&from_state) {
+        return Err(format!(
+            "{} {} cannot read key-state format {from_state}, which {} {} wrote",
+            to.name, to.version, from.name, from.version
+        ));
+    }
+    Ok(())
+}
+
 impl Registry {
-    pub fn new(
-        engine: Engine,
-        data_dir: &Path,
-        requests: mpsc::Sender<ClientRequest>,
-        control: mpsc::UnboundedSender<Control>,
-    ) -> Registry {
+    pub fn new(setup: Setup) -> Registry {
+        let embedded_id = component_id(runtime::PROTOCOL_WASM);
+        let mut state = ProtocolState::default();
+        state
+            .views
+            .insert(setup.running.label.clone(), setup.running.view.clone());
+        state.desired = Some(setup.running.label.clone());
+        set_protocol_info(&setup.metrics, None, &setup.running);
         Registry {
-            cache: Cache::new(data_dir, &engine),
-            engine,
-            requests,
-            control,
+            cache: Cache::new(&setup.data_dir, &setup.engine),
+            engine: setup.engine,
+            requests: setup.requests,
+            control: setup.control,
             applied: RwLock::new(Applied::default()),
             changed: Notify::new(),
             compiled: Mutex::new(HashMap::new()),
+            runtime: setup.runtime,
+            core_config: setup.core_config,
+            embedded_id,
+            running: RwLock::new(setup.running),
+            protocol: Mutex::new(state),
+            metrics: setup.metrics,
         }
+    }
+
+    /// What this replica's protocol instance runs.
+    pub fn running(&self) -> Running {
+        self.running.read().expect("registry lock").clone()
+    }
+
+    /// The id of the embedded default protocol.
+    pub fn embedded_id(&self) -> &str {
+        &self.embedded_id
     }
 
     /// What this replica runs now.
@@ -549,7 +717,11 @@ impl Registry {
     /// Keeps the policy bindings in step with the configuration: on every
     /// commit this replica makes durable, and by a linearizable read every
     /// [`POLL_INTERVAL`].
-    pub async fn run(self: Arc<Self>, mut commits: mpsc::UnboundedReceiver<ConfigCommit>) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut commits: mpsc::UnboundedReceiver<ConfigCommit>,
+        mut events: mpsc::UnboundedReceiver<CoreEvent>,
+    ) {
         if let Ok(current) = self.read(CONFIG_KEY.to_vec(), Consistency::Local).await {
             self.consider(current.version, current.value).await;
         }
@@ -560,6 +732,7 @@ impl Registry {
                     Some((version, value)) => self.consider(version, value).await,
                     None => return,
                 },
+                Some(e) = events.recv() => self.on_core_event(e).await,
                 _ = poll.tick() => {
                     match self.read(CONFIG_KEY.to_vec(), Consistency::Linearizable).await {
                         Ok(current) => self.consider(current.version, current.value).await,
@@ -586,28 +759,411 @@ impl Registry {
             Ok(config) => self.prepare(&config).await.map(|bound| (config, bound)),
             Err(e) => Err(e),
         };
-        let mut applied = self.applied.write().expect("registry lock");
-        if version < applied.version {
+        let config = {
+            let mut applied = self.applied.write().expect("registry lock");
+            if version < applied.version {
+                return;
+            }
+            match prepared {
+                Ok((config, bound)) => {
+                    let bindings = config.bindings.len();
+                    let _ = self.control.send(Control::Rebind(bound));
+                    *applied = Applied {
+                        version,
+                        config: config.clone(),
+                        error: None,
+                    };
+                    info!(version, bindings, "component configuration applied");
+                    Some(config)
+                }
+                Err(e) => {
+                    warn!(version, "component configuration not applied yet: {e}");
+                    applied.error = Some(format!("version {version}: {e}"));
+                    None
+                }
+            }
+        };
+        if let Some(config) = config {
+            self.follow_protocol(&config).await;
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Answers a pending activation's readiness check, and swaps to the
+    /// active protocol if this replica does not run it yet.
+    async fn follow_protocol(&self, config: &ClusterConfig) {
+        if let Some(p) = &config.protocol.pending {
+            let fresh = self
+                .protocol
+                .lock()
+                .expect("registry lock")
+                .reported
+                .insert(p.nonce);
+            if fresh {
+                let verdict = match self.prepare_protocol(p.target.as_deref()).await {
+                    Ok((label, view, _)) => {
+                        let running = self.running();
+                        match compatible(&running.view, &view) {
+                            Ok(()) => {
+                                self.protocol
+                                    .lock()
+                                    .expect("registry lock")
+                                    .views
+                                    .insert(label, view);
+                                serde_json::json!({ "ok": true })
+                            }
+                            Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                        }
+                    }
+                    Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                };
+                let key = ready_key(p.nonce, self.core_config.self_id);
+                let value = verdict.to_string().into_bytes();
+                if let Err(e) = self.command(key, Command::Put(value)).await {
+                    warn!("reporting readiness for activation {}: {e}", p.nonce);
+                }
+            }
+        }
+        let target = config
+            .protocol
+            .active
+            .clone()
+            .unwrap_or_else(|| self.embedded_id.clone());
+        let desired = {
+            let state = self.protocol.lock().expect("registry lock");
+            if state.quarantined.contains(&target) {
+                return;
+            }
+            state.desired.clone()
+        };
+        if self.runtime.is_none() || desired.as_deref() == Some(&target) {
             return;
         }
-        match prepared {
-            Ok((config, bound)) => {
-                let bindings = config.bindings.len();
-                let _ = self.control.send(Control::Rebind(bound));
-                *applied = Applied {
-                    version,
-                    config,
-                    error: None,
-                };
-                info!(version, bindings, "component configuration applied");
+        match self
+            .prepare_protocol(config.protocol.active.as_deref())
+            .await
+        {
+            Ok((label, view, factory)) => {
+                let mut state = self.protocol.lock().expect("registry lock");
+                state.views.insert(label.clone(), view);
+                state.desired = Some(label.clone());
+                let _ = self.control.send(Control::Swap { label, factory });
             }
-            Err(e) => {
-                warn!(version, "component configuration not applied yet: {e}");
-                applied.error = Some(format!("version {version}: {e}"));
+            Err(e) => warn!(component = %target, "cannot run the active protocol: {e}"),
+        }
+    }
+
+    /// Fetches, compiles and instantiates a protocol component (`None`:
+    /// the embedded one) for this replica; its id, description and factory.
+    async fn prepare_protocol(
+        &self,
+        target: Option<&str>,
+    ) -> Result<(String, ComponentView, ProtocolFactory), String> {
+        let runtime = self.runtime.as_ref().ok_or_else(|| {
+            format!(
+                "replica {} runs the compiled-in protocol (--core native) and cannot run components",
+                self.core_config.self_id
+            )
+        })?;
+        let (label, component) = match target {
+            None => (
+                self.embedded_id.clone(),
+                runtime.protocol_component().clone(),
+            ),
+            Some(id) => (
+                id.to_string(),
+                self.component(id).await.map_err(|e| e.to_string())?,
+            ),
+        };
+        let rt = Arc::new(runtime::Runtime::from_parts(
+            self.engine.clone(),
+            component,
+            runtime.policy_component().clone(),
+        ));
+        let config = self.core_config.clone();
+        let probe = rt.clone();
+        let info = tokio::task::spawn_blocking(move || {
+            probe.replica(config).and_then(|mut core| core.describe())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| {
+            format!(
+                "it does not start on replica {}: {e}",
+                self.core_config.self_id
+            )
+        })?;
+        let factory = crate::server::wasm_factory(
+            rt,
+            self.core_config.clone(),
+            self.metrics.policy_failures.clone(),
+        );
+        Ok((label, crate::server::component_view(info), factory))
+    }
+
+    async fn on_core_event(&self, event: CoreEvent) {
+        match event {
+            CoreEvent::Swapped {
+                label, incarnation, ..
+            } => {
+                let view = {
+                    let mut state = self.protocol.lock().expect("registry lock");
+                    state.traps.clear();
+                    state.swapped_at = Some(Instant::now());
+                    state.views.get(&label).cloned()
+                };
+                let mut running = self.running.write().expect("registry lock");
+                let before = running.clone();
+                *running = Running {
+                    view: view.unwrap_or_else(|| before.view.clone()),
+                    label,
+                    incarnation,
+                    since_ms: now_ms(),
+                };
+                set_protocol_info(&self.metrics, Some(&before), &running);
+                drop(running);
+                self.changed.notify_waiters();
+            }
+            CoreEvent::Trapped { label, reason } => {
+                let fall_back = {
+                    let mut state = self.protocol.lock().expect("registry lock");
+                    let now = Instant::now();
+                    state.traps.retain(|t| now.duration_since(*t) < TRAP_WINDOW);
+                    state.traps.push(now);
+                    let recent = state
+                        .swapped_at
+                        .is_some_and(|at| now.duration_since(at) < TRAP_WINDOW);
+                    recent && state.traps.len() >= TRAPS_TO_ROLL_BACK
+                };
+                let config = self.applied().config;
+                let active = config
+                    .protocol
+                    .active
+                    .clone()
+                    .unwrap_or_else(|| self.embedded_id.clone());
+                if !fall_back || active != label {
+                    return;
+                }
+                let Some(previous) = config.protocol.previous.last().cloned() else {
+                    return;
+                };
+                warn!(component = %label, "the protocol keeps failing right after its activation; rolling back: {reason}");
+                self.protocol
+                    .lock()
+                    .expect("registry lock")
+                    .quarantined
+                    .insert(label.clone());
+                // Locally first: the failing protocol cannot be trusted to
+                // carry the rollback through consensus.
+                match self.prepare_protocol(previous.as_deref()).await {
+                    Ok((to, view, factory)) => {
+                        let mut state = self.protocol.lock().expect("registry lock");
+                        state.views.insert(to.clone(), view);
+                        state.desired = Some(to.clone());
+                        let _ = self.control.send(Control::Swap { label: to, factory });
+                    }
+                    Err(e) => {
+                        warn!("cannot fall back to the previous protocol: {e}");
+                        return;
+                    }
+                }
+                // Then for everyone.
+                let why = format!(
+                    "trapped {TRAPS_TO_ROLL_BACK} times within {}s of its activation: {reason}",
+                    TRAP_WINDOW.as_secs()
+                );
+                for _ in 0..10 {
+                    let result = self
+                        .update(|config| {
+                            let current = config.protocol.active.clone();
+                            let failing =
+                                current.clone().unwrap_or_else(|| self.embedded_id.clone());
+                            if failing != label {
+                                return Ok(false);
+                            }
+                            let to = config.protocol.previous.pop().unwrap_or(None);
+                            config.protocol.active = to.clone();
+                            config.protocol.pending = None;
+                            config.record(SwapRecord {
+                                at_ms: now_ms(),
+                                action: "auto-rollback".into(),
+                                from: current,
+                                to,
+                                by: self.core_config.self_id,
+                                reason: Some(why.clone()),
+                            });
+                            Ok(true)
+                        })
+                        .await;
+                    match result {
+                        Ok(_) => return,
+                        Err(e) => {
+                            debug!("recording the automatic rollback: {e}");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
             }
         }
-        drop(applied);
-        self.changed.notify_waiters();
+    }
+
+    /// Swaps the cluster to `target` (`None`: the embedded protocol) once
+    /// every voter has said it can run it. `action` is `activate` (the
+    /// current protocol becomes the rollback target) or `rollback` (it is
+    /// dropped from the rollback stack). Returns the configuration version
+    /// and the target's id.
+    pub async fn activate(
+        &self,
+        target: Option<&str>,
+        action: &str,
+    ) -> Result<(u64, String), RegistryError> {
+        let (_, config) = self.config().await?;
+        let is_embedded = |id: &str| id.len() >= 8 && self.embedded_id.starts_with(id);
+        let target = match target {
+            None => None,
+            Some(id) if is_embedded(id) => None,
+            Some(id) => {
+                let record = config.find(id).map_err(RegistryError::NotFound)?;
+                if record.kind != Kind::Protocol {
+                    return Err(RegistryError::Invalid(format!(
+                        "component {} ({} {}) is a {}, not a protocol",
+                        &record.id[..12],
+                        record.name,
+                        record.version,
+                        record.kind
+                    )));
+                }
+                (record.id != self.embedded_id).then(|| record.id.clone())
+            }
+        };
+        let label = target.clone().unwrap_or_else(|| self.embedded_id.clone());
+        if config.protocol.active == target {
+            let version = self.config().await?.0;
+            return Ok((version, label));
+        }
+        if let Some(p) = &config.protocol.pending {
+            if now_ms().saturating_sub(p.nonce) < 2 * READY_WAIT.as_millis() as u64 {
+                return Err(RegistryError::Unavailable(
+                    "another activation is being checked; try again shortly".into(),
+                ));
+            }
+        }
+        let nonce = now_ms();
+        let pending = PendingActivation {
+            target: target.clone(),
+            nonce,
+            action: action.to_string(),
+        };
+        self.update(|config| {
+            config.protocol.pending = Some(pending.clone());
+            Ok(true)
+        })
+        .await?;
+
+        // Every voter checks it can run the component and says so.
+        let mut waiting: Vec<u32> = self.core_config.voters.clone();
+        let mut refusals = Vec::new();
+        let deadline = Instant::now() + READY_WAIT;
+        while !waiting.is_empty() && Instant::now() < deadline {
+            let mut still = Vec::new();
+            for replica in waiting {
+                let answer = self
+                    .read(ready_key(nonce, replica), Consistency::Linearizable)
+                    .await
+                    .ok()
+                    .and_then(|c| c.value)
+                    .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok());
+                match answer {
+                    None => still.push(replica),
+                    Some(v) if v["ok"] == true => {}
+                    Some(v) => refusals.push(format!(
+                        "replica {replica}: {}",
+                        v["error"].as_str().unwrap_or("refused")
+                    )),
+                }
+            }
+            waiting = still;
+            if !waiting.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for replica in waiting {
+            refusals.push(format!(
+                "replica {replica} did not say within {}s whether it can run it",
+                READY_WAIT.as_secs()
+            ));
+        }
+        let refused = !refusals.is_empty();
+        let reason = refusals.join("; ");
+        let by = self.core_config.self_id;
+        let (version, _) = self
+            .update(|config| {
+                if config.protocol.pending.as_ref().map(|p| p.nonce) != Some(nonce) {
+                    return Err(RegistryError::Unavailable(
+                        "another activation replaced this one".into(),
+                    ));
+                }
+                config.protocol.pending = None;
+                let from = config.protocol.active.clone();
+                if refused {
+                    config.record(SwapRecord {
+                        at_ms: now_ms(),
+                        action: "refused".into(),
+                        from,
+                        to: target.clone(),
+                        by,
+                        reason: Some(reason.clone()),
+                    });
+                    return Ok(true);
+                }
+                if action == "rollback" {
+                    config.protocol.previous.pop();
+                } else {
+                    config.protocol.previous.push(from.clone());
+                }
+                config.protocol.active = target.clone();
+                config.record(SwapRecord {
+                    at_ms: now_ms(),
+                    action: action.to_string(),
+                    from,
+                    to: target.clone(),
+                    by,
+                    reason: None,
+                });
+                Ok(true)
+            })
+            .await?;
+        if refused {
+            return Err(RegistryError::Invalid(format!(
+                "activation refused: {reason}"
+            )));
+        }
+        Ok((version, label))
+    }
+
+    /// Returns the cluster to the protocol it ran before the current one.
+    pub async fn rollback(&self) -> Result<(u64, String), RegistryError> {
+        let (_, config) = self.config().await?;
+        let Some(previous) = config.protocol.previous.last().cloned() else {
+            return Err(RegistryError::Invalid(
+                "nothing to roll back to: the cluster runs the protocol it started with".into(),
+            ));
+        };
+        self.activate(previous.as_deref(), "rollback").await
+    }
+
+    /// Waits until this replica's protocol instance runs `label`.
+    pub async fn wait_running(&self, label: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            if self.running().label == label {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.running().label == label;
+            }
+        }
     }
 
     /// Compiles every bound policy of `config`.
@@ -841,6 +1397,20 @@ impl Registry {
             }
         }
     }
+}
+
+fn set_protocol_info(metrics: &Metrics, before: Option<&Running>, now: &Running) {
+    let labels = |r: &Running| {
+        vec![
+            ("name", r.view.name.clone()),
+            ("version", r.view.version.clone()),
+            ("component", r.label.clone()),
+        ]
+    };
+    if let Some(before) = before {
+        metrics.protocol_info.get_or_create(&labels(before)).set(0);
+    }
+    metrics.protocol_info.get_or_create(&labels(now)).set(1);
 }
 
 /// Prefixes are 1 to 511 bytes and cannot reach into the cluster's keys.

@@ -12,6 +12,10 @@ use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 
 /// The default protocol component, built from `guest/protocol`.
 pub const PROTOCOL_WASM: &[u8] = include_bytes!("../components/protocol.wasm");
+/// The next protocol version (`guest/protocol-next`): key-state format 2.
+/// Embedded for `ballot bench`'s swap measurement and the tests; a cluster
+/// installs it with `ballot component push` and `activate`.
+pub const PROTOCOL_NEXT_WASM: &[u8] = include_bytes!("../components/protocol-next.wasm");
 /// The default register policy component, built from `guest/register`.
 pub const REGISTER_WASM: &[u8] = include_bytes!("../components/register.wasm");
 
@@ -92,6 +96,25 @@ impl Runtime {
             protocol,
             policy,
         })
+    }
+
+    /// A runtime of already compiled components (compiled with `engine`).
+    pub fn from_parts(engine: Engine, protocol: Component, policy: Component) -> Runtime {
+        Runtime {
+            engine,
+            protocol,
+            policy,
+        }
+    }
+
+    /// The compiled protocol.
+    pub fn protocol_component(&self) -> &Component {
+        &self.protocol
+    }
+
+    /// The compiled default policy.
+    pub fn policy_component(&self) -> &Component {
+        &self.policy
     }
 
     /// The engine every component of this runtime must be compiled with.
@@ -383,6 +406,7 @@ pub struct Policies {
     linker: Linker<PolicyHost>,
     default: Option<PolicyInstance>,
     bound: Vec<Bound>,
+    failures: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 impl Policies {
@@ -394,6 +418,7 @@ impl Policies {
             linker,
             default,
             bound: Vec::new(),
+            failures: None,
         })
     }
 
@@ -416,6 +441,16 @@ impl Policies {
         self.bound
             .sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
         old.clear();
+    }
+
+    /// Takes the bindings out (to hand them to another protocol instance).
+    pub fn take_bound(&mut self) -> Vec<Bound> {
+        std::mem::take(&mut self.bound)
+    }
+
+    /// Counts failed policy calls in `counter`.
+    pub fn count_failures(&mut self, counter: prometheus_client::metrics::counter::Counter) {
+        self.failures = Some(counter);
     }
 
     /// The policy governing `key`, if it is not the default.
@@ -585,7 +620,7 @@ impl WasmCore {
             .bindings
             .ballot_core_replica()
             .call_step(&mut self.store, &batch)
-            .map_err(|e| err("step", e))?;
+            .map_err(|e| Error(format!("step failed: {}", trap_reason(&e))))?;
         Ok(core::Ready {
             early: actions(ready.early),
             id: ready.id,
@@ -611,7 +646,7 @@ impl WasmCore {
             .bindings
             .ballot_core_replica()
             .call_release(&mut self.store, id)
-            .map_err(|e| err("release", e))?;
+            .map_err(|e| Error(format!("release failed: {}", trap_reason(&e))))?;
         Ok(actions(a))
     }
 }

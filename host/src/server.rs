@@ -11,7 +11,7 @@ use tracing::info;
 
 use crate::api::{self, App, ClusterView, ComponentView, ReplicaView};
 use crate::metrics::Metrics;
-use crate::node::{self, Protocol, INBOUND_QUEUE};
+use crate::node::{self, Protocol, ProtocolFactory, INBOUND_QUEUE};
 use crate::registry::Registry;
 use crate::runtime::{Policies, Runtime};
 use crate::storage::{Storage, MAP_SIZE_DEFAULT};
@@ -123,26 +123,46 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
     let identity = Identity::load(&config.tls).map_err(|e| e.to_string())?;
     let mut core_config = ballot_core::Config::new(config.id, incarnation, config.voters());
     core_config.inflight_max = 16 * 1024;
-    let (protocol, protocol_view, engine): (Box<dyn Protocol>, ComponentView, _) = match config.core
-    {
+    let metrics = Arc::new(Metrics::new());
+    let failures = metrics.policy_failures.clone();
+    let (initial, protocol_view, engine, runtime) = match config.core {
         CoreKind::Wasm => {
-            let runtime = Runtime::new().map_err(|e| e.to_string())?;
-            let mut core = runtime.replica(core_config).map_err(|e| e.to_string())?;
-            let info = core.describe().map_err(|e| e.to_string())?;
-            (
-                Box::new(core),
-                component_view(info),
-                runtime.engine().clone(),
-            )
+            let runtime = Arc::new(Runtime::new().map_err(|e| e.to_string())?);
+            let info = runtime
+                .replica(core_config.clone())
+                .and_then(|mut core| core.describe())
+                .map_err(|e| e.to_string())?;
+            let factory = wasm_factory(runtime.clone(), core_config.clone(), failures);
+            let initial = node::Initial {
+                label: crate::registry::component_id(crate::runtime::PROTOCOL_WASM),
+                factory,
+                incarnation,
+            };
+            let engine = runtime.engine().clone();
+            (initial, component_view(info), engine, Some(runtime))
         }
         CoreKind::Native => {
             // The protocol and the register compiled in; bound policies
             // still run as components.
             let engine = crate::runtime::engine().map_err(|e| e.to_string())?;
-            let policies = Policies::new(&engine, None).map_err(|e| e.to_string())?;
-            let core = ballot_core::Replica::new(core_config, policies)?;
+            let base = core_config.clone();
+            let factory_engine = engine.clone();
+            let factory: ProtocolFactory = Arc::new(move |incarnation| {
+                let mut config = base.clone();
+                config.incarnation = incarnation;
+                let mut policies =
+                    Policies::new(&factory_engine, None).map_err(|e| e.to_string())?;
+                policies.count_failures(failures.clone());
+                let core = ballot_core::Replica::new(config, policies)?;
+                Ok(Box::new(core) as Box<dyn Protocol>)
+            });
             let info = ballot_core::Replica::<Policies>::info();
-            (Box::new(core), component_view(info), engine)
+            let initial = node::Initial {
+                label: "native".to_string(),
+                factory,
+                incarnation,
+            };
+            (initial, component_view(info), engine, None)
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -153,7 +173,6 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
     let in_replica = replica.clone();
     rt.block_on(tracing::Instrument::instrument(
         async move {
-            let metrics = Arc::new(Metrics::new());
             let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
             let peers: Vec<(u32, SocketAddr)> =
                 config.peers.iter().map(|p| (p.id, p.addr)).collect();
@@ -166,21 +185,33 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 metrics.clone(),
             )?);
             let (commits_tx, commits_rx) = mpsc::unbounded_channel();
+            let (events_tx, events_rx) = mpsc::unbounded_channel();
+            let running = crate::registry::Running {
+                label: initial.label.clone(),
+                view: protocol_view.clone(),
+                incarnation,
+                since_ms: crate::registry::now_ms(),
+            };
             let core = node::start(
-                protocol,
+                initial,
                 storage,
                 inbound_rx,
                 transport.clone(),
                 metrics.clone(),
                 commits_tx,
-            );
-            let registry = Arc::new(Registry::new(
+                events_tx,
+            )?;
+            let registry = Arc::new(Registry::new(crate::registry::Setup {
                 engine,
-                &config.data_dir,
-                core.requests.clone(),
-                core.control.clone(),
-            ));
-            tokio::spawn(registry.clone().run(commits_rx));
+                data_dir: config.data_dir.clone(),
+                requests: core.requests.clone(),
+                control: core.control.clone(),
+                runtime,
+                core_config,
+                running,
+                metrics: metrics.clone(),
+            }));
+            tokio::spawn(registry.clone().run(commits_rx, events_rx));
             let listener = tokio::net::TcpListener::bind(config.http_addr)
                 .await
                 .map_err(|e| format!("binding the client address {}: {e}", config.http_addr))?;
@@ -188,16 +219,18 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 let config = config.clone();
                 let transport = transport.clone();
                 let health = core.health.clone();
+                let registry = registry.clone();
                 let core_kind = match config.core {
                     CoreKind::Wasm => "wasm",
                     CoreKind::Native => "native",
                 };
                 move || {
+                    let running = registry.running();
                     cluster_view(
                         &config,
-                        incarnation,
+                        running.incarnation,
                         core_kind,
-                        &protocol_view,
+                        &running.view,
                         &transport,
                         health.fatal(),
                     )
@@ -229,7 +262,22 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
     ))
 }
 
-fn component_view(info: ballot_core::Info) -> ComponentView {
+/// Builds instances of `runtime`'s protocol for this replica.
+pub fn wasm_factory(
+    runtime: Arc<Runtime>,
+    base: ballot_core::Config,
+    failures: prometheus_client::metrics::counter::Counter,
+) -> ProtocolFactory {
+    Arc::new(move |incarnation| {
+        let mut config = base.clone();
+        config.incarnation = incarnation;
+        let mut core = runtime.replica(config).map_err(|e| e.to_string())?;
+        core.policies_mut().count_failures(failures.clone());
+        Ok(Box::new(core) as Box<dyn Protocol>)
+    })
+}
+
+pub fn component_view(info: ballot_core::Info) -> ComponentView {
     ComponentView {
         name: info.name,
         version: info.version,

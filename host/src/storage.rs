@@ -214,6 +214,21 @@ impl Storage {
         Ok(out)
     }
 
+    /// Durably bumps the boot counter and returns it: a protocol instance
+    /// started without a process restart (a swap, or recovery from a trap)
+    /// must not reuse the proposal ids of the one it replaces.
+    pub fn bump_incarnation(&self) -> Result<u64, Error> {
+        let mut wtxn = self.env.write_txn()?;
+        let incarnation = match self.meta.get(&wtxn, META_INCARNATION)? {
+            Some(bytes) => read_u64(bytes)? + 1,
+            None => 1,
+        };
+        self.meta
+            .put(&mut wtxn, META_INCARNATION, &record_u64(incarnation))?;
+        wtxn.commit()?;
+        Ok(incarnation)
+    }
+
     /// The boot counter as persisted.
     pub fn incarnation(&self) -> Result<u64, Error> {
         let rtxn = self.env.read_txn()?;
@@ -334,6 +349,8 @@ mod tests {
         let (s, inc) = Storage::open(&dir, 3, 1 << 26).unwrap();
         assert_eq!(inc, 2);
         assert_eq!(s.incarnation().unwrap(), 2);
+        assert_eq!(s.bump_incarnation().unwrap(), 3);
+        assert_eq!(s.incarnation().unwrap(), 3);
         let keys: [&[u8]; 3] = [b"a", b"b", b"c"];
         let states = s.states(keys.into_iter()).unwrap();
         assert_eq!(states[0].1, vec![4]);

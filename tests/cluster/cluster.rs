@@ -7,163 +7,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ballot::client::{Client, Precondition, Response};
+use ballot::client::{Client, Response};
 use ballot::dev::DevCluster;
 use ballot::server::{CoreKind, NodeConfig};
-use ballot_sim::check::{self, Input, Output};
 use bytes::Bytes;
 use hyper::StatusCode;
 
 mod common;
 
 use common::*;
-
-/// Records a history of register operations, per key, for the checker.
-#[derive(Clone, Default)]
-struct History {
-    origin: Arc<Mutex<Option<Instant>>>,
-    ops: Arc<Mutex<HashMap<String, Vec<check::Op>>>>,
-}
-
-impl History {
-    fn now(&self) -> u64 {
-        let mut origin = self.origin.lock().unwrap();
-        origin.get_or_insert_with(Instant::now).elapsed().as_nanos() as u64
-    }
-
-    /// Runs one operation through `c` and records it.
-    async fn run(&self, c: &Client, key: &str, input: Input) -> Output {
-        let call = self.now();
-        let text = |v: &[u8]| Bytes::from(v.to_vec());
-        let result = match &input {
-            Input::Read => c.get(key, false).await,
-            Input::Put(v) => c.put(key, text(v), Precondition::None).await,
-            Input::Create(v) => c.put(key, text(v), Precondition::Absent).await,
-            Input::Cas(version, v) => c.put(key, text(v), Precondition::Version(*version)).await,
-            Input::Delete => c.delete(key, Precondition::None).await,
-        };
-        let output = match result {
-            // The request never reached the replica: it did not happen.
-            Err(e) if e.contains("client error (Connect)") => None,
-            Err(_) if input == Input::Read => None,
-            Err(_) => Some(Output::Unknown),
-            Ok(r) => output_of(&input, &r),
-        };
-        let Some(output) = output else {
-            // Do not spin through the workload against a dead replica.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            return Output::Unknown;
-        };
-        let ret = (output != Output::Unknown).then(|| self.now());
-        self.ops
-            .lock()
-            .unwrap()
-            .entry(key.to_string())
-            .or_default()
-            .push(check::Op {
-                input,
-                output: output.clone(),
-                call,
-                ret,
-            });
-        output
-    }
-
-    fn check(&self) {
-        let ops = self.ops.lock().unwrap();
-        for (key, ops) in ops.iter() {
-            if let Err(e) = check::check(ops) {
-                panic!("key {key}: {e}");
-            }
-        }
-    }
-
-    fn count(&self) -> (usize, usize) {
-        let ops = self.ops.lock().unwrap();
-        let all: Vec<&check::Op> = ops.values().flatten().collect();
-        let known = all.iter().filter(|o| o.output != Output::Unknown).count();
-        (all.len(), known)
-    }
-}
-
-/// Maps an HTTP answer to what the register model would have said; `None`
-/// for an operation that certainly had no effect (a failed read, a write
-/// refused before it reached any acceptor).
-fn output_of(input: &Input, r: &Response) -> Option<Output> {
-    let version = r.version.unwrap_or(0);
-    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-    Some(match (input, r.status) {
-        (Input::Read, StatusCode::OK) => Output::Done(Some(r.body.to_vec()), version),
-        (Input::Read | Input::Delete, StatusCode::NOT_FOUND) => Output::Done(None, version),
-        (Input::Delete, StatusCode::NO_CONTENT) => Output::Done(None, version),
-        (
-            Input::Put(v) | Input::Create(v) | Input::Cas(_, v),
-            StatusCode::OK | StatusCode::CREATED,
-        ) => Output::Done(Some(v.clone()), version),
-        (_, StatusCode::PRECONDITION_FAILED) => {
-            let current = &body["error"]["current"];
-            let value = current["value"].as_str().map(|s| s.as_bytes().to_vec());
-            Output::Rejected(
-                body["error"]["code"].as_str().unwrap().to_string(),
-                value,
-                current["version"].as_u64().unwrap(),
-            )
-        }
-        (Input::Read, _) => return None,
-        _ if body["error"]["maybe_applied"] == false => return None,
-        // 503 and the like: the write may or may not have happened.
-        _ => Output::Unknown,
-    })
-}
-
-/// A small deterministic generator for client workloads.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
-/// `clients` concurrent clients, spread over the replicas, each running
-/// `ops` random register operations on `keys` hot keys.
-async fn concurrent_history(replicas: Vec<Client>, clients: u64, ops: u64, keys: u64) -> History {
-    let history = History::default();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let client = replicas[(c as usize) % replicas.len()].clone();
-        let history = history.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Lcg(c * 7919 + 13);
-            for i in 0..ops {
-                let key = format!("hot-{}", rng.next(keys));
-                let value = format!("c{c}-{i}").into_bytes();
-                let input = match rng.next(10) {
-                    0..=2 => Input::Read,
-                    3..=4 => Input::Put(value),
-                    5 => Input::Create(value),
-                    6 => Input::Delete,
-                    _ => {
-                        // Read-modify-write: cas on the version just read.
-                        match history.run(&client, &key, Input::Read).await {
-                            Output::Done(_, v) => Input::Cas(v, value),
-                            _ => Input::Read,
-                        }
-                    }
-                };
-                history.run(&client, &key, input).await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    history
-}
 
 #[test]
 fn writes_through_any_replica_read_back_linearizably_through_every_other() {
@@ -319,6 +171,7 @@ fn a_storage_failure_stops_the_replica_answering_and_the_others_carry_on() {
         std::fs::write(&node.config_path, toml::to_string(&node.config).unwrap()).unwrap();
         cluster.start_all().unwrap();
         cluster.wait_all_ready(READY).await.unwrap();
+        wait_links_up(&cluster).await;
         let three = client(&cluster, 3);
         let value = "v".repeat(100_000);
         let mut acked = Vec::new();

@@ -409,6 +409,7 @@ fn bindings_survive_a_full_restart() {
         }
         cluster.start_all().unwrap();
         cluster.wait_all_ready(READY).await.unwrap();
+        wait_links_up(&cluster).await;
         for c in clients(&cluster) {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {

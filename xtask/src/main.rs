@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use ballot_guest_build::{componentize, sha256_hex, Toolchain, TARGET};
 
 /// (crate, artifact stem, committed file, relative to the workspace)
-const GUESTS: [(&str, &str, &str); 8] = [
+const GUESTS: [(&str, &str, &str); 10] = [
     (
         "ballot-guest-protocol",
         "ballot_guest_protocol",
@@ -27,6 +27,11 @@ const GUESTS: [(&str, &str, &str); 8] = [
         "ballot-guest-register",
         "ballot_guest_register",
         "host/components/register.wasm",
+    ),
+    (
+        "ballot-guest-protocol-next",
+        "ballot_guest_protocol_next",
+        "host/components/protocol-next.wasm",
     ),
     ("counter", "counter", "examples/counter/counter.wasm"),
     ("lww", "lww", "examples/lww/lww.wasm"),
@@ -38,6 +43,11 @@ const GUESTS: [(&str, &str, &str); 8] = [
     ("document", "document", "examples/document/document.wasm"),
     ("hostile", "hostile", "tests/components/hostile.wasm"),
     ("stray", "stray", "tests/components/stray.wasm"),
+    (
+        "protocol-trap",
+        "protocol_trap",
+        "tests/components/protocol-trap.wasm",
+    ),
 ];
 const MANIFEST: &str = "host/components/MANIFEST";
 

@@ -32,7 +32,7 @@ pub mod replica;
 pub mod types;
 pub mod wire;
 
-pub use replica::{quorum_classic, quorum_fast, Core, Env, Level, Replica};
+pub use replica::{protocol_version, quorum_classic, quorum_fast, Core, Env, Level, Replica};
 pub use types::*;
 
 /// An [`Env`] that runs the built-in register policy for every key.

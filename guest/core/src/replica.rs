@@ -182,6 +182,18 @@ pub struct Replica<E: Env> {
     loopback: VecDeque<(Vec<u8>, Msg)>,
     planted_epoxy: bool,
     planted_early_votes: bool,
+    /// Key-state format this replica writes.
+    state_format: u8,
+}
+
+/// The protocol's version when it writes key-state `format`: 0.1.x writes
+/// format 1 (and reads 2, so it can take over from 0.2.x), 0.2.x writes 2.
+pub fn protocol_version(format: u8) -> &'static str {
+    if format == crate::wire::STATE_FORMAT_CHECKED {
+        "0.2.0"
+    } else {
+        "0.1.1"
+    }
 }
 
 impl<E: Env> Replica<E> {
@@ -228,7 +240,18 @@ impl<E: Env> Replica<E> {
             loopback: VecDeque::new(),
             planted_epoxy: false,
             planted_early_votes: false,
+            state_format: crate::wire::STATE_FORMAT,
         })
+    }
+
+    /// Chooses the key-state format this replica writes (it reads them
+    /// all): see [`crate::wire::STATE_FORMATS`].
+    pub fn write_state_format(&mut self, format: u8) -> Result<(), String> {
+        if !crate::wire::STATE_FORMATS.contains(&format) {
+            return Err(format!("no key-state format {format}"));
+        }
+        self.state_format = format;
+        Ok(())
     }
 
     /// Replaces the safe fast round with the one the background describes as
@@ -250,12 +273,25 @@ impl<E: Env> Replica<E> {
         self.planted_early_votes = true;
     }
 
-    /// The protocol's name and formats.
+    /// The protocol's name and formats, writing the default key-state
+    /// format.
     pub fn info() -> Info {
+        Self::info_writing(crate::wire::STATE_FORMAT)
+    }
+
+    /// The protocol's name and formats when it writes key-state `format`:
+    /// every format it reads, the one it writes last.
+    pub fn info_writing(format: u8) -> Info {
+        let mut state_formats: Vec<u32> = crate::wire::STATE_FORMATS
+            .iter()
+            .filter(|f| **f != format)
+            .map(|f| *f as u32)
+            .collect();
+        state_formats.push(format as u32);
         Info {
             name: "ballot-paxos".to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            state_formats: alloc::vec![crate::wire::STATE_FORMAT as u32],
+            version: protocol_version(format).to_string(),
+            state_formats,
             wire_formats: alloc::vec![crate::wire::WIRE_FORMAT as u32],
         }
     }
@@ -433,7 +469,7 @@ impl<E: Env> Replica<E> {
                     value: st.chosen.value.clone(),
                 });
                 Write {
-                    state: st.encode(),
+                    state: st.encode_as(self.state_format),
                     key,
                     commit,
                 }

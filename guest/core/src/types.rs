@@ -148,6 +148,10 @@ pub enum FailureReason {
     Contention,
     Overloaded,
     Invalid,
+    /// Made by the host, never by the protocol: the replica's protocol
+    /// instance was replaced (a trap, or a swap that could not wait) before
+    /// the command finished.
+    Interrupted,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

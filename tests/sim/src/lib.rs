@@ -121,6 +121,40 @@ impl CoreFactory for WasmFactory {
     }
 }
 
+/// Two protocol components at once: the embedded one (0.1.1, key-state
+/// format 1) and `protocol-next` (0.2.0, format 2), chosen per replica and
+/// incarnation, so the cluster always runs mixed versions and every
+/// crash-restart swaps the replica to the other one: upgrades and rollbacks
+/// with migration on read, under every fault the simulator injects.
+pub struct SwapFactory {
+    pub current: ballot::runtime::Runtime,
+    pub next: ballot::runtime::Runtime,
+}
+
+impl SwapFactory {
+    pub fn embedded() -> Result<SwapFactory, ballot::runtime::Error> {
+        use ballot::runtime::{Runtime, PROTOCOL_NEXT_WASM, PROTOCOL_WASM, REGISTER_WASM};
+        Ok(SwapFactory {
+            current: Runtime::with_components(PROTOCOL_WASM, REGISTER_WASM)?,
+            next: Runtime::with_components(PROTOCOL_NEXT_WASM, REGISTER_WASM)?,
+        })
+    }
+}
+
+impl CoreFactory for SwapFactory {
+    fn make(&self, config: Config) -> Box<dyn Core> {
+        let rt = if (config.self_id as u64 + config.incarnation) % 2 == 0 {
+            &self.current
+        } else {
+            &self.next
+        };
+        Box::new(
+            rt.replica(config)
+                .expect("instantiating the protocol component"),
+        )
+    }
+}
+
 /// splitmix64: small, fast, and the same everywhere.
 #[derive(Clone)]
 pub struct Rng(u64);

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7
 //! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7 --core wasm
+//! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade
 //! cargo run --release -p ballot-sim -- --seed-start 1234 --seeds 1 --nodes 4 --history
 //! ```
 
@@ -10,13 +11,18 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use ballot_sim::{run, CoreFactory, NativeFactory, Planted, SimConfig, WasmFactory};
+use ballot_sim::{run, CoreFactory, NativeFactory, Planted, SimConfig, SwapFactory, WasmFactory};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum CoreArg {
+    /// `ballot-core` compiled in.
     Native,
+    /// The embedded protocol component, in wasmtime.
     Wasm,
+    /// The embedded component and `protocol-next` side by side, each
+    /// crash-restart switching a replica to the other (live upgrades).
+    Upgrade,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,6 +84,19 @@ fn main() -> ExitCode {
             PlantArg::Epoxy => Planted::EpoxyFastPath,
             PlantArg::EarlyVotes => Planted::EarlyVotes,
         }))),
+        CoreArg::Upgrade => {
+            if args.planted.is_some() {
+                eprintln!("ballot-sim: --planted needs --core native");
+                return ExitCode::from(2);
+            }
+            match SwapFactory::embedded() {
+                Ok(f) => Box::new(f),
+                Err(e) => {
+                    eprintln!("ballot-sim: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         CoreArg::Wasm => {
             if args.planted.is_some() {
                 eprintln!("ballot-sim: --planted needs --core native");

@@ -1,0 +1,239 @@
+// The protocol component's body, shared by the builds that include it
+// (`guest/protocol`, `guest/protocol-next`, a test fixture). The including
+// crate generates the `protocol` world's bindings and defines
+// `STATE_FORMAT` and `TRAP_ON_STEP`.
+
+use std::cell::RefCell;
+
+use ballot_core as core;
+
+
+use ballot::core::log::{emit, Level as WitLevel};
+use ballot::core::policy_api as policy;
+use exports::ballot::core::replica as wit;
+
+thread_local! {
+    static REPLICA: RefCell<Option<core::Replica<HostPolicy>>> = const { RefCell::new(None) };
+}
+
+/// Routes policy calls to the host, which runs the key's policy component.
+struct HostPolicy;
+
+impl core::Env for HostPolicy {
+    fn apply(
+        &mut self,
+        key: &[u8],
+        current: &core::Current,
+        command: &[u8],
+        now_ms: u64,
+    ) -> Result<core::Change, core::Rejection> {
+        let current = policy::Current {
+            value: current.value.clone(),
+            version: current.version,
+        };
+        match policy::apply(key, &current, command, now_ms) {
+            Ok(policy::Change::Keep) => Ok(core::Change::Keep),
+            Ok(policy::Change::Set(v)) => Ok(core::Change::Set(v)),
+            Ok(policy::Change::Remove) => Ok(core::Change::Remove),
+            Err(r) => Err(core::Rejection {
+                code: r.code,
+                message: r.message,
+            }),
+        }
+    }
+
+    fn log(&mut self, level: core::Level, message: &str) {
+        let level = match level {
+            core::Level::Trace => WitLevel::Trace,
+            core::Level::Debug => WitLevel::Debug,
+            core::Level::Info => WitLevel::Info,
+            core::Level::Warn => WitLevel::Warn,
+            core::Level::Error => WitLevel::Error,
+        };
+        emit(level, message);
+    }
+}
+
+struct Component;
+
+impl wit::Guest for Component {
+    fn describe() -> wit::Info {
+        let info = core::Replica::<HostPolicy>::info_writing(STATE_FORMAT);
+        wit::Info {
+            name: info.name,
+            version: info.version,
+            state_formats: info.state_formats,
+            wire_formats: info.wire_formats,
+        }
+    }
+
+    fn init(config: wit::Config) -> Result<(), String> {
+        let config = core::Config {
+            self_id: config.self_id,
+            incarnation: config.incarnation,
+            voters: config.voters,
+            fast_timeout_ms: config.fast_timeout_ms,
+            round_timeout_ms: config.round_timeout_ms,
+            attempts_max: config.attempts_max,
+            inflight_max: config.inflight_max,
+        };
+        let mut replica = core::Replica::new(config, HostPolicy)?;
+        replica.write_state_format(STATE_FORMAT)?;
+        REPLICA.with(|r| *r.borrow_mut() = Some(replica));
+        Ok(())
+    }
+
+    fn step(batch: wit::Batch) -> wit::Ready {
+        if TRAP_ON_STEP {
+            panic!("this build traps on every step");
+        }
+        let batch = core::Batch {
+            now_ms: batch.now_ms,
+            seed: batch.seed,
+            states: batch
+                .states
+                .into_iter()
+                .map(|s| core::KeyState {
+                    key: s.key,
+                    state: s.state,
+                })
+                .collect(),
+            requests: batch
+                .requests
+                .into_iter()
+                .map(|r| core::Request {
+                    id: r.id,
+                    key: r.key,
+                    op: match r.op {
+                        wit::Operation::Command(c) => core::Operation::Command(c),
+                        wit::Operation::Read(wit::Consistency::Linearizable) => {
+                            core::Operation::Read(core::Consistency::Linearizable)
+                        }
+                        wit::Operation::Read(wit::Consistency::Local) => {
+                            core::Operation::Read(core::Consistency::Local)
+                        }
+                    },
+                })
+                .collect(),
+            messages: batch
+                .messages
+                .into_iter()
+                .map(|m| core::Inbound {
+                    from: m.from,
+                    key: m.key,
+                    payload: m.payload,
+                })
+                .collect(),
+            timers: batch
+                .timers
+                .into_iter()
+                .map(|t| core::Timer {
+                    key: t.key,
+                    token: t.token,
+                    at_ms: t.at_ms,
+                })
+                .collect(),
+        };
+        let ready = with_replica(|r| r.step(batch));
+        wit::Ready {
+            id: ready.id,
+            persist: ready
+                .persist
+                .into_iter()
+                .map(|w| wit::Write {
+                    key: w.key,
+                    state: w.state,
+                    commit: w.commit.map(|c| wit::Commit {
+                        version: c.version,
+                        value: c.value,
+                    }),
+                })
+                .collect(),
+            early: actions(ready.early),
+        }
+    }
+
+    fn release(id: u64) -> wit::Actions {
+        actions(with_replica(|r| r.release(id)))
+    }
+}
+
+fn actions(actions: core::Actions) -> wit::Actions {
+    wit::Actions {
+        send: actions
+            .send
+            .into_iter()
+            .map(|o| wit::Outbound {
+                to: o.to,
+                key: o.key,
+                payload: o.payload,
+            })
+            .collect(),
+        complete: actions
+            .complete
+            .into_iter()
+            .map(|c| wit::Completion {
+                id: c.id,
+                outcome: outcome(c.outcome),
+                trace: wit::Trace {
+                    changed: c.trace.changed,
+                    prior_absent: c.trace.prior_absent,
+                    fast: c.trace.fast,
+                    attempts: c.trace.attempts,
+                    prepares: c.trace.prepares,
+                },
+            })
+            .collect(),
+        timers: actions
+            .timers
+            .into_iter()
+            .map(|t| wit::Timer {
+                key: t.key,
+                token: t.token,
+                at_ms: t.at_ms,
+            })
+            .collect(),
+    }
+}
+
+fn with_replica<T>(f: impl FnOnce(&mut core::Replica<HostPolicy>) -> T) -> T {
+    REPLICA.with(|r| {
+        f(r.borrow_mut()
+            .as_mut()
+            .expect("host contract: init before step"))
+    })
+}
+
+fn current(c: core::Current) -> policy::Current {
+    policy::Current {
+        value: c.value,
+        version: c.version,
+    }
+}
+
+fn outcome(o: core::Outcome) -> wit::Outcome {
+    match o {
+        core::Outcome::Done(c) => wit::Outcome::Done(current(c)),
+        core::Outcome::Rejected(r, c) => wit::Outcome::Rejected((
+            policy::Rejection {
+                code: r.code,
+                message: r.message,
+            },
+            current(c),
+        )),
+        core::Outcome::Failed(f) => wit::Outcome::Failed(wit::Failure {
+            reason: match f.reason {
+                core::FailureReason::NoQuorum => wit::FailureReason::NoQuorum,
+                core::FailureReason::Contention => wit::FailureReason::Contention,
+                core::FailureReason::Overloaded => wit::FailureReason::Overloaded,
+                core::FailureReason::Invalid => wit::FailureReason::Invalid,
+                // The host's own reason; the protocol never reports it.
+                core::FailureReason::Interrupted => wit::FailureReason::NoQuorum,
+            },
+            maybe_applied: f.maybe_applied,
+            message: f.message,
+        }),
+    }
+}
+
+export!(Component);

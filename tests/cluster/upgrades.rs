@@ -1,0 +1,298 @@
+//! Live protocol swaps in real clusters: a new protocol component pushed,
+//! checked by every voter, activated and rolled back while clients keep
+//! reading and writing, and a broken one rolled back on its own.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ballot::client::Client;
+use ballot::dev::DevCluster;
+use ballot::runtime::{PROTOCOL_NEXT_WASM, PROTOCOL_WASM};
+use ballot::server::{CoreKind, NodeConfig};
+use ballot_sim::check::Input;
+use bytes::Bytes;
+use common::*;
+use hyper::{Method, StatusCode};
+
+async fn push(c: &Client, bytes: &[u8]) -> String {
+    let v = c
+        .json(
+            Method::POST,
+            "/v1/components",
+            Bytes::copy_from_slice(bytes),
+        )
+        .await
+        .unwrap()
+        .unwrap_or_else(|r| panic!("push refused: {}", r.error_message()));
+    v["component"]["id"].as_str().unwrap().to_string()
+}
+
+async fn post(
+    c: &Client,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let body = if body.is_null() {
+        Bytes::new()
+    } else {
+        body.to_string().into()
+    };
+    match c.json(Method::POST, path, body).await.unwrap() {
+        Ok(v) => Ok(v),
+        Err(r) => Err(format!("{} {}", r.status, r.error_message())),
+    }
+}
+
+async fn protocol(c: &Client) -> serde_json::Value {
+    c.json(Method::GET, "/v1/protocol", Bytes::new())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Waits until every replica runs component `id` at `version`.
+async fn await_running(cluster: &DevCluster, id: &str, version: &str) {
+    for c in clients(cluster) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = protocol(&c).await;
+            if v["running"]["label"] == id && v["running"]["view"]["version"] == version {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never ran {id} {version}: {}",
+                c.endpoint(),
+                v["running"]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn id_of(bytes: &[u8]) -> String {
+    ballot::registry::component_id(bytes)
+}
+
+#[test]
+fn upgrade_and_rollback_under_load_fail_no_request_and_stay_linearizable() {
+    let dir = Scratch::new("upgrade");
+    runtime().block_on(async {
+        let mut cluster = start(&dir.0, 3).await;
+        let c = client(&cluster, 1);
+        let next = push(&c, PROTOCOL_NEXT_WASM).await;
+        let embedded = id_of(PROTOCOL_WASM);
+        await_running(&cluster, &embedded, "0.1.1").await;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = tokio::spawn(history_until(
+            clients(&cluster),
+            6,
+            100_000,
+            3,
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let v = post(
+            &c,
+            "/v1/protocol/activate",
+            serde_json::json!({ "component": next }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(v["active"], next.as_str());
+        await_running(&cluster, &next, "0.2.0").await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+
+        let v = post(
+            &client(&cluster, 2),
+            "/v1/protocol/rollback",
+            serde_json::Value::Null,
+        )
+        .await
+        .unwrap();
+        assert_eq!(v["active"], embedded.as_str());
+        await_running(&cluster, &embedded, "0.1.1").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        stop.store(true, Ordering::Relaxed);
+        let history = load.await.unwrap();
+        // The last word on every key, after both swaps.
+        for key in 0..3 {
+            history
+                .run(&client(&cluster, 3), &format!("hot-{key}"), Input::Read)
+                .await;
+        }
+        let (total, known) = history.count();
+        let failures = history.failures.load(Ordering::Relaxed);
+        assert!(total > 200, "only {total} operations ran across the swaps");
+        assert_eq!(
+            (failures, known),
+            (0, total),
+            "{failures} requests failed during the swaps ({known} of {total} known)"
+        );
+        history.check();
+        eprintln!("{total} operations across both swaps, every one answered");
+
+        let status = protocol(&c).await;
+        let actions: Vec<&str> = status["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(actions, ["activate", "rollback"]);
+        // Each swap started a fresh instance on a new incarnation.
+        assert!(status["running"]["incarnation"].as_u64().unwrap() >= 3);
+        cluster.stop_all();
+    });
+}
+
+#[test]
+fn a_protocol_that_keeps_trapping_is_rolled_back_automatically() {
+    let dir = Scratch::new("auto-rollback");
+    runtime().block_on(async {
+        let mut cluster = start(&dir.0, 3).await;
+        let c = client(&cluster, 1);
+        assert_eq!(put(&c, "kept", "before").await.status, StatusCode::CREATED);
+        let broken = push(
+            &c,
+            &std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/components/protocol-trap.wasm"),
+            )
+            .unwrap(),
+        )
+        .await;
+        // It passes every check a voter can make before running it.
+        post(
+            &c,
+            "/v1/protocol/activate",
+            serde_json::json!({ "component": broken }),
+        )
+        .await
+        .unwrap();
+
+        // Once it runs, every step traps: commands fail with a clear error,
+        // the daemons stay up, and within seconds every replica is back on
+        // the embedded protocol.
+        let embedded = id_of(PROTOCOL_WASM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut interrupted = 0;
+        loop {
+            let r = put(&client(&cluster, 2), "during", "x").await;
+            if r.status == StatusCode::SERVICE_UNAVAILABLE {
+                assert_eq!(
+                    r.error_code().as_deref(),
+                    Some("interrupted"),
+                    "{}",
+                    r.error_message()
+                );
+                assert!(r.error_message().contains("protocol component failed"));
+                interrupted += 1;
+            }
+            let mut back = 0;
+            for c in clients(&cluster) {
+                assert!(c.healthy().await, "{} stopped", c.endpoint());
+                if protocol(&c).await["running"]["label"] == embedded.as_str() {
+                    back += 1;
+                }
+            }
+            if back == 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not rolled back in 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(interrupted > 0, "the broken protocol never ran");
+
+        // The rollback is on record, for every replica to follow.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = protocol(&client(&cluster, 3)).await;
+            let history = status["history"].as_array().cloned().unwrap_or_default();
+            if let Some(last) = history.last().filter(|h| h["action"] == "auto-rollback") {
+                assert_eq!(last["from"], broken.as_str());
+                assert!(
+                    last["reason"].as_str().unwrap().contains("trapped"),
+                    "{last}"
+                );
+                assert_eq!(status["active"], embedded.as_str());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no auto-rollback recorded: {history:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(put(&c, "after", "y").await.status, StatusCode::CREATED);
+        expect_value(&client(&cluster, 3), "kept", false, "before", 1).await;
+        cluster.stop_all();
+    });
+}
+
+#[test]
+fn activation_is_refused_when_a_voter_cannot_run_the_component() {
+    let dir = Scratch::new("refused");
+    runtime().block_on(async {
+        let mut cluster = DevCluster::prepare(&dir.0, 3, 0, 0, CoreKind::Wasm, binary()).unwrap();
+        // Replica 3 runs the compiled-in protocol: it cannot run components.
+        let node = &cluster.nodes[2];
+        let mut config = NodeConfig::load(&node.config_path).unwrap();
+        config.core = CoreKind::Native;
+        std::fs::write(&node.config_path, toml::to_string(&config).unwrap()).unwrap();
+        cluster.start_all().unwrap();
+        cluster.wait_all_ready(READY).await.unwrap();
+        wait_links_up(&cluster).await;
+
+        let c = client(&cluster, 1);
+        let next = push(&c, PROTOCOL_NEXT_WASM).await;
+        let e = post(
+            &c,
+            "/v1/protocol/activate",
+            serde_json::json!({ "component": next }),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.starts_with("400"), "{e}");
+        assert!(
+            e.contains("replica 3") && e.contains("--core native"),
+            "{e}"
+        );
+        let status = protocol(&client(&cluster, 2)).await;
+        assert_eq!(status["active"], id_of(PROTOCOL_WASM).as_str());
+        assert_eq!(status["history"][0]["action"], "refused");
+        assert!(status["pending"].is_null());
+
+        // A policy is not a protocol, and there is nothing to roll back to.
+        let counter = push(
+            &c,
+            &std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../examples/counter/counter.wasm"),
+            )
+            .unwrap(),
+        )
+        .await;
+        let e = post(
+            &c,
+            "/v1/protocol/activate",
+            serde_json::json!({ "component": counter }),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("not a protocol"), "{e}");
+        let e = post(&c, "/v1/protocol/rollback", serde_json::Value::Null)
+            .await
+            .unwrap_err();
+        assert!(e.contains("nothing to roll back to"), "{e}");
+        // Writes were never disturbed.
+        assert_eq!(put(&c, "k", "v").await.status, StatusCode::CREATED);
+        cluster.stop_all();
+    });
+}
