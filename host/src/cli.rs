@@ -173,6 +173,12 @@ struct BenchArgs {
     /// Draw throughput and p99 against clients as SVG.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Instead of the workloads: swap a local wasm cluster's protocol to
+    /// protocol-next and back under the mix workload, and report each
+    /// swap's duration and p99 during it against the steady p99 before it
+    /// (--secs of steady load before each swap; --clients' first value).
+    #[arg(long)]
+    swap: bool,
 }
 
 /// Log output format.
@@ -802,6 +808,22 @@ fn bench(args: BenchArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("starting tokio: {e}")),
     };
+    if args.swap {
+        let clients = plan.clients[0];
+        let points = match rt.block_on(crate::bench::run_swaps(plan, clients)) {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        let _ = std::fs::remove_dir_all(&args.dir);
+        print!("{}", crate::bench::swap_table(&points));
+        if let Some(path) = args.json {
+            let text = serde_json::to_string_pretty(&points).expect("the report serializes");
+            if let Err(e) = std::fs::write(&path, text + "\n") {
+                return fail(format!("writing {}: {e}", path.display()));
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     let report = match rt.block_on(crate::bench::run(plan)) {
         Ok(r) => r,
         Err(e) => return fail(e),

@@ -296,3 +296,39 @@ fn activation_is_refused_when_a_voter_cannot_run_the_component() {
         cluster.stop_all();
     });
 }
+
+/// `ballot bench --swap` end to end: it swaps a cluster's protocol under
+/// load and back, and reports both swaps (speed is reported, not asserted).
+#[test]
+fn ballot_bench_swap_reports_both_swaps() {
+    let dir = Scratch::new("bench-swap");
+    let json = dir.0.join("swaps.json");
+    let out = std::process::Command::new(binary())
+        .args(["bench", "--swap", "--clients", "4", "--secs", "1", "--dir"])
+        .arg(dir.0.join("clusters"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("p99 ratio"), "{stdout}");
+    let points: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let actions: Vec<&str> = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["activate", "rollback"]);
+    for p in points.as_array().unwrap() {
+        assert_eq!(p["errors"], 0, "{p}");
+        assert!(p["steady_ops"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["during_ops"].as_u64().unwrap() > 0, "{p}");
+    }
+}
