@@ -557,6 +557,8 @@ struct ProtocolState {
     swapped_at: Option<Instant>,
     /// Views of the components this replica may run, by label.
     views: HashMap<String, ComponentView>,
+    /// Protocol components being compiled ahead of an activation.
+    prewarming: HashSet<String>,
 }
 
 /// A replica's view of the stored components, and the task that keeps its
@@ -729,18 +731,59 @@ impl Registry {
         loop {
             tokio::select! {
                 c = commits.recv() => match c {
-                    Some((version, value)) => self.consider(version, value).await,
+                    Some((version, value)) => {
+                        self.consider(version, value).await;
+                        self.clone().prewarm();
+                    }
                     None => return,
                 },
                 Some(e) = events.recv() => self.on_core_event(e).await,
                 _ = poll.tick() => {
                     match self.read(CONFIG_KEY.to_vec(), Consistency::Linearizable).await {
-                        Ok(current) => self.consider(current.version, current.value).await,
+                        Ok(current) => {
+                            self.consider(current.version, current.value).await;
+                            self.clone().prewarm();
+                        }
                         Err(e) => debug!("configuration poll: {e}"),
                     }
                 }
             }
         }
+    }
+
+    /// Compiles, in the background, every stored protocol component this
+    /// replica has not compiled yet, so an activation finds it ready.
+    fn prewarm(self: Arc<Self>) {
+        if self.runtime.is_none() {
+            return;
+        }
+        let config = self.applied().config;
+        let ids: Vec<String> = {
+            let compiled = self.compiled.lock().expect("registry lock");
+            let mut state = self.protocol.lock().expect("registry lock");
+            config
+                .components
+                .iter()
+                .filter(|c| c.kind == Kind::Protocol && !compiled.contains_key(&c.id))
+                .filter(|c| state.prewarming.insert(c.id.clone()))
+                .map(|c| c.id.clone())
+                .collect()
+        };
+        if ids.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for id in ids {
+                if let Err(e) = self.component(&id).await {
+                    debug!(component = %id, "not precompiled: {e}");
+                }
+                self.protocol
+                    .lock()
+                    .expect("registry lock")
+                    .prewarming
+                    .remove(&id);
+            }
+        });
     }
 
     async fn consider(&self, version: u64, value: Option<Vec<u8>>) {
