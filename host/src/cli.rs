@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use hyper::StatusCode;
 
 use crate::client::{Client, Precondition, Response};
+use crate::component_cmd;
 use crate::dev::DevCluster;
-use crate::policy_cmd;
 use crate::server::{CoreKind, NodeConfig, Peer};
 use crate::tls::TlsFiles;
 
@@ -453,41 +453,41 @@ pub fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Cmd::Component(ComponentCmd::Push { file, endpoint }) => {
-            client_runtime(policy_cmd::push(Client::new(&endpoint.endpoint), file))
+            client_runtime(component_cmd::push(Client::new(&endpoint.endpoint), file))
         }
-        Cmd::Component(ComponentCmd::List { endpoint }) => {
-            client_runtime(policy_cmd::list_components(Client::new(&endpoint.endpoint)))
-        }
+        Cmd::Component(ComponentCmd::List { endpoint }) => client_runtime(
+            component_cmd::list_components(Client::new(&endpoint.endpoint)),
+        ),
         Cmd::Component(ComponentCmd::Activate {
             component,
             endpoint,
-        }) => client_runtime(policy_cmd::swap(
+        }) => client_runtime(component_cmd::swap(
             Client::new(&endpoint.endpoint),
             Some(component),
         )),
         Cmd::Component(ComponentCmd::Rollback { endpoint }) => {
-            client_runtime(policy_cmd::swap(Client::new(&endpoint.endpoint), None))
+            client_runtime(component_cmd::swap(Client::new(&endpoint.endpoint), None))
         }
-        Cmd::Component(ComponentCmd::Status { endpoint }) => {
-            client_runtime(policy_cmd::protocol_status(Client::new(&endpoint.endpoint)))
-        }
-        Cmd::Policy(PolicyCmd::New { name, dir, sdk }) => policy_cmd::new(name, dir, sdk),
-        Cmd::Policy(PolicyCmd::Build { dir }) => policy_cmd::build(dir),
+        Cmd::Component(ComponentCmd::Status { endpoint }) => client_runtime(
+            component_cmd::protocol_status(Client::new(&endpoint.endpoint)),
+        ),
+        Cmd::Policy(PolicyCmd::New { name, dir, sdk }) => component_cmd::new(name, dir, sdk),
+        Cmd::Policy(PolicyCmd::Build { dir }) => component_cmd::build(dir),
         Cmd::Policy(PolicyCmd::Bind {
             prefix,
             component,
             endpoint,
-        }) => client_runtime(policy_cmd::bind(
+        }) => client_runtime(component_cmd::bind(
             Client::new(&endpoint.endpoint),
             prefix,
             component,
         )),
-        Cmd::Policy(PolicyCmd::Unbind { prefix, endpoint }) => {
-            client_runtime(policy_cmd::unbind(Client::new(&endpoint.endpoint), prefix))
-        }
-        Cmd::Policy(PolicyCmd::List { endpoint }) => {
-            client_runtime(policy_cmd::list_policies(Client::new(&endpoint.endpoint)))
-        }
+        Cmd::Policy(PolicyCmd::Unbind { prefix, endpoint }) => client_runtime(
+            component_cmd::unbind(Client::new(&endpoint.endpoint), prefix),
+        ),
+        Cmd::Policy(PolicyCmd::List { endpoint }) => client_runtime(component_cmd::list_policies(
+            Client::new(&endpoint.endpoint),
+        )),
         Cmd::Components => match crate::runtime::describe_embedded() {
             Ok(lines) => {
                 for line in lines {
@@ -621,7 +621,9 @@ async fn kv(cmd: KvCmd) -> ExitCode {
             command,
             endpoint,
         } => match value_arg(command) {
-            Ok(command) => policy_cmd::apply(Client::new(&endpoint.endpoint), key, command).await,
+            Ok(command) => {
+                component_cmd::apply(Client::new(&endpoint.endpoint), key, command).await
+            }
             Err(e) => fail(e),
         },
         KvCmd::Delete {
@@ -693,17 +695,7 @@ async fn status(endpoint: Endpoint) -> ExitCode {
             policy,
         ]);
     }
-    let widths: Vec<usize> = (0..8)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    component_cmd::table(rows.into_iter().map(Vec::from).collect());
     ExitCode::SUCCESS
 }
 

@@ -267,16 +267,7 @@ impl PolicyInstance {
     }
 
     fn instantiate(&self, linker: &Linker<PolicyHost>) -> Result<Live, Error> {
-        let mut store = Store::new(
-            self.component.engine(),
-            PolicyHost {
-                limits: limits(POLICY_MEMORY_MAX_BYTES),
-            },
-        );
-        store.limiter(|s| &mut s.limits);
-        store
-            .set_fuel(POLICY_FUEL_PER_CALL)
-            .map_err(|e| err("fuel", e))?;
+        let mut store = policy_store(self.component.engine())?;
         let policy = policy_world::Policy::instantiate(&mut store, &self.component, linker)
             .map_err(|e| err("instantiating the policy", e))?;
         Ok(Live { store, policy })
@@ -340,12 +331,9 @@ impl PolicyInstance {
     }
 }
 
-/// Instantiates a policy alone, under the sandbox's limits, for inspection.
-pub fn sandbox_policy(
-    engine: &Engine,
-    component: &Component,
-) -> Result<(Store<PolicyHost>, wasmtime::component::Instance), Error> {
-    let policies = Policies::new(engine, None)?;
+/// A store for one policy instance, with the sandbox's memory limit and a
+/// call's fuel.
+fn policy_store(engine: &Engine) -> Result<Store<PolicyHost>, Error> {
     let mut store = Store::new(
         engine,
         PolicyHost {
@@ -356,6 +344,16 @@ pub fn sandbox_policy(
     store
         .set_fuel(POLICY_FUEL_PER_CALL)
         .map_err(|e| err("fuel", e))?;
+    Ok(store)
+}
+
+/// Instantiates a policy alone, under the sandbox's limits, for inspection.
+pub fn sandbox_policy(
+    engine: &Engine,
+    component: &Component,
+) -> Result<(Store<PolicyHost>, wasmtime::component::Instance), Error> {
+    let policies = Policies::new(engine, None)?;
+    let mut store = policy_store(engine)?;
     let instance = policies
         .linker
         .instantiate(&mut store, component)

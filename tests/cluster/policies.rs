@@ -80,6 +80,14 @@ async fn bind_everywhere(cluster: &DevCluster, prefix: &str, id: &str) {
     }
 }
 
+/// A 3-replica cluster with `file` pushed and bound to `prefix` everywhere.
+async fn with_policy(dir: &Path, file: &str, prefix: &str) -> DevCluster {
+    let cluster = start(dir, 3).await;
+    let id = push(&client(&cluster, 1), component(file)).await;
+    bind_everywhere(&cluster, prefix, &id).await;
+    cluster
+}
+
 async fn apply(c: &Client, key: &str, command: &str) -> Response {
     c.apply(key, Bytes::from(command.to_string()))
         .await
@@ -105,13 +113,7 @@ fn thirty_two_clients_incrementing_one_counter_across_replicas_count_exactly() {
     const EACH: usize = 10;
     let dir = Scratch::new("counter");
     runtime().block_on(async {
-        let mut cluster = start(&dir.0, 3).await;
-        let id = push(
-            &client(&cluster, 1),
-            component("examples/counter/counter.wasm"),
-        )
-        .await;
-        bind_everywhere(&cluster, "counter/", &id).await;
+        let mut cluster = with_policy(&dir.0, "examples/counter/counter.wasm", "counter/").await;
 
         let replicas = clients(&cluster);
         let mut tasks = Vec::new();
@@ -259,13 +261,7 @@ fn the_example_policies_run_in_a_real_cluster() {
 fn a_hostile_policy_fails_only_its_own_command_and_changes_nothing() {
     let dir = Scratch::new("hostile");
     runtime().block_on(async {
-        let mut cluster = start(&dir.0, 3).await;
-        let id = push(
-            &client(&cluster, 1),
-            component("tests/components/hostile.wasm"),
-        )
-        .await;
-        bind_everywhere(&cluster, "h/", &id).await;
+        let mut cluster = with_policy(&dir.0, "tests/components/hostile.wasm", "h/").await;
         let c = client(&cluster, 2);
         assert_eq!(
             apply(&c, "h/k", "set good").await.status,
@@ -393,13 +389,7 @@ fn push_and_bind_refuse_what_cannot_run_with_the_reason() {
 fn bindings_survive_a_full_restart() {
     let dir = Scratch::new("restart");
     runtime().block_on(async {
-        let mut cluster = start(&dir.0, 3).await;
-        let id = push(
-            &client(&cluster, 1),
-            component("examples/counter/counter.wasm"),
-        )
-        .await;
-        bind_everywhere(&cluster, "n/", &id).await;
+        let mut cluster = with_policy(&dir.0, "examples/counter/counter.wasm", "n/").await;
         assert_eq!(
             apply(&client(&cluster, 2), "n/a", "41").await.status,
             StatusCode::CREATED

@@ -36,7 +36,8 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-fn table(rows: Vec<Vec<String>>) {
+/// Prints rows as left-aligned columns.
+pub fn table(rows: Vec<Vec<String>>) {
     let columns = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..columns)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
@@ -163,35 +164,40 @@ pub async fn list_components(client: Client) -> ExitCode {
     }
 }
 
-/// Waits until every replica the endpoint knows runs configuration
-/// `version`; prints how many do.
-async fn await_everywhere(client: &Client, version: u64) -> bool {
+/// Polls `path` on every replica the endpoint knows until `done` holds
+/// for each (or 20 s pass); prints how many got there.
+async fn await_all(
+    client: &Client,
+    path: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+    what: &str,
+) -> bool {
     let urls: Vec<String> = match client.cluster().await {
         Ok(view) => view.replicas.into_iter().filter_map(|r| r.http).collect(),
         Err(_) => vec![client.endpoint().to_string()],
     };
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut done = 0;
+        let mut there = 0;
         for url in &urls {
-            let applied = Client::new(url)
-                .json(Method::GET, "/v1/policies", Bytes::new())
-                .await;
-            if let Ok(Ok(v)) = applied {
-                if v["applied_version"].as_u64().unwrap_or(0) >= version {
-                    done += 1;
-                }
+            let answer = Client::new(url).json(Method::GET, path, Bytes::new()).await;
+            if matches!(answer, Ok(Ok(ref v)) if done(v)) {
+                there += 1;
             }
         }
-        if done == urls.len() || Instant::now() > deadline {
-            println!(
-                "configuration version {version} runs on {done} of {} replicas",
-                urls.len()
-            );
-            return done == urls.len();
+        if there == urls.len() || Instant::now() > deadline {
+            println!("{what} runs on {there} of {} replicas", urls.len());
+            return there == urls.len();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until every replica runs configuration `version` or newer.
+async fn await_everywhere(client: &Client, version: u64) -> bool {
+    let done = |v: &serde_json::Value| v["applied_version"].as_u64().unwrap_or(0) >= version;
+    let what = format!("configuration version {version}");
+    await_all(client, "/v1/policies", done, &what).await
 }
 
 /// `ballot policy bind PREFIX ID`.
@@ -518,31 +524,10 @@ pub fn new(name: String, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> ExitCode
     ExitCode::SUCCESS
 }
 
-/// Waits until every replica the endpoint knows runs protocol `label`.
+/// Waits until every replica runs protocol `label`.
 async fn await_protocol(client: &Client, label: &str) -> bool {
-    let urls: Vec<String> = match client.cluster().await {
-        Ok(view) => view.replicas.into_iter().filter_map(|r| r.http).collect(),
-        Err(_) => vec![client.endpoint().to_string()],
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut done = 0;
-        for url in &urls {
-            if let Ok(Ok(v)) = Client::new(url)
-                .json(Method::GET, "/v1/protocol", Bytes::new())
-                .await
-            {
-                if v["running"]["label"] == label {
-                    done += 1;
-                }
-            }
-        }
-        if done == urls.len() || Instant::now() > deadline {
-            println!("{} runs on {done} of {} replicas", short(label), urls.len());
-            return done == urls.len();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let done = |v: &serde_json::Value| v["running"]["label"] == label;
+    await_all(client, "/v1/protocol", done, short(label)).await
 }
 
 /// `ballot component activate ID` and `ballot component rollback`.
