@@ -11,7 +11,7 @@
 //! | `GET /v1/protocol` | the protocol this replica runs, the cluster's active one, the swap history |
 //! | `POST /v1/protocol/activate`, `POST /v1/protocol/rollback` | swap the cluster's protocol `{"component"}`; go back to the previous one |
 //! | `GET /v1/cluster` | this replica's view of the cluster |
-//! | `GET /metrics`, `GET /healthz` | Prometheus metrics, liveness |
+//! | `GET /metrics`, `GET /healthz`, `GET /readyz` | Prometheus metrics, liveness, readiness |
 //!
 //! Errors are `{"error":{"code":..., "message":...}}` with a status that says
 //! who must act: 4xx the client, 503 the cluster (no quorum, overloaded,
@@ -84,6 +84,8 @@ pub struct App {
     /// Builds the cluster view on demand (link states change).
     pub cluster: Arc<dyn Fn() -> ClusterView + Send + Sync>,
     pub registry: Arc<Registry>,
+    /// Required of component, policy and protocol changes when set.
+    pub admin_token: Option<Arc<str>>,
 }
 
 /// The router.
@@ -110,6 +112,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/cluster", get(cluster))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
         .with_state(app)
 }
@@ -195,6 +198,9 @@ async fn submit(app: &App, key: Vec<u8>, op: Operation) -> Result<Completion, Re
             "replica-stopped",
             &format!("this replica stopped answering: {reason}"),
         ));
+    }
+    if !app.registry.started() {
+        return Err(starting());
     }
     let (reply, done) = oneshot::channel();
     if app
@@ -562,6 +568,37 @@ async fn post_kv(
         .into_response()
 }
 
+/// Checks the admin token of a request that changes components, bindings
+/// or the protocol.
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = &app.admin_token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compared in constant time: the token is a secret.
+    let matches = given.is_some_and(|g| {
+        g.len() == expected.len()
+            && g.bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if matches {
+        return Ok(());
+    }
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this change needs the replicas' admin token (--admin-token or BALLOT_ADMIN_TOKEN)",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Err(r)
+}
+
 fn registry_error(e: RegistryError, invalid_code: &str) -> Response {
     match e {
         RegistryError::Invalid(m) => error(StatusCode::BAD_REQUEST, invalid_code, &m),
@@ -599,6 +636,9 @@ async fn list_components(State(app): State<App>) -> Response {
 }
 
 async fn push_component(State(app): State<App>, request: Request) -> Response {
+    if let Err(r) = authorize(&app, request.headers()) {
+        return r;
+    }
     let bytes = match read_body_max(request, COMPONENT_MAX, "components").await {
         Ok(b) => b.to_vec(),
         Err(r) => return r,
@@ -655,8 +695,12 @@ struct BindRequest {
 
 async fn bind_policy(
     State(app): State<App>,
+    headers: HeaderMap,
     body: Result<axum::Json<BindRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
     let axum::Json(req) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad-request", &e.body_text()),
@@ -684,8 +728,12 @@ struct UnbindParams {
 
 async fn unbind_policy(
     State(app): State<App>,
+    headers: HeaderMap,
     params: Result<Query<UnbindParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
     let Query(params) = match params {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad-parameter", &e.body_text()),
@@ -748,8 +796,12 @@ async fn swapped(app: &App, result: Result<(u64, String), RegistryError>) -> Res
 
 async fn activate_protocol(
     State(app): State<App>,
+    headers: HeaderMap,
     body: Result<axum::Json<ActivateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
     let axum::Json(req) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad-request", &e.body_text()),
@@ -759,7 +811,10 @@ async fn activate_protocol(
     swapped(&app, result).await
 }
 
-async fn rollback_protocol(State(app): State<App>) -> Response {
+async fn rollback_protocol(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
     let result = app.registry.rollback().await;
     swapped(&app, result).await
 }
@@ -779,10 +834,28 @@ async fn metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
+fn starting() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "starting",
+        "this replica is loading the cluster's component configuration (it needs a quorum)",
+    )
+}
+
+/// Liveness: the process answers, and has not stopped on a fatal error.
 async fn healthz(State(app): State<App>) -> Response {
     match app.health.fatal() {
-        None => (StatusCode::OK, "ok\n").into_response(),
         Some(reason) => error(StatusCode::SERVICE_UNAVAILABLE, "replica-stopped", &reason),
+        None => (StatusCode::OK, "ok\n").into_response(),
+    }
+}
+
+/// Readiness: the replica serves clients.
+async fn readyz(State(app): State<App>) -> Response {
+    match app.health.fatal() {
+        Some(reason) => error(StatusCode::SERVICE_UNAVAILABLE, "replica-stopped", &reason),
+        None if !app.registry.started() => starting(),
+        None => (StatusCode::OK, "ready\n").into_response(),
     }
 }
 

@@ -224,6 +224,10 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "BALLOT_LOG_FORMAT", value_enum, default_value = "human")]
     log_format: LogFormat,
+    /// Require this bearer token to push components, bind policies and
+    /// swap the protocol.
+    #[arg(long, env = "BALLOT_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 fn parse_peer(s: &str) -> Result<Peer, String> {
@@ -286,6 +290,9 @@ impl ServeArgs {
                 .or(base.as_ref().map(|b| b.core))
                 .unwrap_or_default(),
             map_size_mib: base.as_ref().and_then(|b| b.map_size_mib),
+            admin_token: self
+                .admin_token
+                .or(base.as_ref().and_then(|b| b.admin_token.clone())),
         })
     }
 }
@@ -319,6 +326,20 @@ struct Endpoint {
         global = true
     )]
     endpoint: String,
+    /// The replicas' admin token, if they require one.
+    #[arg(
+        long,
+        env = "BALLOT_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    admin_token: Option<String>,
+}
+
+impl Endpoint {
+    fn client(&self) -> Client {
+        Client::new(&self.endpoint).with_token(self.admin_token.clone())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -453,41 +474,34 @@ pub fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Cmd::Component(ComponentCmd::Push { file, endpoint }) => {
-            client_runtime(component_cmd::push(Client::new(&endpoint.endpoint), file))
+            client_runtime(component_cmd::push(endpoint.client(), file))
         }
-        Cmd::Component(ComponentCmd::List { endpoint }) => client_runtime(
-            component_cmd::list_components(Client::new(&endpoint.endpoint)),
-        ),
+        Cmd::Component(ComponentCmd::List { endpoint }) => {
+            client_runtime(component_cmd::list_components(endpoint.client()))
+        }
         Cmd::Component(ComponentCmd::Activate {
             component,
             endpoint,
-        }) => client_runtime(component_cmd::swap(
-            Client::new(&endpoint.endpoint),
-            Some(component),
-        )),
+        }) => client_runtime(component_cmd::swap(endpoint.client(), Some(component))),
         Cmd::Component(ComponentCmd::Rollback { endpoint }) => {
-            client_runtime(component_cmd::swap(Client::new(&endpoint.endpoint), None))
+            client_runtime(component_cmd::swap(endpoint.client(), None))
         }
-        Cmd::Component(ComponentCmd::Status { endpoint }) => client_runtime(
-            component_cmd::protocol_status(Client::new(&endpoint.endpoint)),
-        ),
+        Cmd::Component(ComponentCmd::Status { endpoint }) => {
+            client_runtime(component_cmd::protocol_status(endpoint.client()))
+        }
         Cmd::Policy(PolicyCmd::New { name, dir, sdk }) => component_cmd::new(name, dir, sdk),
         Cmd::Policy(PolicyCmd::Build { dir }) => component_cmd::build(dir),
         Cmd::Policy(PolicyCmd::Bind {
             prefix,
             component,
             endpoint,
-        }) => client_runtime(component_cmd::bind(
-            Client::new(&endpoint.endpoint),
-            prefix,
-            component,
-        )),
-        Cmd::Policy(PolicyCmd::Unbind { prefix, endpoint }) => client_runtime(
-            component_cmd::unbind(Client::new(&endpoint.endpoint), prefix),
-        ),
-        Cmd::Policy(PolicyCmd::List { endpoint }) => client_runtime(component_cmd::list_policies(
-            Client::new(&endpoint.endpoint),
-        )),
+        }) => client_runtime(component_cmd::bind(endpoint.client(), prefix, component)),
+        Cmd::Policy(PolicyCmd::Unbind { prefix, endpoint }) => {
+            client_runtime(component_cmd::unbind(endpoint.client(), prefix))
+        }
+        Cmd::Policy(PolicyCmd::List { endpoint }) => {
+            client_runtime(component_cmd::list_policies(endpoint.client()))
+        }
         Cmd::Components => match crate::runtime::describe_embedded() {
             Ok(lines) => {
                 for line in lines {
@@ -566,7 +580,7 @@ async fn kv(cmd: KvCmd) -> ExitCode {
             local,
             verbose,
             endpoint,
-        } => match Client::new(&endpoint.endpoint).get(&key, local).await {
+        } => match endpoint.client().get(&key, local).await {
             Ok(r) if r.status == StatusCode::OK => {
                 let mut out = std::io::stdout().lock();
                 let _ = out.write_all(&r.body);
@@ -585,28 +599,12 @@ async fn kv(cmd: KvCmd) -> ExitCode {
             key,
             value,
             endpoint,
-        } => {
-            write(
-                Client::new(&endpoint.endpoint),
-                key,
-                value,
-                Precondition::None,
-            )
-            .await
-        }
+        } => write(endpoint.client(), key, value, Precondition::None).await,
         KvCmd::Create {
             key,
             value,
             endpoint,
-        } => {
-            write(
-                Client::new(&endpoint.endpoint),
-                key,
-                value,
-                Precondition::Absent,
-            )
-            .await
-        }
+        } => write(endpoint.client(), key, value, Precondition::Absent).await,
         KvCmd::Cas {
             key,
             version,
@@ -614,16 +612,14 @@ async fn kv(cmd: KvCmd) -> ExitCode {
             endpoint,
         } => {
             let pre = Precondition::Version(version);
-            write(Client::new(&endpoint.endpoint), key, value, pre).await
+            write(endpoint.client(), key, value, pre).await
         }
         KvCmd::Apply {
             key,
             command,
             endpoint,
         } => match value_arg(command) {
-            Ok(command) => {
-                component_cmd::apply(Client::new(&endpoint.endpoint), key, command).await
-            }
+            Ok(command) => component_cmd::apply(endpoint.client(), key, command).await,
             Err(e) => fail(e),
         },
         KvCmd::Delete {
@@ -632,7 +628,7 @@ async fn kv(cmd: KvCmd) -> ExitCode {
             endpoint,
         } => {
             let pre = if_version.map_or(Precondition::None, Precondition::Version);
-            match Client::new(&endpoint.endpoint).delete(&key, pre).await {
+            match endpoint.client().delete(&key, pre).await {
                 Ok(r) if r.status.is_success() => {
                     println!("deleted at version {}", r.version.unwrap_or(0));
                     ExitCode::SUCCESS
@@ -645,7 +641,7 @@ async fn kv(cmd: KvCmd) -> ExitCode {
 }
 
 async fn status(endpoint: Endpoint) -> ExitCode {
-    let client = Client::new(&endpoint.endpoint);
+    let client = endpoint.client();
     let view = match client.cluster().await {
         Ok(v) => v,
         Err(e) => return fail(e),

@@ -14,6 +14,8 @@ pub struct Client {
     endpoint: String,
     http: HyperClient<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    /// Sent as `Authorization: Bearer` with every request when set.
+    token: Option<String>,
 }
 
 /// A response, whole.
@@ -74,7 +76,14 @@ impl Client {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             http: HyperClient::builder(TokioExecutor::new()).build(connector),
             timeout: Duration::from_secs(30),
+            token: None,
         }
+    }
+
+    /// The same client, sending an admin token.
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.token = token;
+        self
     }
 
     /// The endpoint this client talks to.
@@ -94,6 +103,9 @@ impl Client {
         let mut builder = Request::builder().method(method).uri(&url);
         for (name, value) in headers {
             builder = builder.header(*name, value);
+        }
+        if let Some(token) = &self.token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
         }
         let request = builder.body(Full::new(body)).map_err(|e| e.to_string())?;
         let send = async {
@@ -196,7 +208,15 @@ impl Client {
             .map_err(|e| format!("{}: bad cluster view: {e}", self.endpoint))
     }
 
-    /// `GET /healthz`: true when the replica answers 200.
+    /// `GET /readyz`: true when the replica serves clients.
+    pub async fn ready(&self) -> bool {
+        matches!(
+            self.request(Method::GET, "/readyz", &[], Bytes::new()).await,
+            Ok(r) if r.status == StatusCode::OK
+        )
+    }
+
+    /// `GET /healthz`: true when the replica's process answers 200.
     pub async fn healthy(&self) -> bool {
         matches!(
             self.request(Method::GET, "/healthz", &[], Bytes::new()).await,

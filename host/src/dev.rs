@@ -135,6 +135,7 @@ impl DevCluster {
                 },
                 core,
                 map_size_mib: Some(4096),
+                admin_token: None,
             };
             configs.push((path, config));
         }
@@ -285,12 +286,27 @@ impl DevCluster {
         None
     }
 
-    /// Waits until replica `id` answers `/healthz`.
+    /// Waits until replica `id` serves clients (`/readyz`).
     pub async fn wait_ready(&mut self, id: u32, timeout: Duration) -> Result<(), String> {
+        self.wait_for(id, timeout, true).await
+    }
+
+    /// Waits until replica `id`'s process answers `/healthz`, serving or
+    /// not (for a replica that cannot reach a quorum).
+    pub async fn wait_alive(&mut self, id: u32, timeout: Duration) -> Result<(), String> {
+        self.wait_for(id, timeout, false).await
+    }
+
+    async fn wait_for(&mut self, id: u32, timeout: Duration, ready: bool) -> Result<(), String> {
         let client = self.node(id).client();
         let deadline = Instant::now() + timeout;
         loop {
-            if client.healthy().await {
+            let ok = if ready {
+                client.ready().await
+            } else {
+                client.healthy().await
+            };
+            if ok {
                 return Ok(());
             }
             if let Some((exited, status)) = self.exited() {

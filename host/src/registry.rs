@@ -355,7 +355,7 @@ pub fn inspect(engine: &Engine, bytes: &[u8]) -> Result<(Inspected, Component), 
 
     let inspected = match kind {
         Kind::Policy => run_policy(engine, &component)?,
-        Kind::Protocol => run_protocol(bytes)?,
+        Kind::Protocol => run_protocol(engine, &component)?,
     };
     Ok((inspected, component))
 }
@@ -401,8 +401,10 @@ fn run_policy(engine: &Engine, component: &Component) -> Result<Inspected, Error
     })
 }
 
-fn run_protocol(bytes: &[u8]) -> Result<Inspected, Error> {
-    let rt = runtime::Runtime::with_components(bytes, runtime::REGISTER_WASM)?;
+fn run_protocol(engine: &Engine, component: &Component) -> Result<Inspected, Error> {
+    let register = Component::new(engine, runtime::REGISTER_WASM)
+        .map_err(|e| Error(format!("compiling the register policy: {e:#}")))?;
+    let rt = runtime::Runtime::from_parts(engine.clone(), component.clone(), register);
     let mut core = rt.replica(ballot_core::Config::new(1, 1, vec![1]))?;
     let info = core.describe()?;
     let self_checked = core.self_check()?;
@@ -577,6 +579,8 @@ pub struct Registry {
     running: RwLock<Running>,
     protocol: Mutex<ProtocolState>,
     metrics: Arc<Metrics>,
+    /// Set once the configuration has been read and applied at startup.
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// Milliseconds since the Unix epoch, by this replica's clock.
@@ -658,7 +662,14 @@ impl Registry {
             running: RwLock::new(setup.running),
             protocol: Mutex::new(state),
             metrics: setup.metrics,
+            started: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the replica has loaded the cluster's component
+    /// configuration since it started (it serves no client until then).
+    pub fn started(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// What this replica's protocol instance runs.
@@ -724,9 +735,32 @@ impl Registry {
         mut commits: mpsc::UnboundedReceiver<ConfigCommit>,
         mut events: mpsc::UnboundedReceiver<CoreEvent>,
     ) {
-        if let Ok(current) = self.read(CONFIG_KEY.to_vec(), Consistency::Local).await {
-            self.consider(current.version, current.value).await;
+        // Clients are served only once the cluster's bindings are known: a
+        // command routed by a stale or empty table would run the wrong
+        // policy (a PUT could overwrite a counter). So the first read is
+        // linearizable, and is retried until it succeeds.
+        loop {
+            match self
+                .read(CONFIG_KEY.to_vec(), Consistency::Linearizable)
+                .await
+            {
+                Ok(current) => {
+                    self.consider(current.version, current.value).await;
+                    if self.applied().error.is_none() {
+                        break;
+                    }
+                }
+                Err(e) => debug!("loading the component configuration: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        self.started
+            .store(true, std::sync::atomic::Ordering::Release);
+        info!(
+            version = self.applied().version,
+            "component configuration loaded"
+        );
+        self.clone().prewarm();
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         loop {
             tokio::select! {

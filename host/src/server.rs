@@ -58,6 +58,11 @@ pub struct NodeConfig {
     /// LMDB map size in MiB (address space, not disk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_size_mib: Option<usize>,
+    /// When set, pushing components, binding policies and swapping the
+    /// protocol need `Authorization: Bearer <token>`. Reading and writing
+    /// keys never does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
 }
 
 impl NodeConfig {
@@ -242,6 +247,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 metrics,
                 cluster: Arc::new(view),
                 registry,
+                admin_token: config.admin_token.clone().map(Arc::from),
             };
             info!(
                 id = config.id,

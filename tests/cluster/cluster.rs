@@ -259,7 +259,9 @@ fn peers_without_a_valid_certificate_are_refused() {
             &tls::node_key_path(&rogue, 3),
         );
         cluster.start(3).unwrap();
-        cluster.wait_ready(3, READY).await.unwrap();
+        // Alive, but cut off: it cannot load the configuration, so it
+        // never becomes ready.
+        cluster.wait_alive(3, READY).await.unwrap();
         let one = client(&cluster, 1);
         let refused =
             wait_for_metric(&one, "ballot_peer_refused_total{reason=\"handshake\"}").await;
@@ -282,8 +284,16 @@ fn peers_without_a_valid_certificate_are_refused() {
             "{}",
             r.error_message()
         );
-        let view = one.cluster().await.unwrap();
-        assert_eq!(view.replicas[2].link, "down");
+        // Replica 1's link to it goes down once the old connection times
+        // out, and every redial is refused.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while one.cluster().await.unwrap().replicas[2].link != "down" {
+            assert!(
+                Instant::now() < deadline,
+                "the link to the impostor stayed up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
         // A certificate from the right CA that names another replica.
         cluster.stop(3, Duration::from_secs(5));
@@ -295,7 +305,7 @@ fn peers_without_a_valid_certificate_are_refused() {
             &tls::node_key_path(&certs, 2),
         );
         cluster.start(3).unwrap();
-        cluster.wait_ready(3, READY).await.unwrap();
+        cluster.wait_alive(3, READY).await.unwrap();
         let refused = wait_for_metric(&one, "ballot_peer_refused_total{reason=\"identity\"}").await;
         assert!(
             refused > 0.0,

@@ -318,6 +318,11 @@ fn push_and_bind_refuse_what_cannot_run_with_the_reason() {
         assert!(m.contains("not a WebAssembly file"), "{m}");
         let m = push_refused(&c, b"\0asm\x01\0\0\0".to_vec()).await;
         assert!(m.contains("core wasm module"), "{m}");
+        let m = push_refused(&c, component("tests/components/foreign.wasm")).await;
+        assert!(
+            m.contains("neither the `policy` nor the `protocol` world") && m.contains("ping"),
+            "{m}"
+        );
         let m = push_refused(&c, component("tests/components/stray.wasm")).await;
         assert!(m.contains("wasi:clocks/wall-clock"), "{m}");
         assert!(m.contains("no clock"), "{m}");
@@ -400,21 +405,23 @@ fn bindings_survive_a_full_restart() {
         cluster.start_all().unwrap();
         cluster.wait_all_ready(READY).await.unwrap();
         wait_links_up(&cluster).await;
+        // Ready means the bindings are loaded, with no wait: a PUT cannot
+        // slip past the counter right after a restart.
         for c in clients(&cluster) {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            loop {
-                let v = c
-                    .json(Method::GET, "/v1/policies", Bytes::new())
-                    .await
-                    .unwrap()
-                    .unwrap();
-                if v["bindings"].as_array().unwrap().len() == 1 {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "{v}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let v = c
+                .json(Method::GET, "/v1/policies", Bytes::new())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(v["bindings"].as_array().unwrap().len(), 1, "{v}");
         }
+        let r = put(&client(&cluster, 1), "n/a", "0").await;
+        assert_eq!(
+            r.error_code().as_deref(),
+            Some("policy-bound"),
+            "{}",
+            r.error_message()
+        );
         let r = apply(&client(&cluster, 3), "n/a", "1").await;
         assert_eq!(json(&r)["value"], "42", "{}", r.error_message());
         assert!(dir

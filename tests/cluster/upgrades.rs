@@ -242,15 +242,37 @@ fn activation_is_refused_when_a_voter_cannot_run_the_component() {
     runtime().block_on(async {
         let mut cluster = DevCluster::prepare(&dir.0, 3, 0, 0, CoreKind::Wasm, binary()).unwrap();
         // Replica 3 runs the compiled-in protocol: it cannot run components.
-        let node = &cluster.nodes[2];
-        let mut config = NodeConfig::load(&node.config_path).unwrap();
-        config.core = CoreKind::Native;
-        std::fs::write(&node.config_path, toml::to_string(&config).unwrap()).unwrap();
+        // And every replica wants an admin token for changes.
+        for node in &cluster.nodes {
+            let mut config = NodeConfig::load(&node.config_path).unwrap();
+            if node.id == 3 {
+                config.core = CoreKind::Native;
+            }
+            config.admin_token = Some("s3cret".into());
+            std::fs::write(&node.config_path, toml::to_string(&config).unwrap()).unwrap();
+        }
         cluster.start_all().unwrap();
         cluster.wait_all_ready(READY).await.unwrap();
         wait_links_up(&cluster).await;
 
-        let c = client(&cluster, 1);
+        let anonymous = client(&cluster, 1);
+        let r = anonymous
+            .json(
+                Method::POST,
+                "/v1/components",
+                Bytes::from_static(PROTOCOL_NEXT_WASM),
+            )
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.error_message());
+        // Keys need no token.
+        assert_eq!(
+            put(&anonymous, "open", "v").await.status,
+            StatusCode::CREATED
+        );
+
+        let c = client(&cluster, 1).with_token(Some("s3cret".into()));
         let next = push(&c, PROTOCOL_NEXT_WASM).await;
         let e = post(
             &c,

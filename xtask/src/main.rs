@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use ballot_guest_build::{componentize, sha256_hex, Toolchain, TARGET};
 
 /// (crate, artifact stem, committed file, relative to the workspace)
-const GUESTS: [(&str, &str, &str); 10] = [
+const GUESTS: [(&str, &str, &str); 11] = [
     (
         "ballot-guest-protocol",
         "ballot_guest_protocol",
@@ -43,6 +43,7 @@ const GUESTS: [(&str, &str, &str); 10] = [
     ("document", "document", "examples/document/document.wasm"),
     ("hostile", "hostile", "tests/components/hostile.wasm"),
     ("stray", "stray", "tests/components/stray.wasm"),
+    ("foreign", "foreign", "tests/components/foreign.wasm"),
     (
         "protocol-trap",
         "protocol_trap",
