@@ -392,8 +392,11 @@ impl Driver {
             let mut batch = Batch::default();
             let fatal = self.health.fatal().is_some();
             let open = self.unreleased.len() < PIPELINE_MAX && !fatal;
-            // While a swap drains, client requests wait in their queue.
+            // While a swap drains, client requests wait in their queue; once
+            // this replica's own commands are done, peer messages wait too,
+            // so the last readies are released and the swap happens.
             let admit = open && self.swapping.is_none();
+            let listen = open && !(self.swapping.is_some() && self.clients.is_empty());
             let swap_tick = self
                 .swapping
                 .as_ref()
@@ -421,7 +424,7 @@ impl Driver {
                     Some(r) => self.admit(r, &mut batch),
                     None => return,
                 },
-                m = inbound.recv(), if open => if let Some(m) = m {
+                m = inbound.recv(), if listen => if let Some(m) = m {
                     self.accept(m, &mut batch)
                 },
                 _ = sleep_until(deadline), if open && deadline.is_some() => {}
@@ -461,9 +464,11 @@ impl Driver {
                         more = true;
                     }
                 }
-                if let Ok(m) = inbound.try_recv() {
-                    self.accept(m, &mut batch);
-                    more = true;
+                if listen {
+                    if let Ok(m) = inbound.try_recv() {
+                        self.accept(m, &mut batch);
+                        more = true;
+                    }
                 }
                 if !more {
                     break;
