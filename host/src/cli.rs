@@ -44,7 +44,7 @@ enum Cmd {
     Cert(CertCmd),
     /// Measure throughput and latency of local clusters (and etcd), side by side.
     Bench(BenchArgs),
-    /// Store components in the cluster and list them.
+    /// Store components in the cluster; swap the protocol live.
     #[command(subcommand)]
     Component(ComponentCmd),
     /// Write, build and bind conflict-resolution policies.
