@@ -599,6 +599,17 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
     Err(r)
 }
 
+/// The JSON body of an admin request, once its token checks out.
+fn admin_body<T>(
+    app: &App,
+    headers: &HeaderMap,
+    body: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, Response> {
+    authorize(app, headers)?;
+    body.map(|axum::Json(b)| b)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad-request", &e.body_text()))
+}
+
 fn registry_error(e: RegistryError, invalid_code: &str) -> Response {
     match e {
         RegistryError::Invalid(m) => error(StatusCode::BAD_REQUEST, invalid_code, &m),
@@ -698,12 +709,9 @@ async fn bind_policy(
     headers: HeaderMap,
     body: Result<axum::Json<BindRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&app, &headers) {
-        return r;
-    }
-    let axum::Json(req) = match body {
+    let req = match admin_body(&app, &headers, body) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad-request", &e.body_text()),
+        Err(r) => return r,
     };
     match app.registry.bind(&req.prefix, &req.component).await {
         Ok((version, binding, record)) => {
@@ -799,12 +807,9 @@ async fn activate_protocol(
     headers: HeaderMap,
     body: Result<axum::Json<ActivateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&app, &headers) {
-        return r;
-    }
-    let axum::Json(req) = match body {
+    let req = match admin_body(&app, &headers, body) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad-request", &e.body_text()),
+        Err(r) => return r,
     };
     let target = (req.component != "embedded").then_some(req.component.as_str());
     let result = app.registry.activate(target, "activate").await;
