@@ -870,12 +870,17 @@ impl Registry {
     /// active protocol if this replica does not run it yet.
     async fn follow_protocol(&self, config: &ClusterConfig) {
         if let Some(p) = &config.protocol.pending {
-            let fresh = self
-                .protocol
-                .lock()
-                .expect("registry lock")
-                .reported
-                .insert(p.nonce);
+            let fresh = {
+                let mut state = self.protocol.lock().expect("registry lock");
+                let fresh = state.reported.insert(p.nonce);
+                if fresh {
+                    // An operator activating a component again is trying
+                    // it again: it is no longer quarantined here.
+                    let target = p.target.clone().unwrap_or_else(|| self.embedded_id.clone());
+                    state.quarantined.remove(&target);
+                }
+                fresh
+            };
             if fresh {
                 let verdict = match self.prepare_protocol(p.target.as_deref()).await {
                     Ok((label, view, _)) => {
