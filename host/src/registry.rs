@@ -1099,7 +1099,7 @@ impl Registry {
         target: Option<&str>,
         action: &str,
     ) -> Result<(u64, String), RegistryError> {
-        let (_, config) = self.config().await?;
+        let (version, config) = self.config().await?;
         let is_embedded = |id: &str| id.len() >= 8 && self.embedded_id.starts_with(id);
         let target = match target {
             None => None,
@@ -1120,7 +1120,6 @@ impl Registry {
         };
         let label = target.clone().unwrap_or_else(|| self.embedded_id.clone());
         if config.protocol.active == target {
-            let version = self.config().await?.0;
             return Ok((version, label));
         }
         if let Some(p) = &config.protocol.pending {
@@ -1377,23 +1376,25 @@ impl Registry {
             Outcome::Done(_) => {}
             other => return Err(unavailable(&other)),
         }
-        let fresh = record.clone();
+        // Set by the edit that lists it; an edit that finds it listed
+        // already (pushed before, or by a racing push) leaves it false.
+        let created = std::sync::atomic::AtomicBool::new(false);
         let (_, config) = self
             .update(|config| {
-                if config.components.iter().any(|c| c.id == fresh.id) {
-                    return Ok(false);
+                let listed = config.components.iter().any(|c| c.id == record.id);
+                created.store(!listed, std::sync::atomic::Ordering::Relaxed);
+                if !listed {
+                    config.components.push(record.clone());
                 }
-                config.components.push(fresh.clone());
-                Ok(true)
+                Ok(!listed)
             })
             .await?;
         let stored = config
             .components
-            .iter()
+            .into_iter()
             .find(|c| c.id == id)
-            .cloned()
-            .unwrap_or(record.clone());
-        Ok((stored.clone(), stored.pushed_ms == record.pushed_ms))
+            .unwrap_or(record);
+        Ok((stored, created.into_inner()))
     }
 
     /// Routes keys starting with `prefix` to the policy `component` (an id

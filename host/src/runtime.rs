@@ -124,7 +124,7 @@ impl Runtime {
 
     /// The policies of a replica: the embedded register for every key until
     /// prefixes are bound.
-    pub fn policies(&self) -> Result<Policies, Error> {
+    fn policies(&self) -> Result<Policies, Error> {
         let default = PolicyInstance::new(self.policy.clone(), "register", register_version());
         Policies::new(&self.engine, Some(default))
     }
@@ -449,14 +449,6 @@ impl Policies {
     /// Counts failed policy calls in `counter`.
     pub fn count_failures(&mut self, counter: prometheus_client::metrics::counter::Counter) {
         self.failures = Some(counter);
-    }
-
-    /// The policy governing `key`, if it is not the default.
-    pub fn binding(&self, key: &[u8]) -> Option<&Bound> {
-        if key.first() == Some(&0) {
-            return None;
-        }
-        self.bound.iter().find(|b| key.starts_with(&b.prefix))
     }
 }
 
