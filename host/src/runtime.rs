@@ -49,6 +49,7 @@ mod policy_world {
 
 use policy_world::exports::ballot::core::policy_api as pol;
 use protocol_world::ballot::core::policy_api as imp;
+use protocol_world::exports::ballot::core::membership as wit_members;
 use protocol_world::exports::ballot::core::replica as wit;
 
 crate::message_error!(
@@ -630,6 +631,23 @@ impl WasmCore {
     }
 
     /// Releases a persisted ready. An error means the guest trapped.
+    /// Moves the instance to a newer membership epoch. `Err` carries the
+    /// protocol's refusal or a trap.
+    pub fn try_reconfigure(&mut self, members: core::Members) -> Result<(), Error> {
+        self.refuel()?;
+        let m = wit_members::Members {
+            epoch: members.epoch,
+            voters: members.voters,
+            learners: members.learners,
+            fast: members.fast,
+        };
+        self.bindings
+            .ballot_core_membership()
+            .call_reconfigure(&mut self.store, &m)
+            .map_err(|e| err("calling reconfigure", trap_reason(&e)))?
+            .map_err(|e| Error(format!("the protocol refused the membership: {e}")))
+    }
+
     pub fn try_release(&mut self, id: u64) -> Result<core::Actions, Error> {
         self.refuel()?;
         let a = self
@@ -719,6 +737,10 @@ impl core::Core for WasmCore {
         self.try_release(id)
             .unwrap_or_else(|e| panic!("protocol component failed: {e}"))
     }
+
+    fn reconfigure(&mut self, members: core::Members) -> Result<(), String> {
+        self.try_reconfigure(members).map_err(|e| e.0)
+    }
 }
 
 #[cfg(test)]
@@ -737,9 +759,17 @@ mod tests {
     fn bad_config_is_refused() {
         let rt = Runtime::new().unwrap();
         let e = rt
-            .replica(core::Config::new(9, 1, vec![1, 2, 3]))
+            .replica(core::Config::new(9, 1, vec![1, 2, 2]))
             .err()
             .unwrap();
-        assert!(e.0.contains("not among the voters"), "{e}");
+        assert!(e.0.contains("listed twice"), "{e}");
+        // An older epoch is refused through the membership export.
+        let mut core = rt.replica(core::Config::new(1, 1, vec![1, 2, 3])).unwrap();
+        let mut m = core::Members::initial(vec![1, 2, 3]);
+        m.epoch = 3;
+        core.try_reconfigure(m.clone()).unwrap();
+        m.epoch = 2;
+        let e = core.try_reconfigure(m).unwrap_err();
+        assert!(e.0.contains("cannot replace epoch 3"), "{e}");
     }
 }

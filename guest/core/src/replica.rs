@@ -64,6 +64,8 @@ pub trait Core {
     /// Returns the effects of ready `id` once the host has persisted it.
     /// Readies are released in the order `step` returned them.
     fn release(&mut self, id: u64) -> Actions;
+    /// Moves the replica to a newer membership epoch, between two steps.
+    fn reconfigure(&mut self, members: Members) -> Result<(), String>;
 }
 
 /// Classic quorum: any two intersect.
@@ -156,6 +158,8 @@ struct KeyOps {
 /// One replica's protocol logic.
 pub struct Replica<E: Env> {
     config: Config,
+    /// Who votes and who learns, and in which epoch; see [`Replica::reconfigure`].
+    members: Members,
     env: E,
     q_classic: usize,
     q_fast: usize,
@@ -186,42 +190,36 @@ pub struct Replica<E: Env> {
     state_format: u8,
 }
 
-/// The protocol's version when it writes key-state `format`: 0.1.x writes
-/// format 1 (and reads 2, so it can take over from 0.2.x), 0.2.x writes 2.
+/// The protocol's version when it writes key-state `format`: 0.3.x writes
+/// format 1 (and reads 2, so it can take over from 0.4.x), 0.4.x writes 2.
+/// Both speak wire format 2 (membership epochs) and read format 1.
 pub fn protocol_version(format: u8) -> &'static str {
     if format == crate::wire::STATE_FORMAT_CHECKED {
-        "0.2.0"
+        "0.4.0"
     } else {
-        "0.1.1"
+        "0.3.0"
     }
 }
 
 impl<E: Env> Replica<E> {
     /// Starts a replica; volatile state starts empty.
+    ///
+    /// A replica starts in epoch 1 with `config.voters` as voters. A replica
+    /// outside that list (a learner that has just joined) starts as an
+    /// observer and takes its real membership from [`Replica::reconfigure`]
+    /// before its first step.
     pub fn new(config: Config, env: E) -> Result<Self, String> {
-        let n = config.voters.len();
-        if n == 0 || n > 64 {
-            return Err(format!("need 1 to 64 voters, got {n}"));
-        }
-        if !config.voters.contains(&config.self_id) {
-            return Err(format!(
-                "replica {} is not among the voters",
-                config.self_id
-            ));
-        }
-        let mut sorted = config.voters.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        if sorted.len() != n {
-            return Err("voters contain duplicates".to_string());
-        }
+        let members = Members::initial(config.voters.clone());
+        members.validate()?;
         if config.attempts_max == 0 || config.inflight_max == 0 {
             return Err("attempts-max and inflight-max must be at least 1".to_string());
         }
+        let n = members.voters.len();
         Ok(Replica {
             q_classic: quorum_classic(n),
             q_fast: quorum_fast(n),
             config,
+            members,
             env,
             seq: 0,
             rng: 0x9e37_79b9_7f4a_7c15,
@@ -244,6 +242,60 @@ impl<E: Env> Replica<E> {
         })
     }
 
+    /// Moves this replica to a newer membership epoch, between two steps.
+    ///
+    /// Quorums are counted among the new voters from now on. Every round in
+    /// progress loses the votes it gathered: they were given in the old
+    /// epoch, and no reply stamped with the old epoch counts any more (nor
+    /// does a request reach an acceptor of another epoch). Each such round is
+    /// picked up again when its timer fires, in the new epoch. Reapplying the
+    /// current membership is a no-op; an older epoch, or the same epoch with
+    /// other contents, is refused.
+    pub fn reconfigure(&mut self, members: Members) -> Result<(), String> {
+        members.validate()?;
+        if members.epoch < self.members.epoch
+            || (members.epoch == self.members.epoch && members != self.members)
+        {
+            return Err(format!(
+                "membership epoch {} cannot replace epoch {}",
+                members.epoch, self.members.epoch
+            ));
+        }
+        if members == self.members {
+            return Ok(());
+        }
+        let n = members.voters.len();
+        self.q_classic = quorum_classic(n);
+        self.q_fast = quorum_fast(n);
+        self.members = members;
+        self.suspect_until
+            .retain(|r, _| self.members.voters.contains(r));
+        for ops in self.ops.values_mut() {
+            if let Some(op) = ops.active.as_mut() {
+                match &mut op.phase {
+                    Phase::Fast { acks, nacks, .. } => {
+                        acks.clear();
+                        nacks.clear();
+                    }
+                    Phase::Prepare { promises, .. } => promises.clear(),
+                    Phase::Accept { acks, .. } => acks.clear(),
+                    Phase::Query { replies, .. } => replies.clear(),
+                    Phase::Idle | Phase::Backoff => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The membership this replica runs.
+    pub fn members(&self) -> &Members {
+        &self.members
+    }
+
+    fn is_voter(&self) -> bool {
+        self.members.voters.contains(&self.config.self_id)
+    }
+
     /// Chooses the key-state format this replica writes (it reads them
     /// all): see [`crate::wire::STATE_FORMATS`].
     pub fn write_state_format(&mut self, format: u8) -> Result<(), String> {
@@ -261,7 +313,7 @@ impl<E: Env> Replica<E> {
     #[cfg(feature = "planted-bugs")]
     pub fn plant_epoxy_fast_path(&mut self) {
         self.planted_epoxy = true;
-        let n = self.config.voters.len();
+        let n = self.members.voters.len();
         self.q_fast = n - (self.q_classic - 1) / 2;
     }
 
@@ -292,7 +344,10 @@ impl<E: Env> Replica<E> {
             name: "ballot-paxos".to_string(),
             version: protocol_version(format).to_string(),
             state_formats,
-            wire_formats: alloc::vec![crate::wire::WIRE_FORMAT as u32],
+            wire_formats: crate::wire::WIRE_FORMATS
+                .iter()
+                .map(|f| *f as u32)
+                .collect(),
         }
     }
 
@@ -302,7 +357,7 @@ impl<E: Env> Replica<E> {
     }
 
     fn n(&self) -> usize {
-        self.config.voters.len()
+        self.members.voters.len()
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -375,7 +430,7 @@ impl<E: Env> Replica<E> {
             let out = Outbound {
                 to,
                 key: key.to_vec(),
-                payload: msg.encode(),
+                payload: msg.encode_at(self.members.epoch),
             };
             if request {
                 self.requests_out.push(out);
@@ -385,8 +440,10 @@ impl<E: Env> Replica<E> {
         }
     }
 
+    /// Sends a round's request to every voter (this replica included if it
+    /// votes: the loopback handles it in the same step).
     fn broadcast(&mut self, key: &[u8], msg: &Msg) {
-        for to in self.config.voters.clone() {
+        for to in self.members.voters.clone() {
             self.send(to, key, msg.clone());
         }
     }
@@ -431,15 +488,30 @@ impl<E: Env> Replica<E> {
             if !self.states.contains_key(&m.key) {
                 continue;
             }
-            if m.from != self.config.self_id && !self.config.voters.contains(&m.from) {
+            if m.from != self.config.self_id && !self.members.contains(m.from) {
                 self.env.log(
-                    Level::Warn,
-                    &format!("message from unknown replica {}", m.from),
+                    Level::Debug,
+                    &format!("message from replica {}, not a member", m.from),
                 );
                 continue;
             }
-            match Msg::decode(&m.payload) {
-                Ok(msg) => {
+            match Msg::decode_any(&m.payload) {
+                Ok((epoch, msg)) => {
+                    // Votes count only between replicas of one epoch: a
+                    // request or reply of another epoch is dropped (its
+                    // sender or this replica is about to move on). Decided
+                    // facts hold in every epoch.
+                    if epoch != self.members.epoch && !msg.is_fact() {
+                        self.env.log(
+                            Level::Debug,
+                            &format!(
+                                "dropped a message of epoch {epoch} from {} (at epoch {})",
+                                m.from, self.members.epoch
+                            ),
+                        );
+                        self.drain_loopback();
+                        continue;
+                    }
                     self.suspect_until.remove(&m.from);
                     self.on_message(m.from, &m.key, msg);
                     self.resolve(&m.key);
@@ -757,9 +829,12 @@ impl<E: Env> Replica<E> {
     }
 
     fn fast_allowed(&self) -> bool {
+        if !self.members.fast {
+            return false;
+        }
         let now = self.now_ms;
         let live = self
-            .config
+            .members
             .voters
             .iter()
             .filter(|v| self.suspect_until.get(v).is_none_or(|until| *until <= now))
@@ -893,7 +968,7 @@ impl<E: Env> Replica<E> {
                 // The fast quorum did not answer: pass over the silent
                 // replicas for a while and recover with a classic round.
                 let until = self.now_ms + SUSPECT_MS;
-                for v in self.config.voters.clone() {
+                for v in self.members.voters.clone() {
                     if !acks.contains(&v) && !nacks.contains(&v) && v != self.config.self_id {
                         self.suspect_until.insert(v, until);
                     }
@@ -909,6 +984,14 @@ impl<E: Env> Replica<E> {
     // ----- messages -----------------------------------------------------
 
     fn on_message(&mut self, from: ReplicaId, key: &[u8], msg: Msg) {
+        // A learner takes part in no round as an acceptor.
+        let acceptor_msg = matches!(
+            msg,
+            Msg::Prepare { .. } | Msg::Accept { .. } | Msg::Query { .. }
+        );
+        if acceptor_msg && !self.is_voter() {
+            return;
+        }
         match msg {
             Msg::Prepare {
                 slot,
@@ -1035,11 +1118,14 @@ impl<E: Env> Replica<E> {
         if !self.acceptor_slot_ok(from, key, slot, catch_up) {
             return;
         }
+        let fast_on = self.members.fast;
         let st = self.state(key);
         let ok = if ballot.is_fast() {
             // The fast round: first value wins, and only before any classic
-            // round has started at this acceptor.
-            st.promised.is_fast()
+            // round has started at this acceptor, and never in an epoch that
+            // has the fast round off.
+            fast_on
+                && st.promised.is_fast()
                 && st
                     .accepted
                     .as_ref()
@@ -1124,7 +1210,8 @@ impl<E: Env> Replica<E> {
             let learn = Msg::Learn {
                 chosen: st.chosen.clone(),
             };
-            for to in self.config.voters.clone() {
+            let members = self.members.voters.iter().chain(&self.members.learners);
+            for to in members.copied().collect::<Vec<_>>() {
                 if to != self.config.self_id {
                     self.send(to, key, learn.clone());
                 }
@@ -1448,6 +1535,10 @@ impl<E: Env> Core for Replica<E> {
     fn release(&mut self, id: u64) -> Actions {
         Replica::release(self, id)
     }
+
+    fn reconfigure(&mut self, members: Members) -> Result<(), String> {
+        Replica::reconfigure(self, members)
+    }
 }
 
 #[cfg(test)]
@@ -1527,9 +1618,140 @@ mod tests {
         let after = acceptor.release(ready.id).send;
         assert_eq!(after.len(), 1);
         assert!(matches!(
-            crate::wire::Msg::decode(&after[0].payload),
-            Ok(crate::wire::Msg::Accepted { .. })
+            crate::wire::Msg::decode_any(&after[0].payload),
+            Ok((1, crate::wire::Msg::Accepted { .. }))
         ));
+    }
+
+    fn members(epoch: u64, voters: &[ReplicaId], learners: &[ReplicaId], fast: bool) -> Members {
+        Members {
+            epoch,
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            fast,
+        }
+    }
+
+    /// One message to a fresh key; returns what the replica persisted and
+    /// every message it sends about it.
+    fn deliver(
+        r: &mut Replica<RegisterEnv>,
+        from: ReplicaId,
+        payload: Vec<u8>,
+    ) -> (usize, Vec<Msg>) {
+        let ready = r.step(Batch {
+            states: alloc::vec![KeyState {
+                key: b"k".to_vec(),
+                state: Vec::new()
+            }],
+            messages: alloc::vec![Inbound {
+                from,
+                key: b"k".to_vec(),
+                payload
+            }],
+            ..Batch::default()
+        });
+        let mut sent = ready.early.send;
+        sent.extend(r.release(ready.id).send);
+        let msgs = sent
+            .iter()
+            .map(|o| Msg::decode_any(&o.payload).unwrap().1)
+            .collect();
+        (ready.persist.len(), msgs)
+    }
+
+    fn fast_accept() -> Msg {
+        Msg::Accept {
+            slot: 1,
+            ballot: Ballot::FAST,
+            proposal: Proposal {
+                id: ProposalId {
+                    replica: 1,
+                    incarnation: 1,
+                    seq: 1,
+                },
+                value: Some(b"v".to_vec()),
+            },
+            catch_up: None,
+        }
+    }
+
+    /// Voter sets that differ by one replica (n and n + 1, the larger one
+    /// holding the smaller): a classic quorum of either meets every classic
+    /// and every fast quorum of the other (docs/design.md, section 11).
+    #[test]
+    fn neighbouring_voter_sets_intersect() {
+        for n in 1..64 {
+            let (c, f, c1, f1) = (
+                quorum_classic(n),
+                quorum_fast(n),
+                quorum_classic(n + 1),
+                quorum_fast(n + 1),
+            );
+            // A quorum of n + 1 has at least its size - 1 members among n.
+            assert!(c + c1 - 1 > n, "n={n}: classic/classic");
+            assert!(c + f1 - 1 > n, "n={n}: classic/fast");
+            assert!(f + c1 - 1 > n, "n={n}: fast/classic");
+        }
+    }
+
+    #[test]
+    fn epochs_fence_votes_but_not_facts() {
+        let mut r = Replica::new(Config::new(2, 1, alloc::vec![1, 2, 3]), RegisterEnv).unwrap();
+        r.reconfigure(members(2, &[1, 2, 3], &[], true)).unwrap();
+        // A vote request of another epoch is dropped without an answer.
+        assert_eq!(
+            deliver(&mut r, 1, fast_accept().encode_at(1)),
+            (0, alloc::vec![])
+        );
+        assert_eq!(
+            deliver(&mut r, 1, fast_accept().encode()),
+            (0, alloc::vec![])
+        );
+        // The same request in this epoch is accepted.
+        let (written, sent) = deliver(&mut r, 1, fast_accept().encode_at(2));
+        assert_eq!(written, 1);
+        assert!(matches!(sent[..], [Msg::Accepted { .. }]));
+        // A decided fact counts from any epoch.
+        let learn = Msg::Learn {
+            chosen: Chosen {
+                version: 1,
+                value: Some(b"v".to_vec()),
+                winners: alloc::vec![],
+            },
+        };
+        assert_eq!(deliver(&mut r, 3, learn.encode_at(1)).0, 1);
+        // Older epochs, or the same epoch with other contents, are refused.
+        assert!(r.reconfigure(members(1, &[1, 2, 3], &[], true)).is_err());
+        assert!(r.reconfigure(members(2, &[1, 2], &[], true)).is_err());
+        assert!(r.reconfigure(members(2, &[1, 2, 3], &[], true)).is_ok());
+        assert!(r.reconfigure(members(3, &[1, 2], &[2], true)).is_err());
+    }
+
+    #[test]
+    fn learners_never_vote_and_classic_epochs_refuse_fast_accepts() {
+        let mut learner =
+            Replica::new(Config::new(4, 1, alloc::vec![1, 2, 3]), RegisterEnv).unwrap();
+        learner
+            .reconfigure(members(2, &[1, 2, 3], &[4], true))
+            .unwrap();
+        assert_eq!(
+            deliver(&mut learner, 1, fast_accept().encode_at(2)),
+            (0, alloc::vec![])
+        );
+        let query = Msg::Query { id: 1 };
+        assert_eq!(
+            deliver(&mut learner, 1, query.encode_at(2)),
+            (0, alloc::vec![])
+        );
+
+        let mut voter = Replica::new(Config::new(2, 1, alloc::vec![1, 2, 3]), RegisterEnv).unwrap();
+        voter
+            .reconfigure(members(2, &[1, 2, 3], &[], false))
+            .unwrap();
+        let (written, sent) = deliver(&mut voter, 1, fast_accept().encode_at(2));
+        assert_eq!(written, 0);
+        assert!(matches!(sent[..], [Msg::Nack { .. }]));
     }
 
     #[test]

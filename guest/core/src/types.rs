@@ -60,6 +60,58 @@ impl Config {
     }
 }
 
+/// The cluster's membership as one replica knows it (`membership.members`).
+///
+/// Configurations are ordered by `epoch`. Quorums are counted among
+/// `voters`; `learners` receive every decision but never vote. With `fast`
+/// off, proposers use classic rounds only and acceptors refuse fast accepts:
+/// the cluster passes through such an epoch around every change of voters
+/// (see `docs/design.md`, section 11).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Members {
+    pub epoch: u64,
+    pub voters: Vec<ReplicaId>,
+    pub learners: Vec<ReplicaId>,
+    pub fast: bool,
+}
+
+impl Members {
+    /// The membership a replica starts with before it has heard of any
+    /// change: epoch 1, the configured voters, the fast round on.
+    pub fn initial(voters: Vec<ReplicaId>) -> Members {
+        Members {
+            epoch: 1,
+            voters,
+            learners: Vec::new(),
+            fast: true,
+        }
+    }
+
+    /// Checks the shape: 1 to 64 voters, no duplicates, learners apart.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = self.voters.len();
+        if n == 0 || n > 64 {
+            return Err(alloc::format!("need 1 to 64 voters, got {n}"));
+        }
+        if self.epoch == 0 {
+            return Err("epochs start at 1".into());
+        }
+        let mut all: Vec<ReplicaId> = self.voters.iter().chain(&self.learners).copied().collect();
+        all.sort_unstable();
+        let len = all.len();
+        all.dedup();
+        if all.len() != len {
+            return Err("a replica is listed twice among voters and learners".into());
+        }
+        Ok(())
+    }
+
+    /// Whether `id` is a voter or a learner.
+    pub fn contains(&self, id: ReplicaId) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
+    }
+}
+
 /// A key's persisted protocol state; empty `state` means never touched.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyState {

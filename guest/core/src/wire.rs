@@ -20,6 +20,11 @@ pub const STATE_FORMAT_CHECKED: u8 = 2;
 pub const STATE_FORMATS: [u8; 2] = [STATE_FORMAT, STATE_FORMAT_CHECKED];
 /// Version of the peer message encoding.
 pub const WIRE_FORMAT: u8 = 1;
+/// Wire format 2: format 1's message behind the sender's membership epoch
+/// (a varint). Written by protocol 0.3 and later; format 1 reads as epoch 1.
+pub const WIRE_FORMAT_EPOCH: u8 = 2;
+/// Every wire format this build reads, the one it writes last.
+pub const WIRE_FORMATS: [u8; 2] = [WIRE_FORMAT, WIRE_FORMAT_EPOCH];
 /// How many recent (version, proposal) pairs a key remembers, so a proposer
 /// that fell behind can still tell whether its own proposal won.
 pub const WINNERS_MAX: usize = 16;
@@ -275,12 +280,37 @@ impl KeyState {
 }
 
 impl Msg {
+    /// Encodes in wire format 1 (no epoch).
     pub fn encode(&self) -> Vec<u8> {
         encode(WIRE_FORMAT, self)
     }
 
+    /// Encodes in wire format 2, stamped with the sender's `epoch`.
+    pub fn encode_at(&self, epoch: u64) -> Vec<u8> {
+        encode(WIRE_FORMAT_EPOCH, &(epoch, self))
+    }
+
+    /// Decodes wire format 1.
     pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
         decode(WIRE_FORMAT, bytes)
+    }
+
+    /// Decodes either wire format: the sender's epoch (1 for format 1) and
+    /// the message.
+    pub fn decode_any(bytes: &[u8]) -> Result<(u64, Msg), DecodeError> {
+        match bytes.first() {
+            Some(&WIRE_FORMAT) => Ok((1, decode(WIRE_FORMAT, bytes)?)),
+            Some(&WIRE_FORMAT_EPOCH) => decode(WIRE_FORMAT_EPOCH, bytes),
+            Some(&other) => Err(DecodeError::Format(other)),
+            None => Err(DecodeError::Empty),
+        }
+    }
+
+    /// Whether the message states a decided fact (a chosen value) that any
+    /// replica may take from any epoch; every other message is part of a
+    /// round and counts only between replicas of the same epoch.
+    pub fn is_fact(&self) -> bool {
+        matches!(self, Msg::Learn { .. } | Msg::Stale { .. })
     }
 }
 

@@ -10,6 +10,7 @@ use ballot_core as core;
 
 use ballot::core::log::{emit, Level as WitLevel};
 use ballot::core::policy_api as policy;
+use exports::ballot::core::membership as members;
 use exports::ballot::core::replica as wit;
 
 thread_local! {
@@ -193,6 +194,18 @@ fn actions(actions: core::Actions) -> wit::Actions {
                 at_ms: t.at_ms,
             })
             .collect(),
+    }
+}
+
+impl members::Guest for Component {
+    fn reconfigure(m: members::Members) -> Result<(), String> {
+        let m = core::Members {
+            epoch: m.epoch,
+            voters: m.voters,
+            learners: m.learners,
+            fast: m.fast,
+        };
+        with_replica(|r| r.reconfigure(m))
     }
 }
 

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use ballot_core::register::Command;
 use ballot_core::{
-    Actions, Batch, Config, Consistency, Core, Inbound, KeyState, Operation, Outcome, RegisterEnv,
-    Replica, ReplicaId, Request, Timer, Write,
+    Actions, Batch, Config, Consistency, Core, Inbound, KeyState, Members, Operation, Outcome,
+    RegisterEnv, Replica, ReplicaId, Request, Timer, Write,
 };
 
 use check::{Input, Output};
@@ -41,6 +41,14 @@ pub struct SimConfig {
     pub clients: usize,
     pub ops_per_client: usize,
     pub keys: usize,
+    /// Membership changes during the run: two spare replicas join and two
+    /// of the original ones leave, in an order drawn from the seed, each
+    /// change through the same stages as `ballot cluster add|remove`.
+    pub reconfigure: bool,
+    /// Change voters without the classic-only epoch and the sweep (every
+    /// other stage and wait kept): unsafe, kept so a test can show that the
+    /// checker catches it.
+    pub unsafe_membership: bool,
 }
 
 impl SimConfig {
@@ -52,9 +60,23 @@ impl SimConfig {
             clients: 2 * nodes,
             ops_per_client: 12,
             keys: 2,
+            reconfigure: false,
+            unsafe_membership: false,
+        }
+    }
+
+    /// A run with membership changes under load and faults.
+    pub fn reconfiguring(seed: u64, nodes: usize) -> Self {
+        SimConfig {
+            ops_per_client: 30,
+            reconfigure: true,
+            ..SimConfig::new(seed, nodes)
         }
     }
 }
+
+/// Replicas that are not members at the start of a reconfiguring run.
+pub const SPARES: usize = 2;
 
 /// One client operation, as recorded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +101,9 @@ pub struct Stats {
     pub ops_failed: u64,
     pub ops_unknown: u64,
     pub virtual_ms: u64,
+    /// Membership changes completed, and the last epoch published.
+    pub changes: u64,
+    pub epoch: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -121,8 +146,8 @@ impl CoreFactory for WasmFactory {
     }
 }
 
-/// Two protocol components at once: the embedded one (0.1.1, key-state
-/// format 1) and `protocol-next` (0.2.0, format 2), chosen per replica and
+/// Two protocol components at once: the embedded one (0.3.0, key-state
+/// format 1) and `protocol-next` (0.4.0, format 2), chosen per replica and
 /// incarnation, so the cluster always runs mixed versions and every
 /// crash-restart swaps the replica to the other one: upgrades and rollbacks
 /// with migration on read, under every fault the simulator injects.
@@ -197,6 +222,55 @@ enum Ev {
     Restart(usize),
     Partition,
     Heal,
+    /// A replica looks for a newer membership (the host's commit watch and
+    /// poll).
+    Poll(usize),
+    /// The membership driver checks its stage.
+    Drive,
+}
+
+/// One change of the plan: a node index joins or leaves.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    Add(usize),
+    Remove(usize),
+}
+
+/// Why a replica issues a read of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chore {
+    CatchUp,
+    Sweep,
+}
+
+/// Where the driver is in the current change. Every stage but the last
+/// publishes a new epoch and then waits for the replicas it names to run it.
+#[derive(Debug)]
+enum Stage {
+    /// Waiting for `nodes` to run epoch `epoch` or later, then `next`.
+    Adopt {
+        epoch: u64,
+        nodes: Vec<usize>,
+        next: Box<Stage>,
+    },
+    /// Each node reads the listed keys linearizably (catch-up of a learner,
+    /// or the sweep of every continuing voter); then `next`.
+    Reads {
+        chore: Chore,
+        pending: BTreeMap<usize, BTreeSet<Vec<u8>>>,
+        /// A sweep lists each node's keys when it starts.
+        listed: bool,
+        next: Box<Stage>,
+    },
+    /// Publish `members` (and start or retire a node), then `next`.
+    Publish {
+        members: Members,
+        start: Option<usize>,
+        retire: Option<usize>,
+        next: Box<Stage>,
+    },
+    /// The change is complete.
+    Done,
 }
 
 struct Node {
@@ -213,6 +287,13 @@ struct Node {
     wake_pending: bool,
     /// Request id -> index into the history.
     requests: BTreeMap<u64, usize>,
+    /// Request id -> a read the replica makes for the membership driver.
+    chores: BTreeMap<u64, (Chore, Vec<u8>)>,
+    /// The membership epoch it has adopted (kept across crashes, as the
+    /// host keeps its copy of the membership record in LMDB).
+    epoch: u64,
+    /// Not a member yet (a spare) or not any more: never restarted.
+    off: bool,
 }
 
 struct Client {
@@ -249,6 +330,10 @@ pub struct Sim<'f> {
     fault_window_ms: u64,
     /// Crashes left to inject in the middle of a stalled write.
     stall_crashes: u32,
+    /// Every membership published, by epoch - 1.
+    memberships: Vec<Members>,
+    plan: VecDeque<Change>,
+    stage: Stage,
 }
 
 const TIME_LIMIT_MS: u64 = 600_000;
@@ -270,21 +355,51 @@ impl<'f> Sim<'f> {
             }
         };
         let voters: Vec<ReplicaId> = (1..=cfg.nodes as ReplicaId).collect();
-        let nodes = voters
-            .iter()
-            .map(|&id| Node {
-                id,
-                core: Some(factory.make(Config::new(id, 1, voters.clone()))),
-                incarnation: 1,
-                durable: BTreeMap::new(),
-                cache: BTreeMap::new(),
-                disk: VecDeque::new(),
-                disk_free_at: 0,
-                inbox: Vec::new(),
-                wake_pending: false,
-                requests: BTreeMap::new(),
+        let spares = if cfg.reconfigure { SPARES } else { 0 };
+        let nodes: Vec<Node> = (1..=(cfg.nodes + spares) as ReplicaId)
+            .map(|id| {
+                let off = id as usize > cfg.nodes;
+                Node {
+                    id,
+                    core: (!off).then(|| factory.make(Config::new(id, 1, voters.clone()))),
+                    incarnation: 1,
+                    durable: BTreeMap::new(),
+                    cache: BTreeMap::new(),
+                    disk: VecDeque::new(),
+                    disk_free_at: 0,
+                    inbox: Vec::new(),
+                    wake_pending: false,
+                    requests: BTreeMap::new(),
+                    chores: BTreeMap::new(),
+                    epoch: 1,
+                    off,
+                }
             })
             .collect();
+        let mut plan = VecDeque::new();
+        if cfg.reconfigure {
+            // Two joins and two leaves of original replicas, interleaved
+            // as the seed says, never below the starting size.
+            let mut leaving: Vec<usize> = (0..cfg.nodes).collect();
+            let mut joins = vec![cfg.nodes, cfg.nodes + 1];
+            let mut size = cfg.nodes;
+            while !joins.is_empty() || leaving.len() > cfg.nodes.saturating_sub(2) {
+                let leave = leaving.len() > cfg.nodes.saturating_sub(2)
+                    && size > cfg.nodes.max(2) - 1
+                    && (joins.is_empty() || rng.chance(0.5))
+                    && size > 1;
+                if leave {
+                    let k = rng.range(0, leaving.len() as u64 - 1) as usize;
+                    plan.push_back(Change::Remove(leaving.remove(k)));
+                    size -= 1;
+                } else if let Some(j) = joins.pop() {
+                    plan.push_back(Change::Add(j));
+                    size += 1;
+                } else {
+                    break;
+                }
+            }
+        }
         let clients = (0..cfg.clients)
             .map(|_| Client {
                 remaining: cfg.ops_per_client,
@@ -293,7 +408,7 @@ impl<'f> Sim<'f> {
                 last_version: 0,
             })
             .collect();
-        let n = cfg.nodes;
+        let n = nodes.len();
         Sim {
             cfg,
             factory,
@@ -312,6 +427,9 @@ impl<'f> Sim<'f> {
             request_next: 1,
             fault_window_ms: 1500,
             stall_crashes: 1,
+            memberships: vec![Members::initial(voters)],
+            plan,
+            stage: Stage::Done,
         }
     }
 
@@ -339,7 +457,7 @@ impl<'f> Sim<'f> {
             let crashes = self.rng.range(0, self.cfg.nodes as u64);
             for _ in 0..crashes {
                 let t = self.rng.range(0, self.fault_window_ms);
-                let node = self.rng.range(0, self.cfg.nodes as u64 - 1) as usize;
+                let node = self.rng.range(0, self.nodes.len() as u64 - 1) as usize;
                 self.at(t, Ev::Crash(node));
             }
             let partitions = self.rng.range(0, 3);
@@ -348,6 +466,14 @@ impl<'f> Sim<'f> {
                 self.at(t, Ev::Partition);
                 let d = self.rng.range(10, 400);
                 self.at(t + d, Ev::Heal);
+            }
+        }
+        if self.cfg.reconfigure {
+            let t = self.rng.range(0, 300);
+            self.at(t, Ev::Drive);
+            for i in 0..self.nodes.len() {
+                let t = self.rng.range(0, 100);
+                self.at(t, Ev::Poll(i));
             }
         }
         while let Some(((time, _), ev)) = self.events.pop_first() {
@@ -359,7 +485,7 @@ impl<'f> Sim<'f> {
                 break;
             }
             self.handle(ev);
-            if self.clients.iter().all(|c| c.remaining == 0 && !c.busy) {
+            if self.clients.iter().all(|c| c.remaining == 0 && !c.busy) && self.plan_done() {
                 break;
             }
         }
@@ -392,6 +518,312 @@ impl<'f> Sim<'f> {
                 }
             }
             Ev::Heal => self.side.iter_mut().for_each(|s| *s = false),
+            Ev::Poll(i) => {
+                self.poll(i);
+                let t = self.now + self.rng.range(20, 150);
+                self.at(t, Ev::Poll(i));
+            }
+            Ev::Drive => {
+                self.drive();
+                if !self.plan_done() {
+                    let t = self.now + 10;
+                    self.at(t, Ev::Drive);
+                }
+            }
+        }
+    }
+
+    // ----- membership -----------------------------------------------------
+
+    fn plan_done(&self) -> bool {
+        self.plan.is_empty() && matches!(self.stage, Stage::Done)
+    }
+
+    fn latest(&self) -> &Members {
+        self.memberships.last().expect("epoch 1 exists")
+    }
+
+    /// A replica that is up adopts the newest membership, as the host does
+    /// when it applies a commit of the membership record or polls it.
+    fn poll(&mut self, i: usize) {
+        let latest = self.latest().clone();
+        let node = &mut self.nodes[i];
+        if node.off || node.epoch >= latest.epoch {
+            return;
+        }
+        let Some(core) = node.core.as_mut() else {
+            return;
+        };
+        match core.reconfigure(latest.clone()) {
+            Ok(()) => node.epoch = latest.epoch,
+            Err(e) => self.violations.push(format!(
+                "replica {} refused epoch {}: {e}",
+                node.id, latest.epoch
+            )),
+        }
+    }
+
+    fn members_at(&self, epoch: u64) -> Members {
+        self.memberships[epoch as usize - 1].clone()
+    }
+
+    /// The stages of one change, as `ballot cluster add|remove` runs them
+    /// (see `docs/design.md`, section 11).
+    fn stages(&self, change: Change) -> Stage {
+        let now = self.latest().clone();
+        let epoch = now.epoch;
+        let id = |i: usize| i as ReplicaId + 1;
+        let idx = |r: ReplicaId| r as usize - 1;
+        let voters: Vec<usize> = now.voters.iter().map(|&r| idx(r)).collect();
+        let sweep = |nodes: &[usize]| Stage::Reads {
+            chore: Chore::Sweep,
+            // Filled in when the stage starts: each node's own keys.
+            pending: nodes.iter().map(|&n| (n, BTreeSet::new())).collect(),
+            listed: false,
+            next: Box::new(Stage::Done),
+        };
+        let chain = |mut stages: Vec<Stage>| {
+            let mut next = Stage::Done;
+            while let Some(mut s) = stages.pop() {
+                match &mut s {
+                    Stage::Adopt { next: n, .. }
+                    | Stage::Reads { next: n, .. }
+                    | Stage::Publish { next: n, .. } => *n = Box::new(next),
+                    Stage::Done => {}
+                }
+                next = s;
+            }
+            next
+        };
+        let adopt = |epoch: u64, nodes: Vec<usize>| Stage::Adopt {
+            epoch,
+            nodes,
+            next: Box::new(Stage::Done),
+        };
+        let publish = |members: Members, start, retire| Stage::Publish {
+            members,
+            start,
+            retire,
+            next: Box::new(Stage::Done),
+        };
+        match change {
+            Change::Add(x) => {
+                let mut learning = now.clone();
+                learning.epoch = epoch + 1;
+                learning.learners.push(id(x));
+                let mut classic = learning.clone();
+                classic.epoch = epoch + 2;
+                classic.fast = false;
+                let mut joined = classic.clone();
+                joined.epoch = epoch + 3;
+                joined.fast = true;
+                joined.learners.retain(|&r| r != id(x));
+                joined.voters.push(id(x));
+                let mut with_x = voters.clone();
+                with_x.push(x);
+                let keys: BTreeSet<Vec<u8>> = (0..self.cfg.keys).map(|k| self.key(k)).collect();
+                if self.cfg.unsafe_membership {
+                    joined.epoch = epoch + 2;
+                    return chain(vec![
+                        publish(learning, Some(x), None),
+                        adopt(epoch + 1, with_x.clone()),
+                        Stage::Reads {
+                            chore: Chore::CatchUp,
+                            pending: [(x, keys)].into_iter().collect(),
+                            listed: true,
+                            next: Box::new(Stage::Done),
+                        },
+                        publish(joined, None, None),
+                        adopt(epoch + 2, with_x),
+                    ]);
+                }
+                chain(vec![
+                    publish(learning, Some(x), None),
+                    adopt(epoch + 1, with_x.clone()),
+                    Stage::Reads {
+                        chore: Chore::CatchUp,
+                        pending: [(x, keys)].into_iter().collect(),
+                        listed: true,
+                        next: Box::new(Stage::Done),
+                    },
+                    publish(classic, None, None),
+                    adopt(epoch + 2, voters.clone()),
+                    sweep(&voters),
+                    publish(joined, None, None),
+                    adopt(epoch + 3, with_x),
+                ])
+            }
+            Change::Remove(y) => {
+                let mut classic = now.clone();
+                classic.epoch = epoch + 1;
+                classic.fast = false;
+                let mut left = classic.clone();
+                left.epoch = epoch + 2;
+                left.fast = true;
+                left.voters.retain(|&r| r != id(y));
+                let staying: Vec<usize> = voters.iter().copied().filter(|&v| v != y).collect();
+                if self.cfg.unsafe_membership {
+                    left.epoch = epoch + 1;
+                    return chain(vec![
+                        publish(left, None, Some(y)),
+                        adopt(epoch + 1, staying),
+                    ]);
+                }
+                chain(vec![
+                    publish(classic, None, None),
+                    adopt(epoch + 1, staying.clone()),
+                    sweep(&staying),
+                    publish(left, None, Some(y)),
+                    adopt(epoch + 2, staying),
+                ])
+            }
+        }
+    }
+
+    fn drive(&mut self) {
+        loop {
+            let stage = std::mem::replace(&mut self.stage, Stage::Done);
+            let (stage, moved) = self.advance_stage(stage);
+            self.stage = stage;
+            if matches!(self.stage, Stage::Done) {
+                match self.plan.pop_front() {
+                    Some(change) => {
+                        if self.stats.epoch > 0 {
+                            self.stats.changes += 1;
+                        }
+                        self.stats.epoch = self.latest().epoch;
+                        self.stage = self.stages(change);
+                        continue;
+                    }
+                    None => {
+                        if self.stats.epoch != self.latest().epoch {
+                            self.stats.changes += 1;
+                            self.stats.epoch = self.latest().epoch;
+                        }
+                        return;
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Runs one stage as far as it goes now; returns the stage to be in and
+    /// whether it moved on.
+    fn advance_stage(&mut self, stage: Stage) -> (Stage, bool) {
+        match stage {
+            Stage::Done => (Stage::Done, false),
+            Stage::Publish {
+                members,
+                start,
+                retire,
+                next,
+            } => {
+                if let Some(x) = start {
+                    let node = &mut self.nodes[x];
+                    node.off = false;
+                    let core = self.factory.make(Config::new(
+                        node.id,
+                        node.incarnation,
+                        self.memberships[0].voters.clone(),
+                    ));
+                    node.core = Some(core);
+                    node.epoch = 1;
+                }
+                if let Some(y) = retire {
+                    // A removed replica stops for good.
+                    self.crash(y);
+                    self.nodes[y].off = true;
+                }
+                self.memberships.push(members);
+                (*next, true)
+            }
+            Stage::Adopt { epoch, nodes, next } => {
+                if nodes.iter().all(|&n| self.nodes[n].epoch >= epoch) {
+                    (*next, true)
+                } else {
+                    (Stage::Adopt { epoch, nodes, next }, false)
+                }
+            }
+            Stage::Reads {
+                chore,
+                mut pending,
+                mut listed,
+                next,
+            } => {
+                if !listed {
+                    listed = true;
+                    // A sweep reads every key the replica holds state for.
+                    for (&n, keys) in pending.iter_mut() {
+                        keys.extend(
+                            self.nodes[n]
+                                .cache
+                                .iter()
+                                .chain(self.nodes[n].durable.iter())
+                                .filter(|(_, s)| !s.is_empty())
+                                .map(|(k, _)| k.clone()),
+                        );
+                    }
+                }
+                for (&n, keys) in &pending {
+                    if self.nodes[n].core.is_none() {
+                        continue;
+                    }
+                    let busy: BTreeSet<Vec<u8>> = self.nodes[n]
+                        .chores
+                        .values()
+                        .map(|(_, k)| k.clone())
+                        .collect();
+                    for key in keys
+                        .iter()
+                        .filter(|k| !busy.contains(*k))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                    {
+                        let id = self.request_next;
+                        self.request_next += 1;
+                        self.nodes[n].chores.insert(id, (chore, key.clone()));
+                        self.nodes[n].inbox.push(NodeInput::Request(Request {
+                            id,
+                            key,
+                            op: Operation::Read(Consistency::Linearizable),
+                        }));
+                        self.schedule_wake(n);
+                    }
+                }
+                if pending.values().all(|k| k.is_empty()) {
+                    (*next, true)
+                } else {
+                    (
+                        Stage::Reads {
+                            chore,
+                            pending,
+                            listed,
+                            next,
+                        },
+                        false,
+                    )
+                }
+            }
+        }
+    }
+
+    /// A read made for the driver finished.
+    fn chore_done(&mut self, i: usize, chore: Chore, key: Vec<u8>, outcome: Outcome) {
+        if !matches!(outcome, Outcome::Done(_)) {
+            return;
+        }
+        if let Stage::Reads {
+            chore: c, pending, ..
+        } = &mut self.stage
+        {
+            if *c == chore {
+                if let Some(keys) = pending.get_mut(&i) {
+                    keys.remove(&key);
+                }
+            }
         }
     }
 
@@ -540,6 +972,8 @@ impl<'f> Sim<'f> {
         for c in actions.complete {
             if let Some(h) = self.nodes[i].requests.remove(&c.id) {
                 self.complete(h, Some(c.outcome));
+            } else if let Some((chore, key)) = self.nodes[i].chores.remove(&c.id) {
+                self.chore_done(i, chore, key, c.outcome);
             }
         }
     }
@@ -591,8 +1025,9 @@ impl<'f> Sim<'f> {
         if self.clients[c].remaining == 0 {
             return;
         }
+        let latest = self.latest().clone();
         let up: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].core.is_some())
+            .filter(|&i| self.nodes[i].core.is_some() && latest.contains(self.nodes[i].id))
             .collect();
         if up.is_empty() {
             let t = self.now + 10;
@@ -672,6 +1107,7 @@ impl<'f> Sim<'f> {
         node.cache.clear();
         node.disk.clear();
         node.inbox.clear();
+        node.chores.clear();
         let lost: Vec<usize> = std::mem::take(&mut node.requests).into_values().collect();
         for h in lost {
             self.complete(h, None);
@@ -681,21 +1117,38 @@ impl<'f> Sim<'f> {
     }
 
     fn restart(&mut self, i: usize) {
-        let voters: Vec<ReplicaId> = self.nodes.iter().map(|n| n.id).collect();
+        if self.nodes[i].off {
+            return;
+        }
+        // It starts on the membership it had adopted, as the host starts
+        // on its own copy of the membership record.
+        let members = self.members_at(self.nodes[i].epoch);
+        let first = self.memberships[0].voters.clone();
         let node = &mut self.nodes[i];
         node.incarnation += 1;
         node.cache = node.durable.clone();
         node.disk_free_at = 0;
-        node.core = Some(
-            self.factory
-                .make(Config::new(node.id, node.incarnation, voters)),
-        );
+        let mut core = self
+            .factory
+            .make(Config::new(node.id, node.incarnation, first));
+        if let Err(e) = core.reconfigure(members) {
+            self.violations
+                .push(format!("replica {} refused its own epoch: {e}", node.id));
+        }
+        node.core = Some(core);
     }
 
     fn finish(mut self) -> Report {
         if !self.clients.iter().all(|c| c.remaining == 0 && !c.busy) {
             self.violations
                 .push("liveness: clients did not finish".to_string());
+        }
+        if !self.plan_done() {
+            self.violations.push(format!(
+                "liveness: the membership changes did not finish (at epoch {}, stage {:?})",
+                self.latest().epoch,
+                self.stage
+            ));
         }
         // Local reads must return a value that was committed at that version.
         for r in &self.history {

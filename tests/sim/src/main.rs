@@ -4,6 +4,7 @@
 //! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7
 //! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7 --core wasm
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade
+//! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,4,5 --reconfigure
 //! cargo run --release -p ballot-sim -- --seed-start 1234 --seeds 1 --nodes 4 --history
 //! ```
 
@@ -25,12 +26,15 @@ enum CoreArg {
     Upgrade,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum PlantArg {
     /// Epoxy's per-proposer fast ballots (unsafe for n >= 4).
     Epoxy,
     /// Promises and acceptances sent before they are durable.
     EarlyVotes,
+    /// With --reconfigure: voters change without the classic-only epoch and
+    /// the sweep.
+    UnsafeMembership,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -59,12 +63,16 @@ struct Args {
     /// Clients per run (default: twice the cluster size).
     #[arg(long)]
     clients: Option<usize>,
-    /// Operations per client.
-    #[arg(long, default_value_t = 12)]
-    ops: usize,
+    /// Operations per client (default 12, or 30 with --reconfigure).
+    #[arg(long)]
+    ops: Option<usize>,
     /// Hot keys the clients share.
     #[arg(long, default_value_t = 2)]
     keys: usize,
+    /// Change the membership during each run: two replicas join, two of
+    /// the original ones leave (ops per client default to 30).
+    #[arg(long)]
+    reconfigure: bool,
     /// Print each run's history.
     #[arg(long)]
     history: bool,
@@ -79,13 +87,24 @@ fn main() -> ExitCode {
         eprintln!("ballot-sim: --nodes must be 1 to 64, --keys and --jobs at least 1");
         return ExitCode::from(2);
     }
+    let unsafe_membership = args.planted == Some(PlantArg::UnsafeMembership);
+    if unsafe_membership && !args.reconfigure {
+        eprintln!("ballot-sim: --planted unsafe-membership needs --reconfigure");
+        return ExitCode::from(2);
+    }
+    let planted_core = if unsafe_membership {
+        None
+    } else {
+        args.planted
+    };
     let factory: Box<dyn CoreFactory + Sync> = match args.core {
-        CoreArg::Native => Box::new(NativeFactory(args.planted.map(|p| match p {
+        CoreArg::Native => Box::new(NativeFactory(planted_core.map(|p| match p {
             PlantArg::Epoxy => Planted::EpoxyFastPath,
             PlantArg::EarlyVotes => Planted::EarlyVotes,
+            PlantArg::UnsafeMembership => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
-            if args.planted.is_some() {
+            if planted_core.is_some() {
                 eprintln!("ballot-sim: --planted needs --core native");
                 return ExitCode::from(2);
             }
@@ -98,7 +117,7 @@ fn main() -> ExitCode {
             }
         }
         CoreArg::Wasm => {
-            if args.planted.is_some() {
+            if planted_core.is_some() {
                 eprintln!("ballot-sim: --planted needs --core native");
                 return ExitCode::from(2);
             }
@@ -124,10 +143,17 @@ fn main() -> ExitCode {
                     if seed >= end {
                         break;
                     }
-                    let mut cfg = SimConfig::new(seed, n);
+                    let mut cfg = if args.reconfigure {
+                        SimConfig::reconfiguring(seed, n)
+                    } else {
+                        SimConfig::new(seed, n)
+                    };
                     cfg.faults = !args.no_faults;
+                    cfg.unsafe_membership = unsafe_membership;
                     cfg.clients = args.clients.unwrap_or(2 * n);
-                    cfg.ops_per_client = args.ops;
+                    if let Some(ops) = args.ops {
+                        cfg.ops_per_client = ops;
+                    }
                     cfg.keys = args.keys;
                     let report = run(cfg, factory.as_ref());
                     results.lock().unwrap().push((seed, report));
@@ -152,9 +178,15 @@ fn main() -> ExitCode {
             } else {
                 let core = format!("{:?}", args.core).to_lowercase();
                 let mut replay = format!(
-                    "cargo run --release -p ballot-sim -- --seed-start {seed} --seeds 1 --nodes {n} --core {core} --ops {} --keys {}",
-                    args.ops, args.keys
+                    "cargo run --release -p ballot-sim -- --seed-start {seed} --seeds 1 --nodes {n} --core {core} --keys {}",
+                    args.keys
                 );
+                if let Some(ops) = args.ops {
+                    replay.push_str(&format!(" --ops {ops}"));
+                }
+                if args.reconfigure {
+                    replay.push_str(" --reconfigure");
+                }
                 if let Some(c) = args.clients {
                     replay.push_str(&format!(" --clients {c}"));
                 }
@@ -164,6 +196,9 @@ fn main() -> ExitCode {
                 match args.planted {
                     Some(PlantArg::Epoxy) => replay.push_str(" --planted epoxy"),
                     Some(PlantArg::EarlyVotes) => replay.push_str(" --planted early-votes"),
+                    Some(PlantArg::UnsafeMembership) => {
+                        replay.push_str(" --planted unsafe-membership")
+                    }
                     None => {}
                 }
                 eprintln!("FAILED seed {seed} n={n}:");
