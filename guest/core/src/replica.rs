@@ -509,7 +509,6 @@ impl<E: Env> Replica<E> {
                                 m.from, self.members.epoch
                             ),
                         );
-                        self.drain_loopback();
                         continue;
                     }
                     self.suspect_until.remove(&m.from);

@@ -334,6 +334,8 @@ pub struct Sim<'f> {
     memberships: Vec<Members>,
     plan: VecDeque<Change>,
     stage: Stage,
+    /// A change of the plan is under way in `stage`.
+    changing: bool,
 }
 
 const TIME_LIMIT_MS: u64 = 600_000;
@@ -430,6 +432,7 @@ impl<'f> Sim<'f> {
             memberships: vec![Members::initial(voters)],
             plan,
             stage: Stage::Done,
+            changing: false,
         }
     }
 
@@ -622,22 +625,7 @@ impl<'f> Sim<'f> {
                 let mut with_x = voters.clone();
                 with_x.push(x);
                 let keys: BTreeSet<Vec<u8>> = (0..self.cfg.keys).map(|k| self.key(k)).collect();
-                if self.cfg.unsafe_membership {
-                    joined.epoch = epoch + 2;
-                    return chain(vec![
-                        publish(learning, Some(x), None),
-                        adopt(epoch + 1, with_x.clone()),
-                        Stage::Reads {
-                            chore: Chore::CatchUp,
-                            pending: [(x, keys)].into_iter().collect(),
-                            listed: true,
-                            next: Box::new(Stage::Done),
-                        },
-                        publish(joined, None, None),
-                        adopt(epoch + 2, with_x),
-                    ]);
-                }
-                chain(vec![
+                let mut stages = vec![
                     publish(learning, Some(x), None),
                     adopt(epoch + 1, with_x.clone()),
                     Stage::Reads {
@@ -646,12 +634,19 @@ impl<'f> Sim<'f> {
                         listed: true,
                         next: Box::new(Stage::Done),
                     },
-                    publish(classic, None, None),
-                    adopt(epoch + 2, voters.clone()),
-                    sweep(&voters),
-                    publish(joined, None, None),
-                    adopt(epoch + 3, with_x),
-                ])
+                ];
+                if self.cfg.unsafe_membership {
+                    joined.epoch = epoch + 2;
+                } else {
+                    stages.extend([
+                        publish(classic, None, None),
+                        adopt(epoch + 2, voters.clone()),
+                        sweep(&voters),
+                    ]);
+                }
+                let last = joined.epoch;
+                stages.extend([publish(joined, None, None), adopt(last, with_x)]);
+                chain(stages)
             }
             Change::Remove(y) => {
                 let mut classic = now.clone();
@@ -662,20 +657,19 @@ impl<'f> Sim<'f> {
                 left.fast = true;
                 left.voters.retain(|&r| r != id(y));
                 let staying: Vec<usize> = voters.iter().copied().filter(|&v| v != y).collect();
+                let mut stages = Vec::new();
                 if self.cfg.unsafe_membership {
                     left.epoch = epoch + 1;
-                    return chain(vec![
-                        publish(left, None, Some(y)),
-                        adopt(epoch + 1, staying),
+                } else {
+                    stages.extend([
+                        publish(classic, None, None),
+                        adopt(epoch + 1, staying.clone()),
+                        sweep(&staying),
                     ]);
                 }
-                chain(vec![
-                    publish(classic, None, None),
-                    adopt(epoch + 1, staying.clone()),
-                    sweep(&staying),
-                    publish(left, None, Some(y)),
-                    adopt(epoch + 2, staying),
-                ])
+                let last = left.epoch;
+                stages.extend([publish(left, None, Some(y)), adopt(last, staying)]);
+                chain(stages)
             }
         }
     }
@@ -686,23 +680,16 @@ impl<'f> Sim<'f> {
             let (stage, moved) = self.advance_stage(stage);
             self.stage = stage;
             if matches!(self.stage, Stage::Done) {
-                match self.plan.pop_front() {
-                    Some(change) => {
-                        if self.stats.epoch > 0 {
-                            self.stats.changes += 1;
-                        }
-                        self.stats.epoch = self.latest().epoch;
-                        self.stage = self.stages(change);
-                        continue;
-                    }
-                    None => {
-                        if self.stats.epoch != self.latest().epoch {
-                            self.stats.changes += 1;
-                            self.stats.epoch = self.latest().epoch;
-                        }
-                        return;
-                    }
+                if std::mem::take(&mut self.changing) {
+                    self.stats.changes += 1;
                 }
+                self.stats.epoch = self.latest().epoch;
+                let Some(change) = self.plan.pop_front() else {
+                    return;
+                };
+                self.stage = self.stages(change);
+                self.changing = true;
+                continue;
             }
             if !moved {
                 return;
