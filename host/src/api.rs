@@ -11,6 +11,8 @@
 //! | `GET /v1/protocol` | the protocol this replica runs, the cluster's active one, the swap history |
 //! | `POST /v1/protocol/activate`, `POST /v1/protocol/rollback` | swap the cluster's protocol `{"component"}`; go back to the previous one |
 //! | `GET /v1/cluster` | this replica's view of the cluster |
+//! | `GET /v1/cluster/members` | the membership record and every member's epoch, sweep and catch-up progress |
+//! | `POST /v1/cluster/members`, `DELETE /v1/cluster/members/{id}` | queue adding `{"id","peer","http"}`; queue removing a replica |
 //! | `GET /metrics`, `GET /healthz`, `GET /readyz` | Prometheus metrics, liveness, readiness |
 //!
 //! Errors are `{"error":{"code":..., "message":...}}` with a status that says
@@ -31,6 +33,7 @@ use ballot_core::{Completion, Consistency, Current, FailureReason, Operation, Ou
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::membership::{Action, Change, ChangeError, Membership};
 use crate::metrics::Metrics;
 use crate::node::{ClientRequest, Health, KEY_MAX};
 use crate::registry::{Registry, RegistryError, COMPONENT_MAX};
@@ -50,6 +53,9 @@ pub struct ClusterView {
     pub core: String,
     pub protocol: ComponentView,
     pub policy: ComponentView,
+    /// The membership epoch this replica runs (0 while it has none).
+    #[serde(default)]
+    pub epoch: u64,
     pub replicas: Vec<ReplicaView>,
 }
 
@@ -73,6 +79,9 @@ pub struct ReplicaView {
     pub link: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// `voter` or `learner`, as this replica's membership says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// What the handlers share.
@@ -84,6 +93,7 @@ pub struct App {
     /// Builds the cluster view on demand (link states change).
     pub cluster: Arc<dyn Fn() -> ClusterView + Send + Sync>,
     pub registry: Arc<Registry>,
+    pub membership: Arc<Membership>,
     /// Required of component, policy and protocol changes when set.
     pub admin_token: Option<Arc<str>>,
 }
@@ -110,6 +120,11 @@ pub fn router(app: App) -> Router {
             axum::routing::post(rollback_protocol),
         )
         .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/members", get(members).post(add_member))
+        .route(
+            "/v1/cluster/members/{id}",
+            axum::routing::delete(remove_member),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -402,7 +417,16 @@ async fn read_body_max(request: Request, max: usize, what: &str) -> Result<Bytes
     };
     if let Some(len) = request.headers().get(header::CONTENT_LENGTH) {
         match len.to_str().ok().and_then(|l| l.parse::<u64>().ok()) {
-            Some(len) if len > max as u64 => return Err(too_large()),
+            Some(len) if len > max as u64 => {
+                // A client that is still sending would see the connection
+                // reset instead of this answer: take a body up to a few
+                // times the limit and drop it (as servers' lingering close
+                // does); a larger one is cut off.
+                if len <= 4 * max as u64 {
+                    let _ = axum::body::to_bytes(request.into_body(), 4 * max).await;
+                }
+                return Err(too_large());
+            }
             Some(_) => {}
             None => {
                 return Err(error(
@@ -608,6 +632,86 @@ fn admin_body<T>(
     authorize(app, headers)?;
     body.map(|axum::Json(b)| b)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "bad-request", &e.body_text()))
+}
+
+fn change_error(e: ChangeError) -> Response {
+    match e {
+        ChangeError::Invalid(m) => error(StatusCode::BAD_REQUEST, "invalid-change", &m),
+        ChangeError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m),
+        ChangeError::Superseded => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the membership changed meanwhile; try again",
+        ),
+    }
+}
+
+async fn members(State(app): State<App>) -> Response {
+    match app.membership.view().await {
+        Ok(view) => axum::Json(view).into_response(),
+        Err(e) => change_error(e),
+    }
+}
+
+/// A request to add a replica.
+#[derive(Debug, Deserialize)]
+struct AddMember {
+    id: u32,
+    /// Its QUIC address.
+    peer: std::net::SocketAddr,
+    /// Its client URL, for status displays.
+    #[serde(default)]
+    http: Option<String>,
+}
+
+async fn add_member(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Result<axum::Json<AddMember>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let add = match admin_body(&app, &headers, body) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    if add.id == 0 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid-change",
+            "replica ids start at 1",
+        );
+    }
+    let change = Change {
+        action: Action::Add,
+        id: add.id,
+        addr: Some(add.peer),
+        http: add.http,
+        requested_ms: crate::registry::now_ms(),
+    };
+    match app.membership.request(change).await {
+        Ok(queued) => (StatusCode::ACCEPTED, axum::Json(queued)).into_response(),
+        Err(e) => change_error(e),
+    }
+}
+
+async fn remove_member(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<u32>,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
+    let change = Change {
+        action: Action::Remove,
+        id,
+        addr: None,
+        http: None,
+        requested_ms: crate::registry::now_ms(),
+    };
+    match app.membership.request(change).await {
+        Ok(queued) => (StatusCode::ACCEPTED, axum::Json(queued)).into_response(),
+        Err(e) => change_error(e),
+    }
 }
 
 fn registry_error(e: RegistryError, invalid_code: &str) -> Response {

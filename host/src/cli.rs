@@ -228,6 +228,10 @@ struct ServeArgs {
     /// swap the protocol.
     #[arg(long, env = "BALLOT_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Join a running cluster (`--peer` lists some of its replicas) rather
+    /// than start a new one; `ballot cluster add` then admits this replica.
+    #[arg(long)]
+    join: bool,
 }
 
 fn parse_peer(s: &str) -> Result<Peer, String> {
@@ -290,6 +294,8 @@ impl ServeArgs {
                 .or(base.as_ref().map(|b| b.core))
                 .unwrap_or_default(),
             map_size_mib: base.as_ref().and_then(|b| b.map_size_mib),
+            join: self.join || base.as_ref().is_some_and(|b| b.join),
+            changelog_keep: base.as_ref().and_then(|b| b.changelog_keep),
             admin_token: self
                 .admin_token
                 .or(base.as_ref().and_then(|b| b.admin_token.clone())),
@@ -399,8 +405,38 @@ enum KvCmd {
 
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
-    /// Show every replica, its link, health and components.
+    /// Show every replica, its link, health, components and membership,
+    /// with the progress of a join under way.
     Status {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Add a replica: it joins as a learner, catches up, then becomes a
+    /// voter. Start it first (`join = true` in its node.toml).
+    Add {
+        /// Its replica id.
+        #[arg(long)]
+        id: u32,
+        /// Its QUIC address (host:port).
+        #[arg(long)]
+        peer: std::net::SocketAddr,
+        /// Its client URL, shown by `cluster status`.
+        #[arg(long)]
+        http: Option<String>,
+        /// Return once the change is queued instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Remove a replica (ask another one): it stops voting, then leaves.
+    /// Refused if the voters left could not form a quorum.
+    Remove {
+        #[arg(long)]
+        id: u32,
+        /// Return once the change is queued instead of following it.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -439,7 +475,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn fail(message: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("ballot: {message}");
     ExitCode::FAILURE
 }
@@ -459,6 +495,33 @@ pub fn main() -> ExitCode {
         Cmd::Bench(args) => bench(args),
         Cmd::Kv(cmd) => client_runtime(kv(cmd)),
         Cmd::Cluster(ClusterCmd::Status { endpoint }) => client_runtime(status(endpoint)),
+        Cmd::Cluster(ClusterCmd::Add {
+            id,
+            peer,
+            http,
+            no_wait,
+            endpoint,
+        }) => {
+            let body = serde_json::json!({ "id": id, "peer": peer, "http": http }).to_string();
+            client_runtime(crate::members_cmd::change(
+                endpoint.client(),
+                hyper::Method::POST,
+                "/v1/cluster/members".into(),
+                body,
+                !no_wait,
+            ))
+        }
+        Cmd::Cluster(ClusterCmd::Remove {
+            id,
+            no_wait,
+            endpoint,
+        }) => client_runtime(crate::members_cmd::change(
+            endpoint.client(),
+            hyper::Method::DELETE,
+            format!("/v1/cluster/members/{id}"),
+            String::new(),
+            !no_wait,
+        )),
         Cmd::Cert(CertCmd::Init { dir, cluster }) => match crate::tls::init_ca(&dir, &cluster) {
             Ok(()) => {
                 println!("wrote {}", crate::tls::ca_cert_path(&dir).display());
@@ -648,6 +711,8 @@ async fn status(endpoint: Endpoint) -> ExitCode {
     };
     let mut rows = vec![[
         "ID".to_string(),
+        "ROLE".into(),
+        "EPOCH".into(),
         "PEER".into(),
         "HTTP".into(),
         format!("LINK FROM {}", view.id),
@@ -662,19 +727,32 @@ async fn status(endpoint: Endpoint) -> ExitCode {
             Some(url) => Some(Client::new(url).cluster().await),
             None => None,
         };
-        let (health, incarnation, protocol, policy) = match remote {
+        let (health, epoch, incarnation, protocol, policy) = match remote {
             Some(Ok(v)) => (
                 if v.healthy {
                     "ok".to_string()
                 } else {
                     format!("stopped: {}", v.error.unwrap_or_default())
                 },
+                v.epoch.to_string(),
                 v.incarnation.to_string(),
                 format!("{} {} ({})", v.protocol.name, v.protocol.version, v.core),
                 format!("{} {}", v.policy.name, v.policy.version),
             ),
-            Some(Err(_)) => ("unreachable".into(), "-".into(), "-".into(), "-".into()),
-            None => ("unknown".into(), "-".into(), "-".into(), "-".into()),
+            Some(Err(_)) => (
+                "unreachable".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ),
+            None => (
+                "unknown".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ),
         };
         let mut link = r.link.clone();
         if let Some(e) = &r.last_error {
@@ -682,6 +760,8 @@ async fn status(endpoint: Endpoint) -> ExitCode {
         }
         rows.push([
             r.id.to_string(),
+            r.role.clone().unwrap_or_else(|| "-".into()),
+            epoch,
             r.peer.clone(),
             r.http.clone().unwrap_or_else(|| "-".into()),
             link,
@@ -692,6 +772,7 @@ async fn status(endpoint: Endpoint) -> ExitCode {
         ]);
     }
     component_cmd::table(rows.into_iter().map(Vec::from).collect());
+    crate::members_cmd::print_members(&client).await;
     ExitCode::SUCCESS
 }
 

@@ -136,6 +136,8 @@ impl DevCluster {
                 core,
                 map_size_mib: Some(4096),
                 admin_token: None,
+                join: false,
+                changelog_keep: None,
             };
             configs.push((path, config));
         }
@@ -149,7 +151,10 @@ impl DevCluster {
             .collect();
         let mut nodes = Vec::new();
         for (path, mut config) in configs {
-            config.peers = all.iter().filter(|p| p.id != config.id).cloned().collect();
+            // A replica that joined later keeps the peers it joined through.
+            if !config.join {
+                config.peers = all.iter().filter(|p| p.id != config.id).cloned().collect();
+            }
             let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
             std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
             nodes.push(DevNode {
@@ -160,6 +165,59 @@ impl DevCluster {
             });
         }
         Ok(DevCluster { dir, nodes, binary })
+    }
+
+    /// Prepares replica `id` to join this running cluster (`join = true`,
+    /// its peers the replicas there are now), on free ports, without
+    /// starting it. `ballot cluster add` then admits it.
+    pub fn add_joiner(&mut self, id: u32) -> Result<&DevNode, String> {
+        if self.nodes.iter().any(|n| n.id == id) {
+            return Err(format!("replica {id} exists already"));
+        }
+        let certs = self.dir.join("certs");
+        if !tls::node_cert_path(&certs, id).exists() {
+            tls::issue_node(&certs, id).map_err(|e| e.to_string())?;
+        }
+        let core = self
+            .nodes
+            .first()
+            .map(|n| n.config.core)
+            .unwrap_or_default();
+        let config = NodeConfig {
+            id,
+            data_dir: self.dir.join(format!("node-{id}")),
+            peer_addr: ([127, 0, 0, 1], free_udp()?).into(),
+            http_addr: ([127, 0, 0, 1], free_tcp()?).into(),
+            peers: self
+                .nodes
+                .iter()
+                .map(|n| Peer {
+                    id: n.id,
+                    addr: n.config.peer_addr,
+                    http: Some(n.http()),
+                })
+                .collect(),
+            tls: TlsFiles {
+                ca: tls::ca_cert_path(&certs),
+                cert: tls::node_cert_path(&certs, id),
+                key: tls::node_key_path(&certs, id),
+            },
+            core,
+            map_size_mib: Some(4096),
+            admin_token: None,
+            join: true,
+            changelog_keep: None,
+        };
+        let path = self.dir.join(format!("node-{id}.toml"));
+        let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        self.nodes.push(DevNode {
+            id,
+            config_path: path,
+            config,
+            child: None,
+        });
+        Ok(self.nodes.last().expect("just pushed"))
     }
 
     fn node(&mut self, id: u32) -> &mut DevNode {

@@ -31,6 +31,8 @@ pub mod cli;
 pub mod client;
 pub mod component_cmd;
 pub mod dev;
+pub mod members_cmd;
+pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod registry;

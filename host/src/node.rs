@@ -20,16 +20,18 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ballot_core::{
-    Actions, Batch, Completion, Failure, FailureReason, Inbound, KeyState, Operation, Outcome,
-    Ready, Replica, Request, Timer, Trace,
+    Actions, Batch, Completion, Failure, FailureReason, Inbound, KeyState, Members, Operation,
+    Outcome, Ready, Replica, Request, Timer, Trace,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use crate::membership::MEMBERS_KEY;
 use crate::metrics::{label, labels2, Metrics};
 use crate::registry::CONFIG_KEY;
 use crate::runtime::{Bound, Policies, WasmCore};
@@ -54,6 +56,8 @@ pub trait Protocol: Send {
     fn step(&mut self, batch: Batch) -> Result<Ready, String>;
     /// See `replica.release`.
     fn release(&mut self, id: u64) -> Result<Actions, String>;
+    /// See `membership.reconfigure`.
+    fn reconfigure(&mut self, members: Members) -> Result<(), String>;
     /// The policies its commands run under.
     fn policies(&mut self) -> &mut Policies;
 }
@@ -64,6 +68,9 @@ impl Protocol for WasmCore {
     }
     fn release(&mut self, id: u64) -> Result<Actions, String> {
         self.try_release(id).map_err(|e| e.to_string())
+    }
+    fn reconfigure(&mut self, members: Members) -> Result<(), String> {
+        self.try_reconfigure(members).map_err(|e| e.to_string())
     }
     fn policies(&mut self) -> &mut Policies {
         self.policies_mut()
@@ -76,6 +83,9 @@ impl Protocol for Replica<Policies> {
     }
     fn release(&mut self, id: u64) -> Result<Actions, String> {
         Ok(Replica::release(self, id))
+    }
+    fn reconfigure(&mut self, members: Members) -> Result<(), String> {
+        Replica::reconfigure(self, members)
     }
     fn policies(&mut self) -> &mut Policies {
         self.env_mut()
@@ -97,6 +107,9 @@ pub enum Control {
         label: String,
         factory: ProtocolFactory,
     },
+    /// Run this membership epoch from the next step on (an older or equal
+    /// epoch is ignored). Every later instance starts on it too.
+    Members(Members),
 }
 
 /// What the core thread reports about its protocol instance.
@@ -119,8 +132,17 @@ pub enum CoreEvent {
 /// Longest a swap waits for the commands in flight.
 pub const SWAP_DRAIN_MAX: Duration = Duration::from_secs(5);
 
-/// A committed version of the component configuration, once durable here.
+/// A committed version of a watched system key (the component
+/// configuration, the membership), once durable here.
 pub type ConfigCommit = (u64, Option<Vec<u8>>);
+
+/// Where the core reports durable commits of the system keys it watches.
+pub struct Watchers {
+    /// `\0ballot/config`.
+    pub config: mpsc::UnboundedSender<ConfigCommit>,
+    /// `\0ballot/members`.
+    pub members: mpsc::UnboundedSender<ConfigCommit>,
+}
 
 /// Runs one operation through the core and waits for its completion.
 pub async fn call(
@@ -160,7 +182,7 @@ impl Health {
     pub fn fatal(&self) -> Option<String> {
         self.fatal.lock().expect("health lock").clone()
     }
-    fn stop(&self, reason: String) {
+    pub fn stop(&self, reason: String) {
         let mut fatal = self.fatal.lock().expect("health lock");
         if fatal.is_none() {
             error!("replica stopped answering: {reason}");
@@ -191,8 +213,9 @@ pub fn start(
     inbound: mpsc::Receiver<Vec<Inbound>>,
     transport: Arc<Transport>,
     metrics: Arc<Metrics>,
-    config_commits: mpsc::UnboundedSender<ConfigCommit>,
+    watchers: Watchers,
     events: mpsc::UnboundedSender<CoreEvent>,
+    epoch: Arc<AtomicU64>,
 ) -> Result<Core, String> {
     let protocol = (initial.factory)(initial.incarnation)?;
     let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
@@ -233,7 +256,9 @@ pub fn start(
         clock_ms: 0,
         seed: seed(),
         config_pending: Vec::new(),
-        config_commits,
+        watchers,
+        members: None,
+        epoch,
     };
     let span = tracing::Span::current();
     std::thread::Builder::new()
@@ -350,9 +375,15 @@ struct Driver {
     next_request: u64,
     clock_ms: u64,
     seed: u64,
-    /// Commits of the component configuration not durable yet, by ready.
-    config_pending: Vec<(u64, ConfigCommit)>,
-    config_commits: mpsc::UnboundedSender<ConfigCommit>,
+    /// Commits of watched system keys not durable yet, by ready: (ready,
+    /// is the membership key, commit).
+    config_pending: Vec<(u64, bool, ConfigCommit)>,
+    watchers: Watchers,
+    /// The membership adopted since start, applied to every new instance.
+    members: Option<Members>,
+    /// The epoch the running instance has adopted (the transport stamps
+    /// frames with it).
+    epoch: Arc<AtomicU64>,
 }
 
 fn op_name(op: &Operation) -> &'static str {
@@ -417,6 +448,7 @@ impl Driver {
                         debug!(%label, "protocol swap: draining");
                         self.swapping = Some(Swapping { label, factory, since: Instant::now() });
                     }
+                    Control::Members(members) => self.adopt(members),
                 },
                 _ = sleep_until(swap_tick), if swap_tick.is_some() => {}
                 r = requests.recv(), if admit || fatal => match r {
@@ -603,9 +635,11 @@ impl Driver {
         let guest = std::mem::replace(&mut ready.id, host);
         for w in &ready.persist {
             self.pending.insert(w.key.clone(), (host, w.state.clone()));
-            if let (Some(c), true) = (&w.commit, w.key == CONFIG_KEY) {
+            let watched = w.key == CONFIG_KEY || w.key == MEMBERS_KEY;
+            if let (Some(c), true) = (&w.commit, watched) {
+                let is_members = w.key == MEMBERS_KEY;
                 self.config_pending
-                    .push((host, (c.version, c.value.clone())));
+                    .push((host, is_members, (c.version, c.value.clone())));
             }
         }
         let early = std::mem::take(&mut ready.early);
@@ -646,14 +680,19 @@ impl Driver {
         if self
             .config_pending
             .first()
-            .is_some_and(|(id, _)| *id <= upto)
+            .is_some_and(|(id, _, _)| *id <= upto)
         {
             let (durable, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.config_pending)
                 .into_iter()
-                .partition(|(id, _)| *id <= upto);
+                .partition(|(id, _, _)| *id <= upto);
             self.config_pending = later;
-            for (_, commit) in durable {
-                let _ = self.config_commits.send(commit);
+            for (_, is_members, commit) in durable {
+                let to = if is_members {
+                    &self.watchers.members
+                } else {
+                    &self.watchers.config
+                };
+                let _ = to.send(commit);
             }
         }
         while self.unreleased.front().is_some_and(|u| u.host <= upto) {
@@ -714,6 +753,11 @@ impl Driver {
             .bump_incarnation()
             .map_err(|e| format!("recording a new incarnation: {e}"))?;
         let mut fresh = factory(incarnation)?;
+        if let Some(members) = &self.members {
+            fresh
+                .reconfigure(members.clone())
+                .map_err(|e| format!("the new instance refused epoch {}: {e}", members.epoch))?;
+        }
         let bound = self.protocol.policies().take_bound();
         fresh.policies().rebind(bound);
         self.protocol = fresh;
@@ -724,6 +768,35 @@ impl Driver {
         // Timer tokens belong to the instance that armed them.
         self.timers.clear();
         Ok(incarnation)
+    }
+
+    /// Moves the running instance to `members` if it is newer than what it
+    /// runs. A refusal is logged and leaves the instance on its epoch.
+    fn adopt(&mut self, members: Members) {
+        if self
+            .members
+            .as_ref()
+            .is_some_and(|m| m.epoch >= members.epoch)
+        {
+            return;
+        }
+        let epoch = members.epoch;
+        let started = Instant::now();
+        match self.protocol.reconfigure(members.clone()) {
+            Ok(()) => {
+                self.observe_guest("reconfigure", started);
+                info!(
+                    epoch,
+                    voters = ?members.voters,
+                    learners = ?members.learners,
+                    fast = members.fast,
+                    "membership epoch adopted"
+                );
+                self.members = Some(members);
+                self.epoch.store(epoch, Ordering::Release);
+            }
+            Err(e) => error!(epoch, "the protocol refused a membership epoch: {e}"),
+        }
     }
 
     /// After a trap: the instance's memory may be half-written, so it is

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -10,13 +10,14 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::api::{self, App, ClusterView, ComponentView, ReplicaView};
+use crate::membership::{self, Member, MembersRecord, Membership, Role};
 use crate::metrics::Metrics;
 use crate::node::{self, Protocol, ProtocolFactory, INBOUND_QUEUE};
 use crate::registry::Registry;
 use crate::runtime::{Policies, Runtime};
 use crate::storage::{Storage, MAP_SIZE_DEFAULT};
 use crate::tls::{Identity, TlsFiles};
-use crate::transport::Transport;
+use crate::transport::{Hooks, Transport};
 
 /// Which build of the protocol a replica runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -49,9 +50,21 @@ pub struct NodeConfig {
     pub peer_addr: SocketAddr,
     /// Where clients reach this one (HTTP, TCP).
     pub http_addr: SocketAddr,
-    /// Every other voter.
+    /// Every other voter of the cluster's first configuration, or, with
+    /// `join`, replicas of the running cluster to ask for its membership.
+    /// Once the cluster has changed its membership, the record it agreed
+    /// on replaces this list.
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// This replica joins a running cluster: it votes in nothing until
+    /// `ballot cluster add` has made it a learner, caught it up and
+    /// promoted it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
+    /// Changelog entries kept beyond what every member has replayed (a
+    /// replica further behind replays a snapshot instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changelog_keep: Option<u64>,
     pub tls: TlsFiles,
     #[serde(default)]
     pub core: CoreKind,
@@ -105,11 +118,39 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// The voters of the first configuration (a joining replica is not
+    /// one of them).
     fn voters(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.peers.iter().map(|p| p.id).collect();
-        v.push(self.id);
+        if !self.join {
+            v.push(self.id);
+        }
         v.sort_unstable();
         v
+    }
+
+    /// The membership of epoch 1, if this replica belongs to it.
+    fn bootstrap(&self) -> Option<MembersRecord> {
+        if self.join {
+            return None;
+        }
+        let mut replicas: Vec<Member> = self
+            .peers
+            .iter()
+            .map(|p| Member {
+                id: p.id,
+                addr: p.addr,
+                http: p.http.clone(),
+                role: Role::Voter,
+            })
+            .collect();
+        replicas.push(Member {
+            id: self.id,
+            addr: self.peer_addr,
+            http: Some(format!("http://{}", self.http_addr)),
+            role: Role::Voter,
+        });
+        Some(MembersRecord::bootstrap(replicas))
     }
 }
 
@@ -181,6 +222,11 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
             let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
             let peers: Vec<(u32, SocketAddr)> =
                 config.peers.iter().map(|p| (p.id, p.addr)).collect();
+            // Every instance starts on epoch 1 and is moved to the adopted
+            // epoch before its first step.
+            let epoch = Arc::new(AtomicU64::new(1));
+            let (ahead_tx, ahead_rx) = mpsc::unbounded_channel();
+            let (service_tx, service_rx) = mpsc::channel(256);
             let transport = Arc::new(Transport::start(
                 config.id,
                 config.peer_addr,
@@ -188,8 +234,15 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 &identity,
                 inbound_tx,
                 metrics.clone(),
+                epoch.clone(),
+                Hooks {
+                    ahead: ahead_tx,
+                    ahead_seen: AtomicU64::new(0),
+                    service: service_tx,
+                },
             )?);
             let (commits_tx, commits_rx) = mpsc::unbounded_channel();
+            let (members_tx, members_rx) = mpsc::unbounded_channel();
             let (events_tx, events_rx) = mpsc::unbounded_channel();
             let running = crate::registry::Running {
                 label: initial.label.clone(),
@@ -199,13 +252,30 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
             };
             let core = node::start(
                 initial,
-                storage,
+                storage.clone(),
                 inbound_rx,
                 transport.clone(),
                 metrics.clone(),
-                commits_tx,
+                node::Watchers {
+                    config: commits_tx,
+                    members: members_tx,
+                },
                 events_tx,
+                epoch,
             )?;
+            let membership = Membership::new(membership::Setup {
+                me: config.id,
+                storage,
+                requests: core.requests.clone(),
+                control: core.control.clone(),
+                transport: transport.clone(),
+                health: core.health.clone(),
+                bootstrap: config.bootstrap(),
+                changelog_keep: config
+                    .changelog_keep
+                    .unwrap_or(membership::CHANGELOG_KEEP_DEFAULT),
+            });
+            tokio::spawn(membership.clone().run(members_rx, ahead_rx, service_rx));
             let registry = Arc::new(Registry::new(crate::registry::Setup {
                 engine,
                 data_dir: config.data_dir.clone(),
@@ -225,6 +295,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 let transport = transport.clone();
                 let health = core.health.clone();
                 let registry = registry.clone();
+                let membership = membership.clone();
                 let core_kind = match config.core {
                     CoreKind::Wasm => "wasm",
                     CoreKind::Native => "native",
@@ -233,6 +304,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     let running = registry.running();
                     cluster_view(
                         &config,
+                        membership.record(),
                         running.incarnation,
                         core_kind,
                         &running.view,
@@ -247,6 +319,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 metrics,
                 cluster: Arc::new(view),
                 registry,
+                membership,
                 admin_token: config.admin_token.clone().map(Arc::from),
             };
             info!(
@@ -294,33 +367,55 @@ pub fn component_view(info: ballot_core::Info) -> ComponentView {
 
 fn cluster_view(
     config: &NodeConfig,
+    record: Option<MembersRecord>,
     incarnation: u64,
     core: &str,
     protocol: &ComponentView,
     transport: &Transport,
     fatal: Option<String>,
 ) -> ClusterView {
+    let role = |id: u32| {
+        record.as_ref().and_then(|r| r.role(id)).map(|r| match r {
+            Role::Voter => "voter".to_string(),
+            Role::Learner => "learner".to_string(),
+        })
+    };
     let mut replicas = vec![ReplicaView {
         id: config.id,
         peer: config.peer_addr.to_string(),
         http: Some(format!("http://{}", config.http_addr)),
         link: "self".into(),
         last_error: None,
+        role: role(config.id),
     }];
-    for p in &config.peers {
-        let link = transport.links.get(&p.id);
-        let up = link.is_some_and(|l| l.up.load(Ordering::Relaxed));
+    let others: Vec<(u32, SocketAddr, Option<String>)> = match &record {
+        Some(r) => r
+            .replicas
+            .iter()
+            .filter(|m| m.id != config.id)
+            .map(|m| (m.id, m.addr, m.http.clone()))
+            .collect(),
+        None => config
+            .peers
+            .iter()
+            .map(|p| (p.id, p.addr, p.http.clone()))
+            .collect(),
+    };
+    for (id, addr, http) in others {
+        let link = transport.link(id);
+        let up = link.as_ref().is_some_and(|l| l.up.load(Ordering::Relaxed));
         let last_error = if up {
             None
         } else {
             link.and_then(|l| l.last_error.lock().expect("link lock").clone())
         };
         replicas.push(ReplicaView {
-            id: p.id,
-            peer: p.addr.to_string(),
-            http: p.http.clone(),
+            id,
+            peer: addr.to_string(),
+            http,
             link: if up { "up" } else { "down" }.into(),
             last_error,
+            role: role(id),
         });
     }
     replicas.sort_by_key(|r| r.id);
@@ -337,6 +432,7 @@ fn cluster_view(
             state_formats: Vec::new(),
             wire_formats: Vec::new(),
         },
+        epoch: record.as_ref().map_or(0, |r| r.epoch),
         replicas,
     }
 }

@@ -148,6 +148,24 @@ impl Storage {
         Ok(out)
     }
 
+    /// Up to `limit` keys that hold protocol state, in key order, after
+    /// `after` (from the first when `None`). One read transaction per page.
+    pub fn state_keys(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, Error> {
+        use std::ops::Bound;
+        let rtxn = self.env.read_txn()?;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let range = (lower, Bound::Unbounded);
+        let mut out = Vec::new();
+        for entry in self.state.range(&rtxn, &range)?.take(limit) {
+            let (key, _) = entry?;
+            out.push(key.to_vec());
+        }
+        Ok(out)
+    }
+
     /// Makes every write durable in one transaction and one fsync.
     pub fn commit<'w>(
         &self,
@@ -214,6 +232,74 @@ impl Storage {
         Ok(out)
     }
 
+    /// The first and last changelog sequence numbers held (`first` is
+    /// `last + 1` when it is empty; `last` is 0 before the first commit).
+    pub fn changelog_bounds(&self) -> Result<(u64, u64), Error> {
+        let rtxn = self.env.read_txn()?;
+        let last = self.changelog.last(&rtxn)?.map_or(0, |(s, _)| s);
+        let first = self.changelog.first(&rtxn)?.map_or(last + 1, |(s, _)| s);
+        Ok((first, last))
+    }
+
+    /// Drops changelog entries up to `upto`, always keeping the newest one
+    /// (it numbers the next commit). Returns how many went.
+    pub fn truncate_changelog(&self, upto: u64) -> Result<usize, Error> {
+        let mut wtxn = self.env.write_txn()?;
+        let Some((last, _)) = self.changelog.last(&wtxn)? else {
+            return Ok(0);
+        };
+        let upto = upto.min(last - 1);
+        if upto == 0 {
+            return Ok(0);
+        }
+        let dropped = self.changelog.delete_range(&mut wtxn, &(..=upto))?;
+        wtxn.commit()?;
+        Ok(dropped)
+    }
+
+    /// Up to `limit` committed keys after `after`, with their versions.
+    pub fn versions(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, u64)>, Error> {
+        use std::ops::Bound;
+        let rtxn = self.env.read_txn()?;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for entry in self
+            .values
+            .range(&rtxn, &(lower, Bound::Unbounded))?
+            .take(limit)
+        {
+            let (key, bytes) = entry?;
+            let (committed, _) = decode_committed(bytes)?;
+            out.push((key.to_vec(), committed.version));
+        }
+        Ok(out)
+    }
+
+    /// How far this replica has replayed `peer`'s changelog (0: not yet).
+    pub fn cursor(&self, peer: u32) -> Result<u64, Error> {
+        let rtxn = self.env.read_txn()?;
+        match self.meta.get(&rtxn, &cursor_key(peer))? {
+            Some(bytes) => read_u64(bytes),
+            None => Ok(0),
+        }
+    }
+
+    /// Durably records how far this replica has replayed `peer`'s changelog.
+    pub fn set_cursor(&self, peer: u32, seq: u64) -> Result<(), Error> {
+        let mut wtxn = self.env.write_txn()?;
+        self.meta
+            .put(&mut wtxn, &cursor_key(peer), &record_u64(seq))?;
+        wtxn.commit()?;
+        Ok(())
+    }
+
     /// Durably bumps the boot counter and returns it: a protocol instance
     /// started without a process restart (a swap, or recovery from a trap)
     /// must not reuse the proposal ids of the one it replaces.
@@ -237,6 +323,13 @@ impl Storage {
             None => Err(Error("no incarnation recorded".into())),
         }
     }
+}
+
+/// `cursor/` and the peer id, big-endian.
+fn cursor_key(peer: u32) -> Vec<u8> {
+    let mut key = b"cursor/".to_vec();
+    key.extend_from_slice(&peer.to_be_bytes());
+    key
 }
 
 /// `[format][version u64 BE][present u8][value]`.
@@ -376,6 +469,45 @@ mod tests {
         // Another replica's directory is refused.
         let err = Storage::open(&dir, 4, 1 << 26).err().unwrap();
         assert!(err.0.contains("belongs to replica 3"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_changelog_truncates_but_keeps_its_newest_entry_and_cursors_persist() {
+        let dir = tmp("truncate");
+        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert_eq!(storage.changelog_bounds().unwrap(), (1, 0));
+        let writes: Vec<Write> = (0..10u64)
+            .map(|i| Write {
+                key: format!("k{}", i % 4).into_bytes(),
+                state: vec![1],
+                commit: Some(ballot_core::Commit {
+                    version: i + 1,
+                    value: Some(vec![i as u8]),
+                }),
+            })
+            .collect();
+        storage.commit(writes.iter()).unwrap();
+        assert_eq!(storage.changelog_bounds().unwrap(), (1, 10));
+        assert_eq!(storage.truncate_changelog(4).unwrap(), 4);
+        assert_eq!(storage.changelog_bounds().unwrap(), (5, 10));
+        // Never the newest entry: it numbers the next commit.
+        assert_eq!(storage.truncate_changelog(u64::MAX).unwrap(), 5);
+        assert_eq!(storage.changelog_bounds().unwrap(), (10, 10));
+        storage.commit(writes[..1].iter()).unwrap();
+        assert_eq!(storage.changelog_bounds().unwrap(), (10, 11));
+        let versions = storage.versions(None, 10).unwrap();
+        assert_eq!(versions.len(), 4);
+        assert_eq!(storage.versions(Some(b"k2"), 10).unwrap().len(), 1);
+        assert_eq!(
+            storage.state_keys(Some(b"k0"), 2).unwrap(),
+            vec![b"k1".to_vec(), b"k2".to_vec()]
+        );
+        assert_eq!(storage.cursor(2).unwrap(), 0);
+        storage.set_cursor(2, 77).unwrap();
+        drop(storage);
+        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert_eq!(storage.cursor(2).unwrap(), 77);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

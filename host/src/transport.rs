@@ -1,15 +1,24 @@
 //! Replica links: QUIC (quinn) with mutual TLS.
 //!
-//! Each replica dials every peer and keeps one connection and one
+//! Each replica dials every other member and keeps one connection and one
 //! unidirectional stream per peer for what it sends; what it receives
-//! arrives on the connections its peers dialed. Frames (see
-//! `docs/design.md`):
+//! arrives on the connections its peers dialed. The set of peers follows
+//! the membership ([`Transport::set_peers`]). Replicas also ask each other
+//! questions (membership, catch-up listings, progress) on bidirectional
+//! streams of the same connections. Frames (see `docs/design.md`):
 //!
 //! ```text
 //! frame    = length:u32be  format:u8 (=1)  kind:u8  body      length counts format..body
 //! hello    (kind 1) = from:u32be                               first frame of every stream
 //! messages (kind 2) = count:u32be { key_len:u16be key  payload_len:u32be payload }*
+//! stamped  (kind 3) = epoch:u64be  then a kind-2 body          the sender's membership epoch
+//! request  (kind 4) = JSON                                     on a bidirectional stream
+//! answer   (kind 5) = JSON                                     the one reply to a request
 //! ```
+//!
+//! A stamped frame from a peer on a newer epoch than this replica's is
+//! reported (`Hooks::ahead`), so a replica left behind by a configuration
+//! change fetches the new one at once.
 //!
 //! The queue to each peer is bounded: when a peer is slow or down, new
 //! messages are dropped and counted (the protocol retries; it never relies on
@@ -19,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +36,7 @@ use ballot_core::{Inbound, ReplicaId};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::metrics::{label, Metrics};
@@ -55,6 +64,11 @@ where
 
 const KIND_HELLO: u8 = 1;
 const KIND_MESSAGES: u8 = 2;
+const KIND_STAMPED: u8 = 3;
+const KIND_REQUEST: u8 = 4;
+const KIND_ANSWER: u8 = 5;
+/// Longest a request waits for its answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 const CLOSE_IDENTITY: u32 = 1;
 const CLOSE_MALFORMED: u32 = 2;
@@ -67,14 +81,42 @@ pub type Message = (Vec<u8>, Vec<u8>);
 pub struct Link {
     pub up: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+    /// The connection this replica dialed, while it is up.
+    connection: Mutex<Option<quinn::Connection>>,
+}
+
+/// A question from a peer (`from`), and where its answer goes.
+pub struct ServiceCall {
+    pub from: ReplicaId,
+    pub request: Vec<u8>,
+    pub reply: oneshot::Sender<Vec<u8>>,
+}
+
+/// Where the transport reports what the membership layer acts on.
+pub struct Hooks {
+    /// A peer stamped a frame with a newer epoch than ours: (peer, epoch),
+    /// reported once per epoch.
+    pub ahead: mpsc::UnboundedSender<(ReplicaId, u64)>,
+    /// The newest epoch reported on `ahead`.
+    pub ahead_seen: AtomicU64,
+    /// Requests from peers.
+    pub service: mpsc::Sender<ServiceCall>,
+}
+
+struct PeerSlot {
+    addr: SocketAddr,
+    queue: mpsc::Sender<Vec<Message>>,
+    link: Arc<Link>,
 }
 
 /// The replica's side of every link.
 pub struct Transport {
     endpoint: Endpoint,
-    queues: HashMap<ReplicaId, mpsc::Sender<Vec<Message>>>,
-    pub links: HashMap<ReplicaId, Arc<Link>>,
+    self_id: ReplicaId,
+    peers: Mutex<HashMap<ReplicaId, PeerSlot>>,
     metrics: Arc<Metrics>,
+    /// The membership epoch this replica runs; stamps what it sends.
+    epoch: Arc<AtomicU64>,
 }
 
 /// A malformed frame or stream.
@@ -84,6 +126,7 @@ pub struct FrameError(pub String);
 impl Transport {
     /// Binds `listen` and starts dialing `peers` (id, address). Messages that
     /// arrive are passed, one frame's worth at a time, to `inbound`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         self_id: ReplicaId,
         listen: SocketAddr,
@@ -91,12 +134,15 @@ impl Transport {
         identity: &Identity,
         inbound: mpsc::Sender<Vec<Inbound>>,
         metrics: Arc<Metrics>,
+        epoch: Arc<AtomicU64>,
+        hooks: Hooks,
     ) -> Result<Transport, String> {
         let mut transport = quinn::TransportConfig::default();
         transport
             .keep_alive_interval(Some(Duration::from_millis(500)))
             .max_idle_timeout(Some(VarInt::from_u32(3_000).into()))
-            .max_concurrent_uni_streams(VarInt::from_u32(16));
+            .max_concurrent_uni_streams(VarInt::from_u32(16))
+            .max_concurrent_bidi_streams(VarInt::from_u32(64));
         let transport = Arc::new(transport);
         let server_tls = identity.server_config().map_err(|e| e.to_string())?;
         let server_crypto = QuicServerConfig::try_from(server_tls).map_err(|e| e.to_string())?;
@@ -110,54 +156,132 @@ impl Transport {
             .map_err(|e| format!("binding the peer address {listen}: {e}"))?;
         endpoint.set_default_client_config(client);
 
-        let known: Arc<Vec<ReplicaId>> = Arc::new(peers.iter().map(|(id, _)| *id).collect());
         spawn(accept_loop(
             endpoint.clone(),
-            known,
             inbound,
             metrics.clone(),
+            epoch.clone(),
+            Arc::new(hooks),
         ));
+        let transport = Transport {
+            endpoint,
+            self_id,
+            peers: Mutex::new(HashMap::new()),
+            metrics,
+            epoch,
+        };
+        transport.set_peers(peers);
+        Ok(transport)
+    }
 
-        let mut queues = HashMap::new();
-        let mut links = HashMap::new();
-        for &(id, addr) in peers {
-            if id == self_id {
+    /// Dials exactly `peers` from now on: starts links to new ones (or to
+    /// a new address), closes links to those no longer listed.
+    pub fn set_peers(&self, peers: &[(ReplicaId, SocketAddr)]) {
+        let mut slots = self.peers.lock().expect("peers lock");
+        let wanted: HashMap<ReplicaId, SocketAddr> = peers
+            .iter()
+            .filter(|(id, _)| *id != self.self_id)
+            .copied()
+            .collect();
+        slots.retain(|id, slot| {
+            let keep = wanted.get(id) == Some(&slot.addr);
+            if !keep {
+                info!(peer = id, addr = %slot.addr, "link closed: no longer a peer here");
+                self.metrics
+                    .peer_connected
+                    .get_or_create(&label("peer", id.to_string()))
+                    .set(0);
+            }
+            // Dropping the queue's sender ends the dial loop.
+            keep
+        });
+        for (&id, &addr) in &wanted {
+            if slots.contains_key(&id) {
                 continue;
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
             let link = Arc::new(Link::default());
-            metrics
+            self.metrics
                 .peer_connected
                 .get_or_create(&label("peer", id.to_string()))
                 .set(0);
             spawn(dial_loop(
-                endpoint.clone(),
-                self_id,
+                self.endpoint.clone(),
+                self.self_id,
                 id,
                 addr,
                 rx,
                 link.clone(),
-                metrics.clone(),
+                self.metrics.clone(),
+                self.epoch.clone(),
             ));
-            queues.insert(id, tx);
-            links.insert(id, link);
+            slots.insert(
+                id,
+                PeerSlot {
+                    addr,
+                    queue: tx,
+                    link,
+                },
+            );
         }
-        Ok(Transport {
-            endpoint,
-            queues,
-            links,
-            metrics,
-        })
+    }
+
+    /// The link to every peer: (id, address, link).
+    pub fn links(&self) -> Vec<(ReplicaId, SocketAddr, Arc<Link>)> {
+        let slots = self.peers.lock().expect("peers lock");
+        let mut out: Vec<_> = slots
+            .iter()
+            .map(|(id, s)| (*id, s.addr, s.link.clone()))
+            .collect();
+        out.sort_by_key(|(id, _, _)| *id);
+        out
+    }
+
+    /// The link to `peer`, if it is one.
+    pub fn link(&self, peer: ReplicaId) -> Option<Arc<Link>> {
+        let slots = self.peers.lock().expect("peers lock");
+        slots.get(&peer).map(|s| s.link.clone())
+    }
+
+    /// Asks `peer` a question on a new bidirectional stream of the link's
+    /// connection and waits for the answer.
+    pub async fn request(&self, peer: ReplicaId, request: &[u8]) -> Result<Vec<u8>, String> {
+        let connection = self
+            .link(peer)
+            .and_then(|l| l.connection.lock().expect("link lock").clone())
+            .ok_or_else(|| format!("no link to replica {peer}"))?;
+        let exchange = async {
+            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            let mut out = Vec::with_capacity(request.len() + 20);
+            frame(&mut out, KIND_HELLO, &self.self_id.to_be_bytes());
+            frame(&mut out, KIND_REQUEST, request);
+            send.write_all(&out).await.map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            match read_frame(&mut recv).await.map_err(|e| e.0)? {
+                Some((KIND_ANSWER, body)) => Ok(body),
+                Some((kind, _)) => Err(format!("expected an answer frame, got kind {kind}")),
+                None => Err("the peer closed the stream without answering".into()),
+            }
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| format!("replica {peer} did not answer within {REQUEST_TIMEOUT:?}"))?
     }
 
     /// Queues messages to peer `to`; drops them (counted) if its queue is full.
     pub fn send(&self, to: ReplicaId, messages: Vec<Message>) {
-        let Some(queue) = self.queues.get(&to) else {
-            warn!(
-                peer = to,
-                "the protocol sent to an unknown replica; dropped"
-            );
-            return;
+        let queue = {
+            let slots = self.peers.lock().expect("peers lock");
+            match slots.get(&to) {
+                Some(slot) => slot.queue.clone(),
+                None => {
+                    debug!(
+                        peer = to,
+                        "the protocol sent to a replica without a link; dropped"
+                    );
+                    return;
+                }
+            }
         };
         let count = messages.len() as u64;
         if queue.try_send(messages).is_err() {
@@ -174,6 +298,7 @@ impl Transport {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn dial_loop(
     endpoint: Endpoint,
     self_id: ReplicaId,
@@ -182,6 +307,7 @@ async fn dial_loop(
     mut queue: mpsc::Receiver<Vec<Message>>,
     link: Arc<Link>,
     metrics: Arc<Metrics>,
+    epoch: Arc<AtomicU64>,
 ) {
     let peer_label = label("peer", peer.to_string());
     let mut backoff = Duration::from_millis(50);
@@ -193,12 +319,14 @@ async fn dial_loop(
                 logged_down = false;
                 backoff = Duration::from_millis(50);
                 link.up.store(true, Ordering::Relaxed);
+                *link.connection.lock().expect("link lock") = Some(connection.clone());
                 metrics.peer_connected.get_or_create(&peer_label).set(1);
                 let reason = tokio::select! {
-                    r = pump(&mut queue, &mut stream) => r,
+                    r = pump(&mut queue, &mut stream, &epoch) => r,
                     e = connection.closed() => Some(e.to_string()),
                 };
                 link.up.store(false, Ordering::Relaxed);
+                *link.connection.lock().expect("link lock") = None;
                 metrics.peer_connected.get_or_create(&peer_label).set(0);
                 let Some(reason) = reason else {
                     // The replica is shutting down.
@@ -259,7 +387,11 @@ async fn dial(
 
 /// Sends queued messages until the stream fails (`Some(reason)`) or the
 /// queue closes (`None`).
-async fn pump(queue: &mut mpsc::Receiver<Vec<Message>>, stream: &mut SendStream) -> Option<String> {
+async fn pump(
+    queue: &mut mpsc::Receiver<Vec<Message>>,
+    stream: &mut SendStream,
+    epoch: &AtomicU64,
+) -> Option<String> {
     let mut body = Vec::new();
     let mut out = Vec::new();
     loop {
@@ -279,9 +411,10 @@ async fn pump(queue: &mut mpsc::Receiver<Vec<Message>>, stream: &mut SendStream)
             }
         }
         body.clear();
+        body.extend_from_slice(&epoch.load(Ordering::Acquire).to_be_bytes());
         encode_messages(&mut body, &messages);
         out.clear();
-        frame(&mut out, KIND_MESSAGES, &body);
+        frame(&mut out, KIND_STAMPED, &body);
         if out.len() > FRAME_MAX + 4 {
             warn!(
                 "dropped {} messages that do not fit one frame",
@@ -373,14 +506,16 @@ async fn read_frame(stream: &mut RecvStream) -> Result<Option<(u8, Vec<u8>)>, Fr
 
 async fn accept_loop(
     endpoint: Endpoint,
-    known: Arc<Vec<ReplicaId>>,
     inbound: mpsc::Sender<Vec<Inbound>>,
     metrics: Arc<Metrics>,
+    epoch: Arc<AtomicU64>,
+    hooks: Arc<Hooks>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let known = known.clone();
         let inbound = inbound.clone();
         let metrics = metrics.clone();
+        let epoch = epoch.clone();
+        let hooks = hooks.clone();
         spawn(async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
@@ -403,81 +538,175 @@ async fn accept_loop(
                 connection.close(VarInt::from_u32(CLOSE_IDENTITY), b"no certificate");
                 return;
             };
-            while let Ok(stream) = connection.accept_uni().await {
-                let connection = connection.clone();
-                let (known, inbound, metrics, cert) = (
-                    known.clone(),
-                    inbound.clone(),
-                    metrics.clone(),
-                    cert.clone(),
-                );
-                spawn(async move {
-                    if let Err((code, e)) = receive(stream, &cert, &known, &inbound, &metrics).await
-                    {
-                        warn!(%remote, "closed a peer connection: {}", e.0);
-                        let reason = if code == CLOSE_IDENTITY {
-                            "identity"
-                        } else {
-                            "malformed"
-                        };
-                        metrics
-                            .peer_refused
-                            .get_or_create(&label("reason", reason))
-                            .inc();
-                        connection.close(VarInt::from_u32(code), e.0.as_bytes());
+            loop {
+                tokio::select! {
+                    uni = connection.accept_uni() => {
+                        let Ok(stream) = uni else { return };
+                        let (connection, cert, inbound, metrics, epoch, hooks) = (
+                            connection.clone(), cert.clone(), inbound.clone(), metrics.clone(),
+                            epoch.clone(), hooks.clone(),
+                        );
+                        spawn(async move {
+                            let r = receive(stream, &cert, &inbound, &metrics, &epoch, &hooks).await;
+                            if let Err((code, e)) = r {
+                                refuse(&connection, remote, &metrics, code, e);
+                            }
+                        });
                     }
-                });
+                    bi = connection.accept_bi() => {
+                        let Ok((send, recv)) = bi else { return };
+                        let (connection, cert, hooks, metrics) =
+                            (connection.clone(), cert.clone(), hooks.clone(), metrics.clone());
+                        spawn(async move {
+                            if let Err((code, e)) = answer(send, recv, &cert, &hooks).await {
+                                refuse(&connection, remote, &metrics, code, e);
+                            }
+                        });
+                    }
+                }
             }
         });
     }
 }
 
-async fn receive(
-    mut stream: RecvStream,
-    cert: &CertificateDer<'static>,
-    known: &[ReplicaId],
-    inbound: &mpsc::Sender<Vec<Inbound>>,
+/// Closes a connection that broke the rules, and counts it.
+fn refuse(
+    connection: &quinn::Connection,
+    remote: SocketAddr,
     metrics: &Metrics,
-) -> Result<(), (u32, FrameError)> {
+    code: u32,
+    e: FrameError,
+) {
+    warn!(%remote, "closed a peer connection: {}", e.0);
+    let reason = if code == CLOSE_IDENTITY {
+        "identity"
+    } else {
+        "malformed"
+    };
+    metrics
+        .peer_refused
+        .get_or_create(&label("reason", reason))
+        .inc();
+    connection.close(VarInt::from_u32(code), e.0.as_bytes());
+}
+
+/// Reads a stream's hello and checks the certificate names its sender.
+async fn hello(
+    stream: &mut RecvStream,
+    cert: &CertificateDer<'static>,
+) -> Result<Option<ReplicaId>, (u32, FrameError)> {
     let malformed = |e: FrameError| (CLOSE_MALFORMED, e);
-    let from = match read_frame(&mut stream).await.map_err(malformed)? {
+    let from = match read_frame(stream).await.map_err(malformed)? {
         Some((KIND_HELLO, body)) if body.len() == 4 => {
             u32::from_be_bytes(body.try_into().expect("4 bytes"))
         }
         Some(_) => return Err(malformed(FrameError("expected a hello frame first".into()))),
-        None => return Ok(()),
+        None => return Ok(None),
     };
-    if !known.contains(&from) {
-        return Err((
-            CLOSE_IDENTITY,
-            FrameError(format!("replica {from} is not a peer")),
-        ));
-    }
+    // Any replica the cluster CA certified may connect (a replica joining
+    // is not in anyone's list yet); what it may do is the protocol's and
+    // the membership's business.
     tls::certifies(cert, from).map_err(|e| {
         (
             CLOSE_IDENTITY,
             FrameError(format!("the certificate does not name replica {from}: {e}")),
         )
     })?;
+    Ok(Some(from))
+}
+
+async fn receive(
+    mut stream: RecvStream,
+    cert: &CertificateDer<'static>,
+    inbound: &mpsc::Sender<Vec<Inbound>>,
+    metrics: &Metrics,
+    epoch: &AtomicU64,
+    hooks: &Hooks,
+) -> Result<(), (u32, FrameError)> {
+    let malformed = |e: FrameError| (CLOSE_MALFORMED, e);
+    let Some(from) = hello(&mut stream, cert).await? else {
+        return Ok(());
+    };
     loop {
-        match read_frame(&mut stream).await.map_err(malformed)? {
+        let body = match read_frame(&mut stream).await.map_err(malformed)? {
             None => return Ok(()),
-            Some((KIND_MESSAGES, body)) => {
-                let messages = decode_messages(&body).map_err(malformed)?;
-                let batch: Vec<Inbound> = messages
-                    .into_iter()
-                    .map(|(key, payload)| Inbound { from, key, payload })
-                    .collect();
-                let count = batch.len() as u64;
-                if inbound.try_send(batch).is_err() {
-                    metrics.inbound_dropped.inc_by(count);
+            Some((KIND_MESSAGES, body)) => body,
+            Some((KIND_STAMPED, mut body)) => {
+                if body.len() < 8 {
+                    return Err(malformed(FrameError(
+                        "stamped frame without an epoch".into(),
+                    )));
                 }
+                let theirs = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+                body.drain(..8);
+                if theirs > epoch.load(Ordering::Acquire)
+                    && theirs > hooks.ahead_seen.fetch_max(theirs, Ordering::AcqRel)
+                {
+                    let _ = hooks.ahead.send((from, theirs));
+                }
+                body
             }
             Some((kind, _)) => {
                 return Err(malformed(FrameError(format!("unknown frame kind {kind}"))))
             }
+        };
+        let messages = decode_messages(&body).map_err(malformed)?;
+        let batch: Vec<Inbound> = messages
+            .into_iter()
+            .map(|(key, payload)| Inbound { from, key, payload })
+            .collect();
+        let count = batch.len() as u64;
+        if inbound.try_send(batch).is_err() {
+            metrics.inbound_dropped.inc_by(count);
         }
     }
+}
+
+/// Serves one request stream: hello, request, then the answer.
+async fn answer(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    cert: &CertificateDer<'static>,
+    hooks: &Hooks,
+) -> Result<(), (u32, FrameError)> {
+    let malformed = |e: FrameError| (CLOSE_MALFORMED, e);
+    let Some(from) = hello(&mut recv, cert).await? else {
+        return Ok(());
+    };
+    let request = match read_frame(&mut recv).await.map_err(malformed)? {
+        Some((KIND_REQUEST, body)) => body,
+        Some((kind, _)) => {
+            return Err(malformed(FrameError(format!(
+                "expected a request frame, got kind {kind}"
+            ))))
+        }
+        None => return Ok(()),
+    };
+    let (reply, answered) = oneshot::channel();
+    let call = ServiceCall {
+        from,
+        request,
+        reply,
+    };
+    if hooks.service.send(call).await.is_err() {
+        return Ok(());
+    }
+    let Ok(body) = answered.await else {
+        return Ok(());
+    };
+    let mut out = Vec::with_capacity(body.len() + 6);
+    frame(&mut out, KIND_ANSWER, &body);
+    if out.len() > FRAME_MAX + 4 {
+        warn!(
+            peer = from,
+            "an answer of {} bytes does not fit a frame",
+            out.len()
+        );
+        return Ok(());
+    }
+    let _ = send.write_all(&out).await;
+    let _ = send.finish();
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,354 @@
+//! Live membership changes in real clusters: replicas added (learner,
+//! catch-up, promotion) and removed while clients keep writing, with the
+//! `ballot cluster add` and `remove` commands a user would run.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ballot::client::{Client, Precondition};
+use ballot::dev::DevCluster;
+use ballot::membership::MembersView;
+use ballot::server::CoreKind;
+use bytes::Bytes;
+use common::*;
+use hyper::{Method, StatusCode};
+
+async fn members(c: &Client) -> MembersView {
+    let v = c
+        .json(Method::GET, "/v1/cluster/members", Bytes::new())
+        .await
+        .unwrap()
+        .unwrap_or_else(|r| panic!("{}: {}", c.endpoint(), r.error_message()));
+    serde_json::from_value(v).unwrap()
+}
+
+/// Runs `ballot cluster ARGS --endpoint URL` and returns its output,
+/// panicking unless it succeeds.
+fn cluster_cmd(endpoint: &str, args: &[&str]) -> std::process::Child {
+    Command::new(binary())
+        .arg("cluster")
+        .args(args)
+        .arg("--endpoint")
+        .arg(endpoint)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finished(mut child: std::process::Child, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not finish in 180 s: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed: {text}");
+    text
+}
+
+async fn wait_finished(child: std::process::Child, what: &'static str) -> String {
+    tokio::task::spawn_blocking(move || finished(child, what))
+        .await
+        .unwrap()
+}
+
+const PRELOADED: usize = 300;
+
+#[test]
+fn three_grow_to_five_and_shrink_to_three_under_load() {
+    let scratch = Scratch::new("members");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let c3 = client(&cluster, 3);
+        // Data the new replicas must fetch: they were not there when it
+        // was written.
+        for i in 0..PRELOADED {
+            let r = c3
+                .put(
+                    &format!("pre-{i}"),
+                    Bytes::from(format!("v{i}")),
+                    Precondition::None,
+                )
+                .await
+                .unwrap();
+            assert!(r.status.is_success(), "{}", r.error_message());
+        }
+
+        // Clients keep writing through replica 3, which stays throughout.
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = tokio::spawn(history_until(
+            vec![c3.clone()],
+            4,
+            u64::MAX,
+            6,
+            stop.clone(),
+        ));
+
+        for id in [4, 5] {
+            cluster.add_joiner(id).unwrap();
+            cluster.start(id).unwrap();
+            cluster.wait_alive(id, READY).await.unwrap();
+        }
+        let peers: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.config.peer_addr.to_string())
+            .collect();
+        let https: Vec<String> = cluster.nodes.iter().map(|n| n.http()).collect();
+        let peer = |id: u32| peers[id as usize - 1].clone();
+        let http = |id: u32| https[id as usize - 1].clone();
+        // Two additions at once, asked of two different replicas.
+        let add4 = cluster_cmd(
+            &http(1),
+            &["add", "--id", "4", "--peer", &peer(4), "--http", &http(4)],
+        );
+        let add5 = cluster_cmd(
+            &http(2),
+            &["add", "--id", "5", "--peer", &peer(5), "--http", &http(5)],
+        );
+        let out4 = wait_finished(add4, "cluster add 4").await;
+        let out5 = wait_finished(add5, "cluster add 5").await;
+        assert!(out4.contains("done at membership epoch"), "{out4}");
+        assert!(out5.contains("done at membership epoch"), "{out5}");
+
+        let view = members(&c3).await;
+        assert_eq!(view.record.members().voters, vec![1, 2, 3, 4, 5]);
+        assert!(view.record.members().learners.is_empty());
+        assert!(view.record.fast);
+        // Each newcomer caught up: it holds every preloaded value in its
+        // own store (a local read does not ask anyone).
+        for id in [4, 5] {
+            let c = client(&cluster, id);
+            cluster.wait_ready(id, READY).await.unwrap();
+            for i in 0..PRELOADED {
+                expect_value(&c, &format!("pre-{i}"), true, &format!("v{i}"), 1).await;
+            }
+            let st = view
+                .status
+                .iter()
+                .find(|s| s.id == id)
+                .and_then(|s| s.status.clone())
+                .unwrap();
+            // It caught up as a learner (its progress has shown later
+            // tasks since: a sweep when the next replica joined).
+            assert!(st.caught_up >= 2, "{st:?}");
+        }
+
+        // Shrink by removing two of the original replicas, asked of one
+        // that stays.
+        for id in ["1", "2"] {
+            let out = wait_finished(
+                cluster_cmd(&http(3), &["remove", "--id", id]),
+                "cluster remove",
+            )
+            .await;
+            assert!(out.contains("done at membership epoch"), "{out}");
+        }
+        let view = members(&c3).await;
+        assert_eq!(view.record.members().voters, vec![3, 4, 5]);
+        for id in [1, 2] {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let v = client(&cluster, id).cluster().await.unwrap();
+                if !v.healthy {
+                    assert!(v.error.unwrap().contains("removed"));
+                    break;
+                }
+                assert!(Instant::now() < deadline, "replica {id} still serves");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        stop.store(true, Ordering::Relaxed);
+        let history = load.await.unwrap();
+        let (ops, known) = history.count();
+        eprintln!("load during the changes: {known} of {ops} operations answered");
+        assert!(known > 100, "too little load ran: {known} of {ops}");
+        assert_eq!(
+            history.failures.load(Ordering::Relaxed),
+            0,
+            "client requests failed during the changes ({known} of {ops} answered)"
+        );
+        history.check();
+
+        // Nothing was lost: with the original replicas gone and replica 3
+        // stopped too, the two newcomers (a quorum of the three voters)
+        // still hold every value.
+        cluster.stop(1, Duration::from_secs(5));
+        cluster.stop(2, Duration::from_secs(5));
+        cluster.kill(3);
+        let c4 = client(&cluster, 4);
+        for i in (0..PRELOADED).step_by(7) {
+            expect_value(&c4, &format!("pre-{i}"), false, &format!("v{i}"), 1).await;
+        }
+
+        // Removing another voter now would leave {3, 5} with 3 down.
+        let r = c4
+            .request(Method::DELETE, "/v1/cluster/members/5", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.error_message());
+        assert!(
+            r.error_message().contains("quorum"),
+            "{}",
+            r.error_message()
+        );
+
+        let out = Command::new(binary())
+            .args(["cluster", "status", "--endpoint", &http(4)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("membership epoch"), "{text}");
+        cluster.stop_all();
+    });
+}
+
+#[test]
+fn a_replica_behind_the_truncated_changelog_replays_a_snapshot() {
+    let scratch = Scratch::new("snapshot");
+    runtime().block_on(async {
+        let mut cluster =
+            DevCluster::prepare(&scratch.0, 3, 0, 0, CoreKind::Wasm, binary()).unwrap();
+        // Keep only 20 changelog entries beyond what every member has.
+        for node in &mut cluster.nodes {
+            node.config.changelog_keep = Some(20);
+            let text = toml::to_string_pretty(&node.config).unwrap();
+            std::fs::write(&node.config_path, text).unwrap();
+        }
+        cluster.start_all().unwrap();
+        cluster.wait_all_ready(READY).await.unwrap();
+        wait_links_up(&cluster).await;
+        let c1 = client(&cluster, 1);
+        for i in 0..50 {
+            put(&c1, &format!("k{i}"), "old").await;
+        }
+        cluster.stop(3, Duration::from_secs(5));
+        // Replica 3 misses these: new keys, and new versions of old ones.
+        for i in 0..200 {
+            let r = put(&c1, &format!("k{}", i % 120), &format!("new{i}")).await;
+            assert!(r.status.is_success(), "{}", r.error_message());
+        }
+        // Both remaining replicas drop what replica 3 has not replayed.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for id in [1, 2] {
+            loop {
+                let view = members(&client(&cluster, id)).await;
+                let st = view
+                    .status
+                    .iter()
+                    .find(|s| s.id == id)
+                    .and_then(|s| s.status.clone())
+                    .unwrap();
+                let (first, last) = st.changelog;
+                if last > 200 && first > last - 40 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica {id} never truncated: {:?}",
+                    st.changelog
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        cluster.start(3).unwrap();
+        cluster.wait_ready(3, READY).await.unwrap();
+        // Replica 3's own copy converges on every newest value without
+        // anyone reading those keys through it.
+        let c3 = client(&cluster, 3);
+        let mut expected = std::collections::BTreeMap::new();
+        for i in 0..200 {
+            expected.insert(format!("k{}", i % 120), format!("new{i}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (key, value) in &expected {
+            loop {
+                let r = c3.get(key, true).await.unwrap();
+                if r.status == StatusCode::OK && r.body == value.as_bytes() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica 3 never caught up on {key}: {:?}",
+                    String::from_utf8_lossy(&r.body)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let view = members(&c3).await;
+        let st = view
+            .status
+            .iter()
+            .find(|s| s.id == 3)
+            .and_then(|s| s.status.clone())
+            .unwrap();
+        // It got there by snapshot: both peers had dropped what it missed.
+        let p = st.progress.expect("a snapshot replay ran");
+        assert_eq!((p.task.as_str(), p.phase.as_str()), ("snapshot", "done"));
+        for peer in [1, 2] {
+            let cursor = st.cursors.iter().find(|(p, _)| *p == peer).unwrap().1;
+            assert!(cursor > 200, "{:?}", st.cursors);
+        }
+        cluster.stop_all();
+    });
+}
+
+#[test]
+fn removing_a_replica_during_its_join_abandons_the_join_cleanly() {
+    let scratch = Scratch::new("abandon");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        // Replica 4 is prepared but never started: its join stalls at the
+        // learner stage, waiting for it.
+        cluster.add_joiner(4).unwrap();
+        let peer4 = cluster.nodes[3].config.peer_addr.to_string();
+        let (http1, http2) = (cluster.nodes[0].http(), cluster.nodes[1].http());
+        let add = cluster_cmd(&http1, &["add", "--id", "4", "--peer", &peer4]);
+        let c1 = client(&cluster, 1);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while members(&c1).await.record.role(4).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "replica 4 never became a learner"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let out = wait_finished(cluster_cmd(&http2, &["remove", "--id", "4"]), "remove").await;
+        assert!(out.contains("done at membership epoch"), "{out}");
+        // The waiting `cluster add` reports the join abandoned.
+        let out = tokio::task::spawn_blocking(move || add.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(text.contains("abandoned"), "{text}");
+        let view = members(&c1).await;
+        assert_eq!(view.record.members().voters, vec![1, 2, 3]);
+        assert!(view.record.members().learners.is_empty());
+        assert!(view.record.queue.is_empty());
+        assert!(view.record.done.iter().any(|d| d.id == 4 && d.aborted));
+        // The cluster carries on, fast round included.
+        assert!(view.record.fast);
+        put(&client(&cluster, 3), "after", "ok").await;
+        expect_value(&c1, "after", false, "ok", 1).await;
+        cluster.stop_all();
+    });
+}
