@@ -1325,13 +1325,6 @@ impl Membership {
                     })
                 }),
                 (Action::Add, Some(Role::Learner)) if record.fast => {
-                    self.tell(
-                        change.id,
-                        What::CatchUp {
-                            epoch: record.epoch,
-                        },
-                    )
-                    .await;
                     let target = record.epoch;
                     let me = self.clone();
                     let id = change.id;
@@ -1496,8 +1489,8 @@ impl Membership {
     }
 
     /// Waits until every replica of `ids` reports a status `done` accepts,
-    /// calling `nudge` every few seconds meanwhile (a replica restarted
-    /// during a task forgets it).
+    /// calling `nudge` at once and every few seconds meanwhile (a replica
+    /// restarted during a task forgets it).
     async fn wait_for_retrying<F: std::future::Future<Output = ()>>(
         &self,
         ids: &[ReplicaId],
@@ -1506,7 +1499,7 @@ impl Membership {
         nudge: impl Fn() -> F,
     ) -> Result<(), ChangeError> {
         let deadline = Instant::now() + STAGE_WAIT;
-        let mut last_nudge = Instant::now();
+        let mut last_nudge: Option<Instant> = None;
         loop {
             let mut waiting = Vec::new();
             for &id in ids {
@@ -1541,9 +1534,9 @@ impl Membership {
                     waiting.join(", ")
                 )));
             }
-            if last_nudge.elapsed() > Duration::from_secs(3) {
+            if last_nudge.is_none_or(|at| at.elapsed() > Duration::from_secs(3)) {
                 nudge().await;
-                last_nudge = Instant::now();
+                last_nudge = Some(Instant::now());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
