@@ -687,6 +687,11 @@ async fn add_member(
         http: add.http,
         requested_ms: crate::registry::now_ms(),
     };
+    queue_change(&app, change).await
+}
+
+/// Queues a membership change: 202 with the change as queued.
+async fn queue_change(app: &App, change: Change) -> Response {
     match app.membership.request(change).await {
         Ok(queued) => (StatusCode::ACCEPTED, axum::Json(queued)).into_response(),
         Err(e) => change_error(e),
@@ -708,10 +713,7 @@ async fn remove_member(
         http: None,
         requested_ms: crate::registry::now_ms(),
     };
-    match app.membership.request(change).await {
-        Ok(queued) => (StatusCode::ACCEPTED, axum::Json(queued)).into_response(),
-        Err(e) => change_error(e),
-    }
+    queue_change(&app, change).await
 }
 
 fn registry_error(e: RegistryError, invalid_code: &str) -> Response {

@@ -72,6 +72,38 @@ fn free_udp() -> Result<u16, String> {
     Ok(s.local_addr().map_err(|e| e.to_string())?.port())
 }
 
+/// The configuration of a new replica `id` of the cluster in `dir`, with a
+/// certificate issued if it has none yet, and no peers.
+fn new_node(
+    dir: &Path,
+    id: u32,
+    peer_addr: SocketAddr,
+    http_addr: SocketAddr,
+    core: CoreKind,
+) -> Result<NodeConfig, String> {
+    let certs = dir.join("certs");
+    if !tls::node_cert_path(&certs, id).exists() {
+        tls::issue_node(&certs, id).map_err(|e| e.to_string())?;
+    }
+    Ok(NodeConfig {
+        id,
+        data_dir: dir.join(format!("node-{id}")),
+        peer_addr,
+        http_addr,
+        peers: Vec::new(),
+        tls: TlsFiles {
+            ca: tls::ca_cert_path(&certs),
+            cert: tls::node_cert_path(&certs, id),
+            key: tls::node_key_path(&certs, id),
+        },
+        core,
+        map_size_mib: Some(4096),
+        admin_token: None,
+        join: false,
+        changelog_keep: None,
+    })
+}
+
 impl DevCluster {
     /// Creates (or reopens) a cluster of `n` replicas in `dir`, run by
     /// `binary` (`ballot` itself). Ports: `peer_port + i` and `http_port + i`
@@ -109,9 +141,6 @@ impl DevCluster {
                 configs.push((path, c));
                 continue;
             }
-            if !tls::node_cert_path(&certs, id).exists() {
-                tls::issue_node(&certs, id).map_err(|e| e.to_string())?;
-            }
             let port = |base: u16, free: fn() -> Result<u16, String>| -> Result<u16, String> {
                 if base == 0 {
                     free()
@@ -122,23 +151,7 @@ impl DevCluster {
             };
             let peer_addr: SocketAddr = ([127, 0, 0, 1], port(peer_port, free_udp)?).into();
             let http_addr: SocketAddr = ([127, 0, 0, 1], port(http_port, free_tcp)?).into();
-            let config = NodeConfig {
-                id,
-                data_dir: dir.join(format!("node-{id}")),
-                peer_addr,
-                http_addr,
-                peers: Vec::new(),
-                tls: TlsFiles {
-                    ca: tls::ca_cert_path(&certs),
-                    cert: tls::node_cert_path(&certs, id),
-                    key: tls::node_key_path(&certs, id),
-                },
-                core,
-                map_size_mib: Some(4096),
-                admin_token: None,
-                join: false,
-                changelog_keep: None,
-            };
+            let config = new_node(&dir, id, peer_addr, http_addr, core)?;
             configs.push((path, config));
         }
         let all: Vec<Peer> = configs
@@ -174,40 +187,24 @@ impl DevCluster {
         if self.nodes.iter().any(|n| n.id == id) {
             return Err(format!("replica {id} exists already"));
         }
-        let certs = self.dir.join("certs");
-        if !tls::node_cert_path(&certs, id).exists() {
-            tls::issue_node(&certs, id).map_err(|e| e.to_string())?;
-        }
         let core = self
             .nodes
             .first()
             .map(|n| n.config.core)
             .unwrap_or_default();
-        let config = NodeConfig {
-            id,
-            data_dir: self.dir.join(format!("node-{id}")),
-            peer_addr: ([127, 0, 0, 1], free_udp()?).into(),
-            http_addr: ([127, 0, 0, 1], free_tcp()?).into(),
-            peers: self
-                .nodes
-                .iter()
-                .map(|n| Peer {
-                    id: n.id,
-                    addr: n.config.peer_addr,
-                    http: Some(n.http()),
-                })
-                .collect(),
-            tls: TlsFiles {
-                ca: tls::ca_cert_path(&certs),
-                cert: tls::node_cert_path(&certs, id),
-                key: tls::node_key_path(&certs, id),
-            },
-            core,
-            map_size_mib: Some(4096),
-            admin_token: None,
-            join: true,
-            changelog_keep: None,
-        };
+        let peer_addr = ([127, 0, 0, 1], free_udp()?).into();
+        let http_addr = ([127, 0, 0, 1], free_tcp()?).into();
+        let mut config = new_node(&self.dir, id, peer_addr, http_addr, core)?;
+        config.join = true;
+        config.peers = self
+            .nodes
+            .iter()
+            .map(|n| Peer {
+                id: n.id,
+                addr: n.config.peer_addr,
+                http: Some(n.http()),
+            })
+            .collect();
         let path = self.dir.join(format!("node-{id}.toml"));
         let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;

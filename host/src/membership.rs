@@ -141,14 +141,19 @@ impl MembersRecord {
     pub fn decode(bytes: &[u8]) -> Result<MembersRecord, String> {
         let r: MembersRecord = serde_json::from_slice(bytes)
             .map_err(|e| format!("the membership record is malformed: {e}"))?;
-        if r.format != MEMBERS_FORMAT {
+        r.check()?;
+        Ok(r)
+    }
+
+    /// Checks the format and the shape of the membership it describes.
+    fn check(&self) -> Result<(), String> {
+        if self.format != MEMBERS_FORMAT {
             return Err(format!(
                 "membership record format {} is not supported (this build reads {MEMBERS_FORMAT})",
-                r.format
+                self.format
             ));
         }
-        r.members().validate()?;
-        Ok(r)
+        self.members().validate()
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -421,25 +426,26 @@ impl Membership {
 
     /// This replica's status.
     pub fn status(&self) -> Status {
-        let local = self.local.lock().expect("membership lock");
-        let peers: Vec<ReplicaId> = local
-            .record
-            .iter()
-            .flat_map(|r| r.replicas.iter().map(|m| m.id))
-            .filter(|&id| id != self.me)
+        let (mut status, peers) = {
+            let local = self.local.lock().expect("membership lock");
+            let peers = local.record.as_ref().map(|r| r.peers(self.me));
+            let status = Status {
+                id: self.me,
+                epoch: local.record.as_ref().map_or(0, |r| r.epoch),
+                swept: local.swept,
+                caught_up: local.caught_up,
+                progress: local.progress.clone(),
+                ..Status::default()
+            };
+            (status, peers.unwrap_or_default())
+        };
+        // LMDB reads outside the lock.
+        status.cursors = peers
+            .into_iter()
+            .filter_map(|(p, _)| Some((p, self.storage.cursor(p).ok()?)))
             .collect();
-        Status {
-            id: self.me,
-            epoch: local.record.as_ref().map_or(0, |r| r.epoch),
-            swept: local.swept,
-            caught_up: local.caught_up,
-            progress: local.progress.clone(),
-            cursors: peers
-                .into_iter()
-                .filter_map(|p| Some((p, self.storage.cursor(p).ok()?)))
-                .collect(),
-            changelog: self.storage.changelog_bounds().unwrap_or((0, 0)),
-        }
+        status.changelog = self.storage.changelog_bounds().unwrap_or((0, 0));
+        status
     }
 
     /// Adopts `record` if it is newer than what this replica runs: tells
@@ -492,24 +498,20 @@ impl Membership {
         mut ahead: mpsc::UnboundedReceiver<(ReplicaId, u64)>,
         mut service: mpsc::Receiver<ServiceCall>,
     ) {
-        match self.storage.committed(MEMBERS_KEY) {
-            Ok(Some(c)) => match c.value.as_deref().map(MembersRecord::decode) {
-                Some(Ok(record)) if record.role(self.me).is_none() => {
-                    self.local.lock().expect("membership lock").record = Some(record.clone());
-                    self.removed(&record);
-                }
-                Some(Ok(record)) => {
-                    info!(
-                        epoch = record.epoch,
-                        "membership resumed from the local copy"
-                    );
-                    self.adopt(record)
-                }
-                Some(Err(e)) => warn!("the local membership record is unreadable: {e}"),
-                None => {}
-            },
+        match self.stored_record() {
+            Ok(Some(record)) if record.role(self.me).is_none() => {
+                self.local.lock().expect("membership lock").record = Some(record.clone());
+                self.removed(&record);
+            }
+            Ok(Some(record)) => {
+                info!(
+                    epoch = record.epoch,
+                    "membership resumed from the local copy"
+                );
+                self.adopt(record)
+            }
             Ok(None) => {}
-            Err(e) => warn!("reading the local membership record: {e}"),
+            Err(e) => warn!("the local membership record is unreadable: {e}"),
         }
         if self.record().is_none() {
             if let Some(b) = self.bootstrap.clone() {
@@ -568,12 +570,19 @@ impl Membership {
             Ok(Answer::Members {
                 record: Some(record),
             }) => {
-                if record.members().validate().is_ok() && record.format == MEMBERS_FORMAT {
+                if record.check().is_ok() {
                     self.adopt(record);
                 }
             }
             Ok(_) => {}
             Err(e) => debug!(peer, "fetching the membership: {e}"),
+        }
+    }
+
+    /// Asks every peer this replica has a link to for its record.
+    async fn fetch_from_linked(self: &Arc<Self>) {
+        for (peer, _, _) in self.transport.links() {
+            self.fetch_from(peer).await;
         }
     }
 
@@ -587,10 +596,7 @@ impl Membership {
             if self.health.fatal().is_some() {
                 return;
             }
-            let peers: Vec<ReplicaId> = self.transport.links().iter().map(|l| l.0).collect();
-            for peer in peers {
-                self.fetch_from(peer).await;
-            }
+            self.fetch_from_linked().await;
             return;
         }
         match self.read_record().await {
@@ -611,10 +617,7 @@ impl Membership {
                 // Peers on a newer epoch drop this replica's messages, so
                 // its reads fail: ask them for the record directly.
                 debug!("membership poll: {e}");
-                let peers: Vec<ReplicaId> = self.transport.links().iter().map(|l| l.0).collect();
-                for peer in peers {
-                    self.fetch_from(peer).await;
-                }
+                self.fetch_from_linked().await;
             }
         }
     }
@@ -664,12 +667,10 @@ impl Membership {
             },
             What::Status => Answer::Status(self.status()),
             What::Keys { after, limit } => {
-                match self
-                    .storage
-                    .state_keys(after.as_deref(), limit.clamp(1, 16 * 1024) as usize)
-                {
+                let limit = page_limit(limit);
+                match self.storage.state_keys(after.as_deref(), limit) {
                     Ok(keys) => Answer::Keys {
-                        last: keys.len() < limit.clamp(1, 16 * 1024) as usize,
+                        last: keys.len() < limit,
                         keys,
                     },
                     Err(e) => Answer::Error {
@@ -688,7 +689,7 @@ impl Membership {
                 Answer::Started
             }
             What::Changes { after, limit } => {
-                let limit = limit.clamp(1, 16 * 1024) as usize;
+                let limit = page_limit(limit);
                 let page = self.storage.changelog_bounds().and_then(|(first, last)| {
                     let changes = self.storage.changes(after + 1, limit)?;
                     Ok((first, last, changes))
@@ -708,7 +709,7 @@ impl Membership {
                 }
             }
             What::Versions { after, limit } => {
-                let limit = limit.clamp(1, 16 * 1024) as usize;
+                let limit = page_limit(limit);
                 let page = self.storage.changelog_bounds().and_then(|(_, seq)| {
                     Ok((seq, self.storage.versions(after.as_deref(), limit)?))
                 });
@@ -726,13 +727,22 @@ impl Membership {
         }
     }
 
+    /// This replica's committed copy of the record, if it has one.
+    fn stored_record(&self) -> Result<Option<MembersRecord>, String> {
+        let committed = self
+            .storage
+            .committed(MEMBERS_KEY)
+            .map_err(|e| e.to_string())?;
+        committed
+            .and_then(|c| c.value)
+            .map(|v| MembersRecord::decode(&v))
+            .transpose()
+    }
+
     /// This replica's committed copy of the record (or epoch 1 if none).
     fn committed_record(&self) -> Option<MembersRecord> {
-        match self.storage.committed(MEMBERS_KEY) {
-            Ok(Some(c)) => c
-                .value
-                .as_deref()
-                .and_then(|v| MembersRecord::decode(v).ok()),
+        match self.stored_record() {
+            Ok(Some(r)) => Some(r),
             _ => self.bootstrap.clone(),
         }
     }
@@ -780,13 +790,21 @@ impl Membership {
         }
     }
 
-    /// Reads `keys` linearizably, [`READS_IN_FLIGHT`] at a time, retrying
-    /// each until it succeeds; counts them in the progress.
-    async fn read_all(&self, keys: Vec<Vec<u8>>) -> Result<(), String> {
-        self.read_keys(keys, true).await
+    /// The reading phase of a task [`Self::begin`] started: reads `keys`
+    /// with progress, then marks the task done. Returns how many there were.
+    async fn read_tracked(&self, keys: Vec<Vec<u8>>) -> Result<u64, String> {
+        let total = keys.len() as u64;
+        self.set_progress(|p| {
+            p.keys_total = total;
+            p.phase = "reading".into();
+        });
+        self.read_keys(keys, true).await?;
+        self.set_progress(|p| p.phase = "done".into());
+        Ok(total)
     }
 
-    /// [`Self::read_all`], counting in the progress only if `counted`.
+    /// Reads `keys` linearizably, [`READS_IN_FLIGHT`] at a time, retrying
+    /// each until it succeeds; counts them in the progress if `counted`.
     async fn read_keys(&self, keys: Vec<Vec<u8>>, counted: bool) -> Result<(), String> {
         let mut reads = tokio::task::JoinSet::new();
         let mut keys = keys.into_iter();
@@ -825,28 +843,9 @@ impl Membership {
     /// an acceptance.
     async fn sweep(self: &Arc<Self>, epoch: u64) -> Result<(), String> {
         self.begin("sweep", epoch);
-        let mut keys = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .storage
-                .state_keys(after.as_deref(), PAGE as usize)
-                .map_err(|e| e.to_string())?;
-            let last = page.len() < PAGE as usize;
-            after = page.last().cloned();
-            keys.extend(page);
-            if last {
-                break;
-            }
-        }
-        let total = keys.len() as u64;
-        self.set_progress(|p| {
-            p.keys_total = total;
-            p.phase = "reading".into();
-        });
+        let keys = self.list(self.me).await?;
         let started = Instant::now();
-        self.read_all(keys).await?;
-        self.set_progress(|p| p.phase = "done".into());
+        let total = self.read_tracked(keys).await?;
         info!(
             epoch,
             keys = total,
@@ -904,13 +903,8 @@ impl Membership {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            let total = keys.len() as u64;
-            self.set_progress(|p| {
-                p.keys_total = total;
-                p.phase = "reading".into();
-            });
             let started = Instant::now();
-            self.read_all(keys.into_iter().collect()).await?;
+            let total = self.read_tracked(keys.into_iter().collect()).await?;
             if self.record().map(|r| r.voters()) != Some(voters) {
                 info!(
                     epoch,
@@ -925,7 +919,6 @@ impl Membership {
                     self.storage.set_cursor(v, end).map_err(|e| e.to_string())?;
                 }
             }
-            self.set_progress(|p| p.phase = "done".into());
             info!(
                 epoch,
                 keys = total,
@@ -1073,13 +1066,7 @@ impl Membership {
                 break;
             }
         }
-        let total = stale.len() as u64;
-        self.set_progress(|p| {
-            p.keys_total = total;
-            p.phase = "reading".into();
-        });
-        self.read_all(stale).await?;
-        self.set_progress(|p| p.phase = "done".into());
+        let total = self.read_tracked(stale).await?;
         info!(
             peer,
             keys = total,
@@ -1553,6 +1540,11 @@ impl Membership {
             status,
         })
     }
+}
+
+/// A page size a peer asked for, within bounds.
+fn page_limit(asked: u32) -> usize {
+    asked.clamp(1, 16 * 1024) as usize
 }
 
 /// Reads `key` linearizably, retrying until it succeeds; returns its size.

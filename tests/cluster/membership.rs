@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ballot::client::{Client, Precondition};
 use ballot::dev::DevCluster;
-use ballot::membership::MembersView;
+use ballot::membership::{MembersView, Status};
 use ballot::server::CoreKind;
 use bytes::Bytes;
 use common::*;
@@ -24,6 +24,15 @@ async fn members(c: &Client) -> MembersView {
         .unwrap()
         .unwrap_or_else(|r| panic!("{}: {}", c.endpoint(), r.error_message()));
     serde_json::from_value(v).unwrap()
+}
+
+/// Replica `id`'s status in a membership view.
+fn status_in(view: &MembersView, id: u32) -> Status {
+    view.status
+        .iter()
+        .find(|s| s.id == id)
+        .and_then(|s| s.status.clone())
+        .unwrap_or_else(|| panic!("no status from replica {id}"))
 }
 
 /// Runs `ballot cluster ARGS --endpoint URL` and returns its output,
@@ -140,12 +149,7 @@ fn three_grow_to_five_and_shrink_to_three_under_load() {
             for i in 0..PRELOADED {
                 expect_value(&c, &format!("pre-{i}"), true, &format!("v{i}"), 1).await;
             }
-            let st = view
-                .status
-                .iter()
-                .find(|s| s.id == id)
-                .and_then(|s| s.status.clone())
-                .unwrap();
+            let st = status_in(&view, id);
             // It caught up as a learner (its progress has shown later
             // tasks since: a sweep when the next replica joined).
             assert!(st.caught_up >= 2, "{st:?}");
@@ -251,12 +255,7 @@ fn a_replica_behind_the_truncated_changelog_replays_a_snapshot() {
         for id in [1, 2] {
             loop {
                 let view = members(&client(&cluster, id)).await;
-                let st = view
-                    .status
-                    .iter()
-                    .find(|s| s.id == id)
-                    .and_then(|s| s.status.clone())
-                    .unwrap();
+                let st = status_in(&view, id);
                 let (first, last) = st.changelog;
                 if last > 200 && first > last - 40 {
                     break;
@@ -294,12 +293,7 @@ fn a_replica_behind_the_truncated_changelog_replays_a_snapshot() {
             }
         }
         let view = members(&c3).await;
-        let st = view
-            .status
-            .iter()
-            .find(|s| s.id == 3)
-            .and_then(|s| s.status.clone())
-            .unwrap();
+        let st = status_in(&view, 3);
         // It got there by snapshot: both peers had dropped what it missed.
         let p = st.progress.expect("a snapshot replay ran");
         assert_eq!((p.task.as_str(), p.phase.as_str()), ("snapshot", "done"));
