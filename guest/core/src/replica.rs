@@ -33,6 +33,22 @@ pub const BACKOFF_BASE_MS: u64 = 10;
 /// Backoff never exceeds this (before jitter).
 pub const BACKOFF_MAX_MS: u64 = 1000;
 
+/// Bits of a query id that count queries within one incarnation; see
+/// [`Replica::next_query_id`].
+pub const QUERY_SEQ_BITS: u32 = 40;
+
+/// The review defects, put back one at a time so tests can show that the
+/// schedules and the simulator catch each of them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Planted {
+    /// A: a learner does not record the ballots it prepares with.
+    ballot_reuse: bool,
+    /// B: an exposed command is evaluated again in a later attempt.
+    reevaluate: bool,
+    /// C: query ids count from 1 in every instance.
+    query_ids: bool,
+}
+
 /// Log levels of the guest `log` interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -163,8 +179,10 @@ pub struct Replica<E: Env> {
     env: E,
     q_classic: usize,
     q_fast: usize,
-    /// Source of proposal seqs, query ids and timer tokens.
+    /// Source of proposal seqs and timer tokens.
     seq: u64,
+    /// Queries sent by this instance; see [`Replica::next_query_id`].
+    queries: u64,
     rng: u64,
     now_ms: u64,
     ops: BTreeMap<Vec<u8>, KeyOps>,
@@ -186,6 +204,7 @@ pub struct Replica<E: Env> {
     loopback: VecDeque<(Vec<u8>, Msg)>,
     planted_epoxy: bool,
     planted_early_votes: bool,
+    planted: Planted,
     /// Key-state format this replica writes.
     state_format: u8,
 }
@@ -222,6 +241,7 @@ impl<E: Env> Replica<E> {
             members,
             env,
             seq: 0,
+            queries: 0,
             rng: 0x9e37_79b9_7f4a_7c15,
             now_ms: 0,
             ops: BTreeMap::new(),
@@ -238,6 +258,7 @@ impl<E: Env> Replica<E> {
             loopback: VecDeque::new(),
             planted_epoxy: false,
             planted_early_votes: false,
+            planted: Planted::default(),
             state_format: crate::wire::STATE_FORMAT,
         })
     }
@@ -325,6 +346,27 @@ impl<E: Env> Replica<E> {
         self.planted_early_votes = true;
     }
 
+    /// Defect A of the review: a learner prepares without recording its
+    /// ballot, so it may use one ballot twice. For the checker's tests only.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_ballot_reuse(&mut self) {
+        self.planted.ballot_reuse = true;
+    }
+
+    /// Defect B of the review: a command whose proposal went out is
+    /// evaluated again by a later attempt. For the checker's tests only.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_reevaluation(&mut self) {
+        self.planted.reevaluate = true;
+    }
+
+    /// Defect C of the review: query ids restart in every instance. For
+    /// the checker's tests only.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_query_id_reuse(&mut self) {
+        self.planted.query_ids = true;
+    }
+
     /// The protocol's name and formats, writing the default key-state
     /// format.
     pub fn info() -> Info {
@@ -363,6 +405,23 @@ impl<E: Env> Replica<E> {
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
+    }
+
+    /// A query id no earlier instance of this replica used: the low
+    /// [`QUERY_SEQ_BITS`] bits count this instance's queries, the bits above
+    /// hold its incarnation (which the host makes durable and raises before
+    /// every new instance). Replies are matched by id, so a reply to an
+    /// earlier incarnation's query, still in the network, can never answer
+    /// this one's. Ids repeat only after 2^24 incarnations, or after 2^40
+    /// queries of one instance; neither happens within any reply's lifetime.
+    fn next_query_id(&mut self) -> u64 {
+        if self.planted.query_ids {
+            return self.next_seq();
+        }
+        self.queries += 1;
+        let counter = self.queries & ((1 << QUERY_SEQ_BITS) - 1);
+        let incarnation = self.config.incarnation & ((1 << (64 - QUERY_SEQ_BITS)) - 1);
+        (incarnation << QUERY_SEQ_BITS) | counter
     }
 
     fn random(&mut self) -> u64 {
@@ -771,6 +830,17 @@ impl<E: Env> Replica<E> {
         self.env.apply(key, &current, command, now)
     }
 
+    /// The op's own proposal if an accept carrying it went out for `slot`.
+    fn exposed_at(&self, op: &Op, slot: u64) -> Option<Proposal> {
+        if self.planted.reevaluate {
+            return None;
+        }
+        match &op.own {
+            Some((s, p)) if *s == slot && op.exposed.contains(&slot) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
     /// Our proposal for `slot` from `change`, reusing the earlier one when it
     /// was computed for the same slot (its id may already be accepted).
     fn own_proposal(&mut self, key: &[u8], op: &mut Op, slot: u64, change: Change) -> Proposal {
@@ -817,6 +887,10 @@ impl<E: Env> Replica<E> {
         match op.kind.clone() {
             Kind::Read => self.begin_query(key, op),
             Kind::Command(_) if touched => self.begin_prepare(key, op, slot),
+            Kind::Command(_) if self.exposed_at(&op, slot).is_some() => {
+                let proposal = self.exposed_at(&op, slot).expect("checked above");
+                self.begin_fast_or_classic(key, op, slot, proposal)
+            }
             Kind::Command(command) => match self.evaluate(key, &command) {
                 Ok(Change::Keep) | Err(_) => self.begin_query(key, op),
                 Ok(change) => {
@@ -888,6 +962,23 @@ impl<E: Env> Replica<E> {
             counter: promised.max(op.counter_seen) + 1,
             replica: self.config.self_id,
         };
+        // A ballot carries at most one value, so its owner never uses it
+        // twice for a slot: not in a retry, a later op or a later
+        // incarnation. A voter's own acceptor promises the ballot (the
+        // loopback below), which raises `promised` past it. A learner's
+        // acceptor takes part in no round, so the ballot is recorded in its
+        // `promised` here. Either record is durable before an Accept at the
+        // ballot can leave: that Accept follows promises that arrive in a
+        // later step, and a step's early effects wait for every earlier
+        // ready. Refusing more is always safe for an acceptor, so this record
+        // does no harm once the learner votes.
+        if !self.is_voter() && !self.planted.ballot_reuse {
+            let st = self.state(key);
+            if st.promised < ballot {
+                st.promised = ballot;
+                self.mark_dirty(key, false);
+            }
+        }
         let phase = Phase::Prepare {
             slot,
             ballot,
@@ -928,7 +1019,7 @@ impl<E: Env> Replica<E> {
     }
 
     fn begin_query(&mut self, key: &[u8], op: Op) {
-        let id = self.next_seq();
+        let id = self.next_query_id();
         let phase = Phase::Query {
             id,
             replies: BTreeMap::new(),
@@ -1450,6 +1541,17 @@ impl<E: Env> Replica<E> {
         let Kind::Command(command) = op.kind.clone() else {
             return self.finish(key, op, Outcome::Done(current));
         };
+        // Our proposal already went out for this slot and may be chosen
+        // there (a quorum that cannot see it does not prove it lost): it is
+        // proposed again as it is. Evaluating the command again could answer
+        // otherwise (a clock-dependent policy, a rebound prefix) while the
+        // first evaluation still wins.
+        if let Some(proposal) = self.exposed_at(&op, slot) {
+            return match ballot {
+                Some(ballot) => self.begin_accept(key, op, slot, ballot, proposal),
+                None => self.begin_fast_or_classic(key, op, slot, proposal),
+            };
+        }
         match self.evaluate(key, &command) {
             Ok(Change::Keep) => self.finish(key, op, Outcome::Done(current)),
             Err(rejection) => self.finish(key, op, Outcome::Rejected(rejection, current)),

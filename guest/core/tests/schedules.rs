@@ -1,0 +1,506 @@
+//! Schedules that once broke the protocol, replayed message by message.
+//!
+//! Each test drives real `Replica`s through one interleaving found in review
+//! (docs/design.md, section 3, "Uniqueness and exposure") and states the
+//! property it broke. The network is a pool the test delivers from, drops
+//! from or holds back; disks are synchronous (a step's writes are durable
+//! before its effects leave); a restart keeps a replica's disk and loses
+//! everything else.
+
+use std::collections::BTreeMap;
+
+use ballot_core::register::{self, Command};
+use ballot_core::wire::Msg;
+use ballot_core::{
+    Batch, Change, Config, Consistency, Current, Env, Inbound, KeyState, Members, Operation,
+    Outcome, Rejection, Replica, ReplicaId, Request, Timer,
+};
+
+const KEY: &[u8] = b"k";
+
+/// The register policy plus one clock-dependent command, `renew`: it holds
+/// while `now < LEASE_END_MS` and is refused afterwards (a lease renewal, as
+/// `examples/reservation` has).
+#[derive(Clone, Copy, Default)]
+struct LeaseEnv;
+
+const LEASE_END_MS: u64 = 1000;
+const RENEW: &[u8] = b"renew";
+
+impl Env for LeaseEnv {
+    fn apply(
+        &mut self,
+        _key: &[u8],
+        current: &Current,
+        command: &[u8],
+        now_ms: u64,
+    ) -> Result<Change, Rejection> {
+        if command == RENEW {
+            if now_ms < LEASE_END_MS {
+                return Ok(Change::Set(b"renewed".to_vec()));
+            }
+            return Err(Rejection {
+                code: "expired".into(),
+                message: "the lease ended".into(),
+            });
+        }
+        register::apply(current, command)
+    }
+}
+
+struct Node {
+    replica: Replica<LeaseEnv>,
+    disk: BTreeMap<Vec<u8>, Vec<u8>>,
+    timers: Vec<Timer>,
+    config: Config,
+    members: Members,
+}
+
+/// Puts a bug back into every replica of a schedule (or nothing).
+type Plant = fn(&mut Replica<LeaseEnv>);
+
+fn healthy(_: &mut Replica<LeaseEnv>) {}
+
+struct Net {
+    plant: Plant,
+    nodes: BTreeMap<ReplicaId, Node>,
+    /// (from, to, payload), oldest first; every message is about KEY.
+    pool: Vec<(ReplicaId, ReplicaId, Vec<u8>)>,
+    now_ms: u64,
+    /// Outcome of each request id, in completion order.
+    done: Vec<(u64, Outcome)>,
+}
+
+fn kind(payload: &[u8]) -> &'static str {
+    match Msg::decode_any(payload).expect("the core sends decodable messages").1 {
+        Msg::Prepare { .. } => "Prepare",
+        Msg::Promise { .. } => "Promise",
+        Msg::Accept { .. } => "Accept",
+        Msg::Accepted { .. } => "Accepted",
+        Msg::Nack { .. } => "Nack",
+        Msg::Stale { .. } => "Stale",
+        Msg::Behind { .. } => "Behind",
+        Msg::Learn { .. } => "Learn",
+        Msg::Query { .. } => "Query",
+        Msg::QueryReply { .. } => "QueryReply",
+    }
+}
+
+impl Net {
+    /// Replicas `ids`, all voters of `voters` in epoch 1 (others observe).
+    fn new(ids: &[ReplicaId], voters: &[ReplicaId], plant: Plant) -> Net {
+        let mut nodes = BTreeMap::new();
+        for &id in ids {
+            let config = Config::new(id, 1, voters.to_vec());
+            let mut replica = Replica::new(config.clone(), LeaseEnv).unwrap();
+            plant(&mut replica);
+            let members = replica.members().clone();
+            nodes.insert(
+                id,
+                Node {
+                    replica,
+                    disk: BTreeMap::new(),
+                    timers: Vec::new(),
+                    config,
+                    members,
+                },
+            );
+        }
+        Net {
+            plant,
+            nodes,
+            pool: Vec::new(),
+            now_ms: 0,
+            done: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, id: ReplicaId, mut batch: Batch) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        batch.now_ms = self.now_ms;
+        batch.states = vec![KeyState {
+            key: KEY.to_vec(),
+            state: node.disk.get(KEY).cloned().unwrap_or_default(),
+        }];
+        let ready = node.replica.step(batch);
+        let early = ready.early;
+        for w in ready.persist {
+            node.disk.insert(w.key, w.state);
+        }
+        let rest = node.replica.release(ready.id);
+        for actions in [early, rest] {
+            for s in actions.send {
+                self.pool.push((id, s.to, s.payload));
+            }
+            node.timers.extend(actions.timers);
+            for c in actions.complete {
+                self.done.push((c.id, c.outcome));
+            }
+        }
+    }
+
+    fn request(&mut self, node: ReplicaId, id: u64, op: Operation) {
+        let batch = Batch {
+            requests: vec![Request {
+                id,
+                key: KEY.to_vec(),
+                op,
+            }],
+            ..Batch::default()
+        };
+        self.step(node, batch);
+    }
+
+    fn command(&mut self, node: ReplicaId, id: u64, command: Vec<u8>) {
+        self.request(node, id, Operation::Command(command));
+    }
+
+    fn put(&mut self, node: ReplicaId, id: u64, value: &str) {
+        self.command(node, id, Command::Put(value.as_bytes().to_vec()).encode());
+    }
+
+    fn read(&mut self, node: ReplicaId, id: u64) {
+        self.request(node, id, Operation::Read(Consistency::Linearizable));
+    }
+
+    fn take(&mut self, pred: impl Fn(ReplicaId, ReplicaId, &[u8]) -> bool) -> Vec<(ReplicaId, ReplicaId, Vec<u8>)> {
+        let (hit, rest) = std::mem::take(&mut self.pool)
+            .into_iter()
+            .partition(|(f, t, p)| pred(*f, *t, p));
+        self.pool = rest;
+        hit
+    }
+
+    /// Delivers every `kind` message in flight from `from` to `to`.
+    fn deliver(&mut self, from: ReplicaId, to: ReplicaId, what: &str) {
+        let hit = self.take(|f, t, p| f == from && t == to && kind(p) == what);
+        assert!(!hit.is_empty(), "no {what} in flight from {from} to {to}");
+        for (f, t, payload) in hit {
+            self.inbound(f, t, payload);
+        }
+    }
+
+    fn inbound(&mut self, from: ReplicaId, to: ReplicaId, payload: Vec<u8>) {
+        let messages = vec![Inbound {
+            from,
+            key: KEY.to_vec(),
+            payload,
+        }];
+        self.step(
+            to,
+            Batch {
+                messages,
+                ..Batch::default()
+            },
+        );
+    }
+
+    /// Loses every message in flight that `pred` matches.
+    fn drop_where(&mut self, pred: impl Fn(ReplicaId, ReplicaId, &str) -> bool) {
+        self.take(|f, t, p| pred(f, t, kind(p)));
+    }
+
+    /// Fires every timer `node` has armed (stale tokens are no-ops), at the
+    /// latest of their deadlines.
+    fn fire(&mut self, node: ReplicaId) {
+        let timers = std::mem::take(&mut self.nodes.get_mut(&node).unwrap().timers);
+        assert!(!timers.is_empty(), "replica {node} has no timer armed");
+        self.now_ms = self.now_ms.max(timers.iter().map(|t| t.at_ms).max().unwrap());
+        self.step(
+            node,
+            Batch {
+                timers,
+                ..Batch::default()
+            },
+        );
+    }
+
+    fn reconfigure(&mut self, members: &Members) {
+        for node in self.nodes.values_mut() {
+            node.replica.reconfigure(members.clone()).unwrap();
+            node.members = members.clone();
+        }
+    }
+
+    /// Restarts `node` as its host does: a new instance at `incarnation` on
+    /// the same disk, in the membership it ran; timers and volatile state gone.
+    fn restart(&mut self, id: ReplicaId, incarnation: u64) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        node.config.incarnation = incarnation;
+        node.replica = Replica::new(node.config.clone(), LeaseEnv).unwrap();
+        (self.plant)(&mut node.replica);
+        node.replica.reconfigure(node.members.clone()).unwrap();
+        node.timers.clear();
+    }
+
+    /// Delivers whatever `allow` lets through and fires timers of `nodes`
+    /// until nothing is left or `until` holds; messages `allow` refuses are
+    /// lost.
+    fn run(
+        &mut self,
+        nodes: &[ReplicaId],
+        allow: impl Fn(ReplicaId, ReplicaId, &str) -> bool,
+        until: impl Fn(&Net) -> bool,
+    ) {
+        for _ in 0..100_000 {
+            if until(self) {
+                return;
+            }
+            if !self.pool.is_empty() {
+                let (f, t, payload) = self.pool.remove(0);
+                if allow(f, t, kind(&payload)) {
+                    self.inbound(f, t, payload);
+                }
+                continue;
+            }
+            let next = nodes
+                .iter()
+                .filter_map(|n| {
+                    let at = self.nodes[n].timers.iter().map(|t| t.at_ms).min()?;
+                    Some((at, *n))
+                })
+                .min();
+            let Some((at, node)) = next else { return };
+            let timers = &mut self.nodes.get_mut(&node).unwrap().timers;
+            let pos = timers.iter().position(|t| t.at_ms == at).unwrap();
+            let timer = timers.remove(pos);
+            self.now_ms = self.now_ms.max(at);
+            self.step(
+                node,
+                Batch {
+                    timers: vec![timer],
+                    ..Batch::default()
+                },
+            );
+        }
+        panic!("the schedule did not settle");
+    }
+
+    fn outcome(&self, id: u64) -> Option<&Outcome> {
+        self.done.iter().find(|(i, _)| *i == id).map(|(_, o)| o)
+    }
+
+    /// Every value a completion reported at each version: one value a version.
+    fn assert_one_value_per_version(&self) {
+        let mut seen: BTreeMap<u64, (u64, Option<Vec<u8>>)> = BTreeMap::new();
+        for (id, outcome) in &self.done {
+            let (Outcome::Done(c) | Outcome::Rejected(_, c)) = outcome else {
+                continue;
+            };
+            if let Some((other, value)) = seen.get(&c.version) {
+                assert_eq!(
+                    value, &c.value,
+                    "two values at version {}: request {other} saw {:?}, request {id} saw {:?}",
+                    c.version, value, c.value
+                );
+            } else {
+                seen.insert(c.version, (*id, c.value.clone()));
+            }
+        }
+    }
+}
+
+fn done_value(outcome: Option<&Outcome>) -> Option<(Option<Vec<u8>>, u64)> {
+    match outcome {
+        Some(Outcome::Done(c)) => Some((c.value.clone(), c.version)),
+        _ => None,
+    }
+}
+
+/// Defect A. A learner never promises, so without a ballot of its own on
+/// disk it prepared with `(1, L)` again on every attempt; acceptors
+/// re-promise an equal ballot and accepted a second value at it. Two values
+/// were then chosen for version 1 (q through `(2, 1)`'s recovery, p2 told to
+/// the learner's client). A ballot is never reused by its owner.
+#[test]
+fn a_learner_never_reuses_a_classic_ballot() {
+    learner_ballots(healthy);
+}
+
+fn learner_ballots(plant: Plant) {
+    let mut net = Net::new(&[1, 2, 3, 4], &[1, 2, 3], plant);
+    // Leftover fast votes: q at A1 and A2, r at A3.
+    net.put(1, 1, "q");
+    net.deliver(1, 2, "Accept");
+    net.put(3, 2, "r");
+    net.drop_where(|_, _, _| true);
+    // Replica 4 joins as a learner; the cluster runs classic rounds only.
+    net.reconfigure(&Members {
+        epoch: 2,
+        voters: vec![1, 2, 3],
+        learners: vec![4],
+        fast: false,
+    });
+    // A read on 4 finds the pending slot through {A1, A2}, is constrained
+    // to q, and its Accept reaches A1 only.
+    net.read(4, 10);
+    net.deliver(4, 1, "Query");
+    net.deliver(4, 2, "Query");
+    net.deliver(1, 4, "QueryReply");
+    net.deliver(2, 4, "QueryReply");
+    net.deliver(4, 1, "Prepare");
+    net.deliver(4, 2, "Prepare");
+    net.deliver(1, 4, "Promise");
+    net.deliver(2, 4, "Promise");
+    net.deliver(4, 1, "Accept");
+    net.drop_where(|_, _, _| true);
+    // It times out and tries again through {A2, A3}: q and r once each,
+    // nothing can have been chosen, the read answers.
+    net.fire(4); // round timeout: back off
+    net.fire(4); // the backoff ends: query again
+    net.deliver(4, 2, "Query");
+    net.deliver(4, 3, "Query");
+    net.deliver(2, 4, "QueryReply");
+    net.deliver(3, 4, "QueryReply");
+    net.deliver(4, 2, "Prepare");
+    net.deliver(4, 3, "Prepare");
+    net.deliver(2, 4, "Promise");
+    net.deliver(3, 4, "Promise");
+    assert!(done_value(net.outcome(10)).is_some(), "the read answers");
+    net.drop_where(|_, _, _| true);
+    // A write on 4 prepares through {A2, A3} and is chosen there; the
+    // learner's Learns are lost.
+    net.put(4, 11, "p2");
+    net.deliver(4, 2, "Prepare");
+    net.deliver(4, 3, "Prepare");
+    net.deliver(2, 4, "Promise");
+    net.deliver(3, 4, "Promise");
+    net.deliver(4, 2, "Accept");
+    net.deliver(4, 3, "Accept");
+    net.deliver(2, 4, "Accepted");
+    net.deliver(3, 4, "Accepted");
+    assert_eq!(
+        done_value(net.outcome(11)),
+        Some((Some(b"p2".to_vec()), 1)),
+        "p2 is chosen at version 1"
+    );
+    net.drop_where(|_, _, _| true);
+    // Replica 1 recovers its own write through {A1, A2}.
+    net.run(
+        &[1],
+        |f, t, _| f != 3 && t != 3 && f != 4 && t != 4,
+        |n| n.outcome(1).is_some(),
+    );
+    net.assert_one_value_per_version();
+}
+
+/// Defect B. A command whose proposal may have been chosen (it was
+/// fast-accepted by A1 and A2) was evaluated again by a recovery that could
+/// not see it through {A2, A3}; the policy, now past the lease's end, said
+/// "expired" and the caller heard it, while a later recovery through
+/// {A1, A2} chose the renewal. An exposed proposal is driven to a decision
+/// with its original value.
+#[test]
+fn an_exposed_command_is_never_evaluated_again() {
+    exposed_command(healthy);
+}
+
+fn exposed_command(plant: Plant) {
+    let mut net = Net::new(&[1, 2, 3, 4], &[1, 2, 3], plant);
+    net.reconfigure(&Members {
+        epoch: 2,
+        voters: vec![1, 2, 3],
+        learners: vec![4],
+        fast: true,
+    });
+    // Replica 4 renews before the lease ends: A1 and A2 accept the renewal
+    // in the fast round, A3 never hears of it.
+    net.now_ms = 500;
+    net.command(4, 2, RENEW.to_vec());
+    net.deliver(4, 1, "Accept");
+    net.deliver(4, 2, "Accept");
+    net.drop_where(|_, _, _| true);
+    // The fast round times out; after the lease ended, the classic round
+    // hears from A2 and A3: the renewal counts once, below the threshold.
+    net.fire(4);
+    net.now_ms = 1500;
+    net.deliver(4, 2, "Prepare");
+    net.deliver(4, 3, "Prepare");
+    net.deliver(2, 4, "Promise");
+    net.deliver(3, 4, "Promise");
+    if let Some(outcome) = net.outcome(2) {
+        assert!(
+            !matches!(outcome, Outcome::Rejected(..)),
+            "the caller heard {outcome:?} while its renewal can still be chosen"
+        );
+    }
+    // Replica 4 falls silent; replica 1 reads through {A1, A2}.
+    net.drop_where(|_, _, _| true);
+    net.read(1, 3);
+    net.run(&[1, 2], |f, t, _| f <= 2 && t <= 2, |n| n.outcome(3).is_some());
+    assert_eq!(
+        done_value(net.outcome(3)),
+        Some((Some(b"renewed".to_vec()), 1)),
+        "the renewal is chosen"
+    );
+    // Replica 4 comes back and learns what happened to its command.
+    net.run(&[1, 2, 3, 4], |_, _, _| true, |n| n.outcome(2).is_some());
+    assert_eq!(
+        done_value(net.outcome(2)),
+        Some((Some(b"renewed".to_vec()), 1)),
+        "the renewal's caller hears it was applied"
+    );
+    net.assert_one_value_per_version();
+}
+
+/// Defect C. Query ids restarted at the same number in every incarnation,
+/// and replies were matched by id alone: a reply to a read of incarnation 1,
+/// delayed in the network, completed a read of incarnation 2 and hid a write
+/// that finished in between. Every id on the wire is unique across
+/// incarnations.
+#[test]
+fn a_delayed_reply_never_answers_a_later_incarnations_read() {
+    delayed_reply(healthy);
+}
+
+fn delayed_reply(plant: Plant) {
+    let mut net = Net::new(&[1, 2, 3], &[1, 2, 3], plant);
+    net.read(1, 1);
+    net.deliver(1, 2, "Query");
+    // A2's reply (the key is absent) is delayed; replica 1 restarts.
+    let delayed = net.take(|f, t, p| f == 2 && t == 1 && kind(p) == "QueryReply");
+    net.drop_where(|_, _, _| true);
+    net.restart(1, 2);
+    // A write through {A2, A3} finishes while replica 1 hears nothing.
+    net.put(3, 2, "w");
+    net.run(&[2, 3], |f, t, _| f != 1 && t != 1, |n| n.outcome(2).is_some());
+    assert_eq!(done_value(net.outcome(2)), Some((Some(b"w".to_vec()), 1)));
+    net.drop_where(|_, _, _| true);
+    // The new incarnation reads; the old reply arrives first.
+    net.read(1, 3);
+    for (f, t, payload) in delayed {
+        net.inbound(f, t, payload);
+    }
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(3).is_some());
+    assert_eq!(
+        done_value(net.outcome(3)),
+        Some((Some(b"w".to_vec()), 1)),
+        "a read that began after the write finished sees it"
+    );
+}
+
+/// Each defect, put back, breaks its schedule: the schedules can fail.
+/// (The panics these print are the schedules catching the planted bugs.)
+#[cfg(feature = "planted-bugs")]
+mod planted {
+    use super::*;
+
+    fn caught(schedule: fn(Plant), plant: Plant) -> bool {
+        std::panic::catch_unwind(|| schedule(plant)).is_err()
+    }
+
+    #[test]
+    fn ballot_reuse_is_caught() {
+        assert!(caught(learner_ballots, |r| r.plant_ballot_reuse()));
+    }
+
+    #[test]
+    fn reevaluation_is_caught() {
+        assert!(caught(exposed_command, |r| r.plant_reevaluation()));
+    }
+
+    #[test]
+    fn query_id_reuse_is_caught() {
+        assert!(caught(delayed_reply, |r| r.plant_query_id_reuse()));
+    }
+}
