@@ -402,6 +402,28 @@ fn unavailable(outcome: &Outcome) -> ChangeError {
     }
 }
 
+/// The newest membership record this replica holds durably: its committed
+/// copy of the system key, or the record it adopted from a peer (written
+/// before the core ran its epoch), whichever has the newer epoch. The daemon
+/// starts its protocol on it before the first step.
+pub fn durable_record(storage: &Storage) -> Result<Option<MembersRecord>, String> {
+    let committed = storage
+        .committed(MEMBERS_KEY)
+        .map_err(|e| e.to_string())?
+        .and_then(|c| c.value)
+        .map(|v| MembersRecord::decode(&v))
+        .transpose()?;
+    let adopted = storage
+        .adopted_members()
+        .map_err(|e| e.to_string())?
+        .map(|v| MembersRecord::decode(&v))
+        .transpose()?;
+    Ok(match (committed, adopted) {
+        (Some(c), Some(a)) => Some(if a.epoch > c.epoch { a } else { c }),
+        (c, a) => c.or(a),
+    })
+}
+
 impl Membership {
     pub fn new(setup: Setup) -> Arc<Membership> {
         Arc::new(Membership {
@@ -448,9 +470,13 @@ impl Membership {
         status
     }
 
-    /// Adopts `record` if it is newer than what this replica runs: tells
-    /// the core, redials the peers, and starts what the record asks of this
-    /// replica.
+    /// Adopts `record` if it is newer than what this replica runs: makes
+    /// it durable, tells the core, redials the peers, and starts what the
+    /// record asks of this replica.
+    ///
+    /// The record reaches LMDB before the core hears of it, so the epoch a
+    /// replica votes in is the one it resumes after a restart, whether the
+    /// record came as a local commit or from a peer's copy.
     fn adopt(self: &Arc<Self>, record: MembersRecord) {
         {
             let mut local = self.local.lock().expect("membership lock");
@@ -465,18 +491,35 @@ impl Membership {
                 .record
                 .as_ref()
                 .is_some_and(|r| r.role(self.me).is_some());
-            if record.role(self.me).is_none() {
-                if !was_member {
-                    // Joining, not listed yet: keep asking the peers it
-                    // was started with.
-                    return;
+            if record.role(self.me).is_none() && !was_member {
+                // Joining, not listed yet: keep asking the peers it was
+                // started with.
+                return;
+            }
+            if let Err(e) = self.storage.set_adopted_members(&record.encode()) {
+                drop(local);
+                self.health
+                    .stop(format!("recording membership epoch {}: {e}", record.epoch));
+                return;
+            }
+            // Replicas that left may come back on a new data directory.
+            if let Some(old) = &local.record {
+                for gone in old
+                    .replicas
+                    .iter()
+                    .filter(|m| record.role(m.id).is_none())
+                {
+                    if let Err(e) = self.storage.forget_peer_identity(gone.id) {
+                        warn!(peer = gone.id, "forgetting a removed replica's directory: {e}");
+                    }
                 }
-                local.record = Some(record.clone());
+            }
+            local.record = Some(record.clone());
+            if record.role(self.me).is_none() {
                 drop(local);
                 self.removed(&record);
                 return;
             }
-            local.record = Some(record.clone());
         }
         self.transport.set_peers(&record.peers(self.me));
         let _ = self.control.send(Control::Members(record.members()));
@@ -727,16 +770,9 @@ impl Membership {
         }
     }
 
-    /// This replica's committed copy of the record, if it has one.
+    /// This replica's newest durable copy of the record, if it has one.
     fn stored_record(&self) -> Result<Option<MembersRecord>, String> {
-        let committed = self
-            .storage
-            .committed(MEMBERS_KEY)
-            .map_err(|e| e.to_string())?;
-        committed
-            .and_then(|c| c.value)
-            .map(|v| MembersRecord::decode(&v))
-            .transpose()
+        durable_record(&self.storage)
     }
 
     /// This replica's committed copy of the record (or epoch 1 if none).

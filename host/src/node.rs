@@ -203,6 +203,9 @@ pub struct Initial {
     pub label: String,
     pub factory: ProtocolFactory,
     pub incarnation: u64,
+    /// The membership this replica holds durably, applied before the first
+    /// step: a replica never votes in an older epoch than it adopted.
+    pub members: Option<Members>,
 }
 
 /// Starts the writer and core threads.
@@ -217,7 +220,13 @@ pub fn start(
     events: mpsc::UnboundedSender<CoreEvent>,
     epoch: Arc<AtomicU64>,
 ) -> Result<Core, String> {
-    let protocol = (initial.factory)(initial.incarnation)?;
+    let mut protocol = (initial.factory)(initial.incarnation)?;
+    if let Some(members) = &initial.members {
+        protocol
+            .reconfigure(members.clone())
+            .map_err(|e| format!("resuming membership epoch {}: {e}", members.epoch))?;
+        epoch.store(members.epoch, Ordering::Release);
+    }
     let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let health = Arc::new(Health::default());
@@ -257,7 +266,7 @@ pub fn start(
         seed: seed(),
         config_pending: Vec::new(),
         watchers,
-        members: None,
+        members: initial.members,
         epoch,
     };
     let span = tracing::Span::current();

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::node::{self, Protocol, ProtocolFactory, INBOUND_QUEUE};
 use crate::registry::Registry;
 use crate::runtime::{Policies, Runtime};
-use crate::storage::{Storage, MAP_SIZE_DEFAULT};
+use crate::storage::{PeerIdentity, Storage, MAP_SIZE_DEFAULT};
 use crate::tls::{Identity, TlsFiles};
 use crate::transport::{Hooks, Transport};
 
@@ -154,6 +154,32 @@ impl NodeConfig {
     }
 }
 
+/// The transport's check of a peer's data directory against the one this
+/// replica recorded for it (docs/design.md, section 7, "Identity").
+fn directory_check(
+    storage: Storage,
+) -> Box<dyn Fn(u32, &crate::storage::DirIdentity) -> Result<(), String> + Send + Sync> {
+    Box::new(move |peer, presented| {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        match storage.check_peer_identity(peer, presented) {
+            Ok(PeerIdentity::Known) => Ok(()),
+            Ok(PeerIdentity::First) => {
+                info!(peer, directory = %hex(presented), "recorded a peer's data directory");
+                Ok(())
+            }
+            Ok(PeerIdentity::Changed { known }) => Err(format!(
+                "replica {peer} presents data directory {} but this replica knows it as {}: \
+                 it lost its state and may not vote or answer. Remove it (ballot cluster \
+                 remove --id {peer}), then start it on an empty directory with --join and \
+                 add it back (ballot cluster add)",
+                hex(presented),
+                hex(&known)
+            )),
+            Err(e) => Err(format!("checking replica {peer}'s data directory: {e}")),
+        }
+    })
+}
+
 /// Runs a replica until SIGINT or SIGTERM.
 pub fn serve(config: NodeConfig) -> Result<(), String> {
     config.validate()?;
@@ -183,6 +209,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 label: crate::registry::component_id(crate::runtime::PROTOCOL_WASM),
                 factory,
                 incarnation,
+                members: None,
             };
             let engine = runtime.engine().clone();
             (initial, component_view(info), engine, Some(runtime))
@@ -207,10 +234,16 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 label: "native".to_string(),
                 factory,
                 incarnation,
+                members: None,
             };
             (initial, component_view(info), engine, None)
         }
     };
+    // The core starts on the epoch this replica adopted last. A removed
+    // replica's record does not list it, so it votes in nothing and stops
+    // answering once the membership task reads the same record.
+    let mut initial = initial;
+    initial.members = membership::durable_record(&storage)?.map(|r| r.members());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ballot-io")
@@ -222,8 +255,9 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
             let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
             let peers: Vec<(u32, SocketAddr)> =
                 config.peers.iter().map(|p| (p.id, p.addr)).collect();
-            // Every instance starts on epoch 1 and is moved to the adopted
-            // epoch before its first step.
+            // Every instance starts on the durable epoch (`initial.members`,
+            // stamped below by node::start) and later instances on the
+            // adopted one, before their first step.
             let epoch = Arc::new(AtomicU64::new(1));
             let (ahead_tx, ahead_rx) = mpsc::unbounded_channel();
             let (service_tx, service_rx) = mpsc::channel(256);
@@ -239,6 +273,8 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     ahead: ahead_tx,
                     ahead_seen: AtomicU64::new(0),
                     service: service_tx,
+                    directory: storage.identity(),
+                    check_directory: directory_check(storage.clone()),
                 },
             )?);
             let (commits_tx, commits_rx) = mpsc::unbounded_channel();

@@ -29,6 +29,26 @@ pub const MAP_SIZE_DEFAULT: usize = 64 << 30;
 const META_FORMAT: &[u8] = b"format";
 const META_REPLICA: &[u8] = b"replica";
 const META_INCARNATION: &[u8] = b"incarnation";
+const META_IDENTITY: &[u8] = b"identity";
+const META_MEMBERS: &[u8] = b"members";
+
+/// Bytes of a data directory's identity.
+pub const IDENTITY_LEN: usize = 16;
+/// A data directory's identity: random bytes drawn when the directory is
+/// created. Peers remember it and refuse another one under the same replica
+/// id, so a replica that lost its directory cannot vote with a blank memory.
+pub type DirIdentity = [u8; IDENTITY_LEN];
+
+/// What a peer's presented identity is to this replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerIdentity {
+    /// Never seen before: now recorded.
+    First,
+    /// The one recorded.
+    Known,
+    /// Another directory than the one recorded for that replica id.
+    Changed { known: DirIdentity },
+}
 
 crate::message_error!(
     /// A storage failure. After one, the replica stops answering.
@@ -71,6 +91,17 @@ pub struct Storage {
     state: Database<Bytes, Bytes>,
     values: Database<Bytes, Bytes>,
     changelog: Database<U64<BigEndian>, Bytes>,
+    identity: DirIdentity,
+}
+
+/// Random bytes from the operating system, through the TLS stack's source.
+fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
+    let mut out = [0u8; N];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut out)
+        .map_err(|_| Error("the system random source failed".into()))?;
+    Ok(out)
 }
 
 impl Storage {
@@ -96,6 +127,7 @@ impl Storage {
         let state = env.create_database(&mut wtxn, Some("state"))?;
         let values = env.create_database(&mut wtxn, Some("values"))?;
         let changelog = env.create_database(&mut wtxn, Some("changelog"))?;
+        let fresh = meta.get(&wtxn, META_FORMAT)?.is_none();
         match meta.get(&wtxn, META_FORMAT)? {
             None => meta.put(&mut wtxn, META_FORMAT, &[STORAGE_FORMAT])?,
             Some([STORAGE_FORMAT]) => {}
@@ -118,7 +150,21 @@ impl Storage {
                 }
             }
         }
+        // A directory from before identities were recorded gets one now.
+        let identity = match meta.get(&wtxn, META_IDENTITY)? {
+            Some(bytes) => read_identity(bytes)?,
+            None => {
+                let identity = random_bytes::<IDENTITY_LEN>()?;
+                meta.put(&mut wtxn, META_IDENTITY, &record_identity(&identity))?;
+                identity
+            }
+        };
+        // A new directory starts its incarnations at a random point below
+        // 2^40 rather than at 1: a replica re-admitted on a new directory
+        // under its old id then does not repeat the proposal ids of its
+        // earlier directory, which may still sit in acceptors' state.
         let incarnation = match meta.get(&wtxn, META_INCARNATION)? {
+            None if fresh => 1 + (u64::from_be_bytes(random_bytes::<8>()?) >> 24),
             None => 1,
             Some(bytes) => read_u64(bytes)? + 1,
         };
@@ -130,6 +176,7 @@ impl Storage {
             state,
             values,
             changelog,
+            identity,
         };
         Ok((storage, incarnation))
     }
@@ -315,6 +362,84 @@ impl Storage {
         Ok(incarnation)
     }
 
+    /// This data directory's identity.
+    pub fn identity(&self) -> DirIdentity {
+        self.identity
+    }
+
+    /// Checks the directory identity `peer` presents against the one
+    /// recorded for it, recording it durably when there is none.
+    pub fn check_peer_identity(
+        &self,
+        peer: u32,
+        presented: &DirIdentity,
+    ) -> Result<PeerIdentity, Error> {
+        let key = identity_key(peer);
+        {
+            let rtxn = self.env.read_txn()?;
+            if let Some(bytes) = self.meta.get(&rtxn, &key)? {
+                let known = read_identity(bytes)?;
+                return Ok(if &known == presented {
+                    PeerIdentity::Known
+                } else {
+                    PeerIdentity::Changed { known }
+                });
+            }
+        }
+        let mut wtxn = self.env.write_txn()?;
+        let verdict = match self.meta.get(&wtxn, &key)? {
+            Some(bytes) => {
+                let known = read_identity(bytes)?;
+                if &known == presented {
+                    PeerIdentity::Known
+                } else {
+                    PeerIdentity::Changed { known }
+                }
+            }
+            None => {
+                self.meta
+                    .put(&mut wtxn, &key, &record_identity(presented))?;
+                PeerIdentity::First
+            }
+        };
+        wtxn.commit()?;
+        Ok(verdict)
+    }
+
+    /// Forgets the identity recorded for `peer` (it left the cluster; it
+    /// may come back on a new directory through the learner stages).
+    pub fn forget_peer_identity(&self, peer: u32) -> Result<(), Error> {
+        let mut wtxn = self.env.write_txn()?;
+        self.meta.delete(&mut wtxn, &identity_key(peer))?;
+        wtxn.commit()?;
+        Ok(())
+    }
+
+    /// Durably records the membership record this replica adopted (its
+    /// encoding), before the protocol votes in its epoch.
+    pub fn set_adopted_members(&self, record: &[u8]) -> Result<(), Error> {
+        let mut out = Vec::with_capacity(record.len() + 1);
+        out.push(STORAGE_FORMAT);
+        out.extend_from_slice(record);
+        let mut wtxn = self.env.write_txn()?;
+        self.meta.put(&mut wtxn, META_MEMBERS, &out)?;
+        wtxn.commit()?;
+        Ok(())
+    }
+
+    /// The membership record this replica last adopted, if any.
+    pub fn adopted_members(&self) -> Result<Option<Vec<u8>>, Error> {
+        let rtxn = self.env.read_txn()?;
+        match self.meta.get(&rtxn, META_MEMBERS)? {
+            None => Ok(None),
+            Some([STORAGE_FORMAT, rest @ ..]) => Ok(Some(rest.to_vec())),
+            Some(other) => Err(Error(format!(
+                "the adopted membership record has format {:?}; this build reads {STORAGE_FORMAT}",
+                other.first()
+            ))),
+        }
+    }
+
     /// The boot counter as persisted.
     pub fn incarnation(&self) -> Result<u64, Error> {
         let rtxn = self.env.read_txn()?;
@@ -322,6 +447,30 @@ impl Storage {
             Some(bytes) => read_u64(bytes),
             None => Err(Error("no incarnation recorded".into())),
         }
+    }
+}
+
+/// `identity/` and the peer id, big-endian.
+fn identity_key(peer: u32) -> Vec<u8> {
+    let mut key = b"identity/".to_vec();
+    key.extend_from_slice(&peer.to_be_bytes());
+    key
+}
+
+/// `[format][16 bytes]`.
+fn record_identity(identity: &DirIdentity) -> Vec<u8> {
+    let mut out = Vec::with_capacity(IDENTITY_LEN + 1);
+    out.push(STORAGE_FORMAT);
+    out.extend_from_slice(identity);
+    out
+}
+
+fn read_identity(bytes: &[u8]) -> Result<DirIdentity, Error> {
+    match bytes {
+        [STORAGE_FORMAT, rest @ ..] if rest.len() == IDENTITY_LEN => {
+            Ok(rest.try_into().expect("checked length"))
+        }
+        _ => Err(Error("an identity record is malformed".into())),
     }
 }
 
@@ -410,9 +559,14 @@ mod tests {
     #[test]
     fn writes_survive_reopen_and_the_boot_counter_grows() {
         let dir = tmp("reopen");
+        let first;
+        let identity;
         {
             let (s, inc) = Storage::open(&dir, 3, 1 << 26).unwrap();
-            assert_eq!(inc, 1);
+            // A new directory starts at a random incarnation below 2^40.
+            assert!((1..=1 << 40).contains(&inc), "{inc}");
+            first = inc;
+            identity = s.identity();
             let writes = [
                 Write {
                     key: b"a".to_vec(),
@@ -440,10 +594,11 @@ mod tests {
             assert_eq!(stats.writes, 3);
         }
         let (s, inc) = Storage::open(&dir, 3, 1 << 26).unwrap();
-        assert_eq!(inc, 2);
-        assert_eq!(s.incarnation().unwrap(), 2);
-        assert_eq!(s.bump_incarnation().unwrap(), 3);
-        assert_eq!(s.incarnation().unwrap(), 3);
+        assert_eq!(inc, first + 1);
+        assert_eq!(s.identity(), identity, "a reopened directory keeps its identity");
+        assert_eq!(s.incarnation().unwrap(), first + 1);
+        assert_eq!(s.bump_incarnation().unwrap(), first + 2);
+        assert_eq!(s.incarnation().unwrap(), first + 2);
         let keys: [&[u8]; 3] = [b"a", b"b", b"c"];
         let states = s.states(keys.into_iter()).unwrap();
         assert_eq!(states[0].1, vec![4]);
@@ -520,5 +675,45 @@ mod tests {
         encode_committed(&mut out, 7, None);
         assert_eq!(out, [1, 0, 0, 0, 0, 0, 0, 0, 7, 0]);
         assert_eq!(record_u64(5), [1, 0, 0, 0, 0, 0, 0, 0, 5]);
+        let id: DirIdentity = core::array::from_fn(|i| i as u8);
+        let bytes = record_identity(&id);
+        assert_eq!(bytes[..3], [1, 0, 1]);
+        assert_eq!(bytes.len(), 17);
+        assert_eq!(read_identity(&bytes).unwrap(), id);
+        assert!(read_identity(&bytes[..16]).is_err());
+        assert_eq!(identity_key(7), b"identity/\0\0\0\x07");
+    }
+
+    #[test]
+    fn peers_identities_are_recorded_once_and_a_new_directory_is_told_apart() {
+        let dir = tmp("identities");
+        let other = tmp("identities-other");
+        let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        let (a, _) = Storage::open(&other, 2, 1 << 24).unwrap();
+        assert_ne!(s.identity(), a.identity(), "directories draw their own identity");
+        let first = a.identity();
+        assert_eq!(s.check_peer_identity(2, &first).unwrap(), PeerIdentity::First);
+        assert_eq!(s.check_peer_identity(2, &first).unwrap(), PeerIdentity::Known);
+        let blank = [9u8; IDENTITY_LEN];
+        assert_eq!(
+            s.check_peer_identity(2, &blank).unwrap(),
+            PeerIdentity::Changed { known: first }
+        );
+        drop(s);
+        let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert_eq!(
+            s.check_peer_identity(2, &blank).unwrap(),
+            PeerIdentity::Changed { known: first },
+            "the record survives a restart"
+        );
+        // Once replica 2 has left the cluster, a new directory may join as 2.
+        s.forget_peer_identity(2).unwrap();
+        assert_eq!(s.check_peer_identity(2, &blank).unwrap(), PeerIdentity::First);
+        // The adopted membership record round-trips.
+        assert_eq!(s.adopted_members().unwrap(), None);
+        s.set_adopted_members(b"{}").unwrap();
+        assert_eq!(s.adopted_members().unwrap(), Some(b"{}".to_vec()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&other);
     }
 }

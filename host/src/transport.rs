@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! frame    = length:u32be  format:u8 (=1)  kind:u8  body      length counts format..body
-//! hello    (kind 1) = from:u32be                               first frame of every stream
+//! hello    (kind 1) = from:u32be  directory:16 bytes           first frame of every stream
 //! messages (kind 2) = count:u32be { key_len:u16be key  payload_len:u32be payload }*
 //! stamped  (kind 3) = epoch:u64be  then a kind-2 body          the sender's membership epoch
 //! request  (kind 4) = JSON                                     on a bidirectional stream
@@ -25,6 +25,14 @@
 //! delivery). A peer whose certificate does not chain to the cluster CA fails
 //! the handshake; one whose certificate names another replica than its hello
 //! claims, or that sends a malformed frame, is disconnected. Both are logged.
+//!
+//! The hello also carries the sender's data-directory identity
+//! ([`crate::storage::DirIdentity`]). The receiver records the first one it
+//! sees for each replica id and refuses every stream that presents another
+//! (`Hooks::check_directory`): a replica that lost its directory comes back
+//! with a new identity, and its votes and answers must not count until it is
+//! removed and added again through the learner stages. A 4-byte hello (a
+//! build from before identities) is accepted unchecked.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,6 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::metrics::{label, Metrics};
+use crate::storage::{DirIdentity, IDENTITY_LEN};
 use crate::tls::{self, Identity};
 
 /// Format byte of every frame.
@@ -72,6 +81,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 const CLOSE_IDENTITY: u32 = 1;
 const CLOSE_MALFORMED: u32 = 2;
+const CLOSE_DIRECTORY: u32 = 3;
 
 /// One protocol message: key and opaque payload.
 pub type Message = (Vec<u8>, Vec<u8>);
@@ -101,6 +111,11 @@ pub struct Hooks {
     pub ahead_seen: AtomicU64,
     /// Requests from peers.
     pub service: mpsc::Sender<ServiceCall>,
+    /// This replica's data-directory identity, sent in every hello.
+    pub directory: DirIdentity,
+    /// Checks (and on first sight records) the data-directory identity a
+    /// peer presents; an error refuses the stream with that reason.
+    pub check_directory: Box<dyn Fn(ReplicaId, &DirIdentity) -> Result<(), String> + Send + Sync>,
 }
 
 struct PeerSlot {
@@ -117,6 +132,8 @@ pub struct Transport {
     metrics: Arc<Metrics>,
     /// The membership epoch this replica runs; stamps what it sends.
     epoch: Arc<AtomicU64>,
+    /// This replica's data-directory identity.
+    directory: DirIdentity,
 }
 
 /// A malformed frame or stream.
@@ -155,7 +172,7 @@ impl Transport {
         let mut endpoint = Endpoint::server(server, listen)
             .map_err(|e| format!("binding the peer address {listen}: {e}"))?;
         endpoint.set_default_client_config(client);
-
+        let directory = hooks.directory;
         spawn(accept_loop(
             endpoint.clone(),
             inbound,
@@ -169,6 +186,7 @@ impl Transport {
             peers: Mutex::new(HashMap::new()),
             metrics,
             epoch,
+            directory,
         };
         transport.set_peers(peers);
         Ok(transport)
@@ -214,6 +232,7 @@ impl Transport {
                 link.clone(),
                 self.metrics.clone(),
                 self.epoch.clone(),
+                self.directory,
             ));
             slots.insert(
                 id,
@@ -252,8 +271,8 @@ impl Transport {
             .ok_or_else(|| format!("no link to replica {peer}"))?;
         let exchange = async {
             let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-            let mut out = Vec::with_capacity(request.len() + 20);
-            frame(&mut out, KIND_HELLO, &self.self_id.to_be_bytes());
+            let mut out = Vec::with_capacity(request.len() + 40);
+            frame(&mut out, KIND_HELLO, &hello_body(self.self_id, &self.directory));
             frame(&mut out, KIND_REQUEST, request);
             send.write_all(&out).await.map_err(|e| e.to_string())?;
             let _ = send.finish();
@@ -308,16 +327,17 @@ async fn dial_loop(
     link: Arc<Link>,
     metrics: Arc<Metrics>,
     epoch: Arc<AtomicU64>,
+    directory: DirIdentity,
 ) {
     let peer_label = label("peer", peer.to_string());
     let mut backoff = Duration::from_millis(50);
     let mut logged_down = false;
     loop {
-        match dial(&endpoint, self_id, peer, addr).await {
+        match dial(&endpoint, self_id, &directory, peer, addr).await {
             Ok((connection, mut stream)) => {
                 info!(peer, %addr, "link up");
                 logged_down = false;
-                backoff = Duration::from_millis(50);
+                let up_at = std::time::Instant::now();
                 link.up.store(true, Ordering::Relaxed);
                 *link.connection.lock().expect("link lock") = Some(connection.clone());
                 metrics.peer_connected.get_or_create(&peer_label).set(1);
@@ -334,6 +354,11 @@ async fn dial_loop(
                     return;
                 };
                 warn!(peer, %addr, "link down: {reason}");
+                // A link the peer closes at once (it refuses this replica)
+                // keeps backing off; one that carried traffic redials soon.
+                if up_at.elapsed() > Duration::from_secs(1) {
+                    backoff = Duration::from_millis(50);
+                }
                 *link.last_error.lock().expect("link lock") = Some(reason);
             }
             Err(e) => {
@@ -368,6 +393,7 @@ async fn dial_loop(
 async fn dial(
     endpoint: &Endpoint,
     self_id: ReplicaId,
+    directory: &DirIdentity,
     peer: ReplicaId,
     addr: SocketAddr,
 ) -> Result<(quinn::Connection, SendStream), String> {
@@ -379,8 +405,8 @@ async fn dial(
         .map_err(|_| "handshake timed out".to_string())?
         .map_err(|e| e.to_string())?;
     let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
-    let mut hello = Vec::with_capacity(10);
-    frame(&mut hello, KIND_HELLO, &self_id.to_be_bytes());
+    let mut hello = Vec::with_capacity(32);
+    frame(&mut hello, KIND_HELLO, &hello_body(self_id, directory));
     stream.write_all(&hello).await.map_err(|e| e.to_string())?;
     Ok((connection, stream))
 }
@@ -425,6 +451,24 @@ async fn pump(
         if let Err(e) = stream.write_all(&out).await {
             return Some(e.to_string());
         }
+    }
+}
+
+/// A hello's body: the sender's id and data-directory identity.
+fn hello_body(from: ReplicaId, directory: &DirIdentity) -> Vec<u8> {
+    let mut body = Vec::with_capacity(4 + IDENTITY_LEN);
+    body.extend_from_slice(&from.to_be_bytes());
+    body.extend_from_slice(directory);
+    body
+}
+
+/// Parses a hello's body: 4 bytes (no identity) or 4 + 16.
+fn parse_hello(body: &[u8]) -> Option<(ReplicaId, Option<DirIdentity>)> {
+    let from = u32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    match body.len() {
+        4 => Some((from, None)),
+        n if n == 4 + IDENTITY_LEN => Some((from, Some(body[4..].try_into().ok()?))),
+        _ => None,
     }
 }
 
@@ -578,10 +622,10 @@ fn refuse(
     e: FrameError,
 ) {
     warn!(%remote, "closed a peer connection: {}", e.0);
-    let reason = if code == CLOSE_IDENTITY {
-        "identity"
-    } else {
-        "malformed"
+    let reason = match code {
+        CLOSE_IDENTITY => "identity",
+        CLOSE_DIRECTORY => "data-directory",
+        _ => "malformed",
     };
     metrics
         .peer_refused
@@ -590,16 +634,17 @@ fn refuse(
     connection.close(VarInt::from_u32(code), e.0.as_bytes());
 }
 
-/// Reads a stream's hello and checks the certificate names its sender.
+/// Reads a stream's hello, checks the certificate names its sender and
+/// that it presents the data directory this replica knows it by.
 async fn hello(
     stream: &mut RecvStream,
     cert: &CertificateDer<'static>,
+    hooks: &Hooks,
 ) -> Result<Option<ReplicaId>, (u32, FrameError)> {
     let malformed = |e: FrameError| (CLOSE_MALFORMED, e);
-    let from = match read_frame(stream).await.map_err(malformed)? {
-        Some((KIND_HELLO, body)) if body.len() == 4 => {
-            u32::from_be_bytes(body.try_into().expect("4 bytes"))
-        }
+    let (from, directory) = match read_frame(stream).await.map_err(malformed)? {
+        Some((KIND_HELLO, body)) => parse_hello(&body)
+            .ok_or_else(|| malformed(FrameError("a hello frame is malformed".into())))?,
         Some(_) => return Err(malformed(FrameError("expected a hello frame first".into()))),
         None => return Ok(None),
     };
@@ -612,6 +657,11 @@ async fn hello(
             FrameError(format!("the certificate does not name replica {from}: {e}")),
         )
     })?;
+    match directory {
+        Some(directory) => (hooks.check_directory)(from, &directory)
+            .map_err(|e| (CLOSE_DIRECTORY, FrameError(e)))?,
+        None => debug!(peer = from, "a hello without a data-directory identity"),
+    }
     Ok(Some(from))
 }
 
@@ -624,7 +674,7 @@ async fn receive(
     hooks: &Hooks,
 ) -> Result<(), (u32, FrameError)> {
     let malformed = |e: FrameError| (CLOSE_MALFORMED, e);
-    let Some(from) = hello(&mut stream, cert).await? else {
+    let Some(from) = hello(&mut stream, cert, hooks).await? else {
         return Ok(());
     };
     loop {
@@ -670,7 +720,7 @@ async fn answer(
     hooks: &Hooks,
 ) -> Result<(), (u32, FrameError)> {
     let malformed = |e: FrameError| (CLOSE_MALFORMED, e);
-    let Some(from) = hello(&mut recv, cert).await? else {
+    let Some(from) = hello(&mut recv, cert, hooks).await? else {
         return Ok(());
     };
     let request = match read_frame(&mut recv).await.map_err(malformed)? {
@@ -712,6 +762,18 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hellos_carry_the_data_directory() {
+        let directory: DirIdentity = core::array::from_fn(|i| 0xa0 + i as u8);
+        let body = hello_body(7, &directory);
+        assert_eq!(body[..6], [0, 0, 0, 7, 0xa0, 0xa1]);
+        assert_eq!(body.len(), 20);
+        assert_eq!(parse_hello(&body), Some((7, Some(directory))));
+        assert_eq!(parse_hello(&[0, 0, 0, 7]), Some((7, None)));
+        assert_eq!(parse_hello(&body[..19]), None);
+        assert_eq!(parse_hello(&[0, 0]), None);
+    }
 
     #[test]
     fn messages_round_trip_and_fixed_bytes() {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ballot::client::{Client, Response};
+use ballot::client::{Client, Precondition, Response};
 use ballot::dev::DevCluster;
 use ballot::server::{CoreKind, NodeConfig};
 use bytes::Bytes;
@@ -56,6 +56,7 @@ fn a_crashed_replica_is_not_needed_and_learns_what_it_missed() {
         let mut cluster = start(&scratch.0, 3).await;
         let r = put(&client(&cluster, 3), "before", "x").await;
         assert!(r.status.is_success());
+        let incarnation = client(&cluster, 3).cluster().await.unwrap().incarnation;
         cluster.kill(3);
         // Writes keep succeeding through the two survivors.
         for i in 0..12u32 {
@@ -75,7 +76,10 @@ fn a_crashed_replica_is_not_needed_and_learns_what_it_missed() {
         cluster.start(3).unwrap();
         cluster.wait_ready(3, READY).await.unwrap();
         let restarted = client(&cluster, 3);
-        assert_eq!(restarted.cluster().await.unwrap().incarnation, 2);
+        assert_eq!(
+            restarted.cluster().await.unwrap().incarnation,
+            incarnation + 1
+        );
         for i in 0..12u32 {
             let key = format!("missed-{i}");
             let value = format!("m{i}");
@@ -600,4 +604,60 @@ fn ballot_bench_measures_local_clusters_and_writes_json_and_svg() {
     assert!(svg.starts_with("<svg") && svg.contains("create: throughput"));
     // The clusters it started are gone with their directory.
     assert!(!scratch.0.join("clusters").exists());
+}
+
+/// A replica whose data directory is lost must not vote with a blank memory
+/// (docs/design.md, section 7, "Identity"). Replica 3 misses a write that 1
+/// and 2 acknowledge; 1 and 2 crash; 2's directory is lost. Started again on
+/// a blank directory, 2 would form a quorum with 3 that has never seen the
+/// write: a read through 3 would miss it and a create through 2 would choose
+/// another value at the same version. Its peers know 2's directory by its
+/// identity and refuse the new one, so nothing is answered until 1 is back,
+/// and then the acknowledged value is read.
+#[test]
+fn a_replica_that_lost_its_data_directory_does_not_vote() {
+    let scratch = Scratch::new("amnesia");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        // Every pair has exchanged messages (and so identities).
+        let r = put(&client(&cluster, 1), "warm", "up").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+        cluster.kill(3);
+        let r = put(&client(&cluster, 1), "amnesia2", "acknowledged").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+        assert_eq!(r.version, Some(1));
+        cluster.kill(1);
+        cluster.kill(2);
+        let data = cluster.nodes[1].config.data_dir.clone();
+        std::fs::remove_dir_all(&data).unwrap();
+        cluster.start(2).unwrap();
+        cluster.start(3).unwrap();
+        // Replica 3 refuses the new directory; neither answers clients (they
+        // form no quorum, so neither can even load its configuration).
+        let refused = "ballot_peer_refused_total{reason=\"data-directory\"}";
+        let three = client(&cluster, 3);
+        let deadline = Instant::now() + READY;
+        while three.cluster().await.is_err() {
+            assert!(Instant::now() < deadline, "replica 3 does not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(wait_for_metric(&three, refused).await >= 1.0);
+        let r = client(&cluster, 3).get("amnesia2", false).await.unwrap();
+        assert_ne!(r.status, StatusCode::NOT_FOUND, "a read missed an acknowledged write");
+        assert!(!r.status.is_success(), "no quorum may answer: {}", r.status);
+        let r = client(&cluster, 2)
+            .put("amnesia2", Bytes::from("other"), Precondition::Absent)
+            .await
+            .unwrap();
+        assert!(
+            !r.status.is_success(),
+            "a second value was chosen at version {:?}",
+            r.version
+        );
+        // Replica 1 comes back: 1 and 3 are a quorum that holds the write.
+        cluster.start(1).unwrap();
+        cluster.wait_ready(1, READY).await.unwrap();
+        cluster.wait_ready(3, READY).await.unwrap();
+        expect_value(&client(&cluster, 3), "amnesia2", false, "acknowledged", 1).await;
+    });
 }
