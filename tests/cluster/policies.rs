@@ -452,6 +452,22 @@ fn run(cmd: &mut std::process::Command) -> String {
 /// Needs the wasm toolchain that `.ci/run` installs.
 #[test]
 fn a_scaffolded_policy_builds_passes_its_tests_and_runs_in_a_cluster() {
+    // This one test needs a wasm toolchain. Without one it says so and is
+    // skipped, unless CI (or BALLOT_REQUIRE_WASM) asks for the strict run.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if let Err(e) = ballot_guest_build::Toolchain::find(&root) {
+        let strict = std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+            || std::env::var_os("BALLOT_REQUIRE_WASM").is_some();
+        assert!(!strict, "{e}");
+        // Straight to the terminal: the test harness hides what a passing
+        // test prints.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped a_scaffolded_policy_builds_passes_its_tests_and_runs_in_a_cluster: {e}"
+        );
+        return;
+    }
     let dir = Scratch::new("scaffold");
     let krate = dir.0.join("audit-log");
     run(std::process::Command::new(binary())

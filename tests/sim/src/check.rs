@@ -77,7 +77,7 @@ fn model(state: &State, input: &Input) -> (State, Output) {
 const NIL: usize = usize::MAX;
 /// Configurations the search may memoise before it gives up: a bound on
 /// memory (histories with many unknown outcomes grow exponentially).
-pub const SEARCH_MAX: usize = 8_000_000;
+pub const SEARCH_MAX: usize = 40_000_000;
 
 /// Checks one key's history; on failure says why, with the history.
 pub fn check(ops: &[Op]) -> Result<(), String> {

@@ -3,17 +3,22 @@
 //! One thread, one seed: n replicas run the real protocol logic (the native
 //! build of `ballot-core`, or the default wasm component in wasmtime) over a
 //! simulated network that drops, duplicates, delays, reorders and partitions
-//! messages, and a simulated disk whose unpersisted writes are lost when a
-//! replica crashes. Clients issue every register operation on a few hot keys.
-//! Each run records the client history and checks it for linearizability per
-//! key, and checks that no two replicas ever commit different values for the
-//! same key and version. The same seed always replays the same run.
+//! messages (both ways or one way), a simulated disk whose unpersisted
+//! writes are lost when a replica crashes, and a clock per replica that is
+//! skewed and jumps. Faults go on for the whole run; single replicas and
+//! whole clusters crash and restart. Clients issue every register operation
+//! on a few hot keys. Each run records the client history and checks it for
+//! linearizability per key; checks that no two replicas ever commit or
+//! announce different values for the same key and version, and that no
+//! classic ballot ever carries two proposals; and bounds how long an
+//! operation may wait. The same seed always replays the same run.
 
 pub mod check;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use ballot_core::register::Command;
+use ballot_core::wire::{Ballot, Msg, ProposalId};
 use ballot_core::{
     Actions, Batch, Config, Consistency, Core, Inbound, KeyState, Members, Operation, Outcome,
     RegisterEnv, Replica, ReplicaId, Request, Timer, Write,
@@ -28,6 +33,10 @@ pub enum Planted {
     EpoxyFastPath,
     /// Votes (promises, acceptances) announced before they are durable.
     EarlyVotes,
+    /// Review defect A: learners reuse their classic ballots.
+    BallotReuse,
+    /// Review defect C: query ids restart in every incarnation.
+    QueryIdReuse,
 }
 
 /// One run's workload and faults. Which core runs, and whether a bug is
@@ -87,6 +96,8 @@ pub struct Record {
     pub op: Operation,
     pub call: u64,
     pub ret: Option<u64>,
+    /// Simulated time of the call, in ms.
+    pub call_ms: u64,
     /// `None` when the replica crashed before answering.
     pub outcome: Option<Outcome>,
 }
@@ -104,7 +115,18 @@ pub struct Stats {
     /// Membership changes completed, and the last epoch published.
     pub changes: u64,
     pub epoch: u64,
+    /// Partitions (both ways and one way), clock jumps and crashes of the
+    /// whole cluster injected.
+    pub partitions: u64,
+    pub clock_jumps: u64,
+    pub cluster_crashes: u64,
+    /// The longest any client operation waited for its answer, in ms.
+    pub wait_max_ms: u64,
 }
+
+/// Longest a client operation may wait for its answer (simulated time)
+/// before the run fails for liveness.
+pub const WAIT_MAX_MS: u64 = 120_000;
 
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -127,6 +149,8 @@ impl CoreFactory for NativeFactory {
         match self.0 {
             Some(Planted::EpoxyFastPath) => replica.plant_epoxy_fast_path(),
             Some(Planted::EarlyVotes) => replica.plant_early_votes(),
+            Some(Planted::BallotReuse) => replica.plant_ballot_reuse(),
+            Some(Planted::QueryIdReuse) => replica.plant_query_id_reuse(),
             None => {}
         }
         Box::new(replica)
@@ -222,6 +246,10 @@ enum Ev {
     Restart(usize),
     Partition,
     Heal,
+    /// The next fault of the run, while clients are busy.
+    Fault,
+    /// Every replica crashes at once.
+    CrashAll,
     /// A replica looks for a newer membership (the host's commit watch and
     /// poll).
     Poll(usize),
@@ -311,6 +339,12 @@ struct Faults {
 }
 
 pub struct Sim<'f> {
+    /// Directed links that drop everything: (from, to) node indexes.
+    cut: BTreeSet<(usize, usize)>,
+    /// Each replica's clock offset from simulated time, in ms.
+    skew: Vec<i64>,
+    /// Every classic ballot seen in an Accept: (key, slot, ballot) -> id.
+    ballots: BTreeMap<(Vec<u8>, u64, Ballot), ProposalId>,
     cfg: SimConfig,
     factory: &'f dyn CoreFactory,
     rng: Rng,
@@ -319,8 +353,6 @@ pub struct Sim<'f> {
     events: BTreeMap<(u64, u64), Ev>,
     nodes: Vec<Node>,
     clients: Vec<Client>,
-    /// Node index -> side of the current partition.
-    side: Vec<bool>,
     faults: Faults,
     history: Vec<Record>,
     chosen: BTreeMap<(Vec<u8>, u64), Option<Vec<u8>>>,
@@ -411,7 +443,19 @@ impl<'f> Sim<'f> {
             })
             .collect();
         let n = nodes.len();
+        let skew = (0..n)
+            .map(|_| {
+                if cfg.faults {
+                    rng.range(0, 1000) as i64 - 500
+                } else {
+                    0
+                }
+            })
+            .collect();
         Sim {
+            cut: BTreeSet::new(),
+            skew,
+            ballots: BTreeMap::new(),
             cfg,
             factory,
             rng,
@@ -420,7 +464,6 @@ impl<'f> Sim<'f> {
             events: BTreeMap::new(),
             nodes,
             clients,
-            side: vec![false; n],
             faults,
             history: Vec::new(),
             chosen: BTreeMap::new(),
@@ -428,7 +471,7 @@ impl<'f> Sim<'f> {
             stats: Stats::default(),
             request_next: 1,
             fault_window_ms: 1500,
-            stall_crashes: 1,
+            stall_crashes: 3,
             memberships: vec![Members::initial(voters)],
             plan,
             stage: Stage::Done,
@@ -470,6 +513,9 @@ impl<'f> Sim<'f> {
                 let d = self.rng.range(10, 400);
                 self.at(t + d, Ev::Heal);
             }
+            // And faults for as long as the clients run.
+            let t = self.rng.range(self.fault_window_ms, 2 * self.fault_window_ms);
+            self.at(t, Ev::Fault);
         }
         if self.cfg.reconfigure {
             let t = self.rng.range(0, 300);
@@ -515,12 +561,15 @@ impl<'f> Sim<'f> {
             Ev::Client(c) => self.client_next(c),
             Ev::Crash(i) => self.crash(i),
             Ev::Restart(i) => self.restart(i),
-            Ev::Partition => {
-                for s in 0..self.side.len() {
-                    self.side[s] = self.rng.chance(0.5);
+            Ev::Partition => self.partition(),
+            Ev::Heal => self.cut.clear(),
+            Ev::Fault => self.fault(),
+            Ev::CrashAll => {
+                self.stats.cluster_crashes += 1;
+                for i in 0..self.nodes.len() {
+                    self.crash(i);
                 }
             }
-            Ev::Heal => self.side.iter_mut().for_each(|s| *s = false),
             Ev::Poll(i) => {
                 self.poll(i);
                 let t = self.now + self.rng.range(20, 150);
@@ -533,6 +582,116 @@ impl<'f> Sim<'f> {
                     self.at(t, Ev::Drive);
                 }
             }
+        }
+    }
+
+    // ----- faults ---------------------------------------------------------
+
+    /// Cuts links: both ways between two random sides, or one way between a
+    /// replica and every other (it hears them but is not heard, or the
+    /// reverse).
+    fn partition(&mut self) {
+        self.stats.partitions += 1;
+        let n = self.nodes.len();
+        if self.rng.chance(0.5) {
+            let side: Vec<bool> = (0..n).map(|_| self.rng.chance(0.5)).collect();
+            for a in 0..n {
+                for b in 0..n {
+                    if side[a] != side[b] {
+                        self.cut.insert((a, b));
+                    }
+                }
+            }
+        } else {
+            let x = self.rng.range(0, n as u64 - 1) as usize;
+            let outgoing = self.rng.chance(0.5);
+            for o in (0..n).filter(|&o| o != x) {
+                self.cut.insert(if outgoing { (x, o) } else { (o, x) });
+            }
+        }
+    }
+
+    /// One fault of the run's steady stream, then the next one's time.
+    fn fault(&mut self) {
+        if self.clients.iter().all(|c| c.remaining == 0 && !c.busy) {
+            return;
+        }
+        let n = self.nodes.len() as u64;
+        match self.rng.range(0, 19) {
+            0..=6 => {
+                // Short or long, and sometimes overlapping the next one.
+                self.partition();
+                let d = if self.rng.chance(0.3) {
+                    self.rng.range(500, 3000)
+                } else {
+                    self.rng.range(10, 400)
+                };
+                let t = self.now + d;
+                self.at(t, Ev::Heal);
+            }
+            7..=11 => {
+                let i = self.rng.range(0, n - 1) as usize;
+                self.crash(i);
+            }
+            12..=16 => {
+                // A clock jumps forward or back.
+                let i = self.rng.range(0, n - 1) as usize;
+                self.skew[i] += self.rng.range(0, 2000) as i64 - 1000;
+                self.stats.clock_jumps += 1;
+            }
+            17 if self.stats.cluster_crashes == 0 && self.rng.chance(0.3) => {
+                let t = self.now;
+                self.at(t, Ev::CrashAll);
+            }
+            _ => {}
+        }
+        let t = self.now + self.rng.range(100, 1500);
+        self.at(t, Ev::Fault);
+    }
+
+    /// Replica `i`'s clock now.
+    fn clock(&self, i: usize) -> u64 {
+        (self.now as i64 + self.skew[i]).max(0) as u64
+    }
+
+    /// Checks what a message says against what is known to be chosen and
+    /// against every earlier Accept: one proposal per classic ballot of a
+    /// slot, and one value per version.
+    fn inspect(&mut self, from: usize, m: &Inbound) {
+        let Ok((_, msg)) = Msg::decode_any(&m.payload) else {
+            self.violations.push(format!(
+                "replica {} sent an undecodable message",
+                self.nodes[from].id
+            ));
+            return;
+        };
+        match msg {
+            Msg::Accept {
+                slot,
+                ballot,
+                proposal,
+                ..
+            } if !ballot.is_fast() => {
+                let at = (m.key.clone(), slot, ballot);
+                match self.ballots.get(&at) {
+                    Some(id) if *id != proposal.id => self.violations.push(format!(
+                        "ballot ({}, {}) carried two proposals at {} slot {slot}: {id:?} and {:?}",
+                        ballot.counter,
+                        ballot.replica,
+                        String::from_utf8_lossy(&m.key),
+                        proposal.id
+                    )),
+                    Some(_) => {}
+                    None => {
+                        self.ballots.insert(at, proposal.id);
+                    }
+                }
+            }
+            Msg::Learn { chosen } | Msg::Stale { chosen } if chosen.version > 0 => {
+                let node = self.nodes[from].id;
+                self.record_commit(&m.key, chosen.version, &chosen.value, node);
+            }
+            _ => {}
         }
     }
 
@@ -825,6 +984,7 @@ impl<'f> Sim<'f> {
     fn wake(&mut self, i: usize) {
         let seed = self.rng.next();
         let now = self.now;
+        let clock = self.clock(i);
         let node = &mut self.nodes[i];
         node.wake_pending = false;
         let Some(core) = node.core.as_mut() else {
@@ -835,7 +995,7 @@ impl<'f> Sim<'f> {
             return;
         }
         let mut batch = Batch {
-            now_ms: now,
+            now_ms: clock,
             seed,
             ..Batch::default()
         };
@@ -896,11 +1056,7 @@ impl<'f> Sim<'f> {
         self.at(done, Ev::Persisted(i, inc, ready.id));
         // Now and then the replica dies in the middle of a stalled write,
         // after its early actions left and before the write is durable.
-        if stall
-            && self.cfg.faults
-            && self.stall_crashes > 0
-            && now < self.fault_window_ms
-            && self.rng.chance(0.25)
+        if stall && self.cfg.faults && self.stall_crashes > 0 && self.rng.chance(0.25)
         {
             self.stall_crashes -= 1;
             self.at(done - 1, Ev::Crash(i));
@@ -953,7 +1109,8 @@ impl<'f> Sim<'f> {
             );
         }
         for t in actions.timers {
-            let at = t.at_ms.max(self.now);
+            // The replica's clock says when; the simulation's clock fires it.
+            let at = ((t.at_ms as i64 - self.skew[i]).max(0) as u64).max(self.now);
             self.at(at, Ev::Fire(i, inc, t));
         }
         for c in actions.complete {
@@ -988,7 +1145,8 @@ impl<'f> Sim<'f> {
 
     fn transmit(&mut self, from: usize, to: usize, m: Inbound) {
         self.stats.messages += 1;
-        if self.side[from] != self.side[to] || self.rng.chance(self.faults.drop) {
+        self.inspect(from, &m);
+        if self.cut.contains(&(from, to)) || self.rng.chance(self.faults.drop) {
             self.stats.dropped += 1;
             return;
         }
@@ -1051,6 +1209,7 @@ impl<'f> Sim<'f> {
             op: op.clone(),
             call,
             ret: None,
+            call_ms: self.now,
             outcome: None,
         });
         let h = self.history.len() - 1;
@@ -1063,6 +1222,8 @@ impl<'f> Sim<'f> {
 
     fn complete(&mut self, h: usize, outcome: Option<Outcome>) {
         let ret = self.tick();
+        let waited = self.now - self.history[h].call_ms;
+        self.stats.wait_max_ms = self.stats.wait_max_ms.max(waited);
         let record = &mut self.history[h];
         match &outcome {
             Some(Outcome::Done(cur)) | Some(Outcome::Rejected(_, cur)) => {
@@ -1135,6 +1296,19 @@ impl<'f> Sim<'f> {
                 "liveness: the membership changes did not finish (at epoch {}, stage {:?})",
                 self.latest().epoch,
                 self.stage
+            ));
+        }
+        if self.stats.wait_max_ms > WAIT_MAX_MS {
+            self.violations.push(format!(
+                "liveness: an operation waited {} ms for its answer (bound {WAIT_MAX_MS} ms)",
+                self.stats.wait_max_ms
+            ));
+        }
+        // Without faults every operation succeeds.
+        if !self.cfg.faults && (self.stats.ops_failed > 0 || self.stats.ops_unknown > 0) {
+            self.violations.push(format!(
+                "liveness: {} operations failed and {} were lost without any fault",
+                self.stats.ops_failed, self.stats.ops_unknown
             ));
         }
         // Local reads must return a value that was committed at that version.

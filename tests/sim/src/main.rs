@@ -35,6 +35,11 @@ enum PlantArg {
     /// With --reconfigure: voters change without the classic-only epoch and
     /// the sweep.
     UnsafeMembership,
+    /// Learners reuse their classic ballots (review defect A; learners
+    /// coordinate only with --reconfigure).
+    BallotReuse,
+    /// Query ids restart in every incarnation (review defect C).
+    QueryIdReuse,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -101,6 +106,8 @@ fn main() -> ExitCode {
         CoreArg::Native => Box::new(NativeFactory(planted_core.map(|p| match p {
             PlantArg::Epoxy => Planted::EpoxyFastPath,
             PlantArg::EarlyVotes => Planted::EarlyVotes,
+            PlantArg::BallotReuse => Planted::BallotReuse,
+            PlantArg::QueryIdReuse => Planted::QueryIdReuse,
             PlantArg::UnsafeMembership => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
@@ -163,8 +170,11 @@ fn main() -> ExitCode {
         let mut results = results.into_inner().unwrap();
         results.sort_by_key(|(seed, _)| *seed);
         let (mut ops, mut steps, mut msgs) = (0, 0, 0);
+        let (mut not_done, mut wait_max) = (0, 0);
         for (seed, report) in results {
             ops += report.stats.ops_done + report.stats.ops_failed + report.stats.ops_unknown;
+            not_done += report.stats.ops_failed + report.stats.ops_unknown;
+            wait_max = wait_max.max(report.stats.wait_max_ms);
             steps += report.stats.steps;
             msgs += report.stats.messages;
             if args.history {
@@ -199,6 +209,8 @@ fn main() -> ExitCode {
                     Some(PlantArg::UnsafeMembership) => {
                         replay.push_str(" --planted unsafe-membership")
                     }
+                    Some(PlantArg::BallotReuse) => replay.push_str(" --planted ballot-reuse"),
+                    Some(PlantArg::QueryIdReuse) => replay.push_str(" --planted query-id-reuse"),
                     None => {}
                 }
                 eprintln!("FAILED seed {seed} n={n}:");
@@ -210,8 +222,9 @@ fn main() -> ExitCode {
             }
         }
         eprintln!(
-            "n={n}: {} seeds, {ops} client ops, {steps} steps, {msgs} messages",
-            args.seeds
+            "n={n}: {} seeds, {ops} client ops ({:.1} % failed or lost), longest wait {wait_max} ms, {steps} steps, {msgs} messages",
+            args.seeds,
+            100.0 * not_done as f64 / ops.max(1) as f64,
         );
     }
     println!("{passed} passed, {} failed", failed.len());

@@ -218,11 +218,12 @@ fn membership_changes_in_the_component_stay_linearizable() {
 /// The classic-only epoch and the sweep are needed, and the simulator shows
 /// it: changing voters without them (every other stage and wait kept) lets
 /// a value chosen in an old fast round be missed by the new quorums. Seeds
-/// 209 and 830 at n = 4 were found by
-/// `ballot-sim --seeds 1000 --nodes 3,4,5 --reconfigure --planted unsafe-membership`.
+/// 82 and 302 at n = 4 were found by
+/// `ballot-sim --seeds 1000 --nodes 4 --reconfigure --planted unsafe-membership`
+/// (the faults that run for the whole run changed every seed's schedule).
 #[test]
 fn simulator_catches_voters_changed_without_the_sweep() {
-    for seed in [209, 830] {
+    for seed in [82, 302] {
         let mut cfg = SimConfig::reconfiguring(seed, 4);
         cfg.unsafe_membership = true;
         let report = run(cfg, &NativeFactory(None));
