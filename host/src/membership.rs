@@ -1669,6 +1669,41 @@ mod tests {
         }
     }
 
+    /// The epoch a replica resumes is the newest it holds durably, whether
+    /// it committed the record itself or adopted a peer's copy.
+    #[test]
+    fn a_replica_resumes_the_newest_durable_record() {
+        let dir = std::env::temp_dir().join(format!("ballot-durable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert_eq!(durable_record(&storage).unwrap(), None);
+        let mut committed =
+            MembersRecord::bootstrap(vec![member(1, Role::Voter), member(2, Role::Voter)]);
+        committed.epoch = 3;
+        let write = ballot_core::Write {
+            key: MEMBERS_KEY.to_vec(),
+            state: vec![],
+            commit: Some(ballot_core::Commit {
+                version: 2,
+                value: Some(committed.encode()),
+            }),
+        };
+        storage.commit([write].iter()).unwrap();
+        assert_eq!(durable_record(&storage).unwrap().unwrap().epoch, 3);
+        // A newer record adopted from a peer wins; an older one does not.
+        let mut fetched = committed.clone();
+        fetched.epoch = 5;
+        fetched.replicas.retain(|m| m.id == 1);
+        storage.set_adopted_members(&fetched.encode()).unwrap();
+        drop(storage);
+        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert_eq!(durable_record(&storage).unwrap(), Some(fetched.clone()));
+        fetched.epoch = 2;
+        storage.set_adopted_members(&fetched.encode()).unwrap();
+        assert_eq!(durable_record(&storage).unwrap(), Some(committed));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_record_round_trips_and_checks_its_format() {
         let r = MembersRecord::bootstrap(vec![member(2, Role::Voter), member(1, Role::Voter)]);
