@@ -3,15 +3,13 @@
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use hyper::StatusCode;
 
 use crate::client::{Client, Precondition, Response};
-use crate::component_cmd;
-use crate::dev::DevCluster;
+use crate::{component_cmd, dev_cmd};
 use crate::server::{CoreKind, NodeConfig, Peer};
 use crate::tls::TlsFiles;
 
@@ -31,8 +29,9 @@ pub struct Cli {
 enum Cmd {
     /// Run one replica.
     Serve(Box<ServeArgs>),
-    /// Run a local cluster of real replica processes on loopback until Ctrl-C.
-    Dev(DevArgs),
+    /// Run a local cluster of real replica processes on loopback until
+    /// Ctrl-C; `ballot dev stop|start|restart N` plays with one of them.
+    Dev(dev_cmd::DevArgs),
     /// Read and write keys.
     #[command(subcommand)]
     Kv(KvCmd),
@@ -303,25 +302,6 @@ impl ServeArgs {
     }
 }
 
-#[derive(Args, Debug)]
-struct DevArgs {
-    /// Number of replicas.
-    #[arg(long, default_value_t = 3)]
-    nodes: u32,
-    /// Cluster directory (certificates, configurations, data, logs).
-    #[arg(long, default_value = "ballot-dev")]
-    dir: PathBuf,
-    /// First replica's HTTP port; the others follow. 0 picks free ports.
-    #[arg(long, default_value_t = 8001)]
-    http_port: u16,
-    /// First replica's QUIC port; the others follow. 0 picks free ports.
-    #[arg(long, default_value_t = 7001)]
-    peer_port: u16,
-    /// Run the protocol as the embedded wasm component or compiled in.
-    #[arg(long, value_enum, default_value = "wasm")]
-    core: CoreKind,
-}
-
 #[derive(Args, Debug, Clone)]
 struct Endpoint {
     /// A replica's HTTP endpoint.
@@ -462,6 +442,11 @@ enum CertCmd {
     },
 }
 
+/// Human-readable logs on stderr, for the commands that run a cluster.
+pub(crate) fn init_human_logging() {
+    init_logging(LogFormat::Human);
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -491,7 +476,7 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Cmd::Dev(args) => dev(args),
+        Cmd::Dev(args) => dev_cmd::dev(args),
         Cmd::Bench(args) => bench(args),
         Cmd::Kv(cmd) => client_runtime(kv(cmd)),
         Cmd::Cluster(ClusterCmd::Status { endpoint }) => client_runtime(status(endpoint)),
@@ -774,75 +759,6 @@ async fn status(endpoint: Endpoint) -> ExitCode {
     component_cmd::table(rows.into_iter().map(Vec::from).collect());
     crate::members_cmd::print_members(&client).await;
     ExitCode::SUCCESS
-}
-
-fn dev(args: DevArgs) -> ExitCode {
-    init_logging(LogFormat::Human);
-    let binary = match std::env::current_exe() {
-        Ok(b) => b,
-        Err(e) => return fail(format!("locating the ballot binary: {e}")),
-    };
-    let mut cluster = match DevCluster::prepare(
-        &args.dir,
-        args.nodes,
-        args.peer_port,
-        args.http_port,
-        args.core,
-        binary,
-    ) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(format!("starting tokio: {e}")),
-    };
-    let code = rt.block_on(async {
-        if let Err(e) = cluster.start_all() {
-            return fail(e);
-        }
-        if let Err(e) = cluster.wait_all_ready(Duration::from_secs(60)).await {
-            return fail(e);
-        }
-        for node in &cluster.nodes {
-            println!("node {}: {}", node.id, node.http());
-        }
-        match cluster.write_manifest() {
-            Ok(path) => println!(
-                "cluster: {} (logs beside it); Ctrl-C stops it",
-                path.display()
-            ),
-            Err(e) => return fail(e),
-        }
-        let _ = std::io::stdout().flush();
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(e) => return fail(format!("installing a signal handler: {e}")),
-        };
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break ExitCode::SUCCESS,
-                _ = term.recv() => break ExitCode::SUCCESS,
-                _ = tick.tick() => {
-                    if let Some((id, status)) = cluster.exited() {
-                        break fail(format!(
-                            "replica {id} exited ({status}); see {}",
-                            cluster.log_path(id).display()
-                        ));
-                    }
-                }
-            }
-        }
-    });
-    eprintln!("stopping the cluster");
-    cluster.stop_all();
-    let _ = std::fs::remove_file(cluster.dir.join("cluster.json"));
-    code
 }
 
 fn bench(args: BenchArgs) -> ExitCode {

@@ -24,6 +24,8 @@ pub struct DevNode {
     pub config_path: PathBuf,
     pub config: NodeConfig,
     child: Option<Child>,
+    /// How the process ended, if it ended on its own (not stopped).
+    pub exit: Option<String>,
 }
 
 impl DevNode {
@@ -59,6 +61,11 @@ struct ManifestNode<'a> {
     http: String,
     peer: String,
     pid: Option<u32>,
+    /// `running`, `stopped` (asked to) or `exited` (it died).
+    state: &'static str,
+    /// How it exited, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit: Option<&'a str>,
     log: &'a Path,
 }
 
@@ -175,6 +182,7 @@ impl DevCluster {
                 config_path: path,
                 config,
                 child: None,
+                exit: None,
             });
         }
         Ok(DevCluster { dir, nodes, binary })
@@ -213,8 +221,19 @@ impl DevCluster {
             config_path: path,
             config,
             child: None,
+            exit: None,
         });
         Ok(self.nodes.last().expect("just pushed"))
+    }
+
+    /// Whether the cluster has a replica `id`.
+    pub fn contains(&self, id: u32) -> bool {
+        self.nodes.iter().any(|n| n.id == id)
+    }
+
+    /// Whether replica `id`'s process runs (as far as this one knows).
+    pub fn running(&self, id: u32) -> bool {
+        self.nodes.iter().any(|n| n.id == id && n.child.is_some())
     }
 
     fn node(&mut self, id: u32) -> &mut DevNode {
@@ -267,6 +286,7 @@ impl DevCluster {
             .spawn()
             .map_err(|e| format!("starting {}: {e}", binary.display()))?;
         node.child = Some(child);
+        node.exit = None;
         Ok(())
     }
 
@@ -334,6 +354,7 @@ impl DevCluster {
             if let Some(child) = &mut node.child {
                 if let Ok(Some(status)) = child.try_wait() {
                     node.child = None;
+                    node.exit = Some(status.to_string());
                     return Some((node.id, status.to_string()));
                 }
             }
@@ -402,6 +423,12 @@ impl DevCluster {
                     http: n.http(),
                     peer: n.config.peer_addr.to_string(),
                     pid: n.pid(),
+                    state: match (&n.child, &n.exit) {
+                        (Some(_), _) => "running",
+                        (None, Some(_)) => "exited",
+                        (None, None) => "stopped",
+                    },
+                    exit: n.exit.as_deref(),
                     log,
                 })
                 .collect(),

@@ -31,6 +31,7 @@ pub mod cli;
 pub mod client;
 pub mod component_cmd;
 pub mod dev;
+pub mod dev_cmd;
 pub mod members_cmd;
 pub mod membership;
 pub mod metrics;

@@ -485,7 +485,7 @@ fn malformed_requests_and_frames_get_clear_errors_and_the_daemon_stays_up() {
 }
 
 #[test]
-fn ballot_dev_starts_a_cluster_and_stops_it_on_ctrl_c() {
+fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
     use std::io::BufRead;
     let scratch = Scratch::new("dev");
     let dir = scratch.0.join("cluster");
@@ -539,6 +539,67 @@ fn ballot_dev_starts_a_cluster_and_stops_it_on_ctrl_c() {
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
         expect_value(&Client::new(&urls[2]), "hello", false, "world", 1).await;
     });
+    let state = |id: usize| -> (String, Option<i64>) {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
+        let n = &m["nodes"][id - 1];
+        (n["state"].as_str().unwrap().to_string(), n["pid"].as_i64())
+    };
+    let wait_state = |id: usize, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while state(id).0 != want {
+            assert!(Instant::now() < deadline, "replica {id} never {want}: {:?}", state(id));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // A replica crashes: ballot dev reports it and the others keep serving.
+    unsafe {
+        libc::kill(pids[2], libc::SIGKILL);
+    }
+    wait_state(3, "exited");
+    assert!(dev.try_wait().unwrap().is_none(), "ballot dev stopped with its replica");
+    runtime().block_on(async {
+        let r = put(&Client::new(&urls[1]), "during", "crash").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+    });
+    // The user brings it back, then plays with another.
+    let dev_cmd = |args: &[&str]| {
+        let out = std::process::Command::new(binary())
+            .arg("dev")
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, said) = dev_cmd(&["start", "3"]);
+    assert!(ok && said.contains("replica 3 started"), "{said}");
+    assert_eq!(state(3).0, "running");
+    let new_pid = state(3).1.unwrap() as i32;
+    runtime().block_on(async {
+        // It serves again once it has loaded its configuration.
+        let three = Client::new(&urls[2]);
+        let deadline = Instant::now() + READY;
+        loop {
+            let r = three.get("during", false).await.unwrap();
+            if r.status == StatusCode::OK {
+                assert_eq!(&r.body[..], b"crash");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}", r.error_message());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let (ok, said) = dev_cmd(&["stop", "2"]);
+    assert!(ok && said.contains("replica 2 stopped"), "{said}");
+    assert_eq!(state(2), ("stopped".to_string(), None));
+    let (ok, said) = dev_cmd(&["stop", "2"]);
+    assert!(!ok && said.contains("not running"), "{said}");
+    let (ok, said) = dev_cmd(&["restart", "9"]);
+    assert!(!ok && said.contains("no replica 9"), "{said}");
+    let pids = vec![pids[0], pids[1], new_pid];
     // Ctrl-C.
     unsafe {
         libc::kill(dev.id() as i32, libc::SIGINT);

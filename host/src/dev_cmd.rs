@@ -1,0 +1,290 @@
+//! `ballot dev`: a local cluster of real replica processes, supervised until
+//! Ctrl-C, and the commands that stop, start and restart its replicas from
+//! another terminal.
+//!
+//! A replica that exits is reported and left down (or started again after
+//! a second with `--restart`); the others keep serving. The running
+//! `ballot dev` listens on `DIR/dev.sock` for one-line commands
+//! (`stop N`, `start N`, `restart N`), which `ballot dev stop N` and the
+//! like send; `cluster.json` says which replicas run, with their pids.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::cli::{fail, init_human_logging};
+use crate::dev::DevCluster;
+use crate::server::CoreKind;
+
+/// Longest a replica gets to stop on SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Longest a control command line.
+const COMMAND_MAX: usize = 64;
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Number of replicas.
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    /// Cluster directory (certificates, configurations, data, logs).
+    #[arg(long, default_value = "ballot-dev", global = true)]
+    dir: PathBuf,
+    /// First replica's HTTP port; the others follow. 0 picks free ports.
+    #[arg(long, default_value_t = 8001)]
+    http_port: u16,
+    /// First replica's QUIC port; the others follow. 0 picks free ports.
+    #[arg(long, default_value_t = 7001)]
+    peer_port: u16,
+    /// Run the protocol as the embedded wasm component or compiled in.
+    #[arg(long, value_enum, default_value = "wasm")]
+    core: CoreKind,
+    /// Start a replica that exits again after a second (default: report
+    /// it and leave it down).
+    #[arg(long)]
+    restart: bool,
+    #[command(subcommand)]
+    action: Option<DevAction>,
+}
+
+/// What to do to a replica of the `ballot dev` running on `--dir`.
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum DevAction {
+    /// Stop replica N (SIGTERM, then SIGKILL after 5 s); it stays down.
+    Stop { id: u32 },
+    /// Start replica N again on its data.
+    Start { id: u32 },
+    /// Stop replica N, then start it again.
+    Restart { id: u32 },
+}
+
+impl DevAction {
+    fn line(self) -> String {
+        match self {
+            DevAction::Stop { id } => format!("stop {id}"),
+            DevAction::Start { id } => format!("start {id}"),
+            DevAction::Restart { id } => format!("restart {id}"),
+        }
+    }
+
+    fn parse(line: &str) -> Result<DevAction, String> {
+        let mut words = line.split_whitespace();
+        let (verb, id) = (words.next(), words.next().and_then(|w| w.parse().ok()));
+        match (verb, id, words.next()) {
+            (Some("stop"), Some(id), None) => Ok(DevAction::Stop { id }),
+            (Some("start"), Some(id), None) => Ok(DevAction::Start { id }),
+            (Some("restart"), Some(id), None) => Ok(DevAction::Restart { id }),
+            _ => Err(format!("not a command: {line:?} (stop N, start N or restart N)")),
+        }
+    }
+}
+
+fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("dev.sock")
+}
+
+pub fn dev(args: DevArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("starting tokio: {e}")),
+    };
+    if let Some(action) = args.action {
+        return rt.block_on(control(&args.dir, action));
+    }
+    init_human_logging();
+    let binary = match std::env::current_exe() {
+        Ok(b) => b,
+        Err(e) => return fail(format!("locating the ballot binary: {e}")),
+    };
+    let mut cluster = match DevCluster::prepare(
+        &args.dir,
+        args.nodes,
+        args.peer_port,
+        args.http_port,
+        args.core,
+        binary,
+    ) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let code = rt.block_on(supervise(&mut cluster, args.restart));
+    eprintln!("stopping the cluster");
+    cluster.stop_all();
+    let _ = std::fs::remove_file(cluster.dir.join("cluster.json"));
+    let _ = std::fs::remove_file(socket_path(&cluster.dir));
+    code
+}
+
+/// Sends one command to the running `ballot dev` and prints its answer.
+async fn control(dir: &Path, action: DevAction) -> ExitCode {
+    let path = socket_path(dir);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(format!(
+                "no ballot dev runs on {} ({}: {e})",
+                dir.display(),
+                path.display()
+            ))
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    if let Err(e) = write.write_all(format!("{}\n", action.line()).as_bytes()).await {
+        return fail(format!("sending to ballot dev: {e}"));
+    }
+    let mut answer = String::new();
+    let read = tokio::time::timeout(
+        2 * STOP_GRACE + Duration::from_secs(60),
+        BufReader::new(read).read_line(&mut answer),
+    )
+    .await;
+    match read {
+        Ok(Ok(_)) if answer.starts_with("ok") => {
+            println!("{}", answer.trim_end().trim_start_matches("ok: "));
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(_)) => fail(answer.trim_end().trim_start_matches("error: ")),
+        Ok(Err(e)) => fail(format!("reading ballot dev's answer: {e}")),
+        Err(_) => fail("ballot dev did not answer"),
+    }
+}
+
+async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
+    if let Err(e) = cluster.start_all() {
+        return fail(e);
+    }
+    if let Err(e) = cluster.wait_all_ready(Duration::from_secs(60)).await {
+        return fail(e);
+    }
+    for node in &cluster.nodes {
+        println!("node {}: {}", node.id, node.http());
+    }
+    let manifest = match cluster.write_manifest() {
+        Ok(path) => path,
+        Err(e) => return fail(e),
+    };
+    let socket = socket_path(&cluster.dir);
+    let _ = std::fs::remove_file(&socket);
+    let listener = match UnixListener::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("listening on {}: {e}", socket.display())),
+    };
+    println!(
+        "cluster: {} (logs beside it); Ctrl-C stops it, `ballot dev stop|start|restart N` plays with one replica",
+        manifest.display()
+    );
+    let _ = std::io::stdout().flush();
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("installing a signal handler: {e}")),
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // Replicas that exited on their own, and when to start them again.
+    let mut due: Vec<(u32, tokio::time::Instant)> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            _ = term.recv() => return ExitCode::SUCCESS,
+            conn = listener.accept() => {
+                if let Ok((stream, _)) = conn {
+                    serve_command(cluster, stream, &mut due).await;
+                    let _ = cluster.write_manifest();
+                }
+            }
+            _ = tick.tick() => {
+                let mut changed = false;
+                while let Some((id, status)) = cluster.exited() {
+                    changed = true;
+                    let log = cluster.log_path(id);
+                    if restart {
+                        eprintln!("replica {id} exited ({status}); starting it again in 1 s (log: {})", log.display());
+                        due.push((id, tokio::time::Instant::now() + Duration::from_secs(1)));
+                    } else {
+                        eprintln!(
+                            "replica {id} exited ({status}); the others keep serving. \
+                             `ballot dev start {id}` brings it back (log: {})",
+                            log.display()
+                        );
+                    }
+                }
+                let now = tokio::time::Instant::now();
+                for (id, _) in due.iter().filter(|(_, at)| *at <= now) {
+                    changed = true;
+                    match cluster.start(*id) {
+                        Ok(()) => eprintln!("replica {id} started again"),
+                        Err(e) => eprintln!("replica {id} did not start: {e}"),
+                    }
+                }
+                due.retain(|(_, at)| *at > now);
+                if changed {
+                    let _ = cluster.write_manifest();
+                }
+            }
+        }
+    }
+}
+
+/// Reads one command from `stream`, carries it out and answers.
+async fn serve_command(
+    cluster: &mut DevCluster,
+    stream: UnixStream,
+    due: &mut Vec<(u32, tokio::time::Instant)>,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(COMMAND_MAX as u64));
+    let read = tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line)).await;
+    let answer = match read {
+        Ok(Ok(_)) => match DevAction::parse(&line) {
+            Ok(action) => act(cluster, action, due).await,
+            Err(e) => Err(e),
+        },
+        _ => Err("no command within 2 s".to_string()),
+    };
+    let text = match answer {
+        Ok(done) => {
+            eprintln!("{done}");
+            format!("ok: {done}\n")
+        }
+        Err(e) => format!("error: {e}\n"),
+    };
+    let _ = write.write_all(text.as_bytes()).await;
+}
+
+async fn act(
+    cluster: &mut DevCluster,
+    action: DevAction,
+    due: &mut Vec<(u32, tokio::time::Instant)>,
+) -> Result<String, String> {
+    let id = match action {
+        DevAction::Stop { id } | DevAction::Start { id } | DevAction::Restart { id } => id,
+    };
+    if !cluster.contains(id) {
+        return Err(format!("this cluster has no replica {id}"));
+    }
+    // A command overrides a pending automatic restart.
+    due.retain(|(d, _)| *d != id);
+    if matches!(action, DevAction::Stop { .. } | DevAction::Restart { .. }) {
+        if !cluster.running(id) && matches!(action, DevAction::Stop { .. }) {
+            return Err(format!("replica {id} is not running"));
+        }
+        cluster.stop(id, STOP_GRACE);
+        if matches!(action, DevAction::Stop { .. }) {
+            return Ok(format!("replica {id} stopped"));
+        }
+    }
+    if cluster.running(id) {
+        return Err(format!("replica {id} is already running"));
+    }
+    cluster.start(id)?;
+    cluster.wait_alive(id, Duration::from_secs(60)).await?;
+    Ok(format!("replica {id} started"))
+}
