@@ -91,9 +91,10 @@ enum ComponentCmd {
 enum PolicyCmd {
     /// Create a policy crate that builds and passes its tests as it is.
     New {
-        /// The policy's name (lower-case, - and _ allowed).
+        /// The policy's directory, like `cargo new`; its last component
+        /// names the policy (lower-case, - and _ allowed).
         name: String,
-        /// Where to create it (default: ./NAME).
+        /// Create it here instead, and take NAME as the policy's name only.
         #[arg(long)]
         dir: Option<PathBuf>,
         /// The SDK crate (`guest/sdk` of a Ballot checkout); defaults to

@@ -487,8 +487,19 @@ and more than once. The time comes from the host in `Context::now_ms`.
     ]
 }
 
-/// `ballot policy new NAME`.
-pub fn new(name: String, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> ExitCode {
+/// `ballot policy new PATH`: like `cargo new`, the policy is named after
+/// the path's last component unless `--dir` names the directory apart.
+pub fn new(path: String, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> ExitCode {
+    let (name, dir) = match dir {
+        Some(dir) => (path, Some(dir)),
+        None => {
+            let p = PathBuf::from(&path);
+            let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                return fail(format!("{path:?}: name the policy's directory"));
+            };
+            (name, Some(p))
+        }
+    };
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && name
             .chars()
