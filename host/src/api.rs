@@ -145,6 +145,11 @@ fn error_with(
 ) -> Response {
     extra.insert("code".into(), code.into());
     extra.insert("message".into(), message.into());
+    // Every server-side failure tells whether retrying could apply a write
+    // twice; unless the caller said otherwise, it did not reach the core.
+    if status.is_server_error() {
+        extra.entry("maybe_applied").or_insert(false.into());
+    }
     let body = serde_json::json!({ "error": extra });
     let mut response = (status, axum::Json(body)).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -231,11 +236,17 @@ async fn submit(app: &App, key: Vec<u8>, op: Operation) -> Result<Completion, Re
     }
     match tokio::time::timeout(REQUEST_TIMEOUT, done).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(_)) => Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "replica-stopped",
-            "the replica stopped before answering",
-        )),
+        Ok(Err(_)) => {
+            // The core had the request: it may have taken effect.
+            let mut extra = serde_json::Map::new();
+            extra.insert("maybe_applied".into(), true.into());
+            Err(error_with(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "replica-stopped",
+                "the replica stopped before answering; the write may still take effect",
+                extra,
+            ))
+        }
         Err(_) => {
             let mut extra = serde_json::Map::new();
             extra.insert("maybe_applied".into(), true.into());

@@ -706,6 +706,9 @@ fn a_replica_that_lost_its_data_directory_does_not_vote() {
         let r = client(&cluster, 3).get("amnesia2", false).await.unwrap();
         assert_ne!(r.status, StatusCode::NOT_FOUND, "a read missed an acknowledged write");
         assert!(!r.status.is_success(), "no quorum may answer: {}", r.status);
+        // Every 5xx says whether a retry could apply a write twice.
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["maybe_applied"], false, "{body}");
         let r = client(&cluster, 2)
             .put("amnesia2", Bytes::from("other"), Precondition::Absent)
             .await
