@@ -200,6 +200,11 @@ pub struct Replica<E: Env> {
     completion_keys: BTreeMap<u64, Vec<u8>>,
     /// Prepare, Accept and Query messages of this step.
     requests_out: Vec<Outbound>,
+    /// Ballots this step prepared with, by key: their record is in this
+    /// step's writes, so an Accept at one of them waits for this ready.
+    prepared: BTreeSet<(Vec<u8>, Ballot)>,
+    /// Requests that wait for this ready (Accepts at a ballot of `prepared`).
+    held: Vec<Outbound>,
     actions: Actions,
     loopback: VecDeque<(Vec<u8>, Msg)>,
     planted_epoxy: bool,
@@ -254,6 +259,8 @@ impl<E: Env> Replica<E> {
             voted: BTreeSet::new(),
             completion_keys: BTreeMap::new(),
             requests_out: Vec::new(),
+            prepared: BTreeSet::new(),
+            held: Vec::new(),
             actions: Actions::default(),
             loopback: VecDeque::new(),
             planted_epoxy: false,
@@ -486,12 +493,25 @@ impl<E: Env> Replica<E> {
                 msg,
                 Msg::Prepare { .. } | Msg::Accept { .. } | Msg::Query { .. }
             );
+            // ... except an Accept at a ballot prepared in this very step
+            // (promises to an earlier incarnation's prepare at the same
+            // ballot can complete it at once): the ballot's record is in
+            // this step's writes, and the Accept must not outlive a crash
+            // that loses it.
+            let hold = match &msg {
+                Msg::Accept { ballot, .. } if !self.planted.ballot_reuse => {
+                    self.prepared.contains(&(key.to_vec(), *ballot))
+                }
+                _ => false,
+            };
             let out = Outbound {
                 to,
                 key: key.to_vec(),
                 payload: msg.encode_at(self.members.epoch),
             };
-            if request {
+            if hold {
+                self.held.push(out);
+            } else if request {
                 self.requests_out.push(out);
             } else {
                 self.actions.send.push(out);
@@ -526,6 +546,7 @@ impl<E: Env> Replica<E> {
         self.dirty.clear();
         self.voted.clear();
         self.completion_keys.clear();
+        self.prepared.clear();
         for ks in batch.states {
             match State::decode(&ks.state) {
                 Ok(s) => {
@@ -635,7 +656,10 @@ impl<E: Env> Replica<E> {
             complete: Vec::new(),
             timers: all.timers,
         };
-        let mut after = Actions::default();
+        let mut after = Actions {
+            send: core::mem::take(&mut self.held),
+            ..Actions::default()
+        };
         for o in all.send {
             if voted.contains(&o.key) {
                 after.send.push(o);
@@ -958,10 +982,16 @@ impl<E: Env> Replica<E> {
     fn begin_prepare(&mut self, key: &[u8], mut op: Op, slot: u64) {
         op.prepares += 1;
         let promised = self.state(key).promised.counter;
+        let Some(counter) = promised.max(op.counter_seen).checked_add(1) else {
+            // Only a peer claiming a promise at the last counter gets here.
+            let message = "no ballot is left above the highest one promised".to_string();
+            return self.fail(key, op, FailureReason::Contention, message);
+        };
         let ballot = Ballot {
-            counter: promised.max(op.counter_seen) + 1,
+            counter,
             replica: self.config.self_id,
         };
+        self.prepared.insert((key.to_vec(), ballot));
         // A ballot carries at most one value, so its owner never uses it
         // twice for a slot: not in a retry, a later op or a later
         // incarnation. A voter's own acceptor promises the ballot (the

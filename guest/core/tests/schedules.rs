@@ -195,6 +195,31 @@ impl Net {
         );
     }
 
+    /// Steps `node` and lets only the step's early actions out: the replica
+    /// crashes before the step's writes are durable (they are lost, with
+    /// everything released after them) and restarts at `incarnation`.
+    fn crash_during_fsync(&mut self, id: ReplicaId, mut batch: Batch, incarnation: u64) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        batch.now_ms = self.now_ms;
+        batch.states = vec![KeyState {
+            key: KEY.to_vec(),
+            state: node.disk.get(KEY).cloned().unwrap_or_default(),
+        }];
+        let ready = node.replica.step(batch);
+        for s in ready.early.send {
+            self.pool.push((id, s.to, s.payload));
+        }
+        self.restart(id, incarnation);
+    }
+
+    /// Delivers every `kind` message in flight from `from` to `to`, if any.
+    fn deliver_any(&mut self, from: ReplicaId, to: ReplicaId, what: &str) {
+        let hit = self.take(|f, t, p| f == from && t == to && kind(p) == what);
+        for (f, t, payload) in hit {
+            self.inbound(f, t, payload);
+        }
+    }
+
     /// Loses every message in flight that `pred` matches.
     fn drop_where(&mut self, pred: impl Fn(ReplicaId, ReplicaId, &str) -> bool) {
         self.take(|f, t, p| pred(f, t, kind(p)));
@@ -384,6 +409,82 @@ fn learner_ballots(plant: Plant) {
     net.assert_one_value_per_version();
 }
 
+/// Defect A, second form (found in review of the first fix). The ballot a
+/// proposer prepares with is recorded in the same step's writes; promises
+/// to an earlier incarnation's prepare at that very ballot, arriving in the
+/// same batch as a new request, made a quorum at once, and the Accept left
+/// before the record was durable. A crash then lost the record and the
+/// next incarnation used the ballot again with another value. An Accept at
+/// a ballot prepared in the same step now waits for that step's writes.
+#[test]
+fn an_accept_never_leaves_before_its_ballot_is_recorded() {
+    stale_promises(healthy);
+}
+
+fn stale_promises(plant: Plant) {
+    let mut net = Net::new(&[1, 2, 3, 4], &[1, 2, 3], plant);
+    net.reconfigure(&Members {
+        epoch: 2,
+        voters: vec![1, 2, 3],
+        learners: vec![4],
+        fast: false,
+    });
+    let put = |value: &str| Operation::Command(Command::Put(value.as_bytes().to_vec()).encode());
+    let request = |id, value: &str| Request {
+        id,
+        key: KEY.to_vec(),
+        op: put(value),
+    };
+    // Learner 4 prepares (1, 4); its disk loses the record in a crash.
+    net.crash_during_fsync(
+        4,
+        Batch {
+            requests: vec![request(10, "p1")],
+            ..Batch::default()
+        },
+        2,
+    );
+    net.deliver(4, 1, "Prepare");
+    net.deliver(4, 2, "Prepare");
+    net.drop_where(|f, t, _| f == 4 && t == 3);
+    // The promises reach its next incarnation together with a new request,
+    // and it crashes again before that step is durable.
+    let promises = net.take(|_, t, p| t == 4 && kind(p) == "Promise");
+    assert_eq!(promises.len(), 2);
+    let messages = promises
+        .into_iter()
+        .map(|(from, _, payload)| Inbound {
+            from,
+            key: KEY.to_vec(),
+            payload,
+        })
+        .collect();
+    net.crash_during_fsync(
+        4,
+        Batch {
+            requests: vec![request(11, "p2")],
+            messages,
+            ..Batch::default()
+        },
+        3,
+    );
+    net.deliver_any(4, 1, "Accept");
+    net.drop_where(|_, _, _| true);
+    // Its third incarnation writes p3 through {A2, A3}; the Learns are lost.
+    net.command(4, 12, Command::Put(b"p3".to_vec()).encode());
+    net.run(
+        &[4],
+        |f, t, k| f != 1 && t != 1 && k != "Learn",
+        |n| n.outcome(12).is_some(),
+    );
+    assert_eq!(done_value(net.outcome(12)), Some((Some(b"p3".to_vec()), 1)));
+    net.drop_where(|_, _, _| true);
+    // Replica 1 reads through {A1, A2}.
+    net.read(1, 13);
+    net.run(&[1, 2], |f, t, _| f <= 2 && t <= 2, |n| n.outcome(13).is_some());
+    net.assert_one_value_per_version();
+}
+
 /// Defect B. A command whose proposal may have been chosen (it was
 /// fast-accepted by A1 and A2) was evaluated again by a recovery that could
 /// not see it through {A2, A3}; the policy, now past the lease's end, said
@@ -492,6 +593,11 @@ mod planted {
     #[test]
     fn ballot_reuse_is_caught() {
         assert!(caught(learner_ballots, |r| r.plant_ballot_reuse()));
+    }
+
+    #[test]
+    fn early_accepts_are_caught() {
+        assert!(caught(stale_promises, |r| r.plant_ballot_reuse()));
     }
 
     #[test]
