@@ -216,3 +216,60 @@ pub fn label(name: &'static str, value: impl Into<String>) -> Labels {
 pub fn labels2(a: (&'static str, &str), b: (&'static str, &str)) -> Labels {
     vec![(a.0, a.1.to_string()), (b.0, b.1.to_string())]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric the shipped Grafana dashboard charts is one a replica
+    /// exports (a renamed metric breaks this test, not the dashboard).
+    #[test]
+    fn the_dashboard_charts_only_exported_metrics() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../deploy/grafana/ballot.json")).unwrap();
+        let m = Metrics::new();
+        // Families render once they have a child.
+        let l = label("x", "y".to_string());
+        m.requests.get_or_create(&labels2(("op", "x"), ("outcome", "y"))).inc();
+        m.request_seconds.get_or_create(&l).observe(0.1);
+        m.proposals_chosen.get_or_create(&l).inc();
+        m.guest_seconds.get_or_create(&l).observe(0.1);
+        m.peer_connected.get_or_create(&l).set(1);
+        m.peer_dropped.get_or_create(&l).inc();
+        m.peer_refused.get_or_create(&l).inc();
+        m.protocol_restarts.get_or_create(&l).inc();
+        m.protocol_info.get_or_create(&l).set(1);
+        let rendered = m.render();
+        let exported: Vec<&str> = rendered
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert!(exported.contains(&"ballot_requests"), "{rendered}");
+        let mut charted = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let mut rest = expr;
+                while let Some(at) = rest.find("ballot_") {
+                    let name: String = rest[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                        .collect();
+                    rest = &rest[at + name.len()..];
+                    let base = ["_total", "_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| name.strip_suffix(s))
+                        .unwrap_or(&name);
+                    assert!(
+                        exported.contains(&base),
+                        "panel {:?} charts {name}, which no replica exports",
+                        panel["title"]
+                    );
+                    charted += 1;
+                }
+            }
+        }
+        assert!(charted >= 20, "{charted}");
+    }
+}

@@ -158,9 +158,23 @@ impl NodeConfig {
 /// replica recorded for it (docs/design.md, section 7, "Identity").
 fn directory_check(
     storage: Storage,
-) -> Box<dyn Fn(u32, &crate::storage::DirIdentity) -> Result<(), String> + Send + Sync> {
+) -> Box<dyn Fn(u32, Option<&crate::storage::DirIdentity>) -> Result<(), String> + Send + Sync> {
     Box::new(move |peer, presented| {
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let Some(presented) = presented else {
+            // A build from before identities: it cannot prove it is the
+            // directory this replica knows, so it is let in only while
+            // none is recorded.
+            return match storage.known_peer_identity(peer) {
+                Ok(None) => Ok(()),
+                Ok(Some(known)) => Err(format!(
+                    "replica {peer} sends no data-directory identity but this replica knows \
+                     it as {}: only a build that presents it may take its place",
+                    hex(&known)
+                )),
+                Err(e) => Err(format!("checking replica {peer}'s data directory: {e}")),
+            };
+        };
         match storage.check_peer_identity(peer, presented) {
             Ok(PeerIdentity::Known) => Ok(()),
             Ok(PeerIdentity::First) => {

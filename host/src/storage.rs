@@ -406,6 +406,15 @@ impl Storage {
         Ok(verdict)
     }
 
+    /// The directory identity recorded for `peer`, if any.
+    pub fn known_peer_identity(&self, peer: u32) -> Result<Option<DirIdentity>, Error> {
+        let rtxn = self.env.read_txn()?;
+        self.meta
+            .get(&rtxn, &identity_key(peer))?
+            .map(read_identity)
+            .transpose()
+    }
+
     /// Forgets the identity recorded for `peer` (it left the cluster; it
     /// may come back on a new directory through the learner stages).
     pub fn forget_peer_identity(&self, peer: u32) -> Result<(), Error> {
@@ -694,6 +703,8 @@ mod tests {
         let first = a.identity();
         assert_eq!(s.check_peer_identity(2, &first).unwrap(), PeerIdentity::First);
         assert_eq!(s.check_peer_identity(2, &first).unwrap(), PeerIdentity::Known);
+        assert_eq!(s.known_peer_identity(2).unwrap(), Some(first));
+        assert_eq!(s.known_peer_identity(3).unwrap(), None);
         let blank = [9u8; IDENTITY_LEN];
         assert_eq!(
             s.check_peer_identity(2, &blank).unwrap(),

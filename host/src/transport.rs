@@ -32,7 +32,8 @@
 //! (`Hooks::check_directory`): a replica that lost its directory comes back
 //! with a new identity, and its votes and answers must not count until it is
 //! removed and added again through the learner stages. A 4-byte hello (a
-//! build from before identities) is accepted unchecked.
+//! build from before identities) is accepted only from a replica id no
+//! identity is recorded for.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -114,8 +115,10 @@ pub struct Hooks {
     /// This replica's data-directory identity, sent in every hello.
     pub directory: DirIdentity,
     /// Checks (and on first sight records) the data-directory identity a
-    /// peer presents; an error refuses the stream with that reason.
-    pub check_directory: Box<dyn Fn(ReplicaId, &DirIdentity) -> Result<(), String> + Send + Sync>,
+    /// peer presents (`None`: a hello without one); an error refuses the
+    /// stream with that reason.
+    pub check_directory:
+        Box<dyn Fn(ReplicaId, Option<&DirIdentity>) -> Result<(), String> + Send + Sync>,
 }
 
 struct PeerSlot {
@@ -657,11 +660,8 @@ async fn hello(
             FrameError(format!("the certificate does not name replica {from}: {e}")),
         )
     })?;
-    match directory {
-        Some(directory) => (hooks.check_directory)(from, &directory)
-            .map_err(|e| (CLOSE_DIRECTORY, FrameError(e)))?,
-        None => debug!(peer = from, "a hello without a data-directory identity"),
-    }
+    (hooks.check_directory)(from, directory.as_ref())
+        .map_err(|e| (CLOSE_DIRECTORY, FrameError(e)))?;
     Ok(Some(from))
 }
 

@@ -463,19 +463,26 @@ fn malformed_requests_and_frames_get_clear_errors_and_the_daemon_stays_up() {
         }
         // A peer with a valid certificate that sends garbage is disconnected.
         let addr = cluster.nodes[0].config.peer_addr;
-        let mut hello = vec![0, 0, 0, 6, 1, 1];
-        hello.extend_from_slice(&2u32.to_be_bytes());
-        let mut bad_format = hello.clone();
-        bad_format.extend_from_slice(&[0, 0, 0, 3, 9, 2, 0]);
+        // A hello of another frame format, a hello of the wrong size, a
+        // frame longer than any allowed.
+        let mut bad_format = vec![0, 0, 0, 6, 9, 1];
+        bad_format.extend_from_slice(&2u32.to_be_bytes());
         send_raw_frames(&cluster.dir, 2, 1, addr, &bad_format).await;
-        let mut bad_body = hello.clone();
-        bad_body.extend_from_slice(&[0, 0, 0, 6, 1, 2, 0, 0, 0, 9]);
+        let mut bad_body = vec![0, 0, 0, 9, 1, 1];
+        bad_body.extend_from_slice(&[0, 0, 0, 2, 7, 7, 7]);
         send_raw_frames(&cluster.dir, 2, 1, addr, &bad_body).await;
-        let mut oversized = hello;
-        oversized.extend_from_slice(&u32::MAX.to_be_bytes());
-        send_raw_frames(&cluster.dir, 2, 1, addr, &oversized).await;
+        send_raw_frames(&cluster.dir, 2, 1, addr, &u32::MAX.to_be_bytes()).await;
         let malformed = metric(&c, "ballot_peer_refused_total{reason=\"malformed\"}").await;
         assert_eq!(malformed, 3.0);
+        // A hello without a data-directory identity (a build from before
+        // them) cannot stand in for replica 2, whose directory replica 1
+        // knows, even with replica 2's certificate.
+        let mut legacy = vec![0, 0, 0, 6, 1, 1];
+        legacy.extend_from_slice(&2u32.to_be_bytes());
+        legacy.extend_from_slice(&[0, 0, 0, 6, 1, 2, 0, 0, 0, 0]);
+        send_raw_frames(&cluster.dir, 2, 1, addr, &legacy).await;
+        let refused = metric(&c, "ballot_peer_refused_total{reason=\"data-directory\"}").await;
+        assert_eq!(refused, 1.0);
         // Still up, still serving, nothing lost.
         assert!(c.healthy().await);
         let r = put(&c, "after", "ok").await;
