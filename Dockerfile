@@ -10,11 +10,12 @@ RUN cargo build --release --locked -p ballot \
     && install -m 0755 target/release/ballot /ballot
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --home-dir /var/lib/ballot ballot \
+RUN groupadd --system --gid 10001 ballot \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/ballot ballot \
     && mkdir -p /var/lib/ballot /etc/ballot \
     && chown ballot:ballot /var/lib/ballot
 COPY --from=build /ballot /usr/local/bin/ballot
-USER ballot
+USER 10001:10001
 WORKDIR /var/lib/ballot
 VOLUME ["/var/lib/ballot"]
 # QUIC between replicas, HTTP for clients and metrics.
