@@ -53,7 +53,8 @@ pub struct ClusterView {
     pub core: String,
     pub protocol: ComponentView,
     pub policy: ComponentView,
-    /// The membership epoch this replica runs (0 while it has none).
+    /// The membership epoch this replica's protocol votes in (1 before
+    /// any membership change).
     #[serde(default)]
     pub epoch: u64,
     pub replicas: Vec<ReplicaView>,

@@ -482,7 +482,9 @@ fn cluster_view(
             state_formats: Vec::new(),
             wire_formats: Vec::new(),
         },
-        epoch: record.as_ref().map_or(0, |r| r.epoch),
+        // The epoch the protocol votes in, not the record the membership
+        // task read last: the two differ for a moment after each change.
+        epoch: transport.epoch(),
         replicas,
     }
 }

@@ -248,6 +248,12 @@ impl Transport {
         }
     }
 
+    /// The membership epoch the running protocol instance votes in (what
+    /// this replica stamps on its frames).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     /// The link to every peer: (id, address, link).
     pub fn links(&self) -> Vec<(ReplicaId, SocketAddr, Arc<Link>)> {
         let slots = self.peers.lock().expect("peers lock");
