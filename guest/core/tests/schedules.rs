@@ -115,6 +115,18 @@ impl Net {
         }
     }
 
+    /// Voters 1, 2 and 3 and learner 4, in epoch 2 (the fast round on or off).
+    fn with_learner(plant: Plant, fast: bool) -> Net {
+        let mut net = Net::new(&[1, 2, 3, 4], &[1, 2, 3], plant);
+        net.reconfigure(&Members {
+            epoch: 2,
+            voters: vec![1, 2, 3],
+            learners: vec![4],
+            fast,
+        });
+        net
+    }
+
     fn step(&mut self, id: ReplicaId, mut batch: Batch) {
         let node = self.nodes.get_mut(&id).unwrap();
         batch.now_ms = self.now_ms;
@@ -422,13 +434,7 @@ fn an_accept_never_leaves_before_its_ballot_is_recorded() {
 }
 
 fn stale_promises(plant: Plant) {
-    let mut net = Net::new(&[1, 2, 3, 4], &[1, 2, 3], plant);
-    net.reconfigure(&Members {
-        epoch: 2,
-        voters: vec![1, 2, 3],
-        learners: vec![4],
-        fast: false,
-    });
+    let mut net = Net::with_learner(plant, false);
     let put = |value: &str| Operation::Command(Command::Put(value.as_bytes().to_vec()).encode());
     let request = |id, value: &str| Request {
         id,
@@ -497,13 +503,7 @@ fn an_exposed_command_is_never_evaluated_again() {
 }
 
 fn exposed_command(plant: Plant) {
-    let mut net = Net::new(&[1, 2, 3, 4], &[1, 2, 3], plant);
-    net.reconfigure(&Members {
-        epoch: 2,
-        voters: vec![1, 2, 3],
-        learners: vec![4],
-        fast: true,
-    });
+    let mut net = Net::with_learner(plant, true);
     // Replica 4 renews before the lease ends: A1 and A2 accept the renewal
     // in the fast round, A3 never hears of it.
     net.now_ms = 500;
