@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use hyper::StatusCode;
 
 use crate::client::{Client, Precondition, Response};
+use crate::console::{fail, init_logging, LogFormat};
 use crate::{component_cmd, dev_cmd};
 use crate::server::{CoreKind, NodeConfig, Peer};
 use crate::tls::TlsFiles;
@@ -179,13 +180,6 @@ struct BenchArgs {
     /// (--secs of steady load before each swap; --clients' first value).
     #[arg(long)]
     swap: bool,
-}
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Args, Debug)]
@@ -441,29 +435,6 @@ enum CertCmd {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
-}
-
-/// Human-readable logs on stderr, for the commands that run a cluster.
-pub(crate) fn init_human_logging() {
-    init_logging(LogFormat::Human);
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("ballot: {message}");
-    ExitCode::FAILURE
 }
 
 /// Runs the command line; `ballot`'s `main`.

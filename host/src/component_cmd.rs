@@ -12,10 +12,7 @@ use hyper::Method;
 
 use crate::client::{escape_key, Client, Response};
 
-fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("ballot: {message}");
-    ExitCode::FAILURE
-}
+use crate::console::fail;
 
 fn report(r: &Response) -> ExitCode {
     eprintln!(

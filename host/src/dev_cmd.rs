@@ -17,7 +17,7 @@ use clap::{Args, Subcommand};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::cli::{fail, init_human_logging};
+use crate::console::{fail, init_logging, LogFormat};
 use crate::dev::DevCluster;
 use crate::server::CoreKind;
 
@@ -98,7 +98,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
     if let Some(action) = args.action {
         return rt.block_on(control(&args.dir, action));
     }
-    init_human_logging();
+    init_logging(LogFormat::Human);
     let binary = match std::env::current_exe() {
         Ok(b) => b,
         Err(e) => return fail(format!("locating the ballot binary: {e}")),

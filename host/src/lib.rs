@@ -30,6 +30,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod component_cmd;
+pub mod console;
 pub mod dev;
 pub mod dev_cmd;
 pub mod members_cmd;

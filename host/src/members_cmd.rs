@@ -89,10 +89,10 @@ pub async fn change(
     let queued: Change = match client.json(method, &path, Bytes::from(body)).await {
         Ok(Ok(v)) => match serde_json::from_value(v) {
             Ok(c) => c,
-            Err(e) => return crate::cli::fail(format!("bad answer: {e}")),
+            Err(e) => return crate::console::fail(format!("bad answer: {e}")),
         },
-        Ok(Err(r)) => return crate::cli::fail(format!("{} {}", r.status, r.error_message())),
-        Err(e) => return crate::cli::fail(e),
+        Ok(Err(r)) => return crate::console::fail(format!("{} {}", r.status, r.error_message())),
+        Err(e) => return crate::console::fail(e),
     };
     println!("queued: {:?} replica {}", queued.action, queued.id);
     if !wait {
@@ -114,7 +114,7 @@ pub async fn change(
                         println!();
                     }
                     if d.aborted {
-                        return crate::cli::fail(format!(
+                        return crate::console::fail(format!(
                             "the change was abandoned at epoch {}",
                             d.epoch
                         ));
