@@ -435,7 +435,11 @@ impl DevCluster {
         };
         let path = self.dir.join("cluster.json");
         let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n")
+        // Written aside and renamed over the old one: a script reading it
+        // while a replica's state changes never sees half a file.
+        let partial = self.dir.join("cluster.json.partial");
+        std::fs::write(&partial, text + "\n")
+            .and_then(|()| std::fs::rename(&partial, &path))
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
         Ok(path)
     }

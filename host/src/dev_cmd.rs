@@ -196,7 +196,6 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
                     serve_command(cluster, stream, &mut due).await;
-                    let _ = cluster.write_manifest();
                 }
             }
             _ = tick.tick() => {
@@ -249,6 +248,10 @@ async fn serve_command(
         },
         _ => Err("no command within 2 s".to_string()),
     };
+    // cluster.json is true by the time the command's sender hears back.
+    if let Err(e) = cluster.write_manifest() {
+        eprintln!("{e}");
+    }
     let text = match answer {
         Ok(done) => {
             eprintln!("{done}");
