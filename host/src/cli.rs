@@ -10,9 +10,9 @@ use hyper::StatusCode;
 
 use crate::client::{Client, Precondition, Response};
 use crate::console::{fail, init_logging, LogFormat};
-use crate::{component_cmd, dev_cmd};
 use crate::server::{CoreKind, NodeConfig, Peer};
 use crate::tls::TlsFiles;
+use crate::{component_cmd, dev_cmd};
 
 /// Ballot: a strongly consistent key-value store whose consensus protocol is
 /// a WebAssembly component.

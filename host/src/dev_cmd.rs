@@ -63,6 +63,12 @@ enum DevAction {
 }
 
 impl DevAction {
+    fn id(self) -> u32 {
+        match self {
+            DevAction::Stop { id } | DevAction::Start { id } | DevAction::Restart { id } => id,
+        }
+    }
+
     fn line(self) -> String {
         match self {
             DevAction::Stop { id } => format!("stop {id}"),
@@ -78,7 +84,9 @@ impl DevAction {
             (Some("stop"), Some(id), None) => Ok(DevAction::Stop { id }),
             (Some("start"), Some(id), None) => Ok(DevAction::Start { id }),
             (Some("restart"), Some(id), None) => Ok(DevAction::Restart { id }),
-            _ => Err(format!("not a command: {line:?} (stop N, start N or restart N)")),
+            _ => Err(format!(
+                "not a command: {line:?} (stop N, start N or restart N)"
+            )),
         }
     }
 }
@@ -136,7 +144,10 @@ async fn control(dir: &Path, action: DevAction) -> ExitCode {
         }
     };
     let (read, mut write) = stream.into_split();
-    if let Err(e) = write.write_all(format!("{}\n", action.line()).as_bytes()).await {
+    if let Err(e) = write
+        .write_all(format!("{}\n", action.line()).as_bytes())
+        .await
+    {
         return fail(format!("sending to ballot dev: {e}"));
     }
     let mut answer = String::new();
@@ -267,27 +278,28 @@ async fn act(
     action: DevAction,
     due: &mut Vec<(u32, tokio::time::Instant)>,
 ) -> Result<String, String> {
-    let id = match action {
-        DevAction::Stop { id } | DevAction::Start { id } | DevAction::Restart { id } => id,
-    };
+    let id = action.id();
     if !cluster.contains(id) {
         return Err(format!("this cluster has no replica {id}"));
     }
     // A command overrides a pending automatic restart.
     due.retain(|(d, _)| *d != id);
-    if matches!(action, DevAction::Stop { .. } | DevAction::Restart { .. }) {
-        if !cluster.running(id) && matches!(action, DevAction::Stop { .. }) {
-            return Err(format!("replica {id} is not running"));
+    match action {
+        DevAction::Stop { .. } if !cluster.running(id) => {
+            Err(format!("replica {id} is not running"))
         }
-        cluster.stop(id, STOP_GRACE);
-        if matches!(action, DevAction::Stop { .. }) {
-            return Ok(format!("replica {id} stopped"));
+        DevAction::Stop { .. } => {
+            cluster.stop(id, STOP_GRACE);
+            Ok(format!("replica {id} stopped"))
+        }
+        DevAction::Start { .. } if cluster.running(id) => {
+            Err(format!("replica {id} is already running"))
+        }
+        DevAction::Start { .. } | DevAction::Restart { .. } => {
+            cluster.stop(id, STOP_GRACE);
+            cluster.start(id)?;
+            cluster.wait_alive(id, Duration::from_secs(60)).await?;
+            Ok(format!("replica {id} started"))
         }
     }
-    if cluster.running(id) {
-        return Err(format!("replica {id} is already running"));
-    }
-    cluster.start(id)?;
-    cluster.wait_alive(id, Duration::from_secs(60)).await?;
-    Ok(format!("replica {id} started"))
 }

@@ -418,10 +418,8 @@ pub fn durable_record(storage: &Storage) -> Result<Option<MembersRecord>, String
         .map_err(|e| e.to_string())?
         .map(|v| MembersRecord::decode(&v))
         .transpose()?;
-    Ok(match (committed, adopted) {
-        (Some(c), Some(a)) => Some(if a.epoch > c.epoch { a } else { c }),
-        (c, a) => c.or(a),
-    })
+    // The committed copy when both have one epoch.
+    Ok(adopted.into_iter().chain(committed).max_by_key(|r| r.epoch))
 }
 
 impl Membership {
@@ -504,13 +502,12 @@ impl Membership {
             }
             // Replicas that left may come back on a new data directory.
             if let Some(old) = &local.record {
-                for gone in old
-                    .replicas
-                    .iter()
-                    .filter(|m| record.role(m.id).is_none())
-                {
+                for gone in old.replicas.iter().filter(|m| record.role(m.id).is_none()) {
                     if let Err(e) = self.storage.forget_peer_identity(gone.id) {
-                        warn!(peer = gone.id, "forgetting a removed replica's directory: {e}");
+                        warn!(
+                            peer = gone.id,
+                            "forgetting a removed replica's directory: {e}"
+                        );
                     }
                 }
             }
@@ -541,7 +538,7 @@ impl Membership {
         mut ahead: mpsc::UnboundedReceiver<(ReplicaId, u64)>,
         mut service: mpsc::Receiver<ServiceCall>,
     ) {
-        match self.stored_record() {
+        match durable_record(&self.storage) {
             Ok(Some(record)) if record.role(self.me).is_none() => {
                 self.local.lock().expect("membership lock").record = Some(record.clone());
                 self.removed(&record);
@@ -770,14 +767,9 @@ impl Membership {
         }
     }
 
-    /// This replica's newest durable copy of the record, if it has one.
-    fn stored_record(&self) -> Result<Option<MembersRecord>, String> {
-        durable_record(&self.storage)
-    }
-
-    /// This replica's committed copy of the record (or epoch 1 if none).
+    /// This replica's durable copy of the record (or epoch 1 if none).
     fn committed_record(&self) -> Option<MembersRecord> {
-        match self.stored_record() {
+        match durable_record(&self.storage) {
             Ok(Some(r)) => Some(r),
             _ => self.bootstrap.clone(),
         }

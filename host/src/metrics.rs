@@ -230,7 +230,9 @@ mod tests {
         let m = Metrics::new();
         // Families render once they have a child.
         let l = label("x", "y".to_string());
-        m.requests.get_or_create(&labels2(("op", "x"), ("outcome", "y"))).inc();
+        m.requests
+            .get_or_create(&labels2(("op", "x"), ("outcome", "y")))
+            .inc();
         m.request_seconds.get_or_create(&l).observe(0.1);
         m.proposals_chosen.get_or_create(&l).inc();
         m.guest_seconds.get_or_create(&l).observe(0.1);

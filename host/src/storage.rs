@@ -374,28 +374,21 @@ impl Storage {
         peer: u32,
         presented: &DirIdentity,
     ) -> Result<PeerIdentity, Error> {
-        let key = identity_key(peer);
-        {
-            let rtxn = self.env.read_txn()?;
-            if let Some(bytes) = self.meta.get(&rtxn, &key)? {
-                let known = read_identity(bytes)?;
-                return Ok(if &known == presented {
-                    PeerIdentity::Known
-                } else {
-                    PeerIdentity::Changed { known }
-                });
+        let verdict = |known: DirIdentity| {
+            if &known == presented {
+                PeerIdentity::Known
+            } else {
+                PeerIdentity::Changed { known }
             }
+        };
+        // Almost always known: a read transaction settles it.
+        if let Some(known) = self.known_peer_identity(peer)? {
+            return Ok(verdict(known));
         }
+        let key = identity_key(peer);
         let mut wtxn = self.env.write_txn()?;
         let verdict = match self.meta.get(&wtxn, &key)? {
-            Some(bytes) => {
-                let known = read_identity(bytes)?;
-                if &known == presented {
-                    PeerIdentity::Known
-                } else {
-                    PeerIdentity::Changed { known }
-                }
-            }
+            Some(bytes) => verdict(read_identity(bytes)?),
             None => {
                 self.meta
                     .put(&mut wtxn, &key, &record_identity(presented))?;
@@ -604,7 +597,11 @@ mod tests {
         }
         let (s, inc) = Storage::open(&dir, 3, 1 << 26).unwrap();
         assert_eq!(inc, first + 1);
-        assert_eq!(s.identity(), identity, "a reopened directory keeps its identity");
+        assert_eq!(
+            s.identity(),
+            identity,
+            "a reopened directory keeps its identity"
+        );
         assert_eq!(s.incarnation().unwrap(), first + 1);
         assert_eq!(s.bump_incarnation().unwrap(), first + 2);
         assert_eq!(s.incarnation().unwrap(), first + 2);
@@ -699,10 +696,20 @@ mod tests {
         let other = tmp("identities-other");
         let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
         let (a, _) = Storage::open(&other, 2, 1 << 24).unwrap();
-        assert_ne!(s.identity(), a.identity(), "directories draw their own identity");
+        assert_ne!(
+            s.identity(),
+            a.identity(),
+            "directories draw their own identity"
+        );
         let first = a.identity();
-        assert_eq!(s.check_peer_identity(2, &first).unwrap(), PeerIdentity::First);
-        assert_eq!(s.check_peer_identity(2, &first).unwrap(), PeerIdentity::Known);
+        assert_eq!(
+            s.check_peer_identity(2, &first).unwrap(),
+            PeerIdentity::First
+        );
+        assert_eq!(
+            s.check_peer_identity(2, &first).unwrap(),
+            PeerIdentity::Known
+        );
         assert_eq!(s.known_peer_identity(2).unwrap(), Some(first));
         assert_eq!(s.known_peer_identity(3).unwrap(), None);
         let blank = [9u8; IDENTITY_LEN];
@@ -719,7 +726,10 @@ mod tests {
         );
         // Once replica 2 has left the cluster, a new directory may join as 2.
         s.forget_peer_identity(2).unwrap();
-        assert_eq!(s.check_peer_identity(2, &blank).unwrap(), PeerIdentity::First);
+        assert_eq!(
+            s.check_peer_identity(2, &blank).unwrap(),
+            PeerIdentity::First
+        );
         // The adopted membership record round-trips.
         assert_eq!(s.adopted_members().unwrap(), None);
         s.set_adopted_members(b"{}").unwrap();

@@ -281,7 +281,11 @@ impl Transport {
         let exchange = async {
             let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
             let mut out = Vec::with_capacity(request.len() + 40);
-            frame(&mut out, KIND_HELLO, &hello_body(self.self_id, &self.directory));
+            frame(
+                &mut out,
+                KIND_HELLO,
+                &hello_body(self.self_id, &self.directory),
+            );
             frame(&mut out, KIND_REQUEST, request);
             send.write_all(&out).await.map_err(|e| e.to_string())?;
             let _ = send.finish();

@@ -555,7 +555,11 @@ fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
     let wait_state = |id: usize, want: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
         while state(id).0 != want {
-            assert!(Instant::now() < deadline, "replica {id} never {want}: {:?}", state(id));
+            assert!(
+                Instant::now() < deadline,
+                "replica {id} never {want}: {:?}",
+                state(id)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     };
@@ -564,7 +568,10 @@ fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
         libc::kill(pids[2], libc::SIGKILL);
     }
     wait_state(3, "exited");
-    assert!(dev.try_wait().unwrap().is_none(), "ballot dev stopped with its replica");
+    assert!(
+        dev.try_wait().unwrap().is_none(),
+        "ballot dev stopped with its replica"
+    );
     runtime().block_on(async {
         let r = put(&Client::new(&urls[1]), "during", "crash").await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
@@ -578,8 +585,11 @@ fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
             .arg(&dir)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     let (ok, said) = dev_cmd(&["start", "3"]);
     assert!(ok && said.contains("replica 3 started"), "{said}");
@@ -711,7 +721,11 @@ fn a_replica_that_lost_its_data_directory_does_not_vote() {
         }
         assert!(wait_for_metric(&three, refused).await >= 1.0);
         let r = client(&cluster, 3).get("amnesia2", false).await.unwrap();
-        assert_ne!(r.status, StatusCode::NOT_FOUND, "a read missed an acknowledged write");
+        assert_ne!(
+            r.status,
+            StatusCode::NOT_FOUND,
+            "a read missed an acknowledged write"
+        );
         assert!(!r.status.is_success(), "no quorum may answer: {}", r.status);
         // Every 5xx says whether a retry could apply a write twice.
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();

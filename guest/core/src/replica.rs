@@ -911,16 +911,16 @@ impl<E: Env> Replica<E> {
         match op.kind.clone() {
             Kind::Read => self.begin_query(key, op),
             Kind::Command(_) if touched => self.begin_prepare(key, op, slot),
-            Kind::Command(_) if self.exposed_at(&op, slot).is_some() => {
-                let proposal = self.exposed_at(&op, slot).expect("checked above");
-                self.begin_fast_or_classic(key, op, slot, proposal)
-            }
-            Kind::Command(command) => match self.evaluate(key, &command) {
-                Ok(Change::Keep) | Err(_) => self.begin_query(key, op),
-                Ok(change) => {
-                    let proposal = self.own_proposal(key, &mut op, slot, change);
-                    self.begin_fast_or_classic(key, op, slot, proposal)
-                }
+            // An exposed proposal goes out again as it is (see `conclude`).
+            Kind::Command(command) => match self.exposed_at(&op, slot) {
+                Some(proposal) => self.begin_fast_or_classic(key, op, slot, proposal),
+                None => match self.evaluate(key, &command) {
+                    Ok(Change::Keep) | Err(_) => self.begin_query(key, op),
+                    Ok(change) => {
+                        let proposal = self.own_proposal(key, &mut op, slot, change);
+                        self.begin_fast_or_classic(key, op, slot, proposal)
+                    }
+                },
             },
         }
     }
@@ -998,10 +998,11 @@ impl<E: Env> Replica<E> {
         // loopback below), which raises `promised` past it. A learner's
         // acceptor takes part in no round, so the ballot is recorded in its
         // `promised` here. Either record is durable before an Accept at the
-        // ballot can leave: that Accept follows promises that arrive in a
-        // later step, and a step's early effects wait for every earlier
-        // ready. Refusing more is always safe for an acceptor, so this record
-        // does no harm once the learner votes.
+        // ballot can leave: an Accept in a later step is early, and early
+        // effects wait for every earlier ready; one in this step (stale
+        // promises can complete the prepare at once) is held for this ready
+        // (`prepared`, see `send`). Refusing more is always safe for an
+        // acceptor, so this record does no harm once the learner votes.
         if !self.is_voter() && !self.planted.ballot_reuse {
             let st = self.state(key);
             if st.promised < ballot {

@@ -72,7 +72,10 @@ struct Net {
 }
 
 fn kind(payload: &[u8]) -> &'static str {
-    match Msg::decode_any(payload).expect("the core sends decodable messages").1 {
+    match Msg::decode_any(payload)
+        .expect("the core sends decodable messages")
+        .1
+    {
         Msg::Prepare { .. } => "Prepare",
         Msg::Promise { .. } => "Promise",
         Msg::Accept { .. } => "Accept",
@@ -175,7 +178,10 @@ impl Net {
         self.request(node, id, Operation::Read(Consistency::Linearizable));
     }
 
-    fn take(&mut self, pred: impl Fn(ReplicaId, ReplicaId, &[u8]) -> bool) -> Vec<(ReplicaId, ReplicaId, Vec<u8>)> {
+    fn take(
+        &mut self,
+        pred: impl Fn(ReplicaId, ReplicaId, &[u8]) -> bool,
+    ) -> Vec<(ReplicaId, ReplicaId, Vec<u8>)> {
         let (hit, rest) = std::mem::take(&mut self.pool)
             .into_iter()
             .partition(|(f, t, p)| pred(*f, *t, p));
@@ -242,7 +248,9 @@ impl Net {
     fn fire(&mut self, node: ReplicaId) {
         let timers = std::mem::take(&mut self.nodes.get_mut(&node).unwrap().timers);
         assert!(!timers.is_empty(), "replica {node} has no timer armed");
-        self.now_ms = self.now_ms.max(timers.iter().map(|t| t.at_ms).max().unwrap());
+        self.now_ms = self
+            .now_ms
+            .max(timers.iter().map(|t| t.at_ms).max().unwrap());
         self.step(
             node,
             Batch {
@@ -487,7 +495,11 @@ fn stale_promises(plant: Plant) {
     net.drop_where(|_, _, _| true);
     // Replica 1 reads through {A1, A2}.
     net.read(1, 13);
-    net.run(&[1, 2], |f, t, _| f <= 2 && t <= 2, |n| n.outcome(13).is_some());
+    net.run(
+        &[1, 2],
+        |f, t, _| f <= 2 && t <= 2,
+        |n| n.outcome(13).is_some(),
+    );
     net.assert_one_value_per_version();
 }
 
@@ -528,7 +540,11 @@ fn exposed_command(plant: Plant) {
     // Replica 4 falls silent; replica 1 reads through {A1, A2}.
     net.drop_where(|_, _, _| true);
     net.read(1, 3);
-    net.run(&[1, 2], |f, t, _| f <= 2 && t <= 2, |n| n.outcome(3).is_some());
+    net.run(
+        &[1, 2],
+        |f, t, _| f <= 2 && t <= 2,
+        |n| n.outcome(3).is_some(),
+    );
     assert_eq!(
         done_value(net.outcome(3)),
         Some((Some(b"renewed".to_vec()), 1)),
@@ -564,7 +580,11 @@ fn delayed_reply(plant: Plant) {
     net.restart(1, 2);
     // A write through {A2, A3} finishes while replica 1 hears nothing.
     net.put(3, 2, "w");
-    net.run(&[2, 3], |f, t, _| f != 1 && t != 1, |n| n.outcome(2).is_some());
+    net.run(
+        &[2, 3],
+        |f, t, _| f != 1 && t != 1,
+        |n| n.outcome(2).is_some(),
+    );
     assert_eq!(done_value(net.outcome(2)), Some((Some(b"w".to_vec()), 1)));
     net.drop_where(|_, _, _| true);
     // The new incarnation reads; the old reply arrives first.

@@ -514,7 +514,9 @@ impl<'f> Sim<'f> {
                 self.at(t + d, Ev::Heal);
             }
             // And faults for as long as the clients run.
-            let t = self.rng.range(self.fault_window_ms, 2 * self.fault_window_ms);
+            let t = self
+                .rng
+                .range(self.fault_window_ms, 2 * self.fault_window_ms);
             self.at(t, Ev::Fault);
         }
         if self.cfg.reconfigure {
@@ -1056,8 +1058,7 @@ impl<'f> Sim<'f> {
         self.at(done, Ev::Persisted(i, inc, ready.id));
         // Now and then the replica dies in the middle of a stalled write,
         // after its early actions left and before the write is durable.
-        if stall && self.cfg.faults && self.stall_crashes > 0 && self.rng.chance(0.25)
-        {
+        if stall && self.cfg.faults && self.stall_crashes > 0 && self.rng.chance(0.25) {
             self.stall_crashes -= 1;
             self.at(done - 1, Ev::Crash(i));
         }
