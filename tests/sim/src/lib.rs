@@ -20,8 +20,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use ballot_core::register::Command;
 use ballot_core::wire::{Ballot, Msg, ProposalId};
 use ballot_core::{
-    Actions, Batch, Config, Consistency, Core, Inbound, KeyState, Members, Operation, Outcome,
-    RegisterEnv, Replica, ReplicaId, Request, Timer, Write,
+    register, Actions, Batch, Change as PolicyChange, Config, Consistency, Core, Current, Env,
+    Inbound, KeyState, Members, Operation, Outcome, Rejection, Replica, ReplicaId, Request, Timer,
+    Write,
 };
 
 use check::{Input, Output};
@@ -37,6 +38,63 @@ pub enum Planted {
     BallotReuse,
     /// Review defect C: query ids restart in every incarnation.
     QueryIdReuse,
+    /// Review defect B: a command whose proposal went out is evaluated
+    /// again (caught with deadline commands, [`SimConfig::deadlines`]).
+    Reevaluation,
+}
+
+/// First byte of a command with a deadline: `[0xD1, deadline_ms u64 BE,
+/// register command]`. Register commands start with their format byte, 1.
+pub const DEADLINE_TAG: u8 = 0xD1;
+
+/// Wraps a register command in a deadline.
+pub fn with_deadline(deadline_ms: u64, command: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + command.len());
+    out.push(DEADLINE_TAG);
+    out.extend_from_slice(&deadline_ms.to_be_bytes());
+    out.extend_from_slice(command);
+    out
+}
+
+/// The deadline, if any, and the register command inside.
+pub fn split_deadline(command: &[u8]) -> (Option<u64>, &[u8]) {
+    match command {
+        [DEADLINE_TAG, rest @ ..] if rest.len() >= 8 => {
+            let (at, inner) = rest.split_at(8);
+            (
+                Some(u64::from_be_bytes(at.try_into().expect("8 bytes"))),
+                inner,
+            )
+        }
+        _ => (None, command),
+    }
+}
+
+/// The native policy host: the register policy, and a clock-dependent one
+/// for commands with a deadline, which it refuses (`expired`) once the
+/// replica's clock has passed the deadline, as a lease renewal is refused
+/// after the lease ran out. Two evaluations of one such command at different
+/// times can disagree, which is what the exposure rule (design section 3)
+/// must survive.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimEnv;
+
+impl Env for SimEnv {
+    fn apply(
+        &mut self,
+        _key: &[u8],
+        current: &Current,
+        command: &[u8],
+        now_ms: u64,
+    ) -> Result<PolicyChange, Rejection> {
+        match split_deadline(command) {
+            (Some(deadline), _) if now_ms > deadline => Err(Rejection {
+                code: "expired".to_string(),
+                message: format!("the deadline {deadline} ms passed at {now_ms} ms"),
+            }),
+            (_, inner) => register::apply(current, inner),
+        }
+    }
 }
 
 /// One run's workload and faults. Which core runs, and whether a bug is
@@ -54,6 +112,18 @@ pub struct SimConfig {
     /// of the original ones leave, in an order drawn from the seed, each
     /// change through the same stages as `ballot cluster add|remove`.
     pub reconfigure: bool,
+    /// A share of the commands carry a deadline and run the clock-dependent
+    /// policy of [`SimEnv`] (where the factory's cores run it: the
+    /// components run the register policy, and ignore this).
+    pub deadlines: bool,
+    /// Once per run a crash may flip one bit of one checksummed record the
+    /// replica had made durable, which it must then refuse to act on.
+    pub corrupt: bool,
+    /// Corrupt records of format 1 too, which carry no checksum: a replica
+    /// then acts on bits that changed under it. Unsafe, kept so a test can
+    /// show that the corruption fault bites (run it with the components,
+    /// which write format 1).
+    pub unchecked_corruption: bool,
     /// Change voters without the classic-only epoch and the sweep (every
     /// other stage and wait kept): unsafe, kept so a test can show that the
     /// checker catches it.
@@ -70,6 +140,9 @@ impl SimConfig {
             ops_per_client: 12,
             keys: 2,
             reconfigure: false,
+            deadlines: true,
+            corrupt: true,
+            unchecked_corruption: false,
             unsafe_membership: false,
         }
     }
@@ -120,6 +193,10 @@ pub struct Stats {
     pub partitions: u64,
     pub clock_jumps: u64,
     pub cluster_crashes: u64,
+    /// Records corrupted on disk.
+    pub corruptions: u64,
+    /// Crashes injected as the membership driver moved to a new stage.
+    pub stage_crashes: u64,
     /// The longest any client operation waited for its answer, in ms.
     pub wait_max_ms: u64,
 }
@@ -138,22 +215,36 @@ pub struct Report {
 /// Creates protocol cores for replicas.
 pub trait CoreFactory {
     fn make(&self, config: Config) -> Box<dyn Core>;
+    /// The cores run [`SimEnv`], so commands may carry deadlines.
+    fn runs_sim_env(&self) -> bool {
+        false
+    }
 }
 
-/// The native build of `ballot-core`, optionally with a planted bug.
+/// The native build of `ballot-core`, optionally with a planted bug. It
+/// writes key-state format 2, whose records carry a checksum, so a record
+/// the simulator corrupts on disk is caught (format 1 has none: the
+/// component's runs never corrupt).
 pub struct NativeFactory(pub Option<Planted>);
 
 impl CoreFactory for NativeFactory {
     fn make(&self, config: Config) -> Box<dyn Core> {
-        let mut replica = Replica::new(config, RegisterEnv).expect("valid sim config");
+        let mut replica = Replica::new(config, SimEnv).expect("valid sim config");
+        replica
+            .write_state_format(2)
+            .expect("format 2 is readable and writable");
         match self.0 {
             Some(Planted::EpoxyFastPath) => replica.plant_epoxy_fast_path(),
             Some(Planted::EarlyVotes) => replica.plant_early_votes(),
             Some(Planted::BallotReuse) => replica.plant_ballot_reuse(),
             Some(Planted::QueryIdReuse) => replica.plant_query_id_reuse(),
+            Some(Planted::Reevaluation) => replica.plant_reevaluation(),
             None => {}
         }
         Box::new(replica)
+    }
+    fn runs_sim_env(&self) -> bool {
+        true
     }
 }
 
@@ -345,6 +436,25 @@ pub struct Sim<'f> {
     skew: Vec<i64>,
     /// Every classic ballot seen in an Accept: (key, slot, ballot) -> id.
     ballots: BTreeMap<(Vec<u8>, u64, Ballot), ProposalId>,
+    /// Every prepare a replica started: (node, incarnation, key, slot,
+    /// ballot) -> the release that sent it. Within one incarnation a
+    /// replica never prepares one ballot twice (a retry takes a higher one).
+    prepares: BTreeMap<(usize, u64, Vec<u8>, u64, Ballot), u64>,
+    /// Every query id a replica sent -> the incarnation that sent it: ids
+    /// are unique across incarnations.
+    queries: BTreeMap<(usize, u64), u64>,
+    /// Counts the batches of actions applied, to tell a broadcast (one
+    /// batch, many messages) from two attempts.
+    releases: u64,
+    /// Draws the deadlines, apart from `rng`, so runs without deadlines
+    /// replay the same schedules as before they existed.
+    policy_rng: Rng,
+    /// Draws the corruption, apart from `rng` for the same reason.
+    disk_rng: Rng,
+    /// Draws the crashes at membership stage boundaries, likewise.
+    stage_rng: Rng,
+    /// A record was corrupted in this run (at most one).
+    corrupted: bool,
     cfg: SimConfig,
     factory: &'f dyn CoreFactory,
     rng: Rng,
@@ -373,7 +483,8 @@ pub struct Sim<'f> {
 const TIME_LIMIT_MS: u64 = 600_000;
 
 impl<'f> Sim<'f> {
-    pub fn new(cfg: SimConfig, factory: &'f dyn CoreFactory) -> Self {
+    pub fn new(mut cfg: SimConfig, factory: &'f dyn CoreFactory) -> Self {
+        cfg.deadlines &= factory.runs_sim_env();
         let mut rng = Rng::new(cfg.seed);
         let faults = if cfg.faults {
             Faults {
@@ -456,6 +567,13 @@ impl<'f> Sim<'f> {
             cut: BTreeSet::new(),
             skew,
             ballots: BTreeMap::new(),
+            prepares: BTreeMap::new(),
+            queries: BTreeMap::new(),
+            releases: 0,
+            policy_rng: Rng::new(cfg.seed ^ 0xd1_5eed_d1),
+            disk_rng: Rng::new(cfg.seed ^ 0xd15c_0bad),
+            stage_rng: Rng::new(cfg.seed ^ 0x57a9e),
+            corrupted: false,
             cfg,
             factory,
             rng,
@@ -659,7 +777,7 @@ impl<'f> Sim<'f> {
     /// Checks what a message says against what is known to be chosen and
     /// against every earlier Accept: one proposal per classic ballot of a
     /// slot, and one value per version.
-    fn inspect(&mut self, from: usize, m: &Inbound) {
+    fn inspect(&mut self, from: usize, release: u64, m: &Inbound) {
         let Ok((_, msg)) = Msg::decode_any(&m.payload) else {
             self.violations.push(format!(
                 "replica {} sent an undecodable message",
@@ -667,7 +785,38 @@ impl<'f> Sim<'f> {
             ));
             return;
         };
+        let inc = self.nodes[from].incarnation;
         match msg {
+            Msg::Prepare {
+                slot,
+                ballot,
+                catch_up: None,
+            } => {
+                let at = (from, inc, m.key.clone(), slot, ballot);
+                match self.prepares.get(&at) {
+                    Some(r) if *r != release => self.violations.push(format!(
+                        "replica {} prepared ballot ({}, {}) twice at {} slot {slot}",
+                        self.nodes[from].id,
+                        ballot.counter,
+                        ballot.replica,
+                        String::from_utf8_lossy(&m.key),
+                    )),
+                    Some(_) => {}
+                    None => {
+                        self.prepares.insert(at, release);
+                    }
+                }
+            }
+            Msg::Query { id } => match self.queries.get(&(from, id)) {
+                Some(i) if *i != inc => self.violations.push(format!(
+                    "replica {} sent query id {id} in incarnations {i} and {inc}",
+                    self.nodes[from].id
+                )),
+                Some(_) => {}
+                None => {
+                    self.queries.insert((from, id), inc);
+                }
+            },
             Msg::Accept {
                 slot,
                 ballot,
@@ -840,6 +989,18 @@ impl<'f> Sim<'f> {
             let stage = std::mem::replace(&mut self.stage, Stage::Done);
             let (stage, moved) = self.advance_stage(stage);
             self.stage = stage;
+            // Crash-restarts at stage boundaries, so every stage meets one:
+            // a replica goes down just as the driver moves on.
+            if moved && self.cfg.faults && self.stage_rng.chance(0.2) {
+                let up: Vec<usize> = (0..self.nodes.len())
+                    .filter(|&i| self.nodes[i].core.is_some())
+                    .collect();
+                if !up.is_empty() {
+                    let i = up[self.stage_rng.range(0, up.len() as u64 - 1) as usize];
+                    self.stats.stage_crashes += 1;
+                    self.crash(i);
+                }
+            }
             if matches!(self.stage, Stage::Done) {
                 if std::mem::take(&mut self.changing) {
                     self.stats.changes += 1;
@@ -1096,6 +1257,7 @@ impl<'f> Sim<'f> {
 
     /// Sends, arms and completes what a replica released.
     fn apply(&mut self, i: usize, inc: u64, actions: Actions) {
+        self.releases += 1;
         for out in actions.send {
             let to = out.to as usize - 1;
             let from = self.nodes[i].id;
@@ -1146,7 +1308,7 @@ impl<'f> Sim<'f> {
 
     fn transmit(&mut self, from: usize, to: usize, m: Inbound) {
         self.stats.messages += 1;
-        self.inspect(from, &m);
+        self.inspect(from, self.releases, &m);
         if self.cut.contains(&(from, to)) || self.rng.chance(self.faults.drop) {
             self.stats.dropped += 1;
             return;
@@ -1189,7 +1351,7 @@ impl<'f> Sim<'f> {
         client.busy = true;
         let value = format!("c{c}.{}", client.seq).into_bytes();
         let last = client.last_version;
-        let op = match self.rng.range(0, 9) {
+        let mut op = match self.rng.range(0, 9) {
             0 | 1 => Operation::Command(Command::Create(value).encode()),
             2 | 3 => Operation::Command(Command::Put(value).encode()),
             4 | 5 => {
@@ -1200,6 +1362,15 @@ impl<'f> Sim<'f> {
             7 => Operation::Read(Consistency::Local),
             _ => Operation::Read(Consistency::Linearizable),
         };
+        // A third of the commands must be applied before a deadline a little
+        // ahead of the chosen replica's clock: its first evaluation usually
+        // passes, a recovery's seconds later usually does not.
+        if self.cfg.deadlines && self.policy_rng.chance(0.3) {
+            if let Operation::Command(bytes) = &op {
+                let deadline = self.clock(node) + self.policy_rng.range(0, 400);
+                op = Operation::Command(with_deadline(deadline, bytes));
+            }
+        }
         let id = self.request_next;
         self.request_next += 1;
         let call = self.tick();
@@ -1261,8 +1432,37 @@ impl<'f> Sim<'f> {
         for h in lost {
             self.complete(h, None);
         }
+        // Not while the membership changes: a replica that cannot read one
+        // key's record fails that key's sweep read, and the driver waits for
+        // it forever (design section 12).
+        if self.cfg.corrupt && !self.cfg.reconfigure && !self.corrupted && self.disk_rng.chance(0.1)
+        {
+            self.corrupt(i);
+        }
         let t = self.now + self.rng.range(20, 800);
         self.at(t, Ev::Restart(i));
+    }
+
+    /// Flips one bit of one durable record of a crashed replica: a torn
+    /// page or a bad sector found at restart. Only records with a checksum
+    /// (format 2) qualify, unless the run is planted with unchecked ones.
+    fn corrupt(&mut self, i: usize) {
+        let unchecked = self.cfg.unchecked_corruption;
+        let keys: Vec<Vec<u8>> = self.nodes[i]
+            .durable
+            .iter()
+            .filter(|(_, rec)| rec.first() == Some(&2) || unchecked && rec.first() == Some(&1))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let key = &keys[self.disk_rng.range(0, keys.len() as u64 - 1) as usize];
+        let rec = self.nodes[i].durable.get_mut(key).expect("listed");
+        let at = self.disk_rng.range(0, rec.len() as u64 - 1) as usize;
+        rec[at] ^= 1 << self.disk_rng.range(0, 7);
+        self.corrupted = true;
+        self.stats.corruptions += 1;
     }
 
     fn restart(&mut self, i: usize) {
@@ -1329,6 +1529,31 @@ impl<'f> Sim<'f> {
                 }
             }
         }
+        // A caller told "rejected" never sees its command win: every value
+        // the workload writes is unique to its operation.
+        let chosen: BTreeSet<(&[u8], &[u8])> = self
+            .chosen
+            .iter()
+            .filter_map(|((k, _), v)| v.as_deref().map(|v| (k.as_slice(), v)))
+            .collect();
+        for r in &self.history {
+            let (Operation::Command(bytes), Some(Outcome::Rejected(rej, _))) = (&r.op, &r.outcome)
+            else {
+                continue;
+            };
+            let value = match Command::decode(split_deadline(bytes).1) {
+                Ok(Command::Create(v) | Command::Put(v) | Command::Cas { value: v, .. }) => v,
+                _ => continue,
+            };
+            if chosen.contains(&(r.key.as_slice(), value.as_slice())) {
+                self.violations.push(format!(
+                    "client {} was told {} for {}, and that value was chosen",
+                    r.client,
+                    rej.code,
+                    String::from_utf8_lossy(&value)
+                ));
+            }
+        }
         for k in 0..self.cfg.keys {
             let key = self.key(k);
             let ops: Vec<check::Op> = self
@@ -1357,6 +1582,19 @@ fn to_check_op(r: &Record) -> Option<check::Op> {
         Operation::Read(Consistency::Local) => return None,
         Operation::Read(Consistency::Linearizable) => Input::Read,
         Operation::Command(bytes) => {
+            // A command refused for its deadline changed nothing and saw the
+            // value it names, evaluated linearizably: a read.
+            if let Some(Outcome::Rejected(rej, c)) = &r.outcome {
+                if rej.code == "expired" {
+                    return Some(check::Op {
+                        input: Input::Read,
+                        output: Output::Done(c.value.clone(), c.version),
+                        call: r.call,
+                        ret: r.ret,
+                    });
+                }
+            }
+            let (_, bytes) = split_deadline(bytes);
             match Command::decode(bytes).expect("the sim encodes valid commands") {
                 Command::Create(v) => Input::Create(v),
                 Command::Put(v) => Input::Put(v),

@@ -40,6 +40,11 @@ enum PlantArg {
     BallotReuse,
     /// Query ids restart in every incarnation (review defect C).
     QueryIdReuse,
+    /// With --core wasm: corrupt records that carry no checksum (format 1).
+    UncheckedCorruption,
+    /// A command whose proposal went out is evaluated again (review defect
+    /// B; seen through the deadline commands of the native core).
+    Reevaluation,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -97,7 +102,8 @@ fn main() -> ExitCode {
         eprintln!("ballot-sim: --planted unsafe-membership needs --reconfigure");
         return ExitCode::from(2);
     }
-    let planted_core = if unsafe_membership {
+    let unchecked_corruption = args.planted == Some(PlantArg::UncheckedCorruption);
+    let planted_core = if unsafe_membership || unchecked_corruption {
         None
     } else {
         args.planted
@@ -108,7 +114,10 @@ fn main() -> ExitCode {
             PlantArg::EarlyVotes => Planted::EarlyVotes,
             PlantArg::BallotReuse => Planted::BallotReuse,
             PlantArg::QueryIdReuse => Planted::QueryIdReuse,
-            PlantArg::UnsafeMembership => unreachable!("handled before"),
+            PlantArg::Reevaluation => Planted::Reevaluation,
+            PlantArg::UnsafeMembership | PlantArg::UncheckedCorruption => {
+                unreachable!("handled before")
+            }
         }))),
         CoreArg::Upgrade => {
             if planted_core.is_some() {
@@ -157,6 +166,7 @@ fn main() -> ExitCode {
                     };
                     cfg.faults = !args.no_faults;
                     cfg.unsafe_membership = unsafe_membership;
+                    cfg.unchecked_corruption = unchecked_corruption;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
                         cfg.ops_per_client = ops;
@@ -171,12 +181,19 @@ fn main() -> ExitCode {
         results.sort_by_key(|(seed, _)| *seed);
         let (mut ops, mut steps, mut msgs) = (0, 0, 0);
         let (mut not_done, mut wait_max) = (0, 0);
+        let mut faults = ballot_sim::Stats::default();
         for (seed, report) in results {
             ops += report.stats.ops_done + report.stats.ops_failed + report.stats.ops_unknown;
             not_done += report.stats.ops_failed + report.stats.ops_unknown;
             wait_max = wait_max.max(report.stats.wait_max_ms);
             steps += report.stats.steps;
             msgs += report.stats.messages;
+            faults.crashes += report.stats.crashes;
+            faults.cluster_crashes += report.stats.cluster_crashes;
+            faults.partitions += report.stats.partitions;
+            faults.clock_jumps += report.stats.clock_jumps;
+            faults.corruptions += report.stats.corruptions;
+            faults.stage_crashes += report.stats.stage_crashes;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
                 for r in &report.history {
@@ -203,15 +220,8 @@ fn main() -> ExitCode {
                 if args.no_faults {
                     replay.push_str(" --no-faults");
                 }
-                match args.planted {
-                    Some(PlantArg::Epoxy) => replay.push_str(" --planted epoxy"),
-                    Some(PlantArg::EarlyVotes) => replay.push_str(" --planted early-votes"),
-                    Some(PlantArg::UnsafeMembership) => {
-                        replay.push_str(" --planted unsafe-membership")
-                    }
-                    Some(PlantArg::BallotReuse) => replay.push_str(" --planted ballot-reuse"),
-                    Some(PlantArg::QueryIdReuse) => replay.push_str(" --planted query-id-reuse"),
-                    None => {}
+                if let Some(p) = args.planted.and_then(|p| p.to_possible_value()) {
+                    replay.push_str(&format!(" --planted {}", p.get_name()));
                 }
                 eprintln!("FAILED seed {seed} n={n}:");
                 for v in report.violations.iter().take(3) {
@@ -225,6 +235,10 @@ fn main() -> ExitCode {
             "n={n}: {} seeds, {ops} client ops ({:.1} % failed or lost), longest wait {wait_max} ms, {steps} steps, {msgs} messages",
             args.seeds,
             100.0 * not_done as f64 / ops.max(1) as f64,
+        );
+        eprintln!(
+            "n={n}: faults: {} crashes ({} of the whole cluster, {} at membership stages), {} partitions, {} clock jumps, {} corrupted records",
+            faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions
         );
     }
     println!("{passed} passed, {} failed", failed.len());
