@@ -6,9 +6,8 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use hyper::StatusCode;
 
-use crate::client::{Client, Precondition, Response};
+use crate::client::Client;
 use crate::console::{fail, init_logging, LogFormat};
 use crate::server::{CoreKind, NodeConfig, Peer};
 use crate::tls::TlsFiles;
@@ -321,6 +320,11 @@ impl Endpoint {
     fn client(&self) -> Client {
         Client::new(&self.endpoint).with_token(self.admin_token.clone())
     }
+
+    /// The typed client, with its retries, for the key-value commands.
+    fn store(&self) -> ballot_client::Client {
+        ballot_client::Client::new([&self.endpoint]).with_token(self.admin_token.clone())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -556,43 +560,28 @@ fn value_arg(value: String) -> Result<Bytes, String> {
     }
 }
 
-/// Prints an unsuccessful response and picks the exit code.
-fn report(r: &Response) -> ExitCode {
-    let code = r
-        .error_code()
-        .unwrap_or_else(|| r.status.as_u16().to_string());
-    eprintln!(
-        "ballot: {} {code}: {}",
-        r.status.as_u16(),
-        r.error_message()
-    );
-    match r.status {
-        StatusCode::NOT_FOUND => ExitCode::from(3),
-        StatusCode::PRECONDITION_FAILED => ExitCode::from(4),
-        StatusCode::SERVICE_UNAVAILABLE => ExitCode::from(5),
-        _ => ExitCode::FAILURE,
-    }
-}
-
 async fn kv(cmd: KvCmd) -> ExitCode {
-    let write = |client: Client, key: String, value: String, pre: Precondition| async move {
-        let value = match value_arg(value) {
-            Ok(v) => v,
-            Err(e) => return fail(e),
-        };
-        match client.put(&key, value, pre).await {
-            Ok(r) if r.status.is_success() => {
-                let created = if r.status == StatusCode::CREATED {
-                    " (created)"
-                } else {
-                    ""
-                };
-                println!("version {}{created}", r.version.unwrap_or(0));
-                ExitCode::SUCCESS
-            }
-            Ok(r) => report(&r),
-            Err(e) => fail(e),
+    use ballot_client::Error;
+    // 3: no value; 4: refused (precondition or policy); 5: unavailable.
+    let failed = |e: Error| {
+        eprintln!("ballot: {e}");
+        match e {
+            Error::Refused { .. } => ExitCode::from(4),
+            Error::Unavailable { .. } => ExitCode::from(5),
+            Error::Invalid { .. } => ExitCode::FAILURE,
         }
+    };
+    let absent = |key: &str| {
+        eprintln!("ballot: {key}: the key has no value");
+        ExitCode::from(3)
+    };
+    let written = |w: Result<ballot_client::Written, Error>| match w {
+        Ok(w) => {
+            let created = if w.created { " (created)" } else { "" };
+            println!("version {}{created}", w.version);
+            ExitCode::SUCCESS
+        }
+        Err(e) => failed(e),
     };
     match cmd {
         KvCmd::Get {
@@ -600,40 +589,54 @@ async fn kv(cmd: KvCmd) -> ExitCode {
             local,
             verbose,
             endpoint,
-        } => match endpoint.client().get(&key, local).await {
-            Ok(r) if r.status == StatusCode::OK => {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&r.body);
-                if out.is_terminal() && !r.body.ends_with(b"\n") {
-                    let _ = out.write_all(b"\n");
+        } => {
+            let store = endpoint.store();
+            let read = if local {
+                store.get_local(&key).await
+            } else {
+                store.get(&key).await
+            };
+            match read {
+                Ok(Some(entry)) => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&entry.value);
+                    if out.is_terminal() && !entry.value.ends_with(b"\n") {
+                        let _ = out.write_all(b"\n");
+                    }
+                    if verbose {
+                        eprintln!("version {}", entry.version);
+                    }
+                    ExitCode::SUCCESS
                 }
-                if verbose {
-                    eprintln!("version {}", r.version.unwrap_or(0));
-                }
-                ExitCode::SUCCESS
+                Ok(None) => absent(&key),
+                Err(e) => failed(e),
             }
-            Ok(r) => report(&r),
-            Err(e) => fail(e),
-        },
+        }
         KvCmd::Put {
             key,
             value,
             endpoint,
-        } => write(endpoint.client(), key, value, Precondition::None).await,
+        } => match value_arg(value) {
+            Ok(v) => written(endpoint.store().put(&key, v).await),
+            Err(e) => fail(e),
+        },
         KvCmd::Create {
             key,
             value,
             endpoint,
-        } => write(endpoint.client(), key, value, Precondition::Absent).await,
+        } => match value_arg(value) {
+            Ok(v) => written(endpoint.store().create(&key, v).await),
+            Err(e) => fail(e),
+        },
         KvCmd::Cas {
             key,
             version,
             value,
             endpoint,
-        } => {
-            let pre = Precondition::Version(version);
-            write(endpoint.client(), key, value, pre).await
-        }
+        } => match value_arg(value) {
+            Ok(v) => written(endpoint.store().cas(&key, version, v).await),
+            Err(e) => fail(e),
+        },
         KvCmd::Apply {
             key,
             command,
@@ -647,14 +650,18 @@ async fn kv(cmd: KvCmd) -> ExitCode {
             if_version,
             endpoint,
         } => {
-            let pre = if_version.map_or(Precondition::None, Precondition::Version);
-            match endpoint.client().delete(&key, pre).await {
-                Ok(r) if r.status.is_success() => {
-                    println!("deleted at version {}", r.version.unwrap_or(0));
+            let store = endpoint.store();
+            let deleted = match if_version {
+                Some(v) => store.delete_if(&key, v).await,
+                None => store.delete(&key).await,
+            };
+            match deleted {
+                Ok(Some(version)) => {
+                    println!("deleted at version {version}");
                     ExitCode::SUCCESS
                 }
-                Ok(r) => report(&r),
-                Err(e) => fail(e),
+                Ok(None) => absent(&key),
+                Err(e) => failed(e),
             }
         }
     }

@@ -28,7 +28,8 @@ macro_rules! message_error {
 pub mod api;
 pub mod bench;
 pub mod cli;
-pub mod client;
+/// The raw HTTP client of the API, from `ballot-client`.
+pub use ballot_client::http as client;
 pub mod component_cmd;
 pub mod console;
 pub mod dev;

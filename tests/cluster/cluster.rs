@@ -746,3 +746,53 @@ fn a_replica_that_lost_its_data_directory_does_not_vote() {
         expect_value(&client(&cluster, 3), "amnesia2", false, "acknowledged", 1).await;
     });
 }
+
+/// `ballot-client` end to end: typed answers for each kind of write, a
+/// create that can be sent twice, and failover when the first endpoint's
+/// replica is down (its connection is refused, so nothing was applied and
+/// the next endpoint gets the request).
+#[test]
+fn the_typed_client_answers_in_types_and_fails_over() {
+    use ballot_client::{Error, Retry};
+    let scratch = Scratch::new("typed-client");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let store =
+            ballot_client::Client::new(cluster.nodes.iter().map(|n| n.http())).with_retry(Retry {
+                attempts: 4,
+                backoff: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(100),
+            });
+        let w = store.put("t/a", "one").await.unwrap();
+        assert_eq!((w.version, w.changed, w.created), (1, true, true));
+        let e = store.get("t/a").await.unwrap().unwrap();
+        assert_eq!((e.value.as_ref(), e.version), (&b"one"[..], 1));
+        match store.cas("t/a", 7, "two").await {
+            Err(Error::Refused { code, current, .. }) => {
+                assert_eq!(code, "version-mismatch");
+                let current = current.expect("the refusal names the current state");
+                assert_eq!(current.version, 1);
+                assert_eq!(current.value.as_deref(), Some(&b"one"[..]));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(store.cas("t/a", 1, "two").await.unwrap().version, 2);
+        let first = store.create("t/lock", "owner-a").await.unwrap();
+        let again = store.create("t/lock", "owner-a").await.unwrap();
+        assert!(first.changed && !again.changed, "{first:?} {again:?}");
+        assert!(matches!(
+            store.create("t/lock", "owner-b").await,
+            Err(Error::Refused { code, .. }) if code == "conflict"
+        ));
+        assert_eq!(store.delete("t/lock").await.unwrap(), Some(2));
+        assert_eq!(store.delete("t/lock").await.unwrap(), None);
+        assert_eq!(store.get("t/lock").await.unwrap(), None);
+
+        cluster.kill(1);
+        let w = store.put("t/b", "after").await.unwrap();
+        assert_eq!(w.version, 1);
+        assert_ne!(store.endpoint(), cluster.nodes[0].http());
+        let e = store.get("t/b").await.unwrap().unwrap();
+        assert_eq!(e.value.as_ref(), b"after");
+    });
+}

@@ -1,4 +1,6 @@
-//! A small HTTP client for the API, used by the CLI and the tests.
+//! One replica's HTTP API, request by request: what [`crate::Client`] is
+//! built on, and what the CLI's admin commands, `ballot bench` and the
+//! cluster tests use where they need the raw status and body.
 
 use std::time::Duration;
 
@@ -41,6 +43,15 @@ impl Response {
             .and_then(|v| v.get("error")?.get("message")?.as_str().map(str::to_string))
             .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
     }
+}
+
+/// A request that got no response.
+#[derive(Clone, Debug)]
+pub struct SendError {
+    pub message: String,
+    /// False only when the request certainly never reached the replica
+    /// (the connection was refused or failed): then a retry is safe.
+    pub sent: bool,
 }
 
 /// Precondition of a write.
@@ -99,6 +110,20 @@ impl Client {
         headers: &[(&str, String)],
         body: Bytes,
     ) -> Result<Response, String> {
+        self.send(method, path, headers, body)
+            .await
+            .map_err(|e| e.message)
+    }
+
+    /// [`Client::request`], saying on failure whether the request may have
+    /// reached the replica.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Result<Response, SendError> {
         let url = format!("{}{}", self.endpoint, path);
         let mut builder = Request::builder().method(method).uri(&url);
         for (name, value) in headers {
@@ -107,7 +132,10 @@ impl Client {
         if let Some(token) = &self.token {
             builder = builder.header("authorization", format!("Bearer {token}"));
         }
-        let request = builder.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let request = builder.body(Full::new(body)).map_err(|e| SendError {
+            message: format!("{url}: {e}"),
+            sent: false,
+        })?;
         let send = async {
             let response = self.http.request(request).await.map_err(|e| {
                 let mut msg = e.to_string();
@@ -116,7 +144,11 @@ impl Client {
                     msg = format!("{msg}: {s}");
                     source = s.source();
                 }
-                format!("{url}: {msg}")
+                SendError {
+                    message: format!("{url}: {msg}"),
+                    // A refused or failed connection carried no request.
+                    sent: !e.is_connect(),
+                }
             })?;
             let status = response.status();
             let version = response
@@ -128,7 +160,10 @@ impl Client {
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| format!("{url}: reading the response: {e}"))?
+                .map_err(|e| SendError {
+                    message: format!("{url}: reading the response: {e}"),
+                    sent: true,
+                })?
                 .to_bytes();
             Ok(Response {
                 status,
@@ -138,7 +173,10 @@ impl Client {
         };
         tokio::time::timeout(self.timeout, send)
             .await
-            .map_err(|_| format!("{url}: no response in {:?}", self.timeout))?
+            .map_err(|_| SendError {
+                message: format!("{url}: no response in {:?}", self.timeout),
+                sent: true,
+            })?
     }
 
     /// `GET /v1/kv/{key}`.
@@ -192,7 +230,7 @@ impl Client {
     }
 
     /// `GET /v1/cluster`.
-    pub async fn cluster(&self) -> Result<crate::api::ClusterView, String> {
+    pub async fn cluster(&self) -> Result<crate::views::ClusterView, String> {
         let r = self
             .request(Method::GET, "/v1/cluster", &[], Bytes::new())
             .await?;
@@ -225,7 +263,8 @@ impl Client {
     }
 }
 
-fn precondition_headers(pre: Precondition) -> Vec<(&'static str, String)> {
+/// The headers that state a precondition.
+pub fn precondition_headers(pre: Precondition) -> Vec<(&'static str, String)> {
     match pre {
         Precondition::None => Vec::new(),
         Precondition::Absent => vec![("if-none-match", "*".to_string())],

@@ -1,0 +1,595 @@
+//! A Rust client for Ballot's HTTP API.
+//!
+//! ```no_run
+//! use ballot_client::{Client, Error};
+//!
+//! # async fn demo() -> Result<(), Error> {
+//! // Any replicas of the cluster; requests go to the first that answers.
+//! let store = Client::new(["http://127.0.0.1:8001", "http://127.0.0.1:8002"]);
+//!
+//! let written = store.put("greeting", "hello").await?;
+//! let entry = store.get("greeting").await?.expect("just written");
+//! assert_eq!(entry.value, "hello");
+//!
+//! // Compare and swap on the version (the ETag): fails if someone wrote since.
+//! match store.cas("greeting", written.version, "hello again").await {
+//!     Ok(w) => println!("now at version {}", w.version),
+//!     Err(Error::Refused { code, current, .. }) => {
+//!         println!("refused ({code}): the key is at version {:?}", current.map(|c| c.version))
+//!     }
+//!     Err(e) => return Err(e),
+//! }
+//!
+//! // Create only if absent; retried safely, since the same value again succeeds.
+//! store.create("lock", "owner-a").await?;
+//! store.delete("lock").await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `client/examples/kv.rs` runs the same against `ballot dev`
+//! (`cargo run --release -p ballot-client --example kv`).
+//!
+//! **Retries.** A request that certainly did not apply (the connection was
+//! refused, or the API answered 503 with `maybe_applied: false`) is retried
+//! on the next endpoint, with backoff, up to [`Retry::attempts`] times. One
+//! that may have applied (a timeout, a lost connection, 503 with
+//! `maybe_applied: true`) is retried only when doing it twice is the same as
+//! doing it once: reads and `create` (which succeeds unchanged when the key
+//! already holds the same value). `put`, `cas`, `delete` and `apply` return
+//! [`Error::Unavailable`] with `maybe_applied: true` instead: read the key to
+//! learn what happened.
+//!
+//! Listing, watches and leases are not in the API yet; neither is TLS for
+//! the client API. An admin token is sent with [`Client::with_token`].
+
+pub mod http;
+pub mod views;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::{Method, StatusCode};
+
+pub use http::Precondition;
+
+/// A key's value and version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub value: Bytes,
+    /// Starts at 1 and grows by one with every change (the `ETag`).
+    pub version: u64,
+}
+
+/// What a write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The key's version after the write.
+    pub version: u64,
+    /// False when the write changed nothing (a `create` of the value the
+    /// key already holds).
+    pub changed: bool,
+    /// The key had no value before (HTTP 201).
+    pub created: bool,
+}
+
+/// The key's state a refusal reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Current {
+    /// `None` when the key has no value (or it is not valid UTF-8 and came
+    /// as `value_hex`, which is decoded).
+    pub value: Option<Bytes>,
+    pub version: u64,
+}
+
+/// What a policy command did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub current: Current,
+    pub changed: bool,
+}
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The key's precondition or policy refused the write (HTTP 409 or 412):
+    /// nothing changed. `current` is the state it was refused against.
+    Refused {
+        code: String,
+        message: String,
+        current: Option<Current>,
+    },
+    /// The request itself is wrong (4xx): retrying will not help.
+    Invalid {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// No replica could serve it (every attempt failed). With
+    /// `maybe_applied` the last attempt may have taken effect.
+    Unavailable {
+        code: String,
+        message: String,
+        maybe_applied: bool,
+    },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Refused { code, message, .. } => write!(f, "refused ({code}): {message}"),
+            Error::Invalid {
+                status,
+                code,
+                message,
+            } => write!(f, "invalid request ({status} {code}): {message}"),
+            Error::Unavailable {
+                code,
+                message,
+                maybe_applied,
+            } => {
+                write!(f, "unavailable ({code}): {message}")?;
+                if *maybe_applied {
+                    write!(f, " (it may have been applied)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// How often and how patiently a request is retried.
+#[derive(Clone, Copy, Debug)]
+pub struct Retry {
+    /// Attempts in all, at least 1.
+    pub attempts: u32,
+    /// The first pause; each later one doubles, up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 6,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Whether sending a request twice is the same as sending it once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Idempotent {
+    Yes,
+    No,
+}
+
+/// A client of a Ballot cluster: typed key-value calls over any of its
+/// replicas, with retries and failover. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    endpoints: Arc<[http::Client]>,
+    /// The endpoint that answered last; requests start there.
+    preferred: Arc<AtomicUsize>,
+    retry: Retry,
+}
+
+impl Client {
+    /// `endpoints` like `http://127.0.0.1:8001`; at least one.
+    ///
+    /// # Panics
+    /// If `endpoints` is empty.
+    pub fn new<I, S>(endpoints: I) -> Client
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let endpoints: Arc<[http::Client]> = endpoints
+            .into_iter()
+            .map(|e| http::Client::new(e.as_ref()))
+            .collect();
+        assert!(!endpoints.is_empty(), "a client needs an endpoint");
+        Client {
+            endpoints,
+            preferred: Arc::new(AtomicUsize::new(0)),
+            retry: Retry::default(),
+        }
+    }
+
+    /// The same client with another retry policy.
+    pub fn with_retry(mut self, retry: Retry) -> Client {
+        self.retry = Retry {
+            attempts: retry.attempts.max(1),
+            ..retry
+        };
+        self
+    }
+
+    /// The same client, sending `Authorization: Bearer <token>`.
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.endpoints = self
+            .endpoints
+            .iter()
+            .map(|c| c.clone().with_token(token.clone()))
+            .collect();
+        self
+    }
+
+    /// The endpoint requests go to first.
+    pub fn endpoint(&self) -> &str {
+        self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()].endpoint()
+    }
+
+    /// A linearizable read: `None` if the key has no value.
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, Error> {
+        self.read(key, false).await
+    }
+
+    /// The replica's own committed copy: fast, possibly stale.
+    pub async fn get_local(&self, key: &str) -> Result<Option<Entry>, Error> {
+        self.read(key, true).await
+    }
+
+    async fn read(&self, key: &str, local: bool) -> Result<Option<Entry>, Error> {
+        let query = if local { "?consistency=local" } else { "" };
+        let path = format!("/v1/kv/{}{query}", http::escape_key(key));
+        let r = self
+            .call(Method::GET, &path, &[], Bytes::new(), Idempotent::Yes)
+            .await?;
+        match r.status {
+            StatusCode::OK => Ok(Some(Entry {
+                value: r.body,
+                version: r.version.unwrap_or(0),
+            })),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(refusal(&r)),
+        }
+    }
+
+    /// Sets the value, whatever it was.
+    pub async fn put(&self, key: &str, value: impl Into<Bytes>) -> Result<Written, Error> {
+        self.write(key, value.into(), Precondition::None, Idempotent::No)
+            .await
+    }
+
+    /// Sets the value only if the key has none. The same value again
+    /// succeeds with `changed: false`, so this one is retried even when an
+    /// attempt may have applied.
+    pub async fn create(&self, key: &str, value: impl Into<Bytes>) -> Result<Written, Error> {
+        self.write(key, value.into(), Precondition::Absent, Idempotent::Yes)
+            .await
+    }
+
+    /// Sets the value only if the key is at `version`
+    /// ([`Error::Refused`] with code `version-mismatch` otherwise).
+    pub async fn cas(
+        &self,
+        key: &str,
+        version: u64,
+        value: impl Into<Bytes>,
+    ) -> Result<Written, Error> {
+        self.write(
+            key,
+            value.into(),
+            Precondition::Version(version),
+            Idempotent::No,
+        )
+        .await
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        value: Bytes,
+        pre: Precondition,
+        idempotent: Idempotent,
+    ) -> Result<Written, Error> {
+        let path = format!("/v1/kv/{}", http::escape_key(key));
+        let r = self
+            .call(
+                Method::PUT,
+                &path,
+                &http::precondition_headers(pre),
+                value,
+                idempotent,
+            )
+            .await?;
+        if !r.status.is_success() {
+            return Err(refusal(&r));
+        }
+        let changed = serde_json::from_slice::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v.get("changed")?.as_bool())
+            .unwrap_or(true);
+        Ok(Written {
+            version: r.version.unwrap_or(0),
+            changed,
+            created: r.status == StatusCode::CREATED,
+        })
+    }
+
+    /// Deletes the key: the version it is at afterwards, or `None` if it
+    /// had no value.
+    pub async fn delete(&self, key: &str) -> Result<Option<u64>, Error> {
+        self.remove(key, Precondition::None).await
+    }
+
+    /// Deletes the key only if it is at `version`.
+    pub async fn delete_if(&self, key: &str, version: u64) -> Result<Option<u64>, Error> {
+        self.remove(key, Precondition::Version(version)).await
+    }
+
+    async fn remove(&self, key: &str, pre: Precondition) -> Result<Option<u64>, Error> {
+        let path = format!("/v1/kv/{}", http::escape_key(key));
+        let headers = http::precondition_headers(pre);
+        let r = self
+            .call(
+                Method::DELETE,
+                &path,
+                &headers,
+                Bytes::new(),
+                Idempotent::No,
+            )
+            .await?;
+        match r.status {
+            s if s.is_success() => Ok(Some(r.version.unwrap_or(0))),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(refusal(&r)),
+        }
+    }
+
+    /// Runs `command` through the policy bound to the key (`POST`).
+    pub async fn apply(&self, key: &str, command: impl Into<Bytes>) -> Result<Applied, Error> {
+        let path = format!("/v1/kv/{}", http::escape_key(key));
+        let r = self
+            .call(Method::POST, &path, &[], command.into(), Idempotent::No)
+            .await?;
+        if !r.status.is_success() {
+            return Err(refusal(&r));
+        }
+        let body: serde_json::Value =
+            serde_json::from_slice(&r.body).map_err(|e| Error::Unavailable {
+                code: "bad-response".into(),
+                message: format!("{}: the answer is not JSON: {e}", self.endpoint()),
+                maybe_applied: true,
+            })?;
+        Ok(Applied {
+            current: current_of(&body).unwrap_or(Current {
+                value: None,
+                version: r.version.unwrap_or(0),
+            }),
+            changed: body
+                .get("changed")
+                .and_then(|c| c.as_bool())
+                .unwrap_or(true),
+        })
+    }
+
+    /// `GET /v1/cluster` of the first replica that answers.
+    pub async fn cluster(&self) -> Result<views::ClusterView, Error> {
+        let r = self
+            .call(
+                Method::GET,
+                "/v1/cluster",
+                &[],
+                Bytes::new(),
+                Idempotent::Yes,
+            )
+            .await?;
+        if r.status != StatusCode::OK {
+            return Err(refusal(&r));
+        }
+        serde_json::from_slice(&r.body).map_err(|e| Error::Unavailable {
+            code: "bad-response".into(),
+            message: format!("{}: bad cluster view: {e}", self.endpoint()),
+            maybe_applied: false,
+        })
+    }
+
+    /// Sends one request with retries and failover; returns the first
+    /// answer that is not a retryable failure.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+        idempotent: Idempotent,
+    ) -> Result<http::Response, Error> {
+        let n = self.endpoints.len();
+        let mut at = self.preferred.load(Ordering::Relaxed) % n;
+        let mut pause = self.retry.backoff;
+        let mut last = None;
+        for attempt in 0..self.retry.attempts {
+            if attempt > 0 {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(self.retry.max_backoff);
+            }
+            let endpoint = &self.endpoints[at];
+            let outcome = endpoint
+                .send(method.clone(), path, headers, body.clone())
+                .await;
+            let (error, retry) = match outcome {
+                Ok(r) if r.status == StatusCode::SERVICE_UNAVAILABLE => {
+                    let maybe_applied = maybe_applied(&r);
+                    let error = Error::Unavailable {
+                        code: r.error_code().unwrap_or_else(|| "unavailable".into()),
+                        message: format!("{}: {}", endpoint.endpoint(), r.error_message()),
+                        maybe_applied,
+                    };
+                    (error, !maybe_applied || idempotent == Idempotent::Yes)
+                }
+                Ok(r) => {
+                    self.preferred.store(at, Ordering::Relaxed);
+                    return Ok(r);
+                }
+                Err(e) => {
+                    let error = Error::Unavailable {
+                        code: if e.sent { "no-response" } else { "unreachable" }.into(),
+                        message: e.message,
+                        maybe_applied: e.sent,
+                    };
+                    (error, !e.sent || idempotent == Idempotent::Yes)
+                }
+            };
+            // A retry of something that may have applied keeps the doubt.
+            let doubt = matches!(
+                last,
+                Some(Error::Unavailable {
+                    maybe_applied: true,
+                    ..
+                })
+            );
+            last = Some(match error {
+                Error::Unavailable {
+                    code,
+                    message,
+                    maybe_applied,
+                } => Error::Unavailable {
+                    code,
+                    message,
+                    maybe_applied: maybe_applied || doubt,
+                },
+                other => other,
+            });
+            if !retry {
+                break;
+            }
+            at = (at + 1) % n;
+        }
+        Err(last.expect("at least one attempt"))
+    }
+}
+
+/// The `maybe_applied` of a 503 body; true when it cannot be read.
+fn maybe_applied(r: &http::Response) -> bool {
+    serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v.get("error")?.get("maybe_applied")?.as_bool())
+        .unwrap_or(true)
+}
+
+/// `{"value": ..., "value_hex": ..., "version": ...}` as the API writes it.
+fn current_of(v: &serde_json::Value) -> Option<Current> {
+    let version = v.get("version")?.as_u64()?;
+    let value = match (v.get("value").and_then(|s| s.as_str()), v.get("value_hex")) {
+        (Some(s), _) => Some(Bytes::copy_from_slice(s.as_bytes())),
+        (None, Some(h)) => h.as_str().and_then(unhex).map(Bytes::from),
+        (None, None) => None,
+    };
+    Some(Current { value, version })
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// A non-success answer that is not a retryable failure.
+fn refusal(r: &http::Response) -> Error {
+    let code = r.error_code().unwrap_or_else(|| "error".into());
+    let message = r.error_message();
+    match r.status {
+        StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED => Error::Refused {
+            code,
+            message,
+            current: serde_json::from_slice::<serde_json::Value>(&r.body)
+                .ok()
+                .and_then(|v| current_of(v.get("error")?.get("current")?)),
+        },
+        s if s.is_server_error() => Error::Unavailable {
+            code,
+            message,
+            maybe_applied: maybe_applied(r),
+        },
+        s => Error::Invalid {
+            status: s.as_u16(),
+            code,
+            message,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_carries_the_current_state() {
+        let r = http::Response {
+            status: StatusCode::PRECONDITION_FAILED,
+            version: Some(3),
+            body: Bytes::from_static(
+                br#"{"error":{"code":"version-mismatch","message":"at 3","current":{"version":3,"value_hex":"00ff"}}}"#,
+            ),
+        };
+        assert_eq!(
+            refusal(&r),
+            Error::Refused {
+                code: "version-mismatch".into(),
+                message: "at 3".into(),
+                current: Some(Current {
+                    value: Some(Bytes::from_static(&[0, 0xff])),
+                    version: 3
+                }),
+            }
+        );
+    }
+
+    #[test]
+    fn an_unreadable_503_may_have_applied() {
+        let r = http::Response {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            version: None,
+            body: Bytes::from_static(b"upstream gone"),
+        };
+        assert!(maybe_applied(&r));
+        let r = http::Response {
+            body: Bytes::from_static(
+                br#"{"error":{"code":"no-quorum","message":"m","maybe_applied":false}}"#,
+            ),
+            ..r
+        };
+        assert!(!maybe_applied(&r));
+    }
+
+    /// No replica listens: every attempt is refused, certainly unapplied,
+    /// and every endpoint is tried.
+    #[tokio::test]
+    async fn refused_connections_fail_over_and_report_nothing_applied() {
+        let dead = |p| format!("http://127.0.0.1:{p}");
+        // Ports from a listener just closed: nothing listens there now.
+        let ports: Vec<u16> = (0..2)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().port()
+            })
+            .collect();
+        let client = Client::new(ports.iter().map(|&p| dead(p))).with_retry(Retry {
+            attempts: 3,
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        });
+        match client.put("k", "v").await {
+            Err(Error::Unavailable {
+                code,
+                maybe_applied,
+                ..
+            }) => {
+                assert_eq!(code, "unreachable");
+                assert!(!maybe_applied);
+            }
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+    }
+}
