@@ -8,7 +8,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::Client;
-use crate::console::{fail, init_logging, LogFormat};
+use crate::console::{fail, init_logging, print_json, LogFormat, Output};
 use crate::server::{CoreKind, NodeConfig, Peer};
 use crate::tls::TlsFiles;
 use crate::{component_cmd, dev_cmd};
@@ -23,6 +23,9 @@ use crate::{component_cmd, dev_cmd};
 pub struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// How read commands print: text for people, json for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
 }
 
 #[derive(Subcommand, Debug)]
@@ -51,6 +54,9 @@ enum Cmd {
     Policy(PolicyCmd),
     /// Describe the embedded default components: names, versions, formats.
     Components,
+    /// Print a shell completion script (`ballot completions bash >
+    /// /etc/bash_completion.d/ballot`).
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand, Debug)]
@@ -444,6 +450,7 @@ enum CertCmd {
 /// Runs the command line; `ballot`'s `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.output == Output::Json;
     match cli.command {
         Cmd::Serve(args) => {
             init_logging(args.log_format);
@@ -454,7 +461,10 @@ pub fn main() -> ExitCode {
         }
         Cmd::Dev(args) => dev_cmd::dev(args),
         Cmd::Bench(args) => bench(args),
-        Cmd::Kv(cmd) => client_runtime(kv(cmd)),
+        Cmd::Kv(cmd) => client_runtime(kv(cmd, json)),
+        Cmd::Cluster(ClusterCmd::Status { endpoint }) if json => client_runtime(
+            component_cmd::print_each_replica_json(endpoint.client(), "/v1/cluster", true),
+        ),
         Cmd::Cluster(ClusterCmd::Status { endpoint }) => client_runtime(status(endpoint)),
         Cmd::Cluster(ClusterCmd::Add {
             id,
@@ -500,6 +510,9 @@ pub fn main() -> ExitCode {
         Cmd::Component(ComponentCmd::Push { file, endpoint }) => {
             client_runtime(component_cmd::push(endpoint.client(), file))
         }
+        Cmd::Component(ComponentCmd::List { endpoint }) if json => client_runtime(
+            component_cmd::print_api_json(endpoint.client(), "/v1/components"),
+        ),
         Cmd::Component(ComponentCmd::List { endpoint }) => {
             client_runtime(component_cmd::list_components(endpoint.client()))
         }
@@ -510,6 +523,9 @@ pub fn main() -> ExitCode {
         Cmd::Component(ComponentCmd::Rollback { endpoint }) => {
             client_runtime(component_cmd::swap(endpoint.client(), None))
         }
+        Cmd::Component(ComponentCmd::Status { endpoint }) if json => client_runtime(
+            component_cmd::print_each_replica_json(endpoint.client(), "/v1/protocol", false),
+        ),
         Cmd::Component(ComponentCmd::Status { endpoint }) => {
             client_runtime(component_cmd::protocol_status(endpoint.client()))
         }
@@ -523,18 +539,31 @@ pub fn main() -> ExitCode {
         Cmd::Policy(PolicyCmd::Unbind { prefix, endpoint }) => {
             client_runtime(component_cmd::unbind(endpoint.client(), prefix))
         }
+        Cmd::Policy(PolicyCmd::List { endpoint }) if json => client_runtime(
+            component_cmd::print_api_json(endpoint.client(), "/v1/policies"),
+        ),
         Cmd::Policy(PolicyCmd::List { endpoint }) => {
             client_runtime(component_cmd::list_policies(endpoint.client()))
         }
         Cmd::Components => match crate::runtime::describe_embedded() {
-            Ok(lines) => {
-                for line in lines {
-                    println!("{line}");
+            Ok(components) if json => {
+                print_json(&serde_json::to_value(components).expect("serializes"));
+                ExitCode::SUCCESS
+            }
+            Ok(components) => {
+                for c in components {
+                    println!("{}", c.line());
                 }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
         },
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "ballot", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -560,7 +589,7 @@ fn value_arg(value: String) -> Result<Bytes, String> {
     }
 }
 
-async fn kv(cmd: KvCmd) -> ExitCode {
+async fn kv(cmd: KvCmd, json: bool) -> ExitCode {
     use ballot_client::Error;
     // 3: no value; 4: refused (precondition or policy); 5: unavailable.
     let failed = |e: Error| {
@@ -597,6 +626,29 @@ async fn kv(cmd: KvCmd) -> ExitCode {
                 store.get(&key).await
             };
             match read {
+                Ok(found) if json => {
+                    let mut doc = serde_json::json!({ "key": key });
+                    match &found {
+                        Some(entry) => {
+                            doc["version"] = entry.version.into();
+                            match std::str::from_utf8(&entry.value) {
+                                Ok(text) => doc["value"] = text.into(),
+                                Err(_) => {
+                                    let hex: String =
+                                        entry.value.iter().map(|b| format!("{b:02x}")).collect();
+                                    doc["value_hex"] = hex.into();
+                                }
+                            }
+                        }
+                        None => doc["value"] = serde_json::Value::Null,
+                    }
+                    print_json(&doc);
+                    if found.is_some() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(3)
+                    }
+                }
                 Ok(Some(entry)) => {
                     let mut out = std::io::stdout().lock();
                     let _ = out.write_all(&entry.value);

@@ -12,7 +12,7 @@ use hyper::Method;
 
 use crate::client::{escape_key, Client, Response};
 
-use crate::console::fail;
+use crate::console::{fail, print_json};
 
 fn report(r: &Response) -> ExitCode {
     eprintln!(
@@ -27,6 +27,60 @@ fn report(r: &Response) -> ExitCode {
         503 => ExitCode::from(5),
         _ => ExitCode::FAILURE,
     }
+}
+
+/// `--output json` of a read command that is one API call: its answer.
+pub async fn print_api_json(client: Client, path: &str) -> ExitCode {
+    match client.json(Method::GET, path, Bytes::new()).await {
+        Ok(Ok(v)) => {
+            print_json(&v);
+            ExitCode::SUCCESS
+        }
+        Ok(Err(r)) => report(&r),
+        Err(e) => fail(e),
+    }
+}
+
+/// `--output json` of a per-replica read: `{"asked", "replicas": [{"id",
+/// "http", "link", "role", "answer" | "error"}]}` (and `"members"`, the
+/// membership view, with `members`), asking every replica that `client`'s
+/// replica lists.
+pub async fn print_each_replica_json(client: Client, path: &str, members: bool) -> ExitCode {
+    let view = match client.cluster().await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let mut replicas = Vec::new();
+    for r in view.replicas {
+        let mut entry =
+            serde_json::json!({ "id": r.id, "http": r.http, "link": r.link, "role": r.role });
+        let answer = match &r.http {
+            Some(url) => match Client::new(url).json(Method::GET, path, Bytes::new()).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(resp)) => Err(format!("{} {}", resp.status, resp.error_message())),
+                Err(e) => Err(e),
+            },
+            None => Err("no HTTP address known".to_string()),
+        };
+        match answer {
+            Ok(v) => entry["answer"] = v,
+            Err(e) => entry["error"] = e.into(),
+        }
+        replicas.push(entry);
+    }
+    let mut doc = serde_json::json!({ "asked": view.id, "replicas": replicas });
+    if members {
+        match client
+            .json(Method::GET, "/v1/cluster/members", Bytes::new())
+            .await
+        {
+            Ok(Ok(v)) => doc["members"] = v,
+            Ok(Err(r)) => return report(&r),
+            Err(e) => return fail(e),
+        }
+    }
+    print_json(&doc);
+    ExitCode::SUCCESS
 }
 
 fn short(id: &str) -> &str {

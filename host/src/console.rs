@@ -25,6 +25,23 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+/// How read commands print what they found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Tables and lines for people.
+    Text,
+    /// One JSON document on stdout, for scripts.
+    Json,
+}
+
+/// Prints one JSON document on stdout.
+pub fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("a JSON value serializes")
+    );
+}
+
 /// Prints `ballot: MESSAGE` on stderr; the command's exit code.
 pub fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("ballot: {message}");

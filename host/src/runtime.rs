@@ -177,32 +177,69 @@ fn register_version() -> &'static str {
 }
 
 /// One line per embedded component: its world, name, version and formats.
-pub fn describe_embedded() -> Result<Vec<String>, Error> {
+pub fn describe_embedded() -> Result<Vec<Embedded>, Error> {
     let engine = engine()?;
-    let mut lines = Vec::new();
+    let mut out = Vec::new();
     for (bytes, file) in [
         (PROTOCOL_WASM, "protocol.wasm"),
         (REGISTER_WASM, "register.wasm"),
     ] {
         let (i, _) = crate::registry::inspect(&engine, bytes)?;
-        let formats = if i.kind == crate::registry::Kind::Protocol {
+        let protocol = i.kind == crate::registry::Kind::Protocol;
+        out.push(Embedded {
+            kind: i.kind.to_string(),
+            name: i.name,
+            version: i.version,
+            file,
+            bytes: bytes.len(),
+            id: crate::registry::component_id(bytes),
+            state_formats: if protocol {
+                i.state_formats
+            } else {
+                Vec::new()
+            },
+            wire_formats: if protocol { i.wire_formats } else { Vec::new() },
+        });
+    }
+    Ok(out)
+}
+
+/// One embedded default component, as `ballot components` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Embedded {
+    pub kind: String,
+    pub name: String,
+    pub version: String,
+    pub file: &'static str,
+    pub bytes: usize,
+    pub id: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_formats: Vec<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub wire_formats: Vec<u32>,
+}
+
+impl Embedded {
+    /// One line for people.
+    pub fn line(&self) -> String {
+        let formats = if self.state_formats.is_empty() {
+            String::new()
+        } else {
             format!(
                 "  state formats {:?}  wire formats {:?}",
-                i.state_formats, i.wire_formats
+                self.state_formats, self.wire_formats
             )
-        } else {
-            String::new()
         };
-        lines.push(format!(
-            "{:<9} {} {}{formats}  ({file}, {} bytes, {})",
-            i.kind.to_string(),
-            i.name,
-            i.version,
-            bytes.len(),
-            &crate::registry::component_id(bytes)[..12]
-        ));
+        format!(
+            "{:<9} {} {}{formats}  ({}, {} bytes, {})",
+            self.kind,
+            self.name,
+            self.version,
+            self.file,
+            self.bytes,
+            &self.id[..12]
+        )
     }
-    Ok(lines)
 }
 
 fn limits(memory: usize) -> StoreLimits {

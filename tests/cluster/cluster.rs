@@ -796,3 +796,67 @@ fn the_typed_client_answers_in_types_and_fails_over() {
         assert_eq!(e.value.as_ref(), b"after");
     });
 }
+
+/// The CLI's read commands print one JSON document with `--output json`,
+/// and its exit codes say what happened; `ballot completions` prints a
+/// script for the shell.
+#[test]
+fn read_commands_print_json_for_scripts() {
+    let scratch = Scratch::new("cli-json");
+    runtime().block_on(async {
+        let cluster = start(&scratch.0, 3).await;
+        let endpoint = cluster.nodes[1].http();
+        let cli = |args: &[&str]| {
+            std::process::Command::new(binary())
+                .args(args)
+                .args(["--endpoint", &endpoint])
+                .output()
+                .unwrap()
+        };
+        let out = cli(&["kv", "put", "j/k", "v1"]);
+        assert!(out.status.success(), "{out:?}");
+        let json = |out: &std::process::Output| -> serde_json::Value {
+            serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"))
+        };
+        let out = cli(&["--output", "json", "kv", "get", "j/k"]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            json(&out),
+            serde_json::json!({ "key": "j/k", "version": 1, "value": "v1" })
+        );
+        let out = cli(&["kv", "get", "j/absent", "--output", "json"]);
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(json(&out)["value"], serde_json::Value::Null);
+        let out = cli(&["kv", "cas", "j/k", "9", "v2"]);
+        assert_eq!(out.status.code(), Some(4), "{out:?}");
+
+        let out = cli(&["cluster", "status", "--output", "json"]);
+        assert!(out.status.success(), "{out:?}");
+        // One document: every replica's view, and the membership.
+        let status = json(&out);
+        let replicas = status["replicas"].as_array().unwrap();
+        assert_eq!(replicas.len(), 3);
+        assert!(
+            replicas.iter().all(|r| r["answer"]["healthy"] == true),
+            "{status}"
+        );
+        assert!(status["members"].get("record").is_some(), "{status}");
+
+        for args in [
+            &["component", "list", "--output", "json"][..],
+            &["policy", "list", "--output", "json"][..],
+            &["component", "status", "--output", "json"][..],
+        ] {
+            let out = cli(args);
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            json(&out);
+        }
+    });
+    let out = std::process::Command::new(binary())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("complete -F"));
+}
