@@ -697,6 +697,31 @@ impl Membership {
                 ),
             };
         }
+        // Only members are answered, and only about epochs this replica
+        // knows: a certificate from the cluster CA says who is asking, not
+        // that it may ask (a replica removed, or one never added, could
+        // otherwise start sweeps, list keys or, with an epoch from the
+        // future, mark a sweep done that never ran).
+        let Some(record) = self.record().or_else(|| self.bootstrap.clone()) else {
+            return Answer::Error {
+                message: "this replica has no membership record yet".into(),
+            };
+        };
+        if record.role(from).is_none() {
+            return Answer::Error {
+                message: format!("replica {from} is not a member at epoch {}", record.epoch),
+            };
+        }
+        if let What::Sweep { epoch } | What::CatchUp { epoch } = &ask.what {
+            if *epoch > record.epoch {
+                return Answer::Error {
+                    message: format!(
+                        "epoch {epoch} is newer than this replica's membership (epoch {})",
+                        record.epoch
+                    ),
+                };
+            }
+        }
         self.local_answer(from, ask.what)
     }
 

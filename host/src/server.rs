@@ -285,7 +285,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 epoch.clone(),
                 Hooks {
                     ahead: ahead_tx,
-                    ahead_seen: AtomicU64::new(0),
+                    ahead_seen: Default::default(),
                     service: service_tx,
                     directory: storage.identity(),
                     check_directory: directory_check(storage.clone()),

@@ -106,10 +106,10 @@ pub struct ServiceCall {
 /// Where the transport reports what the membership layer acts on.
 pub struct Hooks {
     /// A peer stamped a frame with a newer epoch than ours: (peer, epoch),
-    /// reported once per epoch.
+    /// reported once per peer and epoch (see [`Hooks::note_ahead`]).
     pub ahead: mpsc::UnboundedSender<(ReplicaId, u64)>,
-    /// The newest epoch reported on `ahead`.
-    pub ahead_seen: AtomicU64,
+    /// The newest epoch reported on `ahead`, per peer.
+    pub ahead_seen: Mutex<HashMap<ReplicaId, u64>>,
     /// Requests from peers.
     pub service: mpsc::Sender<ServiceCall>,
     /// This replica's data-directory identity, sent in every hello.
@@ -119,6 +119,27 @@ pub struct Hooks {
     /// stream with that reason.
     pub check_directory:
         Box<dyn Fn(ReplicaId, Option<&DirIdentity>) -> Result<(), String> + Send + Sync>,
+}
+
+impl Hooks {
+    /// Whether a frame `from` a peer stamped with epoch `theirs` is news
+    /// to report, this replica being at `mine`: newer than `mine` and than
+    /// anything that peer stamped before. Each peer has its own mark, so a
+    /// peer that stamps a huge epoch (a bug, or a hostile member) silences
+    /// only itself, never another peer's report of a real newer epoch.
+    pub fn note_ahead(&self, from: ReplicaId, theirs: u64, mine: u64) -> bool {
+        if theirs <= mine {
+            return false;
+        }
+        let mut seen = self.ahead_seen.lock().expect("ahead lock");
+        let mark = seen.entry(from).or_insert(0);
+        if theirs > *mark {
+            *mark = theirs;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 struct PeerSlot {
@@ -699,9 +720,7 @@ async fn receive(
                 }
                 let theirs = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
                 body.drain(..8);
-                if theirs > epoch.load(Ordering::Acquire)
-                    && theirs > hooks.ahead_seen.fetch_max(theirs, Ordering::AcqRel)
-                {
+                if hooks.note_ahead(from, theirs, epoch.load(Ordering::Acquire)) {
                     let _ = hooks.ahead.send((from, theirs));
                 }
                 body
@@ -772,6 +791,31 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stamped frame with epoch u64::MAX from one peer once silenced
+    /// every later report (one mark for all peers): a replica left behind
+    /// then never heard that its other peers had moved on.
+    #[test]
+    fn a_huge_stamped_epoch_silences_only_its_sender() {
+        let (ahead, _reports) = mpsc::unbounded_channel();
+        let (service, _calls) = mpsc::channel(1);
+        let hooks = Hooks {
+            ahead,
+            ahead_seen: Default::default(),
+            service,
+            directory: [0; IDENTITY_LEN],
+            check_directory: Box::new(|_, _| Ok(())),
+        };
+        assert!(hooks.note_ahead(2, u64::MAX, 3));
+        assert!(
+            !hooks.note_ahead(2, 9, 3),
+            "its own later frames are not news"
+        );
+        assert!(hooks.note_ahead(3, 4, 3), "another peer's newer epoch is");
+        assert!(!hooks.note_ahead(3, 4, 3), "once");
+        assert!(hooks.note_ahead(3, 5, 3));
+        assert!(!hooks.note_ahead(1, 3, 3), "not newer than ours");
+    }
 
     #[test]
     fn hellos_carry_the_data_directory() {

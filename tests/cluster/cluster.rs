@@ -860,3 +860,120 @@ fn read_commands_print_json_for_scripts() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("complete -F"));
 }
+
+/// Asks replica `to` at `addr` one membership question as replica `as_id`
+/// (its certificate from the cluster CA, `directory` in its hello) and
+/// returns the answer's JSON.
+async fn ask_raw(
+    dir: &Path,
+    as_id: u32,
+    directory: [u8; 16],
+    to: u32,
+    addr: std::net::SocketAddr,
+    question: serde_json::Value,
+) -> serde_json::Value {
+    use ballot::tls::{self, Identity, TlsFiles};
+    let certs = dir.join("certs");
+    let identity = Identity::load(&TlsFiles {
+        ca: tls::ca_cert_path(&certs),
+        cert: tls::node_cert_path(&certs, as_id),
+        key: tls::node_key_path(&certs, as_id),
+    })
+    .unwrap();
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(identity.client_config().unwrap())
+            .unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint
+        .connect(addr, &tls::node_name(to))
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let frame = |out: &mut Vec<u8>, kind: u8, body: &[u8]| {
+        out.extend_from_slice(&(body.len() as u32 + 2).to_be_bytes());
+        out.extend_from_slice(&[1, kind]);
+        out.extend_from_slice(body);
+    };
+    let mut hello = as_id.to_be_bytes().to_vec();
+    hello.extend_from_slice(&directory);
+    let mut out = Vec::new();
+    frame(&mut out, 1, &hello);
+    frame(&mut out, 4, question.to_string().as_bytes());
+    send.write_all(&out).await.unwrap();
+    let _ = send.finish();
+    let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+        .await
+        .expect("an answer in time")
+        .expect("an answer frame");
+    endpoint.close(0u32.into(), b"");
+    assert!(
+        answer.len() > 6 && answer[5] == 5,
+        "not an answer frame: {answer:?}"
+    );
+    serde_json::from_slice(&answer[6..]).unwrap()
+}
+
+/// A certificate from the cluster CA says who asks, not that it may: a
+/// replica that is not a member gets no answer to any membership question,
+/// and a member's question about an epoch the replica does not know (here
+/// u64::MAX, which once marked every later sweep done) is refused.
+#[test]
+fn membership_questions_are_answered_only_for_members_and_known_epochs() {
+    use ballot::tls;
+    let scratch = Scratch::new("forged-questions");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let certs = cluster.dir.join("certs");
+        tls::issue_node(&certs, 9).unwrap();
+        let addr = cluster.nodes[0].config.peer_addr;
+        let dir = cluster.dir.clone();
+        let forged_sweep = serde_json::json!({ "format": 1, "ask": "sweep", "epoch": u64::MAX });
+        for question in [
+            forged_sweep.clone(),
+            serde_json::json!({ "format": 1, "ask": "members" }),
+            serde_json::json!({ "format": 1, "ask": "keys", "after": null, "limit": 10 }),
+            serde_json::json!({ "format": 1, "ask": "status" }),
+        ] {
+            let answer = ask_raw(&dir, 9, [9; 16], 1, addr, question.clone()).await;
+            assert_eq!(answer["answer"], "error", "{question} -> {answer}");
+            assert!(
+                answer["message"].as_str().unwrap().contains("not a member"),
+                "{answer}"
+            );
+        }
+
+        // Replica 2 itself, stopped, impersonated with its certificate and
+        // its data directory's identity: a member, but not of that epoch.
+        cluster.stop(2, Duration::from_secs(5));
+        let data = cluster.nodes[1].config.data_dir.clone();
+        let identity = {
+            let (storage, _) = ballot::storage::Storage::open(&data, 2, 64 << 20).unwrap();
+            storage.identity()
+        };
+        let answer = ask_raw(&dir, 2, identity, 1, addr, forged_sweep).await;
+        assert_eq!(answer["answer"], "error", "{answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("newer than"),
+            "{answer}"
+        );
+        let answer = ask_raw(
+            &dir,
+            2,
+            identity,
+            1,
+            addr,
+            serde_json::json!({ "format": 1, "ask": "status" }),
+        )
+        .await;
+        assert_eq!(answer["answer"], "status", "{answer}");
+        assert_ne!(answer["swept"], serde_json::json!(u64::MAX), "{answer}");
+
+        // The cluster is unharmed: replica 2 comes back and serves.
+        cluster.start(2).unwrap();
+        cluster.wait_ready(2, READY).await.unwrap();
+        let r = put(&client(&cluster, 2), "after", "v").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+    });
+}
