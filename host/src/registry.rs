@@ -538,7 +538,14 @@ pub struct Setup {
     pub core_config: ballot_core::Config,
     pub running: Running,
     pub metrics: Arc<Metrics>,
+    /// The replicas that run the protocol now: voters and learners of the
+    /// membership this replica has adopted. An activation waits for each.
+    pub members: Members,
 }
+
+/// Says who is in the cluster now (the membership's answer, as a closure so
+/// the registry does not depend on the membership module).
+pub type Members = Box<dyn Fn() -> Vec<u32> + Send + Sync>;
 
 /// Traps within this long after a swap count towards a rollback.
 const TRAP_WINDOW: Duration = Duration::from_secs(60);
@@ -583,6 +590,7 @@ pub struct Registry {
     running: RwLock<Running>,
     protocol: Mutex<ProtocolState>,
     metrics: Arc<Metrics>,
+    members: Members,
     /// Set once the configuration has been read and applied at startup.
     started: std::sync::atomic::AtomicBool,
 }
@@ -666,6 +674,7 @@ impl Registry {
             running: RwLock::new(setup.running),
             protocol: Mutex::new(state),
             metrics: setup.metrics,
+            members: setup.members,
             started: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -1145,8 +1154,10 @@ impl Registry {
         })
         .await?;
 
-        // Every voter checks it can run the component and says so.
-        let mut waiting: Vec<u32> = self.core_config.voters.clone();
+        // Every replica of the current membership, voter or learner, checks
+        // it can run the component and says so (not the replicas listed at
+        // start-up: some may have left, others joined since).
+        let mut waiting: Vec<u32> = (self.members)();
         let mut refusals = Vec::new();
         let deadline = Instant::now() + READY_WAIT;
         while !waiting.is_empty() && Instant::now() < deadline {

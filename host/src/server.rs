@@ -326,6 +326,16 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     .unwrap_or(membership::CHANGELOG_KEEP_DEFAULT),
             });
             tokio::spawn(membership.clone().run(members_rx, ahead_rx, service_rx));
+            let members: crate::registry::Members = {
+                let membership = membership.clone();
+                let start_up = core_config.voters.clone();
+                Box::new(move || {
+                    membership.record().map_or_else(
+                        || start_up.clone(),
+                        |r| r.replicas.iter().map(|m| m.id).collect(),
+                    )
+                })
+            };
             let registry = Arc::new(Registry::new(crate::registry::Setup {
                 engine,
                 data_dir: config.data_dir.clone(),
@@ -335,6 +345,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 core_config,
                 running,
                 metrics: metrics.clone(),
+                members,
             }));
             tokio::spawn(registry.clone().run(commits_rx, events_rx));
             let listener = tokio::net::TcpListener::bind(config.http_addr)

@@ -346,3 +346,66 @@ fn removing_a_replica_during_its_join_abandons_the_join_cleanly() {
         cluster.stop_all();
     });
 }
+
+/// An activation asks the replicas of the current membership, not the ones
+/// a replica was started with: after 4 joins and 1 leaves, activating a
+/// protocol through replica 2 (started with voters 1, 2, 3) once waited
+/// for replica 1, was refused after 15 s, and never asked replica 4.
+#[test]
+fn activation_after_a_membership_change_asks_the_current_members() {
+    use ballot::runtime::PROTOCOL_NEXT_WASM;
+    let scratch = Scratch::new("activate-after-change");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        cluster.add_joiner(4).unwrap();
+        cluster.start(4).unwrap();
+        cluster.wait_alive(4, READY).await.unwrap();
+        let peer4 = cluster.nodes[3].config.peer_addr.to_string();
+        let (http2, http4) = (cluster.nodes[1].http(), cluster.nodes[3].http());
+        let out = wait_finished(
+            cluster_cmd(
+                &http2,
+                &["add", "--id", "4", "--peer", &peer4, "--http", &http4],
+            ),
+            "cluster add 4",
+        )
+        .await;
+        assert!(out.contains("done at membership epoch"), "{out}");
+        let out = wait_finished(cluster_cmd(&http2, &["remove", "--id", "1"]), "remove 1").await;
+        assert!(out.contains("done at membership epoch"), "{out}");
+
+        let c2 = client(&cluster, 2);
+        let pushed = c2
+            .json(
+                Method::POST,
+                "/v1/components",
+                Bytes::from_static(PROTOCOL_NEXT_WASM),
+            )
+            .await
+            .unwrap()
+            .unwrap_or_else(|r| panic!("push refused: {}", r.error_message()));
+        let next = pushed["component"]["id"].as_str().unwrap().to_string();
+        let body = serde_json::json!({ "component": next }).to_string();
+        let activated = c2
+            .json(Method::POST, "/v1/protocol/activate", body.into())
+            .await
+            .unwrap()
+            .unwrap_or_else(|r| panic!("activation refused: {}", r.error_message()));
+        assert_eq!(activated["active"], next.as_str(), "{activated}");
+        // Replica 4, which joined after every other one started, runs it.
+        let c4 = client(&cluster, 4);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = c4
+                .json(Method::GET, "/v1/protocol", Bytes::new())
+                .await
+                .unwrap()
+                .unwrap();
+            if v["running"]["label"] == next.as_str() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica 4 runs {}", v["running"]);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
