@@ -701,7 +701,12 @@ impl Membership {
         // knows: a certificate from the cluster CA says who is asking, not
         // that it may ask (a replica removed, or one never added, could
         // otherwise start sweeps, list keys or, with an epoch from the
-        // future, mark a sweep done that never ran).
+        // future, mark a sweep done that never ran). The committed record
+        // is answered to anyone certified: it is no secret, and a replica
+        // removed while it was down learns its removal only this way.
+        if matches!(ask.what, What::Members) {
+            return self.local_answer(from, ask.what);
+        }
         let Some(record) = self.record().or_else(|| self.bootstrap.clone()) else {
             return Answer::Error {
                 message: "this replica has no membership record yet".into(),
