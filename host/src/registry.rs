@@ -882,6 +882,8 @@ impl Registry {
     /// Answers a pending activation's readiness check, and swaps to the
     /// active protocol if this replica does not run it yet.
     async fn follow_protocol(&self, config: &ClusterConfig) {
+        self.forget_readiness(config.protocol.pending.as_ref().map(|p| p.nonce))
+            .await;
         if let Some(p) = &config.protocol.pending {
             let fresh = {
                 let mut state = self.protocol.lock().expect("registry lock");
@@ -1192,6 +1194,7 @@ impl Registry {
         let refused = !refusals.is_empty();
         let reason = refusals.join("; ");
         let by = self.core_config.self_id;
+        let asked = (self.members)();
         let (version, _) = self
             .update(|config| {
                 if config.protocol.pending.as_ref().map(|p| p.nonce) != Some(nonce) {
@@ -1229,12 +1232,51 @@ impl Registry {
                 Ok(true)
             })
             .await?;
+        // The answers served their purpose: none is read again.
+        for replica in asked {
+            if let Err(e) = self
+                .command(ready_key(nonce, replica), Command::Delete)
+                .await
+            {
+                debug!("deleting readiness {nonce}/{replica}: {e}");
+            }
+        }
         if refused {
             return Err(RegistryError::Invalid(format!(
                 "activation refused: {reason}"
             )));
         }
         Ok((version, label))
+    }
+
+    /// Deletes this replica's readiness answers to activations that are
+    /// over (every one but `pending`): the activating replica deletes them
+    /// too, but an answer can land after it gave up waiting. A delete that
+    /// fails is tried again with the next configuration applied.
+    async fn forget_readiness(&self, pending: Option<u64>) {
+        let over: Vec<u64> = {
+            let state = self.protocol.lock().expect("registry lock");
+            state
+                .reported
+                .iter()
+                .copied()
+                .filter(|&n| Some(n) != pending)
+                .collect()
+        };
+        for nonce in over {
+            let key = ready_key(nonce, self.core_config.self_id);
+            match self.command(key, Command::Delete).await {
+                Ok(Outcome::Done(_)) => {
+                    self.protocol
+                        .lock()
+                        .expect("registry lock")
+                        .reported
+                        .remove(&nonce);
+                }
+                Ok(other) => debug!("deleting readiness {nonce}: {other:?}"),
+                Err(e) => debug!("deleting readiness {nonce}: {e}"),
+            }
+        }
     }
 
     /// Returns the cluster to the protocol it ran before the current one.

@@ -362,3 +362,43 @@ fn ballot_bench_swap_reports_both_swaps() {
         assert!(p["during_ops"].as_u64().unwrap() > 0, "{p}");
     }
 }
+
+/// The readiness answers an activation collects (one key per replica under
+/// `\0ballot/ready/<nonce>/`) are deleted once it is decided, by the
+/// activating replica: they were once kept for ever, one set per swap.
+#[test]
+fn an_activation_deletes_the_readiness_answers_it_collected() {
+    let dir = Scratch::new("ready-keys");
+    runtime().block_on(async {
+        let mut cluster = start(&dir.0, 3).await;
+        let c = client(&cluster, 1);
+        let next = push(&c, PROTOCOL_NEXT_WASM).await;
+        let v = post(
+            &c,
+            "/v1/protocol/activate",
+            serde_json::json!({ "component": next }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(v["active"], next.as_str());
+        cluster.stop(1, Duration::from_secs(5));
+        let data = cluster.nodes[0].config.data_dir.clone();
+        let (storage, _) = ballot::storage::Storage::open(&data, 1, 64 << 20).unwrap();
+        let prefix = b"\0ballot/ready/";
+        let keys: Vec<Vec<u8>> = storage
+            .state_keys(None, 100_000)
+            .unwrap()
+            .into_iter()
+            .filter(|k| k.starts_with(prefix))
+            .collect();
+        assert_eq!(keys.len(), 3, "one answer per replica was written");
+        for key in keys {
+            let committed = storage.committed(&key).unwrap();
+            assert!(
+                committed.as_ref().is_some_and(|c| c.value.is_none()),
+                "{} still holds {committed:?}",
+                String::from_utf8_lossy(&key)
+            );
+        }
+    });
+}
