@@ -535,7 +535,7 @@ impl Membership {
     pub async fn run(
         self: Arc<Self>,
         mut commits: mpsc::UnboundedReceiver<ConfigCommit>,
-        mut ahead: mpsc::UnboundedReceiver<(ReplicaId, u64)>,
+        mut ahead: mpsc::Receiver<(ReplicaId, u64)>,
         mut service: mpsc::Receiver<ServiceCall>,
     ) {
         match durable_record(&self.storage) {

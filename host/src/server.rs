@@ -19,6 +19,10 @@ use crate::storage::{PeerIdentity, Storage, MAP_SIZE_DEFAULT};
 use crate::tls::{Identity, TlsFiles};
 use crate::transport::{Hooks, Transport};
 
+/// Newer-epoch reports from peers the membership has not looked at yet;
+/// more are dropped (see `Hooks::ahead`).
+const AHEAD_REPORTS: usize = 64;
+
 /// Which build of the protocol a replica runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -273,7 +277,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
             // stamped below by node::start) and later instances on the
             // adopted one, before their first step.
             let epoch = Arc::new(AtomicU64::new(1));
-            let (ahead_tx, ahead_rx) = mpsc::unbounded_channel();
+            let (ahead_tx, ahead_rx) = mpsc::channel(AHEAD_REPORTS);
             let (service_tx, service_rx) = mpsc::channel(256);
             let transport = Arc::new(Transport::start(
                 config.id,

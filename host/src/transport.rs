@@ -107,7 +107,10 @@ pub struct ServiceCall {
 pub struct Hooks {
     /// A peer stamped a frame with a newer epoch than ours: (peer, epoch),
     /// reported once per peer and epoch (see [`Hooks::note_ahead`]).
-    pub ahead: mpsc::UnboundedSender<(ReplicaId, u64)>,
+    /// Bounded: a report that finds it full is dropped (the 2 s poll
+    /// finds the newer epoch anyway), so a peer that stamps ever newer
+    /// epochs cannot grow memory.
+    pub ahead: mpsc::Sender<(ReplicaId, u64)>,
     /// The newest epoch reported on `ahead`, per peer.
     pub ahead_seen: Mutex<HashMap<ReplicaId, u64>>,
     /// Requests from peers.
@@ -721,7 +724,7 @@ async fn receive(
                 let theirs = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
                 body.drain(..8);
                 if hooks.note_ahead(from, theirs, epoch.load(Ordering::Acquire)) {
-                    let _ = hooks.ahead.send((from, theirs));
+                    let _ = hooks.ahead.try_send((from, theirs));
                 }
                 body
             }
@@ -797,7 +800,7 @@ mod tests {
     /// then never heard that its other peers had moved on.
     #[test]
     fn a_huge_stamped_epoch_silences_only_its_sender() {
-        let (ahead, _reports) = mpsc::unbounded_channel();
+        let (ahead, _reports) = mpsc::channel(1);
         let (service, _calls) = mpsc::channel(1);
         let hooks = Hooks {
             ahead,

@@ -1529,17 +1529,23 @@ impl<'f> Sim<'f> {
                 }
             }
         }
-        // A caller told "rejected" never sees its command win: every value
-        // the workload writes is unique to its operation.
+        // A caller told "rejected", or that its command failed and did not
+        // apply, never sees it win: every value the workload writes is
+        // unique to its operation.
         let chosen: BTreeSet<(&[u8], &[u8])> = self
             .chosen
             .iter()
             .filter_map(|((k, _), v)| v.as_deref().map(|v| (k.as_slice(), v)))
             .collect();
         for r in &self.history {
-            let (Operation::Command(bytes), Some(Outcome::Rejected(rej, _))) = (&r.op, &r.outcome)
-            else {
+            let (Operation::Command(bytes), Some(outcome)) = (&r.op, &r.outcome) else {
                 continue;
+            };
+            // Told "rejected", or failed with the promise it did not apply.
+            let told = match outcome {
+                Outcome::Rejected(rej, _) => rej.code.clone(),
+                Outcome::Failed(f) if !f.maybe_applied => format!("{:?}", f.reason),
+                _ => continue,
             };
             let value = match Command::decode(split_deadline(bytes).1) {
                 Ok(Command::Create(v) | Command::Put(v) | Command::Cas { value: v, .. }) => v,
@@ -1547,9 +1553,8 @@ impl<'f> Sim<'f> {
             };
             if chosen.contains(&(r.key.as_slice(), value.as_slice())) {
                 self.violations.push(format!(
-                    "client {} was told {} for {}, and that value was chosen",
+                    "client {} was told {told} for {}, and that value was chosen",
                     r.client,
-                    rej.code,
                     String::from_utf8_lossy(&value)
                 ));
             }
