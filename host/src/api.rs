@@ -655,7 +655,7 @@ async fn add_member(
         id: add.id,
         addr: Some(add.peer),
         http: add.http,
-        requested_ms: crate::registry::now_ms(),
+        requested_ms: crate::system::now_ms(),
     };
     queue_change(&app, change).await
 }
@@ -681,7 +681,7 @@ async fn remove_member(
         id,
         addr: None,
         http: None,
-        requested_ms: crate::registry::now_ms(),
+        requested_ms: crate::system::now_ms(),
     };
     queue_change(&app, change).await
 }

@@ -545,7 +545,7 @@ pub fn main() -> ExitCode {
         Cmd::Policy(PolicyCmd::List { endpoint }) => {
             client_runtime(component_cmd::list_policies(endpoint.client()))
         }
-        Cmd::Components => match crate::runtime::describe_embedded() {
+        Cmd::Components => match crate::registry::describe_embedded() {
             Ok(components) if json => {
                 print_json(&serde_json::to_value(components).expect("serializes"));
                 ExitCode::SUCCESS

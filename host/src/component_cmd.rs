@@ -621,7 +621,7 @@ pub async fn swap(client: Client, component: Option<String>) -> ExitCode {
 }
 
 fn ago(at_ms: u64) -> String {
-    let secs = crate::registry::now_ms().saturating_sub(at_ms) / 1000;
+    let secs = crate::system::now_ms().saturating_sub(at_ms) / 1000;
     match secs {
         0..=119 => format!("{secs}s ago"),
         120..=7199 => format!("{}m ago", secs / 60),

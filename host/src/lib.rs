@@ -42,5 +42,6 @@ pub mod registry;
 pub mod runtime;
 pub mod server;
 pub mod storage;
+pub mod system;
 pub mod tls;
 pub mod transport;

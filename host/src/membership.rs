@@ -26,12 +26,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::node::{self, ClientRequest, ConfigCommit, Control, Health};
-use crate::registry::now_ms;
 use crate::storage::Storage;
+use crate::system::now_ms;
 use crate::transport::{ServiceCall, Transport};
 
-/// The membership record.
-pub const MEMBERS_KEY: &[u8] = b"\0ballot/members";
+pub use crate::system::MEMBERS_KEY;
 /// Format of the membership record.
 pub const MEMBERS_FORMAT: u32 = 1;
 /// Format of the questions replicas ask each other about membership.

@@ -31,11 +31,10 @@ use ballot_core::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::membership::MEMBERS_KEY;
 use crate::metrics::{label, labels2, Metrics};
-use crate::registry::CONFIG_KEY;
 use crate::runtime::{Bound, Policies, WasmCore};
 use crate::storage::Storage;
+use crate::system::{CONFIG_KEY, MEMBERS_KEY};
 use crate::transport::{Message, Transport};
 
 /// Longest key: LMDB's key size limit.

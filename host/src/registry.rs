@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Current, Operation, Outcome};
@@ -31,23 +31,21 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 use wasmtime::component::Component;
-use wasmtime::{Engine, Store};
+use wasmtime::Engine;
 
-use crate::api::ComponentView;
 use crate::metrics::Metrics;
-use crate::node::{self, ClientRequest, ConfigCommit, Control, CoreEvent, ProtocolFactory};
-use crate::runtime::{self, Bound, Error, PolicyInstance};
+use crate::node::{
+    self, ClientRequest, ConfigCommit, Control, CoreEvent, Protocol, ProtocolFactory,
+};
+use crate::runtime::{self, Bound, Error, PolicyInstance, Runtime};
+use ballot_client::views::ComponentView;
 
-/// Prefix of every key the cluster keeps for itself.
-pub const SYSTEM_PREFIX: &[u8] = b"\0ballot/";
-/// The component configuration record.
-pub const CONFIG_KEY: &[u8] = b"\0ballot/config";
+pub use crate::runtime::CONTRACT;
+pub use crate::system::{now_ms, CONFIG_KEY, SYSTEM_PREFIX};
 /// Format of the configuration record.
 pub const CONFIG_FORMAT: u32 = 1;
 /// Largest component accepted.
 pub const COMPONENT_MAX: usize = 8 << 20;
-/// The contract version this host implements.
-pub const CONTRACT: (u64, u64, u64) = (0, 2, 2);
 
 /// A component's id: the SHA-256 of its bytes, lower-case hex.
 pub fn component_id(bytes: &[u8]) -> String {
@@ -360,41 +358,11 @@ pub fn inspect(engine: &Engine, bytes: &[u8]) -> Result<(Inspected, Component), 
     Ok((inspected, component))
 }
 
-/// Calls a `self-check.run` export if there is one.
-pub(crate) fn self_check<T>(
-    store: &mut Store<T>,
-    instance: &wasmtime::component::Instance,
-) -> Result<bool, Error> {
-    let (major, minor, patch) = CONTRACT;
-    // A component built against an earlier patch of the contract names
-    // its export with that version.
-    let Some(iface) = (0..=patch).rev().find_map(|p| {
-        let name = format!("ballot:core/self-check@{major}.{minor}.{p}");
-        instance.get_export_index(&mut *store, None, &name)
-    }) else {
-        return Ok(false);
-    };
-    let Some(run) = instance.get_export_index(&mut *store, Some(&iface), "run") else {
-        return Err(Error("its self-check export has no `run` function".into()));
-    };
-    let run = instance
-        .get_typed_func::<(), (Result<(), String>,)>(&mut *store, run)
-        .map_err(|e| Error(format!("its self-check has the wrong type: {e:#}")))?;
-    match run.call(&mut *store, ()) {
-        Ok((Ok(()),)) => Ok(true),
-        Ok((Err(why),)) => Err(Error(format!("its self-check failed: {why}"))),
-        Err(e) => Err(Error(format!(
-            "its self-check trapped: {}",
-            runtime::trap_reason(&e)
-        ))),
-    }
-}
-
 fn run_policy(engine: &Engine, component: &Component) -> Result<Inspected, Error> {
     let (mut store, instance) = runtime::sandbox_policy(engine, component)?;
     let (name, version) = runtime::describe_policy(&mut store, &instance)
         .map_err(|e| Error(format!("its describe failed: {e}")))?;
-    let self_checked = self_check(&mut store, &instance)?;
+    let self_checked = runtime::self_check_export(&mut store, &instance)?;
     Ok(Inspected {
         kind: Kind::Policy,
         name,
@@ -593,14 +561,6 @@ pub struct Registry {
     members: Members,
     /// Set once the configuration has been read and applied at startup.
     started: std::sync::atomic::AtomicBool,
-}
-
-/// Milliseconds since the Unix epoch, by this replica's clock.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn unavailable(outcome: &Outcome) -> RegistryError {
@@ -990,12 +950,12 @@ impl Registry {
                 self.core_config.self_id
             )
         })?;
-        let factory = crate::server::wasm_factory(
+        let factory = wasm_factory(
             rt,
             self.core_config.clone(),
             self.metrics.policy_failures.clone(),
         );
-        Ok((label, crate::server::component_view(info), factory))
+        Ok((label, component_view(info), factory))
     }
 
     async fn on_core_event(&self, event: CoreEvent) {
@@ -1567,6 +1527,97 @@ fn check_prefix(prefix: &str) -> Result<(), RegistryError> {
         ));
     }
     Ok(())
+}
+
+/// Builds instances of `runtime`'s protocol for this replica.
+pub fn wasm_factory(
+    runtime: Arc<Runtime>,
+    base: ballot_core::Config,
+    failures: prometheus_client::metrics::counter::Counter,
+) -> ProtocolFactory {
+    Arc::new(move |incarnation| {
+        let mut config = base.clone();
+        config.incarnation = incarnation;
+        let mut core = runtime.replica(config).map_err(|e| e.to_string())?;
+        core.policies_mut().count_failures(failures.clone());
+        Ok(Box::new(core) as Box<dyn Protocol>)
+    })
+}
+
+/// What the API shows of a component's own description.
+pub fn component_view(info: ballot_core::Info) -> ComponentView {
+    ComponentView {
+        name: info.name,
+        version: info.version,
+        state_formats: info.state_formats,
+        wire_formats: info.wire_formats,
+    }
+}
+
+/// One line per embedded component: its world, name, version and formats.
+pub fn describe_embedded() -> Result<Vec<Embedded>, Error> {
+    let engine = runtime::engine()?;
+    let mut out = Vec::new();
+    for (bytes, file) in [
+        (runtime::PROTOCOL_WASM, "protocol.wasm"),
+        (runtime::REGISTER_WASM, "register.wasm"),
+    ] {
+        let (i, _) = inspect(&engine, bytes)?;
+        let protocol = i.kind == Kind::Protocol;
+        out.push(Embedded {
+            kind: i.kind.to_string(),
+            name: i.name,
+            version: i.version,
+            file,
+            bytes: bytes.len(),
+            id: component_id(bytes),
+            state_formats: if protocol {
+                i.state_formats
+            } else {
+                Vec::new()
+            },
+            wire_formats: if protocol { i.wire_formats } else { Vec::new() },
+        });
+    }
+    Ok(out)
+}
+
+/// One embedded default component, as `ballot components` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Embedded {
+    pub kind: String,
+    pub name: String,
+    pub version: String,
+    pub file: &'static str,
+    pub bytes: usize,
+    pub id: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_formats: Vec<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub wire_formats: Vec<u32>,
+}
+
+impl Embedded {
+    /// One line for people.
+    pub fn line(&self) -> String {
+        let formats = if self.state_formats.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  state formats {:?}  wire formats {:?}",
+                self.state_formats, self.wire_formats
+            )
+        };
+        format!(
+            "{:<9} {} {}{formats}  ({}, {} bytes, {})",
+            self.kind,
+            self.name,
+            self.version,
+            self.file,
+            self.bytes,
+            &self.id[..12]
+        )
+    }
 }
 
 #[cfg(test)]

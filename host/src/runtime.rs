@@ -176,79 +176,6 @@ fn register_version() -> &'static str {
     core::register::VERSION
 }
 
-/// One line per embedded component: its world, name, version and formats.
-pub fn describe_embedded() -> Result<Vec<Embedded>, Error> {
-    let engine = engine()?;
-    let mut out = Vec::new();
-    for (bytes, file) in [
-        (PROTOCOL_WASM, "protocol.wasm"),
-        (REGISTER_WASM, "register.wasm"),
-    ] {
-        let (i, _) = crate::registry::inspect(&engine, bytes)?;
-        let protocol = i.kind == crate::registry::Kind::Protocol;
-        out.push(Embedded {
-            kind: i.kind.to_string(),
-            name: i.name,
-            version: i.version,
-            file,
-            bytes: bytes.len(),
-            id: crate::registry::component_id(bytes),
-            state_formats: if protocol {
-                i.state_formats
-            } else {
-                Vec::new()
-            },
-            wire_formats: if protocol { i.wire_formats } else { Vec::new() },
-        });
-    }
-    Ok(out)
-}
-
-/// One embedded default component, as `ballot components` shows it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Embedded {
-    pub kind: String,
-    pub name: String,
-    pub version: String,
-    pub file: &'static str,
-    pub bytes: usize,
-    pub id: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub state_formats: Vec<u32>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub wire_formats: Vec<u32>,
-}
-
-impl Embedded {
-    /// One line for people.
-    pub fn line(&self) -> String {
-        let formats = if self.state_formats.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "  state formats {:?}  wire formats {:?}",
-                self.state_formats, self.wire_formats
-            )
-        };
-        format!(
-            "{:<9} {} {}{formats}  ({}, {} bytes, {})",
-            self.kind,
-            self.name,
-            self.version,
-            self.file,
-            self.bytes,
-            &self.id[..12]
-        )
-    }
-}
-
-fn limits(memory: usize) -> StoreLimits {
-    StoreLimitsBuilder::new()
-        .memory_size(memory)
-        .instances(4)
-        .build()
-}
-
 fn log(level: u8, message: &str) {
     let message: String = message.chars().take(4096).collect();
     match level {
@@ -574,7 +501,7 @@ impl WasmCore {
     /// Runs the component's `self-check` export; false when it has none.
     pub fn self_check(&mut self) -> Result<bool, Error> {
         self.refuel()?;
-        crate::registry::self_check(&mut self.store, &self.instance)
+        self_check_export(&mut self.store, &self.instance)
     }
 
     /// The component's own description.
@@ -777,6 +704,46 @@ impl core::Core for WasmCore {
 
     fn reconfigure(&mut self, members: core::Members) -> Result<(), String> {
         self.try_reconfigure(members).map_err(|e| e.0)
+    }
+}
+
+fn limits(memory: usize) -> StoreLimits {
+    StoreLimitsBuilder::new()
+        .memory_size(memory)
+        .instances(4)
+        .build()
+}
+
+/// The contract version this host implements.
+pub const CONTRACT: (u64, u64, u64) = (0, 2, 2);
+
+/// Calls a `self-check.run` export if there is one.
+pub(crate) fn self_check_export<T>(
+    store: &mut Store<T>,
+    instance: &wasmtime::component::Instance,
+) -> Result<bool, Error> {
+    let (major, minor, patch) = CONTRACT;
+    // A component built against an earlier patch of the contract names
+    // its export with that version.
+    let Some(iface) = (0..=patch).rev().find_map(|p| {
+        let name = format!("ballot:core/self-check@{major}.{minor}.{p}");
+        instance.get_export_index(&mut *store, None, &name)
+    }) else {
+        return Ok(false);
+    };
+    let Some(run) = instance.get_export_index(&mut *store, Some(&iface), "run") else {
+        return Err(Error("its self-check export has no `run` function".into()));
+    };
+    let run = instance
+        .get_typed_func::<(), (Result<(), String>,)>(&mut *store, run)
+        .map_err(|e| Error(format!("its self-check has the wrong type: {e:#}")))?;
+    match run.call(&mut *store, ()) {
+        Ok((Ok(()),)) => Ok(true),
+        Ok((Err(why),)) => Err(Error(format!("its self-check failed: {why}"))),
+        Err(e) => Err(Error(format!(
+            "its self-check trapped: {}",
+            trap_reason(&e)
+        ))),
     }
 }
 

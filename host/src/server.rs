@@ -13,7 +13,7 @@ use crate::api::{self, App, ClusterView, ComponentView, ReplicaView};
 use crate::membership::{self, Member, MembersRecord, Membership, Role};
 use crate::metrics::Metrics;
 use crate::node::{self, Protocol, ProtocolFactory, INBOUND_QUEUE};
-use crate::registry::Registry;
+use crate::registry::{component_view, wasm_factory, Registry};
 use crate::runtime::{Policies, Runtime};
 use crate::storage::{PeerIdentity, Storage, MAP_SIZE_DEFAULT};
 use crate::tls::{Identity, TlsFiles};
@@ -302,7 +302,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 label: initial.label.clone(),
                 view: protocol_view.clone(),
                 incarnation,
-                since_ms: crate::registry::now_ms(),
+                since_ms: crate::system::now_ms(),
             };
             let core = node::start(
                 initial,
@@ -404,30 +404,6 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
         },
         in_replica,
     ))
-}
-
-/// Builds instances of `runtime`'s protocol for this replica.
-pub fn wasm_factory(
-    runtime: Arc<Runtime>,
-    base: ballot_core::Config,
-    failures: prometheus_client::metrics::counter::Counter,
-) -> ProtocolFactory {
-    Arc::new(move |incarnation| {
-        let mut config = base.clone();
-        config.incarnation = incarnation;
-        let mut core = runtime.replica(config).map_err(|e| e.to_string())?;
-        core.policies_mut().count_failures(failures.clone());
-        Ok(Box::new(core) as Box<dyn Protocol>)
-    })
-}
-
-pub fn component_view(info: ballot_core::Info) -> ComponentView {
-    ComponentView {
-        name: info.name,
-        version: info.version,
-        state_formats: info.state_formats,
-        wire_formats: info.wire_formats,
-    }
 }
 
 fn cluster_view(
