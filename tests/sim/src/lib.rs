@@ -128,6 +128,15 @@ pub struct SimConfig {
     /// other stage and wait kept): unsafe, kept so a test can show that the
     /// checker catches it.
     pub unsafe_membership: bool,
+    /// Once per run a crash may lose the replica's whole data directory: it
+    /// comes back empty, with a new directory identity and a new
+    /// incarnation, as `ballot serve` does on an empty directory. Peers
+    /// that recorded its old identity drop what it sends (design section 7,
+    /// "Identity"), as the daemon's transport refuses its streams.
+    pub wipe: bool,
+    /// Peers accept a lost directory's messages (review defect E): unsafe,
+    /// kept so a test can show that the wipe fault bites.
+    pub unchecked_identity: bool,
 }
 
 impl SimConfig {
@@ -144,6 +153,8 @@ impl SimConfig {
             corrupt: true,
             unchecked_corruption: false,
             unsafe_membership: false,
+            wipe: true,
+            unchecked_identity: false,
         }
     }
 
@@ -197,6 +208,12 @@ pub struct Stats {
     pub corruptions: u64,
     /// Crashes injected as the membership driver moved to a new stage.
     pub stage_crashes: u64,
+    /// Data directories lost at a crash, and messages peers dropped because
+    /// their sender presented another directory than the one on record.
+    pub wipes: u64,
+    pub refused: u64,
+    /// New directories their peers refused to admit.
+    pub refused_admissions: u64,
     /// The longest any client operation waited for its answer, in ms.
     pub wait_max_ms: u64,
 }
@@ -329,7 +346,9 @@ enum NodeInput {
 #[derive(Debug)]
 enum Ev {
     Wake(usize),
-    Deliver(usize, Inbound),
+    /// To a node, a message, and the directory identity its sender had when
+    /// it sent it (what its hello presented).
+    Deliver(usize, Inbound, u64),
     Fire(usize, u64, Timer),
     Persisted(usize, u64, u64),
     Client(usize),
@@ -413,6 +432,14 @@ struct Node {
     epoch: u64,
     /// Not a member yet (a spare) or not any more: never restarted.
     off: bool,
+    /// Its data directory's identity, drawn when the directory is created.
+    identity: u64,
+    /// The identity first seen for each peer (by node index), durable: a
+    /// message presenting another is dropped.
+    known: BTreeMap<usize, u64>,
+    /// Its directory is new and not admitted yet: it votes once every
+    /// other replica has taken its hello (durable).
+    pending: bool,
 }
 
 struct Client {
@@ -453,6 +480,10 @@ pub struct Sim<'f> {
     disk_rng: Rng,
     /// Draws the crashes at membership stage boundaries, likewise.
     stage_rng: Rng,
+    /// Draws the lost data directories and their identities, likewise.
+    wipe_rng: Rng,
+    /// A data directory was lost in this run (at most one).
+    wiped: bool,
     /// A record was corrupted in this run (at most one).
     corrupted: bool,
     cfg: SimConfig,
@@ -518,6 +549,15 @@ impl<'f> Sim<'f> {
                     chores: BTreeMap::new(),
                     epoch: 1,
                     off,
+                    identity: id as u64,
+                    // Every replica of the first membership was admitted
+                    // by all the others before it voted, so each knows
+                    // each; joiners are learnt on first sight.
+                    known: (1..=cfg.nodes as u64)
+                        .filter(|&j| !off && j != id as u64)
+                        .map(|j| (j as usize - 1, j))
+                        .collect(),
+                    pending: false,
                 }
             })
             .collect();
@@ -573,6 +613,8 @@ impl<'f> Sim<'f> {
             policy_rng: Rng::new(cfg.seed ^ 0xd1_5eed_d1),
             disk_rng: Rng::new(cfg.seed ^ 0xd15c_0bad),
             stage_rng: Rng::new(cfg.seed ^ 0x57a9e),
+            wipe_rng: Rng::new(cfg.seed ^ 0xd1_7ec7),
+            wiped: false,
             corrupted: false,
             cfg,
             factory,
@@ -665,8 +707,8 @@ impl<'f> Sim<'f> {
     fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::Wake(i) => self.wake(i),
-            Ev::Deliver(i, m) => {
-                if self.nodes[i].core.is_some() {
+            Ev::Deliver(i, m, identity) => {
+                if self.nodes[i].core.is_some() && self.admits(i, &m, identity) {
                     self.nodes[i].inbox.push(NodeInput::Message(m));
                     self.schedule_wake(i);
                 }
@@ -767,6 +809,21 @@ impl<'f> Sim<'f> {
         }
         let t = self.now + self.rng.range(100, 1500);
         self.at(t, Ev::Fault);
+    }
+
+    /// Whether replica `i` takes a message whose sender presented directory
+    /// `identity`: the first identity seen for a peer is recorded (durably,
+    /// as the daemon commits it before the stream's first message), and
+    /// every other one is refused.
+    fn admits(&mut self, i: usize, m: &Inbound, identity: u64) -> bool {
+        let from = m.from as usize - 1;
+        let known = *self.nodes[i].known.entry(from).or_insert(identity);
+        if known == identity || self.cfg.unchecked_identity {
+            true
+        } else {
+            self.stats.refused += 1;
+            false
+        }
     }
 
     /// Replica `i`'s clock now.
@@ -1325,7 +1382,8 @@ impl<'f> Sim<'f> {
                 self.rng.range(1, 5)
             };
             let t = self.now + delay;
-            self.at(t, Ev::Deliver(to, m.clone()));
+            let identity = self.nodes[from].identity;
+            self.at(t, Ev::Deliver(to, m.clone(), identity));
         }
     }
 
@@ -1439,6 +1497,11 @@ impl<'f> Sim<'f> {
         {
             self.corrupt(i);
         }
+        // Not while the membership changes either: the replica is refused
+        // until it is removed and added again, and the driver waits for it.
+        if self.cfg.wipe && !self.cfg.reconfigure && !self.wiped && self.wipe_rng.chance(0.15) {
+            self.wipe(i);
+        }
         let t = self.now + self.rng.range(20, 800);
         self.at(t, Ev::Restart(i));
     }
@@ -1465,8 +1528,56 @@ impl<'f> Sim<'f> {
         self.stats.corruptions += 1;
     }
 
+    /// The daemon's admission of a new directory (`server::admit`): it
+    /// starts voting only once every other replica took its hello; one that
+    /// knows it by another directory refuses it for good (the daemon exits
+    /// and says why); while one is down it waits.
+    fn admitted(&mut self, i: usize) -> bool {
+        let identity = self.nodes[i].identity;
+        let others: Vec<usize> = (0..self.nodes.len())
+            .filter(|&j| j != i && !self.nodes[j].off)
+            .collect();
+        if others
+            .iter()
+            .any(|&j| self.nodes[j].known.get(&i).is_some_and(|&k| k != identity))
+        {
+            self.nodes[i].off = true;
+            self.stats.refused_admissions += 1;
+            return false;
+        }
+        if others.iter().any(|&j| self.nodes[j].core.is_none()) {
+            let t = self.now + 100;
+            self.at(t, Ev::Restart(i));
+            return false;
+        }
+        for j in others {
+            self.nodes[j].known.insert(i, identity);
+        }
+        self.nodes[i].pending = false;
+        true
+    }
+
+    /// Loses the whole data directory of a crashed replica: its records,
+    /// its peers' identities and its membership copy. It restarts as
+    /// `ballot serve` does on an empty directory: a new identity, an
+    /// incarnation drawn at random (below 2^40), the start-up membership.
+    fn wipe(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.durable.clear();
+        node.known.clear();
+        node.identity = self.wipe_rng.next();
+        node.incarnation = self.wipe_rng.range(1, 1 << 40);
+        node.epoch = 1;
+        node.pending = true;
+        self.wiped = true;
+        self.stats.wipes += 1;
+    }
+
     fn restart(&mut self, i: usize) {
         if self.nodes[i].off {
+            return;
+        }
+        if self.nodes[i].pending && !self.cfg.unchecked_identity && !self.admitted(i) {
             return;
         }
         // It starts on the membership it had adopted, as the host starts

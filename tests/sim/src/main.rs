@@ -45,6 +45,9 @@ enum PlantArg {
     /// A command whose proposal went out is evaluated again (review defect
     /// B; seen through the deadline commands of the native core).
     Reevaluation,
+    /// Peers take the votes of a replica that lost its data directory
+    /// (review defect E; without --reconfigure, where directories are lost).
+    LostDirectory,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -103,7 +106,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let unchecked_corruption = args.planted == Some(PlantArg::UncheckedCorruption);
-    let planted_core = if unsafe_membership || unchecked_corruption {
+    let unchecked_identity = args.planted == Some(PlantArg::LostDirectory);
+    // These plant the bug in the simulated host, not in the core.
+    let planted_core = if unsafe_membership || unchecked_corruption || unchecked_identity {
         None
     } else {
         args.planted
@@ -115,9 +120,9 @@ fn main() -> ExitCode {
             PlantArg::BallotReuse => Planted::BallotReuse,
             PlantArg::QueryIdReuse => Planted::QueryIdReuse,
             PlantArg::Reevaluation => Planted::Reevaluation,
-            PlantArg::UnsafeMembership | PlantArg::UncheckedCorruption => {
-                unreachable!("handled before")
-            }
+            PlantArg::UnsafeMembership
+            | PlantArg::UncheckedCorruption
+            | PlantArg::LostDirectory => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
             if planted_core.is_some() {
@@ -167,6 +172,7 @@ fn main() -> ExitCode {
                     cfg.faults = !args.no_faults;
                     cfg.unsafe_membership = unsafe_membership;
                     cfg.unchecked_corruption = unchecked_corruption;
+                    cfg.unchecked_identity = unchecked_identity;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
                         cfg.ops_per_client = ops;
@@ -194,6 +200,9 @@ fn main() -> ExitCode {
             faults.clock_jumps += report.stats.clock_jumps;
             faults.corruptions += report.stats.corruptions;
             faults.stage_crashes += report.stats.stage_crashes;
+            faults.wipes += report.stats.wipes;
+            faults.refused += report.stats.refused;
+            faults.refused_admissions += report.stats.refused_admissions;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
                 for r in &report.history {
@@ -237,8 +246,8 @@ fn main() -> ExitCode {
             100.0 * not_done as f64 / ops.max(1) as f64,
         );
         eprintln!(
-            "n={n}: faults: {} crashes ({} of the whole cluster, {} at membership stages), {} partitions, {} clock jumps, {} corrupted records",
-            faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions
+            "n={n}: faults: {} crashes ({} of the whole cluster, {} at membership stages), {} partitions, {} clock jumps, {} corrupted records, {} lost data directories ({} refused at admission, {} of their messages refused)",
+            faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions, faults.wipes, faults.refused_admissions, faults.refused
         );
     }
     println!("{passed} passed, {} failed", failed.len());

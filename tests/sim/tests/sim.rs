@@ -57,6 +57,11 @@ fn regression_seeds() {
         (992, 7),
         (1393, 7),
         (1809, 7),
+        // Directories lost before one peer had heard from them, which that
+        // peer took as new ones (until new directories waited for every
+        // peer's admission).
+        (1089, 3),
+        (1288, 3),
     ] {
         assert_clean(&run_native(seed, nodes), seed, nodes);
     }
@@ -79,12 +84,14 @@ fn every_operation_kind_happens_and_faults_fire() {
     let mut reads = 0;
     let mut crashes = 0;
     let mut dropped = 0;
-    let (mut expired, mut corruptions) = (0, 0);
+    let (mut expired, mut corruptions, mut wipes, mut refused) = (0, 0, 0, 0);
     for seed in 0..40 {
         let r = run_native(seed, 3);
         crashes += r.stats.crashes;
         dropped += r.stats.dropped;
         corruptions += r.stats.corruptions;
+        wipes += r.stats.wipes;
+        refused += r.stats.refused_admissions;
         expired += r
             .history
             .iter()
@@ -111,6 +118,8 @@ fn every_operation_kind_happens_and_faults_fire() {
         expired > 0 && corruptions > 0,
         "expired {expired}, corruptions {corruptions}"
     );
+    // Data directories are lost, and peers refuse to admit the new ones.
+    assert!(wipes > 0 && refused > 0, "wipes {wipes}, refused {refused}");
     assert!(
         crashes > 0 && dropped > 0 && failed_or_unknown > 0,
         "crashes {crashes}, dropped {dropped}"
@@ -347,4 +356,26 @@ fn simulator_catches_corruption_that_no_checksum_detects() {
     let report = run(SimConfig::new(seed, 3), &wasm);
     assert_clean(&report, seed, 3);
     assert_clean(&run_native(seed, 3), seed, 3);
+}
+
+/// Review defect E through the simulator: peers that took the votes of a
+/// replica whose data directory was lost (an empty one, under the same id)
+/// let it form quorums that forget acknowledged writes. The same seed passes
+/// when peers refuse a directory other than the one on record.
+#[test]
+fn simulator_catches_votes_from_a_lost_data_directory() {
+    let seed = first_caught(
+        0..400,
+        |seed| {
+            let mut cfg = SimConfig::new(seed, 3);
+            cfg.unchecked_identity = true;
+            cfg
+        },
+        &NativeFactory(None),
+        |v| v.contains("not linearizable") || v.contains("agreement"),
+    )
+    .expect("400 seeds of votes from lost directories passed the simulator");
+    let report = run_native(seed, 3);
+    assert!(report.stats.wipes > 0, "seed {seed} lost no directory");
+    assert_clean(&report, seed, 3);
 }
