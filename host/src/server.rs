@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -17,7 +18,7 @@ use crate::registry::{component_view, wasm_factory, Registry};
 use crate::runtime::{Policies, Runtime};
 use crate::storage::{PeerIdentity, Storage, MAP_SIZE_DEFAULT};
 use crate::tls::{Identity, TlsFiles};
-use crate::transport::{Hooks, Transport};
+use crate::transport::{Hooks, Transport, ADMIT_QUESTION};
 
 /// Newer-epoch reports from peers the membership has not looked at yet;
 /// more are dropped (see `Hooks::ahead`).
@@ -198,6 +199,50 @@ fn directory_check(
     })
 }
 
+/// Waits until every start-up peer has taken this new data directory's
+/// hello, before the protocol casts a single vote. Peers record the first
+/// directory they see for a replica id; a directory created empty under an
+/// id they know (a lost disk, an `rm -rf`) is refused by any peer that heard
+/// from the old one, and since the old one voted only once every peer had
+/// heard from it, at least one did. A peer that is down is waited for:
+/// without its answer an empty directory cannot tell a new cluster from a
+/// lost disk.
+async fn admit(me: u32, transport: &Transport, peers: &[u32]) -> Result<(), String> {
+    let mut waiting: std::collections::BTreeSet<u32> = peers.iter().copied().collect();
+    let mut told: Option<std::time::Instant> = None;
+    while !waiting.is_empty() {
+        for peer in waiting.clone() {
+            let refused = transport
+                .link(peer)
+                .and_then(|l| l.refused_directory.lock().expect("link lock").clone());
+            if let Some(reason) = refused {
+                return Err(format!(
+                    "replica {peer} knows replica {me} by another data directory ({reason}). \
+                     This directory is new and will not vote: if replica {me} lost its data, \
+                     remove it through a healthy replica (ballot cluster remove --id {me}), \
+                     then start it on an empty directory with --join and add it again \
+                     (ballot cluster add)"
+                ));
+            }
+            if transport.request(peer, ADMIT_QUESTION).await.is_ok() {
+                waiting.remove(&peer);
+            }
+        }
+        if waiting.is_empty() {
+            break;
+        }
+        if told.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            told = Some(std::time::Instant::now());
+            info!(
+                ?waiting,
+                "this data directory is new: it votes once every start-up peer has accepted it"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// Runs a replica until SIGINT or SIGTERM.
 pub fn serve(config: NodeConfig) -> Result<(), String> {
     config.validate()?;
@@ -208,8 +253,12 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
         .map_size_mib
         .map(|m| m << 20)
         .unwrap_or(MAP_SIZE_DEFAULT);
-    let (storage, incarnation) =
+    let (mut storage, incarnation) =
         Storage::open(&config.data_dir, config.id, map_size).map_err(|e| e.to_string())?;
+    if config.join && !storage.admitted() {
+        // A joining directory votes once the learner stages promote it.
+        storage.set_admitted().map_err(|e| e.to_string())?;
+    }
     let identity = Identity::load(&config.tls).map_err(|e| e.to_string())?;
     let mut core_config = ballot_core::Config::new(config.id, incarnation, config.voters());
     core_config.inflight_max = 16 * 1024;
@@ -295,6 +344,12 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     check_directory: directory_check(storage.clone()),
                 },
             )?);
+            if !storage.admitted() {
+                let peers: Vec<u32> = config.peers.iter().map(|p| p.id).collect();
+                admit(config.id, &transport, &peers).await?;
+                storage.set_admitted().map_err(|e| e.to_string())?;
+                info!("every start-up peer accepted this data directory; it votes from now on");
+            }
             let (commits_tx, commits_rx) = mpsc::unbounded_channel();
             let (members_tx, members_rx) = mpsc::unbounded_channel();
             let (events_tx, events_rx) = mpsc::unbounded_channel();

@@ -31,6 +31,7 @@ const META_REPLICA: &[u8] = b"replica";
 const META_INCARNATION: &[u8] = b"incarnation";
 const META_IDENTITY: &[u8] = b"identity";
 const META_MEMBERS: &[u8] = b"members";
+const META_ADMITTED: &[u8] = b"admitted";
 
 /// Bytes of a data directory's identity.
 pub const IDENTITY_LEN: usize = 16;
@@ -92,6 +93,7 @@ pub struct Storage {
     values: Database<Bytes, Bytes>,
     changelog: Database<U64<BigEndian>, Bytes>,
     identity: DirIdentity,
+    admitted: bool,
 }
 
 /// Random bytes from the operating system, through the TLS stack's source.
@@ -169,6 +171,16 @@ impl Storage {
             Some(bytes) => read_u64(bytes)? + 1,
         };
         meta.put(&mut wtxn, META_INCARNATION, &record_u64(incarnation))?;
+        // A new directory votes only once every start-up peer has accepted
+        // it (see `set_admitted`); one from before admission was recorded
+        // is taken as admitted.
+        let admitted = match meta.get(&wtxn, META_ADMITTED)? {
+            Some(bytes) => read_flag(bytes)?,
+            None => {
+                meta.put(&mut wtxn, META_ADMITTED, &record_flag(!fresh))?;
+                !fresh
+            }
+        };
         wtxn.commit()?;
         let storage = Storage {
             env,
@@ -177,6 +189,7 @@ impl Storage {
             values,
             changelog,
             identity,
+            admitted,
         };
         Ok((storage, incarnation))
     }
@@ -367,6 +380,24 @@ impl Storage {
         self.identity
     }
 
+    /// Whether this directory may vote: it was admitted by every start-up
+    /// peer, came in through `--join`, or predates admission. A directory
+    /// created empty under an id its peers may know (a lost disk) is not,
+    /// until [`Storage::set_admitted`].
+    pub fn admitted(&self) -> bool {
+        self.admitted
+    }
+
+    /// Durably records that this directory may vote.
+    pub fn set_admitted(&mut self) -> Result<(), Error> {
+        let mut wtxn = self.env.write_txn()?;
+        self.meta
+            .put(&mut wtxn, META_ADMITTED, &record_flag(true))?;
+        wtxn.commit()?;
+        self.admitted = true;
+        Ok(())
+    }
+
     /// Checks the directory identity `peer` presents against the one
     /// recorded for it, recording it durably when there is none.
     pub fn check_peer_identity(
@@ -465,6 +496,18 @@ fn record_identity(identity: &DirIdentity) -> Vec<u8> {
     out.push(STORAGE_FORMAT);
     out.extend_from_slice(identity);
     out
+}
+
+fn record_flag(flag: bool) -> [u8; 2] {
+    [STORAGE_FORMAT, flag as u8]
+}
+
+fn read_flag(bytes: &[u8]) -> Result<bool, Error> {
+    match bytes {
+        [STORAGE_FORMAT, 0] => Ok(false),
+        [STORAGE_FORMAT, 1] => Ok(true),
+        _ => Err(Error("a flag record is malformed".into())),
+    }
 }
 
 fn read_identity(bytes: &[u8]) -> Result<DirIdentity, Error> {
@@ -688,6 +731,28 @@ mod tests {
         assert_eq!(read_identity(&bytes).unwrap(), id);
         assert!(read_identity(&bytes[..16]).is_err());
         assert_eq!(identity_key(7), b"identity/\0\0\0\x07");
+        assert_eq!(record_flag(false), [1, 0]);
+        assert_eq!(record_flag(true), [1, 1]);
+        assert!(read_flag(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn a_new_directory_is_not_admitted_until_it_says_so() {
+        let dir = tmp("admitted");
+        let (mut s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert!(!s.admitted());
+        drop(s);
+        // A crash before admission leaves it unadmitted.
+        let (s2, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert!(!s2.admitted());
+        s = s2;
+        s.set_admitted().unwrap();
+        assert!(s.admitted());
+        drop(s);
+        let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert!(s.admitted());
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

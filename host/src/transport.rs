@@ -52,6 +52,13 @@ use crate::metrics::{label, Metrics};
 use crate::storage::{DirIdentity, IDENTITY_LEN};
 use crate::tls::{self, Identity};
 
+/// A question a replica on a new data directory asks each start-up peer
+/// before it votes. Any answer means the peer took its hello (the
+/// directory it presents); a peer that knows the replica by another
+/// directory closes the connection instead (code 3).
+pub const ADMIT_QUESTION: &[u8] = br#"{"ask":"admit"}"#;
+const ADMIT_ANSWER: &[u8] = br#"{"answer":"admitted"}"#;
+
 /// Format byte of every frame.
 pub const FRAME_FORMAT: u8 = 1;
 /// Largest frame accepted or sent (format, kind and body).
@@ -92,6 +99,9 @@ pub type Message = (Vec<u8>, Vec<u8>);
 pub struct Link {
     pub up: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+    /// The peer closed this replica's connection because it knows this
+    /// replica id by another data directory (its reason), since start-up.
+    pub refused_directory: Mutex<Option<String>>,
     /// The connection this replica dialed, while it is up.
     connection: Mutex<Option<quinn::Connection>>,
 }
@@ -390,6 +400,14 @@ async fn dial_loop(
                     connection.close(VarInt::from_u32(0), b"shutting down");
                     return;
                 };
+                if let Some(quinn::ConnectionError::ApplicationClosed(close)) =
+                    connection.close_reason()
+                {
+                    if close.error_code == VarInt::from_u32(CLOSE_DIRECTORY) {
+                        *link.refused_directory.lock().expect("link lock") =
+                            Some(String::from_utf8_lossy(&close.reason).into_owned());
+                    }
+                }
                 warn!(peer, %addr, "link down: {reason}");
                 // A link the peer closes at once (it refuses this replica)
                 // keeps backing off; one that carried traffic redials soon.
@@ -756,6 +774,17 @@ async fn answer(
         return Ok(());
     };
     let request = match read_frame(&mut recv).await.map_err(malformed)? {
+        // Answered here, not by the membership task: a replica waiting to
+        // be admitted asks before that task runs, and so may this one.
+        Some((KIND_REQUEST, body)) if body == ADMIT_QUESTION => {
+            let mut out = Vec::new();
+            frame(&mut out, KIND_ANSWER, ADMIT_ANSWER);
+            send.write_all(&out)
+                .await
+                .map_err(|e| malformed(FrameError(e.to_string())))?;
+            let _ = send.finish();
+            return Ok(());
+        }
         Some((KIND_REQUEST, body)) => body,
         Some((kind, _)) => {
             return Err(malformed(FrameError(format!(
