@@ -378,6 +378,8 @@ pub struct Membership {
     /// The record version the driver's current stage was computed from.
     driving_version: std::sync::atomic::AtomicU64,
     changelog_keep: u64,
+    /// A joining replica said that a peer refused its data directory.
+    told_refused: std::sync::atomic::AtomicBool,
 }
 
 /// What a membership task is built from.
@@ -399,6 +401,16 @@ fn unavailable(outcome: &Outcome) -> ChangeError {
         Outcome::Rejected(r, _) => ChangeError::Unavailable(format!("{}: {}", r.code, r.message)),
         Outcome::Done(_) => ChangeError::Unavailable("unexpected success".into()),
     }
+}
+
+/// What a replica says when `peer` refuses its data directory.
+pub fn lost_directory(me: ReplicaId, peer: ReplicaId, reason: &str) -> String {
+    format!(
+        "replica {peer} knows replica {me} by another data directory ({reason}). This \
+         directory is new and will not vote: if replica {me} lost its data, remove it through \
+         a healthy replica (ballot cluster remove --id {me}), then start it on an empty \
+         directory with --join and add it again (ballot cluster add)"
+    )
 }
 
 /// The newest membership record this replica holds durably: its committed
@@ -435,6 +447,7 @@ impl Membership {
             driving: tokio::sync::Mutex::new(()),
             driving_version: std::sync::atomic::AtomicU64::new(0),
             changelog_keep: setup.changelog_keep,
+            told_refused: Default::default(),
         })
     }
 
@@ -493,6 +506,12 @@ impl Membership {
                 // started with.
                 return;
             }
+            if let Err(e) = self.admit_joiner(&record) {
+                drop(local);
+                self.transport.set_peers(&[]);
+                self.health.stop(e);
+                return;
+            }
             if let Err(e) = self.storage.set_adopted_members(&record.encode()) {
                 drop(local);
                 self.health
@@ -519,6 +538,29 @@ impl Membership {
         }
         self.transport.set_peers(&record.peers(self.me));
         let _ = self.control.send(Control::Members(record.members()));
+    }
+
+    /// A directory not admitted yet (it started with `--join`) is admitted
+    /// by the first record that lists it as a learner: it then comes in
+    /// through the learner stages. One listed as a voter already is a new
+    /// directory under a voter's id (the voter lost its disk and was
+    /// restarted with `--join`): it must not vote with an empty memory.
+    fn admit_joiner(&self, record: &MembersRecord) -> Result<(), String> {
+        if self.storage.admitted().map_err(|e| e.to_string())? {
+            return Ok(());
+        }
+        match record.role(self.me) {
+            Some(Role::Voter) => Err(format!(
+                "this data directory is new, and membership epoch {} lists replica {} as a \
+                 voter already: its earlier directory was lost, and this one will not vote. \
+                 Remove it through a healthy replica (ballot cluster remove --id {}), then \
+                 start it again on an empty directory with --join and add it \
+                 (ballot cluster add)",
+                record.epoch, self.me, self.me
+            )),
+            Some(Role::Learner) => self.storage.set_admitted().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     }
 
     /// This replica is not in `record` any more: it stops answering.
@@ -618,6 +660,24 @@ impl Membership {
         }
     }
 
+    /// A joining replica that a peer refuses (it knows this id by another
+    /// data directory) says so once: it stays out of every quorum until the
+    /// peer forgets the old directory, which it does when it applies the
+    /// removal.
+    fn tell_refusals(&self) {
+        for (peer, _, link) in self.transport.links() {
+            let reason = link.refused_directory.lock().expect("link lock").clone();
+            if let Some(reason) = reason {
+                if !self
+                    .told_refused
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    warn!(peer, "{}", lost_directory(self.me, peer, &reason));
+                }
+            }
+        }
+    }
+
     /// Asks every peer this replica has a link to for its record.
     async fn fetch_from_linked(self: &Arc<Self>) {
         for (peer, _, _) in self.transport.links() {
@@ -636,6 +696,7 @@ impl Membership {
                 return;
             }
             self.fetch_from_linked().await;
+            self.tell_refusals();
             return;
         }
         match self.read_record().await {

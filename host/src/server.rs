@@ -216,13 +216,7 @@ async fn admit(me: u32, transport: &Transport, peers: &[u32]) -> Result<(), Stri
                 .link(peer)
                 .and_then(|l| l.refused_directory.lock().expect("link lock").clone());
             if let Some(reason) = refused {
-                return Err(format!(
-                    "replica {peer} knows replica {me} by another data directory ({reason}). \
-                     This directory is new and will not vote: if replica {me} lost its data, \
-                     remove it through a healthy replica (ballot cluster remove --id {me}), \
-                     then start it on an empty directory with --join and add it again \
-                     (ballot cluster add)"
-                ));
+                return Err(membership::lost_directory(me, peer, &reason));
             }
             if transport.request(peer, ADMIT_QUESTION).await.is_ok() {
                 waiting.remove(&peer);
@@ -253,12 +247,8 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
         .map_size_mib
         .map(|m| m << 20)
         .unwrap_or(MAP_SIZE_DEFAULT);
-    let (mut storage, incarnation) =
+    let (storage, incarnation) =
         Storage::open(&config.data_dir, config.id, map_size).map_err(|e| e.to_string())?;
-    if config.join && !storage.admitted() {
-        // A joining directory votes once the learner stages promote it.
-        storage.set_admitted().map_err(|e| e.to_string())?;
-    }
     let identity = Identity::load(&config.tls).map_err(|e| e.to_string())?;
     let mut core_config = ballot_core::Config::new(config.id, incarnation, config.voters());
     core_config.inflight_max = 16 * 1024;
@@ -344,7 +334,9 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     check_directory: directory_check(storage.clone()),
                 },
             )?);
-            if !storage.admitted() {
+            // A joining directory is admitted by the first record it
+            // adopts: one that lists it as a learner (membership::adopt).
+            if !config.join && !storage.admitted().map_err(|e| e.to_string())? {
                 let peers: Vec<u32> = config.peers.iter().map(|p| p.id).collect();
                 admit(config.id, &transport, &peers).await?;
                 storage.set_admitted().map_err(|e| e.to_string())?;

@@ -93,7 +93,6 @@ pub struct Storage {
     values: Database<Bytes, Bytes>,
     changelog: Database<U64<BigEndian>, Bytes>,
     identity: DirIdentity,
-    admitted: bool,
 }
 
 /// Random bytes from the operating system, through the TLS stack's source.
@@ -174,13 +173,12 @@ impl Storage {
         // A new directory votes only once every start-up peer has accepted
         // it (see `set_admitted`); one from before admission was recorded
         // is taken as admitted.
-        let admitted = match meta.get(&wtxn, META_ADMITTED)? {
-            Some(bytes) => read_flag(bytes)?,
-            None => {
-                meta.put(&mut wtxn, META_ADMITTED, &record_flag(!fresh))?;
-                !fresh
+        match meta.get(&wtxn, META_ADMITTED)? {
+            Some(bytes) => {
+                read_flag(bytes)?;
             }
-        };
+            None => meta.put(&mut wtxn, META_ADMITTED, &record_flag(!fresh))?,
+        }
         wtxn.commit()?;
         let storage = Storage {
             env,
@@ -189,7 +187,6 @@ impl Storage {
             values,
             changelog,
             identity,
-            admitted,
         };
         Ok((storage, incarnation))
     }
@@ -380,21 +377,24 @@ impl Storage {
         self.identity
     }
 
-    /// Whether this directory may vote: it was admitted by every start-up
-    /// peer, came in through `--join`, or predates admission. A directory
+    /// Whether this directory may vote: every start-up peer accepted it,
+    /// it joined as a learner, or it predates admission. A directory
     /// created empty under an id its peers may know (a lost disk) is not,
     /// until [`Storage::set_admitted`].
-    pub fn admitted(&self) -> bool {
-        self.admitted
+    pub fn admitted(&self) -> Result<bool, Error> {
+        let rtxn = self.env.read_txn()?;
+        match self.meta.get(&rtxn, META_ADMITTED)? {
+            Some(bytes) => read_flag(bytes),
+            None => Ok(false),
+        }
     }
 
     /// Durably records that this directory may vote.
-    pub fn set_admitted(&mut self) -> Result<(), Error> {
+    pub fn set_admitted(&self) -> Result<(), Error> {
         let mut wtxn = self.env.write_txn()?;
         self.meta
             .put(&mut wtxn, META_ADMITTED, &record_flag(true))?;
         wtxn.commit()?;
-        self.admitted = true;
         Ok(())
     }
 
@@ -739,18 +739,17 @@ mod tests {
     #[test]
     fn a_new_directory_is_not_admitted_until_it_says_so() {
         let dir = tmp("admitted");
-        let (mut s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
-        assert!(!s.admitted());
+        let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert!(!s.admitted().unwrap());
         drop(s);
         // A crash before admission leaves it unadmitted.
-        let (s2, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
-        assert!(!s2.admitted());
-        s = s2;
+        let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        assert!(!s.admitted().unwrap());
         s.set_admitted().unwrap();
-        assert!(s.admitted());
+        assert!(s.admitted().unwrap());
         drop(s);
         let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
-        assert!(s.admitted());
+        assert!(s.admitted().unwrap());
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }

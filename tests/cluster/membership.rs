@@ -409,3 +409,58 @@ fn activation_after_a_membership_change_asks_the_current_members() {
         }
     });
 }
+
+/// A voter that joined with `--join`, lost its data directory and was
+/// started again the same way (its configuration still says `join`) does
+/// not vote with an empty memory, and says why: its peers refuse the new
+/// directory, and a record that lists it as a voter already (from a peer
+/// that never recorded the old directory) is not adopted. Before, the
+/// directory adopted the record a peer served and voted.
+#[test]
+fn a_promoted_joiner_that_lost_its_directory_does_not_vote_again() {
+    let scratch = Scratch::new("joiner-lost-directory");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        cluster.add_joiner(4).unwrap();
+        cluster.start(4).unwrap();
+        cluster.wait_alive(4, READY).await.unwrap();
+        let peer4 = cluster.nodes[3].config.peer_addr.to_string();
+        let (http2, http4) = (cluster.nodes[1].http(), cluster.nodes[3].http());
+        let out = wait_finished(
+            cluster_cmd(
+                &http2,
+                &["add", "--id", "4", "--peer", &peer4, "--http", &http4],
+            ),
+            "cluster add 4",
+        )
+        .await;
+        assert!(out.contains("done at membership epoch"), "{out}");
+        cluster.kill(4);
+        std::fs::remove_dir_all(&cluster.nodes[3].config.data_dir).unwrap();
+        cluster.start(4).unwrap();
+        let deadline = Instant::now() + READY;
+        loop {
+            let log = std::fs::read_to_string(cluster.log_path(4)).unwrap_or_default();
+            let restarted = log.split("replica serving").nth(2).unwrap_or_default();
+            assert!(
+                !restarted.contains("voters=[1, 2, 3, 4]"),
+                "the new directory adopted a record listing it as a voter: {log}"
+            );
+            if restarted.contains("knows replica 4 by another data directory")
+                || restarted.contains("lists replica 4 as a voter already")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica 4 did not refuse its new directory: {log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // It answers no client, and the others go on serving.
+        let r = client(&cluster, 4).get("k", false).await.unwrap();
+        assert!(!r.status.is_success(), "{}", r.status);
+        let r = put(&client(&cluster, 1), "after", "x").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+    });
+}
