@@ -199,6 +199,33 @@ fn directory_check(
     })
 }
 
+/// The client listener, shared by the answers given while this replica
+/// waits to be admitted and by the API after.
+#[derive(Clone)]
+struct Shared(Arc<tokio::net::TcpListener>);
+
+impl axum::serve::Listener for Shared {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok(accepted) => return accepted,
+                // Out of file descriptors and the like: wait, as axum does.
+                Err(e) => {
+                    tracing::debug!("accepting a client connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
 /// Waits until every start-up peer has taken this new data directory's
 /// hello, before the protocol casts a single vote. Peers record the first
 /// directory they see for a replica id; a directory created empty under an
@@ -334,11 +361,40 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     check_directory: directory_check(storage.clone()),
                 },
             )?);
+            // The client port is taken at once, so nothing else takes it
+            // while this replica waits to be admitted.
+            let listener = Shared(Arc::new(
+                tokio::net::TcpListener::bind(config.http_addr)
+                    .await
+                    .map_err(|e| format!("binding the client address {}: {e}", config.http_addr))?,
+            ));
             // A joining directory is admitted by the first record it
             // adopts: one that lists it as a learner (membership::adopt).
             if !config.join && !storage.admitted().map_err(|e| e.to_string())? {
                 let peers: Vec<u32> = config.peers.iter().map(|p| p.id).collect();
-                admit(config.id, &transport, &peers).await?;
+                let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel::<()>();
+                let waiting = axum::Router::new().fallback(|| async {
+                    api::error(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "not-admitted",
+                        "this replica's data directory is new: it serves once every start-up \
+                         peer has accepted it",
+                    )
+                });
+                let meanwhile = tokio::spawn({
+                    let listener = listener.clone();
+                    async move {
+                        axum::serve(listener, waiting)
+                            .with_graceful_shutdown(async {
+                                let _ = admitted_rx.await;
+                            })
+                            .await
+                    }
+                });
+                let admitted = admit(config.id, &transport, &peers).await;
+                let _ = admitted_tx.send(());
+                let _ = meanwhile.await;
+                admitted?;
                 storage.set_admitted().map_err(|e| e.to_string())?;
                 info!("every start-up peer accepted this data directory; it votes from now on");
             }
@@ -399,9 +455,6 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 members,
             }));
             tokio::spawn(registry.clone().run(commits_rx, events_rx));
-            let listener = tokio::net::TcpListener::bind(config.http_addr)
-                .await
-                .map_err(|e| format!("binding the client address {}: {e}", config.http_addr))?;
             let view = {
                 let config = config.clone();
                 let transport = transport.clone();
