@@ -347,6 +347,26 @@ fn removing_a_replica_during_its_join_abandons_the_join_cleanly() {
     });
 }
 
+/// Starts replica 4 with `--join` and adds it through replica 2 (`ballot
+/// cluster add`), until it votes; returns replica 2's endpoint.
+async fn add_replica_4(cluster: &mut DevCluster) -> String {
+    cluster.add_joiner(4).unwrap();
+    cluster.start(4).unwrap();
+    cluster.wait_alive(4, READY).await.unwrap();
+    let peer4 = cluster.nodes[3].config.peer_addr.to_string();
+    let (http2, http4) = (cluster.nodes[1].http(), cluster.nodes[3].http());
+    let out = wait_finished(
+        cluster_cmd(
+            &http2,
+            &["add", "--id", "4", "--peer", &peer4, "--http", &http4],
+        ),
+        "cluster add 4",
+    )
+    .await;
+    assert!(out.contains("done at membership epoch"), "{out}");
+    http2
+}
+
 /// An activation asks the replicas of the current membership, not the ones
 /// a replica was started with: after 4 joins and 1 leaves, activating a
 /// protocol through replica 2 (started with voters 1, 2, 3) once waited
@@ -357,20 +377,7 @@ fn activation_after_a_membership_change_asks_the_current_members() {
     let scratch = Scratch::new("activate-after-change");
     runtime().block_on(async {
         let mut cluster = start(&scratch.0, 3).await;
-        cluster.add_joiner(4).unwrap();
-        cluster.start(4).unwrap();
-        cluster.wait_alive(4, READY).await.unwrap();
-        let peer4 = cluster.nodes[3].config.peer_addr.to_string();
-        let (http2, http4) = (cluster.nodes[1].http(), cluster.nodes[3].http());
-        let out = wait_finished(
-            cluster_cmd(
-                &http2,
-                &["add", "--id", "4", "--peer", &peer4, "--http", &http4],
-            ),
-            "cluster add 4",
-        )
-        .await;
-        assert!(out.contains("done at membership epoch"), "{out}");
+        let http2 = add_replica_4(&mut cluster).await;
         let out = wait_finished(cluster_cmd(&http2, &["remove", "--id", "1"]), "remove 1").await;
         assert!(out.contains("done at membership epoch"), "{out}");
 
@@ -421,20 +428,7 @@ fn a_promoted_joiner_that_lost_its_directory_does_not_vote_again() {
     let scratch = Scratch::new("joiner-lost-directory");
     runtime().block_on(async {
         let mut cluster = start(&scratch.0, 3).await;
-        cluster.add_joiner(4).unwrap();
-        cluster.start(4).unwrap();
-        cluster.wait_alive(4, READY).await.unwrap();
-        let peer4 = cluster.nodes[3].config.peer_addr.to_string();
-        let (http2, http4) = (cluster.nodes[1].http(), cluster.nodes[3].http());
-        let out = wait_finished(
-            cluster_cmd(
-                &http2,
-                &["add", "--id", "4", "--peer", &peer4, "--http", &http4],
-            ),
-            "cluster add 4",
-        )
-        .await;
-        assert!(out.contains("done at membership epoch"), "{out}");
+        add_replica_4(&mut cluster).await;
         cluster.kill(4);
         std::fs::remove_dir_all(&cluster.nodes[3].config.data_dir).unwrap();
         cluster.start(4).unwrap();
