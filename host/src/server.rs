@@ -226,6 +226,35 @@ impl axum::serve::Listener for Shared {
     }
 }
 
+/// Runs `admission` while the client port answers every request 503
+/// `not-admitted`.
+async fn answering_not_admitted(
+    listener: &Shared,
+    admission: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel::<()>();
+    let waiting = axum::Router::new().fallback(|| async {
+        api::error(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not-admitted",
+            "this replica's data directory is new: it serves once every start-up peer has \
+             accepted it",
+        )
+    });
+    let listener = listener.clone();
+    let meanwhile = tokio::spawn(async move {
+        axum::serve(listener, waiting)
+            .with_graceful_shutdown(async {
+                let _ = admitted_rx.await;
+            })
+            .await
+    });
+    let admitted = admission.await;
+    let _ = admitted_tx.send(());
+    let _ = meanwhile.await;
+    admitted
+}
+
 /// Waits until every start-up peer has taken this new data directory's
 /// hello, before the protocol casts a single vote. Peers record the first
 /// directory they see for a replica id; a directory created empty under an
@@ -372,29 +401,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
             // adopts: one that lists it as a learner (membership::adopt).
             if !config.join && !storage.admitted().map_err(|e| e.to_string())? {
                 let peers: Vec<u32> = config.peers.iter().map(|p| p.id).collect();
-                let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel::<()>();
-                let waiting = axum::Router::new().fallback(|| async {
-                    api::error(
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                        "not-admitted",
-                        "this replica's data directory is new: it serves once every start-up \
-                         peer has accepted it",
-                    )
-                });
-                let meanwhile = tokio::spawn({
-                    let listener = listener.clone();
-                    async move {
-                        axum::serve(listener, waiting)
-                            .with_graceful_shutdown(async {
-                                let _ = admitted_rx.await;
-                            })
-                            .await
-                    }
-                });
-                let admitted = admit(config.id, &transport, &peers).await;
-                let _ = admitted_tx.send(());
-                let _ = meanwhile.await;
-                admitted?;
+                answering_not_admitted(&listener, admit(config.id, &transport, &peers)).await?;
                 storage.set_admitted().map_err(|e| e.to_string())?;
                 info!("every start-up peer accepted this data directory; it votes from now on");
             }
