@@ -137,6 +137,11 @@ pub struct SimConfig {
     /// Peers accept a lost directory's messages (review defect E): unsafe,
     /// kept so a test can show that the wipe fault bites.
     pub unchecked_identity: bool,
+    /// A membership epoch a replica adopts is kept in memory only, and a
+    /// restart resumes the start-up membership, as the daemon did before an
+    /// adopted record reached LMDB ahead of the core (review defect D):
+    /// unsafe, kept so a test can show that restarts reach it.
+    pub volatile_epoch: bool,
 }
 
 impl SimConfig {
@@ -155,6 +160,7 @@ impl SimConfig {
             unsafe_membership: false,
             wipe: true,
             unchecked_identity: false,
+            volatile_epoch: false,
         }
     }
 
@@ -214,6 +220,9 @@ pub struct Stats {
     pub refused: u64,
     /// New directories their peers refused to admit.
     pub refused_admissions: u64,
+    /// Replicas removed while they were down, which came back on the epoch
+    /// they had.
+    pub removed_down: u64,
     /// The longest any client operation waited for its answer, in ms.
     pub wait_max_ms: u64,
 }
@@ -427,11 +436,20 @@ struct Node {
     requests: BTreeMap<u64, usize>,
     /// Request id -> a read the replica makes for the membership driver.
     chores: BTreeMap<u64, (Chore, Vec<u8>)>,
-    /// The membership epoch it has adopted (kept across crashes, as the
-    /// host keeps its copy of the membership record in LMDB).
+    /// The membership epoch its core runs.
     epoch: u64,
+    /// The epoch it resumes after a crash: the host's copy of the
+    /// membership record in LMDB, written before the core runs it.
+    durable_epoch: u64,
     /// Not a member yet (a spare) or not any more: never restarted.
     off: bool,
+    /// Removed while it was down: it comes back on the membership it had
+    /// and votes in it until its first poll tells it that it was removed,
+    /// as a daemon restarted on a removed replica's directory does.
+    removed: bool,
+    /// Restarted, it has not polled the membership yet: until then it
+    /// learns a newer epoch only from a peer's stamp.
+    behind_until: u64,
     /// Its data directory's identity, drawn when the directory is created.
     identity: u64,
     /// The identity first seen for each peer (by node index), durable: a
@@ -482,6 +500,8 @@ pub struct Sim<'f> {
     stage_rng: Rng,
     /// Draws the lost data directories and their identities, likewise.
     wipe_rng: Rng,
+    /// Draws when a restarted replica first polls the membership.
+    epoch_rng: Rng,
     /// A data directory was lost in this run (at most one).
     wiped: bool,
     /// A record was corrupted in this run (at most one).
@@ -548,7 +568,10 @@ impl<'f> Sim<'f> {
                     requests: BTreeMap::new(),
                     chores: BTreeMap::new(),
                     epoch: 1,
+                    durable_epoch: 1,
                     off,
+                    removed: false,
+                    behind_until: 0,
                     identity: id as u64,
                     // Every replica of the first membership was admitted
                     // by all the others before it voted, so each knows
@@ -614,6 +637,7 @@ impl<'f> Sim<'f> {
             disk_rng: Rng::new(cfg.seed ^ 0xd15c_0bad),
             stage_rng: Rng::new(cfg.seed ^ 0x57a9e),
             wipe_rng: Rng::new(cfg.seed ^ 0xd1_7ec7),
+            epoch_rng: Rng::new(cfg.seed ^ 0xe90c4),
             wiped: false,
             corrupted: false,
             cfg,
@@ -709,6 +733,10 @@ impl<'f> Sim<'f> {
             Ev::Wake(i) => self.wake(i),
             Ev::Deliver(i, m, identity) => {
                 if self.nodes[i].core.is_some() && self.admits(i, &m, identity) {
+                    self.ahead(i, &m);
+                    if self.nodes[i].core.is_none() {
+                        return;
+                    }
                     self.nodes[i].inbox.push(NodeInput::Message(m));
                     self.schedule_wake(i);
                 }
@@ -913,19 +941,53 @@ impl<'f> Sim<'f> {
         self.memberships.last().expect("epoch 1 exists")
     }
 
+    /// A message stamped with a newer epoch than its receiver runs: the
+    /// daemon's transport reports it, and the membership task fetches the
+    /// record at once.
+    fn ahead(&mut self, i: usize, m: &Inbound) {
+        if let Ok((epoch, _)) = Msg::decode_any(&m.payload) {
+            if epoch > self.nodes[i].epoch {
+                self.nodes[i].behind_until = 0;
+                self.poll(i);
+            }
+        }
+    }
+
     /// A replica that is up adopts the newest membership, as the host does
-    /// when it applies a commit of the membership record or polls it.
+    /// when it applies a commit of the membership record or polls it. One
+    /// that restarted missed the commits made while it was down: it runs the
+    /// epoch it resumed until a peer's newer stamp or its next periodic
+    /// poll (the daemon's is every 2 s).
     fn poll(&mut self, i: usize) {
         let latest = self.latest().clone();
-        let node = &mut self.nodes[i];
-        if node.off || node.epoch >= latest.epoch {
+        let volatile = self.cfg.volatile_epoch;
+        {
+            let node = &self.nodes[i];
+            if node.off
+                || node.epoch >= latest.epoch
+                || node.core.is_none()
+                || self.now < node.behind_until
+            {
+                return;
+            }
+        }
+        if self.nodes[i].removed {
+            // It learns that it was removed, and stops for good.
+            self.crash(i);
+            self.nodes[i].off = true;
             return;
         }
+        let node = &mut self.nodes[i];
         let Some(core) = node.core.as_mut() else {
             return;
         };
         match core.reconfigure(latest.clone()) {
-            Ok(()) => node.epoch = latest.epoch,
+            Ok(()) => {
+                node.epoch = latest.epoch;
+                if !volatile {
+                    node.durable_epoch = latest.epoch;
+                }
+            }
             Err(e) => self.violations.push(format!(
                 "replica {} refused epoch {}: {e}",
                 node.id, latest.epoch
@@ -1052,7 +1114,15 @@ impl<'f> Sim<'f> {
                 let up: Vec<usize> = (0..self.nodes.len())
                     .filter(|&i| self.nodes[i].core.is_some())
                     .collect();
-                if !up.is_empty() {
+                if self.stage_rng.chance(0.1) {
+                    // Or the whole cluster goes down (a power cut, a
+                    // rollout that restarts every replica at once).
+                    self.stats.stage_crashes += 1;
+                    self.stats.cluster_crashes += 1;
+                    for i in up {
+                        self.crash(i);
+                    }
+                } else if !up.is_empty() {
                     let i = up[self.stage_rng.range(0, up.len() as u64 - 1) as usize];
                     self.stats.stage_crashes += 1;
                     self.crash(i);
@@ -1097,11 +1167,16 @@ impl<'f> Sim<'f> {
                     ));
                     node.core = Some(core);
                     node.epoch = 1;
+                    node.durable_epoch = 1;
                 }
                 if let Some(y) = retire {
-                    // A removed replica stops for good.
-                    self.crash(y);
-                    self.nodes[y].off = true;
+                    // A removed replica runs on until its next poll tells
+                    // it, and stops for good then; one that is down comes
+                    // back on the epoch it had first.
+                    self.nodes[y].removed = true;
+                    if self.nodes[y].core.is_none() {
+                        self.stats.removed_down += 1;
+                    }
                 }
                 self.memberships.push(members);
                 (*next, true)
@@ -1568,6 +1643,7 @@ impl<'f> Sim<'f> {
         node.identity = self.wipe_rng.next();
         node.incarnation = self.wipe_rng.range(1, 1 << 40);
         node.epoch = 1;
+        node.durable_epoch = 1;
         node.pending = true;
         self.wiped = true;
         self.stats.wipes += 1;
@@ -1580,11 +1656,18 @@ impl<'f> Sim<'f> {
         if self.nodes[i].pending && !self.cfg.unchecked_identity && !self.admitted(i) {
             return;
         }
-        // It starts on the membership it had adopted, as the host starts
-        // on its own copy of the membership record.
-        let members = self.members_at(self.nodes[i].epoch);
+        // It starts on its durable copy of the membership record, as the
+        // host does.
+        let members = self.members_at(self.nodes[i].durable_epoch);
         let first = self.memberships[0].voters.clone();
+        let behind = if self.cfg.reconfigure {
+            self.now + self.epoch_rng.range(0, 2000)
+        } else {
+            0
+        };
         let node = &mut self.nodes[i];
+        node.epoch = members.epoch;
+        node.behind_until = behind;
         node.incarnation += 1;
         node.cache = node.durable.clone();
         node.disk_free_at = 0;

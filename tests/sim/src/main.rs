@@ -48,6 +48,10 @@ enum PlantArg {
     /// Peers take the votes of a replica that lost its data directory
     /// (review defect E; without --reconfigure, where directories are lost).
     LostDirectory,
+    /// A membership epoch adopted while running is not durable, and a
+    /// restart resumes the start-up membership (review defect D; needs
+    /// --reconfigure).
+    VolatileEpoch,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -107,12 +111,18 @@ fn main() -> ExitCode {
     }
     let unchecked_corruption = args.planted == Some(PlantArg::UncheckedCorruption);
     let unchecked_identity = args.planted == Some(PlantArg::LostDirectory);
+    let volatile_epoch = args.planted == Some(PlantArg::VolatileEpoch);
+    if volatile_epoch && !args.reconfigure {
+        eprintln!("ballot-sim: --planted volatile-epoch needs --reconfigure");
+        return ExitCode::from(2);
+    }
     // These plant the bug in the simulated host, not in the core.
-    let planted_core = if unsafe_membership || unchecked_corruption || unchecked_identity {
-        None
-    } else {
-        args.planted
-    };
+    let planted_core =
+        if unsafe_membership || unchecked_corruption || unchecked_identity || volatile_epoch {
+            None
+        } else {
+            args.planted
+        };
     let factory: Box<dyn CoreFactory + Sync> = match args.core {
         CoreArg::Native => Box::new(NativeFactory(planted_core.map(|p| match p {
             PlantArg::Epoxy => Planted::EpoxyFastPath,
@@ -122,7 +132,8 @@ fn main() -> ExitCode {
             PlantArg::Reevaluation => Planted::Reevaluation,
             PlantArg::UnsafeMembership
             | PlantArg::UncheckedCorruption
-            | PlantArg::LostDirectory => unreachable!("handled before"),
+            | PlantArg::LostDirectory
+            | PlantArg::VolatileEpoch => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
             if planted_core.is_some() {
@@ -173,6 +184,7 @@ fn main() -> ExitCode {
                     cfg.unsafe_membership = unsafe_membership;
                     cfg.unchecked_corruption = unchecked_corruption;
                     cfg.unchecked_identity = unchecked_identity;
+                    cfg.volatile_epoch = volatile_epoch;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
                         cfg.ops_per_client = ops;
@@ -203,6 +215,7 @@ fn main() -> ExitCode {
             faults.wipes += report.stats.wipes;
             faults.refused += report.stats.refused;
             faults.refused_admissions += report.stats.refused_admissions;
+            faults.removed_down += report.stats.removed_down;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
                 for r in &report.history {
@@ -246,8 +259,8 @@ fn main() -> ExitCode {
             100.0 * not_done as f64 / ops.max(1) as f64,
         );
         eprintln!(
-            "n={n}: faults: {} crashes ({} of the whole cluster, {} at membership stages), {} partitions, {} clock jumps, {} corrupted records, {} lost data directories ({} refused at admission, {} of their messages refused)",
-            faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions, faults.wipes, faults.refused_admissions, faults.refused
+            "n={n}: faults: {} crashes ({} of the whole cluster, {} at membership stages), {} partitions, {} clock jumps, {} corrupted records, {} lost data directories ({} refused at admission, {} of their messages refused), {} replicas removed while down",
+            faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions, faults.wipes, faults.refused_admissions, faults.refused, faults.removed_down
         );
     }
     println!("{passed} passed, {} failed", failed.len());
