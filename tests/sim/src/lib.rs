@@ -223,6 +223,8 @@ pub struct Stats {
     /// Replicas removed while they were down, which came back on the epoch
     /// they had.
     pub removed_down: u64,
+    /// Restarts on an older epoch than the newest published.
+    pub lagging_restarts: u64,
     /// The longest any client operation waited for its answer, in ms.
     pub wait_max_ms: u64,
 }
@@ -448,7 +450,10 @@ struct Node {
     /// as a daemon restarted on a removed replica's directory does.
     removed: bool,
     /// Restarted, it has not polled the membership yet: until then it
-    /// learns a newer epoch only from a peer's stamp.
+    /// learns a newer epoch only from a peer's stamp. The daemon's first
+    /// poll is a read at the stale epoch, which peers fence off, so it
+    /// fails after its 10 s timeout and the replica then fetches a peer's
+    /// record: 0-10 s here.
     behind_until: u64,
     /// Its data directory's identity, drawn when the directory is created.
     identity: u64,
@@ -502,6 +507,9 @@ pub struct Sim<'f> {
     wipe_rng: Rng,
     /// Draws when a restarted replica first polls the membership.
     epoch_rng: Rng,
+    /// The run's one random crash of the whole cluster happened (those at
+    /// membership stages are apart).
+    crashed_all: bool,
     /// A data directory was lost in this run (at most one).
     wiped: bool,
     /// A record was corrupted in this run (at most one).
@@ -640,6 +648,7 @@ impl<'f> Sim<'f> {
             epoch_rng: Rng::new(cfg.seed ^ 0xe90c4),
             wiped: false,
             corrupted: false,
+            crashed_all: false,
             cfg,
             factory,
             rng,
@@ -829,7 +838,8 @@ impl<'f> Sim<'f> {
                 self.skew[i] += self.rng.range(0, 2000) as i64 - 1000;
                 self.stats.clock_jumps += 1;
             }
-            17 if self.stats.cluster_crashes == 0 && self.rng.chance(0.3) => {
+            17 if !self.crashed_all && self.rng.chance(0.3) => {
+                self.crashed_all = true;
                 let t = self.now;
                 self.at(t, Ev::CrashAll);
             }
@@ -956,8 +966,8 @@ impl<'f> Sim<'f> {
     /// A replica that is up adopts the newest membership, as the host does
     /// when it applies a commit of the membership record or polls it. One
     /// that restarted missed the commits made while it was down: it runs the
-    /// epoch it resumed until a peer's newer stamp or its next periodic
-    /// poll (the daemon's is every 2 s).
+    /// epoch it resumed until a peer's newer stamp or its first poll, up
+    /// to 10 s later.
     fn poll(&mut self, i: usize) {
         let latest = self.latest().clone();
         let volatile = self.cfg.volatile_epoch;
@@ -1661,10 +1671,13 @@ impl<'f> Sim<'f> {
         let members = self.members_at(self.nodes[i].durable_epoch);
         let first = self.memberships[0].voters.clone();
         let behind = if self.cfg.reconfigure {
-            self.now + self.epoch_rng.range(0, 2000)
+            self.now + self.epoch_rng.range(0, 10_000)
         } else {
             0
         };
+        if members.epoch < self.latest().epoch {
+            self.stats.lagging_restarts += 1;
+        }
         let node = &mut self.nodes[i];
         node.epoch = members.epoch;
         node.behind_until = behind;

@@ -216,6 +216,7 @@ fn main() -> ExitCode {
             faults.refused += report.stats.refused;
             faults.refused_admissions += report.stats.refused_admissions;
             faults.removed_down += report.stats.removed_down;
+            faults.lagging_restarts += report.stats.lagging_restarts;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
                 for r in &report.history {
@@ -259,8 +260,8 @@ fn main() -> ExitCode {
             100.0 * not_done as f64 / ops.max(1) as f64,
         );
         eprintln!(
-            "n={n}: faults: {} crashes ({} of the whole cluster, {} at membership stages), {} partitions, {} clock jumps, {} corrupted records, {} lost data directories ({} refused at admission, {} of their messages refused), {} replicas removed while down",
-            faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions, faults.wipes, faults.refused_admissions, faults.refused, faults.removed_down
+            "n={n}: faults: {} crashes ({} of the whole cluster, {} at membership stages), {} partitions, {} clock jumps, {} corrupted records, {} lost data directories ({} refused at admission, {} of their messages refused), {} replicas removed while down, {} restarts on an older epoch",
+            faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions, faults.wipes, faults.refused_admissions, faults.refused, faults.removed_down, faults.lagging_restarts
         );
     }
     println!("{passed} passed, {} failed", failed.len());
