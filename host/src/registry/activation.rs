@@ -1,0 +1,459 @@
+//! Protocol swaps on this replica and across the cluster: following the
+//! configured protocol, readiness answers, `activate`, the automatic
+//! rollback after traps, and `rollback`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ballot_core::register::Command;
+use ballot_core::{Consistency, Outcome};
+use tracing::{debug, warn};
+
+use super::config::{ClusterConfig, Kind, PendingActivation, SwapRecord};
+use super::inspect::{compatible, component_view, wasm_factory};
+use super::{now_ms, set_protocol_info, Registry, RegistryError, Running, SYSTEM_PREFIX};
+use crate::node::{Control, CoreEvent, ProtocolFactory};
+use crate::runtime;
+use ballot_client::views::ComponentView;
+
+/// Traps within this long after a swap count towards a rollback.
+const TRAP_WINDOW: Duration = Duration::from_secs(60);
+/// Traps in that window that make a replica fall back to the previous
+/// protocol.
+const TRAPS_TO_ROLL_BACK: usize = 3;
+/// How long an activation waits for every voter to say it can run the
+/// component.
+const READY_WAIT: Duration = Duration::from_secs(15);
+
+fn ready_key(nonce: u64, replica: u32) -> Vec<u8> {
+    let mut key = SYSTEM_PREFIX.to_vec();
+    key.extend_from_slice(format!("ready/{nonce}/{replica}").as_bytes());
+    key
+}
+
+impl Registry {
+    /// Answers a pending activation's readiness check, and swaps to the
+    /// active protocol if this replica does not run it yet.
+    pub(super) async fn follow_protocol(&self, config: &ClusterConfig) {
+        self.forget_readiness(config.protocol.pending.as_ref().map(|p| p.nonce))
+            .await;
+        if let Some(p) = &config.protocol.pending {
+            let fresh = {
+                let mut state = self.protocol.lock().expect("registry lock");
+                let fresh = state.reported.insert(p.nonce);
+                if fresh {
+                    // An operator activating a component again is trying
+                    // it again: it is no longer quarantined here.
+                    let target = p.target.clone().unwrap_or_else(|| self.embedded_id.clone());
+                    state.quarantined.remove(&target);
+                }
+                fresh
+            };
+            if fresh {
+                let verdict = match self.prepare_protocol(p.target.as_deref()).await {
+                    Ok((label, view, _)) => {
+                        let running = self.running();
+                        match compatible(&running.view, &view) {
+                            Ok(()) => {
+                                self.protocol
+                                    .lock()
+                                    .expect("registry lock")
+                                    .views
+                                    .insert(label, view);
+                                serde_json::json!({ "ok": true })
+                            }
+                            Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                        }
+                    }
+                    Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                };
+                let key = ready_key(p.nonce, self.core_config.self_id);
+                let value = verdict.to_string().into_bytes();
+                if let Err(e) = self.command(key, Command::Put(value)).await {
+                    warn!("reporting readiness for activation {}: {e}", p.nonce);
+                }
+            }
+        }
+        let target = config
+            .protocol
+            .active
+            .clone()
+            .unwrap_or_else(|| self.embedded_id.clone());
+        let desired = {
+            let state = self.protocol.lock().expect("registry lock");
+            if state.quarantined.contains(&target) {
+                return;
+            }
+            state.desired.clone()
+        };
+        if self.runtime.is_none() || desired.as_deref() == Some(&target) {
+            return;
+        }
+        match self
+            .prepare_protocol(config.protocol.active.as_deref())
+            .await
+        {
+            Ok((label, view, factory)) => {
+                let mut state = self.protocol.lock().expect("registry lock");
+                state.views.insert(label.clone(), view);
+                state.desired = Some(label.clone());
+                let _ = self.control.send(Control::Swap { label, factory });
+            }
+            Err(e) => warn!(component = %target, "cannot run the active protocol: {e}"),
+        }
+    }
+
+    /// Fetches, compiles and instantiates a protocol component (`None`:
+    /// the embedded one) for this replica; its id, description and factory.
+    async fn prepare_protocol(
+        &self,
+        target: Option<&str>,
+    ) -> Result<(String, ComponentView, ProtocolFactory), String> {
+        let runtime = self.runtime.as_ref().ok_or_else(|| {
+            format!(
+                "replica {} runs the compiled-in protocol (--core native) and cannot run components",
+                self.core_config.self_id
+            )
+        })?;
+        let (label, component) = match target {
+            None => (
+                self.embedded_id.clone(),
+                runtime.protocol_component().clone(),
+            ),
+            Some(id) => (
+                id.to_string(),
+                self.component(id).await.map_err(|e| e.to_string())?,
+            ),
+        };
+        let rt = Arc::new(runtime::Runtime::from_parts(
+            self.engine.clone(),
+            component,
+            runtime.policy_component().clone(),
+        ));
+        let config = self.core_config.clone();
+        let probe = rt.clone();
+        let info = tokio::task::spawn_blocking(move || {
+            probe.replica(config).and_then(|mut core| core.describe())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| {
+            format!(
+                "it does not start on replica {}: {e}",
+                self.core_config.self_id
+            )
+        })?;
+        let factory = wasm_factory(
+            rt,
+            self.core_config.clone(),
+            self.metrics.policy_failures.clone(),
+        );
+        Ok((label, component_view(info), factory))
+    }
+
+    pub(super) async fn on_core_event(&self, event: CoreEvent) {
+        match event {
+            CoreEvent::Swapped {
+                label, incarnation, ..
+            } => {
+                let view = {
+                    let mut state = self.protocol.lock().expect("registry lock");
+                    state.traps.clear();
+                    state.swapped_at = Some(Instant::now());
+                    state.views.get(&label).cloned()
+                };
+                let mut running = self.running.write().expect("registry lock");
+                let before = running.clone();
+                *running = Running {
+                    view: view.unwrap_or_else(|| before.view.clone()),
+                    label,
+                    incarnation,
+                    since_ms: now_ms(),
+                };
+                set_protocol_info(&self.metrics, Some(&before), &running);
+                drop(running);
+                self.changed.notify_waiters();
+            }
+            CoreEvent::Trapped { label, reason } => {
+                let fall_back = {
+                    let mut state = self.protocol.lock().expect("registry lock");
+                    let now = Instant::now();
+                    state.traps.retain(|t| now.duration_since(*t) < TRAP_WINDOW);
+                    state.traps.push(now);
+                    let recent = state
+                        .swapped_at
+                        .is_some_and(|at| now.duration_since(at) < TRAP_WINDOW);
+                    recent && state.traps.len() >= TRAPS_TO_ROLL_BACK
+                };
+                let config = self.applied().config;
+                let active = config
+                    .protocol
+                    .active
+                    .clone()
+                    .unwrap_or_else(|| self.embedded_id.clone());
+                if !fall_back || active != label {
+                    return;
+                }
+                let Some(previous) = config.protocol.previous.last().cloned() else {
+                    return;
+                };
+                warn!(component = %label, "the protocol keeps failing right after its activation; rolling back: {reason}");
+                self.protocol
+                    .lock()
+                    .expect("registry lock")
+                    .quarantined
+                    .insert(label.clone());
+                // Locally first: the failing protocol cannot be trusted to
+                // carry the rollback through consensus.
+                match self.prepare_protocol(previous.as_deref()).await {
+                    Ok((to, view, factory)) => {
+                        let mut state = self.protocol.lock().expect("registry lock");
+                        state.views.insert(to.clone(), view);
+                        state.desired = Some(to.clone());
+                        let _ = self.control.send(Control::Swap { label: to, factory });
+                    }
+                    Err(e) => {
+                        warn!("cannot fall back to the previous protocol: {e}");
+                        return;
+                    }
+                }
+                // Then for everyone.
+                let why = format!(
+                    "trapped {TRAPS_TO_ROLL_BACK} times within {}s of its activation: {reason}",
+                    TRAP_WINDOW.as_secs()
+                );
+                for _ in 0..10 {
+                    let result = self
+                        .update(|config| {
+                            let current = config.protocol.active.clone();
+                            let failing =
+                                current.clone().unwrap_or_else(|| self.embedded_id.clone());
+                            if failing != label {
+                                return Ok(false);
+                            }
+                            let to = config.protocol.previous.pop().unwrap_or(None);
+                            config.protocol.active = to.clone();
+                            config.protocol.pending = None;
+                            config.record(SwapRecord {
+                                at_ms: now_ms(),
+                                action: "auto-rollback".into(),
+                                from: current,
+                                to,
+                                by: self.core_config.self_id,
+                                reason: Some(why.clone()),
+                            });
+                            Ok(true)
+                        })
+                        .await;
+                    match result {
+                        Ok(_) => return,
+                        Err(e) => {
+                            debug!("recording the automatic rollback: {e}");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Swaps the cluster to `target` (`None`: the embedded protocol) once
+    /// every voter has said it can run it. `action` is `activate` (the
+    /// current protocol becomes the rollback target) or `rollback` (it is
+    /// dropped from the rollback stack). Returns the configuration version
+    /// and the target's id.
+    pub async fn activate(
+        &self,
+        target: Option<&str>,
+        action: &str,
+    ) -> Result<(u64, String), RegistryError> {
+        let (version, config) = self.config().await?;
+        let is_embedded = |id: &str| id.len() >= 8 && self.embedded_id.starts_with(id);
+        let target = match target {
+            None => None,
+            Some(id) if is_embedded(id) => None,
+            Some(id) => {
+                let record = config.find(id).map_err(RegistryError::NotFound)?;
+                if record.kind != Kind::Protocol {
+                    return Err(RegistryError::Invalid(format!(
+                        "component {} ({} {}) is a {}, not a protocol",
+                        &record.id[..12],
+                        record.name,
+                        record.version,
+                        record.kind
+                    )));
+                }
+                (record.id != self.embedded_id).then(|| record.id.clone())
+            }
+        };
+        let label = target.clone().unwrap_or_else(|| self.embedded_id.clone());
+        if config.protocol.active == target {
+            return Ok((version, label));
+        }
+        if let Some(p) = &config.protocol.pending {
+            if now_ms().saturating_sub(p.nonce) < 2 * READY_WAIT.as_millis() as u64 {
+                return Err(RegistryError::Unavailable(
+                    "another activation is being checked; try again shortly".into(),
+                ));
+            }
+        }
+        let nonce = now_ms();
+        let pending = PendingActivation {
+            target: target.clone(),
+            nonce,
+            action: action.to_string(),
+        };
+        self.update(|config| {
+            config.protocol.pending = Some(pending.clone());
+            Ok(true)
+        })
+        .await?;
+
+        // Every replica of the current membership, voter or learner, checks
+        // it can run the component and says so (not the replicas listed at
+        // start-up: some may have left, others joined since).
+        let mut waiting: Vec<u32> = (self.members)();
+        let mut refusals = Vec::new();
+        let deadline = Instant::now() + READY_WAIT;
+        while !waiting.is_empty() && Instant::now() < deadline {
+            let mut still = Vec::new();
+            for replica in waiting {
+                let answer = self
+                    .read(ready_key(nonce, replica), Consistency::Linearizable)
+                    .await
+                    .ok()
+                    .and_then(|c| c.value)
+                    .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok());
+                match answer {
+                    None => still.push(replica),
+                    Some(v) if v["ok"] == true => {}
+                    Some(v) => refusals.push(format!(
+                        "replica {replica}: {}",
+                        v["error"].as_str().unwrap_or("refused")
+                    )),
+                }
+            }
+            waiting = still;
+            if !waiting.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for replica in waiting {
+            refusals.push(format!(
+                "replica {replica} did not say within {}s whether it can run it",
+                READY_WAIT.as_secs()
+            ));
+        }
+        let refused = !refusals.is_empty();
+        let reason = refusals.join("; ");
+        let by = self.core_config.self_id;
+        let asked = (self.members)();
+        let (version, _) = self
+            .update(|config| {
+                if config.protocol.pending.as_ref().map(|p| p.nonce) != Some(nonce) {
+                    return Err(RegistryError::Unavailable(
+                        "another activation replaced this one".into(),
+                    ));
+                }
+                config.protocol.pending = None;
+                let from = config.protocol.active.clone();
+                if refused {
+                    config.record(SwapRecord {
+                        at_ms: now_ms(),
+                        action: "refused".into(),
+                        from,
+                        to: target.clone(),
+                        by,
+                        reason: Some(reason.clone()),
+                    });
+                    return Ok(true);
+                }
+                if action == "rollback" {
+                    config.protocol.previous.pop();
+                } else {
+                    config.protocol.previous.push(from.clone());
+                }
+                config.protocol.active = target.clone();
+                config.record(SwapRecord {
+                    at_ms: now_ms(),
+                    action: action.to_string(),
+                    from,
+                    to: target.clone(),
+                    by,
+                    reason: None,
+                });
+                Ok(true)
+            })
+            .await?;
+        // The answers served their purpose: none is read again.
+        for replica in asked {
+            if let Err(e) = self
+                .command(ready_key(nonce, replica), Command::Delete)
+                .await
+            {
+                debug!("deleting readiness {nonce}/{replica}: {e}");
+            }
+        }
+        if refused {
+            return Err(RegistryError::Invalid(format!(
+                "activation refused: {reason}"
+            )));
+        }
+        Ok((version, label))
+    }
+
+    /// Deletes this replica's readiness answers to activations that are
+    /// over (every one but `pending`): the activating replica deletes them
+    /// too, but an answer can land after it gave up waiting. A delete that
+    /// fails is tried again with the next configuration applied.
+    async fn forget_readiness(&self, pending: Option<u64>) {
+        let over: Vec<u64> = {
+            let state = self.protocol.lock().expect("registry lock");
+            state
+                .reported
+                .iter()
+                .copied()
+                .filter(|&n| Some(n) != pending)
+                .collect()
+        };
+        for nonce in over {
+            let key = ready_key(nonce, self.core_config.self_id);
+            match self.command(key, Command::Delete).await {
+                Ok(Outcome::Done(_)) => {
+                    self.protocol
+                        .lock()
+                        .expect("registry lock")
+                        .reported
+                        .remove(&nonce);
+                }
+                Ok(other) => debug!("deleting readiness {nonce}: {other:?}"),
+                Err(e) => debug!("deleting readiness {nonce}: {e}"),
+            }
+        }
+    }
+
+    /// Returns the cluster to the protocol it ran before the current one.
+    pub async fn rollback(&self) -> Result<(u64, String), RegistryError> {
+        let (_, config) = self.config().await?;
+        let Some(previous) = config.protocol.previous.last().cloned() else {
+            return Err(RegistryError::Invalid(
+                "nothing to roll back to: the cluster runs the protocol it started with".into(),
+            ));
+        };
+        self.activate(previous.as_deref(), "rollback").await
+    }
+
+    /// Waits until this replica's protocol instance runs `label`.
+    pub async fn wait_running(&self, label: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            if self.running().label == label {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.running().label == label;
+            }
+        }
+    }
+}
