@@ -1,0 +1,431 @@
+//! What a membership record asks of this replica: catch up as a learner,
+//! sweep as a continuing voter, replay peers' changelogs (or a snapshot
+//! listing when it is behind their truncation), and truncate its own.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ballot_core::{Consistency, Operation, Outcome, ReplicaId};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::answers::{Answer, What};
+use super::{unavailable, Membership, Progress, CALL_TIMEOUT, STAGE_WAIT};
+use crate::node::{self, ClientRequest, Health};
+use crate::system::now_ms;
+
+/// Keys per catch-up listing page.
+const PAGE: u32 = 1024;
+/// Linearizable reads a catch-up or sweep keeps in flight.
+const READS_IN_FLIGHT: usize = 32;
+/// How often a replica replays its peers' changelogs.
+const REPLAY_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a replica truncates its changelog.
+const TRUNCATE_INTERVAL: Duration = Duration::from_secs(5);
+/// Changelog entries kept by default beyond what every member replayed.
+pub const CHANGELOG_KEEP_DEFAULT: u64 = 1_000_000;
+
+impl Membership {
+    /// Starts a catch-up or a sweep for `epoch` unless one runs or is done.
+    pub(super) fn start_task(self: &Arc<Self>, epoch: u64, catch_up: bool) {
+        {
+            let mut local = self.local.lock().expect("membership lock");
+            let (done, running) = if catch_up {
+                (local.caught_up, &mut local.catching_up)
+            } else {
+                (local.swept, &mut local.sweeping)
+            };
+            if done >= epoch || running.is_some_and(|e| e >= epoch) {
+                return;
+            }
+            *running = Some(epoch);
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let result = if catch_up {
+                me.catch_up(epoch).await
+            } else {
+                me.sweep(epoch).await
+            };
+            let mut local = me.local.lock().expect("membership lock");
+            if catch_up {
+                local.catching_up = None;
+            } else {
+                local.sweeping = None;
+            }
+            match result {
+                Ok(()) if catch_up => local.caught_up = local.caught_up.max(epoch),
+                Ok(()) => local.swept = local.swept.max(epoch),
+                Err(e) => warn!(epoch, catch_up, "membership task stopped: {e}"),
+            }
+        });
+    }
+
+    fn set_progress(&self, edit: impl FnOnce(&mut Progress)) {
+        let mut local = self.local.lock().expect("membership lock");
+        if let Some(p) = local.progress.as_mut() {
+            edit(p);
+            p.updated_ms = now_ms();
+        }
+    }
+
+    /// The reading phase of a task [`Self::begin`] started: reads `keys`
+    /// with progress, then marks the task done. Returns how many there were.
+    async fn read_tracked(&self, keys: Vec<Vec<u8>>) -> Result<u64, String> {
+        let total = keys.len() as u64;
+        self.set_progress(|p| {
+            p.keys_total = total;
+            p.phase = "reading".into();
+        });
+        self.read_keys(keys, true).await?;
+        self.set_progress(|p| p.phase = "done".into());
+        Ok(total)
+    }
+
+    /// Reads `keys` linearizably, [`READS_IN_FLIGHT`] at a time, retrying
+    /// each until it succeeds; counts them in the progress if `counted`.
+    async fn read_keys(&self, keys: Vec<Vec<u8>>, counted: bool) -> Result<(), String> {
+        let mut reads = tokio::task::JoinSet::new();
+        let mut keys = keys.into_iter();
+        loop {
+            while reads.len() < READS_IN_FLIGHT {
+                let Some(key) = keys.next() else { break };
+                reads.spawn(read_key(self.requests.clone(), self.health.clone(), key));
+            }
+            let Some(r) = reads.join_next().await else {
+                return Ok(());
+            };
+            let bytes = r.map_err(|e| e.to_string())??;
+            if counted {
+                self.set_progress(|p| {
+                    p.keys_done += 1;
+                    p.bytes += bytes;
+                });
+            }
+        }
+    }
+
+    fn begin(&self, task: &str, epoch: u64) {
+        let now = now_ms();
+        self.local.lock().expect("membership lock").progress = Some(Progress {
+            task: task.into(),
+            epoch,
+            phase: "listing".into(),
+            started_ms: now,
+            updated_ms: now,
+            ..Progress::default()
+        });
+    }
+
+    /// The sweep of section 11: a linearizable read of every key this
+    /// replica holds state for, which finishes any open slot where it holds
+    /// an acceptance.
+    async fn sweep(self: &Arc<Self>, epoch: u64) -> Result<(), String> {
+        self.begin("sweep", epoch);
+        let keys = self.list(self.me).await?;
+        let started = Instant::now();
+        let total = self.read_tracked(keys).await?;
+        info!(
+            epoch,
+            keys = total,
+            ms = started.elapsed().as_millis() as u64,
+            "sweep finished"
+        );
+        Ok(())
+    }
+
+    /// A learner's catch-up: the keys a quorum of voters hold state for
+    /// (their union covers every chosen value), each read linearizably, so
+    /// every value arrives confirmed by a quorum. Restarts if the voters
+    /// change under it.
+    async fn catch_up(self: &Arc<Self>, epoch: u64) -> Result<(), String> {
+        loop {
+            let record = self.record().ok_or("no membership yet")?;
+            let voters = record.voters();
+            let quorum = ballot_core::quorum_classic(voters.len());
+            self.begin("catch-up", epoch);
+            let mut keys: BTreeSet<Vec<u8>> = BTreeSet::new();
+            let mut ends = Vec::new();
+            let mut listed = 0;
+            let deadline = Instant::now() + STAGE_WAIT;
+            while listed < quorum {
+                listed = 0;
+                ends.clear();
+                for &v in &voters {
+                    if listed >= quorum {
+                        break;
+                    }
+                    // Where the voter's changelog ends before the listing:
+                    // anything it commits later, replay finds after that.
+                    let end = match self.status_of(v).await {
+                        Ok(s) => s.changelog.1,
+                        Err(e) => {
+                            debug!(voter = v, "listing keys: {e}");
+                            continue;
+                        }
+                    };
+                    match self.list(v).await {
+                        Ok(k) => {
+                            keys.extend(k);
+                            listed += 1;
+                            ends.push((v, end));
+                        }
+                        Err(e) => debug!(voter = v, "listing keys: {e}"),
+                    }
+                }
+                if listed < quorum {
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "fewer than {quorum} voters answered for the key listing"
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            let started = Instant::now();
+            let total = self.read_tracked(keys.into_iter().collect()).await?;
+            if self.record().map(|r| r.voters()) != Some(voters) {
+                info!(
+                    epoch,
+                    "the voters changed during the catch-up: starting again"
+                );
+                continue;
+            }
+            // What those voters had logged by the listing is now here: their
+            // changelog replay starts after it, not with a snapshot.
+            for (v, end) in ends {
+                if v != self.me && self.storage.cursor(v).map_err(|e| e.to_string())? < end {
+                    self.storage.set_cursor(v, end).map_err(|e| e.to_string())?;
+                }
+            }
+            info!(
+                epoch,
+                keys = total,
+                ms = started.elapsed().as_millis() as u64,
+                "catch-up finished"
+            );
+            return Ok(());
+        }
+    }
+
+    /// Every key `voter` holds state for, page by page.
+    async fn list(&self, voter: ReplicaId) -> Result<Vec<Vec<u8>>, String> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let what = What::Keys {
+                after: after.clone(),
+                limit: PAGE,
+            };
+            let (keys, last) = if voter == self.me {
+                let page = self
+                    .storage
+                    .state_keys(after.as_deref(), PAGE as usize)
+                    .map_err(|e| e.to_string())?;
+                let last = page.len() < PAGE as usize;
+                (page, last)
+            } else {
+                match self.ask(voter, what).await? {
+                    Answer::Keys { keys, last } => (keys, last),
+                    other => return Err(format!("unexpected answer {other:?}")),
+                }
+            };
+            after = keys.last().cloned();
+            out.extend(keys);
+            if last || after.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    // ----- changelog replay and truncation -------------------------------
+
+    /// Every [`REPLAY_INTERVAL`], replays each peer's changelog from this
+    /// replica's cursor: a key the peer committed at a newer version than
+    /// this replica holds is read linearizably (the protocol learns it).
+    /// A replica whose cursor is older than the peer's changelog reaches
+    /// back replays the peer's snapshot (every key with its version)
+    /// instead. This is how a replica that was down catches up.
+    pub(super) async fn replay_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(REPLAY_INTERVAL).await;
+            let Some(record) = self.record() else {
+                continue;
+            };
+            if record.role(self.me).is_none() || self.health.fatal().is_some() {
+                continue;
+            }
+            for (peer, _) in record.peers(self.me) {
+                if let Err(e) = self.replay_from(peer, record.epoch).await {
+                    debug!(peer, "replaying the changelog: {e}");
+                }
+            }
+        }
+    }
+
+    fn local_version(&self, key: &[u8]) -> Result<u64, String> {
+        Ok(self
+            .storage
+            .committed(key)
+            .map_err(|e| e.to_string())?
+            .map_or(0, |c| c.version))
+    }
+
+    async fn replay_from(&self, peer: ReplicaId, epoch: u64) -> Result<(), String> {
+        let mut cursor = self.storage.cursor(peer).map_err(|e| e.to_string())?;
+        loop {
+            let what = What::Changes {
+                after: cursor,
+                limit: PAGE,
+            };
+            let Answer::Changes {
+                first,
+                last,
+                entries,
+            } = self.ask(peer, what).await?
+            else {
+                return Err("unexpected answer".into());
+            };
+            if first > cursor + 1 || last < cursor {
+                // Truncated past this replica's cursor (or the peer's
+                // store is newer than the cursor): replay its snapshot.
+                cursor = self.replay_snapshot(peer, epoch).await?;
+            } else {
+                let Some(&(newest, _, _)) = entries.last() else {
+                    return Ok(());
+                };
+                let mut stale = Vec::new();
+                for (_, key, version) in &entries {
+                    if self.local_version(key)? < *version && !stale.contains(key) {
+                        stale.push(key.clone());
+                    }
+                }
+                self.read_keys(stale, false).await?;
+                cursor = newest;
+            }
+            self.storage
+                .set_cursor(peer, cursor)
+                .map_err(|e| e.to_string())?;
+            if cursor >= last {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Replays `peer`'s snapshot; returns the changelog position it was
+    /// taken at (later commits are in the changelog after it).
+    async fn replay_snapshot(&self, peer: ReplicaId, epoch: u64) -> Result<u64, String> {
+        info!(peer, "behind the peer's changelog: replaying its snapshot");
+        self.begin("snapshot", epoch);
+        let started = Instant::now();
+        let mut seq = None;
+        let mut after = None;
+        let mut stale = Vec::new();
+        loop {
+            let what = What::Versions {
+                after: after.clone(),
+                limit: PAGE,
+            };
+            let Answer::Versions {
+                seq: at,
+                entries,
+                last,
+            } = self.ask(peer, what).await?
+            else {
+                return Err("unexpected answer".into());
+            };
+            seq.get_or_insert(at);
+            after = entries.last().map(|(k, _)| k.clone());
+            for (key, version) in entries {
+                if self.local_version(&key)? < version {
+                    stale.push(key);
+                }
+            }
+            if last || after.is_none() {
+                break;
+            }
+        }
+        let total = self.read_tracked(stale).await?;
+        info!(
+            peer,
+            keys = total,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot replayed"
+        );
+        Ok(seq.unwrap_or(0))
+    }
+
+    /// Every [`TRUNCATE_INTERVAL`], drops the changelog entries every
+    /// other member has replayed, and in any case all but the newest
+    /// `keep` (a member down for long then replays a snapshot).
+    pub(super) async fn truncate_loop(self: Arc<Self>, keep: u64) {
+        loop {
+            tokio::time::sleep(TRUNCATE_INTERVAL).await;
+            let Some(record) = self.record() else {
+                continue;
+            };
+            if record.role(self.me).is_none() {
+                continue;
+            }
+            let Ok((first, last)) = self.storage.changelog_bounds() else {
+                continue;
+            };
+            let mut everyone_has = last;
+            for (peer, _) in record.peers(self.me) {
+                let cursor = match self.status_of(peer).await {
+                    Ok(s) => s
+                        .cursors
+                        .iter()
+                        .find(|(p, _)| *p == self.me)
+                        .map_or(0, |(_, c)| *c),
+                    Err(_) => 0,
+                };
+                everyone_has = everyone_has.min(cursor);
+            }
+            let upto = everyone_has.max(last.saturating_sub(keep));
+            if upto < first {
+                continue;
+            }
+            let storage = self.storage.clone();
+            match tokio::task::spawn_blocking(move || storage.truncate_changelog(upto)).await {
+                Ok(Ok(dropped)) if dropped > 0 => {
+                    debug!(upto, dropped, everyone_has, "changelog truncated")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!("truncating the changelog: {e}"),
+                Err(e) => warn!("truncating the changelog: {e}"),
+            }
+        }
+    }
+
+    // ----- changes ------------------------------------------------------
+}
+
+/// Reads `key` linearizably, retrying until it succeeds; returns its size.
+async fn read_key(
+    requests: mpsc::Sender<ClientRequest>,
+    health: Arc<Health>,
+    key: Vec<u8>,
+) -> Result<u64, String> {
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..40 {
+        let read = Operation::Read(Consistency::Linearizable);
+        match node::call(&requests, key.clone(), read, CALL_TIMEOUT).await {
+            Ok(c) => match c.outcome {
+                Outcome::Done(current) => return Ok(current.value.map_or(0, |v| v.len() as u64)),
+                other => debug!("reading a key: {}", unavailable(&other)),
+            },
+            Err(e) => debug!("reading a key: {e}"),
+        }
+        if health.fatal().is_some() {
+            break;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+    Err(format!(
+        "key {} could not be read",
+        String::from_utf8_lossy(&key)
+    ))
+}
