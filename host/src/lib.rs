@@ -43,5 +43,6 @@ pub mod runtime;
 pub mod server;
 pub mod storage;
 pub mod system;
+pub mod system_record;
 pub mod tls;
 pub mod transport;

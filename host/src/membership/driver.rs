@@ -5,38 +5,33 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ballot_core::register::Command;
-use ballot_core::{Consistency, Operation, Outcome, ReplicaId};
+use ballot_core::ReplicaId;
 use tracing::{debug, info, warn};
 
 use super::answers::{Answer, What};
 use super::record::{check, Action, Change, ChangeError, Done, Member, MembersRecord, Role};
 use super::MEMBERS_KEY;
-use super::{
-    unavailable, MembersView, Membership, ReplicaStatus, Status, CALL_TIMEOUT, STAGE_WAIT,
-};
-use crate::node;
+use super::{MembersView, Membership, ReplicaStatus, Status, CALL_TIMEOUT, STAGE_WAIT};
 use crate::system::now_ms;
+use crate::system_record::SystemRecord;
 
 impl Membership {
     pub(super) async fn read_record(&self) -> Result<(u64, Option<MembersRecord>), ChangeError> {
-        let c = node::call(
-            &self.requests,
-            MEMBERS_KEY.to_vec(),
-            Operation::Read(Consistency::Linearizable),
-            CALL_TIMEOUT,
-        )
-        .await
-        .map_err(ChangeError::Unavailable)?;
-        match c.outcome {
-            Outcome::Done(current) => match current.value {
-                Some(v) => Ok((
-                    current.version,
-                    Some(MembersRecord::decode(&v).map_err(ChangeError::Unavailable)?),
-                )),
-                None => Ok((current.version, None)),
-            },
-            other => Err(unavailable(&other)),
+        let (version, bytes) = self.members_record().read().await?;
+        let record = bytes.map(|v| MembersRecord::decode(&v));
+        Ok((
+            version,
+            record.transpose().map_err(ChangeError::Unavailable)?,
+        ))
+    }
+
+    /// The membership record, `\0ballot/members`.
+    fn members_record(&self) -> SystemRecord<'_> {
+        SystemRecord {
+            requests: &self.requests,
+            key: MEMBERS_KEY,
+            what: "the membership",
+            timeout: CALL_TIMEOUT,
         }
     }
 
@@ -54,37 +49,23 @@ impl Membership {
     /// Writes `next` if the record is still at `version`; false if someone
     /// changed it first.
     async fn publish(&self, version: u64, next: &MembersRecord) -> Result<bool, ChangeError> {
-        let value = next.encode();
-        let command = if version == 0 {
-            Command::Create(value)
-        } else {
-            Command::Cas {
-                expected: version,
-                value,
-            }
-        };
-        let c = node::call(
-            &self.requests,
-            MEMBERS_KEY.to_vec(),
-            Operation::Command(command.encode()),
-            CALL_TIMEOUT,
-        )
-        .await
-        .map_err(ChangeError::Unavailable)?;
-        match c.outcome {
-            Outcome::Done(_) => {
-                info!(
-                    epoch = next.epoch,
-                    voters = ?next.members().voters,
-                    learners = ?next.members().learners,
-                    fast = next.fast,
-                    "membership epoch published"
-                );
-                Ok(true)
-            }
-            Outcome::Rejected(..) => Ok(false),
-            other => Err(unavailable(&other)),
+        let expected = (version != 0).then_some(version);
+        if self
+            .members_record()
+            .write(expected, next.encode())
+            .await?
+            .is_none()
+        {
+            return Ok(false);
         }
+        info!(
+            epoch = next.epoch,
+            voters = ?next.members().voters,
+            learners = ?next.members().learners,
+            fast = next.fast,
+            "membership epoch published"
+        );
+        Ok(true)
     }
 
     /// Queues a change, starts driving the queue, and returns the change

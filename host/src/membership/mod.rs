@@ -151,11 +151,7 @@ pub struct Setup {
 }
 
 fn unavailable(outcome: &Outcome) -> ChangeError {
-    match outcome {
-        Outcome::Failed(f) => ChangeError::Unavailable(f.message.clone()),
-        Outcome::Rejected(r, _) => ChangeError::Unavailable(format!("{}: {}", r.code, r.message)),
-        Outcome::Done(_) => ChangeError::Unavailable("unexpected success".into()),
-    }
+    ChangeError::Unavailable(crate::system_record::failure(outcome))
 }
 
 /// What a replica says when `peer` refuses its data directory.

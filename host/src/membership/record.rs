@@ -189,6 +189,12 @@ pub enum ChangeError {
     Superseded,
 }
 
+impl From<crate::system_record::Unavailable> for ChangeError {
+    fn from(e: crate::system_record::Unavailable) -> ChangeError {
+        ChangeError::Unavailable(e.0)
+    }
+}
+
 impl std::fmt::Display for ChangeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

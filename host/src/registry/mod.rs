@@ -41,6 +41,7 @@ use wasmtime::Engine;
 use crate::metrics::Metrics;
 use crate::node::{self, ClientRequest, ConfigCommit, Control, CoreEvent};
 use crate::runtime;
+use crate::system_record;
 use ballot_client::views::ComponentView;
 
 mod activation;
@@ -164,10 +165,12 @@ pub struct Registry {
 }
 
 fn unavailable(outcome: &Outcome) -> RegistryError {
-    match outcome {
-        Outcome::Failed(f) => RegistryError::Unavailable(f.message.clone()),
-        Outcome::Rejected(r, _) => RegistryError::Unavailable(format!("{}: {}", r.code, r.message)),
-        Outcome::Done(_) => RegistryError::Unavailable("unexpected success".into()),
+    RegistryError::Unavailable(system_record::failure(outcome))
+}
+
+impl From<system_record::Unavailable> for RegistryError {
+    fn from(e: system_record::Unavailable) -> RegistryError {
+        RegistryError::Unavailable(e.0)
     }
 }
 

@@ -12,8 +12,9 @@ use super::config::{
     check_prefix, component_id, component_key, Binding, ClusterConfig, ComponentRecord, Kind,
 };
 use super::inspect::inspect;
-use super::{now_ms, unavailable, Registry, RegistryError, CONFIG_KEY};
+use super::{now_ms, unavailable, Registry, RegistryError, CALL_TIMEOUT, CONFIG_KEY};
 use crate::runtime::{Bound, PolicyInstance};
+use crate::system_record::SystemRecord;
 
 impl Registry {
     /// Compiles every bound policy of `config`.
@@ -79,35 +80,26 @@ impl Registry {
         &self,
         edit: impl Fn(&mut ClusterConfig) -> Result<bool, RegistryError>,
     ) -> Result<(u64, ClusterConfig), RegistryError> {
-        for _ in 0..16 {
-            let current = self
-                .read(CONFIG_KEY.to_vec(), Consistency::Linearizable)
-                .await?;
-            let mut config = match &current.value {
-                Some(v) => ClusterConfig::decode(v).map_err(RegistryError::Unavailable)?,
-                None => ClusterConfig::new(),
-            };
-            if !edit(&mut config)? {
-                return Ok((current.version, config));
-            }
-            let value = config.encode();
-            let command = match current.value {
-                None => Command::Create(value),
-                Some(_) => Command::Cas {
-                    expected: current.version,
-                    value,
-                },
-            };
-            match self.command(CONFIG_KEY.to_vec(), command).await? {
-                Outcome::Done(now) => return Ok((now.version, config)),
-                // Someone else changed it first: read and edit again.
-                Outcome::Rejected(..) => continue,
-                other => return Err(unavailable(&other)),
-            }
+        self.config_record()
+            .update(|bytes| {
+                let mut config = match bytes {
+                    Some(v) => ClusterConfig::decode(v).map_err(RegistryError::Unavailable)?,
+                    None => ClusterConfig::new(),
+                };
+                let next = edit(&mut config)?.then(|| config.encode());
+                Ok((next, config))
+            })
+            .await
+    }
+
+    /// The configuration record, `\0ballot/config`.
+    fn config_record(&self) -> SystemRecord<'_> {
+        SystemRecord {
+            requests: &self.requests,
+            key: CONFIG_KEY,
+            what: "the configuration",
+            timeout: CALL_TIMEOUT,
         }
-        Err(RegistryError::Unavailable(
-            "the configuration kept changing under this update; try again".into(),
-        ))
     }
 
     /// Validates a component, stores its bytes and lists it. Pushing the
