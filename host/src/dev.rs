@@ -69,14 +69,52 @@ struct ManifestNode<'a> {
     log: &'a Path,
 }
 
+/// A port free now on 127.0.0.1 for TCP (`udp`: false) or UDP, chosen
+/// below the range the kernel hands out as the source ports of outgoing
+/// connections and of sockets bound to port 0: a port probed there and
+/// bound by the replica a moment later could be taken in between by any
+/// process's connection ("Address already in use"). Falls back to asking
+/// the kernel when that range starts too low to leave room below it.
+fn free_port(udp: bool) -> Result<u16, String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u16 = 10_000;
+    // Ports handed out in this process, so two clusters started at once
+    // never get the same one; processes start at different points.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let probe = |port: u16| {
+        if udp {
+            UdpSocket::bind(("127.0.0.1", port)).map(|s| s.local_addr())
+        } else {
+            TcpListener::bind(("127.0.0.1", port)).map(|l| l.local_addr())
+        }
+        .and_then(|a| a)
+        .map(|a| a.port())
+    };
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if low < FIRST + 1_000 {
+        return probe(0).map_err(|e| format!("finding a free port: {e}"));
+    }
+    let span = u32::from(low - FIRST);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + ((start + n) % span) as u16;
+        if let Ok(port) = probe(port) {
+            return Ok(port);
+        }
+    }
+    Err(format!("no free port between {FIRST} and {low}"))
+}
+
 fn free_tcp() -> Result<u16, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+    free_port(false)
 }
 
 fn free_udp() -> Result<u16, String> {
-    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
-    Ok(s.local_addr().map_err(|e| e.to_string())?.port())
+    free_port(true)
 }
 
 /// The configuration of a new replica `id` of the cluster in `dir`, with a
@@ -451,6 +489,37 @@ impl Drop for DevCluster {
             if let Some(mut child) = node.child.take() {
                 let _ = child.kill();
                 let _ = child.wait();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ports come from below the kernel's range for outgoing connections,
+    /// are free, and are never handed out twice in one process.
+    #[test]
+    fn free_ports_stay_below_the_ephemeral_range_and_do_not_repeat() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let mut seen = std::collections::BTreeSet::new();
+        for udp in [false, true, false, true] {
+            let port = free_port(udp).unwrap();
+            if low >= 11_000 {
+                assert!(
+                    (10_000..low).contains(&port),
+                    "{port} (range starts at {low})"
+                );
+            }
+            assert!(seen.insert(port), "{port} twice");
+            if udp {
+                UdpSocket::bind(("127.0.0.1", port)).unwrap();
+            } else {
+                TcpListener::bind(("127.0.0.1", port)).unwrap();
             }
         }
     }
