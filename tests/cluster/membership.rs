@@ -458,3 +458,56 @@ fn a_promoted_joiner_that_lost_its_directory_does_not_vote_again() {
         assert!(r.status.is_success(), "{}", r.error_message());
     });
 }
+
+/// A replica removed while it was down and then restarted on its old data
+/// directory (by an operator, or a supervisor that restarts whatever
+/// stops) resumes the membership it had, in which it still votes. Its
+/// former peers run a later epoch and fence what it sends, so it cannot
+/// form a quorum with anyone; it fetches the committed record, learns that
+/// it was removed, says so and stops answering, and no acknowledged write
+/// is lost.
+#[test]
+fn a_replica_removed_while_down_comes_back_learns_it_and_stops() {
+    let scratch = Scratch::new("removed-while-down");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 4).await;
+        let c1 = client(&cluster, 1);
+        let r = put(&c1, "before", "one").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+        cluster.kill(4);
+        let http1 = cluster.nodes[0].http();
+        let out = wait_finished(cluster_cmd(&http1, &["remove", "--id", "4"]), "remove 4").await;
+        assert!(out.contains("done at membership epoch"), "{out}");
+        let r = put(&client(&cluster, 2), "during", "two").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+
+        cluster.start(4).unwrap();
+        let deadline = Instant::now() + READY;
+        loop {
+            let log = std::fs::read_to_string(cluster.log_path(4)).unwrap_or_default();
+            let restarted = log.split("replica serving").nth(2).unwrap_or_default();
+            if restarted.contains("this replica was removed from the cluster at membership epoch") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica 4 still runs on the membership it had: {log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let r = client(&cluster, 4).get("before", false).await.unwrap();
+        assert!(
+            !r.status.is_success(),
+            "a removed replica answered {}",
+            r.status
+        );
+        // The others serve every acknowledged write, without replica 4.
+        let c3 = client(&cluster, 3);
+        expect_value(&c3, "before", false, "one", 1).await;
+        expect_value(&c3, "during", false, "two", 1).await;
+        assert_eq!(members(&c1).await.record.members().voters, vec![1, 2, 3]);
+        let r = put(&c3, "after", "three").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+        cluster.stop_all();
+    });
+}
