@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::membership::{Action, Change, ChangeError, Membership};
 use crate::metrics::Metrics;
 use crate::node::{ClientRequest, Health, KEY_MAX};
-use crate::registry::{Registry, RegistryError, COMPONENT_MAX};
+use crate::registry::{Registry, RegistryError, Swap, COMPONENT_MAX};
 pub use crate::runtime::VALUE_MAX;
 /// Longest a request waits for the cluster.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -888,7 +888,7 @@ async fn activate_protocol(
         Err(r) => return r,
     };
     let target = (req.component != "embedded").then_some(req.component.as_str());
-    let result = app.registry.activate(target, "activate").await;
+    let result = app.registry.activate(target, Swap::Activate).await;
     swapped(&app, result).await
 }
 

@@ -31,6 +31,25 @@ fn ready_key(nonce: u64, replica: u32) -> Vec<u8> {
     key
 }
 
+/// What an operator's swap does to the rollback stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Swap {
+    /// The current protocol becomes the rollback target.
+    Activate,
+    /// The current protocol is dropped; the previous one runs again.
+    Rollback,
+}
+
+impl Swap {
+    /// As the configuration record and its swap history spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Swap::Activate => "activate",
+            Swap::Rollback => "rollback",
+        }
+    }
+}
+
 impl Registry {
     /// Answers a pending activation's readiness check, and swaps to the
     /// active protocol if this replica does not run it yet.
@@ -258,14 +277,14 @@ impl Registry {
     }
 
     /// Swaps the cluster to `target` (`None`: the embedded protocol) once
-    /// every voter has said it can run it. `action` is `activate` (the
-    /// current protocol becomes the rollback target) or `rollback` (it is
-    /// dropped from the rollback stack). Returns the configuration version
-    /// and the target's id.
+    /// every voter has said it can run it. With [`Swap::Activate`] the
+    /// current protocol becomes the rollback target; with [`Swap::Rollback`]
+    /// it is dropped from the rollback stack. Returns the configuration
+    /// version and the target's id.
     pub async fn activate(
         &self,
         target: Option<&str>,
-        action: &str,
+        action: Swap,
     ) -> Result<(u64, String), RegistryError> {
         let (version, config) = self.config().await?;
         let is_embedded = |id: &str| id.len() >= 8 && self.embedded_id.starts_with(id);
@@ -301,7 +320,7 @@ impl Registry {
         let pending = PendingActivation {
             target: target.clone(),
             nonce,
-            action: action.to_string(),
+            action: action.as_str().to_string(),
         };
         self.update(|config| {
             config.protocol.pending = Some(pending.clone());
@@ -368,7 +387,7 @@ impl Registry {
                     });
                     return Ok(true);
                 }
-                if action == "rollback" {
+                if action == Swap::Rollback {
                     config.protocol.previous.pop();
                 } else {
                     config.protocol.previous.push(from.clone());
@@ -376,7 +395,7 @@ impl Registry {
                 config.protocol.active = target.clone();
                 config.record(SwapRecord {
                     at_ms: now_ms(),
-                    action: action.to_string(),
+                    action: action.as_str().to_string(),
                     from,
                     to: target.clone(),
                     by,
@@ -440,7 +459,7 @@ impl Registry {
                 "nothing to roll back to: the cluster runs the protocol it started with".into(),
             ));
         };
-        self.activate(previous.as_deref(), "rollback").await
+        self.activate(previous.as_deref(), Swap::Rollback).await
     }
 
     /// Waits until this replica's protocol instance runs `label`.

@@ -51,6 +51,7 @@ mod store;
 
 pub use crate::runtime::CONTRACT;
 pub use crate::system::{now_ms, CONFIG_KEY, SYSTEM_PREFIX};
+pub use activation::Swap;
 pub use config::*;
 pub use inspect::*;
 
