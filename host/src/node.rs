@@ -143,22 +143,45 @@ pub struct Watchers {
     pub members: mpsc::UnboundedSender<ConfigCommit>,
 }
 
+/// Why [`call`] has no completion to give.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The core thread is gone: the replica is shutting down.
+    Stopped,
+    /// The core thread dropped the request without completing it.
+    Dropped,
+    /// No completion within the time given.
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Stopped => f.write_str("the replica is shutting down"),
+            CallError::Dropped => f.write_str("the replica dropped the request"),
+            CallError::Timeout(t) => write!(f, "no answer within {t:?}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
 /// Runs one operation through the core and waits for its completion.
 pub async fn call(
     requests: &mpsc::Sender<ClientRequest>,
     key: Vec<u8>,
     op: Operation,
     timeout: Duration,
-) -> Result<Completion, String> {
+) -> Result<Completion, CallError> {
     let (reply, done) = oneshot::channel();
     requests
         .send(ClientRequest { key, op, reply })
         .await
-        .map_err(|_| "the replica is shutting down".to_string())?;
+        .map_err(|_| CallError::Stopped)?;
     match tokio::time::timeout(timeout, done).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(_)) => Err("the replica dropped the request".into()),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Err(_)) => Err(CallError::Dropped),
+        Err(_) => Err(CallError::Timeout(timeout)),
     }
 }
 

@@ -48,7 +48,7 @@ impl SystemRecord<'_> {
         let op = Operation::Read(Consistency::Linearizable);
         let c = node::call(self.requests, self.key.to_vec(), op, self.timeout)
             .await
-            .map_err(Unavailable)?;
+            .map_err(|e| Unavailable(e.to_string()))?;
         match c.outcome {
             Outcome::Done(current) => Ok((current.version, current.value)),
             other => Err(Unavailable(failure(&other))),
@@ -70,7 +70,7 @@ impl SystemRecord<'_> {
         let op = Operation::Command(command.encode());
         let c = node::call(self.requests, self.key.to_vec(), op, self.timeout)
             .await
-            .map_err(Unavailable)?;
+            .map_err(|e| Unavailable(e.to_string()))?;
         match c.outcome {
             Outcome::Done(now) => Ok(Some(now.version)),
             Outcome::Rejected(..) => Ok(None),

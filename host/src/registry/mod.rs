@@ -245,7 +245,7 @@ impl Registry {
             CALL_TIMEOUT,
         )
         .await
-        .map_err(RegistryError::Unavailable)?;
+        .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         match c.outcome {
             Outcome::Done(current) => Ok(current),
             other => Err(unavailable(&other)),
@@ -260,7 +260,7 @@ impl Registry {
             CALL_TIMEOUT,
         )
         .await
-        .map_err(RegistryError::Unavailable)?;
+        .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         Ok(c.outcome)
     }
 
