@@ -22,7 +22,7 @@ pub(super) struct Ask {
     pub(super) what: What,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "ask", rename_all = "kebab-case")]
 pub(super) enum What {
     /// Your committed membership record.

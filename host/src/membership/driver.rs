@@ -1,15 +1,18 @@
-//! The change queue's driver: each stage of section 11 of the design,
-//! published by compare-and-swap on the record, waiting for the replicas it
-//! names, and the view `GET /v1/cluster/members` returns.
+//! The change queue's driver: the I/O around `ballot_control::stages`
+//! (which decides each stage of section 11 of the design): reading and
+//! publishing the record by compare-and-swap, asking replicas for their
+//! status and their tasks, and the view `GET /v1/cluster/members` returns.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ballot_control::stages::{quorum_left, Driver, Next, Report, Task};
 use ballot_core::ReplicaId;
 use tracing::{debug, info, warn};
 
 use super::answers::{Answer, What};
-use super::record::{check, Action, Change, ChangeError, Done, Member, MembersRecord, Role};
+use super::record::{check, Action, Change, ChangeError, MembersRecord, Role};
 use super::MEMBERS_KEY;
 use super::{MembersView, Membership, ReplicaStatus, Status, CALL_TIMEOUT, STAGE_WAIT};
 use crate::system::now_ms;
@@ -83,7 +86,7 @@ impl Membership {
                 self.spawn_driver();
                 return Ok(c);
             }
-            check(&record, &change)?;
+            check(&record, &change).map_err(ChangeError::Invalid)?;
             if change.action == Action::Remove {
                 if change.id == self.me {
                     return Err(ChangeError::Invalid(format!(
@@ -95,26 +98,9 @@ impl Membership {
                     self.check_quorum_left(&record, change.id).await?;
                 }
             }
-            // Removing a replica whose join is under way abandons the join.
-            if change.action == Action::Remove {
-                if let Some(i) = record
-                    .queue
-                    .iter()
-                    .position(|c| c.id == change.id && c.action == Action::Add)
-                {
-                    let join = record.queue.remove(i);
-                    record.done.push(Done {
-                        action: Action::Add,
-                        id: join.id,
-                        requested_ms: join.requested_ms,
-                        epoch: record.epoch,
-                        finished_ms: now_ms(),
-                        aborted: true,
-                    });
-                }
-            }
-            record.queue.push(change.clone());
-            // Queuing does not change the epoch.
+            record
+                .enqueue(change.clone(), now_ms())
+                .map_err(ChangeError::Invalid)?;
             if self.publish(version, &record).await? {
                 self.spawn_driver();
                 return Ok(change);
@@ -134,147 +120,105 @@ impl Membership {
         });
     }
 
-    /// Runs queued changes until the queue is empty.
+    /// Runs queued changes until the queue is empty: the stages are
+    /// `ballot_control::stages`; this does their I/O (read and publish the
+    /// record, ask replicas for their status and tasks).
     pub(super) async fn drive(self: Arc<Self>) -> Result<(), ChangeError> {
         let Ok(_driving) = self.driving.try_lock() else {
             return Ok(());
         };
+        let mut driver = Driver::new();
+        let started = Instant::now();
         loop {
             let (version, record) = self.current().await?;
             self.driving_version
                 .store(version, std::sync::atomic::Ordering::Release);
-            match self.advance(&record).await {
-                Ok(Some(next)) => {
-                    // Published or overtaken: read again either way.
-                    self.publish(version, &next).await?;
+            let mut errors: BTreeMap<ReplicaId, String> = BTreeMap::new();
+            let mut asked = false;
+            loop {
+                match driver.poll(
+                    version,
+                    &record,
+                    started.elapsed().as_millis() as u64,
+                    now_ms(),
+                ) {
+                    Next::Idle => return Ok(()),
+                    Next::Publish(next) => {
+                        // Published or overtaken: read again either way.
+                        self.publish(version, &next).await?;
+                        break;
+                    }
+                    Next::GiveUp { until, replicas } => {
+                        return Err(ChangeError::Unavailable(format!(
+                            "waited {STAGE_WAIT:?} for replicas to {}: {}",
+                            until.what(),
+                            waiting(&replicas, &errors)
+                        )));
+                    }
+                    Next::Ask {
+                        status,
+                        until,
+                        task,
+                        nudge,
+                    } => {
+                        if asked {
+                            debug!(
+                                what = until.what(),
+                                "waiting for replicas: {}",
+                                waiting(&status, &errors)
+                            );
+                            if self.superseded() {
+                                debug!("the membership record changed during a stage: starting it again");
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        asked = true;
+                        if let Some(task) = task {
+                            let what = match task {
+                                Task::CatchUp { epoch } => What::CatchUp { epoch },
+                                Task::Sweep { epoch } => What::Sweep { epoch },
+                            };
+                            for id in nudge {
+                                self.tell(id, what.clone()).await;
+                            }
+                        }
+                        for id in status {
+                            let report = match self.status_of(id).await {
+                                Ok(s) => {
+                                    errors.remove(&id);
+                                    Some(Report {
+                                        epoch: s.epoch,
+                                        swept: s.swept,
+                                        caught_up: s.caught_up,
+                                    })
+                                }
+                                Err(e) => {
+                                    errors.insert(id, e);
+                                    None
+                                }
+                            };
+                            driver.report(id, report);
+                        }
+                    }
                 }
-                Ok(None) => return Ok(()),
-                Err(ChangeError::Superseded) => {
-                    debug!("the membership record changed during a stage: starting it again");
-                }
-                Err(e) => return Err(e),
             }
         }
     }
 
-    /// The next record for the change at the head of `record`'s queue,
-    /// once what that step waits for holds; `None` when the queue is
-    /// empty and everyone runs the record.
-    async fn advance(
-        self: &Arc<Self>,
-        record: &MembersRecord,
-    ) -> Result<Option<MembersRecord>, ChangeError> {
-        {
-            // Nothing starts until everyone named runs the current epoch
-            // (section 11, "two changes apart").
-            let everyone: Vec<ReplicaId> = record.replicas.iter().map(|m| m.id).collect();
-            let Some(change) = record.queue.first().cloned() else {
-                self.wait_for(&everyone, "run", |s| s.epoch >= record.epoch)
-                    .await?;
-                return Ok(None);
-            };
-            let leaving = (change.action == Action::Remove).then_some(change.id);
-            let needed: Vec<ReplicaId> = everyone
-                .iter()
-                .copied()
-                .filter(|&id| Some(id) != leaving)
-                .collect();
-            self.wait_for(&needed, "run", |s| s.epoch >= record.epoch)
-                .await?;
-            let next = match (change.action, record.role(change.id)) {
-                (Action::Add, None) => record.next(|r| {
-                    r.replicas.push(Member {
-                        id: change.id,
-                        addr: change.addr.expect("checked when queued"),
-                        http: change.http.clone(),
-                        role: Role::Learner,
-                    })
-                }),
-                (Action::Add, Some(Role::Learner)) if record.fast => {
-                    let target = record.epoch;
-                    let me = self.clone();
-                    let id = change.id;
-                    self.wait_for_retrying(
-                        &[change.id],
-                        "catch up",
-                        |s| s.caught_up >= target,
-                        || {
-                            let me = me.clone();
-                            async move { me.tell(id, What::CatchUp { epoch: target }).await }
-                        },
-                    )
-                    .await?;
-                    record.next(|r| r.fast = false)
-                }
-                (Action::Add, Some(Role::Learner)) => {
-                    self.sweep_voters(record, None).await?;
-                    record.next(|r| {
-                        for m in &mut r.replicas {
-                            if m.id == change.id {
-                                m.role = Role::Voter;
-                            }
-                        }
-                        r.fast = true;
-                        r.finish(false);
-                    })
-                }
-                (Action::Add, Some(Role::Voter)) => record.next(|r| r.finish(false)),
-                (Action::Remove, None) => record.next(|r| r.finish(false)),
-                (Action::Remove, Some(Role::Learner)) => record.next(|r| {
-                    r.replicas.retain(|m| m.id != change.id);
-                    r.finish(false);
-                }),
-                (Action::Remove, Some(Role::Voter)) if record.fast => {
-                    match self.check_quorum_left(record, change.id).await {
-                        Ok(()) => record.next(|r| r.fast = false),
-                        Err(e) => {
-                            warn!("membership change abandoned: {e}");
-                            record.next(|r| r.finish(true))
-                        }
-                    }
-                }
-                (Action::Remove, Some(Role::Voter)) => {
-                    self.sweep_voters(record, Some(change.id)).await?;
-                    record.next(|r| {
-                        r.replicas.retain(|m| m.id != change.id);
-                        r.fast = true;
-                        r.finish(false);
-                    })
-                }
-            };
-            Ok(Some(next))
-        }
-    }
-
-    /// Has every voter but `leaving` sweep the record's epoch.
-    async fn sweep_voters(
-        self: &Arc<Self>,
-        record: &MembersRecord,
-        leaving: Option<ReplicaId>,
-    ) -> Result<(), ChangeError> {
-        let voters: Vec<ReplicaId> = record
-            .voters()
-            .into_iter()
-            .filter(|&v| Some(v) != leaving)
-            .collect();
-        let epoch = record.epoch;
-        let me = self.clone();
-        let targets = voters.clone();
-        self.wait_for_retrying(
-            &voters,
-            "sweep",
-            |s| s.swept >= epoch,
-            || {
-                let me = me.clone();
-                let targets = targets.clone();
-                async move {
-                    for v in targets {
-                        me.tell(v, What::Sweep { epoch }).await;
-                    }
-                }
-            },
-        )
-        .await
+    /// A change queued meanwhile (a removal of the replica joining, say)
+    /// is handled from the top, not after the current wait.
+    fn superseded(&self) -> bool {
+        let stored = self
+            .storage
+            .committed(MEMBERS_KEY)
+            .ok()
+            .flatten()
+            .map_or(0, |c| c.version);
+        stored
+            > self
+                .driving_version
+                .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Refuses to remove `leaving` unless a quorum of the voters left
@@ -284,26 +228,13 @@ impl Membership {
         record: &MembersRecord,
         leaving: ReplicaId,
     ) -> Result<(), ChangeError> {
-        let left: Vec<ReplicaId> = record
-            .voters()
-            .into_iter()
-            .filter(|&v| v != leaving)
-            .collect();
-        let quorum = ballot_core::quorum_classic(left.len());
-        let mut up = 0;
-        for &v in &left {
-            if self.status_of(v).await.is_ok() {
-                up += 1;
+        let mut answering = BTreeSet::new();
+        for v in record.voters() {
+            if v != leaving && self.status_of(v).await.is_ok() {
+                answering.insert(v);
             }
         }
-        if up < quorum {
-            return Err(ChangeError::Invalid(format!(
-                "removing replica {leaving} would leave {} voters of which only {up} answer; \
-                 a quorum of them ({quorum}) must be up",
-                left.len()
-            )));
-        }
-        Ok(())
+        quorum_left(record, leaving, |v| answering.contains(&v)).map_err(ChangeError::Invalid)
     }
 
     /// Starts a task on `id` (itself included).
@@ -345,69 +276,6 @@ impl Membership {
         out
     }
 
-    async fn wait_for(
-        &self,
-        ids: &[ReplicaId],
-        what: &str,
-        done: impl Fn(&Status) -> bool,
-    ) -> Result<(), ChangeError> {
-        self.wait_for_retrying(ids, what, done, || async {}).await
-    }
-
-    /// Waits until every replica of `ids` reports a status `done` accepts,
-    /// calling `nudge` at once and every few seconds meanwhile (a replica
-    /// restarted during a task forgets it).
-    async fn wait_for_retrying<F: std::future::Future<Output = ()>>(
-        &self,
-        ids: &[ReplicaId],
-        what: &str,
-        done: impl Fn(&Status) -> bool,
-        nudge: impl Fn() -> F,
-    ) -> Result<(), ChangeError> {
-        let deadline = Instant::now() + STAGE_WAIT;
-        let mut last_nudge: Option<Instant> = None;
-        loop {
-            let mut waiting = Vec::new();
-            for &id in ids {
-                match self.status_of(id).await {
-                    Ok(s) if done(&s) => {}
-                    Ok(_) => waiting.push(format!("{id}")),
-                    Err(e) => waiting.push(format!("{id} ({e})")),
-                }
-            }
-            if waiting.is_empty() {
-                return Ok(());
-            }
-            debug!(what, "waiting for replicas: {}", waiting.join(", "));
-            // A change queued meanwhile (a removal of the replica joining,
-            // say) is handled from the top, not after this wait.
-            let stored = self
-                .storage
-                .committed(MEMBERS_KEY)
-                .ok()
-                .flatten()
-                .map_or(0, |c| c.version);
-            if stored
-                > self
-                    .driving_version
-                    .load(std::sync::atomic::Ordering::Acquire)
-            {
-                return Err(ChangeError::Superseded);
-            }
-            if Instant::now() > deadline {
-                return Err(ChangeError::Unavailable(format!(
-                    "waited {STAGE_WAIT:?} for replicas to {what}: {}",
-                    waiting.join(", ")
-                )));
-            }
-            if last_nudge.is_none_or(|at| at.elapsed() > Duration::from_secs(3)) {
-                nudge().await;
-                last_nudge = Some(Instant::now());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
     /// The record and every member's status.
     pub async fn view(&self) -> Result<MembersView, ChangeError> {
         let (version, record) = self.current().await?;
@@ -419,4 +287,16 @@ impl Membership {
             status,
         })
     }
+}
+
+/// The replicas a wait is on, with why each did not answer if it did not.
+fn waiting(replicas: &[ReplicaId], errors: &BTreeMap<ReplicaId, String>) -> String {
+    replicas
+        .iter()
+        .map(|id| match errors.get(id) {
+            Some(e) => format!("{id} ({e})"),
+            None => format!("{id}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

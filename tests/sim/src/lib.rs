@@ -25,6 +25,8 @@ use ballot_core::{
     Write,
 };
 
+use ballot_control::members::{self, Action, MembersRecord, Role};
+use ballot_control::stages::{self, Driver, Next, Task};
 use check::{Input, Output};
 
 /// A deliberately broken protocol, to show the checker catches it.
@@ -378,48 +380,16 @@ enum Ev {
     Drive,
 }
 
+/// The peer address a simulated replica's record lists (never dialled).
+fn peer_addr(id: ReplicaId) -> std::net::SocketAddr {
+    ([127, 0, 0, 1], 7000 + id as u16).into()
+}
+
 /// One change of the plan: a node index joins or leaves.
 #[derive(Clone, Copy, Debug)]
 enum Change {
     Add(usize),
     Remove(usize),
-}
-
-/// Why a replica issues a read of its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Chore {
-    CatchUp,
-    Sweep,
-}
-
-/// Where the driver is in the current change. Every stage but the last
-/// publishes a new epoch and then waits for the replicas it names to run it.
-#[derive(Debug)]
-enum Stage {
-    /// Waiting for `nodes` to run epoch `epoch` or later, then `next`.
-    Adopt {
-        epoch: u64,
-        nodes: Vec<usize>,
-        next: Box<Stage>,
-    },
-    /// Each node reads the listed keys linearizably (catch-up of a learner,
-    /// or the sweep of every continuing voter); then `next`.
-    Reads {
-        chore: Chore,
-        pending: BTreeMap<usize, BTreeSet<Vec<u8>>>,
-        /// A sweep lists each node's keys when it starts.
-        listed: bool,
-        next: Box<Stage>,
-    },
-    /// Publish `members` (and start or retire a node), then `next`.
-    Publish {
-        members: Members,
-        start: Option<usize>,
-        retire: Option<usize>,
-        next: Box<Stage>,
-    },
-    /// The change is complete.
-    Done,
 }
 
 struct Node {
@@ -436,8 +406,15 @@ struct Node {
     wake_pending: bool,
     /// Request id -> index into the history.
     requests: BTreeMap<u64, usize>,
-    /// Request id -> a read the replica makes for the membership driver.
-    chores: BTreeMap<u64, (Chore, Vec<u8>)>,
+    /// Request id -> a read the replica makes for its membership task.
+    chores: BTreeMap<u64, (Task, Vec<u8>)>,
+    /// The membership task it runs (the driver asked for it), with the
+    /// keys it still has to read; forgotten at a crash, as the daemon's.
+    task: Option<(Task, BTreeSet<Vec<u8>>)>,
+    /// What it reports: the newest epochs it swept and caught up at
+    /// (in memory in the daemon: 0 again after a restart).
+    swept: u64,
+    caught_up: u64,
     /// The membership epoch its core runs.
     epoch: u64,
     /// The epoch it resumes after a crash: the host's copy of the
@@ -533,10 +510,15 @@ pub struct Sim<'f> {
     stall_crashes: u32,
     /// Every membership published, by epoch - 1.
     memberships: Vec<Members>,
+    /// Changes not queued yet.
     plan: VecDeque<Change>,
-    stage: Stage,
-    /// A change of the plan is under way in `stage`.
-    changing: bool,
+    /// The membership record and its version (what `\0ballot/members`
+    /// holds), driven by the daemon's own stages.
+    record: MembersRecord,
+    record_version: u64,
+    driver: Driver,
+    /// The driver's last word (none before its first).
+    driving: Option<Next>,
 }
 
 const TIME_LIMIT_MS: u64 = 600_000;
@@ -575,6 +557,9 @@ impl<'f> Sim<'f> {
                     wake_pending: false,
                     requests: BTreeMap::new(),
                     chores: BTreeMap::new(),
+                    task: None,
+                    swept: 0,
+                    caught_up: 0,
                     epoch: 1,
                     durable_epoch: 1,
                     off,
@@ -665,10 +650,22 @@ impl<'f> Sim<'f> {
             request_next: 1,
             fault_window_ms: 1500,
             stall_crashes: 3,
+            record: MembersRecord::bootstrap(
+                voters
+                    .iter()
+                    .map(|&id| members::Member {
+                        id,
+                        addr: peer_addr(id),
+                        http: None,
+                        role: Role::Voter,
+                    })
+                    .collect(),
+            ),
+            record_version: 0,
+            driver: Driver::new(),
+            driving: None,
             memberships: vec![Members::initial(voters)],
             plan,
-            stage: Stage::Done,
-            changing: false,
         }
     }
 
@@ -944,7 +941,7 @@ impl<'f> Sim<'f> {
     // ----- membership -----------------------------------------------------
 
     fn plan_done(&self) -> bool {
-        self.plan.is_empty() && matches!(self.stage, Stage::Done)
+        self.plan.is_empty() && matches!(self.driving, None | Some(Next::Idle))
     }
 
     fn latest(&self) -> &Members {
@@ -1009,272 +1006,265 @@ impl<'f> Sim<'f> {
         self.memberships[epoch as usize - 1].clone()
     }
 
-    /// The stages of one change, as `ballot cluster add|remove` runs them
-    /// (see `docs/design.md`, section 11).
-    fn stages(&self, change: Change) -> Stage {
-        let now = self.latest().clone();
-        let epoch = now.epoch;
-        let id = |i: usize| i as ReplicaId + 1;
-        let idx = |r: ReplicaId| r as usize - 1;
-        let voters: Vec<usize> = now.voters.iter().map(|&r| idx(r)).collect();
-        let sweep = |nodes: &[usize]| Stage::Reads {
-            chore: Chore::Sweep,
-            // Filled in when the stage starts: each node's own keys.
-            pending: nodes.iter().map(|&n| (n, BTreeSet::new())).collect(),
-            listed: false,
-            next: Box::new(Stage::Done),
-        };
-        let chain = |mut stages: Vec<Stage>| {
-            let mut next = Stage::Done;
-            while let Some(mut s) = stages.pop() {
-                match &mut s {
-                    Stage::Adopt { next: n, .. }
-                    | Stage::Reads { next: n, .. }
-                    | Stage::Publish { next: n, .. } => *n = Box::new(next),
-                    Stage::Done => {}
-                }
-                next = s;
-            }
-            next
-        };
-        let adopt = |epoch: u64, nodes: Vec<usize>| Stage::Adopt {
-            epoch,
-            nodes,
-            next: Box::new(Stage::Done),
-        };
-        let publish = |members: Members, start, retire| Stage::Publish {
-            members,
-            start,
-            retire,
-            next: Box::new(Stage::Done),
-        };
-        match change {
-            Change::Add(x) => {
-                let mut learning = now.clone();
-                learning.epoch = epoch + 1;
-                learning.learners.push(id(x));
-                let mut classic = learning.clone();
-                classic.epoch = epoch + 2;
-                classic.fast = false;
-                let mut joined = classic.clone();
-                joined.epoch = epoch + 3;
-                joined.fast = true;
-                joined.learners.retain(|&r| r != id(x));
-                joined.voters.push(id(x));
-                let mut with_x = voters.clone();
-                with_x.push(x);
-                let keys: BTreeSet<Vec<u8>> = (0..self.cfg.keys).map(|k| self.key(k)).collect();
-                let mut stages = vec![
-                    publish(learning, Some(x), None),
-                    adopt(epoch + 1, with_x.clone()),
-                    Stage::Reads {
-                        chore: Chore::CatchUp,
-                        pending: [(x, keys)].into_iter().collect(),
-                        listed: true,
-                        next: Box::new(Stage::Done),
-                    },
-                ];
-                if self.cfg.unsafe_membership {
-                    joined.epoch = epoch + 2;
-                } else {
-                    stages.extend([
-                        publish(classic, None, None),
-                        adopt(epoch + 2, voters.clone()),
-                        sweep(&voters),
-                    ]);
-                }
-                let last = joined.epoch;
-                stages.extend([publish(joined, None, None), adopt(last, with_x)]);
-                chain(stages)
-            }
-            Change::Remove(y) => {
-                let mut classic = now.clone();
-                classic.epoch = epoch + 1;
-                classic.fast = false;
-                let mut left = classic.clone();
-                left.epoch = epoch + 2;
-                left.fast = true;
-                left.voters.retain(|&r| r != id(y));
-                let staying: Vec<usize> = voters.iter().copied().filter(|&v| v != y).collect();
-                let mut stages = Vec::new();
-                if self.cfg.unsafe_membership {
-                    left.epoch = epoch + 1;
-                } else {
-                    stages.extend([
-                        publish(classic, None, None),
-                        adopt(epoch + 1, staying.clone()),
-                        sweep(&staying),
-                    ]);
-                }
-                let last = left.epoch;
-                stages.extend([publish(left, None, Some(y)), adopt(last, staying)]);
-                chain(stages)
-            }
-        }
-    }
-
+    /// Runs the daemon's membership driver (`ballot_control::stages`) as
+    /// far as it goes now: every replica that is up reports, a published
+    /// record takes effect at once, and the plan's next change is queued
+    /// once the last one is over.
     fn drive(&mut self) {
         loop {
-            let stage = std::mem::replace(&mut self.stage, Stage::Done);
-            let (stage, moved) = self.advance_stage(stage);
-            self.stage = stage;
-            // Crash-restarts at stage boundaries, so every stage meets one:
-            // a replica goes down just as the driver moves on.
-            if moved && self.cfg.faults && self.stage_rng.chance(0.2) {
-                let up: Vec<usize> = (0..self.nodes.len())
-                    .filter(|&i| self.nodes[i].core.is_some())
-                    .collect();
-                if self.stage_rng.chance(0.1) {
-                    // Or the whole cluster goes down (a power cut, a
-                    // rollout that restarts every replica at once).
-                    self.stats.stage_crashes += 1;
-                    self.stats.cluster_crashes += 1;
-                    for i in up {
-                        self.crash(i);
+            let ids: Vec<ReplicaId> = self.record.replicas.iter().map(|m| m.id).collect();
+            for id in ids {
+                let node = &self.nodes[id as usize - 1];
+                let report = node.core.is_some().then_some(stages::Report {
+                    epoch: node.epoch,
+                    swept: node.swept,
+                    caught_up: node.caught_up,
+                });
+                self.driver.report(id, report);
+            }
+            let next = self
+                .driver
+                .poll(self.record_version, &self.record, self.now, self.now);
+            self.driving = Some(next.clone());
+            match next {
+                Next::Idle => {
+                    self.stats.epoch = self.latest().epoch;
+                    let Some(&change) = self.plan.front() else {
+                        return;
+                    };
+                    let (action, x) = match change {
+                        Change::Add(x) => (Action::Add, x),
+                        Change::Remove(y) => (Action::Remove, y),
+                    };
+                    let id = x as ReplicaId + 1;
+                    // As `ballot cluster remove` refuses: a quorum of the
+                    // voters left must answer. The operator tries again.
+                    if action == Action::Remove
+                        && stages::quorum_left(&self.record, id, |v| {
+                            self.nodes[v as usize - 1].core.is_some()
+                        })
+                        .is_err()
+                    {
+                        return;
                     }
-                } else if !up.is_empty() {
-                    let i = up[self.stage_rng.range(0, up.len() as u64 - 1) as usize];
-                    self.stats.stage_crashes += 1;
-                    self.crash(i);
+                    self.plan.pop_front();
+                    let queued = members::Change {
+                        action,
+                        id,
+                        addr: (action == Action::Add).then(|| peer_addr(id)),
+                        http: None,
+                        requested_ms: self.now,
+                    };
+                    if let Err(e) = self.record.enqueue(queued, self.now) {
+                        self.violations
+                            .push(format!("the plan's change {change:?} was refused: {e}"));
+                        return;
+                    }
+                    self.record_version += 1;
+                }
+                Next::Publish(next) => {
+                    let next = if self.cfg.unsafe_membership {
+                        self.skip_the_classic_epoch(next)
+                    } else {
+                        next
+                    };
+                    self.publish(next);
+                    self.stage_crash();
+                }
+                Next::Ask { task, nudge, .. } => {
+                    if let Some(task) = task {
+                        for id in nudge {
+                            self.start_task(id as usize - 1, task);
+                        }
+                    }
+                    self.run_tasks();
+                    return;
+                }
+                // The daemon's driver pauses and resumes on the next
+                // request or poll: here, on the next drive.
+                Next::GiveUp { .. } => return,
+            }
+        }
+    }
+
+    /// `--planted unsafe-membership`: a record that only turns the fast
+    /// round off is replaced by the one the change ends with once the
+    /// classic epoch was swept, published in its place.
+    fn skip_the_classic_epoch(&self, next: MembersRecord) -> MembersRecord {
+        if !(self.record.fast && !next.fast) {
+            return next;
+        }
+        let swept: BTreeMap<ReplicaId, stages::Report> = next
+            .replicas
+            .iter()
+            .map(|m| {
+                let all = u64::MAX;
+                (
+                    m.id,
+                    stages::Report {
+                        epoch: all,
+                        swept: all,
+                        caught_up: all,
+                    },
+                )
+            })
+            .collect();
+        match stages::step(&next, &swept, self.now) {
+            stages::Step::Publish(mut last) => {
+                last.epoch = next.epoch;
+                last
+            }
+            _ => next,
+        }
+    }
+
+    /// Makes `next` the record: a replica it adds starts on an empty
+    /// directory, one it drops is told at its next poll.
+    fn publish(&mut self, next: MembersRecord) {
+        let listed = |r: &MembersRecord, id: ReplicaId| r.replicas.iter().any(|m| m.id == id);
+        for m in &next.replicas {
+            if !listed(&self.record, m.id) {
+                let node = &mut self.nodes[m.id as usize - 1];
+                node.off = false;
+                let core = self.factory.make(Config::new(
+                    node.id,
+                    node.incarnation,
+                    self.memberships[0].voters.clone(),
+                ));
+                node.core = Some(core);
+                node.epoch = 1;
+                node.durable_epoch = 1;
+            }
+        }
+        for m in &self.record.replicas {
+            if !listed(&next, m.id) {
+                // A removed replica runs on until its next poll tells it,
+                // and stops for good then; one that is down comes back on
+                // the epoch it had first.
+                let y = m.id as usize - 1;
+                self.nodes[y].removed = true;
+                if self.nodes[y].core.is_none() {
+                    self.stats.removed_down += 1;
                 }
             }
-            if matches!(self.stage, Stage::Done) {
-                if std::mem::take(&mut self.changing) {
-                    self.stats.changes += 1;
-                }
-                self.stats.epoch = self.latest().epoch;
-                let Some(change) = self.plan.pop_front() else {
-                    return;
-                };
-                self.stage = self.stages(change);
-                self.changing = true;
+        }
+        if next.queue.len() < self.record.queue.len() {
+            self.stats.changes += 1;
+        }
+        if next.epoch > self.record.epoch {
+            debug_assert_eq!(next.epoch as usize, self.memberships.len() + 1);
+            self.memberships.push(next.members());
+        }
+        self.record = next;
+        self.record_version += 1;
+    }
+
+    /// Crash-restarts as the driver moves on, so every stage meets one: a
+    /// replica goes down just as a record is published, or the whole
+    /// cluster does (a power cut, a rollout that restarts every replica).
+    fn stage_crash(&mut self) {
+        if !(self.cfg.faults && self.stage_rng.chance(0.2)) {
+            return;
+        }
+        let up: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].core.is_some())
+            .collect();
+        if self.stage_rng.chance(0.1) {
+            self.stats.stage_crashes += 1;
+            self.stats.cluster_crashes += 1;
+            for i in up {
+                self.crash(i);
+            }
+        } else if !up.is_empty() {
+            let i = up[self.stage_rng.range(0, up.len() as u64 - 1) as usize];
+            self.stats.stage_crashes += 1;
+            self.crash(i);
+        }
+    }
+
+    /// Starts `task` on node `i` unless it runs or is done, as the
+    /// daemon's membership task does: a catch-up reads every key, a sweep
+    /// every key the replica holds state for.
+    fn start_task(&mut self, i: usize, task: Task) {
+        let keys: BTreeSet<Vec<u8>> = match task {
+            Task::CatchUp { .. } => (0..self.cfg.keys).map(|k| self.key(k)).collect(),
+            Task::Sweep { .. } => self.nodes[i]
+                .cache
+                .iter()
+                .chain(self.nodes[i].durable.iter())
+                .filter(|(_, s)| !s.is_empty())
+                .map(|(k, _)| k.clone())
+                .collect(),
+        };
+        let node = &mut self.nodes[i];
+        let (done, epoch) = match task {
+            Task::CatchUp { epoch } => (node.caught_up >= epoch, epoch),
+            Task::Sweep { epoch } => (node.swept >= epoch, epoch),
+        };
+        if node.core.is_none() || done || node.task.as_ref().is_some_and(|(t, _)| *t == task) {
+            return;
+        }
+        node.task = Some((task, keys));
+        if node.task.as_ref().is_some_and(|(_, k)| k.is_empty()) {
+            self.task_done(i, epoch);
+        }
+    }
+
+    /// Issues the reads of every running task that are not in flight.
+    fn run_tasks(&mut self) {
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].core.is_none() {
                 continue;
             }
-            if !moved {
-                return;
+            let Some((task, keys)) = self.nodes[n].task.clone() else {
+                continue;
+            };
+            let busy: BTreeSet<Vec<u8>> = self.nodes[n]
+                .chores
+                .values()
+                .map(|(_, k)| k.clone())
+                .collect();
+            for key in keys.into_iter().filter(|k| !busy.contains(k)) {
+                let id = self.request_next;
+                self.request_next += 1;
+                self.nodes[n].chores.insert(id, (task, key.clone()));
+                self.nodes[n].inbox.push(NodeInput::Request(Request {
+                    id,
+                    key,
+                    op: Operation::Read(Consistency::Linearizable),
+                }));
+                self.schedule_wake(n);
             }
         }
     }
 
-    /// Runs one stage as far as it goes now; returns the stage to be in and
-    /// whether it moved on.
-    fn advance_stage(&mut self, stage: Stage) -> (Stage, bool) {
-        match stage {
-            Stage::Done => (Stage::Done, false),
-            Stage::Publish {
-                members,
-                start,
-                retire,
-                next,
-            } => {
-                if let Some(x) = start {
-                    let node = &mut self.nodes[x];
-                    node.off = false;
-                    let core = self.factory.make(Config::new(
-                        node.id,
-                        node.incarnation,
-                        self.memberships[0].voters.clone(),
-                    ));
-                    node.core = Some(core);
-                    node.epoch = 1;
-                    node.durable_epoch = 1;
-                }
-                if let Some(y) = retire {
-                    // A removed replica runs on until its next poll tells
-                    // it, and stops for good then; one that is down comes
-                    // back on the epoch it had first.
-                    self.nodes[y].removed = true;
-                    if self.nodes[y].core.is_none() {
-                        self.stats.removed_down += 1;
-                    }
-                }
-                self.memberships.push(members);
-                (*next, true)
-            }
-            Stage::Adopt { epoch, nodes, next } => {
-                if nodes.iter().all(|&n| self.nodes[n].epoch >= epoch) {
-                    (*next, true)
-                } else {
-                    (Stage::Adopt { epoch, nodes, next }, false)
-                }
-            }
-            Stage::Reads {
-                chore,
-                mut pending,
-                mut listed,
-                next,
-            } => {
-                if !listed {
-                    listed = true;
-                    // A sweep reads every key the replica holds state for.
-                    for (&n, keys) in pending.iter_mut() {
-                        keys.extend(
-                            self.nodes[n]
-                                .cache
-                                .iter()
-                                .chain(self.nodes[n].durable.iter())
-                                .filter(|(_, s)| !s.is_empty())
-                                .map(|(k, _)| k.clone()),
-                        );
-                    }
-                }
-                for (&n, keys) in &pending {
-                    if self.nodes[n].core.is_none() {
-                        continue;
-                    }
-                    let busy: BTreeSet<Vec<u8>> = self.nodes[n]
-                        .chores
-                        .values()
-                        .map(|(_, k)| k.clone())
-                        .collect();
-                    for key in keys
-                        .iter()
-                        .filter(|k| !busy.contains(*k))
-                        .cloned()
-                        .collect::<Vec<_>>()
-                    {
-                        let id = self.request_next;
-                        self.request_next += 1;
-                        self.nodes[n].chores.insert(id, (chore, key.clone()));
-                        self.nodes[n].inbox.push(NodeInput::Request(Request {
-                            id,
-                            key,
-                            op: Operation::Read(Consistency::Linearizable),
-                        }));
-                        self.schedule_wake(n);
-                    }
-                }
-                if pending.values().all(|k| k.is_empty()) {
-                    (*next, true)
-                } else {
-                    (
-                        Stage::Reads {
-                            chore,
-                            pending,
-                            listed,
-                            next,
-                        },
-                        false,
-                    )
-                }
-            }
-        }
-    }
-
-    /// A read made for the driver finished.
-    fn chore_done(&mut self, i: usize, chore: Chore, key: Vec<u8>, outcome: Outcome) {
+    /// A read made for a membership task finished.
+    fn chore_done(&mut self, i: usize, task: Task, key: Vec<u8>, outcome: Outcome) {
         if !matches!(outcome, Outcome::Done(_)) {
             return;
         }
-        if let Stage::Reads {
-            chore: c, pending, ..
-        } = &mut self.stage
-        {
-            if *c == chore {
-                if let Some(keys) = pending.get_mut(&i) {
-                    keys.remove(&key);
-                }
-            }
+        let node = &mut self.nodes[i];
+        let Some((running, keys)) = node.task.as_mut() else {
+            return;
+        };
+        if *running != task {
+            return;
+        }
+        keys.remove(&key);
+        if keys.is_empty() {
+            let epoch = match task {
+                Task::CatchUp { epoch } | Task::Sweep { epoch } => epoch,
+            };
+            self.task_done(i, epoch);
+        }
+    }
+
+    fn task_done(&mut self, i: usize, epoch: u64) {
+        let node = &mut self.nodes[i];
+        match node.task.take() {
+            Some((Task::CatchUp { .. }, _)) => node.caught_up = node.caught_up.max(epoch),
+            Some((Task::Sweep { .. }, _)) => node.swept = node.swept.max(epoch),
+            None => {}
         }
     }
 
@@ -1421,8 +1411,8 @@ impl<'f> Sim<'f> {
         for c in actions.complete {
             if let Some(h) = self.nodes[i].requests.remove(&c.id) {
                 self.complete(h, Some(c.outcome));
-            } else if let Some((chore, key)) = self.nodes[i].chores.remove(&c.id) {
-                self.chore_done(i, chore, key, c.outcome);
+            } else if let Some((task, key)) = self.nodes[i].chores.remove(&c.id) {
+                self.chore_done(i, task, key, c.outcome);
             }
         }
     }
@@ -1571,6 +1561,9 @@ impl<'f> Sim<'f> {
         node.disk.clear();
         node.inbox.clear();
         node.chores.clear();
+        node.task = None;
+        node.swept = 0;
+        node.caught_up = 0;
         let lost: Vec<usize> = std::mem::take(&mut node.requests).into_values().collect();
         for h in lost {
             self.complete(h, None);
@@ -1701,9 +1694,10 @@ impl<'f> Sim<'f> {
         }
         if !self.plan_done() {
             self.violations.push(format!(
-                "liveness: the membership changes did not finish (at epoch {}, stage {:?})",
+                "liveness: the membership changes did not finish (at epoch {}, queue {:?}, driver {:?})",
                 self.latest().epoch,
-                self.stage
+                self.record.queue,
+                self.driving
             ));
         }
         if self.stats.wait_max_ms > WAIT_MAX_MS {

@@ -259,15 +259,16 @@ fn membership_changes_in_the_component_stay_linearizable() {
 }
 
 /// The classic-only epoch and the sweep are needed, and the simulator shows
-/// it: changing voters without them (every other stage and wait kept) lets
-/// a value chosen in an old fast round be missed by the new quorums. Seeds
-/// 8 and 721 at n = 4 were found by
+/// it: changing voters without them (every other stage and wait of the
+/// daemon's driver kept) lets a value chosen in an old fast round be missed
+/// by the new quorums. Seeds 458 and 732 at n = 4 were found by
 /// `ballot-sim --seeds 1000 --nodes 4 --reconfigure --planted unsafe-membership`
-/// (4 of 1000; whole-cluster crashes at stages and restarted replicas that
-/// lag their epoch changed the schedules of earlier seeds).
+/// (2 of 1000; the simulator running the daemon's own stages, which wait
+/// for every replica named rather than the ones each step names, changed
+/// the schedules of earlier seeds).
 #[test]
 fn simulator_catches_voters_changed_without_the_sweep() {
-    for seed in [8, 721] {
+    for seed in [458, 732] {
         let mut cfg = SimConfig::reconfiguring(seed, 4);
         cfg.unsafe_membership = true;
         let report = run(cfg, &NativeFactory(None));
@@ -406,10 +407,12 @@ fn simulator_catches_an_adopted_epoch_that_is_not_durable() {
         cfg.volatile_epoch = true;
         cfg
     };
-    let seed = first_caught(0..300, planted, &NativeFactory(None), |v| {
+    // 3 of 2000 seeds are caught at n = 3 (300, 636, 1031):
+    // `ballot-sim --seeds 2000 --nodes 3 --reconfigure --planted volatile-epoch`.
+    let seed = first_caught(0..700, planted, &NativeFactory(None), |v| {
         v.contains("not linearizable") || v.contains("agreement")
     })
-    .expect("300 seeds of epochs that are not durable passed the simulator");
+    .expect("700 seeds of epochs that are not durable passed the simulator");
     let report = run(planted(seed), &NativeFactory(None));
     assert!(
         report.stats.changes > 0 && report.stats.lagging_restarts > 0,

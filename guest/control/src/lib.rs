@@ -1,0 +1,15 @@
+//! Ballot's control plane as pure state machines: no I/O, no clock, no
+//! threads. Time comes in as an argument, and what a decision needs from
+//! the world (the membership record, what each replica reports) comes in
+//! as values; what the world should do comes back as a value. The daemon
+//! (`host/src/membership/`) and the simulator (`tests/sim`) drive the same
+//! code, so the simulator checks the stages that ship.
+//!
+//! - [`members`]: the membership record, `\0ballot/members`, and which
+//!   changes may queue on it.
+//! - [`stages`]: from a record and the replicas' reports to the next step
+//!   of the change at the head of its queue (design section 11), and the
+//!   [`stages::Driver`] that adds the waits' nudges and deadline.
+
+pub mod members;
+pub mod stages;
