@@ -10,6 +10,12 @@
 //! - [`stages`]: from a record and the replicas' reports to the next step
 //!   of the change at the head of its queue (design section 11), and the
 //!   [`stages::Driver`] that adds the waits' nudges and deadline.
+//! - [`config`]: the component configuration record, `\0ballot/config`.
+//! - [`activation`]: how a protocol activation starts, is decided by the
+//!   members' readiness answers and ends on that record, and when traps
+//!   right after a swap roll a replica back.
 
+pub mod activation;
+pub mod config;
 pub mod members;
 pub mod stages;

@@ -3,51 +3,27 @@
 //! rollback after traps, and `rollback`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use ballot_control::activation::{
+    self, Outcome as Decision, Poll, Readiness, Swap, Verdict, TRAPS_TO_ROLL_BACK, TRAP_WINDOW_MS,
+};
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Outcome};
 use tracing::{debug, warn};
 
-use super::config::{ClusterConfig, Kind, PendingActivation, SwapRecord};
+use super::config::{ClusterConfig, Kind};
 use super::inspect::{compatible, component_view, wasm_factory};
 use super::{now_ms, set_protocol_info, Registry, RegistryError, Running, SYSTEM_PREFIX};
 use crate::node::{Control, CoreEvent, ProtocolFactory};
 use crate::runtime;
+use crate::system::mono_ms;
 use ballot_client::views::ComponentView;
-
-/// Traps within this long after a swap count towards a rollback.
-const TRAP_WINDOW: Duration = Duration::from_secs(60);
-/// Traps in that window that make a replica fall back to the previous
-/// protocol.
-const TRAPS_TO_ROLL_BACK: usize = 3;
-/// How long an activation waits for every voter to say it can run the
-/// component.
-const READY_WAIT: Duration = Duration::from_secs(15);
 
 fn ready_key(nonce: u64, replica: u32) -> Vec<u8> {
     let mut key = SYSTEM_PREFIX.to_vec();
     key.extend_from_slice(format!("ready/{nonce}/{replica}").as_bytes());
     key
-}
-
-/// What an operator's swap does to the rollback stack.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Swap {
-    /// The current protocol becomes the rollback target.
-    Activate,
-    /// The current protocol is dropped; the previous one runs again.
-    Rollback,
-}
-
-impl Swap {
-    /// As the configuration record and its swap history spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Swap::Activate => "activate",
-            Swap::Rollback => "rollback",
-        }
-    }
 }
 
 impl Registry {
@@ -79,15 +55,15 @@ impl Registry {
                                     .expect("registry lock")
                                     .views
                                     .insert(label, view);
-                                serde_json::json!({ "ok": true })
+                                Verdict::Ready
                             }
-                            Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                            Err(e) => Verdict::Refused(e),
                         }
                     }
-                    Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                    Err(e) => Verdict::Refused(e),
                 };
                 let key = ready_key(p.nonce, self.core_config.self_id);
-                let value = verdict.to_string().into_bytes();
+                let value = verdict.encode();
                 if let Err(e) = self.command(key, Command::Put(value)).await {
                     warn!("reporting readiness for activation {}: {e}", p.nonce);
                 }
@@ -177,8 +153,7 @@ impl Registry {
             } => {
                 let view = {
                     let mut state = self.protocol.lock().expect("registry lock");
-                    state.traps.clear();
-                    state.swapped_at = Some(Instant::now());
+                    state.traps.swapped(mono_ms());
                     state.views.get(&label).cloned()
                 };
                 let mut running = self.running.write().expect("registry lock");
@@ -194,16 +169,12 @@ impl Registry {
                 self.changed.notify_waiters();
             }
             CoreEvent::Trapped { label, reason } => {
-                let fall_back = {
-                    let mut state = self.protocol.lock().expect("registry lock");
-                    let now = Instant::now();
-                    state.traps.retain(|t| now.duration_since(*t) < TRAP_WINDOW);
-                    state.traps.push(now);
-                    let recent = state
-                        .swapped_at
-                        .is_some_and(|at| now.duration_since(at) < TRAP_WINDOW);
-                    recent && state.traps.len() >= TRAPS_TO_ROLL_BACK
-                };
+                let fall_back = self
+                    .protocol
+                    .lock()
+                    .expect("registry lock")
+                    .traps
+                    .trapped(mono_ms());
                 let config = self.applied().config;
                 let active = config
                     .protocol
@@ -239,29 +210,19 @@ impl Registry {
                 // Then for everyone.
                 let why = format!(
                     "trapped {TRAPS_TO_ROLL_BACK} times within {}s of its activation: {reason}",
-                    TRAP_WINDOW.as_secs()
+                    TRAP_WINDOW_MS / 1000
                 );
                 for _ in 0..10 {
                     let result = self
                         .update(|config| {
-                            let current = config.protocol.active.clone();
-                            let failing =
-                                current.clone().unwrap_or_else(|| self.embedded_id.clone());
-                            if failing != label {
-                                return Ok(false);
-                            }
-                            let to = config.protocol.previous.pop().unwrap_or(None);
-                            config.protocol.active = to.clone();
-                            config.protocol.pending = None;
-                            config.record(SwapRecord {
-                                at_ms: now_ms(),
-                                action: "auto-rollback".into(),
-                                from: current,
-                                to,
-                                by: self.core_config.self_id,
-                                reason: Some(why.clone()),
-                            });
-                            Ok(true)
+                            Ok(activation::roll_back(
+                                config,
+                                &label,
+                                &self.embedded_id,
+                                &why,
+                                self.core_config.self_id,
+                                now_ms(),
+                            ))
                         })
                         .await;
                     match result {
@@ -309,21 +270,14 @@ impl Registry {
         if config.protocol.active == target {
             return Ok((version, label));
         }
-        if let Some(p) = &config.protocol.pending {
-            if now_ms().saturating_sub(p.nonce) < 2 * READY_WAIT.as_millis() as u64 {
-                return Err(RegistryError::Unavailable(
-                    "another activation is being checked; try again shortly".into(),
-                ));
-            }
-        }
         let nonce = now_ms();
-        let pending = PendingActivation {
-            target: target.clone(),
-            nonce,
-            action: action.as_str().to_string(),
-        };
+        // Refused here already if another is being checked; the write
+        // checks again against the record it replaces.
+        activation::begin(&mut config.clone(), target.clone(), action, nonce)
+            .map_err(RegistryError::Unavailable)?;
         self.update(|config| {
-            config.protocol.pending = Some(pending.clone());
+            activation::begin(config, target.clone(), action, nonce)
+                .map_err(RegistryError::Unavailable)?;
             Ok(true)
         })
         .await?;
@@ -331,76 +285,34 @@ impl Registry {
         // Every replica of the current membership, voter or learner, checks
         // it can run the component and says so (not the replicas listed at
         // start-up: some may have left, others joined since).
-        let mut waiting: Vec<u32> = (self.members)();
-        let mut refusals = Vec::new();
-        let deadline = Instant::now() + READY_WAIT;
-        while !waiting.is_empty() && Instant::now() < deadline {
-            let mut still = Vec::new();
-            for replica in waiting {
-                let answer = self
-                    .read(ready_key(nonce, replica), Consistency::Linearizable)
-                    .await
-                    .ok()
-                    .and_then(|c| c.value)
-                    .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok());
-                match answer {
-                    None => still.push(replica),
-                    Some(v) if v["ok"] == true => {}
-                    Some(v) => refusals.push(format!(
-                        "replica {replica}: {}",
-                        v["error"].as_str().unwrap_or("refused")
-                    )),
+        let asked = (self.members)();
+        let mut readiness = Readiness::new(asked.clone(), mono_ms());
+        let decision = loop {
+            match readiness.poll(mono_ms()) {
+                Poll::Decided(d) => break d,
+                Poll::Read(waiting) => {
+                    for replica in waiting {
+                        let answer = self
+                            .read(ready_key(nonce, replica), Consistency::Linearizable)
+                            .await
+                            .ok()
+                            .and_then(|c| c.value)
+                            .and_then(|v| Verdict::decode(&v));
+                        if let Some(v) = answer {
+                            readiness.answer(replica, v);
+                        }
+                    }
+                    if matches!(readiness.poll(mono_ms()), Poll::Read(_)) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
-            waiting = still;
-            if !waiting.is_empty() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        for replica in waiting {
-            refusals.push(format!(
-                "replica {replica} did not say within {}s whether it can run it",
-                READY_WAIT.as_secs()
-            ));
-        }
-        let refused = !refusals.is_empty();
-        let reason = refusals.join("; ");
+        };
         let by = self.core_config.self_id;
-        let asked = (self.members)();
         let (version, _) = self
             .update(|config| {
-                if config.protocol.pending.as_ref().map(|p| p.nonce) != Some(nonce) {
-                    return Err(RegistryError::Unavailable(
-                        "another activation replaced this one".into(),
-                    ));
-                }
-                config.protocol.pending = None;
-                let from = config.protocol.active.clone();
-                if refused {
-                    config.record(SwapRecord {
-                        at_ms: now_ms(),
-                        action: "refused".into(),
-                        from,
-                        to: target.clone(),
-                        by,
-                        reason: Some(reason.clone()),
-                    });
-                    return Ok(true);
-                }
-                if action == Swap::Rollback {
-                    config.protocol.previous.pop();
-                } else {
-                    config.protocol.previous.push(from.clone());
-                }
-                config.protocol.active = target.clone();
-                config.record(SwapRecord {
-                    at_ms: now_ms(),
-                    action: action.as_str().to_string(),
-                    from,
-                    to: target.clone(),
-                    by,
-                    reason: None,
-                });
+                activation::conclude(config, nonce, &target, action, &decision, by, now_ms())
+                    .map_err(RegistryError::Unavailable)?;
                 Ok(true)
             })
             .await?;
@@ -413,7 +325,7 @@ impl Registry {
                 debug!("deleting readiness {nonce}/{replica}: {e}");
             }
         }
-        if refused {
+        if let Decision::Refused(reason) = decision {
             return Err(RegistryError::Invalid(format!(
                 "activation refused: {reason}"
             )));

@@ -1,12 +1,12 @@
 //! The cluster's component configuration, `\0ballot/config`: which
 //! components are stored, which key prefixes are bound to which policy,
-//! which protocol runs, and the history of swaps.
+//! which protocol runs, and the history of swaps. The record itself lives
+//! in the pure crate `ballot-control`; here, what needs the host: component
+//! ids and keys, and prefix checks.
 
 use super::{RegistryError, SYSTEM_PREFIX};
-use serde::{Deserialize, Serialize};
+pub use ballot_control::config::*;
 
-/// Format of the configuration record.
-pub const CONFIG_FORMAT: u32 = 1;
 /// Largest component accepted.
 pub const COMPONENT_MAX: usize = 8 << 20;
 
@@ -23,159 +23,6 @@ pub fn component_key(id: &str) -> Vec<u8> {
     key
 }
 
-/// Which world a component implements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Policy,
-    Protocol,
-}
-
-impl std::fmt::Display for Kind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Kind::Policy => "policy",
-            Kind::Protocol => "protocol",
-        })
-    }
-}
-
-/// A stored component, as the configuration record lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ComponentRecord {
-    /// SHA-256 of the bytes, lower-case hex.
-    pub id: String,
-    pub kind: Kind,
-    pub name: String,
-    pub version: String,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub state_formats: Vec<u32>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub wire_formats: Vec<u32>,
-    /// It exported a self-check, and it passed.
-    #[serde(default)]
-    pub self_checked: bool,
-    /// When it was pushed (ms since the epoch, the receiving replica's clock).
-    pub pushed_ms: u64,
-}
-
-/// A key prefix routed to a policy component.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Binding {
-    pub prefix: String,
-    pub component: String,
-    pub bound_ms: u64,
-}
-
-/// An activation every voter is checking.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingActivation {
-    /// The protocol component to run; `None` is the embedded default.
-    pub target: Option<String>,
-    /// Names this attempt's readiness keys (ms since the epoch).
-    pub nonce: u64,
-    /// `activate`, `rollback` or `auto-rollback`.
-    pub action: String,
-}
-
-/// Which protocol the cluster runs.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProtocolConfig {
-    /// The active protocol component; `None` is the embedded default.
-    #[serde(default)]
-    pub active: Option<String>,
-    /// Earlier active protocols, most recent last: what rollback returns to.
-    #[serde(default)]
-    pub previous: Vec<Option<String>>,
-    #[serde(default)]
-    pub pending: Option<PendingActivation>,
-}
-
-/// One entry of the swap history.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SwapRecord {
-    pub at_ms: u64,
-    /// `activate`, `rollback`, `auto-rollback`, or `refused`.
-    pub action: String,
-    pub from: Option<String>,
-    pub to: Option<String>,
-    /// The replica that recorded it.
-    pub by: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-/// Swap history entries kept.
-const HISTORY_MAX: usize = 100;
-
-/// The value of [`CONFIG_KEY`]: JSON, with a format number.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterConfig {
-    pub format: u32,
-    #[serde(default)]
-    pub components: Vec<ComponentRecord>,
-    #[serde(default)]
-    pub bindings: Vec<Binding>,
-    #[serde(default)]
-    pub protocol: ProtocolConfig,
-    #[serde(default)]
-    pub history: Vec<SwapRecord>,
-}
-
-impl ClusterConfig {
-    /// An empty configuration of the current format.
-    pub fn new() -> ClusterConfig {
-        ClusterConfig {
-            format: CONFIG_FORMAT,
-            ..ClusterConfig::default()
-        }
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<ClusterConfig, String> {
-        let config: ClusterConfig = serde_json::from_slice(bytes)
-            .map_err(|e| format!("the component configuration does not parse: {e}"))?;
-        if config.format != CONFIG_FORMAT {
-            return Err(format!(
-                "the component configuration has format {}; this replica reads {CONFIG_FORMAT}",
-                config.format
-            ));
-        }
-        Ok(config)
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("the configuration serialises")
-    }
-
-    pub(super) fn record(&mut self, entry: SwapRecord) {
-        self.history.push(entry);
-        let excess = self.history.len().saturating_sub(HISTORY_MAX);
-        self.history.drain(..excess);
-    }
-
-    /// The component with this id, or the only one whose id starts with it
-    /// (at least 8 hex digits).
-    pub fn find(&self, id: &str) -> Result<&ComponentRecord, String> {
-        if let Some(c) = self.components.iter().find(|c| c.id == id) {
-            return Ok(c);
-        }
-        if id.len() < 8 {
-            return Err(format!(
-                "no component {id}: give its id, or at least 8 of its first hex digits"
-            ));
-        }
-        let mut matches = self.components.iter().filter(|c| c.id.starts_with(id));
-        match (matches.next(), matches.next()) {
-            (Some(c), None) => Ok(c),
-            (Some(_), Some(_)) => Err(format!("{id} names more than one component")),
-            (None, _) => Err(format!(
-                "no component {id} in the cluster; push it with `ballot component push`"
-            )),
-        }
-    }
-}
-
 /// Prefixes are 1 to 511 bytes and cannot reach into the cluster's keys.
 pub(super) fn check_prefix(prefix: &str) -> Result<(), RegistryError> {
     if prefix.is_empty() || prefix.len() > crate::node::KEY_MAX {
@@ -190,44 +37,4 @@ pub(super) fn check_prefix(prefix: &str) -> Result<(), RegistryError> {
         ));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_resolve_by_unique_prefix() {
-        let record = |id: &str| ComponentRecord {
-            id: id.into(),
-            kind: Kind::Policy,
-            name: "p".into(),
-            version: "1".into(),
-            size: 1,
-            state_formats: vec![],
-            wire_formats: vec![],
-            self_checked: false,
-            pushed_ms: 0,
-        };
-        let mut config = ClusterConfig::new();
-        config.components = vec![record("abcdef0011"), record("abcdef0022")];
-        assert_eq!(config.find("abcdef0022").unwrap().id, "abcdef0022");
-        assert_eq!(config.find("abcdef002").unwrap().id, "abcdef0022");
-        assert!(config
-            .find("abcdef00")
-            .unwrap_err()
-            .contains("more than one"));
-        assert!(config.find("abc").unwrap_err().contains("at least 8"));
-        assert!(config.find("ffffffff").unwrap_err().contains("push it"));
-    }
-
-    #[test]
-    fn the_config_record_round_trips_and_checks_its_format() {
-        let config = ClusterConfig::new();
-        assert_eq!(ClusterConfig::decode(&config.encode()).unwrap(), config);
-        let future = br#"{"format":2}"#;
-        assert!(ClusterConfig::decode(future)
-            .unwrap_err()
-            .contains("format 2"));
-    }
 }

@@ -28,7 +28,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Current, Operation, Outcome};
@@ -51,7 +51,7 @@ mod store;
 
 pub use crate::runtime::CONTRACT;
 pub use crate::system::{now_ms, CONFIG_KEY, SYSTEM_PREFIX};
-pub use activation::Swap;
+pub use ballot_control::activation::Swap;
 pub use config::*;
 pub use inspect::*;
 
@@ -136,8 +136,7 @@ struct ProtocolState {
     /// Components this replica fell back from: never swapped to again.
     quarantined: HashSet<String>,
     /// Traps since the last swap.
-    traps: Vec<Instant>,
-    swapped_at: Option<Instant>,
+    traps: ballot_control::activation::TrapWatch,
     /// Views of the components this replica may run, by label.
     views: HashMap<String, ComponentView>,
     /// Protocol components being compiled ahead of an activation.
