@@ -9,7 +9,7 @@
 //! | join of x | x a learner, fast off | every voter swept e (asked to sweep) | x a voter, fast on, change done |
 //! | leave of y | y a voter, fast on | | fast off |
 //! | leave of y | y a voter, fast off | every voter but y swept e (asked to sweep) | y gone, fast on, change done |
-//! | leave of y | y a learner | | y gone, change done |
+//! | leave of y | y a learner (its join given up) | | y gone, fast on, change done |
 //! | join of a voter, leave of a non-member | | | change done |
 //!
 //! [`step`] is that table. [`Driver`] wraps it with what a wait needs over
@@ -161,7 +161,14 @@ pub fn step(record: &MembersRecord, reports: &BTreeMap<ReplicaId, Report>, now_m
             }
         }
         (Action::Add, Some(Role::Voter)) | (Action::Remove, None) => done(&|_| {}),
-        (Action::Remove, Some(Role::Learner)) => done(&|r| r.replicas.retain(|m| m.id != id)),
+        // A learner leaves when its join was given up, maybe at the join's
+        // classic epoch: the voters are the same, so the fast round comes
+        // back on (section 11, case 1), or the next join would skip its
+        // catch-up and the cluster would stay classic-only.
+        (Action::Remove, Some(Role::Learner)) => done(&|r| {
+            r.replicas.retain(|m| m.id != id);
+            r.fast = true;
+        }),
         // Every voter but y runs the epoch, so a quorum of them is up.
         (Action::Remove, Some(Role::Voter)) if record.fast => {
             Step::Publish(record.next(|r| r.fast = false))
@@ -216,6 +223,20 @@ pub fn quorum_left(
     Ok(())
 }
 
+/// The replica that resumes a queue nobody drives (after the driving
+/// replica crashed, say): the lowest voter the change at the head does not
+/// remove. The one leaving may be down for good, and may not drive its own
+/// removal.
+pub fn resumer(record: &MembersRecord) -> Option<ReplicaId> {
+    let leaving = record
+        .queue
+        .first()
+        .filter(|c| c.action == Action::Remove)
+        .map(|c| c.id);
+    record.queue.first()?;
+    record.voters().into_iter().find(|&v| Some(v) != leaving)
+}
+
 /// What the driver's owner does next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Next {
@@ -264,11 +285,14 @@ impl Driver {
     }
 
     /// What `id` answered when asked for its status (`None`: it did not).
+    /// A replica that does not answer keeps the last report it gave about
+    /// this version: what it reported (the epoch it runs, a sweep or
+    /// catch-up done) stays true of its durable state, and a wait does not
+    /// start again because one status call failed.
     pub fn report(&mut self, id: ReplicaId, report: Option<Report>) {
-        match report {
-            Some(r) => self.reports.insert(id, r),
-            None => self.reports.remove(&id),
-        };
+        if let Some(r) = report {
+            self.reports.insert(id, r);
+        }
     }
 
     /// The next thing to do about `record`, read at `version`. `now_ms`
@@ -526,6 +550,45 @@ mod tests {
     }
 
     #[test]
+    fn a_join_given_up_at_its_classic_epoch_turns_the_fast_round_back_on() {
+        let r = queued(cluster(&[1, 2, 3]), Action::Add, 4);
+        let learning = published(step(&r, &all_run(&r, |_, _| {}), 5));
+        let caught = all_run(&learning, |_, rep| rep.caught_up = 2);
+        let classic = published(step(&learning, &caught, 5));
+        assert!(!classic.fast);
+        // The operator removes 4 before the voters swept.
+        let given_up = queued(classic, Action::Remove, 4);
+        assert_eq!(given_up.queue.len(), 1);
+        let back = published(step(&given_up, &all_run(&given_up, |_, _| {}), 5));
+        assert_eq!(back.voters(), vec![1, 2, 3]);
+        assert!(back.fast, "the cluster stayed classic-only");
+        // The next join catches up again before its classic epoch.
+        let again = queued(back, Action::Add, 5);
+        let learning = published(step(&again, &all_run(&again, |_, _| {}), 5));
+        assert_eq!(
+            step(&learning, &all_run(&learning, |_, _| {}), 5),
+            Step::Wait {
+                replicas: vec![5],
+                until: Until::CaughtUp(learning.epoch)
+            }
+        );
+    }
+
+    #[test]
+    fn a_stalled_queue_is_resumed_by_the_lowest_voter_that_stays() {
+        assert_eq!(resumer(&cluster(&[1, 2, 3])), None);
+        assert_eq!(
+            resumer(&queued(cluster(&[1, 2, 3]), Action::Add, 4)),
+            Some(1)
+        );
+        // Replica 1 is being removed (and may be down): 2 resumes.
+        let removing = queued(cluster(&[1, 2, 3]), Action::Remove, 1);
+        assert_eq!(resumer(&removing), Some(2));
+        let classic = published(step(&removing, &all_run(&removing, |_, _| {}), 5));
+        assert_eq!(resumer(&classic), Some(2));
+    }
+
+    #[test]
     fn removing_a_learner_or_a_non_member_finishes_at_once() {
         let mut r = cluster(&[1, 2, 3]);
         r.replicas.push(member(4, Role::Learner));
@@ -588,6 +651,15 @@ mod tests {
                 replicas: vec![4]
             }
         );
+        // A status call that fails keeps the wait where it is.
+        d.report(1, None);
+        assert!(matches!(
+            d.poll(2, &learning, 200 + NUDGE_MS, 0),
+            Next::Ask {
+                until: Until::CaughtUp(2),
+                ..
+            }
+        ));
         // A new version of the record forgets the reports.
         assert!(matches!(
             d.poll(3, &learning, 0, 0),

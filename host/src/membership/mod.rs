@@ -452,7 +452,7 @@ impl Membership {
         }
         match self.read_record().await {
             Ok((_, Some(r))) => {
-                let resume = !r.queue.is_empty() && r.voters().first() == Some(&self.me);
+                let resume = ballot_control::stages::resumer(&r) == Some(self.me);
                 self.adopt(r);
                 if resume {
                     let me = self.clone();

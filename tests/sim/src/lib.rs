@@ -1012,16 +1012,6 @@ impl<'f> Sim<'f> {
     /// once the last one is over.
     fn drive(&mut self) {
         loop {
-            let ids: Vec<ReplicaId> = self.record.replicas.iter().map(|m| m.id).collect();
-            for id in ids {
-                let node = &self.nodes[id as usize - 1];
-                let report = node.core.is_some().then_some(stages::Report {
-                    epoch: node.epoch,
-                    swept: node.swept,
-                    caught_up: node.caught_up,
-                });
-                self.driver.report(id, report);
-            }
             let next = self
                 .driver
                 .poll(self.record_version, &self.record, self.now, self.now);
@@ -1071,13 +1061,30 @@ impl<'f> Sim<'f> {
                     self.publish(next);
                     self.stage_crash();
                 }
-                Next::Ask { task, nudge, .. } => {
+                // As the daemon's driver does: the tasks first, then the
+                // status of the replicas the wait is on; a replica that is
+                // down does not answer.
+                Next::Ask {
+                    status,
+                    task,
+                    nudge,
+                    ..
+                } => {
                     if let Some(task) = task {
                         for id in nudge {
                             self.start_task(id as usize - 1, task);
                         }
                     }
                     self.run_tasks();
+                    for id in status {
+                        let node = &self.nodes[id as usize - 1];
+                        let report = node.core.is_some().then_some(stages::Report {
+                            epoch: node.epoch,
+                            swept: node.swept,
+                            caught_up: node.caught_up,
+                        });
+                        self.driver.report(id, report);
+                    }
                     return;
                 }
                 // The daemon's driver pauses and resumes on the next
@@ -1184,14 +1191,15 @@ impl<'f> Sim<'f> {
 
     /// Starts `task` on node `i` unless it runs or is done, as the
     /// daemon's membership task does: a catch-up reads every key, a sweep
-    /// every key the replica holds state for.
+    /// every key the replica holds durable state for.
     fn start_task(&mut self, i: usize, task: Task) {
         let keys: BTreeSet<Vec<u8>> = match task {
             Task::CatchUp { .. } => (0..self.cfg.keys).map(|k| self.key(k)).collect(),
+            // The daemon lists the keys its LMDB holds state for: a vote
+            // still on its way to the disk is not listed.
             Task::Sweep { .. } => self.nodes[i]
-                .cache
+                .durable
                 .iter()
-                .chain(self.nodes[i].durable.iter())
                 .filter(|(_, s)| !s.is_empty())
                 .map(|(k, _)| k.clone())
                 .collect(),
