@@ -608,11 +608,6 @@ fn change_error(e: ChangeError) -> Response {
     match e {
         ChangeError::Invalid(m) => error(StatusCode::BAD_REQUEST, "invalid-change", &m),
         ChangeError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m),
-        ChangeError::Superseded => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the membership changed meanwhile; try again",
-        ),
     }
 }
 

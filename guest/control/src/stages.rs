@@ -88,6 +88,15 @@ pub enum Task {
     Sweep { epoch: u64 },
 }
 
+impl Task {
+    /// The epoch it is asked for.
+    pub fn epoch(self) -> u64 {
+        match self {
+            Task::CatchUp { epoch } | Task::Sweep { epoch } => epoch,
+        }
+    }
+}
+
 /// The next step of the change at the head of a record's queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -228,12 +237,8 @@ pub fn quorum_left(
 /// remove. The one leaving may be down for good, and may not drive its own
 /// removal.
 pub fn resumer(record: &MembersRecord) -> Option<ReplicaId> {
-    let leaving = record
-        .queue
-        .first()
-        .filter(|c| c.action == Action::Remove)
-        .map(|c| c.id);
-    record.queue.first()?;
+    let head = record.queue.first()?;
+    let leaving = (head.action == Action::Remove).then_some(head.id);
     record.voters().into_iter().find(|&v| Some(v) != leaving)
 }
 

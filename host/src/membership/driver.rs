@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ballot_control::stages::{quorum_left, Driver, Next, Report, Task};
 use ballot_core::ReplicaId;
@@ -15,7 +15,7 @@ use super::answers::{Answer, What};
 use super::record::{check, Action, Change, ChangeError, MembersRecord, Role};
 use super::MEMBERS_KEY;
 use super::{MembersView, Membership, ReplicaStatus, Status, CALL_TIMEOUT, STAGE_WAIT};
-use crate::system::now_ms;
+use crate::system::{mono_ms, now_ms};
 use crate::system_record::SystemRecord;
 
 impl Membership {
@@ -128,7 +128,6 @@ impl Membership {
             return Ok(());
         };
         let mut driver = Driver::new();
-        let started = Instant::now();
         loop {
             let (version, record) = self.current().await?;
             self.driving_version
@@ -136,12 +135,7 @@ impl Membership {
             let mut errors: BTreeMap<ReplicaId, String> = BTreeMap::new();
             let mut asked = false;
             loop {
-                match driver.poll(
-                    version,
-                    &record,
-                    started.elapsed().as_millis() as u64,
-                    now_ms(),
-                ) {
+                match driver.poll(version, &record, mono_ms(), now_ms()) {
                     Next::Idle => return Ok(()),
                     Next::Publish(next) => {
                         // Published or overtaken: read again either way.

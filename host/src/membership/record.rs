@@ -11,8 +11,6 @@ pub use ballot_control::members::{
 pub enum ChangeError {
     Invalid(String),
     Unavailable(String),
-    /// The record changed while a stage waited: start from the top.
-    Superseded,
 }
 
 impl From<crate::system_record::Unavailable> for ChangeError {
@@ -25,7 +23,6 @@ impl std::fmt::Display for ChangeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ChangeError::Invalid(m) | ChangeError::Unavailable(m) => f.write_str(m),
-            ChangeError::Superseded => f.write_str("the membership record changed meanwhile"),
         }
     }
 }

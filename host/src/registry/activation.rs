@@ -271,10 +271,8 @@ impl Registry {
             return Ok((version, label));
         }
         let nonce = now_ms();
-        // Refused here already if another is being checked; the write
-        // checks again against the record it replaces.
-        activation::begin(&mut config.clone(), target.clone(), action, nonce)
-            .map_err(RegistryError::Unavailable)?;
+        // Refused if another is being checked (against the record the
+        // write replaces).
         self.update(|config| {
             activation::begin(config, target.clone(), action, nonce)
                 .map_err(RegistryError::Unavailable)?;

@@ -1193,6 +1193,14 @@ impl<'f> Sim<'f> {
     /// daemon's membership task does: a catch-up reads every key, a sweep
     /// every key the replica holds durable state for.
     fn start_task(&mut self, i: usize, task: Task) {
+        let node = &self.nodes[i];
+        let done = match task {
+            Task::CatchUp { epoch } => node.caught_up >= epoch,
+            Task::Sweep { epoch } => node.swept >= epoch,
+        };
+        if node.core.is_none() || done || node.task.as_ref().is_some_and(|(t, _)| *t == task) {
+            return;
+        }
         let keys: BTreeSet<Vec<u8>> = match task {
             Task::CatchUp { .. } => (0..self.cfg.keys).map(|k| self.key(k)).collect(),
             // The daemon lists the keys its LMDB holds state for: a vote
@@ -1204,17 +1212,10 @@ impl<'f> Sim<'f> {
                 .map(|(k, _)| k.clone())
                 .collect(),
         };
-        let node = &mut self.nodes[i];
-        let (done, epoch) = match task {
-            Task::CatchUp { epoch } => (node.caught_up >= epoch, epoch),
-            Task::Sweep { epoch } => (node.swept >= epoch, epoch),
-        };
-        if node.core.is_none() || done || node.task.as_ref().is_some_and(|(t, _)| *t == task) {
-            return;
-        }
-        node.task = Some((task, keys));
-        if node.task.as_ref().is_some_and(|(_, k)| k.is_empty()) {
-            self.task_done(i, epoch);
+        let empty = keys.is_empty();
+        self.nodes[i].task = Some((task, keys));
+        if empty {
+            self.task_done(i, task.epoch());
         }
     }
 
@@ -1260,10 +1261,7 @@ impl<'f> Sim<'f> {
         }
         keys.remove(&key);
         if keys.is_empty() {
-            let epoch = match task {
-                Task::CatchUp { epoch } | Task::Sweep { epoch } => epoch,
-            };
-            self.task_done(i, epoch);
+            self.task_done(i, task.epoch());
         }
     }
 
