@@ -234,8 +234,7 @@ async fn answering_not_admitted(
 ) -> Result<(), String> {
     let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel::<()>();
     let waiting = axum::Router::new().fallback(|| async {
-        api::error(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        api::ApiError::unavailable(
             "not-admitted",
             "this replica's data directory is new: it serves once every start-up peer has \
              accepted it",

@@ -1,0 +1,304 @@
+//! `/v1/kv/{key}`: the data path. Each handler checks the request, turns
+//! it into one operation of the key's policy, hands it to the core
+//! ([`submit`]) and maps the outcome to an answer.
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ballot_core::register::Command;
+use ballot_core::{Completion, Consistency, FailureReason, Operation, Outcome};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use super::body::{current_json, etag, parse_etag, read_body};
+use super::{starting, ApiError, App, REQUEST_TIMEOUT};
+use crate::node::{ClientRequest, KEY_MAX};
+
+type KeyPath = Result<Path<String>, PathRejection>;
+
+fn key_of(path: KeyPath) -> Result<Vec<u8>, ApiError> {
+    let Path(key) = path.map_err(|e| ApiError::bad_request("bad-key", e.body_text()))?;
+    if key.is_empty() || key.len() > KEY_MAX {
+        return Err(ApiError::bad_request(
+            "bad-key",
+            format!("keys must be 1 to {KEY_MAX} bytes, got {}", key.len()),
+        ));
+    }
+    if key.starts_with('\0') {
+        return Err(ApiError::bad_request(
+            "bad-key",
+            "keys beginning with a NUL byte belong to the cluster",
+        ));
+    }
+    Ok(key.into_bytes())
+}
+
+/// PUT and DELETE speak the register's commands; a key bound to another
+/// policy takes its own commands through POST.
+fn register_only(app: &App, key: &[u8]) -> Result<(), ApiError> {
+    match app.registry.binding_for(key) {
+        None => Ok(()),
+        Some((binding, record)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "policy-bound",
+            format!(
+                "keys under {:?} are governed by policy {} {}: send its commands with POST",
+                binding.prefix, record.name, record.version
+            ),
+        )),
+    }
+}
+
+/// Hands one operation to the core and waits for its completion, at most
+/// [`REQUEST_TIMEOUT`].
+async fn submit(app: &App, key: Vec<u8>, op: Operation) -> Result<Completion, ApiError> {
+    if let Some(reason) = app.health.fatal() {
+        return Err(ApiError::unavailable(
+            "replica-stopped",
+            format!("this replica stopped answering: {reason}"),
+        ));
+    }
+    if !app.registry.started() {
+        return Err(starting());
+    }
+    let (reply, done) = oneshot::channel();
+    if app
+        .requests
+        .try_send(ClientRequest { key, op, reply })
+        .is_err()
+    {
+        return Err(ApiError::unavailable(
+            "overloaded",
+            "too many requests queued on this replica",
+        ));
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, done).await {
+        Ok(Ok(c)) => Ok(c),
+        // The core had the request: it may have taken effect.
+        Ok(Err(_)) => Err(ApiError::unavailable(
+            "replica-stopped",
+            "the replica stopped before answering; the write may still take effect",
+        )
+        .with("maybe_applied", true)),
+        Err(_) => Err(ApiError::unavailable(
+            "timeout",
+            "no answer from the cluster in time; the write may still take effect",
+        )
+        .with("maybe_applied", true)),
+    }
+}
+
+/// How a command reached the policy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// PUT or DELETE: register commands built from HTTP preconditions.
+    Http,
+    /// POST: the client's own command for the key's policy.
+    Command,
+}
+
+/// The current value of a completion that succeeded; the error answer of
+/// one that did not.
+fn done(c: &Completion, via: Via) -> Result<&ballot_core::Current, ApiError> {
+    match &c.outcome {
+        Outcome::Done(current) => Ok(current),
+        Outcome::Rejected(rejection, current) => {
+            let status = match (rejection.code.as_str(), via) {
+                (crate::runtime::POLICY_FAILED, _) => StatusCode::INTERNAL_SERVER_ERROR,
+                (_, Via::Command) => StatusCode::CONFLICT,
+                ("version-mismatch" | "conflict", Via::Http) => StatusCode::PRECONDITION_FAILED,
+                ("invalid-command", Via::Http) => StatusCode::BAD_REQUEST,
+                (_, Via::Http) => StatusCode::CONFLICT,
+            };
+            Err(
+                ApiError::new(status, &rejection.code, rejection.message.clone())
+                    .with("current", current_json(current))
+                    .etag(current.version),
+            )
+        }
+        Outcome::Failed(f) => {
+            let (status, code) = match f.reason {
+                FailureReason::NoQuorum => (StatusCode::SERVICE_UNAVAILABLE, "no-quorum"),
+                FailureReason::Contention => (StatusCode::SERVICE_UNAVAILABLE, "contention"),
+                FailureReason::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+                FailureReason::Invalid => (StatusCode::BAD_REQUEST, "invalid"),
+                FailureReason::Interrupted => (StatusCode::SERVICE_UNAVAILABLE, "interrupted"),
+            };
+            Err(ApiError::new(status, code, f.message.clone())
+                .with("maybe_applied", f.maybe_applied))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct ReadParams {
+    consistency: Option<String>,
+}
+
+pub(super) async fn get_kv(
+    State(app): State<App>,
+    path: KeyPath,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let key = key_of(path)?;
+    let consistency = match params.as_ref().map(|q| q.consistency.as_deref()) {
+        Ok(None | Some("linearizable")) => Consistency::Linearizable,
+        Ok(Some("local")) => Consistency::Local,
+        Ok(Some(other)) => {
+            return Err(ApiError::bad_request(
+                "bad-parameter",
+                format!("consistency must be linearizable or local, not {other:?}"),
+            ))
+        }
+        Err(e) => return Err(ApiError::bad_request("bad-parameter", e.body_text())),
+    };
+    let c = submit(&app, key, Operation::Read(consistency)).await?;
+    done(&c, Via::Http)?;
+    let Outcome::Done(current) = c.outcome else {
+        unreachable!("done() passed it")
+    };
+    match current.value {
+        Some(value) => Ok((
+            StatusCode::OK,
+            [
+                (header::ETAG, etag(current.version)),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                ),
+            ],
+            value,
+        )
+            .into_response()),
+        None => {
+            let absent = ApiError::not_found("the key has no value");
+            Err(if current.version > 0 {
+                absent.etag(current.version)
+            } else {
+                absent
+            })
+        }
+    }
+}
+
+enum Precondition {
+    None,
+    Absent,
+    Version(u64),
+}
+
+fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    let bad = |m: &str| ApiError::bad_request("bad-precondition", m);
+    let one = |name: header::HeaderName| -> Result<Option<String>, ApiError> {
+        let mut values = headers.get_all(&name).iter();
+        let Some(first) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(bad(&format!("give {name} once")));
+        }
+        first
+            .to_str()
+            .map(|s| Some(s.trim().to_string()))
+            .map_err(|_| bad(&format!("{name} is not text")))
+    };
+    match (one(header::IF_NONE_MATCH)?, one(header::IF_MATCH)?) {
+        (Some(_), Some(_)) => Err(bad("give If-None-Match or If-Match, not both")),
+        (Some(v), None) if v == "*" => Ok(Precondition::Absent),
+        (Some(_), None) => Err(bad("only If-None-Match: * is supported (create if absent)")),
+        (None, Some(v)) => match parse_etag(&v) {
+            Some(version) => Ok(Precondition::Version(version)),
+            None => Err(bad("If-Match takes one version tag, like \"3\"")),
+        },
+        (None, None) => Ok(Precondition::None),
+    }
+}
+
+/// 201 when the write created the key, else 200; `{"version","changed"}`.
+fn written(c: &Completion, current: &ballot_core::Current) -> Response {
+    let status = if c.trace.changed && c.trace.prior_absent {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = serde_json::json!({ "version": current.version, "changed": c.trace.changed });
+    (
+        status,
+        [(header::ETAG, etag(current.version))],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+pub(super) async fn put_kv(
+    State(app): State<App>,
+    path: KeyPath,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let key = key_of(path)?;
+    register_only(&app, &key)?;
+    let pre = precondition(request.headers())?;
+    let value = read_body(request).await?.to_vec();
+    let command = match pre {
+        Precondition::None => Command::Put(value),
+        Precondition::Absent => Command::Create(value),
+        Precondition::Version(expected) => Command::Cas { expected, value },
+    };
+    let c = submit(&app, key, Operation::Command(command.encode())).await?;
+    let current = done(&c, Via::Http)?;
+    Ok(written(&c, current))
+}
+
+pub(super) async fn delete_kv(
+    State(app): State<App>,
+    path: KeyPath,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = key_of(path)?;
+    register_only(&app, &key)?;
+    let command = match precondition(&headers)? {
+        Precondition::None => Command::Delete,
+        Precondition::Version(expected) => Command::DeleteIf { expected },
+        Precondition::Absent => {
+            return Err(ApiError::bad_request(
+                "bad-precondition",
+                "If-None-Match has no meaning on DELETE",
+            ))
+        }
+    };
+    let c = submit(&app, key, Operation::Command(command.encode())).await?;
+    let current = done(&c, Via::Http)?;
+    if !c.trace.changed {
+        return Err(ApiError::not_found("the key has no value to delete").etag(current.version));
+    }
+    Ok((
+        StatusCode::NO_CONTENT,
+        [(header::ETAG, etag(current.version))],
+    )
+        .into_response())
+}
+
+pub(super) async fn post_kv(
+    State(app): State<App>,
+    path: KeyPath,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let key = key_of(path)?;
+    let command = read_body(request).await?.to_vec();
+    let c = submit(&app, key, Operation::Command(command)).await?;
+    let current = done(&c, Via::Command)?;
+    let mut body = current_json(current);
+    body["changed"] = c.trace.changed.into();
+    let status = if c.trace.changed && c.trace.prior_absent {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        [(header::ETAG, etag(current.version))],
+        axum::Json(body),
+    )
+        .into_response())
+}

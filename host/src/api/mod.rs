@@ -1,0 +1,140 @@
+//! The client API: HTTP/1.1 and JSON, conventional semantics.
+//!
+//! | request | meaning |
+//! |---|---|
+//! | `GET /v1/kv/{key}` | value and `ETag: "<version>"`; 404 if absent. `?consistency=local` reads this replica's copy |
+//! | `PUT /v1/kv/{key}` | set; `If-None-Match: *` creates only, `If-Match: "<v>"` compares and swaps |
+//! | `DELETE /v1/kv/{key}` | delete; `If-Match: "<v>"` only at that version |
+//! | `POST /v1/kv/{key}` | run the body as a command of the key's policy; the new value and ETag, 409 if the policy refuses |
+//! | `GET /v1/components`, `POST /v1/components` | list the stored components; push one (the body is the `.wasm`) |
+//! | `GET /v1/policies`, `POST /v1/policies`, `DELETE /v1/policies?prefix=P` | bindings this replica runs; bind `{"prefix","component"}`; unbind |
+//! | `GET /v1/protocol` | the protocol this replica runs, the cluster's active one, the swap history |
+//! | `POST /v1/protocol/activate`, `POST /v1/protocol/rollback` | swap the cluster's protocol `{"component"}`; go back to the previous one |
+//! | `GET /v1/cluster` | this replica's view of the cluster |
+//! | `GET /v1/cluster/members` | the membership record and every member's epoch, sweep and catch-up progress |
+//! | `POST /v1/cluster/members`, `DELETE /v1/cluster/members/{id}` | queue adding `{"id","peer","http"}`; queue removing a replica |
+//! | `GET /metrics`, `GET /healthz`, `GET /readyz` | Prometheus metrics, liveness, readiness |
+//!
+//! Errors are `{"error":{"code":..., "message":...}}` with a status that says
+//! who must act: 4xx the client, 503 the cluster (no quorum, overloaded,
+//! stopped). A request never waits longer than [`REQUEST_TIMEOUT`].
+//!
+//! `kv` holds the data path, `admin` the admin plane, `error` the one error
+//! shape ([`ApiError`]), `body` the byte limits on bodies; the health
+//! endpoints are here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use tokio::sync::mpsc;
+
+use crate::membership::Membership;
+use crate::metrics::Metrics;
+use crate::node::{ClientRequest, Health};
+use crate::registry::Registry;
+
+mod admin;
+mod body;
+mod error;
+mod kv;
+
+pub use crate::runtime::VALUE_MAX;
+pub use error::ApiError;
+/// Longest a request waits for the cluster.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub use ballot_client::views::{ClusterView, ComponentView, ReplicaView};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct App {
+    pub requests: mpsc::Sender<ClientRequest>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    /// Builds the cluster view on demand (link states change).
+    pub cluster: Arc<dyn Fn() -> ClusterView + Send + Sync>,
+    pub registry: Arc<Registry>,
+    pub membership: Arc<Membership>,
+    /// Required of component, policy and protocol changes when set.
+    pub admin_token: Option<Arc<str>>,
+}
+
+/// The router.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route(
+            "/v1/kv/{*key}",
+            get(kv::get_kv)
+                .put(kv::put_kv)
+                .delete(kv::delete_kv)
+                .post(kv::post_kv),
+        )
+        .route(
+            "/v1/components",
+            get(admin::list_components).post(admin::push_component),
+        )
+        .route(
+            "/v1/policies",
+            get(admin::list_policies)
+                .post(admin::bind_policy)
+                .delete(admin::unbind_policy),
+        )
+        .route("/v1/protocol", get(admin::protocol_status))
+        .route("/v1/protocol/activate", post(admin::activate_protocol))
+        .route("/v1/protocol/rollback", post(admin::rollback_protocol))
+        .route("/v1/cluster", get(cluster))
+        .route(
+            "/v1/cluster/members",
+            get(admin::members).post(admin::add_member),
+        )
+        .route("/v1/cluster/members/{id}", delete(admin::remove_member))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(app)
+}
+
+async fn cluster(State(app): State<App>) -> Response {
+    axum::Json((app.cluster)()).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+fn starting() -> ApiError {
+    ApiError::unavailable(
+        "starting",
+        "this replica is loading the cluster's component configuration (it needs a quorum)",
+    )
+}
+
+/// Liveness: the process answers, and has not stopped on a fatal error.
+async fn healthz(State(app): State<App>) -> Response {
+    match app.health.fatal() {
+        Some(reason) => ApiError::unavailable("replica-stopped", reason).into_response(),
+        None => (StatusCode::OK, "ok\n").into_response(),
+    }
+}
+
+/// Readiness: the replica serves clients.
+async fn readyz(State(app): State<App>) -> Response {
+    match app.health.fatal() {
+        Some(reason) => ApiError::unavailable("replica-stopped", reason).into_response(),
+        None if !app.registry.started() => starting().into_response(),
+        None => (StatusCode::OK, "ready\n").into_response(),
+    }
+}
