@@ -1,0 +1,474 @@
+//! `ballot bench`: closed-loop load against real local clusters, Ballot
+//! (wasm and native protocol builds) and optionally etcd, in one run.
+//!
+//! Every figure is measured in the same run on the same machine, so the
+//! ratios between systems mean something even on a noisy host. Nothing here
+//! asserts a speed: it measures and reports.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::StatusCode;
+use serde::Serialize;
+
+use crate::client::{Client, Precondition};
+use crate::dev::DevCluster;
+use crate::server::CoreKind;
+
+#[cfg(feature = "etcd")]
+mod etcd;
+mod report;
+mod swap;
+
+pub use report::{plot, table};
+pub use swap::{run_swaps, swap_table, SwapPoint};
+
+/// A workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Create-if-absent on fresh keys (the actor-key reservation pattern).
+    Create,
+    /// Blind writes to a few hot keys (contended).
+    Put,
+    /// Read, then compare-and-swap on the version read, over 64 keys.
+    Cas,
+    /// Linearizable reads of 64 existing keys.
+    Get,
+    /// 50 % get, 30 % put, 20 % cas over 64 keys.
+    Mix,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Create => "create",
+            Workload::Put => "put",
+            Workload::Cas => "cas",
+            Workload::Get => "get",
+            Workload::Mix => "mix",
+        }
+    }
+}
+
+/// What `ballot bench` was asked to do.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub nodes: u32,
+    pub workloads: Vec<Workload>,
+    pub clients: Vec<usize>,
+    pub secs: f64,
+    pub value_bytes: usize,
+    pub hot_keys: usize,
+    pub cores: Vec<CoreKind>,
+    pub etcd: bool,
+    /// Drive these Ballot endpoints instead of starting a cluster.
+    pub endpoints: Vec<String>,
+    pub dir: PathBuf,
+    pub binary: PathBuf,
+}
+
+/// One measured point.
+#[derive(Clone, Debug, Serialize)]
+pub struct Point {
+    pub system: String,
+    pub workload: Workload,
+    pub clients: usize,
+    pub secs: f64,
+    /// Operations that succeeded (a 412 on cas or create counts: the store
+    /// answered correctly).
+    pub ops: u64,
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Precondition failures (cas lost a race, create found the key taken).
+    pub conflicts: u64,
+    /// Failures surfaced to the client (5xx, transport errors).
+    pub errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    /// CPU time of every server process per operation, when they are ours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_op: Option<f64>,
+    /// Breakdown from Ballot's metrics, per operation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breakdown: Option<Breakdown>,
+}
+
+/// Where time went in Ballot's replicas, per client operation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Breakdown {
+    /// Time inside protocol component calls (step and release), all replicas.
+    pub guest_us_per_op: f64,
+    /// Write transactions including fsync, all replicas (wall time).
+    pub storage_us_per_op: f64,
+    /// Group commits per client operation, all replicas.
+    pub fsyncs_per_op: f64,
+    /// Server CPU not spent in guest calls: HTTP, QUIC, TLS, LMDB, the core loop.
+    pub host_cpu_us_per_op: f64,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub nodes: u32,
+    pub value_bytes: usize,
+    pub hot_keys: usize,
+    pub points: Vec<Point>,
+}
+
+/// The operations of one system.
+#[derive(Clone)]
+enum Target {
+    Ballot(Vec<Client>),
+    #[cfg(feature = "etcd")]
+    Etcd(etcd::Etcd),
+}
+
+/// What one operation did.
+enum Done {
+    Ok,
+    Conflict,
+}
+
+impl Target {
+    async fn op(
+        &self,
+        workload: Workload,
+        client: usize,
+        i: u64,
+        run: u64,
+        plan: &Plan,
+        value: &Bytes,
+    ) -> Result<Done, String> {
+        let hot = plan.hot_keys as u64;
+        // A per-client generator: which key, and for the mix which operation.
+        let r = (client as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ i.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let r = r ^ (r >> 29);
+        let (kind, key) = match workload {
+            Workload::Create => (Workload::Create, format!("bench/create/{run}/{client}/{i}")),
+            Workload::Put => (Workload::Put, format!("bench/hot/{}", r % hot)),
+            Workload::Cas => (Workload::Cas, format!("bench/k/{}", r % 64)),
+            Workload::Get => (Workload::Get, format!("bench/k/{}", r % 64)),
+            Workload::Mix => {
+                let kind = match r % 10 {
+                    0..=4 => Workload::Get,
+                    5..=7 => Workload::Put,
+                    _ => Workload::Cas,
+                };
+                (kind, format!("bench/k/{}", (r >> 8) % 64))
+            }
+        };
+        match self {
+            Target::Ballot(replicas) => {
+                let c = &replicas[client % replicas.len()];
+                ballot_op(c, kind, &key, value).await
+            }
+            #[cfg(feature = "etcd")]
+            Target::Etcd(e) => e.op(kind, &key, value).await,
+        }
+    }
+
+    async fn preload(&self, value: &Bytes) -> Result<(), String> {
+        for k in 0..64 {
+            let key = format!("bench/k/{k}");
+            match self {
+                Target::Ballot(replicas) => {
+                    let r = replicas[0]
+                        .put(&key, value.clone(), Precondition::None)
+                        .await?;
+                    if !r.status.is_success() {
+                        return Err(format!("preloading {key}: {}", r.error_message()));
+                    }
+                }
+                #[cfg(feature = "etcd")]
+                Target::Etcd(e) => e.put(&key, value).await?,
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn ballot_op(c: &Client, kind: Workload, key: &str, value: &Bytes) -> Result<Done, String> {
+    let check = |r: crate::client::Response| match r.status {
+        s if s.is_success() => Ok(Done::Ok),
+        StatusCode::PRECONDITION_FAILED => Ok(Done::Conflict),
+        s => Err(format!("{s} {}", r.error_message())),
+    };
+    match kind {
+        Workload::Create => check(c.put(key, value.clone(), Precondition::Absent).await?),
+        Workload::Put | Workload::Mix => {
+            check(c.put(key, value.clone(), Precondition::None).await?)
+        }
+        Workload::Get => check(c.get(key, false).await?),
+        Workload::Cas => {
+            let r = c.get(key, false).await?;
+            let version = match r.status {
+                StatusCode::OK | StatusCode::NOT_FOUND => r.version.unwrap_or(0),
+                s => return Err(format!("{s} {}", r.error_message())),
+            };
+            check(
+                c.put(key, value.clone(), Precondition::Version(version))
+                    .await?,
+            )
+        }
+    }
+}
+
+/// A system under test and the processes it runs in.
+struct System {
+    name: String,
+    target: Target,
+    pids: Vec<u32>,
+    /// Ballot's metrics endpoints, for the breakdown.
+    metrics: Vec<Client>,
+    _cluster: Option<DevCluster>,
+    #[cfg(feature = "etcd")]
+    _etcd: Option<etcd::EtcdCluster>,
+}
+
+fn cpu_seconds(pids: &[u32]) -> Option<f64> {
+    // utime + stime, fields 14 and 15 of /proc/PID/stat, in clock ticks.
+    let tick = 100.0; // sysconf(_SC_CLK_TCK) on Linux.
+    let mut total = 0.0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = after.split(' ').collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        total += (utime + stime) / tick;
+    }
+    Some(total)
+}
+
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    guest: f64,
+    storage: f64,
+    fsyncs: f64,
+}
+
+async fn counters(metrics: &[Client]) -> Option<Counters> {
+    let mut c = Counters::default();
+    for m in metrics {
+        let r = m
+            .request(hyper::Method::GET, "/metrics", &[], Bytes::new())
+            .await
+            .ok()?;
+        for line in String::from_utf8_lossy(&r.body).lines() {
+            let value = || {
+                line.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            if line.starts_with("ballot_guest_call_seconds_sum") {
+                c.guest += value();
+            } else if line.starts_with("ballot_fsync_seconds_sum") {
+                c.storage += value();
+            } else if line.starts_with("ballot_fsync_seconds_count") {
+                c.fsyncs += value();
+            }
+        }
+    }
+    Some(c)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+async fn measure(
+    system: &System,
+    plan: &Arc<Plan>,
+    workload: Workload,
+    clients: usize,
+    run: u64,
+) -> Point {
+    let value = Bytes::from(vec![b'v'; plan.value_bytes]);
+    let cpu_before = cpu_seconds(&system.pids);
+    let counters_before = counters(&system.metrics).await;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(plan.secs);
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let target = system.target.clone();
+        let plan = plan.clone();
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies_us: Vec<u32> = Vec::new();
+            let (mut conflicts, mut errors, mut first_error) = (0u64, 0u64, None);
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let result = target.op(workload, client, i, run, &plan, &value).await;
+                let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                match result {
+                    Ok(Done::Ok) => latencies_us.push(us),
+                    Ok(Done::Conflict) => {
+                        latencies_us.push(us);
+                        conflicts += 1;
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert(e);
+                    }
+                }
+                i += 1;
+            }
+            (latencies_us, conflicts, errors, first_error)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let (mut conflicts, mut errors, mut first_error) = (0, 0, None);
+    for t in tasks {
+        if let Ok((l, c, e, f)) = t.await {
+            latencies.extend(l);
+            conflicts += c;
+            errors += e;
+            if first_error.is_none() {
+                first_error = f;
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let ops = latencies.len() as u64;
+    let server_cpu = match (cpu_before, cpu_seconds(&system.pids)) {
+        (Some(a), Some(b)) if ops > 0 => Some((b - a) * 1e6 / ops as f64),
+        _ => None,
+    };
+    let breakdown = match (counters_before, counters(&system.metrics).await) {
+        (Some(a), Some(b)) if ops > 0 && !system.metrics.is_empty() => {
+            let per = |x: f64| x * 1e6 / ops as f64;
+            let guest = per(b.guest - a.guest);
+            Some(Breakdown {
+                guest_us_per_op: guest,
+                storage_us_per_op: per(b.storage - a.storage),
+                fsyncs_per_op: (b.fsyncs - a.fsyncs) / ops as f64,
+                host_cpu_us_per_op: server_cpu.map(|c| (c - guest).max(0.0)).unwrap_or(0.0),
+            })
+        }
+        _ => None,
+    };
+    Point {
+        system: system.name.clone(),
+        workload,
+        clients,
+        secs,
+        ops,
+        ops_per_sec: ops as f64 / secs,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        max_ms: latencies.last().map(|&u| u as f64 / 1000.0).unwrap_or(0.0),
+        conflicts,
+        errors,
+        first_error,
+        server_cpu_us_per_op: server_cpu,
+        breakdown,
+    }
+}
+
+async fn start_ballot(plan: &Plan, core: CoreKind) -> Result<System, String> {
+    let name = match core {
+        CoreKind::Wasm => "ballot-wasm",
+        CoreKind::Native => "ballot-native",
+    };
+    let dir = plan.dir.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cluster = DevCluster::prepare(&dir, plan.nodes, 0, 0, core, plan.binary.clone())?;
+    cluster.start_all()?;
+    cluster.wait_all_ready(Duration::from_secs(90)).await?;
+    let clients: Vec<Client> = cluster.nodes.iter().map(|n| n.client()).collect();
+    let pids = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
+    Ok(System {
+        name: name.into(),
+        target: Target::Ballot(clients.clone()),
+        pids,
+        metrics: clients,
+        _cluster: Some(cluster),
+        #[cfg(feature = "etcd")]
+        _etcd: None,
+    })
+}
+
+/// Runs the plan; prints progress to stderr.
+pub async fn run(plan: Plan) -> Result<Report, String> {
+    let plan = Arc::new(plan);
+    let mut systems = Vec::new();
+    if plan.endpoints.is_empty() {
+        for core in &plan.cores {
+            eprintln!(
+                "starting a {}-replica Ballot cluster ({core:?})",
+                plan.nodes
+            );
+            systems.push(start_ballot(&plan, *core).await?);
+        }
+    } else {
+        let clients: Vec<Client> = plan.endpoints.iter().map(|e| Client::new(e)).collect();
+        systems.push(System {
+            name: "ballot".into(),
+            target: Target::Ballot(clients.clone()),
+            pids: Vec::new(),
+            metrics: clients,
+            _cluster: None,
+            #[cfg(feature = "etcd")]
+            _etcd: None,
+        });
+    }
+    if plan.etcd {
+        #[cfg(feature = "etcd")]
+        {
+            eprintln!("starting a {}-member etcd cluster", plan.nodes);
+            systems.push(etcd::start(&plan).await?);
+        }
+        #[cfg(not(feature = "etcd"))]
+        return Err(
+            "this ballot was built without etcd support: rebuild with `--features etcd` \
+                    (needs protoc: apt-get install protobuf-compiler)"
+                .into(),
+        );
+    }
+    let mut points = Vec::new();
+    let value = Bytes::from(vec![b'v'; plan.value_bytes]);
+    for system in &systems {
+        system.target.preload(&value).await?;
+        // Warm up connections, caches and the allocator.
+        let warm = Plan {
+            secs: plan.secs.min(1.0),
+            ..(*plan).clone()
+        };
+        let _ = measure(system, &Arc::new(warm), Workload::Mix, 16, 0).await;
+    }
+    let mut run = 1;
+    for &workload in &plan.workloads {
+        for &clients in &plan.clients {
+            // Systems alternate within each point, so drift on a shared
+            // machine hits them alike.
+            for system in &systems {
+                let p = measure(system, &plan, workload, clients, run).await;
+                run += 1;
+                eprintln!(
+                    "{:<14} {:<6} {:>4} clients: {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
+                    p.system, workload.name(), clients, p.ops_per_sec, p.p50_ms, p.p99_ms, p.errors
+                );
+                points.push(p);
+            }
+        }
+    }
+    Ok(Report {
+        nodes: plan.nodes,
+        value_bytes: plan.value_bytes,
+        hot_keys: plan.hot_keys,
+        points,
+    })
+}
