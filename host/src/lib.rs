@@ -30,11 +30,7 @@ pub mod bench;
 pub mod cli;
 /// The raw HTTP client of the API, from `ballot-client`.
 pub use ballot_client::http as client;
-pub mod component_cmd;
-pub mod console;
 pub mod dev;
-pub mod dev_cmd;
-pub mod members_cmd;
 pub mod membership;
 pub mod metrics;
 pub mod node;

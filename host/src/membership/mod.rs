@@ -478,7 +478,6 @@ impl Membership {
 mod tests {
     use super::answers::Ask;
     use super::*;
-    use std::net::SocketAddr;
 
     fn member(id: u32, role: Role) -> Member {
         Member {

@@ -1,4 +1,4 @@
-//! `ballot cluster add`, `remove`, and the membership part of `status`.
+//! `ballot cluster status`, `add` and `remove`.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::Method;
 
+use super::output;
+use super::Endpoint;
 use crate::client::Client;
 use crate::membership::{Change, MembersView, Progress};
 
@@ -89,10 +91,10 @@ pub async fn change(
     let queued: Change = match client.json(method, &path, Bytes::from(body)).await {
         Ok(Ok(v)) => match serde_json::from_value(v) {
             Ok(c) => c,
-            Err(e) => return crate::console::fail(format!("bad answer: {e}")),
+            Err(e) => return output::fail(format!("bad answer: {e}")),
         },
-        Ok(Err(r)) => return crate::console::fail(format!("{} {}", r.status, r.error_message())),
-        Err(e) => return crate::console::fail(e),
+        Ok(Err(r)) => return output::report(&r),
+        Err(e) => return output::unreachable(e),
     };
     println!("queued: {:?} replica {}", queued.action, queued.id);
     if !wait {
@@ -114,7 +116,7 @@ pub async fn change(
                         println!();
                     }
                     if d.aborted {
-                        return crate::console::fail(format!(
+                        return output::fail(format!(
                             "the change was abandoned at epoch {}",
                             d.epoch
                         ));
@@ -159,6 +161,79 @@ pub async fn change(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+pub(super) async fn status(endpoint: Endpoint) -> ExitCode {
+    let client = endpoint.client();
+    let view = match client.cluster().await {
+        Ok(v) => v,
+        Err(e) => return output::unreachable(e),
+    };
+    let mut rows = vec![[
+        "ID".to_string(),
+        "ROLE".into(),
+        "EPOCH".into(),
+        "PEER".into(),
+        "HTTP".into(),
+        format!("LINK FROM {}", view.id),
+        "HEALTH".into(),
+        "INCARNATION".into(),
+        "PROTOCOL".into(),
+        "POLICY".into(),
+    ]];
+    for r in &view.replicas {
+        let remote = match &r.http {
+            Some(url) if r.id == view.id => Some(Ok(view.clone())),
+            Some(url) => Some(Client::new(url).cluster().await),
+            None => None,
+        };
+        let (health, epoch, incarnation, protocol, policy) = match remote {
+            Some(Ok(v)) => (
+                if v.healthy {
+                    "ok".to_string()
+                } else {
+                    format!("stopped: {}", v.error.unwrap_or_default())
+                },
+                v.epoch.to_string(),
+                v.incarnation.to_string(),
+                format!("{} {} ({})", v.protocol.name, v.protocol.version, v.core),
+                format!("{} {}", v.policy.name, v.policy.version),
+            ),
+            Some(Err(_)) => (
+                "unreachable".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ),
+            None => (
+                "unknown".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ),
+        };
+        let mut link = r.link.clone();
+        if let Some(e) = &r.last_error {
+            link = format!("{link} ({e})");
+        }
+        rows.push([
+            r.id.to_string(),
+            r.role.clone().unwrap_or_else(|| "-".into()),
+            epoch,
+            r.peer.clone(),
+            r.http.clone().unwrap_or_else(|| "-".into()),
+            link,
+            health,
+            incarnation,
+            protocol,
+            policy,
+        ]);
+    }
+    output::table(rows.into_iter().map(Vec::from).collect());
+    print_members(&client).await;
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

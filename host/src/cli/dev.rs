@@ -17,7 +17,7 @@ use clap::{Args, Subcommand};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::console::{fail, init_logging, LogFormat};
+use crate::cli::output::{fail, init_logging, LogFormat};
 use crate::dev::DevCluster;
 use crate::server::CoreKind;
 

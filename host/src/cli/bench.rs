@@ -1,0 +1,129 @@
+//! `ballot bench`: its arguments, and the run (see [`crate::bench`]).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::output::fail;
+use crate::server::CoreKind;
+
+#[derive(Args, Debug)]
+pub(super) struct BenchArgs {
+    /// Workloads to run, in order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "create,put,cas,get,mix"
+    )]
+    workloads: Vec<crate::bench::Workload>,
+    /// Concurrent closed-loop clients, one sweep point each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    clients: Vec<usize>,
+    /// Seconds per point.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Bytes per written value.
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Keys the put workload contends on.
+    #[arg(long, default_value_t = 4)]
+    hot_keys: usize,
+    /// Replicas per cluster (and etcd members).
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    /// Protocol builds to run Ballot with; both gives the wasm/native ratio.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "wasm,native")]
+    core: Vec<CoreKind>,
+    /// Also run the same workloads against etcd (needs the etcd binary and
+    /// a build with `--features etcd`).
+    #[arg(long, value_parser = ["etcd"])]
+    compare: Option<String>,
+    /// Drive these running Ballot replicas instead of starting clusters.
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Where the clusters live while the benchmark runs.
+    #[arg(long, default_value = "ballot-bench")]
+    dir: PathBuf,
+    /// Write every point as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw throughput and p99 against clients as SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Instead of the workloads: swap a local wasm cluster's protocol to
+    /// protocol-next and back under the mix workload, and report each
+    /// swap's duration and p99 during it against the steady p99 before it
+    /// (--secs of steady load before each swap; --clients' first value).
+    #[arg(long)]
+    swap: bool,
+}
+
+pub(super) fn bench(args: BenchArgs) -> ExitCode {
+    if args.clients.is_empty()
+        || args.clients.contains(&0)
+        || args.secs <= 0.0
+        || args.hot_keys == 0
+    {
+        return fail("--clients must be positive counts, --secs and --hot-keys positive");
+    }
+    let binary = match std::env::current_exe() {
+        Ok(b) => b,
+        Err(e) => return fail(format!("locating the ballot binary: {e}")),
+    };
+    let plan = crate::bench::Plan {
+        nodes: args.nodes,
+        workloads: args.workloads,
+        clients: args.clients,
+        secs: args.secs,
+        value_bytes: args.value_bytes,
+        hot_keys: args.hot_keys,
+        cores: args.core,
+        etcd: args.compare.is_some(),
+        endpoints: args.endpoints,
+        dir: args.dir.clone(),
+        binary,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("starting tokio: {e}")),
+    };
+    if args.swap {
+        let clients = plan.clients[0];
+        let points = match rt.block_on(crate::bench::run_swaps(plan, clients)) {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        let _ = std::fs::remove_dir_all(&args.dir);
+        print!("{}", crate::bench::swap_table(&points));
+        if let Some(path) = args.json {
+            let text = serde_json::to_string_pretty(&points).expect("the report serializes");
+            if let Err(e) = std::fs::write(&path, text + "\n") {
+                return fail(format!("writing {}: {e}", path.display()));
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let report = match rt.block_on(crate::bench::run(plan)) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let _ = std::fs::remove_dir_all(&args.dir);
+    print!("{}", crate::bench::table(&report));
+    if let Some(path) = args.json {
+        let text = serde_json::to_string_pretty(&report).expect("the report serializes");
+        if let Err(e) = std::fs::write(&path, text + "\n") {
+            return fail(format!("writing {}: {e}", path.display()));
+        }
+    }
+    if let Some(path) = args.plot {
+        if let Err(e) = crate::bench::plot(&report, &path) {
+            return fail(e);
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,186 @@
+//! `ballot kv ...`: reads and writes through the typed client, with its
+//! retries.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::output::{self, fail, print_json};
+use super::{component, value_arg, Endpoint};
+
+#[derive(Subcommand, Debug)]
+pub(super) enum KvCmd {
+    /// Print a key's value (linearizable unless --local).
+    Get {
+        key: String,
+        /// Read this replica's committed copy (may be stale).
+        #[arg(long)]
+        local: bool,
+        /// Also print the version to stderr.
+        #[arg(long, short)]
+        verbose: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Set a key's value ('-' reads it from standard input).
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Set a key's value only if it has none (the same value again succeeds).
+    Create {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Set a key's value only if its version is VERSION.
+    Cas {
+        key: String,
+        version: u64,
+        value: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Run COMMAND through the key's policy ('-' reads it from standard input).
+    Apply {
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        command: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Delete a key.
+    Delete {
+        key: String,
+        /// Only if its version is this.
+        #[arg(long)]
+        if_version: Option<u64>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+pub(super) async fn kv(cmd: KvCmd, json: bool) -> ExitCode {
+    let failed = output::client_failed;
+    let absent = |key: &str| {
+        eprintln!("ballot: {key}: the key has no value");
+        ExitCode::from(output::ABSENT)
+    };
+    let written = |w: Result<ballot_client::Written, ballot_client::Error>| match w {
+        Ok(w) => {
+            let created = if w.created { " (created)" } else { "" };
+            println!("version {}{created}", w.version);
+            ExitCode::SUCCESS
+        }
+        Err(e) => failed(e),
+    };
+    match cmd {
+        KvCmd::Get {
+            key,
+            local,
+            verbose,
+            endpoint,
+        } => {
+            let store = endpoint.store();
+            let read = if local {
+                store.get_local(&key).await
+            } else {
+                store.get(&key).await
+            };
+            match read {
+                Ok(found) if json => {
+                    let mut doc = serde_json::json!({ "key": key });
+                    match &found {
+                        Some(entry) => {
+                            doc["version"] = entry.version.into();
+                            match std::str::from_utf8(&entry.value) {
+                                Ok(text) => doc["value"] = text.into(),
+                                Err(_) => {
+                                    let hex: String =
+                                        entry.value.iter().map(|b| format!("{b:02x}")).collect();
+                                    doc["value_hex"] = hex.into();
+                                }
+                            }
+                        }
+                        None => doc["value"] = serde_json::Value::Null,
+                    }
+                    print_json(&doc);
+                    if found.is_some() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(output::ABSENT)
+                    }
+                }
+                Ok(Some(entry)) => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&entry.value);
+                    if out.is_terminal() && !entry.value.ends_with(b"\n") {
+                        let _ = out.write_all(b"\n");
+                    }
+                    if verbose {
+                        eprintln!("version {}", entry.version);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => absent(&key),
+                Err(e) => failed(e),
+            }
+        }
+        KvCmd::Put {
+            key,
+            value,
+            endpoint,
+        } => match value_arg(value) {
+            Ok(v) => written(endpoint.store().put(&key, v).await),
+            Err(e) => fail(e),
+        },
+        KvCmd::Create {
+            key,
+            value,
+            endpoint,
+        } => match value_arg(value) {
+            Ok(v) => written(endpoint.store().create(&key, v).await),
+            Err(e) => fail(e),
+        },
+        KvCmd::Cas {
+            key,
+            version,
+            value,
+            endpoint,
+        } => match value_arg(value) {
+            Ok(v) => written(endpoint.store().cas(&key, version, v).await),
+            Err(e) => fail(e),
+        },
+        KvCmd::Apply {
+            key,
+            command,
+            endpoint,
+        } => match value_arg(command) {
+            Ok(command) => component::apply(endpoint.client(), key, command).await,
+            Err(e) => fail(e),
+        },
+        KvCmd::Delete {
+            key,
+            if_version,
+            endpoint,
+        } => {
+            let store = endpoint.store();
+            let deleted = match if_version {
+                Some(v) => store.delete_if(&key, v).await,
+                None => store.delete(&key).await,
+            };
+            match deleted {
+                Ok(Some(version)) => {
+                    println!("deleted at version {version}");
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => absent(&key),
+                Err(e) => failed(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The `ballot` command line: the daemon, the client and the tools.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::Client;
+use output::{fail, init_logging, print_json, Output};
+
+mod bench;
+mod cluster;
+mod component;
+mod dev;
+mod kv;
+pub mod output;
+mod scaffold;
+mod serve;
+
+/// Ballot: a strongly consistent key-value store whose consensus protocol is
+/// a WebAssembly component.
+///
+/// Exit codes of client commands: 0 success, 1 error, 3 not found,
+/// 4 precondition failed or refused by the policy, 5 cluster unavailable.
+#[derive(Parser, Debug)]
+#[command(name = "ballot", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    /// How read commands print: text for people, json for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run one replica.
+    Serve(Box<serve::ServeArgs>),
+    /// Run a local cluster of real replica processes on loopback until
+    /// Ctrl-C; `ballot dev stop|start|restart N` plays with one of them.
+    Dev(dev::DevArgs),
+    /// Read and write keys.
+    #[command(subcommand)]
+    Kv(kv::KvCmd),
+    /// Inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Make the cluster's certificates.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Measure throughput and latency of local clusters (and etcd), side by side.
+    Bench(bench::BenchArgs),
+    /// Store components in the cluster; swap the protocol live.
+    #[command(subcommand)]
+    Component(ComponentCmd),
+    /// Write, build and bind conflict-resolution policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Describe the embedded default components: names, versions, formats.
+    Components,
+    /// Print a shell completion script (`ballot completions bash >
+    /// /etc/bash_completion.d/ballot`).
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+enum ComponentCmd {
+    /// Validate a component and store it in the cluster (content-addressed).
+    Push {
+        /// The component (.wasm).
+        file: PathBuf,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// List the stored components and what they are bound to.
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Swap the cluster's protocol to a stored protocol component, live
+    /// ('embedded' for the built-in one).
+    Activate {
+        /// The component's id (or at least 8 of its first hex digits).
+        component: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Swap back to the protocol that ran before the current one.
+    Rollback {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Show each replica's protocol and the swap history.
+    Status {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Create a policy crate that builds and passes its tests as it is.
+    New {
+        /// The policy's directory, like `cargo new`; its last component
+        /// names the policy (lower-case, - and _ allowed).
+        name: String,
+        /// Create it here instead, and take NAME as the policy's name only.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The SDK crate (`guest/sdk` of a Ballot checkout); defaults to
+        /// $BALLOT_SDK, then the checkout this binary was built from.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a policy crate into a component, and check it as push would.
+    Build {
+        /// The crate's directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Route keys starting with PREFIX to a stored policy component.
+    Bind {
+        prefix: String,
+        /// The component's id (or at least 8 of its first hex digits).
+        component: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Send PREFIX's keys back to the built-in register policy.
+    Unbind {
+        prefix: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Show the bindings a replica runs.
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct Endpoint {
+    /// A replica's HTTP endpoint.
+    #[arg(
+        long,
+        env = "BALLOT_ENDPOINT",
+        default_value = "http://127.0.0.1:8001",
+        global = true
+    )]
+    endpoint: String,
+    /// The replicas' admin token, if they require one.
+    #[arg(
+        long,
+        env = "BALLOT_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    admin_token: Option<String>,
+}
+
+impl Endpoint {
+    fn client(&self) -> Client {
+        Client::new(&self.endpoint).with_token(self.admin_token.clone())
+    }
+
+    /// The typed client, with its retries, for the key-value commands.
+    fn store(&self) -> ballot_client::Client {
+        ballot_client::Client::new([&self.endpoint]).with_token(self.admin_token.clone())
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Show every replica, its link, health, components and membership,
+    /// with the progress of a join under way.
+    Status {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Add a replica: it joins as a learner, catches up, then becomes a
+    /// voter. Start it first (`join = true` in its node.toml).
+    Add {
+        /// Its replica id.
+        #[arg(long)]
+        id: u32,
+        /// Its QUIC address (host:port).
+        #[arg(long)]
+        peer: std::net::SocketAddr,
+        /// Its client URL, shown by `cluster status`.
+        #[arg(long)]
+        http: Option<String>,
+        /// Return once the change is queued instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Remove a replica (ask another one): it stops voting, then leaves.
+    /// Refused if the voters left could not form a quorum.
+    Remove {
+        #[arg(long)]
+        id: u32,
+        /// Return once the change is queued instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCmd {
+    /// Create the cluster's certificate authority.
+    Init {
+        /// Where the certificates live.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// A name for the cluster, recorded in the CA.
+        #[arg(long, default_value = "ballot")]
+        cluster: String,
+    },
+    /// Issue replica ID a certificate signed by the cluster CA.
+    Node {
+        id: u32,
+        /// Where the certificates live.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+}
+
+/// Runs the command line; `ballot`'s `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Cmd::Serve(args) => {
+            init_logging(args.log_format);
+            match args.config().and_then(crate::server::serve) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Dev(args) => dev::dev(args),
+        Cmd::Bench(args) => bench::bench(args),
+        Cmd::Kv(cmd) => client_runtime(kv::kv(cmd, json)),
+        Cmd::Cluster(ClusterCmd::Status { endpoint }) if json => client_runtime(
+            component::print_each_replica_json(endpoint.client(), "/v1/cluster", true),
+        ),
+        Cmd::Cluster(ClusterCmd::Status { endpoint }) => client_runtime(cluster::status(endpoint)),
+        Cmd::Cluster(ClusterCmd::Add {
+            id,
+            peer,
+            http,
+            no_wait,
+            endpoint,
+        }) => {
+            let body = serde_json::json!({ "id": id, "peer": peer, "http": http }).to_string();
+            client_runtime(cluster::change(
+                endpoint.client(),
+                hyper::Method::POST,
+                "/v1/cluster/members".into(),
+                body,
+                !no_wait,
+            ))
+        }
+        Cmd::Cluster(ClusterCmd::Remove {
+            id,
+            no_wait,
+            endpoint,
+        }) => client_runtime(cluster::change(
+            endpoint.client(),
+            hyper::Method::DELETE,
+            format!("/v1/cluster/members/{id}"),
+            String::new(),
+            !no_wait,
+        )),
+        Cmd::Cert(CertCmd::Init { dir, cluster }) => match crate::tls::init_ca(&dir, &cluster) {
+            Ok(()) => {
+                println!("wrote {}", crate::tls::ca_cert_path(&dir).display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Cmd::Cert(CertCmd::Node { id, dir }) => match crate::tls::issue_node(&dir, id) {
+            Ok(()) => {
+                println!("wrote {}", crate::tls::node_cert_path(&dir, id).display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Cmd::Component(ComponentCmd::Push { file, endpoint }) => {
+            client_runtime(component::push(endpoint.client(), file))
+        }
+        Cmd::Component(ComponentCmd::List { endpoint }) if json => client_runtime(
+            component::print_api_json(endpoint.client(), "/v1/components"),
+        ),
+        Cmd::Component(ComponentCmd::List { endpoint }) => {
+            client_runtime(component::list_components(endpoint.client()))
+        }
+        Cmd::Component(ComponentCmd::Activate {
+            component,
+            endpoint,
+        }) => client_runtime(component::swap(endpoint.client(), Some(component))),
+        Cmd::Component(ComponentCmd::Rollback { endpoint }) => {
+            client_runtime(component::swap(endpoint.client(), None))
+        }
+        Cmd::Component(ComponentCmd::Status { endpoint }) if json => client_runtime(
+            component::print_each_replica_json(endpoint.client(), "/v1/protocol", false),
+        ),
+        Cmd::Component(ComponentCmd::Status { endpoint }) => {
+            client_runtime(component::protocol_status(endpoint.client()))
+        }
+        Cmd::Policy(PolicyCmd::New { name, dir, sdk }) => scaffold::new(name, dir, sdk),
+        Cmd::Policy(PolicyCmd::Build { dir }) => scaffold::build(dir),
+        Cmd::Policy(PolicyCmd::Bind {
+            prefix,
+            component,
+            endpoint,
+        }) => client_runtime(component::bind(endpoint.client(), prefix, component)),
+        Cmd::Policy(PolicyCmd::Unbind { prefix, endpoint }) => {
+            client_runtime(component::unbind(endpoint.client(), prefix))
+        }
+        Cmd::Policy(PolicyCmd::List { endpoint }) if json => {
+            client_runtime(component::print_api_json(endpoint.client(), "/v1/policies"))
+        }
+        Cmd::Policy(PolicyCmd::List { endpoint }) => {
+            client_runtime(component::list_policies(endpoint.client()))
+        }
+        Cmd::Components => match crate::registry::describe_embedded() {
+            Ok(components) if json => {
+                print_json(&serde_json::to_value(components).expect("serializes"));
+                ExitCode::SUCCESS
+            }
+            Ok(components) => {
+                for c in components {
+                    println!("{}", c.line());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "ballot", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn client_runtime(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => fail(format!("starting tokio: {e}")),
+    }
+}
+
+fn value_arg(value: String) -> Result<Bytes, String> {
+    if value == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| format!("reading standard input: {e}"))?;
+        Ok(buf.into())
+    } else {
+        Ok(value.into_bytes().into())
+    }
+}
