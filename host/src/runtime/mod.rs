@@ -1,0 +1,240 @@
+//! Runs protocol and policy components in wasmtime.
+//!
+//! A [`Runtime`] compiles the components once; [`Runtime::replica`] gives a
+//! [`WasmCore`], one store per replica, that implements the same
+//! [`ballot_core::Core`] trait as the native build. Execution is made
+//! deterministic (NaN canonicalisation, no threads, no relaxed SIMD, no clock
+//! or random imports) and bounded (fuel per call, a memory limit per store).
+
+use ballot_core as core;
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+
+/// The default protocol component, built from `guest/protocol`.
+pub const PROTOCOL_WASM: &[u8] = include_bytes!("../../components/protocol.wasm");
+/// The next protocol version (`guest/protocol-next`): key-state format 2.
+/// Embedded for `ballot bench`'s swap measurement and the tests; a cluster
+/// installs it with `ballot component push` and `activate`.
+pub const PROTOCOL_NEXT_WASM: &[u8] = include_bytes!("../../components/protocol-next.wasm");
+/// The default register policy component, built from `guest/register`.
+pub const REGISTER_WASM: &[u8] = include_bytes!("../../components/register.wasm");
+
+/// Fuel one guest call may burn before it is stopped.
+pub const FUEL_PER_CALL: u64 = 2_000_000_000;
+/// Linear memory one guest instance may grow to.
+pub const MEMORY_MAX_BYTES: usize = 256 << 20;
+/// Fuel one policy call may burn: a policy is a small function of one value.
+pub const POLICY_FUEL_PER_CALL: u64 = 200_000_000;
+/// Linear memory one policy instance may grow to.
+pub const POLICY_MEMORY_MAX_BYTES: usize = 64 << 20;
+/// Largest value a client or a policy may write.
+pub const VALUE_MAX: usize = 1 << 20;
+/// The rejection code of a command whose policy trapped, ran out of fuel or
+/// memory, or returned something the host refuses.
+pub const POLICY_FAILED: &str = "policy-failed";
+
+mod protocol_world {
+    wasmtime::component::bindgen!({
+        world: "protocol",
+        path: "../wit",
+    });
+}
+
+mod policy_world {
+    wasmtime::component::bindgen!({
+        world: "policy",
+        path: "../wit",
+    });
+}
+
+use policy_world::exports::ballot::core::policy_api as pol;
+use protocol_world::ballot::core::policy_api as imp;
+use protocol_world::exports::ballot::core::membership as wit_members;
+use protocol_world::exports::ballot::core::replica as wit;
+
+mod policy;
+mod protocol;
+
+pub use policy::{describe_policy, sandbox_policy, Bound, Policies, PolicyHost, PolicyInstance};
+pub use protocol::WasmCore;
+
+crate::message_error!(
+    /// An error from the wasm runtime: compiling, instantiating or calling a guest.
+    Error
+);
+
+fn err(context: &str, e: impl std::fmt::Display) -> Error {
+    Error(format!("{context}: {e}"))
+}
+
+/// The engine configuration every Ballot guest runs under.
+pub fn engine() -> Result<Engine, Error> {
+    let mut config = Config::new();
+    config
+        // Threads are off: wasmtime is built without its `threads` feature.
+        .cranelift_nan_canonicalization(true)
+        .wasm_relaxed_simd(false)
+        .consume_fuel(true);
+    Engine::new(&config).map_err(|e| err("configuring wasmtime", e))
+}
+
+/// Compiled components, ready to instantiate.
+pub struct Runtime {
+    engine: Engine,
+    protocol: Component,
+    policy: Component,
+}
+
+impl Runtime {
+    /// Compiles the embedded default components.
+    pub fn new() -> Result<Runtime, Error> {
+        Runtime::with_components(PROTOCOL_WASM, REGISTER_WASM)
+    }
+
+    /// Compiles the given protocol and policy components.
+    pub fn with_components(protocol: &[u8], policy: &[u8]) -> Result<Runtime, Error> {
+        let engine = engine()?;
+        let protocol = Component::new(&engine, protocol)
+            .map_err(|e| err("compiling the protocol component", e))?;
+        let policy = Component::new(&engine, policy)
+            .map_err(|e| err("compiling the policy component", e))?;
+        Ok(Runtime {
+            engine,
+            protocol,
+            policy,
+        })
+    }
+
+    /// A runtime of already compiled components (compiled with `engine`).
+    pub fn from_parts(engine: Engine, protocol: Component, policy: Component) -> Runtime {
+        Runtime {
+            engine,
+            protocol,
+            policy,
+        }
+    }
+
+    /// The compiled protocol.
+    pub fn protocol_component(&self) -> &Component {
+        &self.protocol
+    }
+
+    /// The compiled default policy.
+    pub fn policy_component(&self) -> &Component {
+        &self.policy
+    }
+
+    /// The engine every component of this runtime must be compiled with.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The policies of a replica: the embedded register for every key until
+    /// prefixes are bound.
+    fn policies(&self) -> Result<Policies, Error> {
+        let default = PolicyInstance::new(self.policy.clone(), "register", register_version());
+        Policies::new(&self.engine, Some(default))
+    }
+
+    /// Instantiates one replica: its own protocol and policy stores.
+    pub fn replica(&self, config: core::Config) -> Result<WasmCore, Error> {
+        WasmCore::new(&self.engine, &self.protocol, self.policies()?, config)
+    }
+}
+
+fn register_version() -> &'static str {
+    core::register::VERSION
+}
+
+fn log(level: u8, message: &str) {
+    let message: String = message.chars().take(4096).collect();
+    match level {
+        0 => tracing::trace!(target: "guest", "{message}"),
+        1 => tracing::debug!(target: "guest", "{message}"),
+        2 => tracing::info!(target: "guest", "{message}"),
+        3 => tracing::warn!(target: "guest", "{message}"),
+        _ => tracing::error!(target: "guest", "{message}"),
+    }
+}
+
+/// Says what a guest call's error was, in words a client can act on.
+pub fn trap_reason(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => {
+            "it ran out of fuel (an endless or too long computation)".to_string()
+        }
+        Some(trap) => format!("it trapped: {trap}"),
+        None => format!("{e:#}"),
+    }
+}
+
+fn limits(memory: usize) -> StoreLimits {
+    StoreLimitsBuilder::new()
+        .memory_size(memory)
+        .instances(4)
+        .build()
+}
+
+/// The contract version this host implements.
+pub const CONTRACT: (u64, u64, u64) = (0, 2, 2);
+
+/// Calls a `self-check.run` export if there is one.
+pub(crate) fn self_check_export<T>(
+    store: &mut Store<T>,
+    instance: &wasmtime::component::Instance,
+) -> Result<bool, Error> {
+    let (major, minor, patch) = CONTRACT;
+    // A component built against an earlier patch of the contract names
+    // its export with that version.
+    let Some(iface) = (0..=patch).rev().find_map(|p| {
+        let name = format!("ballot:core/self-check@{major}.{minor}.{p}");
+        instance.get_export_index(&mut *store, None, &name)
+    }) else {
+        return Ok(false);
+    };
+    let Some(run) = instance.get_export_index(&mut *store, Some(&iface), "run") else {
+        return Err(Error("its self-check export has no `run` function".into()));
+    };
+    let run = instance
+        .get_typed_func::<(), (Result<(), String>,)>(&mut *store, run)
+        .map_err(|e| Error(format!("its self-check has the wrong type: {e:#}")))?;
+    match run.call(&mut *store, ()) {
+        Ok((Ok(()),)) => Ok(true),
+        Ok((Err(why),)) => Err(Error(format!("its self-check failed: {why}"))),
+        Err(e) => Err(Error(format!(
+            "its self-check trapped: {}",
+            trap_reason(&e)
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_components_describe_themselves() {
+        let rt = Runtime::new().unwrap();
+        let mut core = rt.replica(core::Config::new(1, 1, vec![1, 2, 3])).unwrap();
+        let info = core.describe().unwrap();
+        assert_eq!(info, core::Replica::<core::RegisterEnv>::info());
+    }
+
+    #[test]
+    fn bad_config_is_refused() {
+        let rt = Runtime::new().unwrap();
+        let e = rt
+            .replica(core::Config::new(9, 1, vec![1, 2, 2]))
+            .err()
+            .unwrap();
+        assert!(e.0.contains("listed twice"), "{e}");
+        // An older epoch is refused through the membership export.
+        let mut core = rt.replica(core::Config::new(1, 1, vec![1, 2, 3])).unwrap();
+        let mut m = core::Members::initial(vec![1, 2, 3]);
+        m.epoch = 3;
+        core.try_reconfigure(m.clone()).unwrap();
+        m.epoch = 2;
+        let e = core.try_reconfigure(m).unwrap_err();
+        assert!(e.0.contains("cannot replace epoch 3"), "{e}");
+    }
+}

@@ -1,0 +1,321 @@
+//! The protocol component in one store per replica ([`WasmCore`]), and
+//! the conversions between its WIT types and `ballot_core`'s.
+
+use ballot_core as core;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, Store, StoreLimits};
+
+use super::*;
+
+struct ProtocolHost {
+    limits: StoreLimits,
+    policies: Policies,
+}
+
+impl protocol_world::ballot::core::log::Host for ProtocolHost {
+    fn emit(&mut self, level: protocol_world::ballot::core::log::Level, message: String) {
+        log(level as u8, &message)
+    }
+}
+
+impl imp::Host for ProtocolHost {
+    fn describe(&mut self) -> (String, String) {
+        ("register".to_string(), register_version().to_string())
+    }
+
+    fn apply(
+        &mut self,
+        key: Vec<u8>,
+        current: imp::Current,
+        command: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<imp::Change, imp::Rejection> {
+        let current = core::Current {
+            value: current.value,
+            version: current.version,
+        };
+        match core::Env::apply(&mut self.policies, &key, &current, &command, now_ms) {
+            Ok(core::Change::Keep) => Ok(imp::Change::Keep),
+            Ok(core::Change::Set(v)) => Ok(imp::Change::Set(v)),
+            Ok(core::Change::Remove) => Ok(imp::Change::Remove),
+            Err(r) => Err(imp::Rejection {
+                code: r.code,
+                message: r.message,
+            }),
+        }
+    }
+}
+
+/// A replica whose protocol runs in a wasm component.
+pub struct WasmCore {
+    store: Store<ProtocolHost>,
+    bindings: protocol_world::Protocol,
+    instance: wasmtime::component::Instance,
+}
+
+impl WasmCore {
+    /// Instantiates the protocol component in a store of its own, calling
+    /// its policies through `policies`.
+    pub(super) fn new(
+        engine: &Engine,
+        protocol: &Component,
+        policies: Policies,
+        config: core::Config,
+    ) -> Result<WasmCore, Error> {
+        let mut linker = Linker::<ProtocolHost>::new(engine);
+        protocol_world::Protocol::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| err("linking the protocol component", e))?;
+        let host = ProtocolHost {
+            limits: limits(MEMORY_MAX_BYTES),
+            policies,
+        };
+        let mut store = Store::new(engine, host);
+        store.limiter(|s| &mut s.limits);
+        store.set_fuel(FUEL_PER_CALL).map_err(|e| err("fuel", e))?;
+        let instance = linker
+            .instantiate(&mut store, protocol)
+            .map_err(|e| err("instantiating the protocol component", e))?;
+        let bindings = protocol_world::Protocol::new(&mut store, &instance)
+            .map_err(|e| err("the protocol component's exports", e))?;
+        let wit_config = wit::Config {
+            self_id: config.self_id,
+            incarnation: config.incarnation,
+            voters: config.voters,
+            fast_timeout_ms: config.fast_timeout_ms,
+            round_timeout_ms: config.round_timeout_ms,
+            attempts_max: config.attempts_max,
+            inflight_max: config.inflight_max,
+        };
+        let mut core = WasmCore {
+            store,
+            bindings,
+            instance,
+        };
+        core.refuel()?;
+        core.bindings
+            .ballot_core_replica()
+            .call_init(&mut core.store, &wit_config)
+            .map_err(|e| err("calling init", e))?
+            .map_err(|e| Error(format!("the protocol refused its configuration: {e}")))?;
+        Ok(core)
+    }
+
+    /// The policies this replica's protocol calls.
+    pub fn policies_mut(&mut self) -> &mut Policies {
+        &mut self.store.data_mut().policies
+    }
+
+    fn refuel(&mut self) -> Result<(), Error> {
+        self.store
+            .set_fuel(FUEL_PER_CALL)
+            .map_err(|e| err("fuel", e))
+    }
+
+    /// Runs the component's `self-check` export; false when it has none.
+    pub fn self_check(&mut self) -> Result<bool, Error> {
+        self.refuel()?;
+        self_check_export(&mut self.store, &self.instance)
+    }
+
+    /// The component's own description.
+    pub fn describe(&mut self) -> Result<core::Info, Error> {
+        self.refuel()?;
+        let i = self
+            .bindings
+            .ballot_core_replica()
+            .call_describe(&mut self.store)
+            .map_err(|e| err("describe", e))?;
+        Ok(core::Info {
+            name: i.name,
+            version: i.version,
+            state_formats: i.state_formats,
+            wire_formats: i.wire_formats,
+        })
+    }
+
+    /// Steps the guest. An error means the guest trapped: this instance is
+    /// poisoned and must be dropped.
+    pub fn try_step(&mut self, batch: core::Batch) -> Result<core::Ready, Error> {
+        let batch = wit::Batch {
+            now_ms: batch.now_ms,
+            seed: batch.seed,
+            states: batch
+                .states
+                .into_iter()
+                .map(|s| wit::KeyState {
+                    key: s.key,
+                    state: s.state,
+                })
+                .collect(),
+            requests: batch
+                .requests
+                .into_iter()
+                .map(|r| wit::Request {
+                    id: r.id,
+                    key: r.key,
+                    op: match r.op {
+                        core::Operation::Command(c) => wit::Operation::Command(c),
+                        core::Operation::Read(core::Consistency::Linearizable) => {
+                            wit::Operation::Read(wit::Consistency::Linearizable)
+                        }
+                        core::Operation::Read(core::Consistency::Local) => {
+                            wit::Operation::Read(wit::Consistency::Local)
+                        }
+                    },
+                })
+                .collect(),
+            messages: batch
+                .messages
+                .into_iter()
+                .map(|m| wit::Inbound {
+                    from: m.from,
+                    key: m.key,
+                    payload: m.payload,
+                })
+                .collect(),
+            timers: batch
+                .timers
+                .into_iter()
+                .map(|t| wit::Timer {
+                    key: t.key,
+                    token: t.token,
+                    at_ms: t.at_ms,
+                })
+                .collect(),
+        };
+        self.refuel()?;
+        let ready = self
+            .bindings
+            .ballot_core_replica()
+            .call_step(&mut self.store, &batch)
+            .map_err(|e| Error(format!("step failed: {}", trap_reason(&e))))?;
+        Ok(core::Ready {
+            early: actions(ready.early),
+            id: ready.id,
+            persist: ready
+                .persist
+                .into_iter()
+                .map(|w| core::Write {
+                    key: w.key,
+                    state: w.state,
+                    commit: w.commit.map(|c| core::Commit {
+                        version: c.version,
+                        value: c.value,
+                    }),
+                })
+                .collect(),
+        })
+    }
+
+    /// Releases a persisted ready. An error means the guest trapped.
+    /// Moves the instance to a newer membership epoch. `Err` carries the
+    /// protocol's refusal or a trap.
+    pub fn try_reconfigure(&mut self, members: core::Members) -> Result<(), Error> {
+        self.refuel()?;
+        let m = wit_members::Members {
+            epoch: members.epoch,
+            voters: members.voters,
+            learners: members.learners,
+            fast: members.fast,
+        };
+        self.bindings
+            .ballot_core_membership()
+            .call_reconfigure(&mut self.store, &m)
+            .map_err(|e| err("calling reconfigure", trap_reason(&e)))?
+            .map_err(|e| Error(format!("the protocol refused the membership: {e}")))
+    }
+
+    pub fn try_release(&mut self, id: u64) -> Result<core::Actions, Error> {
+        self.refuel()?;
+        let a = self
+            .bindings
+            .ballot_core_replica()
+            .call_release(&mut self.store, id)
+            .map_err(|e| Error(format!("release failed: {}", trap_reason(&e))))?;
+        Ok(actions(a))
+    }
+}
+
+fn actions(a: wit::Actions) -> core::Actions {
+    core::Actions {
+        send: a
+            .send
+            .into_iter()
+            .map(|o| core::Outbound {
+                to: o.to,
+                key: o.key,
+                payload: o.payload,
+            })
+            .collect(),
+        complete: a
+            .complete
+            .into_iter()
+            .map(|c| core::Completion {
+                id: c.id,
+                outcome: outcome(c.outcome),
+                trace: core::Trace {
+                    changed: c.trace.changed,
+                    prior_absent: c.trace.prior_absent,
+                    fast: c.trace.fast,
+                    attempts: c.trace.attempts,
+                    prepares: c.trace.prepares,
+                },
+            })
+            .collect(),
+        timers: a
+            .timers
+            .into_iter()
+            .map(|t| core::Timer {
+                key: t.key,
+                token: t.token,
+                at_ms: t.at_ms,
+            })
+            .collect(),
+    }
+}
+
+fn current(c: imp::Current) -> core::Current {
+    core::Current {
+        value: c.value,
+        version: c.version,
+    }
+}
+
+fn outcome(o: wit::Outcome) -> core::Outcome {
+    match o {
+        wit::Outcome::Done(c) => core::Outcome::Done(current(c)),
+        wit::Outcome::Rejected((r, c)) => core::Outcome::Rejected(
+            core::Rejection {
+                code: r.code,
+                message: r.message,
+            },
+            current(c),
+        ),
+        wit::Outcome::Failed(f) => core::Outcome::Failed(core::Failure {
+            reason: match f.reason {
+                wit::FailureReason::NoQuorum => core::FailureReason::NoQuorum,
+                wit::FailureReason::Contention => core::FailureReason::Contention,
+                wit::FailureReason::Overloaded => core::FailureReason::Overloaded,
+                wit::FailureReason::Invalid => core::FailureReason::Invalid,
+            },
+            maybe_applied: f.maybe_applied,
+            message: f.message,
+        }),
+    }
+}
+
+impl core::Core for WasmCore {
+    fn step(&mut self, batch: core::Batch) -> core::Ready {
+        self.try_step(batch)
+            .unwrap_or_else(|e| panic!("protocol component failed: {e}"))
+    }
+
+    fn release(&mut self, id: u64) -> core::Actions {
+        self.try_release(id)
+            .unwrap_or_else(|e| panic!("protocol component failed: {e}"))
+    }
+
+    fn reconfigure(&mut self, members: core::Members) -> Result<(), String> {
+        self.try_reconfigure(members).map_err(|e| e.0)
+    }
+}

@@ -1,0 +1,348 @@
+//! Durable storage: one LMDB environment per replica, through heed.
+//!
+//! Four databases, every value led by a format byte (see `docs/design.md`
+//! for the bytes):
+//! - `meta`: storage format, the replica id the directory belongs to, the
+//!   boot counter (the protocol's incarnation);
+//! - `state`: key -> the protocol component's opaque per-key state;
+//! - `values`: key -> the committed version and value, for scans and
+//!   changelog consumers;
+//! - `changelog`: local sequence number (u64 BE) -> one commit this replica
+//!   learned, in the order it made them durable.
+//!
+//! [`Storage::commit`] writes many readies in one write transaction and one
+//! fsync (LMDB's default durability: `mdb_txn_commit` syncs the data file
+//! before it returns).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ballot_core::Write;
+use heed::types::{Bytes, U64};
+use heed::{byteorder::BigEndian, Database, Env, EnvOpenOptions};
+
+mod meta;
+mod record;
+#[cfg(test)]
+mod tests;
+
+use record::*;
+
+/// Format of every record this module writes. Readers refuse other values.
+pub const STORAGE_FORMAT: u8 = 1;
+/// Default LMDB map size: address space reserved, not disk used.
+pub const MAP_SIZE_DEFAULT: usize = 64 << 30;
+
+const META_FORMAT: &[u8] = b"format";
+const META_REPLICA: &[u8] = b"replica";
+const META_INCARNATION: &[u8] = b"incarnation";
+const META_IDENTITY: &[u8] = b"identity";
+const META_MEMBERS: &[u8] = b"members";
+const META_ADMITTED: &[u8] = b"admitted";
+
+/// Bytes of a data directory's identity.
+pub const IDENTITY_LEN: usize = 16;
+/// A data directory's identity: random bytes drawn when the directory is
+/// created. Peers remember it and refuse another one under the same replica
+/// id, so a replica that lost its directory cannot vote with a blank memory.
+pub type DirIdentity = [u8; IDENTITY_LEN];
+
+/// What a peer's presented identity is to this replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerIdentity {
+    /// Never seen before: now recorded.
+    First,
+    /// The one recorded.
+    Known,
+    /// Another directory than the one recorded for that replica id.
+    Changed { known: DirIdentity },
+}
+
+crate::message_error!(
+    /// A storage failure. After one, the replica stops answering.
+    Error
+);
+
+impl From<heed::Error> for Error {
+    fn from(e: heed::Error) -> Self {
+        Error(format!("lmdb: {e}"))
+    }
+}
+
+/// A committed value as stored in `values` and `changelog`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub version: u64,
+    pub value: Option<Vec<u8>>,
+}
+
+/// One changelog entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub seq: u64,
+    pub key: Vec<u8>,
+    pub committed: Committed,
+}
+
+/// What one group commit did.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitStats {
+    pub writes: usize,
+    pub elapsed: Duration,
+}
+
+/// A replica's LMDB environment.
+#[derive(Clone)]
+pub struct Storage {
+    env: Env,
+    meta: Database<Bytes, Bytes>,
+    state: Database<Bytes, Bytes>,
+    values: Database<Bytes, Bytes>,
+    changelog: Database<U64<BigEndian>, Bytes>,
+    identity: DirIdentity,
+}
+
+/// Random bytes from the operating system, through the TLS stack's source.
+fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
+    let mut out = [0u8; N];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut out)
+        .map_err(|_| Error("the system random source failed".into()))?;
+    Ok(out)
+}
+
+impl Storage {
+    /// Opens (or creates) the store in `dir` for replica `replica`, and
+    /// durably bumps the boot counter. Returns the store and the new
+    /// incarnation. Refuses a directory that belongs to another replica or
+    /// holds a format this build does not read.
+    pub fn open(dir: &Path, replica: u32, map_size: usize) -> Result<(Storage, u64), Error> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error(format!("creating {}: {e}", dir.display())))?;
+        // SAFETY: heed requires that the environment is opened once per
+        // process and that the files are not modified by anything else while
+        // open. The daemon opens its data directory once, at start-up.
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .map_size(map_size)
+                .max_dbs(8)
+                .open(dir)
+                .map_err(|e| Error(format!("opening LMDB in {}: {e}", dir.display())))?
+        };
+        let mut wtxn = env.write_txn()?;
+        let meta: Database<Bytes, Bytes> = env.create_database(&mut wtxn, Some("meta"))?;
+        let state = env.create_database(&mut wtxn, Some("state"))?;
+        let values = env.create_database(&mut wtxn, Some("values"))?;
+        let changelog = env.create_database(&mut wtxn, Some("changelog"))?;
+        let fresh = meta.get(&wtxn, META_FORMAT)?.is_none();
+        match meta.get(&wtxn, META_FORMAT)? {
+            None => meta.put(&mut wtxn, META_FORMAT, &[STORAGE_FORMAT])?,
+            Some([STORAGE_FORMAT]) => {}
+            Some(other) => {
+                return Err(Error(format!(
+                    "{} holds storage format {other:?}; this build reads format {STORAGE_FORMAT}",
+                    dir.display()
+                )))
+            }
+        }
+        match meta.get(&wtxn, META_REPLICA)? {
+            None => meta.put(&mut wtxn, META_REPLICA, &record_u64(replica as u64))?,
+            Some(bytes) => {
+                let owner = read_u64(bytes)?;
+                if owner != replica as u64 {
+                    return Err(Error(format!(
+                        "{} belongs to replica {owner}, not {replica}",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        // A directory from before identities were recorded gets one now.
+        let identity = match meta.get(&wtxn, META_IDENTITY)? {
+            Some(bytes) => read_identity(bytes)?,
+            None => {
+                let identity = random_bytes::<IDENTITY_LEN>()?;
+                meta.put(&mut wtxn, META_IDENTITY, &record_identity(&identity))?;
+                identity
+            }
+        };
+        // A new directory starts its incarnations at a random point below
+        // 2^40 rather than at 1: a replica re-admitted on a new directory
+        // under its old id then does not repeat the proposal ids of its
+        // earlier directory, which may still sit in acceptors' state.
+        let incarnation = match meta.get(&wtxn, META_INCARNATION)? {
+            None if fresh => 1 + (u64::from_be_bytes(random_bytes::<8>()?) >> 24),
+            None => 1,
+            Some(bytes) => read_u64(bytes)? + 1,
+        };
+        meta.put(&mut wtxn, META_INCARNATION, &record_u64(incarnation))?;
+        // A new directory votes only once every start-up peer has accepted
+        // it (see `set_admitted`); one from before admission was recorded
+        // is taken as admitted.
+        match meta.get(&wtxn, META_ADMITTED)? {
+            Some(bytes) => {
+                read_flag(bytes)?;
+            }
+            None => meta.put(&mut wtxn, META_ADMITTED, &record_flag(!fresh))?,
+        }
+        wtxn.commit()?;
+        let storage = Storage {
+            env,
+            meta,
+            state,
+            values,
+            changelog,
+            identity,
+        };
+        Ok((storage, incarnation))
+    }
+
+    /// The persisted protocol state of each key (empty when never touched).
+    pub fn states<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k [u8]>,
+    ) -> Result<Vec<(&'k [u8], Vec<u8>)>, Error> {
+        let rtxn = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for key in keys {
+            let state = self.state.get(&rtxn, key)?.map(<[u8]>::to_vec);
+            out.push((key, state.unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` keys that hold protocol state, in key order, after
+    /// `after` (from the first when `None`). One read transaction per page.
+    pub fn state_keys(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, Error> {
+        use std::ops::Bound;
+        let rtxn = self.env.read_txn()?;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let range = (lower, Bound::Unbounded);
+        let mut out = Vec::new();
+        for entry in self.state.range(&rtxn, &range)?.take(limit) {
+            let (key, _) = entry?;
+            out.push(key.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Makes every write durable in one transaction and one fsync.
+    pub fn commit<'w>(
+        &self,
+        writes: impl Iterator<Item = &'w Write>,
+    ) -> Result<CommitStats, Error> {
+        let started = Instant::now();
+        let mut wtxn = self.env.write_txn()?;
+        let mut seq = match self.changelog.last(&wtxn)? {
+            Some((last, _)) => last + 1,
+            None => 1,
+        };
+        let mut count = 0;
+        let mut record = Vec::new();
+        for w in writes {
+            count += 1;
+            self.state.put(&mut wtxn, &w.key, &w.state)?;
+            if let Some(commit) = &w.commit {
+                record.clear();
+                encode_committed(&mut record, commit.version, commit.value.as_deref());
+                self.values.put(&mut wtxn, &w.key, &record)?;
+                record.extend_from_slice(&(w.key.len() as u32).to_be_bytes());
+                record.extend_from_slice(&w.key);
+                self.changelog.put(&mut wtxn, &seq, &record)?;
+                seq += 1;
+            }
+        }
+        wtxn.commit()?;
+        Ok(CommitStats {
+            writes: count,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// The committed value of `key` as this replica last learned it.
+    pub fn committed(&self, key: &[u8]) -> Result<Option<Committed>, Error> {
+        let rtxn = self.env.read_txn()?;
+        match self.values.get(&rtxn, key)? {
+            None => Ok(None),
+            Some(bytes) => decode_committed(bytes).map(|(c, _)| Some(c)),
+        }
+    }
+
+    /// Changelog entries from `from` on, at most `limit`.
+    pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<Change>, Error> {
+        let rtxn = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for entry in self.changelog.range(&rtxn, &(from..))?.take(limit) {
+            let (seq, bytes) = entry?;
+            let (committed, rest) = decode_committed(bytes)?;
+            let key = match rest {
+                [a, b, c, d, key @ ..]
+                    if u32::from_be_bytes([*a, *b, *c, *d]) as usize == key.len() =>
+                {
+                    key
+                }
+                _ => return Err(Error(format!("changelog entry {seq} is malformed"))),
+            };
+            out.push(Change {
+                seq,
+                key: key.to_vec(),
+                committed,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The first and last changelog sequence numbers held (`first` is
+    /// `last + 1` when it is empty; `last` is 0 before the first commit).
+    pub fn changelog_bounds(&self) -> Result<(u64, u64), Error> {
+        let rtxn = self.env.read_txn()?;
+        let last = self.changelog.last(&rtxn)?.map_or(0, |(s, _)| s);
+        let first = self.changelog.first(&rtxn)?.map_or(last + 1, |(s, _)| s);
+        Ok((first, last))
+    }
+
+    /// Drops changelog entries up to `upto`, always keeping the newest one
+    /// (it numbers the next commit). Returns how many went.
+    pub fn truncate_changelog(&self, upto: u64) -> Result<usize, Error> {
+        let mut wtxn = self.env.write_txn()?;
+        let Some((last, _)) = self.changelog.last(&wtxn)? else {
+            return Ok(0);
+        };
+        let upto = upto.min(last - 1);
+        if upto == 0 {
+            return Ok(0);
+        }
+        let dropped = self.changelog.delete_range(&mut wtxn, &(..=upto))?;
+        wtxn.commit()?;
+        Ok(dropped)
+    }
+
+    /// Up to `limit` committed keys after `after`, with their versions.
+    pub fn versions(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, u64)>, Error> {
+        use std::ops::Bound;
+        let rtxn = self.env.read_txn()?;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for entry in self
+            .values
+            .range(&rtxn, &(lower, Bound::Unbounded))?
+            .take(limit)
+        {
+            let (key, bytes) = entry?;
+            let (committed, _) = decode_committed(bytes)?;
+            out.push((key.to_vec(), committed.version));
+        }
+        Ok(out)
+    }
+}

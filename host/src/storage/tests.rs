@@ -1,0 +1,209 @@
+use super::*;
+use ballot_core::Commit;
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ballot-storage-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn writes_survive_reopen_and_the_boot_counter_grows() {
+    let dir = tmp("reopen");
+    let first;
+    let identity;
+    {
+        let (s, inc) = Storage::open(&dir, 3, 1 << 26).unwrap();
+        // A new directory starts at a random incarnation below 2^40.
+        assert!((1..=1 << 40).contains(&inc), "{inc}");
+        first = inc;
+        identity = s.identity();
+        let writes = [
+            Write {
+                key: b"a".to_vec(),
+                state: vec![1, 2],
+                commit: Some(Commit {
+                    version: 1,
+                    value: Some(b"x".to_vec()),
+                }),
+            },
+            Write {
+                key: b"b".to_vec(),
+                state: vec![3],
+                commit: None,
+            },
+            Write {
+                key: b"a".to_vec(),
+                state: vec![4],
+                commit: Some(Commit {
+                    version: 2,
+                    value: None,
+                }),
+            },
+        ];
+        let stats = s.commit(writes.iter()).unwrap();
+        assert_eq!(stats.writes, 3);
+    }
+    let (s, inc) = Storage::open(&dir, 3, 1 << 26).unwrap();
+    assert_eq!(inc, first + 1);
+    assert_eq!(
+        s.identity(),
+        identity,
+        "a reopened directory keeps its identity"
+    );
+    assert_eq!(s.incarnation().unwrap(), first + 1);
+    assert_eq!(s.bump_incarnation().unwrap(), first + 2);
+    assert_eq!(s.incarnation().unwrap(), first + 2);
+    let keys: [&[u8]; 3] = [b"a", b"b", b"c"];
+    let states = s.states(keys.into_iter()).unwrap();
+    assert_eq!(states[0].1, vec![4]);
+    assert_eq!(states[1].1, vec![3]);
+    assert!(states[2].1.is_empty());
+    assert_eq!(
+        s.committed(b"a").unwrap(),
+        Some(Committed {
+            version: 2,
+            value: None
+        })
+    );
+    assert_eq!(s.committed(b"b").unwrap(), None);
+    let log = s.changes(1, 10).unwrap();
+    assert_eq!(log.len(), 2);
+    assert_eq!(
+        (log[0].seq, &log[0].key[..], log[0].committed.version),
+        (1, &b"a"[..], 1)
+    );
+    assert_eq!(log[0].committed.value.as_deref(), Some(&b"x"[..]));
+    assert_eq!((log[1].seq, log[1].committed.version), (2, 2));
+    drop(s);
+    // Another replica's directory is refused.
+    let err = Storage::open(&dir, 4, 1 << 26).err().unwrap();
+    assert!(err.0.contains("belongs to replica 3"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_changelog_truncates_but_keeps_its_newest_entry_and_cursors_persist() {
+    let dir = tmp("truncate");
+    let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+    assert_eq!(storage.changelog_bounds().unwrap(), (1, 0));
+    let writes: Vec<Write> = (0..10u64)
+        .map(|i| Write {
+            key: format!("k{}", i % 4).into_bytes(),
+            state: vec![1],
+            commit: Some(ballot_core::Commit {
+                version: i + 1,
+                value: Some(vec![i as u8]),
+            }),
+        })
+        .collect();
+    storage.commit(writes.iter()).unwrap();
+    assert_eq!(storage.changelog_bounds().unwrap(), (1, 10));
+    assert_eq!(storage.truncate_changelog(4).unwrap(), 4);
+    assert_eq!(storage.changelog_bounds().unwrap(), (5, 10));
+    // Never the newest entry: it numbers the next commit.
+    assert_eq!(storage.truncate_changelog(u64::MAX).unwrap(), 5);
+    assert_eq!(storage.changelog_bounds().unwrap(), (10, 10));
+    storage.commit(writes[..1].iter()).unwrap();
+    assert_eq!(storage.changelog_bounds().unwrap(), (10, 11));
+    let versions = storage.versions(None, 10).unwrap();
+    assert_eq!(versions.len(), 4);
+    assert_eq!(storage.versions(Some(b"k2"), 10).unwrap().len(), 1);
+    assert_eq!(
+        storage.state_keys(Some(b"k0"), 2).unwrap(),
+        vec![b"k1".to_vec(), b"k2".to_vec()]
+    );
+    assert_eq!(storage.cursor(2).unwrap(), 0);
+    storage.set_cursor(2, 77).unwrap();
+    drop(storage);
+    let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+    assert_eq!(storage.cursor(2).unwrap(), 77);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn record_bytes_are_fixed() {
+    let mut out = Vec::new();
+    encode_committed(&mut out, 2, Some(b"hi"));
+    assert_eq!(out, [1, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 2, b'h', b'i']);
+    out.clear();
+    encode_committed(&mut out, 7, None);
+    assert_eq!(out, [1, 0, 0, 0, 0, 0, 0, 0, 7, 0]);
+    assert_eq!(record_u64(5), [1, 0, 0, 0, 0, 0, 0, 0, 5]);
+    let id: DirIdentity = core::array::from_fn(|i| i as u8);
+    let bytes = record_identity(&id);
+    assert_eq!(bytes[..3], [1, 0, 1]);
+    assert_eq!(bytes.len(), 17);
+    assert_eq!(read_identity(&bytes).unwrap(), id);
+    assert!(read_identity(&bytes[..16]).is_err());
+    assert_eq!(identity_key(7), b"identity/\0\0\0\x07");
+    assert_eq!(record_flag(false), [1, 0]);
+    assert_eq!(record_flag(true), [1, 1]);
+    assert!(read_flag(&[1, 2]).is_err());
+}
+
+#[test]
+fn a_new_directory_is_not_admitted_until_it_says_so() {
+    let dir = tmp("admitted");
+    let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+    assert!(!s.admitted().unwrap());
+    drop(s);
+    // A crash before admission leaves it unadmitted.
+    let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+    assert!(!s.admitted().unwrap());
+    s.set_admitted().unwrap();
+    assert!(s.admitted().unwrap());
+    drop(s);
+    let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+    assert!(s.admitted().unwrap());
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn peers_identities_are_recorded_once_and_a_new_directory_is_told_apart() {
+    let dir = tmp("identities");
+    let other = tmp("identities-other");
+    let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+    let (a, _) = Storage::open(&other, 2, 1 << 24).unwrap();
+    assert_ne!(
+        s.identity(),
+        a.identity(),
+        "directories draw their own identity"
+    );
+    let first = a.identity();
+    assert_eq!(
+        s.check_peer_identity(2, &first).unwrap(),
+        PeerIdentity::First
+    );
+    assert_eq!(
+        s.check_peer_identity(2, &first).unwrap(),
+        PeerIdentity::Known
+    );
+    assert_eq!(s.known_peer_identity(2).unwrap(), Some(first));
+    assert_eq!(s.known_peer_identity(3).unwrap(), None);
+    let blank = [9u8; IDENTITY_LEN];
+    assert_eq!(
+        s.check_peer_identity(2, &blank).unwrap(),
+        PeerIdentity::Changed { known: first }
+    );
+    drop(s);
+    let (s, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+    assert_eq!(
+        s.check_peer_identity(2, &blank).unwrap(),
+        PeerIdentity::Changed { known: first },
+        "the record survives a restart"
+    );
+    // Once replica 2 has left the cluster, a new directory may join as 2.
+    s.forget_peer_identity(2).unwrap();
+    assert_eq!(
+        s.check_peer_identity(2, &blank).unwrap(),
+        PeerIdentity::First
+    );
+    // The adopted membership record round-trips.
+    assert_eq!(s.adopted_members().unwrap(), None);
+    s.set_adopted_members(b"{}").unwrap();
+    assert_eq!(s.adopted_members().unwrap(), Some(b"{}".to_vec()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&other);
+}
