@@ -1037,3 +1037,39 @@ fn membership_questions_are_answered_only_for_members_and_known_epochs() {
         assert!(r.status.is_success(), "{}", r.error_message());
     });
 }
+
+/// One exit-code table for every client command: 5 when no replica
+/// answers, 2 for a usage error, whichever command family it is.
+#[test]
+fn every_client_command_exits_5_when_no_replica_answers() {
+    // Port 1 on loopback: nothing listens, the connection is refused.
+    let endpoint = "http://127.0.0.1:1";
+    for args in [
+        &["kv", "get", "k"][..],
+        &["kv", "put", "k", "v"][..],
+        &["kv", "delete", "k"][..],
+        &["cluster", "status"][..],
+        &["cluster", "remove", "--id", "2"][..],
+        &["component", "list"][..],
+        &["component", "status"][..],
+        &["component", "rollback"][..],
+        &["policy", "list"][..],
+        &["policy", "unbind", "p/"][..],
+    ] {
+        let out = std::process::Command::new(binary())
+            .args(args)
+            .args(["--endpoint", endpoint])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("ballot: "),
+            "{args:?}: {out:?}"
+        );
+    }
+    let out = std::process::Command::new(binary())
+        .args(["kv", "get"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

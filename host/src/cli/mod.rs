@@ -22,8 +22,9 @@ mod serve;
 /// Ballot: a strongly consistent key-value store whose consensus protocol is
 /// a WebAssembly component.
 ///
-/// Exit codes of client commands: 0 success, 1 error, 3 not found,
-/// 4 precondition failed or refused by the policy, 5 cluster unavailable.
+/// Exit codes of client commands: 0 success, 1 error, 2 usage error,
+/// 3 not found (404), 4 precondition failed or refused by the policy
+/// (409, 412), 5 unavailable (a 5xx answer, or no replica answered).
 #[derive(Parser, Debug)]
 #[command(name = "ballot", version)]
 pub struct Cli {
