@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use ballot_core::ReplicaId;
 
-use crate::config::{ClusterConfig, PendingActivation, SwapRecord};
+pub use crate::config::Swap;
+use crate::config::{ClusterConfig, PendingActivation, SwapAction, SwapRecord};
 
 /// How long an activation waits for every member to say whether it can
 /// run the component.
@@ -20,25 +21,6 @@ pub const TRAP_WINDOW_MS: u64 = 60_000;
 /// Traps in that window that make a replica fall back to the previous
 /// protocol.
 pub const TRAPS_TO_ROLL_BACK: usize = 3;
-
-/// What an operator's swap does to the rollback stack.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Swap {
-    /// The current protocol becomes the rollback target.
-    Activate,
-    /// The current protocol is dropped; the previous one runs again.
-    Rollback,
-}
-
-impl Swap {
-    /// As the configuration record and its swap history spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Swap::Activate => "activate",
-            Swap::Rollback => "rollback",
-        }
-    }
-}
 
 /// A member's answer to a pending activation: the value of its readiness
 /// key, JSON `{"ok": true}` or `{"ok": false, "error": "..."}`.
@@ -91,7 +73,7 @@ pub fn begin(
     let pending = PendingActivation {
         target,
         nonce,
-        action: swap.as_str().to_string(),
+        action: swap,
     };
     config.protocol.pending = Some(pending.clone());
     Ok(pending)
@@ -193,7 +175,7 @@ pub fn conclude(
     config.protocol.pending = None;
     let from = config.protocol.active.clone();
     let (action, reason) = match outcome {
-        Outcome::Refused(why) => ("refused", Some(why.clone())),
+        Outcome::Refused(why) => (SwapAction::Refused, Some(why.clone())),
         Outcome::Go => {
             match swap {
                 Swap::Rollback => {
@@ -202,12 +184,12 @@ pub fn conclude(
                 Swap::Activate => config.protocol.previous.push(from.clone()),
             }
             config.protocol.active = target.clone();
-            (swap.as_str(), None)
+            (swap.into(), None)
         }
     };
     config.record(SwapRecord {
         at_ms: now_ms,
-        action: action.into(),
+        action,
         from,
         to: target.clone(),
         by,
@@ -236,7 +218,7 @@ pub fn roll_back(
     config.protocol.pending = None;
     config.record(SwapRecord {
         at_ms: now_ms,
-        action: "auto-rollback".into(),
+        action: SwapAction::AutoRollback,
         from: current,
         to,
         by,
@@ -351,12 +333,8 @@ mod tests {
         assert_eq!(c.protocol.previous, vec![None]);
         assert!(c.protocol.pending.is_none());
         assert_eq!(
-            (
-                c.history[0].action.as_str(),
-                c.history[0].by,
-                c.history[0].at_ms
-            ),
-            ("activate", 2, 7)
+            (c.history[0].action, c.history[0].by, c.history[0].at_ms),
+            (SwapAction::Activate, 2, 7)
         );
         // Concluding again (or another attempt's nonce) is refused.
         assert!(conclude(
@@ -374,7 +352,7 @@ mod tests {
         let no = Outcome::Refused("replica 3: no".into());
         conclude(&mut c, p.nonce, &p.target, Swap::Rollback, &no, 1, 9).unwrap();
         assert_eq!(c.protocol.active.as_deref(), Some("next"));
-        assert_eq!(c.history[1].action, "refused");
+        assert_eq!(c.history[1].action, SwapAction::Refused);
         assert_eq!(c.history[1].reason.as_deref(), Some("replica 3: no"));
         // A rollback goes ahead and pops the stack.
         let p = begin(&mut c, None, Swap::Rollback, 300_000).unwrap();
@@ -415,7 +393,7 @@ mod tests {
         assert!(roll_back(&mut c, "bad", "embedded", "trapped", 3, 5));
         assert_eq!(c.protocol.active.as_deref(), Some("good"));
         assert_eq!(c.protocol.previous, vec![None]);
-        assert_eq!(c.history[0].action, "auto-rollback");
+        assert_eq!(c.history[0].action, SwapAction::AutoRollback);
         // The embedded protocol failing falls back too, by its id.
         let mut c = config_running(None, &[Some("old")]);
         assert!(roll_back(&mut c, "embedded", "embedded", "trapped", 3, 5));

@@ -52,6 +52,43 @@ pub struct Binding {
     pub bound_ms: u64,
 }
 
+/// What an operator's swap does to the rollback stack. Persisted in a
+/// pending activation as `"activate"` or `"rollback"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Swap {
+    /// The current protocol becomes the rollback target.
+    Activate,
+    /// The current protocol is dropped; the previous one runs again.
+    Rollback,
+}
+
+/// What one entry of the swap history records, spelled in the record as
+/// `activate`, `rollback`, `auto-rollback` or `refused`. A spelling this
+/// build does not know (written by a newer one) reads as `Other`, so the
+/// record still parses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwapAction {
+    Activate,
+    Rollback,
+    /// A replica fell back after repeated traps right after a swap.
+    AutoRollback,
+    /// A member could not run the component; nothing changed.
+    Refused,
+    #[serde(other)]
+    Other,
+}
+
+impl From<Swap> for SwapAction {
+    fn from(swap: Swap) -> SwapAction {
+        match swap {
+            Swap::Activate => SwapAction::Activate,
+            Swap::Rollback => SwapAction::Rollback,
+        }
+    }
+}
+
 /// An activation every voter is checking.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingActivation {
@@ -59,8 +96,7 @@ pub struct PendingActivation {
     pub target: Option<String>,
     /// Names this attempt's readiness keys (ms since the epoch).
     pub nonce: u64,
-    /// `activate`, `rollback` or `auto-rollback`.
-    pub action: String,
+    pub action: Swap,
 }
 
 /// Which protocol the cluster runs.
@@ -80,8 +116,7 @@ pub struct ProtocolConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwapRecord {
     pub at_ms: u64,
-    /// `activate`, `rollback`, `auto-rollback`, or `refused`.
-    pub action: String,
+    pub action: SwapAction,
     pub from: Option<String>,
     pub to: Option<String>,
     /// The replica that recorded it.
@@ -200,5 +235,42 @@ mod tests {
         assert!(ClusterConfig::decode(future)
             .unwrap_err()
             .contains("format 2"));
+    }
+
+    /// The swap actions are enums in memory and the same strings in the
+    /// record as when they were strings: a record written before reads,
+    /// and writes back byte for byte.
+    #[test]
+    fn swap_actions_keep_their_spelling_in_the_record() {
+        let golden = concat!(
+            r#"{"format":1,"components":[],"bindings":[],"#,
+            r#""protocol":{"active":"c2","previous":[null],"#,
+            r#""pending":{"target":null,"nonce":9,"action":"rollback"}},"#,
+            r#""history":["#,
+            r#"{"at_ms":1,"action":"activate","from":null,"to":"c1","by":1},"#,
+            r#"{"at_ms":2,"action":"refused","from":"c1","to":"c2","by":2,"reason":"no"},"#,
+            r#"{"at_ms":3,"action":"auto-rollback","from":"c1","to":null,"by":3,"reason":"traps"},"#,
+            r#"{"at_ms":4,"action":"rollback","from":null,"to":"c2","by":1}]}"#
+        );
+        let config = ClusterConfig::decode(golden.as_bytes()).unwrap();
+        let actions: Vec<SwapAction> = config.history.iter().map(|h| h.action).collect();
+        assert_eq!(
+            actions,
+            [
+                SwapAction::Activate,
+                SwapAction::Refused,
+                SwapAction::AutoRollback,
+                SwapAction::Rollback
+            ]
+        );
+        assert_eq!(
+            config.protocol.pending.as_ref().unwrap().action,
+            Swap::Rollback
+        );
+        assert_eq!(String::from_utf8(config.encode()).unwrap(), golden);
+        // A spelling from a newer build still parses.
+        let newer = golden.replace(r#""action":"refused""#, r#""action":"drained""#);
+        let config = ClusterConfig::decode(newer.as_bytes()).unwrap();
+        assert_eq!(config.history[1].action, SwapAction::Other);
     }
 }
