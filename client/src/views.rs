@@ -38,11 +38,75 @@ pub struct ReplicaView {
     pub peer: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<String>,
-    /// `self`, `up` or `down`: the link from this replica to it.
-    pub link: String,
+    /// The link from the answering replica to this one.
+    pub link: Link,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// `voter` or `learner`, as this replica's membership says.
+    /// What the answering replica's membership says it is; `None` when it
+    /// has no membership record yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<String>,
+    pub role: Option<Role>,
+}
+
+/// A link from one replica to another, in JSON `self`, `up` or `down`. A
+/// state a newer daemon reports that this client does not know reads as
+/// `Other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Link {
+    /// The answering replica itself.
+    #[serde(rename = "self")]
+    Local,
+    Up,
+    Down,
+    #[serde(other)]
+    Other,
+}
+
+/// A replica's part in the membership, in JSON `voter` or `learner`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Voter,
+    Learner,
+    #[serde(other)]
+    Other,
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::Local => "self",
+            Link::Up => "up",
+            Link::Down => "down",
+            Link::Other => "other",
+        })
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Voter => "voter",
+            Role::Learner => "learner",
+            Role::Other => "other",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The enums keep the JSON the daemon sent when they were strings.
+    #[test]
+    fn replica_views_keep_their_spelling() {
+        let golden = r#"{"id":2,"peer":"127.0.0.1:7002","link":"self","role":"learner"}"#;
+        let view: ReplicaView = serde_json::from_str(golden).unwrap();
+        assert_eq!((view.link, view.role), (Link::Local, Some(Role::Learner)));
+        assert_eq!(serde_json::to_string(&view).unwrap(), golden);
+        let newer = r#"{"id":2,"peer":"p","link":"probing","role":"witness"}"#;
+        let view: ReplicaView = serde_json::from_str(newer).unwrap();
+        assert_eq!((view.link, view.role), (Link::Other, Some(Role::Other)));
+    }
 }

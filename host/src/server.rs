@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::info;
 
+use ballot_client::views::{self, Link};
+
 use crate::api::{self, App, ClusterView, ComponentView, ReplicaView};
 use crate::membership::{self, Member, MembersRecord, Membership, Role};
 use crate::metrics::Metrics;
@@ -523,15 +525,15 @@ fn cluster_view(
 ) -> ClusterView {
     let role = |id: u32| {
         record.as_ref().and_then(|r| r.role(id)).map(|r| match r {
-            Role::Voter => "voter".to_string(),
-            Role::Learner => "learner".to_string(),
+            Role::Voter => views::Role::Voter,
+            Role::Learner => views::Role::Learner,
         })
     };
     let mut replicas = vec![ReplicaView {
         id: config.id,
         peer: config.peer_addr.to_string(),
         http: Some(format!("http://{}", config.http_addr)),
-        link: "self".into(),
+        link: Link::Local,
         last_error: None,
         role: role(config.id),
     }];
@@ -560,7 +562,7 @@ fn cluster_view(
             id,
             peer: addr.to_string(),
             http,
-            link: if up { "up" } else { "down" }.into(),
+            link: if up { Link::Up } else { Link::Down },
             last_error,
             role: role(id),
         });

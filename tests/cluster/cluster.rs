@@ -291,7 +291,7 @@ fn peers_without_a_valid_certificate_are_refused() {
         // Replica 1's link to it goes down once the old connection times
         // out, and every redial is refused.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while one.cluster().await.unwrap().replicas[2].link != "down" {
+        while one.cluster().await.unwrap().replicas[2].link != ballot_client::views::Link::Down {
             assert!(
                 Instant::now() < deadline,
                 "the link to the impostor stayed up"

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ballot::client::{Client, Precondition};
 use ballot::dev::DevCluster;
-use ballot::membership::{MembersView, Status};
+use ballot::membership::{MembersView, Phase, Status, TaskKind};
 use ballot::server::CoreKind;
 use bytes::Bytes;
 use common::*;
@@ -296,7 +296,7 @@ fn a_replica_behind_the_truncated_changelog_replays_a_snapshot() {
         let st = status_in(&view, 3);
         // It got there by snapshot: both peers had dropped what it missed.
         let p = st.progress.expect("a snapshot replay ran");
-        assert_eq!((p.task.as_str(), p.phase.as_str()), ("snapshot", "done"));
+        assert_eq!((p.task, p.phase), (TaskKind::Snapshot, Phase::Done));
         for peer in [1, 2] {
             let cursor = st.cursors.iter().find(|(p, _)| *p == peer).unwrap().1;
             assert!(cursor > 200, "{:?}", st.cursors);

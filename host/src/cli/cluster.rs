@@ -10,7 +10,7 @@ use hyper::Method;
 use super::output;
 use super::Endpoint;
 use crate::client::Client;
-use crate::membership::{Change, MembersView, Progress};
+use crate::membership::{Change, MembersView, Phase, Progress};
 
 /// A progress bar `width` characters wide.
 pub fn bar(done: u64, total: u64, width: usize) -> String {
@@ -132,7 +132,7 @@ pub async fn change(
                     .status
                     .iter()
                     .filter_map(|s| Some((s.id, s.status.as_ref()?.progress.clone()?)))
-                    .find(|(_, p)| p.phase != "done");
+                    .find(|(_, p)| p.phase != Phase::Done);
                 let line = match task {
                     Some((id, p)) => progress_line(id, &p),
                     None => format!(
@@ -214,13 +214,13 @@ pub(super) async fn status(endpoint: Endpoint) -> ExitCode {
                 "-".into(),
             ),
         };
-        let mut link = r.link.clone();
+        let mut link = r.link.to_string();
         if let Some(e) = &r.last_error {
             link = format!("{link} ({e})");
         }
         rows.push([
             r.id.to_string(),
-            r.role.clone().unwrap_or_else(|| "-".into()),
+            r.role.map_or_else(|| "-".into(), |r| r.to_string()),
             epoch,
             r.peer.clone(),
             r.http.clone().unwrap_or_else(|| "-".into()),

@@ -50,14 +50,64 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one stage of a change waits for the replicas it needs.
 const STAGE_WAIT: Duration = Duration::from_millis(ballot_control::stages::STAGE_WAIT_MS);
 
-/// Progress of a catch-up or a sweep on one replica.
+/// Which background task a replica reports progress of. On the wire as
+/// `catch-up`, `sweep` or `snapshot`; a name from a newer build reads as
+/// `Other`, so its status still parses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    /// A learner reads every key from its peers.
+    #[default]
+    CatchUp,
+    /// A voter re-proposes every key it holds under a new epoch.
+    Sweep,
+    /// A replica copies its peers' keys after its changelog cursor fell
+    /// behind their truncation.
+    Snapshot,
+    #[serde(other)]
+    Other,
+}
+
+/// How far a task is: `listing` the keys, `reading` them, or `done`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    #[default]
+    Listing,
+    Reading,
+    Done,
+    #[serde(other)]
+    Other,
+}
+
+impl std::fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskKind::CatchUp => "catch-up",
+            TaskKind::Sweep => "sweep",
+            TaskKind::Snapshot => "snapshot",
+            TaskKind::Other => "other",
+        })
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Listing => "listing",
+            Phase::Reading => "reading",
+            Phase::Done => "done",
+            Phase::Other => "other",
+        })
+    }
+}
+
+/// Progress of a catch-up, a sweep or a snapshot on one replica.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
-    /// `catch-up` or `sweep`.
-    pub task: String,
+    pub task: TaskKind,
     pub epoch: u64,
-    /// `listing`, `reading` or `done`.
-    pub phase: String,
+    pub phase: Phase,
     pub keys_total: u64,
     pub keys_done: u64,
     /// Value bytes read.
@@ -531,9 +581,9 @@ mod tests {
             swept: 6,
             caught_up: 2,
             progress: Some(Progress {
-                task: "sweep".into(),
+                task: TaskKind::Sweep,
                 epoch: 6,
-                phase: "done".into(),
+                phase: Phase::Done,
                 keys_total: 10,
                 keys_done: 10,
                 bytes: 99,
@@ -544,6 +594,15 @@ mod tests {
             changelog: (5, 60),
         };
         let bytes = serde_json::to_vec(&Answer::Status(status.clone())).unwrap();
+        // The task and phase keep the spelling they had as strings.
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains(r#""task":"sweep""#), "{text}");
+        assert!(text.contains(r#""phase":"done""#), "{text}");
+        let newer = text.replace(r#""task":"sweep""#, r#""task":"compaction""#);
+        match serde_json::from_str(&newer).unwrap() {
+            Answer::Status(back) => assert_eq!(back.progress.unwrap().task, TaskKind::Other),
+            other => panic!("{other:?}"),
+        }
         match serde_json::from_slice(&bytes).unwrap() {
             Answer::Status(back) => assert_eq!(back, status),
             other => panic!("{other:?}"),

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::answers::{Answer, What};
-use super::{unavailable, Membership, Progress, CALL_TIMEOUT, STAGE_WAIT};
+use super::{unavailable, Membership, Phase, Progress, TaskKind, CALL_TIMEOUT, STAGE_WAIT};
 use crate::node::{self, ClientRequest, Health};
 use crate::system::now_ms;
 
@@ -76,10 +76,10 @@ impl Membership {
         let total = keys.len() as u64;
         self.set_progress(|p| {
             p.keys_total = total;
-            p.phase = "reading".into();
+            p.phase = Phase::Reading;
         });
         self.read_keys(keys, true).await?;
-        self.set_progress(|p| p.phase = "done".into());
+        self.set_progress(|p| p.phase = Phase::Done);
         Ok(total)
     }
 
@@ -106,12 +106,12 @@ impl Membership {
         }
     }
 
-    fn begin(&self, task: &str, epoch: u64) {
+    fn begin(&self, task: TaskKind, epoch: u64) {
         let now = now_ms();
         self.local.lock().expect("membership lock").progress = Some(Progress {
-            task: task.into(),
+            task,
             epoch,
-            phase: "listing".into(),
+            phase: Phase::Listing,
             started_ms: now,
             updated_ms: now,
             ..Progress::default()
@@ -122,7 +122,7 @@ impl Membership {
     /// replica holds state for, which finishes any open slot where it holds
     /// an acceptance.
     async fn sweep(self: &Arc<Self>, epoch: u64) -> Result<(), String> {
-        self.begin("sweep", epoch);
+        self.begin(TaskKind::Sweep, epoch);
         let keys = self.list(self.me).await?;
         let started = Instant::now();
         let total = self.read_tracked(keys).await?;
@@ -144,7 +144,7 @@ impl Membership {
             let record = self.record().ok_or("no membership yet")?;
             let voters = record.voters();
             let quorum = ballot_core::quorum_classic(voters.len());
-            self.begin("catch-up", epoch);
+            self.begin(TaskKind::CatchUp, epoch);
             let mut keys: BTreeSet<Vec<u8>> = BTreeSet::new();
             let mut ends = Vec::new();
             let mut listed = 0;
@@ -317,7 +317,7 @@ impl Membership {
     /// taken at (later commits are in the changelog after it).
     async fn replay_snapshot(&self, peer: ReplicaId, epoch: u64) -> Result<u64, String> {
         info!(peer, "behind the peer's changelog: replaying its snapshot");
-        self.begin("snapshot", epoch);
+        self.begin(TaskKind::Snapshot, epoch);
         let started = Instant::now();
         let mut seq = None;
         let mut after = None;

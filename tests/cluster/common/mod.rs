@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ballot::client::{Client, Precondition, Response};
 use ballot::dev::DevCluster;
 use ballot::server::CoreKind;
+use ballot_client::views::Link;
 use ballot_sim::check::{self, Input, Output};
 use bytes::Bytes;
 use hyper::StatusCode;
@@ -75,7 +76,7 @@ pub async fn wait_links_up(cluster: &DevCluster) {
             if view
                 .replicas
                 .iter()
-                .all(|r| r.link == "up" || r.link == "self")
+                .all(|r| matches!(r.link, Link::Up | Link::Local))
             {
                 break;
             }
