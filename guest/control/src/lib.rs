@@ -14,8 +14,11 @@
 //! - [`activation`]: how a protocol activation starts, is decided by the
 //!   members' readiness answers and ends on that record, and when traps
 //!   right after a swap roll a replica back.
+//! - [`pipeline`]: the ready pipeline between `step` and `release`: host
+//!   numbering, the early-action rule, the pending overlay.
 
 pub mod activation;
 pub mod config;
 pub mod members;
+pub mod pipeline;
 pub mod stages;

@@ -208,7 +208,6 @@ impl MembersRecord {
 }
 
 /// Whether `change` may be queued on `record`: why not if it may not.
-
 pub fn check(record: &MembersRecord, change: &Change) -> Result<(), String> {
     match change.action {
         Action::Add => {

@@ -3,11 +3,12 @@
 //! instance in between.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ballot_control::pipeline::{Pipeline, Step};
 use ballot_core::{
     Actions, Batch, Completion, Failure, FailureReason, Inbound, KeyState, Members, Operation,
     Outcome, Ready, Request, Timer, Trace,
@@ -16,28 +17,18 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    ClientRequest, ConfigCommit, Control, CoreEvent, Health, Protocol, ProtocolFactory, Watchers,
-    BATCH_MAX, KEY_MAX, PIPELINE_MAX, SWAP_DRAIN_MAX,
+    ClientRequest, Control, CoreEvent, Health, Protocol, ProtocolFactory, Watchers, BATCH_MAX,
+    KEY_MAX, PIPELINE_MAX, SWAP_DRAIN_MAX,
 };
 use crate::metrics::{label, labels2, Metrics};
 use crate::storage::Storage;
-use crate::system::{CONFIG_KEY, MEMBERS_KEY};
+use crate::system::MEMBERS_KEY;
 use crate::transport::{Message, Transport};
 
 pub(super) struct Client {
     reply: oneshot::Sender<Completion>,
     op: &'static str,
     started: Instant,
-}
-
-/// A ready stepped and not yet released. `guest` is `None` once the
-/// instance that made it is gone (a trap or an abandoned drain): its writes
-/// still become durable in order, but nothing of it is released, as if the
-/// replica had crashed right after the fsync.
-pub(super) struct Unreleased {
-    host: u64,
-    guest: Option<u64>,
-    early: Option<Actions>,
 }
 
 pub(super) struct Swapping {
@@ -53,28 +44,19 @@ pub(super) struct Driver {
     pub(super) factory: ProtocolFactory,
     pub(super) swapping: Option<Swapping>,
     pub(super) events: mpsc::UnboundedSender<CoreEvent>,
-    /// The host's own numbering of readies (the guest's restarts with each
-    /// instance).
-    pub(super) host_seq: u64,
     pub(super) storage: Storage,
     pub(super) transport: Arc<Transport>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) health: Arc<Health>,
     pub(super) ready_tx: std::sync::mpsc::Sender<Ready>,
-    /// Newest state of keys whose last write is not durable yet, with the
-    /// (host-numbered) ready that wrote it.
-    pub(super) pending: HashMap<Vec<u8>, (u64, Vec<u8>)>,
-    /// Readies stepped and not released, in order, with their early
-    /// actions until those are applied.
-    pub(super) unreleased: VecDeque<Unreleased>,
+    /// Readies stepped and not released: their numbering, early actions,
+    /// the states they write and the watched commits among them.
+    pub(super) pipeline: Pipeline,
     pub(super) clients: HashMap<u64, Client>,
     pub(super) timers: BinaryHeap<Reverse<(u64, u64, Vec<u8>)>>,
     pub(super) next_request: u64,
     pub(super) clock_ms: u64,
     pub(super) seed: u64,
-    /// Commits of watched system keys not durable yet, by ready: (ready,
-    /// is the membership key, commit).
-    pub(super) config_pending: Vec<(u64, bool, ConfigCommit)>,
     pub(super) watchers: Watchers,
     /// The membership adopted since start, applied to every new instance.
     pub(super) members: Option<Members>,
@@ -119,7 +101,7 @@ impl Driver {
         loop {
             let mut batch = Batch::default();
             let fatal = self.health.fatal().is_some();
-            let open = self.unreleased.len() < PIPELINE_MAX && !fatal;
+            let open = self.pipeline.len() < PIPELINE_MAX && !fatal;
             // While a swap drains, client requests wait in their queue; once
             // this replica's own commands are done, peer messages wait too,
             // so the last readies are released and the swap happens.
@@ -181,7 +163,7 @@ impl Driver {
                 while inbound.try_recv().is_ok() {}
                 continue;
             }
-            if self.unreleased.len() >= PIPELINE_MAX {
+            if self.pipeline.len() >= PIPELINE_MAX {
                 continue;
             }
             let mut events = batch.requests.len() + batch.messages.len();
@@ -296,10 +278,10 @@ impl Driver {
         let mut states = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for key in keys {
-            match self.pending.get(key) {
-                Some((_, state)) => states.push(KeyState {
+            match self.pipeline.state(key) {
+                Some(state) => states.push(KeyState {
                     key: key.to_vec(),
-                    state: state.clone(),
+                    state: state.to_vec(),
                 }),
                 None => missing.push(key),
             }
@@ -327,34 +309,12 @@ impl Driver {
             Err(e) => return self.recover(e),
         };
         self.observe_guest("step", started);
-        self.host_seq += 1;
-        let host = self.host_seq;
-        let guest = std::mem::replace(&mut ready.id, host);
-        for w in &ready.persist {
-            self.pending.insert(w.key.clone(), (host, w.state.clone()));
-            let watched = w.key == CONFIG_KEY || w.key == MEMBERS_KEY;
-            if let (Some(c), true) = (&w.commit, watched) {
-                let is_members = w.key == MEMBERS_KEY;
-                self.config_pending
-                    .push((host, is_members, (c.version, c.value.clone())));
-            }
-        }
-        let early = std::mem::take(&mut ready.early);
-        let early = if self.unreleased.is_empty() {
-            // Every earlier ready is durable: the early actions go now.
+        let stepped = self.pipeline.stepped(&mut ready);
+        if let Some(early) = stepped.early {
             self.dispatch(early);
-            None
-        } else {
-            Some(early)
-        };
-        self.unreleased.push_back(Unreleased {
-            host,
-            guest: Some(guest),
-            early,
-        });
-        if ready.persist.is_empty() && self.unreleased.len() == 1 {
-            // Nothing to make durable and nothing before it: release now.
-            return self.on_durable(Ok(host));
+        }
+        if stepped.durable_now {
+            return self.on_durable(Ok(stepped.host));
         }
         if self.ready_tx.send(ready).is_err() {
             self.health.stop("the writer thread ended".into());
@@ -373,48 +333,30 @@ impl Driver {
             Ok(id) => id,
             Err(e) => return self.health.stop(e),
         };
-        self.pending.retain(|_, (id, _)| *id > upto);
-        if self
-            .config_pending
-            .first()
-            .is_some_and(|(id, _, _)| *id <= upto)
-        {
-            let (durable, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.config_pending)
-                .into_iter()
-                .partition(|(id, _, _)| *id <= upto);
-            self.config_pending = later;
-            for (_, is_members, commit) in durable {
-                let to = if is_members {
-                    &self.watchers.members
-                } else {
-                    &self.watchers.config
-                };
-                let _ = to.send(commit);
-            }
-        }
-        while self.unreleased.front().is_some_and(|u| u.host <= upto) {
-            let u = self.unreleased.pop_front().expect("checked above");
-            // A ready made durable in the same group commit as the one
-            // before it has not had its early actions applied yet.
-            if let Some(early) = u.early {
-                self.dispatch(early);
-            }
-            let Some(guest) = u.guest else {
-                continue;
+        let durable = self.pipeline.durable(upto);
+        for (key, commit) in durable.commits {
+            let to = if key == MEMBERS_KEY {
+                &self.watchers.members
+            } else {
+                &self.watchers.config
             };
-            let started = Instant::now();
-            let actions = match self.protocol.release(guest) {
-                Ok(a) => a,
-                Err(e) => return self.recover(e),
-            };
-            self.observe_guest("release", started);
-            self.dispatch(actions);
+            let _ = to.send((commit.version, commit.value));
         }
-        // The next ready's early actions may go once everything before it
-        // is durable.
-        if let Some(u) = self.unreleased.front_mut() {
-            if let Some(early) = u.early.take() {
-                self.dispatch(early);
+        for step in durable.steps {
+            match step {
+                Step::Apply(actions) => self.dispatch(actions),
+                Step::Release(guest) => {
+                    let started = Instant::now();
+                    match self.protocol.release(guest) {
+                        Ok(actions) => {
+                            self.observe_guest("release", started);
+                            self.dispatch(actions);
+                        }
+                        // The steps after it belong to the instance that
+                        // failed: `recover` forgets them.
+                        Err(e) => return self.recover(e),
+                    }
+                }
             }
         }
     }
@@ -458,10 +400,7 @@ impl Driver {
         let bound = self.protocol.policies().take_bound();
         fresh.policies().rebind(bound);
         self.protocol = fresh;
-        for u in &mut self.unreleased {
-            u.guest = None;
-            u.early = None;
-        }
+        self.pipeline.forget_instance();
         // Timer tokens belong to the instance that armed them.
         self.timers.clear();
         Ok(incarnation)
@@ -528,7 +467,7 @@ impl Driver {
         let Some(swap) = &self.swapping else {
             return;
         };
-        let drained = self.clients.is_empty() && self.unreleased.is_empty();
+        let drained = self.clients.is_empty() && self.pipeline.is_empty();
         let waited = swap.since.elapsed();
         if !drained && waited < SWAP_DRAIN_MAX {
             return;

@@ -18,11 +18,12 @@
 //! component stops the replica from answering: it fails every request with
 //! the reason rather than guess.
 
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ballot_control::pipeline::Pipeline;
 use ballot_core::{Actions, Batch, Completion, Inbound, Members, Operation, Ready, Replica};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
@@ -30,6 +31,7 @@ use tracing::error;
 use crate::metrics::Metrics;
 use crate::runtime::{Bound, Policies, WasmCore};
 use crate::storage::Storage;
+use crate::system::{CONFIG_KEY, MEMBERS_KEY};
 use crate::transport::Transport;
 
 mod driver;
@@ -273,20 +275,17 @@ pub fn start(
         factory: initial.factory,
         swapping: None,
         events,
-        host_seq: 0,
         storage,
         transport,
         metrics,
         health: health.clone(),
         ready_tx,
-        pending: HashMap::new(),
-        unreleased: VecDeque::new(),
+        pipeline: Pipeline::new(vec![CONFIG_KEY.to_vec(), MEMBERS_KEY.to_vec()]),
         clients: HashMap::new(),
         timers: BinaryHeap::new(),
         next_request: 1,
         clock_ms: 0,
         seed: seed(),
-        config_pending: Vec::new(),
         watchers,
         members: initial.members,
         epoch,

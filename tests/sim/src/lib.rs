@@ -26,6 +26,7 @@ use ballot_core::{
 };
 
 use ballot_control::members::{self, Action, MembersRecord, Role};
+use ballot_control::pipeline::{Pipeline, Step};
 use ballot_control::stages::{self, Driver, Next, Task};
 use check::{Input, Output};
 
@@ -144,6 +145,10 @@ pub struct SimConfig {
     /// adopted record reached LMDB ahead of the core (review defect D):
     /// unsafe, kept so a test can show that restarts reach it.
     pub volatile_epoch: bool,
+    /// The ready pipeline releases a ready that writes nothing at once,
+    /// with every ready before it, durable or not: unsafe, kept so a test
+    /// can show that the checker catches a pipeline that releases early.
+    pub jumping_pipeline: bool,
 }
 
 impl SimConfig {
@@ -163,6 +168,7 @@ impl SimConfig {
             wipe: true,
             unchecked_identity: false,
             volatile_epoch: false,
+            jumping_pipeline: false,
         }
     }
 
@@ -174,6 +180,16 @@ impl SimConfig {
             ..SimConfig::new(seed, nodes)
         }
     }
+}
+
+/// A replica's ready pipeline, with the planted bug if the run asks.
+fn pipeline(cfg: &SimConfig) -> Pipeline {
+    #[allow(unused_mut)]
+    let mut p = Pipeline::new(Vec::new());
+    if cfg.jumping_pipeline {
+        p.plant_empty_ready_jumps_the_queue();
+    }
+    p
 }
 
 /// Replicas that are not members at the start of a reconfiguring run.
@@ -397,10 +413,11 @@ struct Node {
     core: Option<Box<dyn Core>>,
     incarnation: u64,
     durable: BTreeMap<Vec<u8>, Vec<u8>>,
-    cache: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Readies not yet durable, in order, with their early actions until
-    /// every ready before them is durable.
-    disk: VecDeque<(u64, Vec<Write>, Option<Actions>)>,
+    /// The daemon's ready pipeline, the same code: numbering, early
+    /// actions, the overlay of states not durable yet.
+    pipeline: Pipeline,
+    /// Readies on their way to the disk, in order, by host number.
+    disk: VecDeque<(u64, Vec<Write>)>,
     disk_free_at: u64,
     inbox: Vec<NodeInput>,
     wake_pending: bool,
@@ -550,7 +567,7 @@ impl<'f> Sim<'f> {
                     core: (!off).then(|| factory.make(Config::new(id, 1, voters.clone()))),
                     incarnation: 1,
                     durable: BTreeMap::new(),
-                    cache: BTreeMap::new(),
+                    pipeline: pipeline(&cfg),
                     disk: VecDeque::new(),
                     disk_free_at: 0,
                     inbox: Vec::new(),
@@ -1320,14 +1337,23 @@ impl<'f> Sim<'f> {
         batch.states = keys
             .into_iter()
             .map(|key| KeyState {
-                state: node.cache.get(&key).cloned().unwrap_or_default(),
+                state: match node.pipeline.state(&key) {
+                    Some(s) => s.to_vec(),
+                    None => node.durable.get(&key).cloned().unwrap_or_default(),
+                },
                 key,
             })
             .collect();
-        let ready = core.step(batch);
+        let mut ready = core.step(batch);
         self.stats.steps += 1;
-        for w in &ready.persist {
-            node.cache.insert(w.key.clone(), w.state.clone());
+        let stepped = node.pipeline.stepped(&mut ready);
+        let inc = node.incarnation;
+        if let Some(early) = stepped.early {
+            self.apply(i, inc, early);
+        }
+        if stepped.durable_now {
+            // Nothing to write and nothing before it, as in the daemon.
+            return self.released(i, inc, stepped.host);
         }
         // Disks are usually quick, sometimes stall: the window between a
         // ready's early actions and its durability is where crashes bite.
@@ -1340,20 +1366,7 @@ impl<'f> Sim<'f> {
         let node = &mut self.nodes[i];
         let done = node.disk_free_at.max(now + latency);
         node.disk_free_at = done;
-        let inc = node.incarnation;
-
-        // Early actions leave as soon as every earlier ready is durable.
-        let early = if node.disk.is_empty() {
-            node.disk.push_back((ready.id, ready.persist, None));
-            Some(ready.early)
-        } else {
-            node.disk
-                .push_back((ready.id, ready.persist, Some(ready.early)));
-            None
-        };
-        if let Some(early) = early {
-            self.apply(i, inc, early);
-        }
+        node.disk.push_back((ready.id, ready.persist));
         self.at(done, Ev::Persisted(i, inc, ready.id));
         // Now and then the replica dies in the middle of a stalled write,
         // after its early actions left and before the write is durable.
@@ -1367,29 +1380,29 @@ impl<'f> Sim<'f> {
         if self.nodes[i].core.is_none() || self.nodes[i].incarnation != inc {
             return;
         }
-        let (first, writes, early) = self.nodes[i]
+        let (first, writes) = self.nodes[i]
             .disk
             .pop_front()
             .expect("a persisted ready is queued");
         assert_eq!(first, id, "the simulated disk completes in order");
-        assert!(
-            early.is_none(),
-            "early actions go before their ready is durable"
-        );
         for w in writes {
             if let Some(c) = &w.commit {
                 self.record_commit(&w.key, c.version, &c.value, self.nodes[i].id);
             }
             self.nodes[i].durable.insert(w.key, w.state);
         }
-        let actions = self.nodes[i].core.as_mut().expect("up").release(id);
-        self.apply(i, inc, actions);
-        let next = self.nodes[i]
-            .disk
-            .front_mut()
-            .and_then(|(_, _, e)| e.take());
-        if let Some(early) = next {
-            self.apply(i, inc, early);
+        self.released(i, inc, id);
+    }
+
+    /// Readies up to host number `upto` are durable: applies and releases
+    /// what the pipeline says, in its order.
+    fn released(&mut self, i: usize, inc: u64, upto: u64) {
+        for step in self.nodes[i].pipeline.durable(upto).steps {
+            let actions = match step {
+                Step::Apply(actions) => actions,
+                Step::Release(guest) => self.nodes[i].core.as_mut().expect("up").release(guest),
+            };
+            self.apply(i, inc, actions);
         }
     }
 
@@ -1563,7 +1576,7 @@ impl<'f> Sim<'f> {
         self.stats.crashes += 1;
         let node = &mut self.nodes[i];
         node.core = None;
-        node.cache.clear();
+        node.pipeline = pipeline(&self.cfg);
         node.disk.clear();
         node.inbox.clear();
         node.chores.clear();
@@ -1681,7 +1694,6 @@ impl<'f> Sim<'f> {
         node.epoch = members.epoch;
         node.behind_until = behind;
         node.incarnation += 1;
-        node.cache = node.durable.clone();
         node.disk_free_at = 0;
         let mut core = self
             .factory

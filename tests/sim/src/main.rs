@@ -52,6 +52,9 @@ enum PlantArg {
     /// restart resumes the start-up membership (review defect D; needs
     /// --reconfigure).
     VolatileEpoch,
+    /// The host's ready pipeline releases a ready that writes nothing at
+    /// once, with every ready before it, durable or not.
+    JumpingPipeline,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -112,17 +115,22 @@ fn main() -> ExitCode {
     let unchecked_corruption = args.planted == Some(PlantArg::UncheckedCorruption);
     let unchecked_identity = args.planted == Some(PlantArg::LostDirectory);
     let volatile_epoch = args.planted == Some(PlantArg::VolatileEpoch);
+    let jumping_pipeline = args.planted == Some(PlantArg::JumpingPipeline);
     if volatile_epoch && !args.reconfigure {
         eprintln!("ballot-sim: --planted volatile-epoch needs --reconfigure");
         return ExitCode::from(2);
     }
     // These plant the bug in the simulated host, not in the core.
-    let planted_core =
-        if unsafe_membership || unchecked_corruption || unchecked_identity || volatile_epoch {
-            None
-        } else {
-            args.planted
-        };
+    let planted_core = if unsafe_membership
+        || unchecked_corruption
+        || unchecked_identity
+        || volatile_epoch
+        || jumping_pipeline
+    {
+        None
+    } else {
+        args.planted
+    };
     let factory: Box<dyn CoreFactory + Sync> = match args.core {
         CoreArg::Native => Box::new(NativeFactory(planted_core.map(|p| match p {
             PlantArg::Epoxy => Planted::EpoxyFastPath,
@@ -133,7 +141,8 @@ fn main() -> ExitCode {
             PlantArg::UnsafeMembership
             | PlantArg::UncheckedCorruption
             | PlantArg::LostDirectory
-            | PlantArg::VolatileEpoch => unreachable!("handled before"),
+            | PlantArg::VolatileEpoch
+            | PlantArg::JumpingPipeline => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
             if planted_core.is_some() {
@@ -185,6 +194,7 @@ fn main() -> ExitCode {
                     cfg.unchecked_corruption = unchecked_corruption;
                     cfg.unchecked_identity = unchecked_identity;
                     cfg.volatile_epoch = volatile_epoch;
+                    cfg.jumping_pipeline = jumping_pipeline;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
                         cfg.ops_per_client = ops;
