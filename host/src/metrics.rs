@@ -149,7 +149,7 @@ impl Metrics {
         let protocol_restarts = Family::<Labels, Counter>::default();
         registry.register(
             "protocol_restarts",
-            "Protocol instances replaced, by cause (swap, trap)",
+            "Protocol instances replaced, by cause (swap, trap, fuel)",
             protocol_restarts.clone(),
         );
         let swap_drain_seconds = seconds();

@@ -406,9 +406,8 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 storage.set_admitted().map_err(|e| e.to_string())?;
                 info!("every start-up peer accepted this data directory; it votes from now on");
             }
-            let (commits_tx, commits_rx) = mpsc::unbounded_channel();
-            let (members_tx, members_rx) = mpsc::unbounded_channel();
-            let (events_tx, events_rx) = mpsc::unbounded_channel();
+            let (watchers, commits_rx, members_rx) = node::Watchers::new();
+            let (events_tx, events_rx) = mpsc::channel(node::EVENT_QUEUE);
             let running = crate::registry::Running {
                 label: initial.label.clone(),
                 view: protocol_view.clone(),
@@ -421,10 +420,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 inbound_rx,
                 transport.clone(),
                 metrics.clone(),
-                node::Watchers {
-                    config: commits_tx,
-                    members: members_tx,
-                },
+                watchers,
                 events_tx,
                 epoch,
             )?;

@@ -40,7 +40,7 @@ pub enum Action {
 
 /// A requested change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Change {
+pub struct MemberChange {
     pub action: Action,
     pub id: ReplicaId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,7 +75,7 @@ pub struct MembersRecord {
     pub replicas: Vec<Member>,
     /// Changes not finished; the first is in progress.
     #[serde(default)]
-    pub queue: Vec<Change>,
+    pub queue: Vec<MemberChange>,
     #[serde(default)]
     pub done: Vec<Done>,
 }
@@ -183,7 +183,7 @@ impl MembersRecord {
     /// Queues `change` (checked by [`check`]) at `now_ms`. Removing a
     /// replica whose join is under way abandons the join. Queuing does not
     /// change the epoch.
-    pub fn enqueue(&mut self, change: Change, now_ms: u64) -> Result<(), String> {
+    pub fn enqueue(&mut self, change: MemberChange, now_ms: u64) -> Result<(), String> {
         check(self, &change)?;
         if change.action == Action::Remove {
             if let Some(i) = self
@@ -208,7 +208,7 @@ impl MembersRecord {
 }
 
 /// Whether `change` may be queued on `record`: why not if it may not.
-pub fn check(record: &MembersRecord, change: &Change) -> Result<(), String> {
+pub fn check(record: &MembersRecord, change: &MemberChange) -> Result<(), String> {
     match change.action {
         Action::Add => {
             if change.addr.is_none() {
@@ -281,7 +281,7 @@ mod tests {
     #[test]
     fn changes_are_checked_before_they_queue() {
         let r = MembersRecord::bootstrap(vec![member(1, Role::Voter), member(2, Role::Voter)]);
-        let change = |action, id, addr: Option<SocketAddr>| Change {
+        let change = |action, id, addr: Option<SocketAddr>| MemberChange {
             action,
             id,
             addr,
@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn the_next_epoch_keeps_replicas_in_order_and_finishing_moves_the_change() {
         let mut r = MembersRecord::bootstrap(vec![member(1, Role::Voter)]);
-        r.queue.push(Change {
+        r.queue.push(MemberChange {
             action: Action::Add,
             id: 3,
             addr: Some(([127, 0, 0, 1], 9000).into()),

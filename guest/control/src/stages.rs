@@ -361,7 +361,7 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::members::Change;
+    use crate::members::MemberChange;
 
     fn member(id: ReplicaId, role: Role) -> Member {
         Member {
@@ -379,7 +379,7 @@ mod tests {
     fn queued(mut r: MembersRecord, action: Action, id: ReplicaId) -> MembersRecord {
         let addr = (action == Action::Add).then(|| ([127, 0, 0, 1], 7000 + id as u16).into());
         r.enqueue(
-            Change {
+            MemberChange {
                 action,
                 id,
                 addr,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::body::read_body_max;
 use super::error::registry;
 use super::{ApiError, App, REQUEST_TIMEOUT};
-use crate::membership::{Action, Change};
+use crate::membership::{Action, MemberChange};
 use crate::registry::{RegistryError, Swap, COMPONENT_MAX};
 
 /// Checks the admin token of a request that changes components, bindings,
@@ -81,7 +81,7 @@ pub(super) async fn add_member(
             "replica ids start at 1",
         ));
     }
-    let change = Change {
+    let change = MemberChange {
         action: Action::Add,
         id: add.id,
         addr: Some(add.peer),
@@ -92,7 +92,7 @@ pub(super) async fn add_member(
 }
 
 /// Queues a membership change: 202 with the change as queued.
-async fn queue_change(app: &App, change: Change) -> Result<Response, ApiError> {
+async fn queue_change(app: &App, change: MemberChange) -> Result<Response, ApiError> {
     let queued = app.membership.request(change).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(queued)).into_response())
 }
@@ -103,7 +103,7 @@ pub(super) async fn remove_member(
     Path(id): Path<u32>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let change = Change {
+    let change = MemberChange {
         action: Action::Remove,
         id,
         addr: None,

@@ -10,7 +10,7 @@ use hyper::Method;
 use super::output;
 use super::Endpoint;
 use crate::client::Client;
-use crate::membership::{Change, MembersView, Phase, Progress};
+use crate::membership::{MemberChange, MembersView, Phase, Progress};
 
 /// A progress bar `width` characters wide.
 pub fn bar(done: u64, total: u64, width: usize) -> String {
@@ -88,7 +88,7 @@ pub async fn change(
     body: String,
     wait: bool,
 ) -> ExitCode {
-    let queued: Change = match client.json(method, &path, Bytes::from(body)).await {
+    let queued: MemberChange = match client.json(method, &path, Bytes::from(body)).await {
         Ok(Ok(v)) => match serde_json::from_value(v) {
             Ok(c) => c,
             Err(e) => return output::fail(format!("bad answer: {e}")),

@@ -12,7 +12,7 @@ use ballot_core::ReplicaId;
 use tracing::{debug, info, warn};
 
 use super::answers::{Answer, What};
-use super::record::{check, Action, Change, ChangeError, MembersRecord, Role};
+use super::record::{check, Action, ChangeError, MemberChange, MembersRecord, Role};
 use super::MEMBERS_KEY;
 use super::{MembersView, Membership, ReplicaStatus, Status, CALL_TIMEOUT, STAGE_WAIT};
 use crate::system::{mono_ms, now_ms};
@@ -73,7 +73,10 @@ impl Membership {
 
     /// Queues a change, starts driving the queue, and returns the change
     /// as queued.
-    pub async fn request(self: &Arc<Self>, change: Change) -> Result<Change, ChangeError> {
+    pub async fn request(
+        self: &Arc<Self>,
+        change: MemberChange,
+    ) -> Result<MemberChange, ChangeError> {
         for _ in 0..16 {
             let (version, mut record) = self.current().await?;
             let queued = record

@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use ballot_core::{Outcome, ReplicaId};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::node::{ClientRequest, ConfigCommit, Control, Health};
+use crate::node::{ClientRequest, ConfigCommit, Control, Health, Mailbox};
 use crate::storage::Storage;
 use crate::transport::{ServiceCall, Transport};
 use answers::{Answer, What};
@@ -40,7 +40,9 @@ mod tasks;
 
 pub use crate::system::MEMBERS_KEY;
 pub use answers::SERVICE_FORMAT;
-pub use record::{Action, Change, ChangeError, Done, Member, MembersRecord, Role, MEMBERS_FORMAT};
+pub use record::{
+    Action, ChangeError, Done, Member, MemberChange, MembersRecord, Role, MEMBERS_FORMAT,
+};
 pub use tasks::CHANGELOG_KEEP_DEFAULT;
 
 /// How often a replica checks the record by a linearizable read.
@@ -48,6 +50,9 @@ const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest a call through the core waits.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one stage of a change waits for the replicas it needs.
+/// Questions from peers answered at once (each may read LMDB or run a
+/// linearizable read).
+const ANSWERS_MAX: usize = 64;
 const STAGE_WAIT: Duration = Duration::from_millis(ballot_control::stages::STAGE_WAIT_MS);
 
 /// Which background task a replica reports progress of. On the wire as
@@ -171,7 +176,7 @@ pub struct Membership {
     me: ReplicaId,
     storage: Storage,
     requests: mpsc::Sender<ClientRequest>,
-    control: mpsc::UnboundedSender<Control>,
+    control: Arc<Mailbox>,
     transport: Arc<Transport>,
     health: Arc<Health>,
     /// Epoch 1, from the static configuration; `None` for a replica
@@ -192,7 +197,7 @@ pub struct Setup {
     pub me: ReplicaId,
     pub storage: Storage,
     pub requests: mpsc::Sender<ClientRequest>,
-    pub control: mpsc::UnboundedSender<Control>,
+    pub control: Arc<Mailbox>,
     pub transport: Arc<Transport>,
     pub health: Arc<Health>,
     pub bootstrap: Option<MembersRecord>,
@@ -338,7 +343,7 @@ impl Membership {
             }
         }
         self.transport.set_peers(&record.peers(self.me));
-        let _ = self.control.send(Control::Members(record.members()));
+        self.control.send(Control::Members(record.members()));
     }
 
     /// A directory not admitted yet (it started with `--join`) is admitted
@@ -376,7 +381,7 @@ impl Membership {
     /// Follows the membership record until the daemon stops.
     pub async fn run(
         self: Arc<Self>,
-        mut commits: mpsc::UnboundedReceiver<ConfigCommit>,
+        mut commits: watch::Receiver<ConfigCommit>,
         mut ahead: mpsc::Receiver<(ReplicaId, u64)>,
         mut service: mpsc::Receiver<ServiceCall>,
     ) {
@@ -407,15 +412,22 @@ impl Membership {
         // Questions are answered on their own task: answering must never
         // wait behind this replica's own polls and fetches, which ask its
         // peers the same kind of questions.
+        // At most ANSWERS_MAX at once; past that, questions wait in their
+        // (bounded) queue and the asking streams wait.
         let answering = self.clone();
         tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(ANSWERS_MAX));
             while let Some(call) = service.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
                 let me = answering.clone();
                 tokio::spawn(async move {
                     let answer = me.answer(call.from, &call.request).await;
                     let _ = call
                         .reply
                         .send(serde_json::to_vec(&answer).expect("serialises"));
+                    drop(slot);
                 });
             }
         });
@@ -437,7 +449,8 @@ impl Membership {
                 polling.clone().poll().await;
             }
         });
-        while let Some(c) = commits.recv().await {
+        while commits.changed().await.is_ok() {
+            let c = commits.borrow_and_update().clone();
             if let (_, Some(value)) = c {
                 match MembersRecord::decode(&value) {
                     Ok(record) => self.adopt(record),

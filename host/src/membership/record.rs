@@ -3,7 +3,7 @@
 //! refused or has not finished.
 
 pub use ballot_control::members::{
-    check, Action, Change, Done, Member, MembersRecord, Role, MEMBERS_FORMAT,
+    check, Action, Done, Member, MemberChange, MembersRecord, Role, MEMBERS_FORMAT,
 };
 
 /// Why a membership change was refused or has not finished.

@@ -17,10 +17,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    ClientRequest, Control, CoreEvent, Health, Protocol, ProtocolFactory, Watchers, BATCH_MAX,
-    KEY_MAX, PIPELINE_MAX, SWAP_DRAIN_MAX,
+    ClientRequest, Control, CoreEvent, Health, Mailbox, Protocol, ProtocolFactory, Watchers,
+    BATCH_MAX, KEY_MAX, PIPELINE_MAX, SWAP_DRAIN_MAX,
 };
 use crate::metrics::{label, labels2, Metrics};
+use crate::runtime::RuntimeError;
 use crate::storage::Storage;
 use crate::system::MEMBERS_KEY;
 use crate::transport::{Message, Transport};
@@ -43,12 +44,12 @@ pub(super) struct Driver {
     pub(super) label: String,
     pub(super) factory: ProtocolFactory,
     pub(super) swapping: Option<Swapping>,
-    pub(super) events: mpsc::UnboundedSender<CoreEvent>,
+    pub(super) events: mpsc::Sender<CoreEvent>,
     pub(super) storage: Storage,
     pub(super) transport: Arc<Transport>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) health: Arc<Health>,
-    pub(super) ready_tx: std::sync::mpsc::Sender<Ready>,
+    pub(super) ready_tx: std::sync::mpsc::SyncSender<Ready>,
     /// Readies stepped and not released: their numbering, early actions,
     /// the states they write and the watched commits among them.
     pub(super) pipeline: Pipeline,
@@ -95,8 +96,8 @@ impl Driver {
         mut self,
         mut requests: mpsc::Receiver<ClientRequest>,
         mut inbound: mpsc::Receiver<Vec<Inbound>>,
-        mut durable: mpsc::UnboundedReceiver<Result<u64, String>>,
-        mut control: mpsc::UnboundedReceiver<Control>,
+        mut durable: mpsc::Receiver<Result<u64, String>>,
+        control: &Mailbox,
     ) {
         loop {
             let mut batch = Batch::default();
@@ -121,14 +122,7 @@ impl Driver {
                     Some(d) => self.on_durable(d),
                     None => self.health.stop("the writer thread ended".into()),
                 },
-                Some(c) = control.recv() => match c {
-                    Control::Rebind(bound) => self.protocol.policies().rebind(bound),
-                    Control::Swap { label, factory } => {
-                        debug!(%label, "protocol swap: draining");
-                        self.swapping = Some(Swapping { label, factory, since: Instant::now() });
-                    }
-                    Control::Members(members) => self.adopt(members),
-                },
+                _ = control.wait() => {}
                 _ = sleep_until(swap_tick), if swap_tick.is_some() => {}
                 r = requests.recv(), if admit || fatal => match r {
                     Some(r) if fatal => self.refuse(r),
@@ -142,6 +136,20 @@ impl Driver {
             }
             while let Ok(d) = durable.try_recv() {
                 self.on_durable(d);
+            }
+            for c in control.take() {
+                match c {
+                    Control::Rebind(bound) => self.protocol.policies().rebind(bound),
+                    Control::Swap { label, factory } => {
+                        debug!(%label, "protocol swap: draining");
+                        self.swapping = Some(Swapping {
+                            label,
+                            factory,
+                            since: Instant::now(),
+                        });
+                    }
+                    Control::Members(members) => self.adopt(members),
+                }
             }
             self.try_swap();
             if self.health.fatal().is_some() {
@@ -340,7 +348,7 @@ impl Driver {
             } else {
                 &self.watchers.config
             };
-            let _ = to.send((commit.version, commit.value));
+            super::publish(to, (commit.version, commit.value));
         }
         for step in durable.steps {
             match step {
@@ -407,14 +415,28 @@ impl Driver {
     }
 
     /// Moves the running instance to `members` if it is newer than what it
-    /// runs. A refusal is logged and leaves the instance on its epoch.
+    /// runs. A refusal is logged and leaves the instance on its epoch; a
+    /// trap replaces the instance and the fresh one is asked once more.
     fn adopt(&mut self, members: Members) {
+        if let Err(e) = self.try_adopt(&members) {
+            self.recover(e);
+            if let Err(e) = self.try_adopt(&members) {
+                error!(
+                    epoch = members.epoch,
+                    "the fresh instance failed on the epoch too: {e}"
+                );
+            }
+        }
+    }
+
+    /// [`Driver::adopt`] on the running instance: `Err` only for a trap.
+    fn try_adopt(&mut self, members: &Members) -> Result<(), RuntimeError> {
         if self
             .members
             .as_ref()
             .is_some_and(|m| m.epoch >= members.epoch)
         {
-            return;
+            return Ok(());
         }
         let epoch = members.epoch;
         let started = Instant::now();
@@ -428,22 +450,28 @@ impl Driver {
                     fast = members.fast,
                     "membership epoch adopted"
                 );
-                self.members = Some(members);
+                self.members = Some(members.clone());
                 self.epoch.store(epoch, Ordering::Release);
+                Ok(())
             }
-            Err(e) => error!(epoch, "the protocol refused a membership epoch: {e}"),
+            Err(RuntimeError::Refused(e)) => {
+                error!(epoch, "the protocol refused a membership epoch: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
     /// After a trap: the instance's memory may be half-written, so it is
     /// dropped and a fresh one of the same component takes over. Clients
     /// waiting on it get an error (their commands may still apply).
-    fn recover(&mut self, reason: String) {
-        error!(label = %self.label, "protocol component failed, restarting it: {reason}");
+    fn recover(&mut self, failure: RuntimeError) {
+        error!(label = %self.label, "protocol component failed, restarting it: {failure}");
         self.metrics
             .protocol_restarts
-            .get_or_create(&label("cause", "trap"))
+            .get_or_create(&label("cause", failure.kind()))
             .inc();
+        let reason = failure.to_string();
         let message = format!(
             "the protocol component failed ({reason}); it was restarted, and this \
              command may or may not have taken effect"
@@ -455,7 +483,7 @@ impl Driver {
                 .health
                 .stop(format!("restarting the protocol after a trap: {e}"));
         }
-        let _ = self.events.send(CoreEvent::Trapped {
+        self.report(CoreEvent::Trapped {
             label: self.label.clone(),
             reason,
         });
@@ -495,7 +523,7 @@ impl Driver {
                 );
                 self.label = swap.label.clone();
                 self.factory = swap.factory;
-                let _ = self.events.send(CoreEvent::Swapped {
+                self.report(CoreEvent::Swapped {
                     label: swap.label,
                     incarnation,
                     drained: waited,
@@ -506,6 +534,18 @@ impl Driver {
                 // The old instance was not touched: keep running it.
                 error!(to = %swap.label, "protocol swap failed, staying on {}: {e}", self.label);
             }
+        }
+    }
+
+    /// Tells the registry; the core never waits for it. A queue of
+    /// EVENT_QUEUE unread events is a registry that has stopped reading,
+    /// and the event is dropped with a log line.
+    fn report(&self, event: CoreEvent) {
+        if let Err(e) = self.events.try_send(event) {
+            warn!(
+                "the registry is not reading the core's events; dropped: {:?}",
+                e.into_inner()
+            );
         }
     }
 

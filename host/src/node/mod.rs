@@ -25,11 +25,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ballot_control::pipeline::Pipeline;
 use ballot_core::{Actions, Batch, Completion, Inbound, Members, Operation, Ready, Replica};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
 use crate::metrics::Metrics;
-use crate::runtime::{Bound, Policies, WasmCore};
+use crate::runtime::{Bound, Policies, RuntimeError, WasmCore};
 use crate::storage::Storage;
 use crate::system::{CONFIG_KEY, MEMBERS_KEY};
 use crate::transport::Transport;
@@ -47,6 +47,8 @@ const PIPELINE_MAX: usize = 64;
 const BATCH_MAX: usize = 2048;
 /// Client requests queued for the core thread.
 pub const REQUEST_QUEUE: usize = 16 * 1024;
+/// Swap and trap reports queued for the registry.
+pub const EVENT_QUEUE: usize = 64;
 /// Peer message batches queued for the core thread.
 pub const INBOUND_QUEUE: usize = 4096;
 
@@ -54,24 +56,24 @@ pub const INBOUND_QUEUE: usize = 4096;
 /// same logic compiled natively.
 pub trait Protocol: Send {
     /// See `replica.step`. An error means the implementation failed.
-    fn step(&mut self, batch: Batch) -> Result<Ready, String>;
+    fn step(&mut self, batch: Batch) -> Result<Ready, RuntimeError>;
     /// See `replica.release`.
-    fn release(&mut self, id: u64) -> Result<Actions, String>;
-    /// See `membership.reconfigure`.
-    fn reconfigure(&mut self, members: Members) -> Result<(), String>;
+    fn release(&mut self, id: u64) -> Result<Actions, RuntimeError>;
+    /// See `membership.reconfigure`: `Refused` leaves the instance sound.
+    fn reconfigure(&mut self, members: Members) -> Result<(), RuntimeError>;
     /// The policies its commands run under.
     fn policies(&mut self) -> &mut Policies;
 }
 
 impl Protocol for WasmCore {
-    fn step(&mut self, batch: Batch) -> Result<Ready, String> {
-        self.try_step(batch).map_err(|e| e.to_string())
+    fn step(&mut self, batch: Batch) -> Result<Ready, RuntimeError> {
+        self.try_step(batch)
     }
-    fn release(&mut self, id: u64) -> Result<Actions, String> {
-        self.try_release(id).map_err(|e| e.to_string())
+    fn release(&mut self, id: u64) -> Result<Actions, RuntimeError> {
+        self.try_release(id)
     }
-    fn reconfigure(&mut self, members: Members) -> Result<(), String> {
-        self.try_reconfigure(members).map_err(|e| e.to_string())
+    fn reconfigure(&mut self, members: Members) -> Result<(), RuntimeError> {
+        self.try_reconfigure(members)
     }
     fn policies(&mut self) -> &mut Policies {
         self.policies_mut()
@@ -79,14 +81,14 @@ impl Protocol for WasmCore {
 }
 
 impl Protocol for Replica<Policies> {
-    fn step(&mut self, batch: Batch) -> Result<Ready, String> {
+    fn step(&mut self, batch: Batch) -> Result<Ready, RuntimeError> {
         Ok(Replica::step(self, batch))
     }
-    fn release(&mut self, id: u64) -> Result<Actions, String> {
+    fn release(&mut self, id: u64) -> Result<Actions, RuntimeError> {
         Ok(Replica::release(self, id))
     }
-    fn reconfigure(&mut self, members: Members) -> Result<(), String> {
-        Replica::reconfigure(self, members)
+    fn reconfigure(&mut self, members: Members) -> Result<(), RuntimeError> {
+        Replica::reconfigure(self, members).map_err(RuntimeError::Refused)
     }
     fn policies(&mut self) -> &mut Policies {
         self.env_mut()
@@ -130,6 +132,77 @@ pub enum CoreEvent {
     Trapped { label: String, reason: String },
 }
 
+/// Where the rest of the daemon leaves [`Control`]s for the core thread.
+///
+/// Each kind of instruction says what the core should run, not a step to
+/// take, so only the newest of each kind matters: the mailbox holds at most
+/// one binding table, one swap and one membership (the newest epoch), and
+/// is bounded by construction. A sender never waits, which lets it send
+/// while it holds its own locks.
+#[derive(Default)]
+pub struct Mailbox {
+    slots: Mutex<Slots>,
+    /// Something was left since the last take.
+    full: std::sync::atomic::AtomicBool,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Slots {
+    rebind: Option<Vec<Bound>>,
+    swap: Option<(String, ProtocolFactory)>,
+    members: Option<Members>,
+}
+
+impl Mailbox {
+    /// Leaves `control`, replacing an unread one of its kind (a membership
+    /// only by a newer epoch).
+    pub fn send(&self, control: Control) {
+        let mut slots = self.slots.lock().expect("mailbox lock");
+        match control {
+            Control::Rebind(bound) => slots.rebind = Some(bound),
+            Control::Swap { label, factory } => slots.swap = Some((label, factory)),
+            Control::Members(members) => {
+                if slots
+                    .members
+                    .as_ref()
+                    .is_none_or(|m| m.epoch < members.epoch)
+                {
+                    slots.members = Some(members);
+                }
+            }
+        }
+        self.full.store(true, Ordering::Release);
+        drop(slots);
+        self.ready.notify_one();
+    }
+
+    /// Wakes the core when something may have been left (it then looks
+    /// with [`Mailbox::take`], which is what counts).
+    async fn wait(&self) {
+        self.ready.notified().await
+    }
+
+    /// What was left, membership first; nothing without taking the lock
+    /// when nothing was.
+    fn take(&self) -> Vec<Control> {
+        if !self.full.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        let mut slots = self.slots.lock().expect("mailbox lock");
+        let mut out = Vec::new();
+        out.extend(slots.members.take().map(Control::Members));
+        out.extend(slots.rebind.take().map(Control::Rebind));
+        out.extend(
+            slots
+                .swap
+                .take()
+                .map(|(label, factory)| Control::Swap { label, factory }),
+        );
+        out
+    }
+}
+
 /// Longest a swap waits for the commands in flight.
 pub const SWAP_DRAIN_MAX: Duration = Duration::from_secs(5);
 
@@ -138,11 +211,38 @@ pub const SWAP_DRAIN_MAX: Duration = Duration::from_secs(5);
 pub type ConfigCommit = (u64, Option<Vec<u8>>);
 
 /// Where the core reports durable commits of the system keys it watches.
+/// Each holds the newest commit only (a watcher acts on the newest record,
+/// so one that falls behind skips versions rather than queueing them);
+/// `(0, None)` until the first.
 pub struct Watchers {
     /// `\0ballot/config`.
-    pub config: mpsc::UnboundedSender<ConfigCommit>,
+    pub config: watch::Sender<ConfigCommit>,
     /// `\0ballot/members`.
-    pub members: mpsc::UnboundedSender<ConfigCommit>,
+    pub members: watch::Sender<ConfigCommit>,
+}
+
+impl Watchers {
+    /// The watchers, and the receiving ends of config and members.
+    pub fn new() -> (
+        Self,
+        watch::Receiver<ConfigCommit>,
+        watch::Receiver<ConfigCommit>,
+    ) {
+        let (config, config_rx) = watch::channel((0, None));
+        let (members, members_rx) = watch::channel((0, None));
+        (Watchers { config, members }, config_rx, members_rx)
+    }
+}
+
+/// Hands `commit` to a watcher unless it holds a newer one.
+pub(super) fn publish(to: &watch::Sender<ConfigCommit>, commit: ConfigCommit) {
+    to.send_if_modified(|held| {
+        let newer = commit.0 > held.0;
+        if newer {
+            *held = commit;
+        }
+        newer
+    });
 }
 
 /// Why [`call`] has no completion to give.
@@ -219,7 +319,7 @@ impl Health {
 pub struct Core {
     pub requests: mpsc::Sender<ClientRequest>,
     pub health: Arc<Health>,
-    pub control: mpsc::UnboundedSender<Control>,
+    pub control: Arc<Mailbox>,
 }
 
 /// The protocol a core starts with.
@@ -241,7 +341,7 @@ pub fn start(
     transport: Arc<Transport>,
     metrics: Arc<Metrics>,
     watchers: Watchers,
-    events: mpsc::UnboundedSender<CoreEvent>,
+    events: mpsc::Sender<CoreEvent>,
     epoch: Arc<AtomicU64>,
 ) -> Result<Core, String> {
     let mut protocol = (initial.factory)(initial.incarnation)?;
@@ -252,10 +352,12 @@ pub fn start(
         epoch.store(members.epoch, Ordering::Release);
     }
     let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let control = Arc::new(Mailbox::default());
     let health = Arc::new(Health::default());
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Ready>();
-    let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+    // Neither fills: the core stops stepping with PIPELINE_MAX readies
+    // unreleased, and each durability report covers at least one of them.
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Ready>(PIPELINE_MAX);
+    let (durable_tx, durable_rx) = mpsc::channel(PIPELINE_MAX);
     {
         let storage = storage.clone();
         let metrics = metrics.clone();
@@ -291,6 +393,7 @@ pub fn start(
         epoch,
     };
     let span = tracing::Span::current();
+    let mailbox = control.clone();
     std::thread::Builder::new()
         .name("ballot-core".into())
         .spawn(move || {
@@ -299,13 +402,13 @@ pub fn start(
                 .enable_time()
                 .build()
                 .expect("core runtime");
-            rt.block_on(driver.run(requests_rx, inbound, durable_rx, control_rx));
+            rt.block_on(driver.run(requests_rx, inbound, durable_rx, &mailbox));
         })
         .expect("spawning the core thread");
     Ok(Core {
         requests: requests_tx,
         health,
-        control: control_tx,
+        control,
     })
 }
 
@@ -315,4 +418,63 @@ fn seed() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     nanos ^ (std::process::id() as u64).rotate_left(32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(epoch: u64) -> Members {
+        Members {
+            epoch,
+            ..Members::initial(vec![1, 2, 3])
+        }
+    }
+
+    fn epochs(controls: &[Control]) -> Vec<u64> {
+        controls
+            .iter()
+            .filter_map(|c| match c {
+                Control::Members(m) => Some(m.epoch),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_mailbox_keeps_the_newest_of_each_kind_and_membership_comes_first() {
+        let mailbox = Mailbox::default();
+        assert!(mailbox.take().is_empty());
+        mailbox.send(Control::Rebind(Vec::new()));
+        mailbox.send(Control::Members(members(3)));
+        mailbox.send(Control::Members(members(2)));
+        mailbox.send(Control::Rebind(Vec::new()));
+        let taken = mailbox.take();
+        assert_eq!(taken.len(), 2, "one of each kind left");
+        assert_eq!(
+            epochs(&taken),
+            vec![3],
+            "an older epoch does not replace a newer"
+        );
+        assert!(matches!(taken[1], Control::Rebind(_)));
+        assert!(mailbox.take().is_empty(), "taken once");
+        mailbox.send(Control::Members(members(2)));
+        assert_eq!(
+            epochs(&mailbox.take()),
+            vec![2],
+            "the core drops what it runs past"
+        );
+    }
+
+    #[test]
+    fn a_watcher_holds_the_newest_commit_only() {
+        let (watchers, mut config, _members) = Watchers::new();
+        publish(&watchers.config, (4, Some(b"v4".to_vec())));
+        publish(&watchers.config, (5, Some(b"v5".to_vec())));
+        publish(&watchers.config, (3, Some(b"v3".to_vec())));
+        assert!(config.has_changed().unwrap());
+        assert_eq!(*config.borrow_and_update(), (5, Some(b"v5".to_vec())));
+        publish(&watchers.config, (5, None));
+        assert!(!config.has_changed().unwrap(), "not newer: not seen");
+    }
 }

@@ -15,7 +15,7 @@ pub(super) fn writer(
     health: Arc<Health>,
     storage: Storage,
     readies: std::sync::mpsc::Receiver<Ready>,
-    durable: mpsc::UnboundedSender<Result<u64, String>>,
+    durable: mpsc::Sender<Result<u64, String>>,
     metrics: Arc<Metrics>,
 ) {
     while let Ok(first) = readies.recv() {
@@ -39,12 +39,12 @@ pub(super) fn writer(
                     // writer is gone before it reads this message.
                     let reason = format!("storage write failed: {e}");
                     health.stop(reason.clone());
-                    let _ = durable.send(Err(reason));
+                    let _ = durable.blocking_send(Err(reason));
                     return;
                 }
             }
         }
-        if durable.send(Ok(last)).is_err() {
+        if durable.blocking_send(Ok(last)).is_err() {
             return;
         }
     }

@@ -92,7 +92,7 @@ impl Registry {
                 let mut state = self.protocol.lock().expect("registry lock");
                 state.views.insert(label.clone(), view);
                 state.desired = Some(label.clone());
-                let _ = self.control.send(Control::Swap { label, factory });
+                self.control.send(Control::Swap { label, factory });
             }
             Err(e) => warn!(component = %target, "cannot run the active protocol: {e}"),
         }
@@ -200,7 +200,7 @@ impl Registry {
                         let mut state = self.protocol.lock().expect("registry lock");
                         state.views.insert(to.clone(), view);
                         state.desired = Some(to.clone());
-                        let _ = self.control.send(Control::Swap { label: to, factory });
+                        self.control.send(Control::Swap { label: to, factory });
                     }
                     Err(e) => {
                         warn!("cannot fall back to the previous protocol: {e}");

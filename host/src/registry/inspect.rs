@@ -61,7 +61,7 @@ fn contract() -> String {
 /// Checks a component before it is stored. Blocking: it compiles and runs
 /// guest code (the self-check) under the sandbox's fuel and memory bounds.
 pub fn inspect(engine: &Engine, bytes: &[u8]) -> Result<(Inspected, Component), Error> {
-    let fail = |m: String| Error(m);
+    let fail = Error::Compile;
     if bytes.len() > COMPONENT_MAX {
         return Err(fail(format!(
             "the file is {} bytes; components are at most {COMPONENT_MAX}",
@@ -163,7 +163,7 @@ pub fn inspect(engine: &Engine, bytes: &[u8]) -> Result<(Inspected, Component), 
 fn run_policy(engine: &Engine, component: &Component) -> Result<Inspected, Error> {
     let (mut store, instance) = runtime::sandbox_policy(engine, component)?;
     let (name, version) = runtime::describe_policy(&mut store, &instance)
-        .map_err(|e| Error(format!("its describe failed: {e}")))?;
+        .map_err(|e| Error::Refused(format!("its describe failed: {e}")))?;
     let self_checked = runtime::self_check_export(&mut store, &instance)?;
     Ok(Inspected {
         kind: Kind::Policy,
@@ -177,7 +177,7 @@ fn run_policy(engine: &Engine, component: &Component) -> Result<Inspected, Error
 
 fn run_protocol(engine: &Engine, component: &Component) -> Result<Inspected, Error> {
     let register = Component::new(engine, runtime::REGISTER_WASM)
-        .map_err(|e| Error(format!("compiling the register policy: {e:#}")))?;
+        .map_err(|e| Error::Compile(format!("compiling the register policy: {e:#}")))?;
     let rt = runtime::Runtime::from_parts(engine.clone(), component.clone(), register);
     let mut core = rt.replica(ballot_core::Config::new(1, 1, vec![1]))?;
     let info = core.describe()?;
@@ -232,7 +232,7 @@ impl Cache {
             }
         }
         let component = Component::new(engine, bytes)
-            .map_err(|e| Error(format!("compiling component {id}: {e:#}")))?;
+            .map_err(|e| Error::Compile(format!("compiling component {id}: {e:#}")))?;
         if let Ok(serialized) = component.serialize() {
             let tmp = path.with_extension("tmp");
             let written = std::fs::create_dir_all(&self.dir)
@@ -411,7 +411,7 @@ mod tests {
     #[test]
     fn broken_files_are_refused_with_the_reason() {
         let engine = runtime::engine().unwrap();
-        let refuse = |bytes: &[u8]| inspect(&engine, bytes).err().unwrap().0;
+        let refuse = |bytes: &[u8]| inspect(&engine, bytes).err().unwrap().to_string();
         assert!(refuse(b"hello world").contains("not a WebAssembly file"));
         assert!(refuse(b"\0asm\x01\0\0\0").contains("core wasm module"));
         let half = &runtime::REGISTER_WASM[..runtime::REGISTER_WASM.len() / 2];

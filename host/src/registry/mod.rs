@@ -33,13 +33,13 @@ use std::time::Duration;
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Current, Operation, Outcome};
 use serde::Serialize;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
 use crate::metrics::Metrics;
-use crate::node::{self, ClientRequest, ConfigCommit, Control, CoreEvent};
+use crate::node::{self, ClientRequest, ConfigCommit, Control, CoreEvent, Mailbox};
 use crate::runtime;
 use crate::system_record;
 use ballot_client::views::ComponentView;
@@ -109,7 +109,7 @@ pub struct Setup {
     pub engine: Engine,
     pub data_dir: PathBuf,
     pub requests: mpsc::Sender<ClientRequest>,
-    pub control: mpsc::UnboundedSender<Control>,
+    pub control: Arc<Mailbox>,
     /// The embedded components, compiled; `None` on a native replica,
     /// which cannot run protocol components.
     pub runtime: Option<Arc<runtime::Runtime>>,
@@ -149,7 +149,7 @@ pub struct Registry {
     engine: Engine,
     cache: Cache,
     requests: mpsc::Sender<ClientRequest>,
-    control: mpsc::UnboundedSender<Control>,
+    control: Arc<Mailbox>,
     applied: RwLock<Applied>,
     changed: Notify,
     compiled: Mutex<HashMap<String, Component>>,
@@ -268,8 +268,8 @@ impl Registry {
     /// [`POLL_INTERVAL`].
     pub async fn run(
         self: Arc<Self>,
-        mut commits: mpsc::UnboundedReceiver<ConfigCommit>,
-        mut events: mpsc::UnboundedReceiver<CoreEvent>,
+        mut commits: watch::Receiver<ConfigCommit>,
+        mut events: mpsc::Receiver<CoreEvent>,
     ) {
         // Clients are served only once the cluster's bindings are known: a
         // command routed by a stale or empty table would run the wrong
@@ -300,12 +300,13 @@ impl Registry {
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         loop {
             tokio::select! {
-                c = commits.recv() => match c {
-                    Some((version, value)) => {
+                c = commits.changed() => match c {
+                    Ok(()) => {
+                        let (version, value) = commits.borrow_and_update().clone();
                         self.consider(version, value).await;
                         self.clone().prewarm();
                     }
-                    None => return,
+                    Err(_) => return,
                 },
                 Some(e) = events.recv() => self.on_core_event(e).await,
                 _ = poll.tick() => {
@@ -380,7 +381,7 @@ impl Registry {
             match prepared {
                 Ok((config, bound)) => {
                     let bindings = config.bindings.len();
-                    let _ = self.control.send(Control::Rebind(bound));
+                    self.control.send(Control::Rebind(bound));
                     *applied = Applied {
                         version,
                         config: config.clone(),

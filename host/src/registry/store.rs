@@ -65,7 +65,7 @@ impl Registry {
         let component = tokio::task::spawn_blocking(move || cache.load(&engine, &owned_id, &bytes))
             .await
             .map_err(|e| RegistryError::Unavailable(format!("compiling: {e}")))?
-            .map_err(|e| RegistryError::Invalid(e.0))?;
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
         self.compiled
             .lock()
             .expect("registry lock")
@@ -112,7 +112,7 @@ impl Registry {
             tokio::task::spawn_blocking(move || inspect(&engine, &checked))
                 .await
                 .map_err(|e| RegistryError::Unavailable(format!("inspecting: {e}")))?
-                .map_err(|e| RegistryError::Invalid(e.0))?;
+                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let id = component_id(&bytes);
         let record = ComponentRecord {
             id: id.clone(),

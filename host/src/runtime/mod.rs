@@ -58,13 +58,72 @@ mod protocol;
 pub use policy::{describe_policy, sandbox_policy, Bound, Policies, PolicyHost, PolicyInstance};
 pub use protocol::WasmCore;
 
-crate::message_error!(
-    /// An error from the wasm runtime: compiling, instantiating or calling a guest.
-    Error
-);
+/// What went wrong running a guest, by what the caller does about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeError {
+    /// The bytes are not a component this host can compile, link and
+    /// instantiate (or wasmtime could not be configured): it never ran.
+    Compile(String),
+    /// A call into the guest trapped, or a host call under it failed: the
+    /// instance's memory may be half-written, and it must be replaced.
+    Trap { call: &'static str, reason: String },
+    /// A call into the guest burned its fuel (an endless or too long
+    /// computation): the same as a trap for the instance.
+    Fuel { call: &'static str },
+    /// The guest ran and refused what it was given (a configuration, a
+    /// membership) or its own self-check failed: the instance is sound.
+    Refused(String),
+}
 
+/// The runtime's error, by its module's name.
+pub type Error = RuntimeError;
+
+impl RuntimeError {
+    /// A short name for metrics and logs: `compile`, `trap`, `fuel`,
+    /// `refused`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RuntimeError::Compile(_) => "compile",
+            RuntimeError::Trap { .. } => "trap",
+            RuntimeError::Fuel { .. } => "fuel",
+            RuntimeError::Refused(_) => "refused",
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RuntimeError::Compile(m) | RuntimeError::Refused(m) => f.write_str(m),
+            RuntimeError::Trap { call, reason } => write!(f, "{call} failed: it trapped: {reason}"),
+            RuntimeError::Fuel { call } => write!(
+                f,
+                "{call} failed: it ran out of fuel (an endless or too long computation)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RuntimeError {}
+
+/// A component that cannot be set up: `context` says which step.
 fn err(context: &str, e: impl std::fmt::Display) -> Error {
-    Error(format!("{context}: {e}"))
+    RuntimeError::Compile(format!("{context}: {e}"))
+}
+
+/// A failed call into a guest, as a trap or fuel.
+fn call_failed(call: &'static str, e: &wasmtime::Error) -> Error {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => RuntimeError::Fuel { call },
+        Some(trap) => RuntimeError::Trap {
+            call,
+            reason: trap.to_string(),
+        },
+        None => RuntimeError::Trap {
+            call,
+            reason: format!("{e:#}"),
+        },
+    }
 }
 
 /// The engine configuration every Ballot guest runs under.
@@ -193,18 +252,19 @@ pub(crate) fn self_check_export<T>(
         return Ok(false);
     };
     let Some(run) = instance.get_export_index(&mut *store, Some(&iface), "run") else {
-        return Err(Error("its self-check export has no `run` function".into()));
+        return Err(RuntimeError::Compile(
+            "its self-check export has no `run` function".into(),
+        ));
     };
     let run = instance
         .get_typed_func::<(), (Result<(), String>,)>(&mut *store, run)
-        .map_err(|e| Error(format!("its self-check has the wrong type: {e:#}")))?;
+        .map_err(|e| RuntimeError::Compile(format!("its self-check has the wrong type: {e:#}")))?;
     match run.call(&mut *store, ()) {
         Ok((Ok(()),)) => Ok(true),
-        Ok((Err(why),)) => Err(Error(format!("its self-check failed: {why}"))),
-        Err(e) => Err(Error(format!(
-            "its self-check trapped: {}",
-            trap_reason(&e)
+        Ok((Err(why),)) => Err(RuntimeError::Refused(format!(
+            "its self-check failed: {why}"
         ))),
+        Err(e) => Err(call_failed("its self-check", &e)),
     }
 }
 
@@ -227,7 +287,10 @@ mod tests {
             .replica(core::Config::new(9, 1, vec![1, 2, 2]))
             .err()
             .unwrap();
-        assert!(e.0.contains("listed twice"), "{e}");
+        assert!(
+            matches!(&e, RuntimeError::Refused(m) if m.contains("listed twice")),
+            "{e:?}"
+        );
         // An older epoch is refused through the membership export.
         let mut core = rt.replica(core::Config::new(1, 1, vec![1, 2, 3])).unwrap();
         let mut m = core::Members::initial(vec![1, 2, 3]);
@@ -235,6 +298,35 @@ mod tests {
         core.try_reconfigure(m.clone()).unwrap();
         m.epoch = 2;
         let e = core.try_reconfigure(m).unwrap_err();
-        assert!(e.0.contains("cannot replace epoch 3"), "{e}");
+        assert!(
+            matches!(&e, RuntimeError::Refused(m) if m.contains("cannot replace epoch 3")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_trapping_step_is_a_trap_and_not_a_refusal() {
+        let trapping = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/components/protocol-trap.wasm"),
+        )
+        .unwrap();
+        let rt = Runtime::with_components(&trapping, REGISTER_WASM).unwrap();
+        let mut core = rt.replica(core::Config::new(1, 1, vec![1, 2, 3])).unwrap();
+        let e = core.try_step(core::Batch::default()).unwrap_err();
+        assert!(
+            matches!(e, RuntimeError::Trap { call: "step", .. }),
+            "{e:?}"
+        );
+        assert_eq!(e.kind(), "trap");
+        assert!(e.to_string().starts_with("step failed: it trapped"), "{e}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_component_do_not_compile() {
+        let e = Runtime::with_components(b"\0asm nonsense", REGISTER_WASM)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), "compile", "{e:?}");
     }
 }

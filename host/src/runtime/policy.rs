@@ -159,7 +159,7 @@ pub fn describe_policy(
     policy
         .ballot_core_policy_api()
         .call_describe(&mut *store)
-        .map_err(|e| Error(trap_reason(&e)))
+        .map_err(|e| call_failed("describe", &e))
 }
 
 /// A key prefix routed to a policy component.

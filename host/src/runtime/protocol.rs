@@ -95,8 +95,10 @@ impl WasmCore {
         core.bindings
             .ballot_core_replica()
             .call_init(&mut core.store, &wit_config)
-            .map_err(|e| err("calling init", e))?
-            .map_err(|e| Error(format!("the protocol refused its configuration: {e}")))?;
+            .map_err(|e| call_failed("init", &e))?
+            .map_err(|e| {
+                RuntimeError::Refused(format!("the protocol refused its configuration: {e}"))
+            })?;
         Ok(core)
     }
 
@@ -124,7 +126,7 @@ impl WasmCore {
             .bindings
             .ballot_core_replica()
             .call_describe(&mut self.store)
-            .map_err(|e| err("describe", e))?;
+            .map_err(|e| call_failed("describe", &e))?;
         Ok(core::Info {
             name: i.name,
             version: i.version,
@@ -188,7 +190,7 @@ impl WasmCore {
             .bindings
             .ballot_core_replica()
             .call_step(&mut self.store, &batch)
-            .map_err(|e| Error(format!("step failed: {}", trap_reason(&e))))?;
+            .map_err(|e| call_failed("step", &e))?;
         Ok(core::Ready {
             early: actions(ready.early),
             id: ready.id,
@@ -221,8 +223,8 @@ impl WasmCore {
         self.bindings
             .ballot_core_membership()
             .call_reconfigure(&mut self.store, &m)
-            .map_err(|e| err("calling reconfigure", trap_reason(&e)))?
-            .map_err(|e| Error(format!("the protocol refused the membership: {e}")))
+            .map_err(|e| call_failed("reconfigure", &e))?
+            .map_err(|e| RuntimeError::Refused(format!("the protocol refused the membership: {e}")))
     }
 
     pub fn try_release(&mut self, id: u64) -> Result<core::Actions, Error> {
@@ -231,7 +233,7 @@ impl WasmCore {
             .bindings
             .ballot_core_replica()
             .call_release(&mut self.store, id)
-            .map_err(|e| Error(format!("release failed: {}", trap_reason(&e))))?;
+            .map_err(|e| call_failed("release", &e))?;
         Ok(actions(a))
     }
 }
@@ -316,6 +318,6 @@ impl core::Core for WasmCore {
     }
 
     fn reconfigure(&mut self, members: core::Members) -> Result<(), String> {
-        self.try_reconfigure(members).map_err(|e| e.0)
+        self.try_reconfigure(members).map_err(|e| e.to_string())
     }
 }

@@ -136,7 +136,7 @@ impl Storage {
         match self.meta.get(&rtxn, META_MEMBERS)? {
             None => Ok(None),
             Some([STORAGE_FORMAT, rest @ ..]) => Ok(Some(rest.to_vec())),
-            Some(other) => Err(Error(format!(
+            Some(other) => Err(Error::Foreign(format!(
                 "the adopted membership record has format {:?}; this build reads {STORAGE_FORMAT}",
                 other.first()
             ))),
@@ -148,7 +148,7 @@ impl Storage {
         let rtxn = self.env.read_txn()?;
         match self.meta.get(&rtxn, META_INCARNATION)? {
             Some(bytes) => read_u64(bytes),
-            None => Err(Error("no incarnation recorded".into())),
+            None => Err(Error::Corrupt("no incarnation recorded".into())),
         }
     }
 }

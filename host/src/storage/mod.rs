@@ -58,14 +58,51 @@ pub enum PeerIdentity {
     Changed { known: DirIdentity },
 }
 
-crate::message_error!(
-    /// A storage failure. After one, the replica stops answering.
-    Error
-);
+/// A storage failure, by what an operator does about it. After one on
+/// the write path, the replica stops answering (nothing acknowledged is
+/// lost: what was committed stays committed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageError {
+    /// LMDB's map is full: give the replica a larger `map_size_mib`.
+    Full,
+    /// LMDB or the file system under it failed.
+    Lmdb(String),
+    /// The operating system failed outside LMDB (creating the directory,
+    /// the random source).
+    Io(String),
+    /// A record does not decode: the directory is damaged.
+    Corrupt(String),
+    /// The directory belongs to another replica, or holds a format this
+    /// build does not read.
+    Foreign(String),
+}
 
-impl From<heed::Error> for Error {
+/// The storage error, by its module's name.
+pub type Error = StorageError;
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StorageError::Full => f.write_str(
+                "lmdb: the map is full; restart the replica with a larger map_size_mib \
+                 (what it committed is intact)",
+            ),
+            StorageError::Lmdb(m) => write!(f, "lmdb: {m}"),
+            StorageError::Io(m) | StorageError::Corrupt(m) | StorageError::Foreign(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+impl std::error::Error for StorageError {}
+
+impl From<heed::Error> for StorageError {
     fn from(e: heed::Error) -> Self {
-        Error(format!("lmdb: {e}"))
+        match e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => StorageError::Full,
+            e => StorageError::Lmdb(e.to_string()),
+        }
     }
 }
 
@@ -78,7 +115,7 @@ pub struct Committed {
 
 /// One changelog entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Change {
+pub struct ChangelogEntry {
     pub seq: u64,
     pub key: Vec<u8>,
     pub committed: Committed,
@@ -108,7 +145,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
     rustls::crypto::ring::default_provider()
         .secure_random
         .fill(&mut out)
-        .map_err(|_| Error("the system random source failed".into()))?;
+        .map_err(|_| StorageError::Io("the system random source failed".into()))?;
     Ok(out)
 }
 
@@ -119,7 +156,7 @@ impl Storage {
     /// holds a format this build does not read.
     pub fn open(dir: &Path, replica: u32, map_size: usize) -> Result<(Storage, u64), Error> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| Error(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| StorageError::Io(format!("creating {}: {e}", dir.display())))?;
         // SAFETY: heed requires that the environment is opened once per
         // process and that the files are not modified by anything else while
         // open. The daemon opens its data directory once, at start-up.
@@ -128,7 +165,7 @@ impl Storage {
                 .map_size(map_size)
                 .max_dbs(8)
                 .open(dir)
-                .map_err(|e| Error(format!("opening LMDB in {}: {e}", dir.display())))?
+                .map_err(|e| StorageError::Lmdb(format!("opening {}: {e}", dir.display())))?
         };
         let mut wtxn = env.write_txn()?;
         let meta: Database<Bytes, Bytes> = env.create_database(&mut wtxn, Some("meta"))?;
@@ -140,7 +177,7 @@ impl Storage {
             None => meta.put(&mut wtxn, META_FORMAT, &[STORAGE_FORMAT])?,
             Some([STORAGE_FORMAT]) => {}
             Some(other) => {
-                return Err(Error(format!(
+                return Err(StorageError::Foreign(format!(
                     "{} holds storage format {other:?}; this build reads format {STORAGE_FORMAT}",
                     dir.display()
                 )))
@@ -151,7 +188,7 @@ impl Storage {
             Some(bytes) => {
                 let owner = read_u64(bytes)?;
                 if owner != replica as u64 {
-                    return Err(Error(format!(
+                    return Err(StorageError::Foreign(format!(
                         "{} belongs to replica {owner}, not {replica}",
                         dir.display()
                     )));
@@ -273,7 +310,7 @@ impl Storage {
     }
 
     /// Changelog entries from `from` on, at most `limit`.
-    pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<Change>, Error> {
+    pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<ChangelogEntry>, Error> {
         let rtxn = self.env.read_txn()?;
         let mut out = Vec::new();
         for entry in self.changelog.range(&rtxn, &(from..))?.take(limit) {
@@ -285,9 +322,13 @@ impl Storage {
                 {
                     key
                 }
-                _ => return Err(Error(format!("changelog entry {seq} is malformed"))),
+                _ => {
+                    return Err(StorageError::Corrupt(format!(
+                        "changelog entry {seq} is malformed"
+                    )))
+                }
             };
-            out.push(Change {
+            out.push(ChangelogEntry {
                 seq,
                 key: key.to_vec(),
                 committed,

@@ -26,7 +26,7 @@ pub(super) fn read_flag(bytes: &[u8]) -> Result<bool, Error> {
     match bytes {
         [STORAGE_FORMAT, 0] => Ok(false),
         [STORAGE_FORMAT, 1] => Ok(true),
-        _ => Err(Error("a flag record is malformed".into())),
+        _ => Err(Error::Corrupt("a flag record is malformed".into())),
     }
 }
 
@@ -35,7 +35,7 @@ pub(super) fn read_identity(bytes: &[u8]) -> Result<DirIdentity, Error> {
         [STORAGE_FORMAT, rest @ ..] if rest.len() == IDENTITY_LEN => {
             Ok(rest.try_into().expect("checked length"))
         }
-        _ => Err(Error("an identity record is malformed".into())),
+        _ => Err(Error::Corrupt("an identity record is malformed".into())),
     }
 }
 
@@ -61,9 +61,9 @@ pub(super) fn encode_committed(out: &mut Vec<u8>, version: u64, value: Option<&[
 }
 
 pub(super) fn decode_committed(bytes: &[u8]) -> Result<(Committed, &[u8]), Error> {
-    let bad = || Error("a committed-value record is malformed".to_string());
+    let bad = || Error::Corrupt("a committed-value record is malformed".to_string());
     let [STORAGE_FORMAT, rest @ ..] = bytes else {
-        return Err(Error(format!(
+        return Err(Error::Corrupt(format!(
             "a committed-value record has format {:?}; this build reads {STORAGE_FORMAT}",
             bytes.first()
         )));
@@ -105,6 +105,8 @@ pub(super) fn read_u64(bytes: &[u8]) -> Result<u64, Error> {
         [STORAGE_FORMAT, rest @ ..] if rest.len() == 8 => {
             Ok(u64::from_be_bytes(rest.try_into().expect("8 bytes")))
         }
-        _ => Err(Error(format!("a meta record is malformed: {bytes:?}"))),
+        _ => Err(Error::Corrupt(format!(
+            "a meta record is malformed: {bytes:?}"
+        ))),
     }
 }

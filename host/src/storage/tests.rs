@@ -78,7 +78,7 @@ fn writes_survive_reopen_and_the_boot_counter_grows() {
     drop(s);
     // Another replica's directory is refused.
     let err = Storage::open(&dir, 4, 1 << 26).err().unwrap();
-    assert!(err.0.contains("belongs to replica 3"), "{err}");
+    assert!(err.to_string().contains("belongs to replica 3"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -206,4 +206,37 @@ fn peers_identities_are_recorded_once_and_a_new_directory_is_told_apart() {
     assert_eq!(s.adopted_members().unwrap(), Some(b"{}".to_vec()));
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&other);
+}
+
+#[test]
+fn a_full_map_is_its_own_error_and_what_was_committed_stays() {
+    let dir = tmp("full");
+    let (s, _) = Storage::open(&dir, 1, 1 << 20).unwrap();
+    let write = |i: u32| Write {
+        key: format!("k{i}").into_bytes(),
+        state: vec![7; 4096],
+        commit: Some(Commit {
+            version: 1,
+            value: Some(vec![9; 4096]),
+        }),
+    };
+    s.commit([write(0)].iter()).unwrap();
+    let full = (1..2000).find_map(|i| s.commit([write(i)].iter()).err());
+    assert_eq!(full, Some(StorageError::Full), "a 1 MiB map fills");
+    assert!(full.unwrap().to_string().contains("map_size_mib"));
+    assert_eq!(s.committed(b"k0").unwrap().map(|c| c.version), Some(1));
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_directory_of_another_replica_is_foreign() {
+    let dir = tmp("foreign");
+    drop(Storage::open(&dir, 1, 1 << 26).unwrap());
+    match Storage::open(&dir, 2, 1 << 26) {
+        Err(StorageError::Foreign(m)) => assert!(m.contains("belongs to replica 1"), "{m}"),
+        Err(e) => panic!("another kind: {e:?}"),
+        Ok(_) => panic!("replica 2 opened replica 1's directory"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

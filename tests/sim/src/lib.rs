@@ -403,7 +403,7 @@ fn peer_addr(id: ReplicaId) -> std::net::SocketAddr {
 
 /// One change of the plan: a node index joins or leaves.
 #[derive(Clone, Copy, Debug)]
-enum Change {
+enum PlannedChange {
     Add(usize),
     Remove(usize),
 }
@@ -528,7 +528,7 @@ pub struct Sim<'f> {
     /// Every membership published, by epoch - 1.
     memberships: Vec<Members>,
     /// Changes not queued yet.
-    plan: VecDeque<Change>,
+    plan: VecDeque<PlannedChange>,
     /// The membership record and its version (what `\0ballot/members`
     /// holds), driven by the daemon's own stages.
     record: MembersRecord,
@@ -608,10 +608,10 @@ impl<'f> Sim<'f> {
                     && size > 1;
                 if leave {
                     let k = rng.range(0, leaving.len() as u64 - 1) as usize;
-                    plan.push_back(Change::Remove(leaving.remove(k)));
+                    plan.push_back(PlannedChange::Remove(leaving.remove(k)));
                     size -= 1;
                 } else if let Some(j) = joins.pop() {
-                    plan.push_back(Change::Add(j));
+                    plan.push_back(PlannedChange::Add(j));
                     size += 1;
                 } else {
                     break;
@@ -1040,8 +1040,8 @@ impl<'f> Sim<'f> {
                         return;
                     };
                     let (action, x) = match change {
-                        Change::Add(x) => (Action::Add, x),
-                        Change::Remove(y) => (Action::Remove, y),
+                        PlannedChange::Add(x) => (Action::Add, x),
+                        PlannedChange::Remove(y) => (Action::Remove, y),
                     };
                     let id = x as ReplicaId + 1;
                     // As `ballot cluster remove` refuses: a quorum of the
@@ -1055,7 +1055,7 @@ impl<'f> Sim<'f> {
                         return;
                     }
                     self.plan.pop_front();
-                    let queued = members::Change {
+                    let queued = members::MemberChange {
                         action,
                         id,
                         addr: (action == Action::Add).then(|| peer_addr(id)),
