@@ -407,7 +407,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 info!("every start-up peer accepted this data directory; it votes from now on");
             }
             let (watchers, commits_rx, members_rx) = node::Watchers::new();
-            let (events_tx, events_rx) = mpsc::channel(node::EVENT_QUEUE);
+            let events = Arc::new(node::Events::default());
             let running = crate::registry::Running {
                 label: initial.label.clone(),
                 view: protocol_view.clone(),
@@ -421,7 +421,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 transport.clone(),
                 metrics.clone(),
                 watchers,
-                events_tx,
+                events.clone(),
                 epoch,
             )?;
             let membership = Membership::new(membership::Setup {
@@ -458,7 +458,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 metrics: metrics.clone(),
                 members,
             }));
-            tokio::spawn(registry.clone().run(commits_rx, events_rx));
+            tokio::spawn(registry.clone().run(commits_rx, events));
             let view = {
                 let config = config.clone();
                 let transport = transport.clone();

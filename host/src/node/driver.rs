@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    ClientRequest, Control, CoreEvent, Health, Mailbox, Protocol, ProtocolFactory, Watchers,
-    BATCH_MAX, KEY_MAX, PIPELINE_MAX, SWAP_DRAIN_MAX,
+    ClientRequest, Control, CoreEvent, Events, Health, Mailbox, Protocol, ProtocolFactory,
+    Watchers, BATCH_MAX, KEY_MAX, PIPELINE_MAX, SWAP_DRAIN_MAX,
 };
 use crate::metrics::{label, labels2, Metrics};
 use crate::runtime::RuntimeError;
@@ -44,7 +44,7 @@ pub(super) struct Driver {
     pub(super) label: String,
     pub(super) factory: ProtocolFactory,
     pub(super) swapping: Option<Swapping>,
-    pub(super) events: mpsc::Sender<CoreEvent>,
+    pub(super) events: Arc<Events>,
     pub(super) storage: Storage,
     pub(super) transport: Arc<Transport>,
     pub(super) metrics: Arc<Metrics>,
@@ -415,21 +415,31 @@ impl Driver {
     }
 
     /// Moves the running instance to `members` if it is newer than what it
-    /// runs. A refusal is logged and leaves the instance on its epoch; a
-    /// trap replaces the instance and the fresh one is asked once more.
+    /// runs. A trap replaces the instance and the fresh one is asked once
+    /// more. An instance that cannot run the epoch stops the replica: the
+    /// membership layer has made the epoch durable and reports it, so an
+    /// instance left voting on an older epoch would be counted where it
+    /// must not be (design section 11).
     fn adopt(&mut self, members: Members) {
-        if let Err(e) = self.try_adopt(&members) {
-            self.recover(e);
-            if let Err(e) = self.try_adopt(&members) {
-                error!(
-                    epoch = members.epoch,
-                    "the fresh instance failed on the epoch too: {e}"
-                );
+        let epoch = members.epoch;
+        let failure = match self.try_adopt(&members) {
+            Ok(()) => return,
+            Err(e @ RuntimeError::Refused(_)) => e,
+            Err(e) => {
+                self.recover(e);
+                match self.try_adopt(&members) {
+                    Ok(()) => return,
+                    Err(e) => e,
+                }
             }
-        }
+        };
+        self.health.stop(format!(
+            "the protocol cannot run membership epoch {epoch}, which this replica \
+             adopted: {failure}"
+        ));
     }
 
-    /// [`Driver::adopt`] on the running instance: `Err` only for a trap.
+    /// [`Driver::adopt`] on the running instance.
     fn try_adopt(&mut self, members: &Members) -> Result<(), RuntimeError> {
         if self
             .members
@@ -452,10 +462,6 @@ impl Driver {
                 );
                 self.members = Some(members.clone());
                 self.epoch.store(epoch, Ordering::Release);
-                Ok(())
-            }
-            Err(RuntimeError::Refused(e)) => {
-                error!(epoch, "the protocol refused a membership epoch: {e}");
                 Ok(())
             }
             Err(e) => Err(e),
@@ -483,9 +489,10 @@ impl Driver {
                 .health
                 .stop(format!("restarting the protocol after a trap: {e}"));
         }
-        self.report(CoreEvent::Trapped {
+        self.events.push(CoreEvent::Trapped {
             label: self.label.clone(),
             reason,
+            count: 1,
         });
     }
 
@@ -523,7 +530,7 @@ impl Driver {
                 );
                 self.label = swap.label.clone();
                 self.factory = swap.factory;
-                self.report(CoreEvent::Swapped {
+                self.events.push(CoreEvent::Swapped {
                     label: swap.label,
                     incarnation,
                     drained: waited,
@@ -534,18 +541,6 @@ impl Driver {
                 // The old instance was not touched: keep running it.
                 error!(to = %swap.label, "protocol swap failed, staying on {}: {e}", self.label);
             }
-        }
-    }
-
-    /// Tells the registry; the core never waits for it. A queue of
-    /// EVENT_QUEUE unread events is a registry that has stopped reading,
-    /// and the event is dropped with a log line.
-    fn report(&self, event: CoreEvent) {
-        if let Err(e) = self.events.try_send(event) {
-            warn!(
-                "the registry is not reading the core's events; dropped: {:?}",
-                e.into_inner()
-            );
         }
     }
 

@@ -18,7 +18,7 @@
 //! component stops the replica from answering: it fails every request with
 //! the reason rather than guess.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,8 +47,6 @@ const PIPELINE_MAX: usize = 64;
 const BATCH_MAX: usize = 2048;
 /// Client requests queued for the core thread.
 pub const REQUEST_QUEUE: usize = 16 * 1024;
-/// Swap and trap reports queued for the registry.
-pub const EVENT_QUEUE: usize = 64;
 /// Peer message batches queued for the core thread.
 pub const INBOUND_QUEUE: usize = 4096;
 
@@ -127,9 +125,60 @@ pub enum CoreEvent {
         /// Commands that had not finished by the deadline and were failed.
         abandoned: usize,
     },
-    /// The instance running `label` trapped and was replaced by a fresh
-    /// one of the same component.
-    Trapped { label: String, reason: String },
+    /// The instance running `label` trapped (or burned its fuel) `count`
+    /// times in a row and was replaced each time by a fresh one of the same
+    /// component; `reason` is the last failure.
+    Trapped {
+        label: String,
+        reason: String,
+        count: u32,
+    },
+}
+
+/// The core's reports to the registry, in order. Never dropped, and
+/// bounded all the same: traps in a row of one component fold into one
+/// report with a count, so the queue grows only by swaps, and the registry
+/// asks for each swap.
+#[derive(Default)]
+pub struct Events {
+    queue: Mutex<VecDeque<CoreEvent>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Events {
+    pub fn push(&self, event: CoreEvent) {
+        let mut queue = self.queue.lock().expect("events lock");
+        match (queue.back_mut(), event) {
+            (
+                Some(CoreEvent::Trapped {
+                    label,
+                    reason,
+                    count,
+                }),
+                CoreEvent::Trapped {
+                    label: l,
+                    reason: r,
+                    ..
+                },
+            ) if *label == l => {
+                *reason = r;
+                *count = count.saturating_add(1);
+            }
+            (_, event) => queue.push_back(event),
+        }
+        drop(queue);
+        self.ready.notify_one();
+    }
+
+    /// The oldest report, once there is one.
+    pub async fn next(&self) -> CoreEvent {
+        loop {
+            if let Some(e) = self.queue.lock().expect("events lock").pop_front() {
+                return e;
+            }
+            self.ready.notified().await;
+        }
+    }
 }
 
 /// Where the rest of the daemon leaves [`Control`]s for the core thread.
@@ -341,7 +390,7 @@ pub fn start(
     transport: Arc<Transport>,
     metrics: Arc<Metrics>,
     watchers: Watchers,
-    events: mpsc::Sender<CoreEvent>,
+    events: Arc<Events>,
     epoch: Arc<AtomicU64>,
 ) -> Result<Core, String> {
     let mut protocol = (initial.factory)(initial.incarnation)?;
@@ -464,6 +513,47 @@ mod tests {
             vec![2],
             "the core drops what it runs past"
         );
+    }
+
+    #[test]
+    fn traps_in_a_row_fold_into_one_report_and_a_swap_is_never_dropped() {
+        let events = Events::default();
+        let trap = |label: &str, reason: &str| CoreEvent::Trapped {
+            label: label.into(),
+            reason: reason.into(),
+            count: 1,
+        };
+        for i in 0..10_000 {
+            events.push(trap("b", &format!("trap {i}")));
+        }
+        events.push(CoreEvent::Swapped {
+            label: "a".into(),
+            incarnation: 7,
+            drained: Duration::ZERO,
+            abandoned: 0,
+        });
+        events.push(trap("a", "again"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let got = rt.block_on(async {
+            [
+                events.next().await,
+                events.next().await,
+                events.next().await,
+            ]
+        });
+        assert!(
+            matches!(&got[0], CoreEvent::Trapped { label, reason, count: 10_000 }
+                if label == "b" && reason == "trap 9999"),
+            "{:?}",
+            got[0]
+        );
+        assert!(
+            matches!(&got[1], CoreEvent::Swapped { label, incarnation: 7, .. } if label == "a")
+        );
+        assert!(matches!(&got[2], CoreEvent::Trapped { count: 1, .. }));
+        assert!(events.queue.lock().unwrap().is_empty());
     }
 
     #[test]

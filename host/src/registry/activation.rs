@@ -168,13 +168,18 @@ impl Registry {
                 drop(running);
                 self.changed.notify_waiters();
             }
-            CoreEvent::Trapped { label, reason } => {
-                let fall_back = self
-                    .protocol
-                    .lock()
-                    .expect("registry lock")
-                    .traps
-                    .trapped(mono_ms());
+            CoreEvent::Trapped {
+                label,
+                reason,
+                count,
+            } => {
+                let fall_back = {
+                    let mut state = self.protocol.lock().expect("registry lock");
+                    let now = mono_ms();
+                    // Past a few, more traps at the same moment decide
+                    // nothing more.
+                    (0..count.min(8)).fold(false, |any, _| state.traps.trapped(now) || any)
+                };
                 let config = self.applied().config;
                 let active = config
                     .protocol

@@ -39,7 +39,7 @@ use wasmtime::component::Component;
 use wasmtime::Engine;
 
 use crate::metrics::Metrics;
-use crate::node::{self, ClientRequest, ConfigCommit, Control, CoreEvent, Mailbox};
+use crate::node::{self, ClientRequest, ConfigCommit, Control, Mailbox};
 use crate::runtime;
 use crate::system_record;
 use ballot_client::views::ComponentView;
@@ -269,7 +269,7 @@ impl Registry {
     pub async fn run(
         self: Arc<Self>,
         mut commits: watch::Receiver<ConfigCommit>,
-        mut events: mpsc::Receiver<CoreEvent>,
+        events: Arc<node::Events>,
     ) {
         // Clients are served only once the cluster's bindings are known: a
         // command routed by a stale or empty table would run the wrong
@@ -308,7 +308,7 @@ impl Registry {
                     }
                     Err(_) => return,
                 },
-                Some(e) = events.recv() => self.on_core_event(e).await,
+                e = events.next() => self.on_core_event(e).await,
                 _ = poll.tick() => {
                     match self.read(CONFIG_KEY.to_vec(), Consistency::Linearizable).await {
                         Ok(current) => {
