@@ -95,11 +95,8 @@ impl std::fmt::Display for RuntimeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RuntimeError::Compile(m) | RuntimeError::Refused(m) => f.write_str(m),
-            RuntimeError::Trap { call, reason } => write!(f, "{call} failed: it trapped: {reason}"),
-            RuntimeError::Fuel { call } => write!(
-                f,
-                "{call} failed: it ran out of fuel (an endless or too long computation)"
-            ),
+            RuntimeError::Trap { call, reason } => write!(f, "{call} failed: {reason}"),
+            RuntimeError::Fuel { call } => write!(f, "{call} failed: {OUT_OF_FUEL}"),
         }
     }
 }
@@ -115,13 +112,9 @@ fn err(context: &str, e: impl std::fmt::Display) -> Error {
 fn call_failed(call: &'static str, e: &wasmtime::Error) -> Error {
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::OutOfFuel) => RuntimeError::Fuel { call },
-        Some(trap) => RuntimeError::Trap {
+        _ => RuntimeError::Trap {
             call,
-            reason: trap.to_string(),
-        },
-        None => RuntimeError::Trap {
-            call,
-            reason: format!("{e:#}"),
+            reason: trap_reason(e),
         },
     }
 }
@@ -216,12 +209,12 @@ fn log(level: u8, message: &str) {
     }
 }
 
+const OUT_OF_FUEL: &str = "it ran out of fuel (an endless or too long computation)";
+
 /// Says what a guest call's error was, in words a client can act on.
 pub fn trap_reason(e: &wasmtime::Error) -> String {
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::OutOfFuel) => {
-            "it ran out of fuel (an endless or too long computation)".to_string()
-        }
+        Some(wasmtime::Trap::OutOfFuel) => OUT_OF_FUEL.to_string(),
         Some(trap) => format!("it trapped: {trap}"),
         None => format!("{e:#}"),
     }

@@ -184,7 +184,6 @@ impl SimConfig {
 
 /// A replica's ready pipeline, with the planted bug if the run asks.
 fn pipeline(cfg: &SimConfig) -> Pipeline {
-    #[allow(unused_mut)]
     let mut p = Pipeline::new(Vec::new());
     if cfg.jumping_pipeline {
         p.plant_empty_ready_jumps_the_queue();
