@@ -176,9 +176,11 @@ impl Registry {
                 let fall_back = {
                     let mut state = self.protocol.lock().expect("registry lock");
                     let now = mono_ms();
-                    // Past a few, more traps at the same moment decide
-                    // nothing more.
-                    (0..count.min(8)).fold(false, |any, _| state.traps.trapped(now) || any)
+                    // Past the rollback threshold, more traps at the same
+                    // moment decide nothing more.
+                    let traps =
+                        (count as usize).min(ballot_control::activation::TRAPS_TO_ROLL_BACK);
+                    (0..traps).fold(false, |any, _| state.traps.trapped(now) || any)
                 };
                 let config = self.applied().config;
                 let active = config
