@@ -6,15 +6,14 @@
 
 use std::time::Duration;
 
+use ballot_control::record::{Update, Want};
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Operation, Outcome};
 use tokio::sync::mpsc;
 
 use crate::node::{self, ClientRequest};
 
-/// Attempts of a read-edit-write before it gives up because other writers
-/// keep winning.
-pub const ATTEMPTS: usize = 16;
+pub use ballot_control::record::ATTEMPTS;
 
 crate::message_error!(
     /// The cluster could not read or write the record now (no quorum, a
@@ -67,6 +66,12 @@ impl SystemRecord<'_> {
             None => Command::Create(value),
             Some(expected) => Command::Cas { expected, value },
         };
+        self.carry_out(&command).await
+    }
+
+    /// Carries out a conditional write: `Ok(None)` if someone wrote first
+    /// (the command was rejected), else the version written.
+    async fn carry_out(&self, command: &Command) -> Result<Option<u64>, Unavailable> {
         let op = Operation::Command(command.encode());
         let c = node::call(self.requests, self.key.to_vec(), op, self.timeout)
             .await
@@ -79,29 +84,40 @@ impl SystemRecord<'_> {
     }
 
     /// Reads the record, lets `edit` change it and writes it back; reads and
-    /// edits again if someone wrote meanwhile, up to [`ATTEMPTS`] times.
-    /// `edit` gets the bytes (`None`: absent) and returns the new bytes, or
-    /// `None` to leave the record as it is. Returns the version the record
-    /// is at afterwards, and what `edit` returned last.
+    /// edits again if someone wrote meanwhile, up to [`ATTEMPTS`] times
+    /// (the loop is `ballot_control::record::Update`, which the simulator
+    /// drives too). `edit` gets the bytes (`None`: absent) and returns the
+    /// new bytes, or `None` to leave the record as it is. Returns the
+    /// version the record is at afterwards, and what `edit` returned last.
     pub async fn update<T, E: From<Unavailable>>(
         &self,
         mut edit: impl FnMut(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T), E>,
     ) -> Result<(u64, T), E> {
-        for _ in 0..ATTEMPTS {
-            let (version, bytes) = self.read().await?;
-            let (next, out) = edit(bytes.as_deref())?;
-            let Some(next) = next else {
-                return Ok((version, out));
-            };
-            let expected = bytes.is_some().then_some(version);
-            if let Some(written) = self.write(expected, next).await? {
-                return Ok((written, out));
+        let mut update = Update::new();
+        let mut out = None;
+        loop {
+            match update.poll() {
+                Want::Read => {
+                    let (version, bytes) = self.read().await?;
+                    let (next, edited) = edit(bytes.as_deref())?;
+                    out = Some(edited);
+                    update.handle_read(version, bytes.is_some(), next);
+                }
+                Want::Write { command } => {
+                    let written = self.carry_out(command).await?;
+                    update.handle_written(written);
+                }
+                Want::Done { version } => {
+                    return Ok((*version, out.expect("an update reads before it is done")))
+                }
+                Want::GaveUp => {
+                    return Err(E::from(Unavailable(format!(
+                        "{} kept changing under this update; try again",
+                        self.what
+                    ))))
+                }
             }
         }
-        Err(E::from(Unavailable(format!(
-            "{} kept changing under this update; try again",
-            self.what
-        ))))
     }
 }
 

@@ -6,7 +6,7 @@
 //! does the I/O: reading and writing the record and the readiness keys,
 //! compiling components, swapping the core.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ballot_core::ReplicaId;
 
@@ -227,6 +227,93 @@ pub fn roll_back(
     true
 }
 
+/// What one replica does about the configuration it applied (design
+/// section 10): answer a pending activation once, delete its answers to
+/// activations that are over, and swap to the active protocol unless it
+/// fell back from that one. The daemon (`host/src/registry/activation.rs`)
+/// and the simulator both drive it on every configuration they apply.
+#[derive(Clone, Debug, Default)]
+pub struct Follower {
+    /// The component the core was last told to run.
+    desired: Option<String>,
+    /// Activations answered, by nonce, whose answers are not deleted yet.
+    reported: BTreeSet<u64>,
+    /// Components this replica fell back from: never swapped to again,
+    /// unless an operator activates one again.
+    quarantined: BTreeSet<String>,
+}
+
+/// What a replica does about one configuration, in this order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Follow {
+    /// Delete this replica's readiness answers to these activations (they
+    /// are over), and call [`Follower::forgot`] for each one deleted.
+    pub forget: Vec<u64>,
+    /// Check whether this replica can run this pending activation's
+    /// target, and write the [`Verdict`] to its readiness key.
+    pub answer: Option<PendingActivation>,
+    /// Swap the core to this protocol (a component id, or the embedded
+    /// protocol's): once it is prepared, call [`Follower::swapping`].
+    pub swap: Option<String>,
+}
+
+impl Follower {
+    /// A replica that runs `running` (a component id).
+    pub fn new(running: &str) -> Follower {
+        Follower {
+            desired: Some(running.to_string()),
+            ..Follower::default()
+        }
+    }
+
+    /// What to do about `config`, just applied; `embedded` is the id of the
+    /// embedded protocol, which `None` in the record names.
+    pub fn follow(&mut self, config: &ClusterConfig, embedded: &str) -> Follow {
+        let pending = config.protocol.pending.as_ref();
+        let forget = self
+            .reported
+            .iter()
+            .copied()
+            .filter(|&n| Some(n) != pending.map(|p| p.nonce))
+            .collect();
+        let answer = pending.filter(|p| self.reported.insert(p.nonce)).cloned();
+        if let Some(p) = &answer {
+            // An operator activating a component again is trying it
+            // again: it is no longer quarantined here.
+            self.quarantined
+                .remove(p.target.as_deref().unwrap_or(embedded));
+        }
+        let target = config.protocol.active.as_deref().unwrap_or(embedded);
+        let swap = (!self.quarantined.contains(target) && self.desired.as_deref() != Some(target))
+            .then(|| target.to_string());
+        Follow {
+            forget,
+            answer,
+            swap,
+        }
+    }
+
+    /// This replica's answer to activation `nonce` is deleted.
+    pub fn forgot(&mut self, nonce: u64) {
+        self.reported.remove(&nonce);
+    }
+
+    /// The core was told to run `label`.
+    pub fn swapping(&mut self, label: &str) {
+        self.desired = Some(label.to_string());
+    }
+
+    /// This replica fell back from `label`: it does not swap to it again.
+    pub fn quarantine(&mut self, label: &str) {
+        self.quarantined.insert(label.to_string());
+    }
+
+    /// The component the core was last told to run.
+    pub fn desired(&self) -> Option<&str> {
+        self.desired.as_deref()
+    }
+}
+
 /// The traps of this replica's protocol instance since its last swap: a
 /// protocol that traps [`TRAPS_TO_ROLL_BACK`] times within
 /// [`TRAP_WINDOW_MS`] of its activation is rolled back. Times are a
@@ -372,6 +459,75 @@ mod tests {
         let mut c = config_running(None, &[]);
         begin(&mut c, Some("a".into()), Swap::Activate, 0).unwrap();
         assert!(begin(&mut c, Some("b".into()), Swap::Activate, 2 * READY_WAIT_MS).is_ok());
+    }
+
+    #[test]
+    fn a_replica_answers_once_forgets_what_is_over_and_follows_the_active_protocol() {
+        let mut f = Follower::new("embedded");
+        let mut c = config_running(None, &[]);
+        // Nothing pending, already running the active one: nothing to do.
+        assert_eq!(f.follow(&c, "embedded"), Follow::default());
+        // A pending activation is answered once, however often it is seen.
+        let p = begin(&mut c, Some("next".into()), Swap::Activate, 1_000).unwrap();
+        assert_eq!(f.follow(&c, "embedded").answer, Some(p.clone()));
+        assert_eq!(f.follow(&c, "embedded"), Follow::default());
+        // It goes ahead: the answer is deleted and the core swaps, once.
+        conclude(
+            &mut c,
+            p.nonce,
+            &p.target,
+            Swap::Activate,
+            &Outcome::Go,
+            1,
+            2,
+        )
+        .unwrap();
+        let follow = f.follow(&c, "embedded");
+        assert_eq!(follow.forget, vec![1_000]);
+        assert_eq!(follow.swap.as_deref(), Some("next"));
+        f.swapping("next");
+        f.forgot(1_000);
+        assert_eq!(f.follow(&c, "embedded"), Follow::default());
+        assert_eq!(f.desired(), Some("next"));
+        // An answer whose delete failed is deleted again next time.
+        let p = begin(&mut c, None, Swap::Rollback, 100_000).unwrap();
+        f.follow(&c, "embedded");
+        conclude(
+            &mut c,
+            p.nonce,
+            &p.target,
+            Swap::Rollback,
+            &Outcome::Go,
+            1,
+            3,
+        )
+        .unwrap();
+        assert_eq!(f.follow(&c, "embedded").forget, vec![100_000]);
+        assert_eq!(f.follow(&c, "embedded").forget, vec![100_000]);
+    }
+
+    #[test]
+    fn a_replica_does_not_swap_back_to_what_it_fell_back_from_until_it_is_activated_again() {
+        let mut f = Follower::new("bad");
+        f.quarantine("bad");
+        let mut c = config_running(Some("bad"), &[None]);
+        assert_eq!(f.follow(&c, "embedded").swap, None);
+        // The operator activates it again: it is tried again.
+        c.protocol.active = None;
+        let p = begin(&mut c, Some("bad".into()), Swap::Activate, 5).unwrap();
+        assert!(f.follow(&c, "embedded").answer.is_some());
+        conclude(
+            &mut c,
+            p.nonce,
+            &p.target,
+            Swap::Activate,
+            &Outcome::Go,
+            1,
+            6,
+        )
+        .unwrap();
+        f.swapping("embedded");
+        assert_eq!(f.follow(&c, "embedded").swap.as_deref(), Some("bad"));
     }
 
     #[test]

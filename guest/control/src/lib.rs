@@ -16,9 +16,12 @@
 //!   right after a swap roll a replica back.
 //! - [`pipeline`]: the ready pipeline between `step` and `release`: host
 //!   numbering, the early-action rule, the pending overlay.
+//! - [`record`]: the bounded read-edit-write (compare-and-swap) loop of a
+//!   record kept in a system key.
 
 pub mod activation;
 pub mod config;
 pub mod members;
 pub mod pipeline;
+pub mod record;
 pub mod stages;

@@ -27,61 +27,46 @@ fn ready_key(nonce: u64, replica: u32) -> Vec<u8> {
 }
 
 impl Registry {
-    /// Answers a pending activation's readiness check, and swaps to the
-    /// active protocol if this replica does not run it yet.
+    /// Answers a pending activation's readiness check, deletes answers to
+    /// activations that are over, and swaps to the active protocol if this
+    /// replica does not run it yet: what to do is the `Follower`'s
+    /// decision, this does it.
     pub(super) async fn follow_protocol(&self, config: &ClusterConfig) {
-        self.forget_readiness(config.protocol.pending.as_ref().map(|p| p.nonce))
-            .await;
-        if let Some(p) = &config.protocol.pending {
-            let fresh = {
-                let mut state = self.protocol.lock().expect("registry lock");
-                let fresh = state.reported.insert(p.nonce);
-                if fresh {
-                    // An operator activating a component again is trying
-                    // it again: it is no longer quarantined here.
-                    let target = p.target.clone().unwrap_or_else(|| self.embedded_id.clone());
-                    state.quarantined.remove(&target);
-                }
-                fresh
-            };
-            if fresh {
-                let verdict = match self.prepare_protocol(p.target.as_deref()).await {
-                    Ok((label, view, _)) => {
-                        let running = self.running();
-                        match compatible(&running.view, &view) {
-                            Ok(()) => {
-                                self.protocol
-                                    .lock()
-                                    .expect("registry lock")
-                                    .views
-                                    .insert(label, view);
-                                Verdict::Ready
-                            }
-                            Err(e) => Verdict::Refused(e),
+        let follow = self
+            .protocol
+            .lock()
+            .expect("registry lock")
+            .follower
+            .follow(config, &self.embedded_id);
+        self.forget_readiness(follow.forget).await;
+        if let Some(p) = follow.answer {
+            let verdict = match self.prepare_protocol(p.target.as_deref()).await {
+                Ok((label, view, _)) => {
+                    let running = self.running();
+                    match compatible(&running.view, &view) {
+                        Ok(()) => {
+                            self.protocol
+                                .lock()
+                                .expect("registry lock")
+                                .views
+                                .insert(label, view);
+                            Verdict::Ready
                         }
+                        Err(e) => Verdict::Refused(e),
                     }
-                    Err(e) => Verdict::Refused(e),
-                };
-                let key = ready_key(p.nonce, self.core_config.self_id);
-                let value = verdict.encode();
-                if let Err(e) = self.command(key, Command::Put(value)).await {
-                    warn!("reporting readiness for activation {}: {e}", p.nonce);
                 }
+                Err(e) => Verdict::Refused(e),
+            };
+            let key = ready_key(p.nonce, self.core_config.self_id);
+            let value = verdict.encode();
+            if let Err(e) = self.command(key, Command::Put(value)).await {
+                warn!("reporting readiness for activation {}: {e}", p.nonce);
             }
         }
-        let target = config
-            .protocol
-            .active
-            .clone()
-            .unwrap_or_else(|| self.embedded_id.clone());
-        let desired = {
-            let state = self.protocol.lock().expect("registry lock");
-            if state.quarantined.contains(&target) {
-                return;
-            }
-            state.desired.clone()
+        let Some(target) = follow.swap else {
+            return;
         };
-        if self.runtime.is_none() || desired.as_deref() == Some(&target) {
+        if self.runtime.is_none() {
             return;
         }
         match self
@@ -91,7 +76,7 @@ impl Registry {
             Ok((label, view, factory)) => {
                 let mut state = self.protocol.lock().expect("registry lock");
                 state.views.insert(label.clone(), view);
-                state.desired = Some(label.clone());
+                state.follower.swapping(&label);
                 self.control.send(Control::Swap { label, factory });
             }
             Err(e) => warn!(component = %target, "cannot run the active protocol: {e}"),
@@ -198,15 +183,15 @@ impl Registry {
                 self.protocol
                     .lock()
                     .expect("registry lock")
-                    .quarantined
-                    .insert(label.clone());
+                    .follower
+                    .quarantine(&label);
                 // Locally first: the failing protocol cannot be trusted to
                 // carry the rollback through consensus.
                 match self.prepare_protocol(previous.as_deref()).await {
                     Ok((to, view, factory)) => {
                         let mut state = self.protocol.lock().expect("registry lock");
                         state.views.insert(to.clone(), view);
-                        state.desired = Some(to.clone());
+                        state.follower.swapping(&to);
                         self.control.send(Control::Swap { label: to, factory });
                     }
                     Err(e) => {
@@ -339,19 +324,10 @@ impl Registry {
     }
 
     /// Deletes this replica's readiness answers to activations that are
-    /// over (every one but `pending`): the activating replica deletes them
-    /// too, but an answer can land after it gave up waiting. A delete that
-    /// fails is tried again with the next configuration applied.
-    async fn forget_readiness(&self, pending: Option<u64>) {
-        let over: Vec<u64> = {
-            let state = self.protocol.lock().expect("registry lock");
-            state
-                .reported
-                .iter()
-                .copied()
-                .filter(|&n| Some(n) != pending)
-                .collect()
-        };
+    /// over: the activating replica deletes them too, but an answer can
+    /// land after it gave up waiting. A delete that fails is tried again
+    /// with the next configuration applied.
+    async fn forget_readiness(&self, over: Vec<u64>) {
         for nonce in over {
             let key = ready_key(nonce, self.core_config.self_id);
             match self.command(key, Command::Delete).await {
@@ -359,8 +335,8 @@ impl Registry {
                     self.protocol
                         .lock()
                         .expect("registry lock")
-                        .reported
-                        .remove(&nonce);
+                        .follower
+                        .forgot(nonce);
                 }
                 Ok(other) => debug!("deleting readiness {nonce}: {other:?}"),
                 Err(e) => debug!("deleting readiness {nonce}: {e}"),

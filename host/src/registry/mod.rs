@@ -129,12 +129,9 @@ pub type Members = Box<dyn Fn() -> Vec<u32> + Send + Sync>;
 /// Protocol bookkeeping of one replica.
 #[derive(Default)]
 struct ProtocolState {
-    /// The component the core was last told to run.
-    desired: Option<String>,
-    /// Readiness checks done, by nonce.
-    reported: HashSet<u64>,
-    /// Components this replica fell back from: never swapped to again.
-    quarantined: HashSet<String>,
+    /// What this replica does about each configuration it applies: its
+    /// readiness answers, what it swaps to, what it fell back from.
+    follower: ballot_control::activation::Follower,
     /// Traps since the last swap.
     traps: ballot_control::activation::TrapWatch,
     /// Views of the components this replica may run, by label.
@@ -181,7 +178,7 @@ impl Registry {
         state
             .views
             .insert(setup.running.label.clone(), setup.running.view.clone());
-        state.desired = Some(setup.running.label.clone());
+        state.follower = ballot_control::activation::Follower::new(&setup.running.label);
         set_protocol_info(&setup.metrics, None, &setup.running);
         Registry {
             cache: Cache::new(&setup.data_dir, &setup.engine),
