@@ -104,6 +104,8 @@ pub struct Readiness {
     members: Vec<ReplicaId>,
     answers: BTreeMap<ReplicaId, Verdict>,
     started_ms: u64,
+    #[cfg(feature = "planted-bugs")]
+    planted_quorum: bool,
 }
 
 impl Readiness {
@@ -113,7 +115,17 @@ impl Readiness {
             members,
             answers: BTreeMap::new(),
             started_ms: now_ms,
+            #[cfg(feature = "planted-bugs")]
+            planted_quorum: false,
         }
+    }
+
+    /// **Planted bug** (simulator checker tests only): the activation goes
+    /// ahead once a majority of the members said they can run the
+    /// component, whatever the others said.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_a_quorum_is_enough(&mut self) {
+        self.planted_quorum = true;
     }
 
     pub fn answer(&mut self, replica: ReplicaId, verdict: Verdict) {
@@ -124,6 +136,17 @@ impl Readiness {
 
     /// Decided once every member answered, or when the wait is over.
     pub fn poll(&self, now_ms: u64) -> Poll {
+        #[cfg(feature = "planted-bugs")]
+        if self.planted_quorum {
+            let ready = self
+                .answers
+                .values()
+                .filter(|v| **v == Verdict::Ready)
+                .count();
+            if ready > self.members.len() / 2 {
+                return Poll::Decided(Outcome::Go);
+            }
+        }
         let waiting: Vec<ReplicaId> = self
             .members
             .iter()

@@ -13,7 +13,11 @@
 //! classic ballot ever carries two proposals; and bounds how long an
 //! operation may wait. The same seed always replays the same run.
 
+mod activation;
 pub mod check;
+
+use activation::{Following, Operator, SysCall};
+pub use activation::{EMBEDDED, NEXT};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -149,6 +153,13 @@ pub struct SimConfig {
     /// with every ready before it, durable or not: unsafe, kept so a test
     /// can show that the checker catches a pipeline that releases early.
     pub jumping_pipeline: bool,
+    /// Protocol activations during the run (`simulator::activation`): the
+    /// configuration record and the readiness answers go through
+    /// consensus, and replicas swap their protocol instance live.
+    pub activations: bool,
+    /// Activations go ahead once a majority of the members is ready:
+    /// unsafe, kept so a test can show that the check catches it.
+    pub planted_quorum_readiness: bool,
 }
 
 impl SimConfig {
@@ -169,6 +180,8 @@ impl SimConfig {
             unchecked_identity: false,
             volatile_epoch: false,
             jumping_pipeline: false,
+            activations: false,
+            planted_quorum_readiness: false,
         }
     }
 
@@ -184,7 +197,12 @@ impl SimConfig {
 
 /// A replica's ready pipeline, with the planted bug if the run asks.
 fn pipeline(cfg: &SimConfig) -> Pipeline {
-    let mut p = Pipeline::new(Vec::new());
+    let watched = if cfg.activations {
+        vec![b"\0ballot/config".to_vec()]
+    } else {
+        Vec::new()
+    };
+    let mut p = Pipeline::new(watched);
     if cfg.jumping_pipeline {
         p.plant_empty_ready_jumps_the_queue();
     }
@@ -244,6 +262,21 @@ pub struct Stats {
     pub lagging_restarts: u64,
     /// The longest any client operation waited for its answer, in ms.
     pub wait_max_ms: u64,
+    /// Activations started, and how they ended: gone ahead, refused (by
+    /// a replica, or because another was being checked), failed (no
+    /// quorum, lost races), lost (the replica asked crashed), or nothing to
+    /// do (the target was active already).
+    pub activations: u64,
+    pub activations_gone: u64,
+    pub activations_refused: u64,
+    pub activations_failed: u64,
+    pub activations_lost: u64,
+    pub activations_noop: u64,
+    /// Live swaps begun and done, and those whose drain deadline passed
+    /// with requests or readies in flight.
+    pub swaps_started: u64,
+    pub swaps: u64,
+    pub drain_timeouts: u64,
 }
 
 /// Longest a client operation may wait for its answer (simulated time)
@@ -260,6 +293,13 @@ pub struct Report {
 /// Creates protocol cores for replicas.
 pub trait CoreFactory {
     fn make(&self, config: Config) -> Box<dyn Core>;
+    /// A core running protocol `label` ([`EMBEDDED`] or [`NEXT`]), for runs
+    /// with activations. A factory with one build makes the same core: the
+    /// swap still replaces the instance.
+    fn make_running(&self, config: Config, label: &str) -> Box<dyn Core> {
+        let _ = label;
+        self.make(config)
+    }
     /// The cores run [`SimEnv`], so commands may carry deadlines.
     fn runs_sim_env(&self) -> bool {
         false
@@ -327,6 +367,17 @@ impl SwapFactory {
 }
 
 impl CoreFactory for SwapFactory {
+    fn make_running(&self, config: Config, label: &str) -> Box<dyn Core> {
+        let rt = if label == NEXT {
+            &self.next
+        } else {
+            &self.current
+        };
+        Box::new(
+            rt.replica(config)
+                .expect("instantiating the protocol component"),
+        )
+    }
     fn make(&self, config: Config) -> Box<dyn Core> {
         let rt = if (config.self_id as u64 + config.incarnation) % 2 == 0 {
             &self.current
@@ -393,6 +444,14 @@ enum Ev {
     Poll(usize),
     /// The membership driver checks its stage.
     Drive,
+    /// An operator starts its activation.
+    Activate(usize),
+    /// An operator's activation takes its next step.
+    Operate(usize),
+    /// A replica polls the configuration.
+    Follow(usize),
+    /// A swap's drain deadline may have passed.
+    SwapDeadline,
 }
 
 /// The peer address a simulated replica's record lists (never dialled).
@@ -415,8 +474,9 @@ struct Node {
     /// The daemon's ready pipeline, the same code: numbering, early
     /// actions, the overlay of states not durable yet.
     pipeline: Pipeline,
-    /// Readies on their way to the disk, in order, by host number.
-    disk: VecDeque<(u64, Vec<Write>)>,
+    /// Readies on their way to the disk, in order: the incarnation that
+    /// made each, its host number, its writes.
+    disk: VecDeque<(u64, u64, Vec<Write>)>,
     disk_free_at: u64,
     inbox: Vec<NodeInput>,
     wake_pending: bool,
@@ -424,6 +484,15 @@ struct Node {
     requests: BTreeMap<u64, usize>,
     /// Request id -> a read the replica makes for its membership task.
     chores: BTreeMap<u64, (Task, Vec<u8>)>,
+    /// Request id -> a request of its host's control plane, and where it is
+    /// in the history.
+    sys: BTreeMap<u64, (usize, SysCall)>,
+    /// Requests its instance took and has not answered.
+    admitted: BTreeSet<u64>,
+    /// The protocol it runs and how it follows the configuration.
+    following: Following,
+    /// Crashes so far.
+    lives: u64,
     /// The membership task it runs (the driver asked for it), with the
     /// keys it still has to read; forgotten at a crash, as the daemon's.
     task: Option<(Task, BTreeSet<Vec<u8>>)>,
@@ -500,6 +569,10 @@ pub struct Sim<'f> {
     wipe_rng: Rng,
     /// Draws when a restarted replica first polls the membership.
     epoch_rng: Rng,
+    /// Draws the activations and who cannot run what.
+    swap_rng: Rng,
+    /// The run's activations, by operator (`None` before it starts).
+    operators: Vec<Option<Operator>>,
     /// The run's one random crash of the whole cluster happened (those at
     /// membership stages are apart).
     crashed_all: bool,
@@ -558,6 +631,7 @@ impl<'f> Sim<'f> {
         };
         let voters: Vec<ReplicaId> = (1..=cfg.nodes as ReplicaId).collect();
         let spares = if cfg.reconfigure { SPARES } else { 0 };
+        let mut swap_rng = Rng::new(cfg.seed ^ 0x5_a9ac);
         let nodes: Vec<Node> = (1..=(cfg.nodes + spares) as ReplicaId)
             .map(|id| {
                 let off = id as usize > cfg.nodes;
@@ -573,6 +647,10 @@ impl<'f> Sim<'f> {
                     wake_pending: false,
                     requests: BTreeMap::new(),
                     chores: BTreeMap::new(),
+                    sys: BTreeMap::new(),
+                    admitted: BTreeSet::new(),
+                    following: Following::new(cfg.activations && !off && swap_rng.chance(0.1)),
+                    lives: 0,
                     task: None,
                     swept: 0,
                     caught_up: 0,
@@ -647,6 +725,8 @@ impl<'f> Sim<'f> {
             stage_rng: Rng::new(cfg.seed ^ 0x57a9e),
             wipe_rng: Rng::new(cfg.seed ^ 0xd1_7ec7),
             epoch_rng: Rng::new(cfg.seed ^ 0xe90c4),
+            swap_rng,
+            operators: Vec::new(),
             wiped: false,
             corrupted: false,
             crashed_all: false,
@@ -725,6 +805,9 @@ impl<'f> Sim<'f> {
                 .range(self.fault_window_ms, 2 * self.fault_window_ms);
             self.at(t, Ev::Fault);
         }
+        if self.cfg.activations {
+            self.plan_activations();
+        }
         if self.cfg.reconfigure {
             let t = self.rng.range(0, 300);
             self.at(t, Ev::Drive);
@@ -742,7 +825,13 @@ impl<'f> Sim<'f> {
                 break;
             }
             self.handle(ev);
-            if self.clients.iter().all(|c| c.remaining == 0 && !c.busy) && self.plan_done() {
+            if self.cfg.activations {
+                self.try_swaps();
+            }
+            if self.clients.iter().all(|c| c.remaining == 0 && !c.busy)
+                && self.plan_done()
+                && self.activations_done()
+            {
                 break;
             }
         }
@@ -794,6 +883,14 @@ impl<'f> Sim<'f> {
                     self.at(t, Ev::Drive);
                 }
             }
+            Ev::Activate(k) => self.activate(k),
+            Ev::Operate(k) => self.operate(k),
+            Ev::Follow(i) => {
+                if !self.activations_done() {
+                    self.follow_poll(i)
+                }
+            }
+            Ev::SwapDeadline => {}
         }
     }
 
@@ -1311,6 +1408,15 @@ impl<'f> Sim<'f> {
         if inbox.is_empty() {
             return;
         }
+        // While a swap drains, new requests wait in their queue.
+        let swapping = node.following.swapping.is_some();
+        let (inbox, held): (Vec<NodeInput>, Vec<NodeInput>) = inbox
+            .into_iter()
+            .partition(|m| !(swapping && matches!(m, NodeInput::Request(_))));
+        node.inbox = held;
+        if inbox.is_empty() {
+            return;
+        }
         let mut batch = Batch {
             now_ms: clock,
             seed,
@@ -1321,6 +1427,7 @@ impl<'f> Sim<'f> {
             match input {
                 NodeInput::Request(r) => {
                     keys.insert(r.key.clone());
+                    node.admitted.insert(r.id);
                     batch.requests.push(r);
                 }
                 NodeInput::Message(m) => {
@@ -1365,7 +1472,7 @@ impl<'f> Sim<'f> {
         let node = &mut self.nodes[i];
         let done = node.disk_free_at.max(now + latency);
         node.disk_free_at = done;
-        node.disk.push_back((ready.id, ready.persist));
+        node.disk.push_back((inc, ready.id, ready.persist));
         self.at(done, Ev::Persisted(i, inc, ready.id));
         // Now and then the replica dies in the middle of a stalled write,
         // after its early actions left and before the write is durable.
@@ -1376,32 +1483,48 @@ impl<'f> Sim<'f> {
     }
 
     fn persisted(&mut self, i: usize, inc: u64, id: u64) {
-        if self.nodes[i].core.is_none() || self.nodes[i].incarnation != inc {
+        // A crash emptied the disk queue: what was on it is lost. A swap did
+        // not: the old instance's writes still land (nothing of them is
+        // released, the pipeline forgot that instance).
+        let node = &self.nodes[i];
+        let Some(&(n, h, _)) = node.disk.front().filter(|_| node.core.is_some()) else {
+            return;
+        };
+        if n != inc {
             return;
         }
-        let (first, writes) = self.nodes[i]
+        assert_eq!(h, id, "the simulated disk completes in order");
+        let (_, _, writes) = self.nodes[i]
             .disk
             .pop_front()
             .expect("a persisted ready is queued");
-        assert_eq!(first, id, "the simulated disk completes in order");
         for w in writes {
             if let Some(c) = &w.commit {
                 self.record_commit(&w.key, c.version, &c.value, self.nodes[i].id);
             }
             self.nodes[i].durable.insert(w.key, w.state);
         }
+        let inc = self.nodes[i].incarnation;
         self.released(i, inc, id);
     }
 
     /// Readies up to host number `upto` are durable: applies and releases
     /// what the pipeline says, in its order.
     fn released(&mut self, i: usize, inc: u64, upto: u64) {
-        for step in self.nodes[i].pipeline.durable(upto).steps {
+        let durable = self.nodes[i].pipeline.durable(upto);
+        for step in durable.steps {
             let actions = match step {
                 Step::Apply(actions) => actions,
                 Step::Release(guest) => self.nodes[i].core.as_mut().expect("up").release(guest),
             };
             self.apply(i, inc, actions);
+        }
+        // The host applies the configuration it made durable, as the
+        // daemon's commit watch does.
+        for (_, commit) in durable.commits {
+            if self.nodes[i].core.is_some() {
+                self.consider(i, commit.version, commit.value);
+            }
         }
     }
 
@@ -1427,11 +1550,19 @@ impl<'f> Sim<'f> {
             self.at(at, Ev::Fire(i, inc, t));
         }
         for c in actions.complete {
-            if let Some(h) = self.nodes[i].requests.remove(&c.id) {
-                self.complete(h, Some(c.outcome));
-            } else if let Some((task, key)) = self.nodes[i].chores.remove(&c.id) {
-                self.chore_done(i, task, key, c.outcome);
-            }
+            self.answer(i, c.id, c.outcome);
+        }
+    }
+
+    /// Replica `i` answered request `id`.
+    fn answer(&mut self, i: usize, id: u64, outcome: Outcome) {
+        self.nodes[i].admitted.remove(&id);
+        if let Some(h) = self.nodes[i].requests.remove(&id) {
+            self.complete(h, Some(outcome));
+        } else if let Some((task, key)) = self.nodes[i].chores.remove(&id) {
+            self.chore_done(i, task, key, outcome);
+        } else if let Some((h, why)) = self.nodes[i].sys.remove(&id) {
+            self.sys_done(i, h, why, Some(outcome));
         }
     }
 
@@ -1522,12 +1653,20 @@ impl<'f> Sim<'f> {
                 op = Operation::Command(with_deadline(deadline, bytes));
             }
         }
+        let (id, h) = self.request(node, c, key, op);
+        self.nodes[node].requests.insert(id, h);
+    }
+
+    /// Hands replica `i` a request of `client` (`usize::MAX`: of the
+    /// replica's own host), recorded in the history; its request id and
+    /// history index.
+    fn request(&mut self, i: usize, client: usize, key: Vec<u8>, op: Operation) -> (u64, usize) {
         let id = self.request_next;
         self.request_next += 1;
         let call = self.tick();
         self.history.push(Record {
-            client: c,
-            node: self.nodes[node].id,
+            client,
+            node: self.nodes[i].id,
             key: key.clone(),
             op: op.clone(),
             call,
@@ -1535,12 +1674,11 @@ impl<'f> Sim<'f> {
             call_ms: self.now,
             outcome: None,
         });
-        let h = self.history.len() - 1;
-        self.nodes[node].requests.insert(id, h);
-        self.nodes[node]
+        self.nodes[i]
             .inbox
             .push(NodeInput::Request(Request { id, key, op }));
-        self.schedule_wake(node);
+        self.schedule_wake(i);
+        (id, self.history.len() - 1)
     }
 
     fn complete(&mut self, h: usize, outcome: Option<Outcome>) {
@@ -1582,9 +1720,16 @@ impl<'f> Sim<'f> {
         node.task = None;
         node.swept = 0;
         node.caught_up = 0;
+        node.admitted.clear();
+        node.lives += 1;
+        node.following = Following::new(node.following.cannot_run_next);
         let lost: Vec<usize> = std::mem::take(&mut node.requests).into_values().collect();
+        let sys: Vec<(usize, SysCall)> = std::mem::take(&mut node.sys).into_values().collect();
         for h in lost {
             self.complete(h, None);
+        }
+        for (h, why) in sys {
+            self.sys_done(i, h, why, None);
         }
         // Not while the membership changes: a replica that cannot read one
         // key's record fails that key's sweep read, and the driver waits for
@@ -1694,9 +1839,14 @@ impl<'f> Sim<'f> {
         node.behind_until = behind;
         node.incarnation += 1;
         node.disk_free_at = 0;
-        let mut core = self
-            .factory
-            .make(Config::new(node.id, node.incarnation, first));
+        let config = Config::new(node.id, node.incarnation, first);
+        // It starts on the embedded protocol and swaps to the active one
+        // once it has read the configuration, as the daemon does.
+        let mut core = if self.cfg.activations {
+            self.factory.make_running(config, EMBEDDED)
+        } else {
+            self.factory.make(config)
+        };
         if let Err(e) = core.reconfigure(members) {
             self.violations
                 .push(format!("replica {} refused its own epoch: {e}", node.id));
@@ -1716,6 +1866,10 @@ impl<'f> Sim<'f> {
                 self.record.queue,
                 self.driving
             ));
+        }
+        if !self.activations_done() {
+            self.violations
+                .push("liveness: the activations did not finish".to_string());
         }
         if self.stats.wait_max_ms > WAIT_MAX_MS {
             self.violations.push(format!(
@@ -1759,6 +1913,10 @@ impl<'f> Sim<'f> {
             let (Operation::Command(bytes), Some(outcome)) = (&r.op, &r.outcome) else {
                 continue;
             };
+            // The system records' writers may write the same bytes twice.
+            if r.client == usize::MAX {
+                continue;
+            }
             // Told "rejected", or failed with the promise it did not apply.
             let told = match outcome {
                 Outcome::Rejected(rej, _) => rej.code.clone(),
@@ -1777,8 +1935,17 @@ impl<'f> Sim<'f> {
                 ));
             }
         }
-        for k in 0..self.cfg.keys {
-            let key = self.key(k);
+        let system: BTreeSet<Vec<u8>> = self
+            .history
+            .iter()
+            .filter(|r| r.client == usize::MAX)
+            .map(|r| r.key.clone())
+            .collect();
+        let keys: Vec<Vec<u8>> = (0..self.cfg.keys)
+            .map(|k| self.key(k))
+            .chain(system)
+            .collect();
+        for key in keys {
             let ops: Vec<check::Op> = self
                 .history
                 .iter()

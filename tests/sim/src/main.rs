@@ -5,6 +5,7 @@
 //! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7 --core wasm
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,4,5 --reconfigure
+//! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade --activate
 //! cargo run --release -p ballot-sim -- --seed-start 1234 --seeds 1 --nodes 4 --history
 //! ```
 
@@ -55,6 +56,9 @@ enum PlantArg {
     /// The host's ready pipeline releases a ready that writes nothing at
     /// once, with every ready before it, durable or not.
     JumpingPipeline,
+    /// With --activate: an activation goes ahead once a majority of the
+    /// members is ready, whatever the others answered.
+    QuorumReadiness,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -93,6 +97,12 @@ struct Args {
     /// the original ones leave (ops per client default to 30).
     #[arg(long)]
     reconfigure: bool,
+    /// Activate protocols during each run: the configuration and readiness
+    /// records go through consensus, replicas swap their instance live
+    /// (with --core upgrade, between the embedded component and
+    /// protocol-next).
+    #[arg(long)]
+    activate: bool,
     /// Print each run's history.
     #[arg(long)]
     history: bool,
@@ -116,6 +126,11 @@ fn main() -> ExitCode {
     let unchecked_identity = args.planted == Some(PlantArg::LostDirectory);
     let volatile_epoch = args.planted == Some(PlantArg::VolatileEpoch);
     let jumping_pipeline = args.planted == Some(PlantArg::JumpingPipeline);
+    let quorum_readiness = args.planted == Some(PlantArg::QuorumReadiness);
+    if quorum_readiness && !args.activate {
+        eprintln!("ballot-sim: --planted quorum-readiness needs --activate");
+        return ExitCode::from(2);
+    }
     if volatile_epoch && !args.reconfigure {
         eprintln!("ballot-sim: --planted volatile-epoch needs --reconfigure");
         return ExitCode::from(2);
@@ -126,6 +141,7 @@ fn main() -> ExitCode {
         || unchecked_identity
         || volatile_epoch
         || jumping_pipeline
+        || quorum_readiness
     {
         None
     } else {
@@ -142,7 +158,8 @@ fn main() -> ExitCode {
             | PlantArg::UncheckedCorruption
             | PlantArg::LostDirectory
             | PlantArg::VolatileEpoch
-            | PlantArg::JumpingPipeline => unreachable!("handled before"),
+            | PlantArg::JumpingPipeline
+            | PlantArg::QuorumReadiness => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
             if planted_core.is_some() {
@@ -195,6 +212,8 @@ fn main() -> ExitCode {
                     cfg.unchecked_identity = unchecked_identity;
                     cfg.volatile_epoch = volatile_epoch;
                     cfg.jumping_pipeline = jumping_pipeline;
+                    cfg.activations = args.activate;
+                    cfg.planted_quorum_readiness = quorum_readiness;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
                         cfg.ops_per_client = ops;
@@ -227,6 +246,14 @@ fn main() -> ExitCode {
             faults.refused_admissions += report.stats.refused_admissions;
             faults.removed_down += report.stats.removed_down;
             faults.lagging_restarts += report.stats.lagging_restarts;
+            faults.activations += report.stats.activations;
+            faults.activations_gone += report.stats.activations_gone;
+            faults.activations_refused += report.stats.activations_refused;
+            faults.activations_failed += report.stats.activations_failed;
+            faults.activations_lost += report.stats.activations_lost;
+            faults.activations_noop += report.stats.activations_noop;
+            faults.swaps += report.stats.swaps;
+            faults.drain_timeouts += report.stats.drain_timeouts;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
                 for r in &report.history {
@@ -246,6 +273,9 @@ fn main() -> ExitCode {
                 }
                 if args.reconfigure {
                     replay.push_str(" --reconfigure");
+                }
+                if args.activate {
+                    replay.push_str(" --activate");
                 }
                 if let Some(c) = args.clients {
                     replay.push_str(&format!(" --clients {c}"));
@@ -273,6 +303,12 @@ fn main() -> ExitCode {
             "n={n}: faults: {} crashes ({} of the whole cluster, {} at membership stages), {} partitions, {} clock jumps, {} corrupted records, {} lost data directories ({} refused at admission, {} of their messages refused), {} replicas removed while down, {} restarts on an older epoch",
             faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions, faults.wipes, faults.refused_admissions, faults.refused, faults.removed_down, faults.lagging_restarts
         );
+        if args.activate {
+            eprintln!(
+                "n={n}: activations: {} started, {} went ahead, {} refused, {} failed, {} lost with their replica, {} with nothing to do; {} live swaps ({} at the drain deadline)",
+                faults.activations, faults.activations_gone, faults.activations_refused, faults.activations_failed, faults.activations_lost, faults.activations_noop, faults.swaps, faults.drain_timeouts
+            );
+        }
     }
     println!("{passed} passed, {} failed", failed.len());
     if failed.is_empty() {

@@ -448,3 +448,108 @@ fn simulator_catches_a_pipeline_that_releases_before_durable() {
     .expect("300 seeds of a pipeline that releases early passed the simulator");
     assert_clean(&run_native(seed, 3), seed, 3);
 }
+
+fn activating(seed: u64, nodes: usize) -> SimConfig {
+    let mut cfg = SimConfig::new(seed, nodes);
+    cfg.activations = true;
+    cfg
+}
+
+/// Protocol activations through consensus, under every fault: operators
+/// race each other on the configuration record, replicas answer readiness
+/// and follow the record with the daemon's `Follower`, and swap their
+/// instance live (half the time at once, with requests and readies in
+/// flight). Every key's history, the system keys' included, stays
+/// linearizable, and no member is left unable to run the active protocol.
+#[test]
+fn activations_and_live_swaps_under_faults_stay_linearizable() {
+    let mut total = ballot_sim::Stats::default();
+    for nodes in [3, 4, 5, 7] {
+        for seed in 0..100 {
+            let report = run(activating(seed, nodes), &NativeFactory(None));
+            assert!(
+                report.violations.is_empty(),
+                "seed {seed} n={nodes} failed; replay: cargo run --release -p ballot-sim -- \
+                 --seed-start {seed} --seeds 1 --nodes {nodes} --activate\n{}",
+                report.violations.join("\n")
+            );
+            let s = report.stats;
+            total.activations_gone += s.activations_gone;
+            total.activations_refused += s.activations_refused;
+            total.activations_lost += s.activations_lost;
+            total.swaps += s.swaps;
+            total.drain_timeouts += s.drain_timeouts;
+        }
+    }
+    // Every way an activation and a swap can go happens.
+    assert!(total.activations_gone > 50, "{total:?}");
+    assert!(total.activations_refused > 50, "{total:?}");
+    assert!(total.activations_lost > 10, "{total:?}");
+    assert!(total.swaps > 200, "{total:?}");
+    assert!(total.drain_timeouts > 20, "{total:?}");
+}
+
+/// The same with the two real components: activations move replicas live
+/// between the embedded protocol (0.3.0, key-state format 1) and
+/// protocol-next (0.4.0, format 2), and back at every restart.
+#[test]
+fn activations_between_two_component_versions_stay_linearizable() {
+    let swap = SwapFactory::embedded().unwrap();
+    let mut swaps = 0;
+    for nodes in [3, 5] {
+        for seed in 3000..3030 {
+            let mut cfg = activating(seed, nodes);
+            cfg.corrupt = false;
+            let report = run(cfg, &swap);
+            assert!(
+                report.violations.is_empty(),
+                "seed {seed} n={nodes} failed; replay: cargo run --release -p ballot-sim -- \
+                 --seed-start {seed} --seeds 1 --nodes {nodes} --core upgrade --activate\n{}",
+                report.violations.join("\n")
+            );
+            swaps += report.stats.swaps;
+        }
+    }
+    assert!(swaps > 20, "only {swaps} live swaps");
+}
+
+/// Activations while the membership changes: the readiness answers are
+/// asked of the members the activating replica runs, joiners follow the
+/// record once they are in.
+#[test]
+fn activations_during_membership_changes_stay_linearizable() {
+    for nodes in [3, 4] {
+        for seed in 0..60 {
+            let mut cfg = SimConfig::reconfiguring(seed, nodes);
+            cfg.activations = true;
+            let report = run(cfg, &NativeFactory(None));
+            assert!(
+                report.violations.is_empty(),
+                "seed {seed} n={nodes} failed; replay: cargo run --release -p ballot-sim -- \
+                 --seed-start {seed} --seeds 1 --nodes {nodes} --reconfigure --activate\n{}",
+                report.violations.join("\n")
+            );
+        }
+    }
+}
+
+/// An activation must hear from every member. Planted so that a majority
+/// of ready answers is enough (`Readiness::plant_a_quorum_is_enough`), it
+/// goes ahead while a member said it cannot run the component, and that
+/// member is then left unable to run the cluster's protocol, which the
+/// simulator sees (`ballot-sim --seeds 300 --nodes 3,4,5 --activate
+/// --planted quorum-readiness`). The same seed passes unplanted.
+#[test]
+fn simulator_catches_an_activation_decided_on_a_quorum() {
+    let planted = |seed| {
+        let mut cfg = activating(seed, 3);
+        cfg.planted_quorum_readiness = true;
+        cfg
+    };
+    let seed = first_caught(0..300, planted, &NativeFactory(None), |v| {
+        v.contains("cannot run the active protocol")
+    })
+    .expect("300 seeds of activations decided on a quorum passed the simulator");
+    let report = run(activating(seed, 3), &NativeFactory(None));
+    assert_clean(&report, seed, 3);
+}
