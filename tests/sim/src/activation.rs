@@ -26,7 +26,7 @@ use ballot_control::record::{Update, Want};
 use ballot_core::register::Command;
 use ballot_core::{Config, Consistency, FailureReason, Operation, Outcome, ReplicaId};
 
-use crate::{Ev, Sim};
+use crate::{Ev, NodeInput, Sim};
 
 /// The protocol every replica starts on (the embedded one).
 pub const EMBEDDED: &str = "embedded";
@@ -185,8 +185,11 @@ impl<'f> Sim<'f> {
             // The replica crashed: an operator's request through it failed.
             if let SysCall::Operator(k) | SysCall::Readiness(k, _) = why {
                 if let Some(op) = self.operators[k].as_mut().filter(|o| !o.over()) {
+                    // Lost while cleaning up, it was counted already.
+                    if !matches!(op.phase, Phase::Clean(_)) {
+                        self.stats.activations_lost += 1;
+                    }
                     op.phase = Phase::Over;
-                    self.stats.activations_lost += 1;
                 }
             }
             return;
@@ -339,6 +342,10 @@ impl<'f> Sim<'f> {
         let abandoned: Vec<u64> = std::mem::take(&mut self.nodes[i].admitted)
             .into_iter()
             .collect();
+        self.stats.abandoned += abandoned
+            .iter()
+            .filter(|id| self.nodes[i].requests.contains_key(id))
+            .count() as u64;
         for id in abandoned {
             let outcome = Outcome::Failed(ballot_core::Failure {
                 reason: FailureReason::Interrupted,
@@ -362,12 +369,45 @@ impl<'f> Sim<'f> {
         }
         node.core = Some(core);
         // Its readies in flight still reach the disk; nothing of them is
-        // released.
+        // released. Timer tokens belong to the instance that armed them.
         node.pipeline.forget_instance();
+        node.inbox.retain(|m| !matches!(m, NodeInput::Timer(_)));
         node.following.running = label;
         node.following.swapping = None;
         self.stats.swaps += 1;
         self.schedule_wake(i);
+    }
+
+    /// At the end of the run: every member that is up can run the protocol
+    /// the newest configuration chosen makes active, whether or not it
+    /// has polled that configuration yet.
+    pub(crate) fn check_active_protocol(&mut self) {
+        let newest = self
+            .chosen
+            .range((CONFIG_KEY.to_vec(), 0)..=(CONFIG_KEY.to_vec(), u64::MAX))
+            .next_back()
+            .map(|(_, v)| v.clone());
+        let Some(value) = newest else {
+            return;
+        };
+        let active = match decode(value.as_deref()) {
+            Ok(c) => label_of(&c.protocol.active),
+            Err(e) => {
+                self.violations
+                    .push(format!("the newest configuration is undecodable: {e}"));
+                return;
+            }
+        };
+        let latest = self.latest().clone();
+        for node in &self.nodes {
+            if !node.off && latest.contains(node.id) && !node.following.can_run(active) {
+                self.violations.push(format!(
+                    "replica {} is a member and cannot run the active protocol {active} \
+                     (at the end of the run)",
+                    node.id
+                ));
+            }
+        }
     }
 
     // ----- operators activate ---------------------------------------------

@@ -518,6 +518,7 @@ fn activations_between_two_component_versions_stay_linearizable() {
 /// record once they are in.
 #[test]
 fn activations_during_membership_changes_stay_linearizable() {
+    let (mut gone, mut swaps, mut changes) = (0, 0, 0);
     for nodes in [3, 4] {
         for seed in 0..60 {
             let mut cfg = SimConfig::reconfiguring(seed, nodes);
@@ -529,8 +530,15 @@ fn activations_during_membership_changes_stay_linearizable() {
                  --seed-start {seed} --seeds 1 --nodes {nodes} --reconfigure --activate\n{}",
                 report.violations.join("\n")
             );
+            gone += report.stats.activations_gone;
+            swaps += report.stats.swaps;
+            changes += report.stats.changes;
         }
     }
+    assert!(
+        gone > 10 && swaps > 20 && changes > 100,
+        "{gone} {swaps} {changes}"
+    );
 }
 
 /// An activation must hear from every member. Planted so that a majority
