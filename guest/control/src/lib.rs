@@ -18,10 +18,13 @@
 //!   numbering, the early-action rule, the pending overlay.
 //! - [`record`]: the bounded read-edit-write (compare-and-swap) loop of a
 //!   record kept in a system key.
+//! - [`replay`]: which commits a replica learns from a page of a peer's
+//!   changelog or snapshot, and how far it truncates its own.
 
 pub mod activation;
 pub mod config;
 pub mod members;
 pub mod pipeline;
 pub mod record;
+pub mod replay;
 pub mod stages;

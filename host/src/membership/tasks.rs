@@ -15,8 +15,8 @@ use super::{unavailable, Membership, Phase, Progress, TaskKind, CALL_TIMEOUT, ST
 use crate::node::{self, ClientRequest, Health};
 use crate::system::now_ms;
 
-/// Keys per catch-up listing page.
-const PAGE: u32 = 1024;
+// Keys per catch-up listing page, and entries per changelog page.
+use ballot_control::replay::{self, PAGE};
 /// Linearizable reads a catch-up or sweep keeps in flight.
 const READS_IN_FLIGHT: usize = 32;
 /// How often a replica replays its peers' changelogs.
@@ -287,22 +287,36 @@ impl Membership {
             else {
                 return Err("unexpected answer".into());
             };
-            if first > cursor + 1 || last < cursor {
+            let page = replay::Page {
+                first,
+                last,
+                entries,
+            };
+            let mut failed = None;
+            let step = replay::page(cursor, &page, |key| {
+                self.local_version(key).unwrap_or_else(|e| {
+                    failed = Some(e);
+                    u64::MAX
+                })
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            match step {
                 // Truncated past this replica's cursor (or the peer's
                 // store is newer than the cursor): replay its snapshot.
-                cursor = self.replay_snapshot(peer, epoch).await?;
-            } else {
-                let Some(&(newest, _, _)) = entries.last() else {
-                    return Ok(());
-                };
-                let mut stale = Vec::new();
-                for (_, key, version) in &entries {
-                    if self.local_version(key)? < *version && !stale.contains(key) {
-                        stale.push(key.clone());
+                replay::Replay::Snapshot => cursor = self.replay_snapshot(peer, epoch).await?,
+                replay::Replay::Learn {
+                    stale,
+                    cursor: next,
+                    done,
+                } => {
+                    if stale.is_empty() && next == cursor && done {
+                        return Ok(());
                     }
+                    self.read_keys(stale, false).await?;
+                    cursor = next;
                 }
-                self.read_keys(stale, false).await?;
-                cursor = newest;
             }
             self.storage
                 .set_cursor(peer, cursor)
@@ -337,10 +351,15 @@ impl Membership {
             };
             seq.get_or_insert(at);
             after = entries.last().map(|(k, _)| k.clone());
-            for (key, version) in entries {
-                if self.local_version(&key)? < version {
-                    stale.push(key);
-                }
+            let mut failed = None;
+            stale.extend(replay::stale(&entries, |key| {
+                self.local_version(key).unwrap_or_else(|e| {
+                    failed = Some(e);
+                    u64::MAX
+                })
+            }));
+            if let Some(e) = failed {
+                return Err(e);
             }
             if last || after.is_none() {
                 break;
@@ -371,7 +390,7 @@ impl Membership {
             let Ok((first, last)) = self.storage.changelog_bounds() else {
                 continue;
             };
-            let mut everyone_has = last;
+            let mut cursors = Vec::new();
             for (peer, _) in record.peers(self.me) {
                 let cursor = match self.status_of(peer).await {
                     Ok(s) => s
@@ -381,17 +400,14 @@ impl Membership {
                         .map_or(0, |(_, c)| *c),
                     Err(_) => 0,
                 };
-                everyone_has = everyone_has.min(cursor);
+                cursors.push(cursor);
             }
-            let upto = everyone_has.max(last.saturating_sub(keep));
-            if upto < first {
+            let Some(upto) = replay::truncation(first, last, &cursors, keep) else {
                 continue;
-            }
+            };
             let storage = self.storage.clone();
             match tokio::task::spawn_blocking(move || storage.truncate_changelog(upto)).await {
-                Ok(Ok(dropped)) if dropped > 0 => {
-                    debug!(upto, dropped, everyone_has, "changelog truncated")
-                }
+                Ok(Ok(dropped)) if dropped > 0 => debug!(upto, dropped, "changelog truncated"),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => warn!("truncating the changelog: {e}"),
                 Err(e) => warn!("truncating the changelog: {e}"),

@@ -59,6 +59,8 @@ pub(crate) enum SysCall {
     Operator(usize),
     /// Reading this replica's readiness answer, for an operator.
     Readiness(usize, ReplicaId),
+    /// A read of the changelog replay (`crate::replay`).
+    Replay,
 }
 
 /// A replica's side of the control plane.
@@ -168,13 +170,27 @@ impl<'f> Sim<'f> {
     }
 
     /// Sends a request of replica `i`'s own host, recorded in the history.
-    fn sys_request(&mut self, i: usize, key: Vec<u8>, op: Operation, why: SysCall) {
+    pub(crate) fn sys_request(
+        &mut self,
+        i: usize,
+        key: Vec<u8>,
+        op: Operation,
+        why: SysCall,
+    ) -> u64 {
         let (id, h) = self.request(i, usize::MAX, key, op);
         self.nodes[i].sys.insert(id, (h, why));
+        id
     }
 
     /// A request of replica `i`'s host finished (`None`: it crashed first).
-    pub(crate) fn sys_done(&mut self, i: usize, h: usize, why: SysCall, outcome: Option<Outcome>) {
+    pub(crate) fn sys_done(
+        &mut self,
+        i: usize,
+        id: u64,
+        h: usize,
+        why: SysCall,
+        outcome: Option<Outcome>,
+    ) {
         let ret = self.tick();
         let record = &mut self.history[h];
         if outcome.is_some() {
@@ -202,6 +218,10 @@ impl<'f> Sim<'f> {
                 }
             }
             SysCall::Answer => {}
+            SysCall::Replay => {
+                let ok = matches!(outcome, Outcome::Done(_));
+                self.replay_read_done(i, id, ok);
+            }
             SysCall::Forget(nonce) => {
                 if matches!(outcome, Outcome::Done(_)) {
                     self.nodes[i].following.follower.forgot(nonce);

@@ -15,9 +15,12 @@
 
 mod activation;
 pub mod check;
+mod replay;
 
 use activation::{Following, Operator, SysCall};
 pub use activation::{EMBEDDED, NEXT};
+use replay::Log;
+pub use replay::QUIET_MS;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -160,6 +163,16 @@ pub struct SimConfig {
     /// Activations go ahead once a majority of the members is ready:
     /// unsafe, kept so a test can show that the check catches it.
     pub planted_quorum_readiness: bool,
+    /// Changelog replay, truncation and snapshots (`simulator::replay`),
+    /// and, once the clients are done, a quiet time after which every
+    /// member that is up must hold the newest commit of every key.
+    pub replay: bool,
+    /// Changelog entries a replica keeps beyond what its peers replayed.
+    pub changelog_keep: u64,
+    /// A replica behind a peer's truncation skips to what the peer still
+    /// holds instead of replaying its snapshot: unsafe, kept so a test can
+    /// show that the convergence check catches it.
+    pub planted_replay_skips_snapshot: bool,
 }
 
 impl SimConfig {
@@ -182,6 +195,9 @@ impl SimConfig {
             jumping_pipeline: false,
             activations: false,
             planted_quorum_readiness: false,
+            replay: false,
+            changelog_keep: 8,
+            planted_replay_skips_snapshot: false,
         }
     }
 
@@ -279,6 +295,11 @@ pub struct Stats {
     pub drain_timeouts: u64,
     /// Client operations a swap's drain deadline abandoned.
     pub abandoned: u64,
+    /// Snapshots replayed, changelog truncations, and keys read because a
+    /// peer's changelog or snapshot held a newer commit.
+    pub snapshots: u64,
+    pub truncations: u64,
+    pub replay_reads: u64,
 }
 
 /// Longest a client operation may wait for its answer (simulated time)
@@ -454,6 +475,12 @@ enum Ev {
     Follow(usize),
     /// A swap's drain deadline may have passed.
     SwapDeadline,
+    /// A replica replays its peers' changelogs.
+    Replay(usize),
+    /// A replica truncates its changelog.
+    Truncate(usize),
+    /// A replay read is tried again: replica, pass, key, attempts so far.
+    ReplayRetry(usize, u64, Vec<u8>, u32),
 }
 
 /// The peer address a simulated replica's record lists (never dialled).
@@ -495,6 +522,8 @@ struct Node {
     following: Following,
     /// Crashes so far.
     lives: u64,
+    /// Its changelog, its cursors for its peers, the replay it runs.
+    log: Log,
     /// The membership task it runs (the driver asked for it), with the
     /// keys it still has to read; forgotten at a crash, as the daemon's.
     task: Option<(Task, BTreeSet<Vec<u8>>)>,
@@ -575,6 +604,10 @@ pub struct Sim<'f> {
     swap_rng: Rng,
     /// The run's activations, by operator (`None` before it starts).
     operators: Vec<Option<Operator>>,
+    /// Draws when replicas replay and truncate.
+    replay_rng: Rng,
+    /// With replay: the end of the quiet time after the clients finished.
+    quiet_until: Option<u64>,
     /// The run's one random crash of the whole cluster happened (those at
     /// membership stages are apart).
     crashed_all: bool,
@@ -653,6 +686,7 @@ impl<'f> Sim<'f> {
                     admitted: BTreeSet::new(),
                     following: Following::new(cfg.activations && !off && swap_rng.chance(0.1)),
                     lives: 0,
+                    log: Log::default(),
                     task: None,
                     swept: 0,
                     caught_up: 0,
@@ -729,6 +763,8 @@ impl<'f> Sim<'f> {
             epoch_rng: Rng::new(cfg.seed ^ 0xe90c4),
             swap_rng,
             operators: Vec::new(),
+            replay_rng: Rng::new(cfg.seed ^ 0x4e_91a7),
+            quiet_until: None,
             wiped: false,
             corrupted: false,
             crashed_all: false,
@@ -810,6 +846,9 @@ impl<'f> Sim<'f> {
         if self.cfg.activations {
             self.plan_activations();
         }
+        if self.cfg.replay {
+            self.plan_replay();
+        }
         if self.cfg.reconfigure {
             let t = self.rng.range(0, 300);
             self.at(t, Ev::Drive);
@@ -833,6 +872,7 @@ impl<'f> Sim<'f> {
             if self.clients.iter().all(|c| c.remaining == 0 && !c.busy)
                 && self.plan_done()
                 && self.activations_done()
+                && self.quiet_done()
             {
                 break;
             }
@@ -893,6 +933,11 @@ impl<'f> Sim<'f> {
                 }
             }
             Ev::SwapDeadline => {}
+            Ev::Replay(i) => self.replay_tick(i),
+            Ev::Truncate(i) => self.truncate_tick(i),
+            Ev::ReplayRetry(i, generation, key, attempts) => {
+                self.replay_retry(i, generation, key, attempts)
+            }
         }
     }
 
@@ -1054,6 +1099,22 @@ impl<'f> Sim<'f> {
     }
 
     // ----- membership -----------------------------------------------------
+
+    /// With replay, once everything else is done: the network heals and
+    /// the run goes on for [`QUIET_MS`] before it is checked.
+    fn quiet_done(&mut self) -> bool {
+        if !self.cfg.replay {
+            return true;
+        }
+        match self.quiet_until {
+            Some(t) => self.now >= t,
+            None => {
+                self.quiet_until = Some(self.now + QUIET_MS);
+                self.cut.clear();
+                false
+            }
+        }
+    }
 
     fn plan_done(&self) -> bool {
         self.plan.is_empty() && matches!(self.driving, None | Some(Next::Idle))
@@ -1510,6 +1571,7 @@ impl<'f> Sim<'f> {
         for w in writes {
             if let Some(c) = &w.commit {
                 self.record_commit(&w.key, c.version, &c.value, self.nodes[i].id);
+                self.nodes[i].log.append(&w.key, c.version);
             }
             self.nodes[i].durable.insert(w.key, w.state);
         }
@@ -1571,7 +1633,7 @@ impl<'f> Sim<'f> {
         } else if let Some((task, key)) = self.nodes[i].chores.remove(&id) {
             self.chore_done(i, task, key, outcome);
         } else if let Some((h, why)) = self.nodes[i].sys.remove(&id) {
-            self.sys_done(i, h, why, Some(outcome));
+            self.sys_done(i, id, h, why, Some(outcome));
         }
     }
 
@@ -1731,14 +1793,15 @@ impl<'f> Sim<'f> {
         node.caught_up = 0;
         node.admitted.clear();
         node.lives += 1;
+        node.log.crashed();
         node.following = Following::new(node.following.cannot_run_next);
         let lost: Vec<usize> = std::mem::take(&mut node.requests).into_values().collect();
-        let sys: Vec<(usize, SysCall)> = std::mem::take(&mut node.sys).into_values().collect();
+        let sys: Vec<(u64, (usize, SysCall))> = std::mem::take(&mut node.sys).into_iter().collect();
         for h in lost {
             self.complete(h, None);
         }
-        for (h, why) in sys {
-            self.sys_done(i, h, why, None);
+        for (id, (h, why)) in sys {
+            self.sys_done(i, id, h, why, None);
         }
         // Not while the membership changes: a replica that cannot read one
         // key's record fails that key's sweep read, and the driver waits for
@@ -1774,6 +1837,7 @@ impl<'f> Sim<'f> {
         let rec = self.nodes[i].durable.get_mut(key).expect("listed");
         let at = self.disk_rng.range(0, rec.len() as u64 - 1) as usize;
         rec[at] ^= 1 << self.disk_rng.range(0, 7);
+        self.nodes[i].log.corrupted.insert(key.clone());
         self.corrupted = true;
         self.stats.corruptions += 1;
     }
@@ -1815,6 +1879,7 @@ impl<'f> Sim<'f> {
         let node = &mut self.nodes[i];
         node.durable.clear();
         node.known.clear();
+        node.log.wiped();
         node.identity = self.wipe_rng.next();
         node.incarnation = self.wipe_rng.range(1, 1 << 40);
         node.epoch = 1;
@@ -1882,6 +1947,9 @@ impl<'f> Sim<'f> {
         }
         if self.cfg.activations {
             self.check_active_protocol();
+        }
+        if self.cfg.replay && self.quiet_until.is_some_and(|t| self.now >= t) {
+            self.check_converged();
         }
         if self.stats.wait_max_ms > WAIT_MAX_MS {
             self.violations.push(format!(
@@ -1956,7 +2024,7 @@ impl<'f> Sim<'f> {
             .filter(|r| r.client == usize::MAX)
             .map(|r| r.key.clone())
             .collect();
-        let keys: Vec<Vec<u8>> = (0..self.cfg.keys)
+        let keys: BTreeSet<Vec<u8>> = (0..self.cfg.keys)
             .map(|k| self.key(k))
             .chain(system)
             .collect();

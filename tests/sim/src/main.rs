@@ -6,6 +6,7 @@
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,4,5 --reconfigure
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade --activate
+//! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,4,5 --replay --keys 6
 //! cargo run --release -p ballot-sim -- --seed-start 1234 --seeds 1 --nodes 4 --history
 //! ```
 
@@ -59,6 +60,9 @@ enum PlantArg {
     /// With --activate: an activation goes ahead once a majority of the
     /// members is ready, whatever the others answered.
     QuorumReadiness,
+    /// With --replay: a replica behind a peer's truncated changelog skips
+    /// to what the peer still holds instead of replaying its snapshot.
+    SkipSnapshot,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -103,6 +107,11 @@ struct Args {
     /// protocol-next).
     #[arg(long)]
     activate: bool,
+    /// Replay peers' changelogs (truncated to a few entries, so snapshots
+    /// are common), and check that every member converges once the clients
+    /// are done and the network heals.
+    #[arg(long)]
+    replay: bool,
     /// Print each run's history.
     #[arg(long)]
     history: bool,
@@ -127,6 +136,11 @@ fn main() -> ExitCode {
     let volatile_epoch = args.planted == Some(PlantArg::VolatileEpoch);
     let jumping_pipeline = args.planted == Some(PlantArg::JumpingPipeline);
     let quorum_readiness = args.planted == Some(PlantArg::QuorumReadiness);
+    let skip_snapshot = args.planted == Some(PlantArg::SkipSnapshot);
+    if skip_snapshot && !args.replay {
+        eprintln!("ballot-sim: --planted skip-snapshot needs --replay");
+        return ExitCode::from(2);
+    }
     if quorum_readiness && !args.activate {
         eprintln!("ballot-sim: --planted quorum-readiness needs --activate");
         return ExitCode::from(2);
@@ -142,6 +156,7 @@ fn main() -> ExitCode {
         || volatile_epoch
         || jumping_pipeline
         || quorum_readiness
+        || skip_snapshot
     {
         None
     } else {
@@ -159,7 +174,8 @@ fn main() -> ExitCode {
             | PlantArg::LostDirectory
             | PlantArg::VolatileEpoch
             | PlantArg::JumpingPipeline
-            | PlantArg::QuorumReadiness => unreachable!("handled before"),
+            | PlantArg::QuorumReadiness
+            | PlantArg::SkipSnapshot => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
             if planted_core.is_some() {
@@ -214,6 +230,8 @@ fn main() -> ExitCode {
                     cfg.jumping_pipeline = jumping_pipeline;
                     cfg.activations = args.activate;
                     cfg.planted_quorum_readiness = quorum_readiness;
+                    cfg.replay = args.replay;
+                    cfg.planted_replay_skips_snapshot = skip_snapshot;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
                         cfg.ops_per_client = ops;
@@ -254,6 +272,9 @@ fn main() -> ExitCode {
             faults.activations_noop += report.stats.activations_noop;
             faults.swaps += report.stats.swaps;
             faults.drain_timeouts += report.stats.drain_timeouts;
+            faults.snapshots += report.stats.snapshots;
+            faults.truncations += report.stats.truncations;
+            faults.replay_reads += report.stats.replay_reads;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
                 for r in &report.history {
@@ -276,6 +297,9 @@ fn main() -> ExitCode {
                 }
                 if args.activate {
                     replay.push_str(" --activate");
+                }
+                if args.replay {
+                    replay.push_str(" --replay");
                 }
                 if let Some(c) = args.clients {
                     replay.push_str(&format!(" --clients {c}"));
@@ -307,6 +331,12 @@ fn main() -> ExitCode {
             eprintln!(
                 "n={n}: activations: {} started, {} went ahead, {} refused, {} failed, {} lost with their replica, {} with nothing to do; {} live swaps ({} at the drain deadline)",
                 faults.activations, faults.activations_gone, faults.activations_refused, faults.activations_failed, faults.activations_lost, faults.activations_noop, faults.swaps, faults.drain_timeouts
+            );
+        }
+        if args.replay {
+            eprintln!(
+                "n={n}: replay: {} keys read from peers' changelogs, {} snapshots replayed, {} truncations",
+                faults.replay_reads, faults.snapshots, faults.truncations
             );
         }
     }
