@@ -169,10 +169,7 @@ impl Membership {
             }
             What::Changes { after, limit } => {
                 let limit = page_limit(limit);
-                let page = self.storage.changelog_bounds().and_then(|(first, last)| {
-                    let changes = self.storage.changes(after + 1, limit)?;
-                    Ok((first, last, changes))
-                });
+                let page = self.storage.changes_page(after + 1, limit);
                 match page {
                     Ok((first, last, changes)) => Answer::Changes {
                         first,

@@ -299,6 +299,9 @@ pub(super) fn publish(to: &watch::Sender<ConfigCommit>, commit: ConfigCommit) {
 pub enum CallError {
     /// The core thread is gone: the replica is shutting down.
     Stopped,
+    /// The core's request queue stayed full for the whole time given: the
+    /// replica is overloaded, and the operation was not taken.
+    Overloaded(Duration),
     /// The core thread dropped the request without completing it.
     Dropped,
     /// No completion within the time given.
@@ -309,6 +312,12 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallError::Stopped => f.write_str("the replica is shutting down"),
+            CallError::Overloaded(t) => {
+                write!(
+                    f,
+                    "the replica is overloaded: its queue stayed full for {t:?}"
+                )
+            }
             CallError::Dropped => f.write_str("the replica dropped the request"),
             CallError::Timeout(t) => write!(f, "no answer within {t:?}"),
         }
@@ -317,19 +326,23 @@ impl std::fmt::Display for CallError {
 
 impl std::error::Error for CallError {}
 
-/// Runs one operation through the core and waits for its completion.
+/// Runs one operation through the core and waits for its completion;
+/// `timeout` bounds the whole call, the wait for room in the core's queue
+/// included.
 pub async fn call(
     requests: &mpsc::Sender<ClientRequest>,
     key: Vec<u8>,
     op: Operation,
     timeout: Duration,
 ) -> Result<Completion, CallError> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let (reply, done) = oneshot::channel();
-    requests
-        .send(ClientRequest { key, op, reply })
-        .await
-        .map_err(|_| CallError::Stopped)?;
-    match tokio::time::timeout(timeout, done).await {
+    match tokio::time::timeout_at(deadline, requests.send(ClientRequest { key, op, reply })).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(CallError::Stopped),
+        Err(_) => return Err(CallError::Overloaded(timeout)),
+    }
+    match tokio::time::timeout_at(deadline, done).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(_)) => Err(CallError::Dropped),
         Err(_) => Err(CallError::Timeout(timeout)),
@@ -472,6 +485,36 @@ fn seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A control-plane call (a system record's read, a catch-up read) on a
+    /// replica whose queue is full gives up within its timeout and says
+    /// why; before, it waited for room without bound.
+    #[tokio::test]
+    async fn a_call_on_a_full_queue_is_overloaded_within_its_timeout() {
+        let (tx, mut rx) = mpsc::channel::<ClientRequest>(1);
+        let (reply, _done) = oneshot::channel();
+        tx.send(ClientRequest {
+            key: b"k".to_vec(),
+            op: Operation::Read(ballot_core::Consistency::Local),
+            reply,
+        })
+        .await
+        .unwrap();
+        let t = Duration::from_millis(50);
+        let op = Operation::Read(ballot_core::Consistency::Local);
+        let called = tokio::time::timeout(Duration::from_secs(5), call(&tx, b"k".to_vec(), op, t));
+        assert_eq!(
+            called.await.expect("the call is bounded").err(),
+            Some(CallError::Overloaded(t))
+        );
+        // A queue whose core is gone is Stopped, not overloaded.
+        rx.close();
+        let op = Operation::Read(ballot_core::Consistency::Local);
+        assert_eq!(
+            call(&tx, b"k".to_vec(), op, t).await.err(),
+            Some(CallError::Stopped)
+        );
+    }
 
     fn members(epoch: u64) -> Members {
         Members {

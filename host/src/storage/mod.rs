@@ -312,8 +312,30 @@ impl Storage {
     /// Changelog entries from `from` on, at most `limit`.
     pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<ChangelogEntry>, Error> {
         let rtxn = self.env.read_txn()?;
+        self.changes_in(&rtxn, from, limit)
+    }
+
+    /// The changelog's bounds and its entries from `from` on (at most
+    /// `limit`), read in one transaction: a truncation cannot commit between
+    /// the two, so the entries start where the bounds say they do.
+    pub fn changes_page(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<(u64, u64, Vec<ChangelogEntry>), Error> {
+        let rtxn = self.env.read_txn()?;
+        let (first, last) = self.bounds_in(&rtxn)?;
+        Ok((first, last, self.changes_in(&rtxn, from, limit)?))
+    }
+
+    fn changes_in(
+        &self,
+        rtxn: &heed::RoTxn,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangelogEntry>, Error> {
         let mut out = Vec::new();
-        for entry in self.changelog.range(&rtxn, &(from..))?.take(limit) {
+        for entry in self.changelog.range(rtxn, &(from..))?.take(limit) {
             let (seq, bytes) = entry?;
             let (committed, rest) = decode_committed(bytes)?;
             let key = match rest {
@@ -341,8 +363,12 @@ impl Storage {
     /// `last + 1` when it is empty; `last` is 0 before the first commit).
     pub fn changelog_bounds(&self) -> Result<(u64, u64), Error> {
         let rtxn = self.env.read_txn()?;
-        let last = self.changelog.last(&rtxn)?.map_or(0, |(s, _)| s);
-        let first = self.changelog.first(&rtxn)?.map_or(last + 1, |(s, _)| s);
+        self.bounds_in(&rtxn)
+    }
+
+    fn bounds_in(&self, rtxn: &heed::RoTxn) -> Result<(u64, u64), Error> {
+        let last = self.changelog.last(rtxn)?.map_or(0, |(s, _)| s);
+        let first = self.changelog.first(rtxn)?.map_or(last + 1, |(s, _)| s);
         Ok((first, last))
     }
 

@@ -101,6 +101,11 @@ fn the_changelog_truncates_but_keeps_its_newest_entry_and_cursors_persist() {
     assert_eq!(storage.changelog_bounds().unwrap(), (1, 10));
     assert_eq!(storage.truncate_changelog(4).unwrap(), 4);
     assert_eq!(storage.changelog_bounds().unwrap(), (5, 10));
+    // A page's bounds and entries come from one read: they agree.
+    let (first, last, entries) = storage.changes_page(3, 100).unwrap();
+    assert_eq!((first, last), (5, 10));
+    assert_eq!(entries.first().map(|e| e.seq), Some(first));
+    assert_eq!(entries.last().map(|e| e.seq), Some(last));
     // Never the newest entry: it numbers the next commit.
     assert_eq!(storage.truncate_changelog(u64::MAX).unwrap(), 5);
     assert_eq!(storage.changelog_bounds().unwrap(), (10, 10));

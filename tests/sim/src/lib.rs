@@ -173,6 +173,9 @@ pub struct SimConfig {
     /// holds instead of replaying its snapshot: unsafe, kept so a test can
     /// show that the convergence check catches it.
     pub planted_replay_skips_snapshot: bool,
+    /// Replicas never replay: unsafe, kept so a test can show how much the
+    /// convergence check depends on the replay.
+    pub planted_no_replay: bool,
 }
 
 impl SimConfig {
@@ -198,6 +201,7 @@ impl SimConfig {
             replay: false,
             changelog_keep: 8,
             planted_replay_skips_snapshot: false,
+            planted_no_replay: false,
         }
     }
 
@@ -300,6 +304,8 @@ pub struct Stats {
     pub snapshots: u64,
     pub truncations: u64,
     pub replay_reads: u64,
+    /// Runs whose convergence was not checked (a record was corrupted).
+    pub convergence_unchecked: u64,
 }
 
 /// Longest a client operation may wait for its answer (simulated time)
@@ -1837,7 +1843,6 @@ impl<'f> Sim<'f> {
         let rec = self.nodes[i].durable.get_mut(key).expect("listed");
         let at = self.disk_rng.range(0, rec.len() as u64 - 1) as usize;
         rec[at] ^= 1 << self.disk_rng.range(0, 7);
-        self.nodes[i].log.corrupted.insert(key.clone());
         self.corrupted = true;
         self.stats.corruptions += 1;
     }

@@ -63,6 +63,8 @@ enum PlantArg {
     /// With --replay: a replica behind a peer's truncated changelog skips
     /// to what the peer still holds instead of replaying its snapshot.
     SkipSnapshot,
+    /// With --replay: replicas never replay their peers' changelogs.
+    NoReplay,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -137,8 +139,9 @@ fn main() -> ExitCode {
     let jumping_pipeline = args.planted == Some(PlantArg::JumpingPipeline);
     let quorum_readiness = args.planted == Some(PlantArg::QuorumReadiness);
     let skip_snapshot = args.planted == Some(PlantArg::SkipSnapshot);
-    if skip_snapshot && !args.replay {
-        eprintln!("ballot-sim: --planted skip-snapshot needs --replay");
+    let no_replay = args.planted == Some(PlantArg::NoReplay);
+    if (skip_snapshot || no_replay) && !args.replay {
+        eprintln!("ballot-sim: --planted skip-snapshot and no-replay need --replay");
         return ExitCode::from(2);
     }
     if quorum_readiness && !args.activate {
@@ -157,6 +160,7 @@ fn main() -> ExitCode {
         || jumping_pipeline
         || quorum_readiness
         || skip_snapshot
+        || no_replay
     {
         None
     } else {
@@ -175,7 +179,8 @@ fn main() -> ExitCode {
             | PlantArg::VolatileEpoch
             | PlantArg::JumpingPipeline
             | PlantArg::QuorumReadiness
-            | PlantArg::SkipSnapshot => unreachable!("handled before"),
+            | PlantArg::SkipSnapshot
+            | PlantArg::NoReplay => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
             if planted_core.is_some() {
@@ -231,7 +236,12 @@ fn main() -> ExitCode {
                     cfg.activations = args.activate;
                     cfg.planted_quorum_readiness = quorum_readiness;
                     cfg.replay = args.replay;
+                    // A corrupted record blocks the replay of its page for
+                    // good (design section 12): replay runs corrupt none,
+                    // so that every one of them is checked.
+                    cfg.corrupt &= !args.replay;
                     cfg.planted_replay_skips_snapshot = skip_snapshot;
+                    cfg.planted_no_replay = no_replay;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
                         cfg.ops_per_client = ops;
@@ -275,6 +285,7 @@ fn main() -> ExitCode {
             faults.snapshots += report.stats.snapshots;
             faults.truncations += report.stats.truncations;
             faults.replay_reads += report.stats.replay_reads;
+            faults.convergence_unchecked += report.stats.convergence_unchecked;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
                 for r in &report.history {
@@ -335,8 +346,8 @@ fn main() -> ExitCode {
         }
         if args.replay {
             eprintln!(
-                "n={n}: replay: {} keys read from peers' changelogs, {} snapshots replayed, {} truncations",
-                faults.replay_reads, faults.snapshots, faults.truncations
+                "n={n}: replay: {} keys read from peers' changelogs, {} snapshots replayed, {} truncations; convergence not checked in {} runs with a corrupted record",
+                faults.replay_reads, faults.snapshots, faults.truncations, faults.convergence_unchecked
             );
         }
     }
