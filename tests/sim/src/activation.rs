@@ -61,6 +61,8 @@ pub(crate) enum SysCall {
     Readiness(usize, ReplicaId),
     /// A read of the changelog replay (`crate::replay`).
     Replay,
+    /// A read or write of this membership driver (`crate::records`).
+    Members(usize),
 }
 
 /// A replica's side of the control plane.
@@ -197,6 +199,9 @@ impl<'f> Sim<'f> {
             record.ret = Some(ret);
         }
         record.outcome = outcome.clone();
+        if let SysCall::Members(k) = why {
+            return self.members_answer(k, outcome);
+        }
         let Some(outcome) = outcome else {
             // The replica crashed: an operator's request through it failed.
             if let SysCall::Operator(k) | SysCall::Readiness(k, _) = why {
@@ -218,6 +223,7 @@ impl<'f> Sim<'f> {
                 }
             }
             SysCall::Answer => {}
+            SysCall::Members(_) => unreachable!("answered above"),
             SysCall::Replay => {
                 let ok = matches!(outcome, Outcome::Done(_));
                 self.replay_read_done(i, id, ok);

@@ -15,6 +15,7 @@
 
 mod activation;
 pub mod check;
+mod records;
 mod replay;
 
 use activation::{Following, Operator, SysCall};
@@ -32,9 +33,9 @@ use ballot_core::{
     Write,
 };
 
-use ballot_control::members::{self, Action, MembersRecord, Role};
+use ballot_control::members::{self, MembersRecord, Role};
 use ballot_control::pipeline::{Pipeline, Step};
-use ballot_control::stages::{self, Driver, Next, Task};
+use ballot_control::stages::{self, Task};
 use check::{Input, Output};
 
 /// A deliberately broken protocol, to show the checker catches it.
@@ -120,7 +121,9 @@ pub struct SimConfig {
     pub keys: usize,
     /// Membership changes during the run: two spare replicas join and two
     /// of the original ones leave, in an order drawn from the seed, each
-    /// change through the same stages as `ballot cluster add|remove`.
+    /// change through the same stages as `ballot cluster add|remove`, the
+    /// membership record read and written through the replicas' cores by
+    /// two racing drivers (`simulator::records`).
     pub reconfigure: bool,
     /// A share of the commands carry a deadline and run the clock-dependent
     /// policy of [`SimEnv`] (where the factory's cores run it: the
@@ -176,6 +179,10 @@ pub struct SimConfig {
     /// Replicas never replay: unsafe, kept so a test can show how much the
     /// convergence check depends on the replay.
     pub planted_no_replay: bool,
+    /// With `reconfigure`: the drivers publish the membership record with a
+    /// plain write, not a compare-and-swap: unsafe, kept so a test can show
+    /// that racing drivers then break the membership.
+    pub planted_blind_publish: bool,
 }
 
 impl SimConfig {
@@ -202,6 +209,7 @@ impl SimConfig {
             changelog_keep: 8,
             planted_replay_skips_snapshot: false,
             planted_no_replay: false,
+            planted_blind_publish: false,
         }
     }
 
@@ -614,6 +622,13 @@ pub struct Sim<'f> {
     replay_rng: Rng,
     /// With replay: the end of the quiet time after the clients finished.
     quiet_until: Option<u64>,
+    /// With the membership record through consensus: the two drivers, the
+    /// versions chosen and not applied yet, the start-up record, and the
+    /// draws of the operator's replica.
+    drivers: Vec<Option<records::SimDriver>>,
+    chosen_records: BTreeMap<u64, Option<Vec<u8>>>,
+    bootstrap: MembersRecord,
+    members_rng: Rng,
     /// The run's one random crash of the whole cluster happened (those at
     /// membership stages are apart).
     crashed_all: bool,
@@ -642,13 +657,11 @@ pub struct Sim<'f> {
     memberships: Vec<Members>,
     /// Changes not queued yet.
     plan: VecDeque<PlannedChange>,
-    /// The membership record and its version (what `\0ballot/members`
-    /// holds), driven by the daemon's own stages.
+    /// The membership record and its version: the newest version of
+    /// `\0ballot/members` consensus chose, applied in order
+    /// (`simulator::records`).
     record: MembersRecord,
     record_version: u64,
-    driver: Driver,
-    /// The driver's last word (none before its first).
-    driving: Option<Next>,
 }
 
 const TIME_LIMIT_MS: u64 = 600_000;
@@ -713,6 +726,17 @@ impl<'f> Sim<'f> {
                 }
             })
             .collect();
+        let bootstrap = MembersRecord::bootstrap(
+            voters
+                .iter()
+                .map(|&id| members::Member {
+                    id,
+                    addr: peer_addr(id),
+                    http: None,
+                    role: Role::Voter,
+                })
+                .collect(),
+        );
         let mut plan = VecDeque::new();
         if cfg.reconfigure {
             // Two joins and two leaves of original replicas, interleaved
@@ -771,6 +795,10 @@ impl<'f> Sim<'f> {
             operators: Vec::new(),
             replay_rng: Rng::new(cfg.seed ^ 0x4e_91a7),
             quiet_until: None,
+            drivers: vec![None, None],
+            chosen_records: BTreeMap::new(),
+            bootstrap: bootstrap.clone(),
+            members_rng: Rng::new(cfg.seed ^ 0x3e3b_e125),
             wiped: false,
             corrupted: false,
             crashed_all: false,
@@ -790,20 +818,8 @@ impl<'f> Sim<'f> {
             request_next: 1,
             fault_window_ms: 1500,
             stall_crashes: 3,
-            record: MembersRecord::bootstrap(
-                voters
-                    .iter()
-                    .map(|&id| members::Member {
-                        id,
-                        addr: peer_addr(id),
-                        http: None,
-                        role: Role::Voter,
-                    })
-                    .collect(),
-            ),
+            record: bootstrap,
             record_version: 0,
-            driver: Driver::new(),
-            driving: None,
             memberships: vec![Members::initial(voters)],
             plan,
         }
@@ -875,6 +891,9 @@ impl<'f> Sim<'f> {
             if self.cfg.activations {
                 self.try_swaps();
             }
+            if self.cfg.reconfigure {
+                self.apply_chosen_records();
+            }
             if self.clients.iter().all(|c| c.remaining == 0 && !c.busy)
                 && self.plan_done()
                 && self.activations_done()
@@ -925,7 +944,7 @@ impl<'f> Sim<'f> {
                 self.at(t, Ev::Poll(i));
             }
             Ev::Drive => {
-                self.drive();
+                self.drive_through_consensus();
                 if !self.plan_done() {
                     let t = self.now + 10;
                     self.at(t, Ev::Drive);
@@ -1123,7 +1142,7 @@ impl<'f> Sim<'f> {
     }
 
     fn plan_done(&self) -> bool {
-        self.plan.is_empty() && matches!(self.driving, None | Some(Next::Idle))
+        self.plan.is_empty() && self.record.queue.is_empty()
     }
 
     fn latest(&self) -> &Members {
@@ -1188,94 +1207,6 @@ impl<'f> Sim<'f> {
         self.memberships[epoch as usize - 1].clone()
     }
 
-    /// Runs the daemon's membership driver (`ballot_control::stages`) as
-    /// far as it goes now: every replica that is up reports, a published
-    /// record takes effect at once, and the plan's next change is queued
-    /// once the last one is over.
-    fn drive(&mut self) {
-        loop {
-            let next = self
-                .driver
-                .poll(self.record_version, &self.record, self.now, self.now);
-            self.driving = Some(next.clone());
-            match next {
-                Next::Idle => {
-                    self.stats.epoch = self.latest().epoch;
-                    let Some(&change) = self.plan.front() else {
-                        return;
-                    };
-                    let (action, x) = match change {
-                        PlannedChange::Add(x) => (Action::Add, x),
-                        PlannedChange::Remove(y) => (Action::Remove, y),
-                    };
-                    let id = x as ReplicaId + 1;
-                    // As `ballot cluster remove` refuses: a quorum of the
-                    // voters left must answer. The operator tries again.
-                    if action == Action::Remove
-                        && stages::quorum_left(&self.record, id, |v| {
-                            self.nodes[v as usize - 1].core.is_some()
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                    self.plan.pop_front();
-                    let queued = members::MemberChange {
-                        action,
-                        id,
-                        addr: (action == Action::Add).then(|| peer_addr(id)),
-                        http: None,
-                        requested_ms: self.now,
-                    };
-                    if let Err(e) = self.record.enqueue(queued, self.now) {
-                        self.violations
-                            .push(format!("the plan's change {change:?} was refused: {e}"));
-                        return;
-                    }
-                    self.record_version += 1;
-                }
-                Next::Publish(next) => {
-                    let next = if self.cfg.unsafe_membership {
-                        self.skip_the_classic_epoch(next)
-                    } else {
-                        next
-                    };
-                    self.publish(next);
-                    self.stage_crash();
-                }
-                // As the daemon's driver does: the tasks first, then the
-                // status of the replicas the wait is on; a replica that is
-                // down does not answer.
-                Next::Ask {
-                    status,
-                    task,
-                    nudge,
-                    ..
-                } => {
-                    if let Some(task) = task {
-                        for id in nudge {
-                            self.start_task(id as usize - 1, task);
-                        }
-                    }
-                    self.run_tasks();
-                    for id in status {
-                        let node = &self.nodes[id as usize - 1];
-                        let report = node.core.is_some().then_some(stages::Report {
-                            epoch: node.epoch,
-                            swept: node.swept,
-                            caught_up: node.caught_up,
-                        });
-                        self.driver.report(id, report);
-                    }
-                    return;
-                }
-                // The daemon's driver pauses and resumes on the next
-                // request or poll: here, on the next drive.
-                Next::GiveUp { .. } => return,
-            }
-        }
-    }
-
     /// `--planted unsafe-membership`: a record that only turns the fast
     /// round off is replaced by the one the change ends with once the
     /// classic epoch was swept, published in its place.
@@ -1309,10 +1240,13 @@ impl<'f> Sim<'f> {
 
     /// Makes `next` the record: a replica it adds starts on an empty
     /// directory, one it drops is told at its next poll.
-    fn publish(&mut self, next: MembersRecord) {
+    fn adopt_record(&mut self, next: MembersRecord) {
         let listed = |r: &MembersRecord, id: ReplicaId| r.replicas.iter().any(|m| m.id == id);
         for m in &next.replicas {
-            if !listed(&self.record, m.id) {
+            // A replica that runs already (listed again after a record
+            // that dropped it, which only a broken driver publishes) is
+            // the same process: it is not started twice.
+            if !listed(&self.record, m.id) && self.nodes[m.id as usize - 1].core.is_none() {
                 let node = &mut self.nodes[m.id as usize - 1];
                 node.off = false;
                 let config = Config::new(
@@ -1352,7 +1286,6 @@ impl<'f> Sim<'f> {
             self.memberships.push(next.members());
         }
         self.record = next;
-        self.record_version += 1;
     }
 
     /// Crash-restarts as the driver moves on, so every stage meets one: a
@@ -1391,7 +1324,31 @@ impl<'f> Sim<'f> {
             return;
         }
         let keys: BTreeSet<Vec<u8>> = match task {
-            Task::CatchUp { .. } => (0..self.cfg.keys).map(|k| self.key(k)).collect(),
+            // The daemon lists every key a classic quorum of voters holds
+            // state for (the system records too) and reads each; it waits
+            // while fewer than a quorum answer.
+            Task::CatchUp { .. } => {
+                let voters = self.record.voters();
+                let listers: Vec<usize> = voters
+                    .iter()
+                    .map(|&v| v as usize - 1)
+                    .filter(|&v| v != i && self.nodes[v].core.is_some())
+                    .take(ballot_core::quorum_classic(voters.len()))
+                    .collect();
+                if listers.len() < ballot_core::quorum_classic(voters.len()) {
+                    return;
+                }
+                listers
+                    .iter()
+                    .flat_map(|&v| {
+                        self.nodes[v]
+                            .durable
+                            .iter()
+                            .filter(|(_, s)| !s.is_empty())
+                            .map(|(k, _)| k.clone())
+                    })
+                    .collect()
+            }
             // The daemon lists the keys its LMDB holds state for: a vote
             // still on its way to the disk is not listed.
             Task::Sweep { .. } => self.nodes[i]
@@ -1660,6 +1617,9 @@ impl<'f> Sim<'f> {
             Some(_) => {}
             None => {
                 self.chosen.insert((key.to_vec(), version), value.clone());
+                if self.cfg.reconfigure && key == records::MEMBERS_KEY {
+                    self.record_chosen(version, value.clone());
+                }
             }
         }
     }
@@ -1940,10 +1900,11 @@ impl<'f> Sim<'f> {
         }
         if !self.plan_done() {
             self.violations.push(format!(
-                "liveness: the membership changes did not finish (at epoch {}, queue {:?}, driver {:?})",
+                "liveness: the membership changes did not finish (at epoch {}, record version {}, queue {:?}, plan {:?})",
                 self.latest().epoch,
+                self.record_version,
                 self.record.queue,
-                self.driving
+                self.plan
             ));
         }
         if !self.activations_done() {

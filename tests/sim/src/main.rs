@@ -65,6 +65,9 @@ enum PlantArg {
     SkipSnapshot,
     /// With --replay: replicas never replay their peers' changelogs.
     NoReplay,
+    /// With --reconfigure: the drivers publish the membership record with a
+    /// plain write instead of a compare-and-swap.
+    BlindPublish,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -140,6 +143,11 @@ fn main() -> ExitCode {
     let quorum_readiness = args.planted == Some(PlantArg::QuorumReadiness);
     let skip_snapshot = args.planted == Some(PlantArg::SkipSnapshot);
     let no_replay = args.planted == Some(PlantArg::NoReplay);
+    let blind_publish = args.planted == Some(PlantArg::BlindPublish);
+    if blind_publish && !args.reconfigure {
+        eprintln!("ballot-sim: --planted blind-publish needs --reconfigure");
+        return ExitCode::from(2);
+    }
     if (skip_snapshot || no_replay) && !args.replay {
         eprintln!("ballot-sim: --planted skip-snapshot and no-replay need --replay");
         return ExitCode::from(2);
@@ -161,6 +169,7 @@ fn main() -> ExitCode {
         || quorum_readiness
         || skip_snapshot
         || no_replay
+        || blind_publish
     {
         None
     } else {
@@ -180,7 +189,8 @@ fn main() -> ExitCode {
             | PlantArg::JumpingPipeline
             | PlantArg::QuorumReadiness
             | PlantArg::SkipSnapshot
-            | PlantArg::NoReplay => unreachable!("handled before"),
+            | PlantArg::NoReplay
+            | PlantArg::BlindPublish => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
             if planted_core.is_some() {
@@ -242,6 +252,7 @@ fn main() -> ExitCode {
                     cfg.corrupt &= !args.replay;
                     cfg.planted_replay_skips_snapshot = skip_snapshot;
                     cfg.planted_no_replay = no_replay;
+                    cfg.planted_blind_publish = blind_publish;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
                         cfg.ops_per_client = ops;

@@ -26,7 +26,7 @@ const REPLAY_MS: u64 = 2_000;
 const TRUNCATE_MS: u64 = 5_000;
 /// How long the run goes on after the clients are done, healed, before
 /// the replicas must have converged.
-pub const QUIET_MS: u64 = 12_000;
+pub const QUIET_MS: u64 = 30_000;
 /// Attempts of one linearizable read before the pass gives up on a peer,
 /// as the daemon's `read_key` (50 ms doubling to 1 s between them).
 const READ_ATTEMPTS: u32 = 40;
