@@ -35,7 +35,8 @@ pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod registry;
-pub mod runtime;
+/// The components' runtime in wasmtime, from `ballot-runtime`.
+pub use ballot_runtime as runtime;
 pub mod server;
 pub mod storage;
 pub mod system;

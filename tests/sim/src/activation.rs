@@ -61,8 +61,9 @@ pub(crate) enum SysCall {
     Readiness(usize, ReplicaId),
     /// A read of the changelog replay (`crate::replay`).
     Replay,
-    /// A read or write of this membership driver (`crate::records`).
-    Members(usize),
+    /// A read or write of this membership driver (`crate::records`),
+    /// sent in this life of the replica.
+    Members(usize, u64),
 }
 
 /// A replica's side of the control plane.
@@ -199,8 +200,8 @@ impl<'f> Sim<'f> {
             record.ret = Some(ret);
         }
         record.outcome = outcome.clone();
-        if let SysCall::Members(k) = why {
-            return self.members_answer(k, outcome);
+        if let SysCall::Members(k, lives) = why {
+            return self.members_answer(k, i, lives, outcome);
         }
         let Some(outcome) = outcome else {
             // The replica crashed: an operator's request through it failed.
@@ -223,7 +224,7 @@ impl<'f> Sim<'f> {
                 }
             }
             SysCall::Answer => {}
-            SysCall::Members(_) => unreachable!("answered above"),
+            SysCall::Members(..) => unreachable!("answered above"),
             SysCall::Replay => {
                 let ok = matches!(outcome, Outcome::Done(_));
                 self.replay_read_done(i, id, ok);

@@ -371,7 +371,7 @@ impl CoreFactory for NativeFactory {
 }
 
 /// The embedded default components, in wasmtime.
-pub struct WasmFactory(pub ballot::runtime::Runtime);
+pub struct WasmFactory(pub ballot_runtime::Runtime);
 
 impl CoreFactory for WasmFactory {
     fn make(&self, config: Config) -> Box<dyn Core> {
@@ -389,13 +389,13 @@ impl CoreFactory for WasmFactory {
 /// crash-restart swaps the replica to the other one: upgrades and rollbacks
 /// with migration on read, under every fault the simulator injects.
 pub struct SwapFactory {
-    pub current: ballot::runtime::Runtime,
-    pub next: ballot::runtime::Runtime,
+    pub current: ballot_runtime::Runtime,
+    pub next: ballot_runtime::Runtime,
 }
 
 impl SwapFactory {
-    pub fn embedded() -> Result<SwapFactory, ballot::runtime::Error> {
-        use ballot::runtime::{Runtime, PROTOCOL_NEXT_WASM, PROTOCOL_WASM, REGISTER_WASM};
+    pub fn embedded() -> Result<SwapFactory, ballot_runtime::Error> {
+        use ballot_runtime::{Runtime, PROTOCOL_NEXT_WASM, PROTOCOL_WASM, REGISTER_WASM};
         Ok(SwapFactory {
             current: Runtime::with_components(PROTOCOL_WASM, REGISTER_WASM)?,
             next: Runtime::with_components(PROTOCOL_NEXT_WASM, REGISTER_WASM)?,
@@ -1141,8 +1141,18 @@ impl<'f> Sim<'f> {
         }
     }
 
+    /// Every change is through, and every member that is up runs the last
+    /// epoch (as the daemon's driver is idle only once each reported it).
     fn plan_done(&self) -> bool {
-        self.plan.is_empty() && self.record.queue.is_empty()
+        let epoch = self.latest().epoch;
+        self.plan.is_empty()
+            && self.record.queue.is_empty()
+            && self.nodes.iter().all(|n| {
+                n.core.is_none()
+                    || n.off
+                    || !self.record.replicas.iter().any(|m| m.id == n.id)
+                    || n.epoch == epoch
+            })
     }
 
     fn latest(&self) -> &Members {
@@ -1210,8 +1220,8 @@ impl<'f> Sim<'f> {
     /// `--planted unsafe-membership`: a record that only turns the fast
     /// round off is replaced by the one the change ends with once the
     /// classic epoch was swept, published in its place.
-    fn skip_the_classic_epoch(&self, next: MembersRecord) -> MembersRecord {
-        if !(self.record.fast && !next.fast) {
+    fn skip_the_classic_epoch(&self, read: &MembersRecord, next: MembersRecord) -> MembersRecord {
+        if !(read.fast && !next.fast) {
             return next;
         }
         let swept: BTreeMap<ReplicaId, stages::Report> = next

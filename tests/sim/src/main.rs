@@ -210,7 +210,7 @@ fn main() -> ExitCode {
                 eprintln!("ballot-sim: --planted needs --core native");
                 return ExitCode::from(2);
             }
-            match ballot::runtime::Runtime::new() {
+            match ballot_runtime::Runtime::new() {
                 Ok(rt) => Box::new(WasmFactory(rt)),
                 Err(e) => {
                     eprintln!("ballot-sim: {e}");

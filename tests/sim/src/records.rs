@@ -2,15 +2,15 @@
 //! the membership record `\0ballot/members` is read and written through
 //! the replicas' own cores, as the daemon's `membership/driver.rs` does,
 //! by two drivers at once, so their compare-and-swaps race: the replica an
-//! operator asked (it also queues the plan's changes) and the resumer (the
-//! lowest voter that is up). Each runs the daemon's `stages::Driver` on the
+//! operator asked (it also queues the plan's changes) and the resumer
+//! (`stages::resumer`, while it is up and the queue is not empty). Each runs the daemon's `stages::Driver` on the
 //! record it read, publishes by a compare-and-swap at the version it read,
 //! and reads again after any write, won or lost, or when its replica has
 //! made a newer version durable (the daemon's `superseded`).
 //!
 //! The cluster's record is then what consensus chose: each version of the
-//! key takes effect, in version order, once some replica committed it, and
-//! two versions that name one epoch must name the same members.
+//! key takes effect, in version order, once some replica committed it;
+//! epochs go up one at a time, and one epoch names one membership.
 
 use ballot_control::members::{self, Action, MembersRecord};
 use ballot_control::stages::{self, Driver, Next};
@@ -57,7 +57,10 @@ impl<'f> Sim<'f> {
             })
             .collect();
         if k == 1 {
-            return voters.first().copied();
+            // The daemon's resumer of a queue nobody drives: the lowest
+            // voter the head change does not remove, while it is up.
+            let resumer = stages::resumer(&self.record)? as usize - 1;
+            return voters.contains(&resumer).then_some(resumer);
         }
         if let Some(d) = &self.drivers[k] {
             if voters.contains(&d.node) && self.nodes[d.node].lives == d.lives {
@@ -97,7 +100,7 @@ impl<'f> Sim<'f> {
         let Some((version, record)) = d.view.clone() else {
             d.busy = true;
             let read = Operation::Read(Consistency::Linearizable);
-            self.sys_request(node, MEMBERS_KEY.to_vec(), read, SysCall::Members(k));
+            self.sys_request(node, MEMBERS_KEY.to_vec(), read, SysCall::Members(k, lives));
             return;
         };
         // A newer record made durable here: start the stage from the top.
@@ -117,14 +120,13 @@ impl<'f> Sim<'f> {
         let next = d.driver.poll(version, &record, now, clock);
         match next {
             Next::Idle => {
-                self.stats.epoch = self.latest().epoch;
                 if k == 0 {
                     self.queue_next_change(k, node, version, record);
                 }
             }
             Next::Publish(next) => {
                 let next = if self.cfg.unsafe_membership {
-                    self.skip_the_classic_epoch(next)
+                    self.skip_the_classic_epoch(&record, next)
                 } else {
                     next
                 };
@@ -237,14 +239,26 @@ impl<'f> Sim<'f> {
         let d = self.drivers[k].as_mut().expect("a driver writes");
         d.busy = true;
         d.queuing = queuing;
+        let lives = d.lives;
         let op = Operation::Command(command.encode());
-        self.sys_request(node, MEMBERS_KEY.to_vec(), op, SysCall::Members(k));
+        self.sys_request(node, MEMBERS_KEY.to_vec(), op, SysCall::Members(k, lives));
     }
 
-    /// Driver `k`'s read or write answered (`None`: its replica crashed).
-    pub(crate) fn members_answer(&mut self, k: usize, outcome: Option<Outcome>) {
+    /// Driver `k`'s read or write, sent through replica `node` in its life
+    /// `lives`, answered (`None`: the replica crashed). An answer to a
+    /// driver that has moved to another replica since is its no longer.
+    pub(crate) fn members_answer(
+        &mut self,
+        k: usize,
+        node: usize,
+        lives: u64,
+        outcome: Option<Outcome>,
+    ) {
         let bootstrap = self.bootstrap.clone();
-        let Some(d) = self.drivers[k].as_mut() else {
+        let Some(d) = self.drivers[k]
+            .as_mut()
+            .filter(|d| d.node == node && d.lives == lives)
+        else {
             return;
         };
         d.busy = false;
@@ -295,15 +309,35 @@ impl<'f> Sim<'f> {
                     continue;
                 }
             };
-            if next.epoch == self.record.epoch && next.members() != self.record.members() {
-                self.violations.push(format!(
-                    "two memberships at epoch {}: {:?} and {:?}",
-                    next.epoch,
-                    self.record.members(),
-                    next.members()
-                ));
+            // Epochs go up one at a time, and one epoch names one
+            // membership, whichever version names it.
+            let known = self.memberships.get(next.epoch as usize - 1).cloned();
+            let broken = if next.epoch < self.record.epoch {
+                Some(format!(
+                    "the membership went back from epoch {} to {}",
+                    self.record.epoch, next.epoch
+                ))
+            } else if next.epoch > self.record.epoch + 1 {
+                Some(format!(
+                    "the membership skipped from epoch {} to {}",
+                    self.record.epoch, next.epoch
+                ))
+            } else {
+                known.filter(|m| *m != next.members()).map(|m| {
+                    format!(
+                        "two memberships at epoch {}: {m:?} and {:?}",
+                        next.epoch,
+                        next.members()
+                    )
+                })
+            };
+            if let Some(why) = broken {
+                self.violations
+                    .push(format!("{why} (record version {})", self.record_version));
+                continue;
             }
             self.adopt_record(next);
+            self.stats.epoch = self.latest().epoch;
             self.stage_crash();
         }
     }

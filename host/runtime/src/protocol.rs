@@ -5,7 +5,7 @@ use ballot_core as core;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store, StoreLimits};
 
-use super::*;
+use crate::*;
 
 struct ProtocolHost {
     limits: StoreLimits,

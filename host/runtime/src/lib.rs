@@ -36,14 +36,14 @@ pub const POLICY_FAILED: &str = "policy-failed";
 mod protocol_world {
     wasmtime::component::bindgen!({
         world: "protocol",
-        path: "../wit",
+        path: "../../wit",
     });
 }
 
 mod policy_world {
     wasmtime::component::bindgen!({
         world: "policy",
-        path: "../wit",
+        path: "../../wit",
     });
 }
 
@@ -231,7 +231,7 @@ fn limits(memory: usize) -> StoreLimits {
 pub const CONTRACT: (u64, u64, u64) = (0, 2, 2);
 
 /// Calls a `self-check.run` export if there is one.
-pub(crate) fn self_check_export<T>(
+pub fn self_check_export<T>(
     store: &mut Store<T>,
     instance: &wasmtime::component::Instance,
 ) -> Result<bool, Error> {
@@ -301,7 +301,7 @@ mod tests {
     fn a_trapping_step_is_a_trap_and_not_a_refusal() {
         let trapping = std::fs::read(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../tests/components/protocol-trap.wasm"),
+                .join("../../tests/components/protocol-trap.wasm"),
         )
         .unwrap();
         let rt = Runtime::with_components(&trapping, REGISTER_WASM).unwrap();

@@ -5,7 +5,7 @@ use ballot_core as core;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store, StoreLimits};
 
-use super::*;
+use crate::*;
 
 /// A policy store's host side: logging and limits.
 pub struct PolicyHost {
