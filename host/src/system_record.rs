@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use ballot_control::record::{Update, Want};
+use ballot_control::record::{conditional_write, Update, Want};
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Operation, Outcome};
 use tokio::sync::mpsc;
@@ -62,11 +62,7 @@ impl SystemRecord<'_> {
         version: Option<u64>,
         value: Vec<u8>,
     ) -> Result<Option<u64>, Unavailable> {
-        let command = match version {
-            None => Command::Create(value),
-            Some(expected) => Command::Cas { expected, value },
-        };
-        self.carry_out(&command).await
+        self.carry_out(&conditional_write(version, value)).await
     }
 
     /// Carries out a conditional write: `Ok(None)` if someone wrote first

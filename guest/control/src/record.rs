@@ -32,6 +32,16 @@ pub enum Want {
     GaveUp,
 }
 
+/// The write of a record read at `expected` (`None`: absent): a create,
+/// or a compare-and-swap at that version; it takes effect only if nobody
+/// wrote since.
+pub fn conditional_write(expected: Option<u64>, value: Vec<u8>) -> Command {
+    match expected {
+        None => Command::Create(value),
+        Some(expected) => Command::Cas { expected, value },
+    }
+}
+
 /// One read-edit-write of a system record.
 #[derive(Clone, Debug)]
 pub struct Update {
@@ -65,14 +75,8 @@ impl Update {
         self.reads += 1;
         self.want = match next {
             None => Want::Done { version },
-            Some(value) if present => Want::Write {
-                command: Command::Cas {
-                    expected: version,
-                    value,
-                },
-            },
             Some(value) => Want::Write {
-                command: Command::Create(value),
+                command: conditional_write(present.then_some(version), value),
             },
         };
     }

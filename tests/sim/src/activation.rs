@@ -441,12 +441,7 @@ impl<'f> Sim<'f> {
 
     /// Operator `k` asks a replica that is up to activate a protocol.
     pub(crate) fn activate(&mut self, k: usize) {
-        let up: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| {
-                let n = &self.nodes[i];
-                n.core.is_some() && !n.off && self.latest().contains(n.id)
-            })
-            .collect();
+        let up = self.up_members();
         if up.is_empty() {
             let t = self.now + 100;
             self.at(t, Ev::Activate(k));

@@ -333,8 +333,7 @@ pub trait CoreFactory {
     /// A core running protocol `label` ([`EMBEDDED`] or [`NEXT`]), for runs
     /// with activations. A factory with one build makes the same core: the
     /// swap still replaces the instance.
-    fn make_running(&self, config: Config, label: &str) -> Box<dyn Core> {
-        let _ = label;
+    fn make_running(&self, config: Config, _label: &str) -> Box<dyn Core> {
         self.make(config)
     }
     /// The cores run [`SimEnv`], so commands may carry deadlines.
@@ -1658,14 +1657,22 @@ impl<'f> Sim<'f> {
         }
     }
 
+    /// The replicas that are up and members of the newest membership.
+    fn up_members(&self) -> Vec<usize> {
+        let latest = self.latest();
+        (0..self.nodes.len())
+            .filter(|&i| {
+                let n = &self.nodes[i];
+                n.core.is_some() && !n.off && latest.contains(n.id)
+            })
+            .collect()
+    }
+
     fn client_next(&mut self, c: usize) {
         if self.clients[c].remaining == 0 {
             return;
         }
-        let latest = self.latest().clone();
-        let up: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].core.is_some() && latest.contains(self.nodes[i].id))
-            .collect();
+        let up = self.up_members();
         if up.is_empty() {
             let t = self.now + 10;
             self.at(t, Ev::Client(c));

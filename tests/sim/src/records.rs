@@ -13,6 +13,7 @@
 //! epochs go up one at a time, and one epoch names one membership.
 
 use ballot_control::members::{self, Action, MembersRecord};
+use ballot_control::record::conditional_write;
 use ballot_control::stages::{self, Driver, Next};
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Operation, Outcome, ReplicaId};
@@ -228,13 +229,8 @@ impl<'f> Sim<'f> {
         let value = next.encode();
         let command = if self.cfg.planted_blind_publish {
             Command::Put(value)
-        } else if version == 0 {
-            Command::Create(value)
         } else {
-            Command::Cas {
-                expected: version,
-                value,
-            }
+            conditional_write((version != 0).then_some(version), value)
         };
         let d = self.drivers[k].as_mut().expect("a driver writes");
         d.busy = true;

@@ -332,13 +332,7 @@ impl<'f> Sim<'f> {
             self.stats.convergence_unchecked += 1;
             return;
         }
-        let latest = self.latest().clone();
-        let up: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| {
-                let n = &self.nodes[i];
-                n.core.is_some() && !n.off && latest.contains(n.id)
-            })
-            .collect();
+        let up = self.up_members();
         let keys: BTreeSet<Vec<u8>> = up
             .iter()
             .flat_map(|&i| self.nodes[i].log.committed.keys().cloned())
