@@ -77,7 +77,7 @@ impl Metrics {
         let proposals_chosen = Family::<Labels, Counter>::default();
         registry.register(
             "proposals_chosen",
-            "Commands that wrote a new version, by path",
+            "Commands that wrote a new version, by path: fast round, led (phase 2 only, by the key's leader) or classic (after a prepare)",
             proposals_chosen.clone(),
         );
         let retries = Counter::default();

@@ -13,6 +13,11 @@
 //! (ballot >= 1, owned by one replica) recovers with Fast Paxos's rule.
 //! `docs/design.md` gives the safety argument.
 //!
+//! A classic round's winner leads the key: acceptors carry its promise
+//! into later slots, so it runs phase 2 only ([`Msg::Continue`]) until
+//! another replica prepares a higher ballot, and the other replicas forward
+//! their commands for the key to it ([`Msg::Forward`]).
+//!
 //! Inputs: [`Replica::step`]. Outputs: the returned [`Ready`] (to persist),
 //! then [`Replica::release`] (to send, complete and arm) once it is durable.
 
@@ -22,16 +27,36 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use crate::types::*;
-use crate::wire::{Accepted, Ballot, Chosen, KeyState as State, Msg, Proposal, ProposalId};
+use crate::wire::{
+    Accepted, Ballot, Chosen, KeyState as State, Msg, Proposal, ProposalId, Reply, ReplyOutcome,
+};
 
 /// Longest key the protocol accepts.
 pub const KEY_MAX: usize = 4096;
 /// How long a replica that missed a fast round is passed over by fast rounds.
 pub const SUSPECT_MS: u64 = 1000;
-/// Backoff between attempts: starts here, doubles, jittered to [0.5x, 1.5x].
-pub const BACKOFF_BASE_MS: u64 = 10;
+/// Backoff between attempts starts at twice the measured round trip (at
+/// least this), doubles, and is jittered to [0.5x, 1.5x].
+pub const BACKOFF_MIN_MS: u64 = 1;
 /// Backoff never exceeds this (before jitter).
 pub const BACKOFF_MAX_MS: u64 = 1000;
+/// Round-trip estimate before any round finished.
+pub const RTT_INITIAL_MS: u64 = 2;
+/// How many times a forwarded command is sent before the forwarder gives up.
+pub const FORWARD_SENDS: u32 = 3;
+/// Forwarded command ids a leader remembers per sender, with their replies.
+pub const FORWARD_WINDOW: usize = 1024;
+/// Keys this replica remembers leading; the oldest entry goes first.
+pub const LEADS_MAX: usize = 1 << 16;
+/// Times a linearizable read waits for a leader's pending slot to be
+/// learned before it finishes the slot itself with a classic round.
+pub const READ_WAITS: u32 = 3;
+/// The reason code of a forwarded command's failure when the leader is a
+/// newer instance than the one it was sent to (0 to 3 are the
+/// [`FailureReason`]s no-quorum, contention, overloaded and invalid).
+const REASON_RESTARTED: u8 = 4;
+/// Longest rejection or failure text a forwarded reply carries.
+pub const REPLY_TEXT_MAX: usize = 1024;
 
 /// Bits of a query id that count queries within one incarnation; see
 /// [`Replica::next_query_id`].
@@ -47,6 +72,9 @@ struct Planted {
     reevaluate: bool,
     /// C: query ids count from 1 in every instance.
     query_ids: bool,
+    /// A leader that lost its promise moves to a higher ballot and skips
+    /// phase 1.
+    leader_skips_prepare: bool,
 }
 
 /// Log levels of the guest `log` interface.
@@ -120,12 +148,24 @@ enum Phase {
         ballot: Ballot,
         proposal: Proposal,
         acks: BTreeSet<ReplicaId>,
+        /// Sent as [`Msg::Continue`]: phase 2 on a promise carried from an
+        /// earlier slot.
+        carried: bool,
     },
     Query {
         id: u64,
         replies: BTreeMap<ReplicaId, (Chosen, Option<Accepted>)>,
     },
+    /// Handed to the key's leader, instance `incarnation` of replica `to`.
+    Forward {
+        id: u64,
+        to: ReplicaId,
+        incarnation: u64,
+        sends: u32,
+    },
     Backoff,
+    /// A read waits for a leader's pending slot to be learned.
+    Wait,
 }
 
 impl Phase {
@@ -163,6 +203,22 @@ struct Op {
     prepares: u32,
     /// Set when the op's own proposal won a slot: whether in the fast round.
     won: Option<bool>,
+    /// A command forwarded by another replica: its id there, answered with
+    /// [`Msg::Forwarded`] instead of a completion.
+    origin: Option<(ReplicaId, u64)>,
+    /// Times a read waited for a pending slot.
+    waits: u32,
+    /// When the current round's requests went out.
+    sent_ms: u64,
+}
+
+/// Forwarded command ids seen from one sender by this instance: ids at or
+/// below `floor` are too old to tell and are dropped, the others map to the
+/// reply once there is one.
+#[derive(Default)]
+struct Seen {
+    floor: u64,
+    ids: BTreeMap<u64, Option<Reply>>,
 }
 
 #[derive(Default)]
@@ -187,6 +243,16 @@ pub struct Replica<E: Env> {
     now_ms: u64,
     ops: BTreeMap<Vec<u8>, KeyOps>,
     inflight: usize,
+    /// Keys this instance leads, with the ballot: a classic quorum
+    /// accepted this instance's proposal at it, so while the acceptors'
+    /// promise stays there the next slot needs phase 2 only.
+    leads: BTreeMap<Vec<u8>, Ballot>,
+    /// Commands forwarded to this instance, by sender.
+    forwarded_in: BTreeMap<ReplicaId, Seen>,
+    /// Smoothed round trip of this replica's rounds, in ms.
+    rtt_ms: u64,
+    /// The newest instance of each peer its forwarded replies named.
+    instances: BTreeMap<ReplicaId, u64>,
     suspect_until: BTreeMap<ReplicaId, u64>,
     ready_next: u64,
     unreleased: VecDeque<(u64, Actions)>,
@@ -214,14 +280,16 @@ pub struct Replica<E: Env> {
     state_format: u8,
 }
 
-/// The protocol's version when it writes key-state `format`: 0.3.x writes
-/// format 1 (and reads 2, so it can take over from 0.4.x), 0.4.x writes 2.
+/// The protocol's version when it writes key-state `format`: 0.5.x writes
+/// format 1 (and reads 2, so it can take over from 0.6.x), 0.6.x writes 2.
+/// 0.5 and 0.6 add leaders (carried promises, [`Msg::Continue`],
+/// forwarding) to 0.3 and 0.4.
 /// Both speak wire format 2 (membership epochs) and read format 1.
 pub fn protocol_version(format: u8) -> &'static str {
     if format == crate::wire::STATE_FORMAT_CHECKED {
-        "0.4.0"
+        "0.6.0"
     } else {
-        "0.3.0"
+        "0.5.0"
     }
 }
 
@@ -251,6 +319,10 @@ impl<E: Env> Replica<E> {
             now_ms: 0,
             ops: BTreeMap::new(),
             inflight: 0,
+            leads: BTreeMap::new(),
+            forwarded_in: BTreeMap::new(),
+            rtt_ms: RTT_INITIAL_MS,
+            instances: BTreeMap::new(),
             suspect_until: BTreeMap::new(),
             ready_next: 1,
             unreleased: VecDeque::new(),
@@ -298,6 +370,8 @@ impl<E: Env> Replica<E> {
         self.members = members;
         self.suspect_until
             .retain(|r, _| self.members.voters.contains(r));
+        // A lead rests on a classic quorum of the old voters.
+        self.leads.clear();
         for ops in self.ops.values_mut() {
             if let Some(op) = ops.active.as_mut() {
                 match &mut op.phase {
@@ -308,7 +382,7 @@ impl<E: Env> Replica<E> {
                     Phase::Prepare { promises, .. } => promises.clear(),
                     Phase::Accept { acks, .. } => acks.clear(),
                     Phase::Query { replies, .. } => replies.clear(),
-                    Phase::Idle | Phase::Backoff => {}
+                    Phase::Idle | Phase::Backoff | Phase::Wait | Phase::Forward { .. } => {}
                 }
             }
         }
@@ -372,6 +446,14 @@ impl<E: Env> Replica<E> {
     #[cfg(feature = "planted-bugs")]
     pub fn plant_query_id_reuse(&mut self) {
         self.planted.query_ids = true;
+    }
+
+    /// A leader that lost its promise to a higher ballot moves above it and
+    /// sends its proposal straight to phase 2, skipping phase 1. For the
+    /// checker's tests only.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_leader_skips_prepare(&mut self) {
+        self.planted.leader_skips_prepare = true;
     }
 
     /// The protocol's name and formats, writing the default key-state
@@ -491,7 +573,11 @@ impl<E: Env> Replica<E> {
             // content is fixed by votes already durable (see split_actions).
             let request = matches!(
                 msg,
-                Msg::Prepare { .. } | Msg::Accept { .. } | Msg::Query { .. }
+                Msg::Prepare { .. }
+                    | Msg::Accept { .. }
+                    | Msg::Continue { .. }
+                    | Msg::Query { .. }
+                    | Msg::Forward { .. }
             );
             // ... except an Accept at a ballot prepared in this very step
             // (promises to an earlier incarnation's prepare at the same
@@ -499,7 +585,9 @@ impl<E: Env> Replica<E> {
             // this step's writes, and the Accept must not outlive a crash
             // that loses it.
             let hold = match &msg {
-                Msg::Accept { ballot, .. } if !self.planted.ballot_reuse => {
+                Msg::Accept { ballot, .. } | Msg::Continue { ballot, .. }
+                    if !self.planted.ballot_reuse =>
+                {
                     self.prepared.contains(&(key.to_vec(), *ballot))
                 }
                 _ => false,
@@ -771,25 +859,133 @@ impl<E: Env> Replica<E> {
             return;
         }
         self.inflight += 1;
-        let op = Op {
-            request: request.id,
-            kind,
-            attempts: 0,
-            phase: Phase::Idle,
-            own: None,
-            exposed: BTreeSet::new(),
-            token: 0,
-            counter_seen: 0,
-            trouble: FailureReason::NoQuorum,
-            own_prior_absent: false,
-            prepares: 0,
-            won: None,
-        };
-        let ops = self.ops.entry(request.key.clone()).or_default();
+        self.enqueue(&request.key, Op::new(request.id, kind, None));
+    }
+
+    fn enqueue(&mut self, key: &[u8], op: Op) {
+        let ops = self.ops.entry(key.to_vec()).or_default();
         ops.queue.push_back(op);
         if ops.active.is_none() {
-            self.start_next(&request.key);
+            self.start_next(key);
         }
+    }
+
+    /// A command another replica forwarded to this instance, as the key's
+    /// leader. It runs at most once per instance: a copy addressed to an
+    /// earlier instance is not run (that instance may have run it: the
+    /// answer says the outcome is unknown), and a duplicate gets the reply
+    /// again once there is one.
+    fn on_forward(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        id: u64,
+        incarnation: u64,
+        command: Vec<u8>,
+    ) {
+        if incarnation != self.config.incarnation {
+            if incarnation < self.config.incarnation {
+                let reply = Reply {
+                    outcome: ReplyOutcome::Failed {
+                        reason: REASON_RESTARTED,
+                        maybe_applied: true,
+                        message: "the leader restarted with the command in flight".to_string(),
+                    },
+                    changed: false,
+                    prior_absent: false,
+                    fast: false,
+                    attempts: 0,
+                    prepares: 0,
+                };
+                let incarnation = self.config.incarnation;
+                self.send(
+                    from,
+                    key,
+                    Msg::Forwarded {
+                        id,
+                        incarnation,
+                        reply,
+                    },
+                );
+            }
+            return;
+        }
+        let seen = self.forwarded_in.entry(from).or_default();
+        if id <= seen.floor {
+            return;
+        }
+        if let Some(reply) = seen.ids.get(&id) {
+            if let Some(reply) = reply.clone() {
+                let incarnation = self.config.incarnation;
+                self.send(
+                    from,
+                    key,
+                    Msg::Forwarded {
+                        id,
+                        incarnation,
+                        reply,
+                    },
+                );
+            }
+            return;
+        }
+        seen.ids.insert(id, None);
+        if seen.ids.len() > FORWARD_WINDOW {
+            if let Some((oldest, _)) = seen.ids.pop_first() {
+                seen.floor = oldest;
+            }
+        }
+        let op = Op::new(0, Kind::Command(command), Some((from, id)));
+        if key.is_empty() || key.len() > KEY_MAX {
+            let failure = Failure {
+                reason: FailureReason::Invalid,
+                maybe_applied: false,
+                message: "key must be 1 to 4096 bytes".to_string(),
+            };
+            return self.answer(key, op, Outcome::Failed(failure), Trace::default());
+        }
+        if self.inflight >= self.config.inflight_max as usize {
+            let failure = Failure {
+                reason: FailureReason::Overloaded,
+                maybe_applied: false,
+                message: "too many operations in flight on the key's leader".to_string(),
+            };
+            return self.answer(key, op, Outcome::Failed(failure), Trace::default());
+        }
+        self.inflight += 1;
+        self.enqueue(key, op);
+    }
+
+    /// Completes `op`: to the host, or to the replica that forwarded it.
+    fn answer(&mut self, key: &[u8], op: Op, outcome: Outcome, trace: Trace) {
+        let Some((to, id)) = op.origin else {
+            return self.complete(
+                key,
+                Completion {
+                    id: op.request,
+                    outcome,
+                    trace,
+                },
+            );
+        };
+        let reply = reply_of(&outcome, &trace);
+        if let Some(slot) = self
+            .forwarded_in
+            .get_mut(&to)
+            .and_then(|seen| seen.ids.get_mut(&id))
+        {
+            *slot = Some(reply.clone());
+        }
+        let incarnation = self.config.incarnation;
+        self.send(
+            to,
+            key,
+            Msg::Forwarded {
+                id,
+                incarnation,
+                reply,
+            },
+        );
     }
 
     fn start_next(&mut self, key: &[u8]) {
@@ -823,14 +1019,11 @@ impl<E: Env> Replica<E> {
             attempts: op.attempts,
             prepares: op.prepares,
         };
-        self.complete(
-            key,
-            Completion {
-                id: op.request,
-                outcome,
-                trace,
-            },
-        );
+        self.finish_with(key, op, outcome, trace)
+    }
+
+    fn finish_with(&mut self, key: &[u8], op: Op, outcome: Outcome, trace: Trace) {
+        self.answer(key, op, outcome, trace);
         self.inflight -= 1;
         self.start_next(key);
     }
@@ -908,6 +1101,19 @@ impl<E: Env> Replica<E> {
         let st = self.state(key);
         let slot = st.slot();
         let touched = st.accepted.is_some() || !st.promised.is_fast();
+        if let Kind::Command(command) = &op.kind {
+            // A command that never went out anywhere goes to the key's
+            // leader, if another replica leads it and looks alive.
+            if op.origin.is_none() && op.exposed.is_empty() {
+                if let Some((to, incarnation)) = self.forward_target(key) {
+                    let command = command.clone();
+                    return self.begin_forward(key, op, to, incarnation, command);
+                }
+            }
+            if let Some(ballot) = self.lead(key) {
+                return self.lead_next(key, op, slot, ballot);
+            }
+        }
         match op.kind.clone() {
             Kind::Read => self.begin_query(key, op),
             Kind::Command(_) if touched => self.begin_prepare(key, op, slot),
@@ -925,6 +1131,103 @@ impl<E: Env> Replica<E> {
         }
     }
 
+    /// The ballot this instance leads `key` with, if acceptors still carry
+    /// it: its own record of the promise has not moved past it.
+    fn lead(&mut self, key: &[u8]) -> Option<Ballot> {
+        let ballot = *self.leads.get(key)?;
+        if self.state(key).promised == ballot {
+            Some(ballot)
+        } else {
+            self.leads.remove(key);
+            None
+        }
+    }
+
+    fn set_lead(&mut self, key: &[u8], ballot: Ballot) {
+        if self.leads.len() >= LEADS_MAX && !self.leads.contains_key(key) {
+            self.leads.pop_first();
+        }
+        self.leads.insert(key.to_vec(), ballot);
+    }
+
+    /// Proposes the next slot as the key's leader: phase 2 only. An
+    /// exposed proposal goes out again as it is; a command that changes
+    /// nothing, or is refused, is confirmed by a quorum read first.
+    fn lead_next(&mut self, key: &[u8], mut op: Op, slot: u64, ballot: Ballot) {
+        let Kind::Command(command) = op.kind.clone() else {
+            return self.begin_query(key, op);
+        };
+        if let Some(proposal) = self.exposed_at(&op, slot) {
+            return self.begin_accept(key, op, slot, ballot, proposal, true);
+        }
+        match self.evaluate(key, &command) {
+            Ok(Change::Keep) | Err(_) => self.begin_query(key, op),
+            Ok(change) => {
+                let proposal = self.own_proposal(key, &mut op, slot, change);
+                self.begin_accept(key, op, slot, ballot, proposal, true)
+            }
+        }
+    }
+
+    /// The replica that leads `key`, as this replica's acceptor sees it
+    /// (the owner of the classic ballot it promised), and that replica's
+    /// instance (the newest of its proposals this replica holds, or that
+    /// its forwarded replies named), if it is
+    /// another member not passed over for silence.
+    fn forward_target(&mut self, key: &[u8]) -> Option<(ReplicaId, u64)> {
+        let me = self.config.self_id;
+        let now = self.now_ms;
+        let st = self.state(key);
+        if st.promised.is_fast() || st.promised.replica == me {
+            return None;
+        }
+        let leader = st.promised.replica;
+        let seen = st
+            .chosen
+            .winners
+            .iter()
+            .map(|(_, id)| *id)
+            .chain(st.accepted.as_ref().map(|a| a.proposal.id))
+            .filter(|id| id.replica == leader)
+            .map(|id| id.incarnation)
+            .max();
+        let incarnation = seen.max(self.instances.get(&leader).copied())?;
+        let alive = self
+            .suspect_until
+            .get(&leader)
+            .is_none_or(|until| *until <= now);
+        (self.members.contains(leader) && alive).then_some((leader, incarnation))
+    }
+
+    fn begin_forward(
+        &mut self,
+        key: &[u8],
+        mut op: Op,
+        to: ReplicaId,
+        incarnation: u64,
+        command: Vec<u8>,
+    ) {
+        let id = self.next_query_id();
+        op.phase = Phase::Forward {
+            id,
+            to,
+            incarnation,
+            sends: 1,
+        };
+        op.sent_ms = self.now_ms;
+        self.arm(key, &mut op, self.config.round_timeout_ms as u64);
+        self.put_active(key, op);
+        self.send(
+            to,
+            key,
+            Msg::Forward {
+                id,
+                incarnation,
+                command,
+            },
+        );
+    }
+
     fn fast_allowed(&self) -> bool {
         if !self.members.fast {
             return false;
@@ -940,7 +1243,12 @@ impl<E: Env> Replica<E> {
     }
 
     fn begin_fast_or_classic(&mut self, key: &[u8], op: Op, slot: u64, proposal: Proposal) {
-        if !self.fast_allowed() {
+        if let Some(ballot) = self.lead(key) {
+            return self.begin_accept(key, op, slot, ballot, proposal, true);
+        }
+        // A promise carried from an earlier slot refuses the fast round
+        // (this replica's own acceptor would, to begin with).
+        if !self.fast_allowed() || !self.state(key).promised.is_fast() {
             return self.begin_prepare(key, op, slot);
         }
         self.begin_fast(key, op, slot, proposal)
@@ -974,6 +1282,7 @@ impl<E: Env> Replica<E> {
     /// Enters `phase`, arms its timeout and sends `msg` to every voter.
     fn launch(&mut self, key: &[u8], mut op: Op, phase: Phase, timeout_ms: u32, msg: Msg) {
         op.phase = phase;
+        op.sent_ms = self.now_ms;
         self.arm(key, &mut op, timeout_ms as u64);
         self.put_active(key, op);
         self.broadcast(key, &msg);
@@ -1030,6 +1339,7 @@ impl<E: Env> Replica<E> {
         slot: u64,
         ballot: Ballot,
         proposal: Proposal,
+        carried: bool,
     ) {
         if op.own.as_ref().is_some_and(|(_, p)| p.id == proposal.id) {
             op.exposed.insert(slot);
@@ -1039,12 +1349,22 @@ impl<E: Env> Replica<E> {
             ballot,
             proposal: proposal.clone(),
             acks: BTreeSet::new(),
+            carried,
         };
-        let msg = Msg::Accept {
-            slot,
-            ballot,
-            proposal,
-            catch_up: None,
+        let msg = if carried {
+            Msg::Continue {
+                slot,
+                ballot,
+                proposal,
+                catch_up: None,
+            }
+        } else {
+            Msg::Accept {
+                slot,
+                ballot,
+                proposal,
+                catch_up: None,
+            }
         };
         self.launch(key, op, phase, self.config.round_timeout_ms, msg);
     }
@@ -1064,13 +1384,26 @@ impl<E: Env> Replica<E> {
         );
     }
 
+    /// Waits before the next attempt: twice the round trip, doubling with
+    /// each attempt, jittered to [0.5x, 1.5x], so duelling proposers part
+    /// within a few round trips instead of tens of milliseconds.
     fn backoff(&mut self, key: &[u8], mut op: Op, trouble: FailureReason) {
         op.trouble = trouble;
         op.phase = Phase::Backoff;
-        let base = (BACKOFF_BASE_MS << op.attempts.min(7)).min(BACKOFF_MAX_MS);
+        let first = (2 * self.rtt_ms).max(BACKOFF_MIN_MS);
+        let base = first
+            .saturating_mul(1 << op.attempts.min(10))
+            .min(BACKOFF_MAX_MS);
         let delay = base / 2 + self.random() % (base + 1);
         self.arm(key, &mut op, delay);
         self.put_active(key, op);
+    }
+
+    /// A round of this replica finished after `sent_ms`: update the
+    /// smoothed round trip (7/8 old, 1/8 new).
+    fn sample_rtt(&mut self, sent_ms: u64) {
+        let sample = self.now_ms.saturating_sub(sent_ms).min(BACKOFF_MAX_MS);
+        self.rtt_ms = (7 * self.rtt_ms + sample).div_ceil(8);
     }
 
     // ----- timers -------------------------------------------------------
@@ -1098,6 +1431,48 @@ impl<E: Env> Replica<E> {
                 self.begin_prepare(key, op, slot)
             }
             Phase::Backoff => self.advance(key, op),
+            Phase::Wait => self.begin_query(key, op),
+            Phase::Forward {
+                id,
+                to,
+                incarnation,
+                sends,
+            } => {
+                let (id, to, incarnation, sends) = (*id, *to, *incarnation, *sends);
+                let Kind::Command(command) = op.kind.clone() else {
+                    unreachable!("only commands are forwarded")
+                };
+                if sends < FORWARD_SENDS {
+                    let mut op = op;
+                    op.phase = Phase::Forward {
+                        id,
+                        to,
+                        incarnation,
+                        sends: sends + 1,
+                    };
+                    self.arm(key, &mut op, self.config.round_timeout_ms as u64);
+                    self.put_active(key, op);
+                    let msg = Msg::Forward {
+                        id,
+                        incarnation,
+                        command,
+                    };
+                    return self.send(to, key, msg);
+                }
+                // The leader may have run it: the outcome cannot be told.
+                // Pass over the leader, so later commands take the key.
+                self.suspect_until.insert(to, self.now_ms + SUSPECT_MS);
+                let failure = Failure {
+                    reason: FailureReason::NoQuorum,
+                    maybe_applied: true,
+                    message: format!("the key's leader, replica {to}, did not answer"),
+                };
+                self.finish(key, op, Outcome::Failed(failure))
+            }
+            Phase::Accept { .. } => {
+                self.leads.remove(key);
+                self.backoff(key, op, FailureReason::NoQuorum)
+            }
             _ => self.backoff(key, op, FailureReason::NoQuorum),
         }
     }
@@ -1108,7 +1483,7 @@ impl<E: Env> Replica<E> {
         // A learner takes part in no round as an acceptor.
         let acceptor_msg = matches!(
             msg,
-            Msg::Prepare { .. } | Msg::Accept { .. } | Msg::Query { .. }
+            Msg::Prepare { .. } | Msg::Accept { .. } | Msg::Continue { .. } | Msg::Query { .. }
         );
         if acceptor_msg && !self.is_voter() {
             return;
@@ -1156,6 +1531,45 @@ impl<E: Env> Replica<E> {
                 chosen,
                 accepted,
             } => self.on_query_reply(from, key, id, chosen, accepted),
+            Msg::Continue {
+                slot,
+                ballot,
+                proposal,
+                catch_up,
+            } => self.acceptor_continue(from, key, slot, ballot, proposal, catch_up),
+            Msg::Forward {
+                id,
+                incarnation,
+                command,
+            } => self.on_forward(from, key, id, incarnation, command),
+            Msg::Forwarded {
+                id,
+                incarnation,
+                reply,
+            } => self.on_forwarded(from, key, id, incarnation, reply),
+        }
+    }
+
+    /// The leader's answer to a command this replica forwarded.
+    fn on_forwarded(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        id: u64,
+        incarnation: u64,
+        reply: Reply,
+    ) {
+        let known = self.instances.entry(from).or_insert(incarnation);
+        *known = (*known).max(incarnation);
+        let Some(op) = self.take_active(key) else {
+            return;
+        };
+        match op.phase {
+            Phase::Forward { id: i, to, .. } if i == id && to == from => {
+                let (outcome, trace) = outcome_of(reply);
+                self.finish_with(key, op, outcome, trace)
+            }
+            _ => self.put_active(key, op),
         }
     }
 
@@ -1278,6 +1692,53 @@ impl<E: Env> Replica<E> {
         self.send(from, key, Msg::Accepted { slot, ballot, id });
     }
 
+    /// Phase 2 in a later slot of the leader of `ballot`, without phase 1.
+    /// Safe only on the promise the leader's prepare obtained, carried
+    /// here unchanged: an acceptor whose promise is exactly `ballot`
+    /// refused every lower ballot in this slot, the fast round included.
+    /// Any other promise (lower: it did not carry this one; higher: it
+    /// promised another leader) refuses.
+    fn acceptor_continue(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        slot: u64,
+        ballot: Ballot,
+        proposal: Proposal,
+        catch_up: Option<Chosen>,
+    ) {
+        if !self.acceptor_slot_ok(from, key, slot, catch_up) {
+            return;
+        }
+        let st = self.state(key);
+        let ok = !ballot.is_fast()
+            && st.promised == ballot
+            && st
+                .accepted
+                .as_ref()
+                .is_none_or(|a| a.ballot == ballot && a.proposal.id == proposal.id);
+        if !ok {
+            let promised = st.promised;
+            return self.send(
+                from,
+                key,
+                Msg::Nack {
+                    slot,
+                    ballot,
+                    promised,
+                    accepted: None,
+                },
+            );
+        }
+        let id = proposal.id;
+        let new = Some(Accepted { ballot, proposal });
+        if st.accepted != new {
+            st.accepted = new;
+            self.mark_voted(key);
+        }
+        self.send(from, key, Msg::Accepted { slot, ballot, id });
+    }
+
     fn on_accepted(
         &mut self,
         from: ReplicaId,
@@ -1307,14 +1768,22 @@ impl<E: Env> Replica<E> {
                 ballot: b,
                 proposal,
                 acks,
+                ..
             } if *s == slot && *b == ballot && proposal.id == id => {
                 acks.insert(from);
                 (acks.len() >= self.q_classic).then(|| proposal.clone())
             }
             _ => None,
         };
+        let sent_ms = op.sent_ms;
         self.put_active(key, op);
         if let Some(proposal) = decided {
+            self.sample_rtt(sent_ms);
+            // A classic quorum accepted at `ballot` and carries its
+            // promise into the next slot: this instance leads the key.
+            if !ballot.is_fast() && ballot.replica == self.config.self_id {
+                self.set_lead(key, ballot);
+            }
             self.decided(key, slot, &proposal);
         }
     }
@@ -1440,10 +1909,27 @@ impl<E: Env> Replica<E> {
                 }
                 self.put_active(key, op)
             }
-            Phase::Prepare {
-                slot: s, ballot: b, ..
+            Phase::Accept {
+                slot: s,
+                ballot: b,
+                proposal,
+                ..
+            } if *s == slot && *b == ballot => {
+                self.leads.remove(key);
+                if self.planted.leader_skips_prepare && promised > *b {
+                    // The planted defect: phase 2 at a higher ballot with
+                    // no prepare behind it.
+                    let ballot = Ballot {
+                        counter: promised.counter + 1,
+                        replica: self.config.self_id,
+                    };
+                    let proposal = proposal.clone();
+                    self.set_lead(key, ballot);
+                    return self.begin_accept(key, op, slot, ballot, proposal, false);
+                }
+                self.backoff(key, op, FailureReason::Contention)
             }
-            | Phase::Accept {
+            Phase::Prepare {
                 slot: s, ballot: b, ..
             } if *s == slot && *b == ballot => self.backoff(key, op, FailureReason::Contention),
             _ => self.put_active(key, op),
@@ -1478,8 +1964,21 @@ impl<E: Env> Replica<E> {
                 slot: s,
                 ballot,
                 proposal,
+                carried: false,
                 ..
             } if *s == slot => Some(Msg::Accept {
+                slot,
+                ballot: *ballot,
+                proposal: proposal.clone(),
+                catch_up: Some(chosen.clone()),
+            }),
+            Phase::Accept {
+                slot: s,
+                ballot,
+                proposal,
+                carried: true,
+                ..
+            } if *s == slot => Some(Msg::Continue {
                 slot,
                 ballot: *ballot,
                 proposal: proposal.clone(),
@@ -1522,7 +2021,7 @@ impl<E: Env> Replica<E> {
             unreachable!()
         };
         match self.constrained(&promises) {
-            Some(proposal) => self.begin_accept(key, op, slot, ballot, proposal),
+            Some(proposal) => self.begin_accept(key, op, slot, ballot, proposal, false),
             None => self.free_choice(key, op, slot, ballot),
         }
     }
@@ -1579,7 +2078,7 @@ impl<E: Env> Replica<E> {
         // first evaluation still wins.
         if let Some(proposal) = self.exposed_at(&op, slot) {
             return match ballot {
-                Some(ballot) => self.begin_accept(key, op, slot, ballot, proposal),
+                Some(ballot) => self.begin_accept(key, op, slot, ballot, proposal, false),
                 None => self.begin_fast_or_classic(key, op, slot, proposal),
             };
         }
@@ -1589,7 +2088,7 @@ impl<E: Env> Replica<E> {
             Ok(change) => {
                 let proposal = self.own_proposal(key, &mut op, slot, change);
                 match ballot {
-                    Some(ballot) => self.begin_accept(key, op, slot, ballot, proposal),
+                    Some(ballot) => self.begin_accept(key, op, slot, ballot, proposal, false),
                     None => self.begin_fast_or_classic(key, op, slot, proposal),
                 }
             }
@@ -1620,6 +2119,7 @@ impl<E: Env> Replica<E> {
         let Phase::Query { replies, .. } = core::mem::replace(&mut op.phase, Phase::Idle) else {
             unreachable!()
         };
+        self.sample_rtt(op.sent_ms);
         let newest = replies
             .values()
             .map(|(c, _)| c)
@@ -1642,13 +2142,31 @@ impl<E: Env> Replica<E> {
         let Some(op) = self.settle(key, op) else {
             return;
         };
-        let pending = replies
+        let pending: Vec<Ballot> = replies
             .values()
-            .any(|(c, a)| c.version == newest.version && a.is_some());
+            .filter(|(c, _)| c.version == newest.version)
+            .filter_map(|(_, a)| a.as_ref().map(|a| a.ballot))
+            .collect();
         let local = self.state(key).chosen.version;
-        if pending && local == newest.version {
-            // Slot newest+1 may hold a chosen value nobody has learned:
-            // finish it in a classic round before answering.
+        if !pending.is_empty() && local == newest.version {
+            // Slot newest+1 may hold a chosen value nobody has learned. A
+            // leader's round in flight is about to be learned: wait for it
+            // a few round trips rather than pre-empt the leader. Otherwise
+            // (or after waiting) finish the slot in a classic round.
+            let now = self.now_ms;
+            let leader_busy = pending.iter().all(|b| {
+                !b.is_fast()
+                    && b.replica != self.config.self_id
+                    && self.suspect_until.get(&b.replica).is_none_or(|u| *u <= now)
+            });
+            let mut op = op;
+            if leader_busy && op.waits < READ_WAITS {
+                op.waits += 1;
+                op.phase = Phase::Wait;
+                let delay = (2 * self.rtt_ms).max(BACKOFF_MIN_MS) << (op.waits - 1);
+                self.arm(key, &mut op, delay);
+                return self.put_active(key, op);
+            }
             return self.begin_prepare(key, op, newest.version + 1);
         }
         if local != newest.version {
@@ -1657,6 +2175,106 @@ impl<E: Env> Replica<E> {
         }
         self.conclude(key, op, newest.version + 1, None)
     }
+}
+
+impl Op {
+    fn new(request: u64, kind: Kind, origin: Option<(ReplicaId, u64)>) -> Op {
+        Op {
+            request,
+            kind,
+            attempts: 0,
+            phase: Phase::Idle,
+            own: None,
+            exposed: BTreeSet::new(),
+            token: 0,
+            counter_seen: 0,
+            trouble: FailureReason::NoQuorum,
+            own_prior_absent: false,
+            prepares: 0,
+            won: None,
+            origin,
+            waits: 0,
+            sent_ms: 0,
+        }
+    }
+}
+
+/// `text` cut to at most [`REPLY_TEXT_MAX`] bytes, on a character boundary.
+fn bounded(text: &str) -> String {
+    let mut end = text.len().min(REPLY_TEXT_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// A forwarded command's outcome on the wire.
+fn reply_of(outcome: &Outcome, trace: &Trace) -> Reply {
+    let outcome = match outcome {
+        Outcome::Done(c) => ReplyOutcome::Done {
+            value: c.value.clone(),
+            version: c.version,
+        },
+        Outcome::Rejected(r, c) => ReplyOutcome::Rejected {
+            code: bounded(&r.code),
+            message: bounded(&r.message),
+            value: c.value.clone(),
+            version: c.version,
+        },
+        Outcome::Failed(f) => ReplyOutcome::Failed {
+            reason: match f.reason {
+                FailureReason::NoQuorum | FailureReason::Interrupted => 0,
+                FailureReason::Contention => 1,
+                FailureReason::Overloaded => 2,
+                FailureReason::Invalid => 3,
+            },
+            maybe_applied: f.maybe_applied,
+            message: bounded(&f.message),
+        },
+    };
+    Reply {
+        outcome,
+        changed: trace.changed,
+        prior_absent: trace.prior_absent,
+        fast: trace.fast,
+        attempts: trace.attempts,
+        prepares: trace.prepares,
+    }
+}
+
+/// The outcome and trace a forwarded reply reports.
+fn outcome_of(reply: Reply) -> (Outcome, Trace) {
+    let outcome = match reply.outcome {
+        ReplyOutcome::Done { value, version } => Outcome::Done(Current { value, version }),
+        ReplyOutcome::Rejected {
+            code,
+            message,
+            value,
+            version,
+        } => Outcome::Rejected(Rejection { code, message }, Current { value, version }),
+        ReplyOutcome::Failed {
+            reason,
+            maybe_applied,
+            message,
+        } => Outcome::Failed(Failure {
+            reason: match reason {
+                1 => FailureReason::Contention,
+                2 => FailureReason::Overloaded,
+                3 => FailureReason::Invalid,
+                _ => FailureReason::NoQuorum,
+            },
+            maybe_applied,
+            message: format!("at the key's leader: {message}"),
+        }),
+    };
+    let trace = Trace {
+        changed: reply.changed,
+        prior_absent: reply.prior_absent,
+        fast: reply.fast,
+        attempts: reply.attempts,
+        prepares: reply.prepares,
+    };
+    (outcome, trace)
 }
 
 impl<E: Env> Core for Replica<E> {

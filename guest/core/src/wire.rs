@@ -5,6 +5,7 @@
 //! index) of the structures below. `docs/design.md` lists the fields in order;
 //! the golden fixtures in this module's tests pin the bytes.
 
+use alloc::string::String;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
@@ -123,13 +124,20 @@ impl KeyState {
     }
 
     /// Adopts a chosen state newer than ours; returns whether it was newer.
+    ///
+    /// A classic promise carries over into the new open slot: the acceptor
+    /// keeps refusing every ballot below it, the fast round included. That
+    /// is what lets the replica owning the ballot lead the key, running
+    /// phase 2 only in later slots ([`Msg::Continue`]); a key whose slots
+    /// were all decided in the fast round keeps `promised` at the fast
+    /// round and stays leaderless.
     pub fn learn(&mut self, chosen: &Chosen) -> bool {
         if chosen.version <= self.chosen.version {
             return false;
         }
         *self = KeyState {
             chosen: chosen.clone(),
-            promised: Ballot::FAST,
+            promised: self.promised,
             accepted: None,
         };
         true
@@ -185,6 +193,66 @@ pub enum Msg {
         id: u64,
         chosen: Chosen,
         accepted: Option<Accepted>,
+    },
+    /// Phase 2a in a later slot of the ballot's leader, without phase 1:
+    /// accepted only by an acceptor whose promise is exactly `ballot`,
+    /// carried from the slot where the leader prepared it (see
+    /// `docs/design.md`, "Leaders"). Protocols before 0.5 cannot decode it
+    /// and drop it, so a leader never counts on their votes.
+    Continue {
+        slot: u64,
+        ballot: Ballot,
+        proposal: Proposal,
+        catch_up: Option<Chosen>,
+    },
+    /// A command handed to the key's leader, instance `incarnation` of the
+    /// receiver. `id` is unique across the sender's instances (like a
+    /// query id); the receiver runs it at most once and answers
+    /// [`Msg::Forwarded`].
+    Forward {
+        id: u64,
+        incarnation: u64,
+        command: Vec<u8>,
+    },
+    /// The outcome of forwarded command `id`, from instance `incarnation`
+    /// of the leader (so a sender that addressed an earlier one learns
+    /// which to address next).
+    Forwarded {
+        id: u64,
+        incarnation: u64,
+        reply: Reply,
+    },
+}
+
+/// The outcome of a forwarded command, as the leader completed it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub outcome: ReplyOutcome,
+    pub changed: bool,
+    pub prior_absent: bool,
+    pub fast: bool,
+    pub attempts: u32,
+    pub prepares: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum ReplyOutcome {
+    Done {
+        value: Option<Vec<u8>>,
+        version: u64,
+    },
+    Rejected {
+        code: String,
+        message: String,
+        value: Option<Vec<u8>>,
+        version: u64,
+    },
+    /// `reason`: 0 no-quorum, 1 contention, 2 overloaded, 3 invalid, 4 the
+    /// leader is a newer instance than the one addressed (reads as no-quorum).
+    Failed {
+        reason: u8,
+        maybe_applied: bool,
+        message: String,
     },
 }
 

@@ -86,6 +86,9 @@ fn kind(payload: &[u8]) -> &'static str {
         Msg::Learn { .. } => "Learn",
         Msg::Query { .. } => "Query",
         Msg::QueryReply { .. } => "QueryReply",
+        Msg::Continue { .. } => "Continue",
+        Msg::Forward { .. } => "Forward",
+        Msg::Forwarded { .. } => "Forwarded",
     }
 }
 
@@ -600,6 +603,113 @@ fn delayed_reply(plant: Plant) {
     );
 }
 
+/// Leaders. Replica 1 wins version 1 in a classic round and leads the key:
+/// its next write is phase 2 only (`Continue`). Replica 2, passed over for
+/// silence, prepares a higher ballot and wins version 3 through {2, 3};
+/// nobody tells replica 1 or 3. Replica 1 still believes it leads: its
+/// `Continue` is refused by 3, whose promise moved, and replica 1 must
+/// prepare again, which finds w. A leader that instead moved above the
+/// refusal and went straight to phase 2 got 3 to accept v at version 3 too.
+#[test]
+fn a_leader_that_lost_its_promise_prepares_again() {
+    lost_lead(healthy);
+}
+
+fn lost_lead(plant: Plant) {
+    let mut net = Net::new(&[1, 2, 3], &[1, 2, 3], plant);
+    // The fast round misses replica 3; the classic round (1, 1) wins.
+    net.put(1, 1, "a");
+    net.drop_where(|_, t, _| t == 3);
+    net.deliver(1, 2, "Accept");
+    net.deliver(2, 1, "Accepted");
+    net.fire(1);
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(1).is_some());
+    assert_eq!(done_value(net.outcome(1)), Some((Some(b"a".to_vec()), 1)));
+    net.run(&[], |_, _, _| true, |n| n.pool.is_empty());
+    // The leader's next write skips phase 1.
+    net.put(1, 2, "b");
+    assert!(
+        net.pool
+            .iter()
+            .any(|(f, _, p)| *f == 1 && kind(p) == "Continue"),
+        "the leader goes straight to phase 2"
+    );
+    assert!(!net.pool.iter().any(|(_, _, p)| kind(p) == "Prepare"));
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(2).is_some());
+    assert_eq!(done_value(net.outcome(2)), Some((Some(b"b".to_vec()), 2)));
+    net.run(&[], |_, _, _| true, |n| n.pool.is_empty());
+    // Replica 2 forwards to the leader, which never hears it: the outcome
+    // is unknown, and replica 2 passes over the leader for a while.
+    net.put(2, 3, "w");
+    for _ in 0..3 {
+        net.drop_where(|f, t, what| f == 2 && t == 1 && what == "Forward");
+        net.fire(2);
+    }
+    match net.outcome(3) {
+        Some(Outcome::Failed(f)) => assert!(f.maybe_applied),
+        other => panic!("a forward nobody answered ended as {other:?}"),
+    }
+    // Replica 2 prepares and wins version 3 through {2, 3}.
+    net.put(2, 4, "w");
+    net.drop_where(|_, t, _| t == 1);
+    net.deliver(2, 3, "Prepare");
+    net.deliver(3, 2, "Promise");
+    net.drop_where(|_, t, _| t == 1);
+    net.deliver(2, 3, "Accept");
+    net.deliver(3, 2, "Accepted");
+    assert_eq!(done_value(net.outcome(4)), Some((Some(b"w".to_vec()), 3)));
+    net.drop_where(|_, _, _| true);
+    // The old leader writes: replica 3 refuses its Continue.
+    net.put(1, 5, "v");
+    net.drop_where(|_, t, _| t == 2);
+    net.deliver(1, 3, "Continue");
+    net.deliver(3, 1, "Nack");
+    net.run(&[1, 3], |_, t, _| t != 2, |n| n.outcome(5).is_some());
+    net.assert_one_value_per_version();
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(5).is_some());
+    assert_eq!(done_value(net.outcome(5)), Some((Some(b"v".to_vec()), 4)));
+}
+
+/// A forwarded command runs once however many copies reach the leader,
+/// and each copy after the first gets the same answer.
+#[test]
+fn a_forwarded_command_runs_once() {
+    let mut net = Net::new(&[1, 2, 3], &[1, 2, 3], healthy);
+    net.put(1, 1, "a");
+    net.drop_where(|_, t, _| t == 3);
+    net.deliver(1, 2, "Accept");
+    net.deliver(2, 1, "Accepted");
+    net.fire(1);
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.pool.is_empty());
+    // A counter would show a second run; the register shows it as a new
+    // version.
+    net.put(3, 2, "b");
+    let forward = net.take(|f, t, p| f == 3 && t == 1 && kind(p) == "Forward");
+    assert_eq!(forward.len(), 1, "replica 3 forwards to the leader");
+    let (_, _, payload) = forward[0].clone();
+    net.inbound(3, 1, payload.clone());
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.pool.is_empty());
+    assert_eq!(done_value(net.outcome(2)), Some((Some(b"b".to_vec()), 2)));
+    // A late copy of the forward: answered again, not run again.
+    net.inbound(3, 1, payload);
+    let replies = net.take(|_, _, _| true);
+    assert_eq!(
+        replies.len(),
+        1,
+        "the copy is answered, and nothing else is sent"
+    );
+    match Msg::decode_any(&replies[0].2).unwrap().1 {
+        Msg::Forwarded { reply, .. } => assert!(matches!(
+            reply.outcome,
+            ballot_core::wire::ReplyOutcome::Done { version: 2, .. }
+        )),
+        other => panic!("expected the answer again, got {other:?}"),
+    }
+    net.read(1, 3);
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(3).is_some());
+    assert_eq!(done_value(net.outcome(3)), Some((Some(b"b".to_vec()), 2)));
+}
+
 /// Each defect, put back, breaks its schedule: the schedules can fail.
 /// (The panics these print are the schedules catching the planted bugs.)
 #[cfg(feature = "planted-bugs")]
@@ -628,5 +738,10 @@ mod planted {
     #[test]
     fn query_id_reuse_is_caught() {
         assert!(caught(delayed_reply, |r| r.plant_query_id_reuse()));
+    }
+
+    #[test]
+    fn a_leader_skipping_phase_1_is_caught() {
+        assert!(caught(lost_lead, |r| r.plant_leader_skips_prepare()));
     }
 }

@@ -585,7 +585,13 @@ impl Driver {
             .get_or_create(&label("op", client.op))
             .observe(client.started.elapsed().as_secs_f64());
         if c.trace.changed {
-            let path = if c.trace.fast { "fast" } else { "classic" };
+            // "led": phase 2 only, by the key's leader (a forwarded
+            // command reports the leader's trace).
+            let path = match (c.trace.fast, c.trace.prepares) {
+                (true, _) => "fast",
+                (false, 0) => "led",
+                (false, _) => "classic",
+            };
             m.proposals_chosen.get_or_create(&label("path", path)).inc();
         }
         m.retries.inc_by(c.trace.attempts.saturating_sub(1) as u64);

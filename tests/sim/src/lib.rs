@@ -52,6 +52,9 @@ pub enum Planted {
     /// Review defect B: a command whose proposal went out is evaluated
     /// again (caught with deadline commands, [`SimConfig::deadlines`]).
     Reevaluation,
+    /// A key's leader that lost its promise moves to a higher ballot and
+    /// skips phase 1.
+    LeaderSkipsPrepare,
 }
 
 /// First byte of a command with a deadline: `[0xD1, deadline_ms u64 BE,
@@ -259,6 +262,11 @@ pub struct Record {
 pub struct Stats {
     pub steps: u64,
     pub messages: u64,
+    /// Leader mode: phase-2-only requests sent, commands forwarded to a
+    /// key's leader (copies sent), and replies to forwarded commands.
+    pub continues: u64,
+    pub forwards: u64,
+    pub forward_replies: u64,
     pub dropped: u64,
     pub crashes: u64,
     pub ops_done: u64,
@@ -360,6 +368,7 @@ impl CoreFactory for NativeFactory {
             Some(Planted::BallotReuse) => replica.plant_ballot_reuse(),
             Some(Planted::QueryIdReuse) => replica.plant_query_id_reuse(),
             Some(Planted::Reevaluation) => replica.plant_reevaluation(),
+            Some(Planted::LeaderSkipsPrepare) => replica.plant_leader_skips_prepare(),
             None => {}
         }
         Box::new(replica)
@@ -382,8 +391,8 @@ impl CoreFactory for WasmFactory {
     }
 }
 
-/// Two protocol components at once: the embedded one (0.3.0, key-state
-/// format 1) and `protocol-next` (0.4.0, format 2), chosen per replica and
+/// Two protocol components at once: the embedded one (0.5.0, key-state
+/// format 1) and `protocol-next` (0.6.0, format 2), chosen per replica and
 /// incarnation, so the cluster always runs mixed versions and every
 /// crash-restart swaps the replica to the other one: upgrades and rollbacks
 /// with migration on read, under every fault the simulator injects.
@@ -1062,6 +1071,12 @@ impl<'f> Sim<'f> {
             return;
         };
         let inc = self.nodes[from].incarnation;
+        match &msg {
+            Msg::Continue { .. } => self.stats.continues += 1,
+            Msg::Forward { .. } => self.stats.forwards += 1,
+            Msg::Forwarded { .. } => self.stats.forward_replies += 1,
+            _ => {}
+        }
         match msg {
             Msg::Prepare {
                 slot,
@@ -1083,9 +1098,9 @@ impl<'f> Sim<'f> {
                     }
                 }
             }
-            Msg::Query { id } => match self.queries.get(&(from, id)) {
+            Msg::Query { id } | Msg::Forward { id, .. } => match self.queries.get(&(from, id)) {
                 Some(i) if *i != inc => self.violations.push(format!(
-                    "replica {} sent query id {id} in incarnations {i} and {inc}",
+                    "replica {} sent query or forward id {id} in incarnations {i} and {inc}",
                     self.nodes[from].id
                 )),
                 Some(_) => {}
@@ -1094,6 +1109,12 @@ impl<'f> Sim<'f> {
                 }
             },
             Msg::Accept {
+                slot,
+                ballot,
+                proposal,
+                ..
+            }
+            | Msg::Continue {
                 slot,
                 ballot,
                 proposal,

@@ -68,6 +68,9 @@ enum PlantArg {
     /// With --reconfigure: the drivers publish the membership record with a
     /// plain write instead of a compare-and-swap.
     BlindPublish,
+    /// A key's leader that lost its promise to a higher ballot moves above
+    /// it and goes straight to phase 2, skipping phase 1.
+    LeaderSkipsPrepare,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -182,6 +185,7 @@ fn main() -> ExitCode {
             PlantArg::BallotReuse => Planted::BallotReuse,
             PlantArg::QueryIdReuse => Planted::QueryIdReuse,
             PlantArg::Reevaluation => Planted::Reevaluation,
+            PlantArg::LeaderSkipsPrepare => Planted::LeaderSkipsPrepare,
             PlantArg::UnsafeMembership
             | PlantArg::UncheckedCorruption
             | PlantArg::LostDirectory
@@ -296,6 +300,9 @@ fn main() -> ExitCode {
             faults.snapshots += report.stats.snapshots;
             faults.truncations += report.stats.truncations;
             faults.replay_reads += report.stats.replay_reads;
+            faults.continues += report.stats.continues;
+            faults.forwards += report.stats.forwards;
+            faults.forward_replies += report.stats.forward_replies;
             faults.convergence_unchecked += report.stats.convergence_unchecked;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
@@ -348,6 +355,10 @@ fn main() -> ExitCode {
         eprintln!(
             "n={n}: faults: {} crashes ({} of the whole cluster, {} at membership stages), {} partitions, {} clock jumps, {} corrupted records, {} lost data directories ({} refused at admission, {} of their messages refused), {} replicas removed while down, {} restarts on an older epoch",
             faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions, faults.wipes, faults.refused_admissions, faults.refused, faults.removed_down, faults.lagging_restarts
+        );
+        eprintln!(
+            "n={n}: leader mode: {} phase-2-only requests, {} forwarded commands sent, {} answered",
+            faults.continues, faults.forwards, faults.forward_replies
         );
         if args.activate {
             eprintln!(

@@ -148,7 +148,7 @@ fn wasm_seeds_pass() {
     }
 }
 
-/// Mixed versions and live swaps: every replica runs 0.3.0 or 0.4.0 by the
+/// Mixed versions and live swaps: every replica runs 0.5.0 or 0.6.0 by the
 /// parity of its id and incarnation, so each crash-restart swaps it, and
 /// each swap reads what the other version wrote (key-state formats 1 and
 /// 2). Histories stay linearizable, and they are the very histories of
@@ -344,6 +344,21 @@ fn simulator_catches_an_exposed_command_evaluated_again() {
     assert_clean(&run_native(seed, 3), seed, 3);
 }
 
+/// A key's leader that loses its promise to a higher ballot and goes
+/// straight to phase 2 at a ballot above it (skipping phase 1) chooses a
+/// second value at a version: the agreement check sees it.
+#[test]
+fn simulator_catches_a_leader_that_skips_phase_1() {
+    let seed = first_caught(
+        0..100,
+        |seed| SimConfig::new(seed, 3),
+        &NativeFactory(Some(Planted::LeaderSkipsPrepare)),
+        |v| v.contains("agreement") || v.contains("not linearizable"),
+    )
+    .expect("100 seeds of a leader skipping phase 1 passed the simulator");
+    assert_clean(&run_native(seed, 3), seed, 3);
+}
+
 /// Review defect A through the simulator: a learner that retries a prepare
 /// at the ballot it used before is seen by the ballot-reuse invariant.
 #[test]
@@ -515,8 +530,8 @@ fn activations_and_live_swaps_under_faults_stay_linearizable() {
 }
 
 /// The same with the two real components: activations move replicas live
-/// between the embedded protocol (0.3.0, key-state format 1) and
-/// protocol-next (0.4.0, format 2), and back at every restart.
+/// between the embedded protocol (0.5.0, key-state format 1) and
+/// protocol-next (0.6.0, format 2), and back at every restart.
 #[test]
 fn activations_between_two_component_versions_stay_linearizable() {
     let swap = SwapFactory::embedded().unwrap();
