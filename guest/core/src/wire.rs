@@ -374,6 +374,34 @@ impl Msg {
         }
     }
 
+    /// The variant index of an encoded message (the table in
+    /// `docs/design.md`), read without decoding the rest: lets a host pick
+    /// out the few messages it looks into.
+    pub fn peek_variant(bytes: &[u8]) -> Option<u64> {
+        fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+            let mut value = 0u64;
+            for (i, b) in bytes.iter().enumerate().take(10) {
+                value |= ((b & 0x7f) as u64) << (7 * i);
+                if b & 0x80 == 0 {
+                    return Some((value, &bytes[i + 1..]));
+                }
+            }
+            None
+        }
+        match bytes.split_first()? {
+            (&WIRE_FORMAT, rest) => varint(rest).map(|(v, _)| v),
+            (&WIRE_FORMAT_EPOCH, rest) => {
+                let (_, rest) = varint(rest)?;
+                varint(rest).map(|(v, _)| v)
+            }
+            _ => None,
+        }
+    }
+
+    /// Variant indexes of [`Msg::Forward`] and [`Msg::Forwarded`].
+    pub const FORWARD: u64 = 11;
+    pub const FORWARDED: u64 = 12;
+
     /// Whether the message states a decided fact (a chosen value) that any
     /// replica may take from any epoch; every other message is part of a
     /// round and counts only between replicas of the same epoch.
@@ -384,6 +412,27 @@ impl Msg {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn peek_variant_reads_the_index_in_both_formats() {
+        let forward = super::Msg::Forward {
+            id: 300,
+            incarnation: 7,
+            command: alloc::vec![1, 2],
+        };
+        assert_eq!(
+            super::Msg::peek_variant(&forward.encode()),
+            Some(super::Msg::FORWARD)
+        );
+        assert_eq!(
+            super::Msg::peek_variant(&forward.encode_at(1 << 20)),
+            Some(super::Msg::FORWARD)
+        );
+        // [format 2][epoch 3][variant 11][id 300 = ac 02][incarnation 7][command len 2, 1, 2]
+        assert_eq!(forward.encode_at(3), [2, 3, 11, 0xac, 0x02, 7, 2, 1, 2]);
+        assert_eq!(super::Msg::peek_variant(&[]), None);
+        assert_eq!(super::Msg::peek_variant(&[9, 1]), None);
+    }
+
     use super::*;
     use alloc::vec;
 

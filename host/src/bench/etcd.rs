@@ -155,7 +155,7 @@ impl Etcd {
                     Done::Conflict
                 })
             }
-            Workload::Put | Workload::Mix => c
+            Workload::Put | Workload::Spread | Workload::Mix => c
                 .put(key, value.to_vec(), None)
                 .await
                 .map(|_| Done::Ok)

@@ -31,8 +31,10 @@ pub use swap::{run_swaps, swap_table, SwapPoint};
 pub enum Workload {
     /// Create-if-absent on fresh keys (the actor-key reservation pattern).
     Create,
-    /// Blind writes to a few hot keys (contended).
+    /// Blind writes to a few hot keys (contended; `--hot-keys`).
     Put,
+    /// Blind writes spread over more keys (`--spread-keys`, 64 by default).
+    Spread,
     /// Read, then compare-and-swap on the version read, over 64 keys.
     Cas,
     /// Linearizable reads of 64 existing keys.
@@ -46,6 +48,7 @@ impl Workload {
         match self {
             Workload::Create => "create",
             Workload::Put => "put",
+            Workload::Spread => "spread",
             Workload::Cas => "cas",
             Workload::Get => "get",
             Workload::Mix => "mix",
@@ -62,6 +65,7 @@ pub struct Plan {
     pub secs: f64,
     pub value_bytes: usize,
     pub hot_keys: usize,
+    pub spread_keys: usize,
     pub cores: Vec<CoreKind>,
     pub etcd: bool,
     /// Drive these Ballot endpoints instead of starting a cluster.
@@ -117,6 +121,7 @@ pub struct Report {
     pub nodes: u32,
     pub value_bytes: usize,
     pub hot_keys: usize,
+    pub spread_keys: usize,
     pub points: Vec<Point>,
 }
 
@@ -152,6 +157,10 @@ impl Target {
         let (kind, key) = match workload {
             Workload::Create => (Workload::Create, format!("bench/create/{run}/{client}/{i}")),
             Workload::Put => (Workload::Put, format!("bench/hot/{}", r % hot)),
+            Workload::Spread => (
+                Workload::Put,
+                format!("bench/spread/{}", r % plan.spread_keys as u64),
+            ),
             Workload::Cas => (Workload::Cas, format!("bench/k/{}", r % 64)),
             Workload::Get => (Workload::Get, format!("bench/k/{}", r % 64)),
             Workload::Mix => {
@@ -201,7 +210,7 @@ async fn ballot_op(c: &Client, kind: Workload, key: &str, value: &Bytes) -> Resu
     };
     match kind {
         Workload::Create => check(c.put(key, value.clone(), Precondition::Absent).await?),
-        Workload::Put | Workload::Mix => {
+        Workload::Put | Workload::Spread | Workload::Mix => {
             check(c.put(key, value.clone(), Precondition::None).await?)
         }
         Workload::Get => check(c.get(key, false).await?),
@@ -469,6 +478,7 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
         nodes: plan.nodes,
         value_bytes: plan.value_bytes,
         hot_keys: plan.hot_keys,
+        spread_keys: plan.spread_keys,
         points,
     })
 }

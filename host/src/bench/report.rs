@@ -91,7 +91,138 @@ pub fn table(report: &Report) -> String {
         out.push('\n');
         out.push_str(&render(&ratios));
     }
+    let goals = goals(report);
+    if goals.len() > 1 {
+        out.push('\n');
+        out.push_str(&render(&goals));
+    }
     out
+}
+
+/// What Ballot aims for against etcd on these machines, as ratios measured
+/// in the same run: (workload, clients, measure, target, whether the
+/// ratio of each Ballot build to etcd must be at least or at most it).
+const GOALS: [(Workload, usize, Measure, f64, bool); 5] = [
+    (Workload::Put, 16, Measure::Throughput, 2.0, true),
+    (Workload::Put, 16, Measure::P99, 1.0, false),
+    (Workload::Spread, 64, Measure::Throughput, 2.0, true),
+    (Workload::Spread, 64, Measure::P99, 1.5, false),
+    (Workload::Create, 64, Measure::Throughput, 3.0, true),
+];
+
+#[derive(Clone, Copy)]
+enum Measure {
+    Throughput,
+    P50,
+    P99,
+}
+
+impl Measure {
+    fn of(self, p: &Point) -> f64 {
+        match self {
+            Measure::Throughput => p.ops_per_sec,
+            Measure::P50 => p.p50_ms,
+            Measure::P99 => p.p99_ms,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Measure::Throughput => "throughput",
+            Measure::P50 => "p50",
+            Measure::P99 => "p99",
+        }
+    }
+}
+
+/// The goals table: each goal whose points were measured, the ratio, and
+/// whether it is met (or by what factor it is missed); then wasm against
+/// native on every workload, and client-visible errors.
+fn goals(report: &Report) -> Vec<Vec<String>> {
+    let mut rows = vec![vec![
+        "goal".to_string(),
+        "clients".into(),
+        "measure".into(),
+        "ratio".into(),
+        "target".into(),
+        "met".into(),
+    ]];
+    let find = |system: &str, w: Workload, c: usize| {
+        report
+            .points
+            .iter()
+            .find(|p| p.system == system && p.workload == w && p.clients == c)
+    };
+    let mut row =
+        |label: String, clients: usize, measure: &str, ratio: f64, target: f64, at_least: bool| {
+            let met = if at_least {
+                ratio >= target
+            } else {
+                ratio <= target
+            };
+            let verdict = if met {
+                "yes".to_string()
+            } else if at_least {
+                format!("no, {:.2}x short", target / ratio.max(1e-9))
+            } else {
+                format!("no, {:.2}x over", ratio / target)
+            };
+            rows.push(vec![
+                label,
+                clients.to_string(),
+                measure.into(),
+                format!("{ratio:.2}"),
+                format!("{}{target:.2}", if at_least { ">= " } else { "<= " }),
+                verdict,
+            ]);
+        };
+    let create_1 = (Workload::Create, 1, Measure::P50, 0.9, false);
+    for system in ["ballot-wasm", "ballot-native"] {
+        for (w, c, m, target, at_least) in GOALS.iter().copied().chain([create_1]) {
+            if let (Some(a), Some(e)) = (find(system, w, c), find("etcd", w, c)) {
+                if m.of(e) > 0.0 {
+                    let label = format!("{}: {} / etcd", w.name(), system);
+                    row(label, c, m.name(), m.of(a) / m.of(e), target, at_least);
+                }
+            }
+        }
+    }
+    for p in report.points.iter().filter(|p| p.system == "ballot-wasm") {
+        if let Some(n) = find("ballot-native", p.workload, p.clients) {
+            if n.ops_per_sec > 0.0 {
+                let label = format!("{}: wasm / native", p.workload.name());
+                row(
+                    label,
+                    p.clients,
+                    "throughput",
+                    p.ops_per_sec / n.ops_per_sec,
+                    0.9,
+                    true,
+                );
+            }
+        }
+    }
+    let errors: u64 = report
+        .points
+        .iter()
+        .filter(|p| p.system.starts_with("ballot"))
+        .map(|p| p.errors)
+        .sum();
+    if rows.len() > 1 {
+        rows.push(vec![
+            "client-visible errors, every Ballot point".into(),
+            "-".into(),
+            "count".into(),
+            errors.to_string(),
+            "= 0".into(),
+            if errors == 0 {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+        ]);
+    }
+    rows
 }
 
 pub(super) fn render(rows: &[Vec<String>]) -> String {

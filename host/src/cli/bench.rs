@@ -15,7 +15,7 @@ pub(super) struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "create,put,cas,get,mix"
+        default_value = "create,put,spread,cas,get,mix"
     )]
     workloads: Vec<crate::bench::Workload>,
     /// Concurrent closed-loop clients, one sweep point each.
@@ -30,6 +30,9 @@ pub(super) struct BenchArgs {
     /// Keys the put workload contends on.
     #[arg(long, default_value_t = 4)]
     hot_keys: usize,
+    /// Keys the spread workload writes to.
+    #[arg(long, default_value_t = 64)]
+    spread_keys: usize,
     /// Replicas per cluster (and etcd members).
     #[arg(long, default_value_t = 3)]
     nodes: u32,
@@ -65,8 +68,11 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         || args.clients.contains(&0)
         || args.secs <= 0.0
         || args.hot_keys == 0
+        || args.spread_keys == 0
     {
-        return fail("--clients must be positive counts, --secs and --hot-keys positive");
+        return fail(
+            "--clients must be positive counts, --secs, --hot-keys and --spread-keys positive",
+        );
     }
     let binary = match std::env::current_exe() {
         Ok(b) => b,
@@ -79,6 +85,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         secs: args.secs,
         value_bytes: args.value_bytes,
         hot_keys: args.hot_keys,
+        spread_keys: args.spread_keys,
         cores: args.core,
         etcd: args.compare.is_some(),
         endpoints: args.endpoints,

@@ -16,6 +16,8 @@ use ballot_core::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use super::forwards::Forwards;
+
 use super::{
     ClientRequest, Control, CoreEvent, Events, Health, Mailbox, Protocol, ProtocolFactory,
     Watchers, BATCH_MAX, KEY_MAX, PIPELINE_MAX, SWAP_DRAIN_MAX,
@@ -64,6 +66,11 @@ pub(super) struct Driver {
     /// The epoch the running instance has adopted (the transport stamps
     /// frames with it).
     pub(super) epoch: Arc<AtomicU64>,
+    /// Commands peers forwarded to the running instance (see `forwards`).
+    pub(super) forwards: Forwards,
+    /// Peer messages for the next step that came from no queue: forwards
+    /// held during a swap, handed to the new instance.
+    pub(super) handed: Vec<Inbound>,
 }
 
 fn op_name(op: &Operation) -> &'static str {
@@ -103,11 +110,18 @@ impl Driver {
             let mut batch = Batch::default();
             let fatal = self.health.fatal().is_some();
             let open = self.pipeline.len() < PIPELINE_MAX && !fatal;
-            // While a swap drains, client requests wait in their queue; once
-            // this replica's own commands are done, peer messages wait too,
-            // so the last readies are released and the swap happens.
+            // While a swap drains, client requests wait in their queue and
+            // peers' forwarded commands are held; once this replica's own
+            // commands and the forwarded ones it took are answered, peer
+            // messages wait too, so the last readies are released and the
+            // swap happens.
             let admit = open && self.swapping.is_none();
-            let listen = open && !(self.swapping.is_some() && self.clients.is_empty());
+            let idle = self.clients.is_empty() && !self.forwards.busy();
+            let listen = open && !(self.swapping.is_some() && idle);
+            if open {
+                batch.messages.append(&mut self.handed);
+            }
+            let handed = !batch.messages.is_empty();
             let swap_tick = self
                 .swapping
                 .as_ref()
@@ -124,6 +138,7 @@ impl Driver {
                 },
                 _ = control.wait() => {}
                 _ = sleep_until(swap_tick), if swap_tick.is_some() => {}
+                _ = std::future::ready(()), if handed => {}
                 r = requests.recv(), if admit || fatal => match r {
                     Some(r) if fatal => self.refuse(r),
                     Some(r) => self.admit(r, &mut batch),
@@ -240,6 +255,7 @@ impl Driver {
     }
 
     fn accept(&mut self, messages: Vec<Inbound>, batch: &mut Batch) {
+        let draining = self.swapping.is_some();
         for m in messages {
             if m.key.is_empty() || m.key.len() > KEY_MAX {
                 warn!(
@@ -249,7 +265,9 @@ impl Driver {
                 );
                 continue;
             }
-            batch.messages.push(m);
+            if let Some(m) = self.forwards.inbound(m, draining) {
+                batch.messages.push(m);
+            }
         }
     }
 
@@ -411,6 +429,8 @@ impl Driver {
         self.pipeline.forget_instance();
         // Timer tokens belong to the instance that armed them.
         self.timers.clear();
+        let handed = self.forwards.swapped(incarnation);
+        self.handed.extend(handed);
         Ok(incarnation)
     }
 
@@ -502,7 +522,7 @@ impl Driver {
         let Some(swap) = &self.swapping else {
             return;
         };
-        let drained = self.clients.is_empty() && self.pipeline.is_empty();
+        let drained = self.clients.is_empty() && !self.forwards.busy() && self.pipeline.is_empty();
         let waited = swap.since.elapsed();
         if !drained && waited < SWAP_DRAIN_MAX {
             return;
@@ -540,6 +560,7 @@ impl Driver {
             Err(e) => {
                 // The old instance was not touched: keep running it.
                 error!(to = %swap.label, "protocol swap failed, staying on {}: {e}", self.label);
+                self.handed.extend(self.forwards.kept());
             }
         }
     }
@@ -547,6 +568,7 @@ impl Driver {
     fn dispatch(&mut self, actions: Actions) {
         let mut by_peer: HashMap<u32, Vec<Message>> = HashMap::new();
         for o in actions.send {
+            self.forwards.outbound(&o);
             by_peer.entry(o.to).or_default().push((o.key, o.payload));
         }
         for (to, messages) in by_peer {

@@ -35,6 +35,7 @@ use crate::system::{CONFIG_KEY, MEMBERS_KEY};
 use crate::transport::Transport;
 
 mod driver;
+mod forwards;
 mod writer;
 
 use driver::Driver;
@@ -453,6 +454,8 @@ pub fn start(
         watchers,
         members: initial.members,
         epoch,
+        forwards: forwards::Forwards::new(initial.incarnation),
+        handed: Vec::new(),
     };
     let span = tracing::Span::current();
     let mailbox = control.clone();
