@@ -137,9 +137,13 @@ impl Forwards {
     }
 
     /// The swap did not happen: the held forwards go to the running
-    /// instance as they are.
+    /// instance as they are, counted as given to it (so a later swap waits
+    /// for their answers and never hands a copy of one to the next).
     pub(super) fn kept(&mut self) -> Vec<Inbound> {
         std::mem::take(&mut self.held)
+            .into_iter()
+            .filter_map(|m| self.inbound(m, false))
+            .collect()
     }
 }
 
@@ -208,6 +212,20 @@ mod tests {
             addressed(&older),
             4,
             "only the instance just replaced is followed"
+        );
+        // A swap that fails keeps the held forwards with the running
+        // instance, which then owes their answers.
+        let mut f = Forwards::new(5);
+        assert!(f.inbound(fwd(2, 20, 5), true).is_none());
+        assert!(!f.busy());
+        assert_eq!(f.kept().len(), 1);
+        assert!(f.busy(), "a forward handed back is waited for");
+        assert!(f.inbound(fwd(2, 20, 5), true).is_none());
+        let next = f.swapped(6);
+        assert_eq!(
+            addressed(&next[0]),
+            5,
+            "a copy of it never reaches the next instance"
         );
         // Other messages pass untouched.
         let learn = Inbound {

@@ -1100,7 +1100,7 @@ impl<'f> Sim<'f> {
             }
             Msg::Query { id } | Msg::Forward { id, .. } => match self.queries.get(&(from, id)) {
                 Some(i) if *i != inc => self.violations.push(format!(
-                    "replica {} sent query or forward id {id} in incarnations {i} and {inc}",
+                    "replica {} sent query id {id} (a query or a forward) in incarnations {i} and {inc}",
                     self.nodes[from].id
                 )),
                 Some(_) => {}
