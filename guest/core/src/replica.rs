@@ -897,16 +897,7 @@ impl<E: Env> Replica<E> {
                     attempts: 0,
                     prepares: 0,
                 };
-                let incarnation = self.config.incarnation;
-                self.send(
-                    from,
-                    key,
-                    Msg::Forwarded {
-                        id,
-                        incarnation,
-                        reply,
-                    },
-                );
+                self.send_reply(from, key, id, reply);
             }
             return;
         }
@@ -916,16 +907,7 @@ impl<E: Env> Replica<E> {
         }
         if let Some(reply) = seen.ids.get(&id) {
             if let Some(reply) = reply.clone() {
-                let incarnation = self.config.incarnation;
-                self.send(
-                    from,
-                    key,
-                    Msg::Forwarded {
-                        id,
-                        incarnation,
-                        reply,
-                    },
-                );
+                self.send_reply(from, key, id, reply);
             }
             return;
         }
@@ -976,16 +958,18 @@ impl<E: Env> Replica<E> {
         {
             *slot = Some(reply.clone());
         }
+        self.send_reply(to, key, id, reply);
+    }
+
+    /// Answers forwarded command `id`, naming this instance.
+    fn send_reply(&mut self, to: ReplicaId, key: &[u8], id: u64, reply: Reply) {
         let incarnation = self.config.incarnation;
-        self.send(
-            to,
-            key,
-            Msg::Forwarded {
-                id,
-                incarnation,
-                reply,
-            },
-        );
+        let msg = Msg::Forwarded {
+            id,
+            incarnation,
+            reply,
+        };
+        self.send(to, key, msg);
     }
 
     fn start_next(&mut self, key: &[u8]) {
@@ -2126,6 +2110,16 @@ impl<E: Env> Replica<E> {
             .max_by_key(|c| c.version)
             .cloned()
             .unwrap_or_default();
+        // This replica may know a newer decision than every answer (a
+        // leader whose Learns are still on their way): that is the newest.
+        // No quorum can have voted in the slot after it, since this
+        // quorum's members had not even learned it when they answered.
+        let own = self.state(key).chosen.clone();
+        let newest = if own.version > newest.version {
+            own
+        } else {
+            newest
+        };
         // Repair: replicas that answered with an older value learn the newest.
         for (replica, (c, _)) in &replies {
             if c.version < newest.version && *replica != self.config.self_id {
@@ -2163,7 +2157,8 @@ impl<E: Env> Replica<E> {
             if leader_busy && op.waits < READ_WAITS {
                 op.waits += 1;
                 op.phase = Phase::Wait;
-                let delay = (2 * self.rtt_ms).max(BACKOFF_MIN_MS) << (op.waits - 1);
+                let delay = ((2 * self.rtt_ms).max(BACKOFF_MIN_MS) << (op.waits - 1))
+                    .min(self.config.round_timeout_ms as u64);
                 self.arm(key, &mut op, delay);
                 return self.put_active(key, op);
             }

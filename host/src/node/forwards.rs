@@ -13,7 +13,8 @@
 //! arrives later (it was on its way during the swap) is handed on the same
 //! way. No copy of a command is ever given to two instances.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use ballot_core::wire::Msg;
 use ballot_core::{Inbound, Outbound};
@@ -24,14 +25,18 @@ const SEEN_MAX: usize = 16 * 1024;
 /// Forwards held during one drain; later ones are dropped (their senders
 /// time out).
 const HELD_MAX: usize = 4096;
+/// How long a drain waits for the answer to one forward. The instance
+/// drops some forwards without an answer (a copy below its window of ids,
+/// another epoch, an unreadable key); their senders' own timeouts answer.
+const OPEN_MAX: Duration = Duration::from_secs(1);
 
 pub(super) struct Forwards {
     /// The running instance.
     incarnation: u64,
     /// The instance it replaced, and the forwards given to that one.
     previous: Option<(u64, HashSet<(u32, u64)>)>,
-    /// Given to the running instance and not answered yet.
-    open: HashSet<(u32, u64)>,
+    /// Given to the running instance and not answered yet, since when.
+    open: HashMap<(u32, u64), Instant>,
     /// Given to the running instance, newest last (bounded).
     seen: HashSet<(u32, u64)>,
     seen_order: VecDeque<(u32, u64)>,
@@ -62,7 +67,7 @@ impl Forwards {
         Forwards {
             incarnation,
             previous: None,
-            open: HashSet::new(),
+            open: HashMap::new(),
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
             held: Vec::new(),
@@ -92,7 +97,7 @@ impl Forwards {
                 .encode_at(epoch);
             }
         }
-        self.open.insert(at);
+        self.open.entry(at).or_insert_with(Instant::now);
         if self.seen.insert(at) {
             self.seen_order.push_back(at);
             if self.seen_order.len() > SEEN_MAX {
@@ -114,8 +119,10 @@ impl Forwards {
         }
     }
 
-    /// Whether the running instance owes an answer to a forward.
-    pub(super) fn busy(&self) -> bool {
+    /// Whether the running instance owes an answer to a forward it was
+    /// given less than [`OPEN_MAX`] ago (older ones are forgotten).
+    pub(super) fn busy(&mut self) -> bool {
+        self.open.retain(|_, since| since.elapsed() < OPEN_MAX);
         !self.open.is_empty()
     }
 

@@ -210,9 +210,9 @@ fn checker_catches_planted_epoxy_fast_path() {
 #[test]
 fn simulator_catches_votes_announced_before_they_are_durable() {
     // Rare since keys have leaders (writers defer to the leader instead of
-    // racing it): 1 of 3000 seeds at n = 3 (`ballot-sim --seeds 3000
-    // --nodes 3 --planted early-votes`), 2 of 1500 before.
-    let caught = (2500..3000).find(|&seed| {
+    // racing it): 1 of 3000 seeds at n = 3, seed 277 (`ballot-sim --seeds
+    // 3000 --nodes 3 --planted early-votes`), 2 of 1500 before.
+    let caught = (200..400).find(|&seed| {
         let report = run(
             SimConfig::new(seed, 3),
             &NativeFactory(Some(Planted::EarlyVotes)),
@@ -222,7 +222,7 @@ fn simulator_catches_votes_announced_before_they_are_durable() {
             .iter()
             .any(|v| v.contains("agreement") || v.contains("not linearizable"))
     });
-    let seed = caught.expect("500 seeds of early votes passed the simulator");
+    let seed = caught.expect("200 seeds of early votes passed the simulator");
     assert_clean(&run_native(seed, 3), seed, 3);
 }
 
@@ -249,6 +249,22 @@ fn membership_changes_under_faults_stay_linearizable() {
     assert!(removed_down > 0 && lagging > 0 && whole > 0);
 }
 
+/// A linearizable read by a replica that knew a newer decision than every
+/// answer of its quorum (a key's leader whose Learns were still on their
+/// way, here a learner being added) started over until it ran out of
+/// attempts, again and again: the joiner's catch-up never finished and the
+/// membership change stalled (`ballot-sim --seeds 900 --nodes 5 --core wasm
+/// --reconfigure` failed seed 549 at 3d3783e, "liveness: the membership
+/// changes did not finish"). The reader now answers with what it knows.
+#[test]
+fn a_reader_ahead_of_its_quorum_answers() {
+    let factory = WasmFactory(ballot_runtime::Runtime::new().expect("embedded components"));
+    for (seed, nodes) in [(549, 5), (103, 5)] {
+        let report = run(SimConfig::reconfiguring(seed, nodes), &factory);
+        assert_clean(&report, seed, nodes);
+    }
+}
+
 /// The same through the protocol component in wasmtime.
 #[test]
 fn membership_changes_in_the_component_stay_linearizable() {
@@ -271,12 +287,11 @@ fn membership_changes_in_the_component_stay_linearizable() {
 /// run the daemon's ready pipeline, and again when the membership record
 /// went through the replicas' consensus: seeds 1465 and 726 break the
 /// membership record's own history). Since keys have leaders the change is
-/// caught in 4 of 18000 seeds at n = 3, 4, 5, all at n = 4 (`ballot-sim
-/// --seeds 6000 --seed-start 3000 --nodes 3,4,5 --reconfigure --planted
-/// unsafe-membership`): 3485, 4833, 5567 and 7103.
+/// caught in 2 of 9000 seeds at n = 4 (`ballot-sim --seeds 9000 --nodes 4
+/// --reconfigure --planted unsafe-membership`): 4833 and 5567.
 #[test]
 fn simulator_catches_voters_changed_without_the_sweep() {
-    for (seed, nodes) in [(3485, 4), (4833, 4), (5567, 4), (7103, 4)] {
+    for (seed, nodes) in [(4833, 4), (5567, 4)] {
         let mut cfg = SimConfig::reconfiguring(seed, nodes);
         cfg.unsafe_membership = true;
         let report = run(cfg, &NativeFactory(None));
@@ -455,13 +470,13 @@ fn simulator_catches_an_adopted_epoch_that_is_not_durable() {
         cfg.volatile_epoch = true;
         cfg
     };
-    // 6 of 2000 seeds are caught at n = 3 since keys have leaders (16 of
-    // 700 before): `ballot-sim --seeds 2000 --nodes 3 --reconfigure
+    // 1 of 2000 seeds is caught at n = 3 since keys have leaders, seed 1700
+    // (16 of 700 before): `ballot-sim --seeds 2000 --nodes 3 --reconfigure
     // --planted volatile-epoch`.
-    let seed = first_caught(800..1100, planted, &NativeFactory(None), |v| {
+    let seed = first_caught(1650..1750, planted, &NativeFactory(None), |v| {
         v.contains("not linearizable") || v.contains("agreement")
     })
-    .expect("300 seeds of epochs that are not durable passed the simulator");
+    .expect("100 seeds of epochs that are not durable passed the simulator");
     let report = run(planted(seed), &NativeFactory(None));
     assert!(
         report.stats.changes > 0 && report.stats.lagging_restarts > 0,
