@@ -996,6 +996,12 @@ impl<E: Env> Replica<E> {
     }
 
     fn finish(&mut self, key: &[u8], op: Op, outcome: Outcome) {
+        // A read that learned its answer in this step answers once that
+        // commit is durable here: whoever acts on the answer (a replay
+        // moving its cursor) must not see it lost to a crash.
+        if matches!(op.kind, Kind::Read) && self.dirty.get(key).copied() == Some(true) {
+            self.voted.insert(key.to_vec());
+        }
         let trace = Trace {
             changed: op.won.is_some(),
             prior_absent: op.won.is_some() && op.own_prior_absent,
