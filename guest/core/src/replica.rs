@@ -1640,46 +1640,7 @@ impl<E: Env> Replica<E> {
         proposal: Proposal,
         catch_up: Option<Chosen>,
     ) {
-        if !self.acceptor_slot_ok(from, key, slot, catch_up) {
-            return;
-        }
-        let fast_on = self.members.fast;
-        let st = self.state(key);
-        let ok = if ballot.is_fast() {
-            // The fast round: first value wins, and only before any classic
-            // round has started at this acceptor, and never in an epoch that
-            // has the fast round off.
-            fast_on
-                && st.promised.is_fast()
-                && st
-                    .accepted
-                    .as_ref()
-                    .is_none_or(|a| a.ballot.is_fast() && a.proposal.id == proposal.id)
-        } else {
-            ballot >= st.promised
-        };
-        if !ok {
-            let (promised, accepted) = (st.promised, st.accepted.clone());
-            return self.send(
-                from,
-                key,
-                Msg::Nack {
-                    slot,
-                    ballot,
-                    promised,
-                    accepted,
-                },
-            );
-        }
-        let id = proposal.id;
-        let new = Some(Accepted { ballot, proposal });
-        let changed = st.promised != ballot || st.accepted != new;
-        st.promised = ballot;
-        st.accepted = new;
-        if changed {
-            self.mark_voted(key);
-        }
-        self.send(from, key, Msg::Accepted { slot, ballot, id });
+        self.acceptor_phase2(from, key, slot, ballot, proposal, catch_up, false)
     }
 
     /// Phase 2 in a later slot of the leader of `ballot`, without phase 1.
@@ -1697,18 +1658,50 @@ impl<E: Env> Replica<E> {
         proposal: Proposal,
         catch_up: Option<Chosen>,
     ) {
+        self.acceptor_phase2(from, key, slot, ballot, proposal, catch_up, true)
+    }
+
+    /// An `Accept` (`carried` false) or a `Continue` (`carried` true):
+    /// accept and answer `Accepted`, or refuse with a `Nack`.
+    #[allow(clippy::too_many_arguments)]
+    fn acceptor_phase2(
+        &mut self,
+        from: ReplicaId,
+        key: &[u8],
+        slot: u64,
+        ballot: Ballot,
+        proposal: Proposal,
+        catch_up: Option<Chosen>,
+        carried: bool,
+    ) {
         if !self.acceptor_slot_ok(from, key, slot, catch_up) {
             return;
         }
+        let fast_on = self.members.fast;
         let st = self.state(key);
-        let ok = !ballot.is_fast()
-            && st.promised == ballot
-            && st
-                .accepted
-                .as_ref()
-                .is_none_or(|a| a.ballot == ballot && a.proposal.id == proposal.id);
+        let ok = if carried {
+            !ballot.is_fast()
+                && st.promised == ballot
+                && st
+                    .accepted
+                    .as_ref()
+                    .is_none_or(|a| a.ballot == ballot && a.proposal.id == proposal.id)
+        } else if ballot.is_fast() {
+            // The fast round: first value wins, and only before any classic
+            // round has started at this acceptor, and never in an epoch that
+            // has the fast round off.
+            fast_on
+                && st.promised.is_fast()
+                && st
+                    .accepted
+                    .as_ref()
+                    .is_none_or(|a| a.ballot.is_fast() && a.proposal.id == proposal.id)
+        } else {
+            ballot >= st.promised
+        };
         if !ok {
             let promised = st.promised;
+            let accepted = if carried { None } else { st.accepted.clone() };
             return self.send(
                 from,
                 key,
@@ -1716,14 +1709,16 @@ impl<E: Env> Replica<E> {
                     slot,
                     ballot,
                     promised,
-                    accepted: None,
+                    accepted,
                 },
             );
         }
         let id = proposal.id;
         let new = Some(Accepted { ballot, proposal });
-        if st.accepted != new {
-            st.accepted = new;
+        let changed = st.promised != ballot || st.accepted != new;
+        st.promised = ballot;
+        st.accepted = new;
+        if changed {
             self.mark_voted(key);
         }
         self.send(from, key, Msg::Accepted { slot, ballot, id });

@@ -615,17 +615,23 @@ fn a_leader_that_lost_its_promise_prepares_again() {
     lost_lead(healthy);
 }
 
-fn lost_lead(plant: Plant) {
+/// Replicas 1, 2 and 3, where replica 1's put of "a" (request 1) missed
+/// replica 3 in the fast round and won version 1 in the classic round
+/// (1, 1): replica 1 leads the key. Nothing is left in flight.
+fn led_by_1(plant: Plant) -> Net {
     let mut net = Net::new(&[1, 2, 3], &[1, 2, 3], plant);
-    // The fast round misses replica 3; the classic round (1, 1) wins.
     net.put(1, 1, "a");
     net.drop_where(|_, t, _| t == 3);
     net.deliver(1, 2, "Accept");
     net.deliver(2, 1, "Accepted");
     net.fire(1);
-    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(1).is_some());
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.pool.is_empty());
+    net
+}
+
+fn lost_lead(plant: Plant) {
+    let mut net = led_by_1(plant);
     assert_eq!(done_value(net.outcome(1)), Some((Some(b"a".to_vec()), 1)));
-    net.run(&[], |_, _, _| true, |n| n.pool.is_empty());
     // The leader's next write skips phase 1.
     net.put(1, 2, "b");
     assert!(
@@ -674,13 +680,7 @@ fn lost_lead(plant: Plant) {
 /// and each copy after the first gets the same answer.
 #[test]
 fn a_forwarded_command_runs_once() {
-    let mut net = Net::new(&[1, 2, 3], &[1, 2, 3], healthy);
-    net.put(1, 1, "a");
-    net.drop_where(|_, t, _| t == 3);
-    net.deliver(1, 2, "Accept");
-    net.deliver(2, 1, "Accepted");
-    net.fire(1);
-    net.run(&[1, 2, 3], |_, _, _| true, |n| n.pool.is_empty());
+    let mut net = led_by_1(healthy);
     // A counter would show a second run; the register shows it as a new
     // version.
     net.put(3, 2, "b");
