@@ -1489,7 +1489,7 @@ impl<E: Env> Replica<E> {
                 ballot,
                 proposal,
                 catch_up,
-            } => self.acceptor_accept(from, key, slot, ballot, proposal, catch_up),
+            } => self.acceptor_phase2(from, key, slot, ballot, proposal, catch_up, false),
             Msg::Query { id } => {
                 let st = self.state(key);
                 let reply = Msg::QueryReply {
@@ -1526,7 +1526,7 @@ impl<E: Env> Replica<E> {
                 ballot,
                 proposal,
                 catch_up,
-            } => self.acceptor_continue(from, key, slot, ballot, proposal, catch_up),
+            } => self.acceptor_phase2(from, key, slot, ballot, proposal, catch_up, true),
             Msg::Forward {
                 id,
                 incarnation,
@@ -1631,38 +1631,15 @@ impl<E: Env> Replica<E> {
         );
     }
 
-    fn acceptor_accept(
-        &mut self,
-        from: ReplicaId,
-        key: &[u8],
-        slot: u64,
-        ballot: Ballot,
-        proposal: Proposal,
-        catch_up: Option<Chosen>,
-    ) {
-        self.acceptor_phase2(from, key, slot, ballot, proposal, catch_up, false)
-    }
-
-    /// Phase 2 in a later slot of the leader of `ballot`, without phase 1.
-    /// Safe only on the promise the leader's prepare obtained, carried
-    /// here unchanged: an acceptor whose promise is exactly `ballot`
-    /// refused every lower ballot in this slot, the fast round included.
-    /// Any other promise (lower: it did not carry this one; higher: it
-    /// promised another leader) refuses.
-    fn acceptor_continue(
-        &mut self,
-        from: ReplicaId,
-        key: &[u8],
-        slot: u64,
-        ballot: Ballot,
-        proposal: Proposal,
-        catch_up: Option<Chosen>,
-    ) {
-        self.acceptor_phase2(from, key, slot, ballot, proposal, catch_up, true)
-    }
-
     /// An `Accept` (`carried` false) or a `Continue` (`carried` true):
     /// accept and answer `Accepted`, or refuse with a `Nack`.
+    ///
+    /// A `Continue` is phase 2 in a later slot of the leader of `ballot`,
+    /// without phase 1. It is safe only on the promise the leader's prepare
+    /// obtained, carried here unchanged: an acceptor whose promise is
+    /// exactly `ballot` refused every lower ballot in this slot, the fast
+    /// round included. Any other promise (lower: it did not carry this one;
+    /// higher: it promised another leader) refuses.
     #[allow(clippy::too_many_arguments)]
     fn acceptor_phase2(
         &mut self,
