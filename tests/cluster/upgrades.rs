@@ -85,7 +85,7 @@ fn upgrade_and_rollback_under_load_fail_no_request_and_stay_linearizable() {
         let c = client(&cluster, 1);
         let next = push(&c, PROTOCOL_NEXT_WASM).await;
         let embedded = id_of(PROTOCOL_WASM);
-        await_running(&cluster, &embedded, "0.5.0").await;
+        await_running(&cluster, &embedded, "0.7.0").await;
 
         let stop = Arc::new(AtomicBool::new(false));
         let load = tokio::spawn(history_until(
@@ -105,7 +105,7 @@ fn upgrade_and_rollback_under_load_fail_no_request_and_stay_linearizable() {
         .await
         .unwrap();
         assert_eq!(v["active"], next.as_str());
-        await_running(&cluster, &next, "0.6.0").await;
+        await_running(&cluster, &next, "0.8.0").await;
         tokio::time::sleep(Duration::from_millis(800)).await;
 
         let v = post(
@@ -116,7 +116,7 @@ fn upgrade_and_rollback_under_load_fail_no_request_and_stay_linearizable() {
         .await
         .unwrap();
         assert_eq!(v["active"], embedded.as_str());
-        await_running(&cluster, &embedded, "0.5.0").await;
+        await_running(&cluster, &embedded, "0.7.0").await;
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         stop.store(true, Ordering::Relaxed);

@@ -57,6 +57,11 @@ pub const READ_WAITS: u32 = 3;
 const REASON_RESTARTED: u8 = 4;
 /// Longest rejection or failure text a forwarded reply carries.
 pub const REPLY_TEXT_MAX: usize = 1024;
+/// Most commands one proposal carries: the first and the queued commands
+/// for the key run behind it (see [`Replica::own_proposal`]).
+pub const BATCH_MAX: usize = 64;
+/// Most command bytes the queued commands of one batch add.
+pub const BATCH_BYTES_MAX: usize = 1 << 20;
 
 /// Bits of a query id that count queries within one incarnation; see
 /// [`Replica::next_query_id`].
@@ -75,6 +80,9 @@ struct Planted {
     /// A leader that lost its promise moves to a higher ballot and skips
     /// phase 1.
     leader_skips_prepare: bool,
+    /// The commands of a batch go back to the queue while the batch's
+    /// proposal may still be chosen, so they can take effect twice.
+    batch_requeue_exposed: bool,
 }
 
 /// Log levels of the guest `log` interface.
@@ -210,6 +218,33 @@ struct Op {
     waits: u32,
     /// When the current round's requests went out.
     sent_ms: u64,
+    /// This command's own result if `own` wins: the proposal's value is
+    /// the batch's last.
+    own_value: Option<Vec<u8>>,
+    /// Queued commands that ride in `own` behind this one, with what each
+    /// answers if `own` wins. They are attached only while `own` may still
+    /// win: once it lost, or never went out, they go back to the queue.
+    batch: Vec<Member>,
+}
+
+/// A command carried in another op's proposal.
+#[derive(Clone, Debug)]
+struct Member {
+    op: Op,
+    /// Versions of the batch up to and including this command's: its answer
+    /// names version `slot - 1 + offset`.
+    offset: u64,
+    result: MemberResult,
+}
+
+#[derive(Clone, Debug)]
+enum MemberResult {
+    Changed {
+        value: Option<Vec<u8>>,
+        prior_absent: bool,
+    },
+    Kept(Option<Vec<u8>>),
+    Rejected(Rejection, Option<Vec<u8>>),
 }
 
 /// Forwarded command ids seen from one sender by this instance: ids at or
@@ -225,6 +260,11 @@ struct Seen {
 struct KeyOps {
     active: Option<Op>,
     queue: VecDeque<Op>,
+    /// Commands handed to the key's leader and waiting for its answer. They
+    /// hold no slot here, so the next op starts at once: a replica keeps
+    /// every queued command for a led key on its way to the leader, where
+    /// they can share a batch.
+    forwarding: Vec<Op>,
 }
 
 /// One replica's protocol logic.
@@ -271,6 +311,9 @@ pub struct Replica<E: Env> {
     prepared: BTreeSet<(Vec<u8>, Ballot)>,
     /// Requests that wait for this ready (Accepts at a ballot of `prepared`).
     held: Vec<Outbound>,
+    /// Keys whose active op was forwarded in this step: their next op
+    /// starts before the step ends.
+    kicked: Vec<Vec<u8>>,
     actions: Actions,
     loopback: VecDeque<(Vec<u8>, Msg)>,
     planted_epoxy: bool,
@@ -280,16 +323,17 @@ pub struct Replica<E: Env> {
     state_format: u8,
 }
 
-/// The protocol's version when it writes key-state `format`: 0.5.x writes
-/// format 1 (and reads 2, so it can take over from 0.6.x), 0.6.x writes 2.
-/// 0.5 and 0.6 add leaders (carried promises, [`Msg::Continue`],
-/// forwarding) to 0.3 and 0.4.
-/// Both speak wire format 2 (membership epochs) and read format 1.
+/// The protocol's version when it writes key-state `format`: 0.7.x writes
+/// format 3 (and reads 4, so it can take over from 0.8.x), 0.8.x writes 4.
+/// 0.7 and 0.8 add batches (proposals that advance a key by several
+/// versions) to 0.5 and 0.6, which added leaders (carried promises,
+/// [`Msg::Continue`], forwarding). Both write wire format 3 and read
+/// formats 1 and 2 and key-state formats 1 and 2.
 pub fn protocol_version(format: u8) -> &'static str {
     if format == crate::wire::STATE_FORMAT_CHECKED {
-        "0.6.0"
+        "0.8.0"
     } else {
-        "0.5.0"
+        "0.7.0"
     }
 }
 
@@ -333,6 +377,7 @@ impl<E: Env> Replica<E> {
             requests_out: Vec::new(),
             prepared: BTreeSet::new(),
             held: Vec::new(),
+            kicked: Vec::new(),
             actions: Actions::default(),
             loopback: VecDeque::new(),
             planted_epoxy: false,
@@ -399,9 +444,10 @@ impl<E: Env> Replica<E> {
     }
 
     /// Chooses the key-state format this replica writes (it reads them
-    /// all): see [`crate::wire::STATE_FORMATS`].
+    /// all): [`crate::wire::STATE_FORMAT`] or
+    /// [`crate::wire::STATE_FORMAT_CHECKED`].
     pub fn write_state_format(&mut self, format: u8) -> Result<(), String> {
-        if !crate::wire::STATE_FORMATS.contains(&format) {
+        if ![crate::wire::STATE_FORMAT, crate::wire::STATE_FORMAT_CHECKED].contains(&format) {
             return Err(format!("no key-state format {format}"));
         }
         self.state_format = format;
@@ -454,6 +500,14 @@ impl<E: Env> Replica<E> {
     #[cfg(feature = "planted-bugs")]
     pub fn plant_leader_skips_prepare(&mut self) {
         self.planted.leader_skips_prepare = true;
+    }
+
+    /// Dissolves a batch while its proposal may still be chosen (every time
+    /// the op is picked up again), so its commands can run twice. For the
+    /// checker's tests only.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_batch_requeue_exposed(&mut self) {
+        self.planted.batch_requeue_exposed = true;
     }
 
     /// The protocol's name and formats, writing the default key-state
@@ -783,10 +837,18 @@ impl<E: Env> Replica<E> {
         // Messages to ourselves are handled at once; their state changes join
         // this step's ready, so they are durable before anything depending on
         // them is released.
-        while let Some((key, msg)) = self.loopback.pop_front() {
-            let me = self.config.self_id;
-            self.on_message(me, &key, msg);
-            self.resolve(&key);
+        loop {
+            if let Some((key, msg)) = self.loopback.pop_front() {
+                let me = self.config.self_id;
+                self.on_message(me, &key, msg);
+                self.resolve(&key);
+            } else if let Some(key) = self.kicked.pop() {
+                if self.ops.get(&key).is_some_and(|ops| ops.active.is_none()) {
+                    self.start_next(&key);
+                }
+            } else {
+                break;
+            }
         }
     }
 
@@ -979,10 +1041,38 @@ impl<E: Env> Replica<E> {
         debug_assert!(ops.active.is_none());
         match ops.queue.pop_front() {
             Some(op) => self.advance(key, op),
-            None => {
-                self.ops.remove(key);
-            }
+            None => self.forget_if_idle(key),
         }
+    }
+
+    fn forget_if_idle(&mut self, key: &[u8]) {
+        if self.ops.get(key).is_some_and(|ops| {
+            ops.active.is_none() && ops.queue.is_empty() && ops.forwarding.is_empty()
+        }) {
+            self.ops.remove(key);
+        }
+    }
+
+    /// Takes the forwarded op of `key` that `pick` chooses.
+    fn take_forwarding(&mut self, key: &[u8], pick: impl Fn(&Op) -> bool) -> Option<Op> {
+        let ops = self.ops.get_mut(key)?;
+        let i = ops.forwarding.iter().position(pick)?;
+        Some(ops.forwarding.swap_remove(i))
+    }
+
+    fn put_forwarding(&mut self, key: &[u8], op: Op) {
+        self.ops
+            .entry(key.to_vec())
+            .or_default()
+            .forwarding
+            .push(op);
+    }
+
+    /// Completes a forwarded op; the key's active op is not affected.
+    fn finish_forwarded(&mut self, key: &[u8], op: Op, outcome: Outcome, trace: Trace) {
+        self.answer(key, op, outcome, trace);
+        self.inflight -= 1;
+        self.forget_if_idle(key);
     }
 
     fn put_active(&mut self, key: &[u8], op: Op) {
@@ -1012,7 +1102,20 @@ impl<E: Env> Replica<E> {
         self.finish_with(key, op, outcome, trace)
     }
 
-    fn finish_with(&mut self, key: &[u8], op: Op, outcome: Outcome, trace: Trace) {
+    fn finish_with(&mut self, key: &[u8], mut op: Op, outcome: Outcome, trace: Trace) {
+        // Commands still riding in this op's proposal share its fate: if it
+        // may have been chosen, so may they; otherwise they wait their turn
+        // again. (When it won, `settle` answered them already.)
+        match &outcome {
+            Outcome::Failed(failure) if failure.maybe_applied => {
+                for m in core::mem::take(&mut op.batch) {
+                    let outcome = Outcome::Failed(failure.clone());
+                    self.answer(key, m.op, outcome, Trace::default());
+                    self.inflight -= 1;
+                }
+            }
+            _ => self.requeue_batch(key, &mut op),
+        }
         self.answer(key, op, outcome, trace);
         self.inflight -= 1;
         self.start_next(key);
@@ -1050,26 +1153,125 @@ impl<E: Env> Replica<E> {
 
     /// Our proposal for `slot` from `change`, reusing the earlier one when it
     /// was computed for the same slot (its id may already be accepted).
+    ///
+    /// A new proposal is a batch: after `op`'s command, the commands queued
+    /// behind it for the key run in order through the policy, each on the
+    /// value the ones before it left (up to [`BATCH_MAX`] commands and
+    /// [`BATCH_BYTES_MAX`] bytes, stopping at a read). The proposal carries
+    /// the last value and the number of commands that changed it; each of
+    /// those takes the next version, so every command answers exactly what
+    /// it would have run alone, one after the other, at the instant the
+    /// slot is chosen.
     fn own_proposal(&mut self, key: &[u8], op: &mut Op, slot: u64, change: Change) -> Proposal {
         if let Some((s, p)) = &op.own {
             if *s == slot {
                 return p.clone();
             }
         }
-        let value = match change {
+        self.requeue_batch(key, op);
+        let mut value = match change {
             Change::Set(v) => Some(v),
             Change::Remove => None,
             Change::Keep => unreachable!("keep is never proposed"),
         };
+        op.own_prior_absent = self.state(key).chosen.value.is_none();
+        op.own_value = value.clone();
+        let base = slot - 1;
+        let mut count: u32 = 1;
+        let mut bytes = 0;
+        let now = self.now_ms;
+        while op.batch.len() + 1 < BATCH_MAX {
+            let Some(ops) = self.ops.get_mut(key) else {
+                break;
+            };
+            let len = match ops.queue.front().map(|o| &o.kind) {
+                Some(Kind::Command(c)) if bytes + c.len() <= BATCH_BYTES_MAX => c.len(),
+                _ => break,
+            };
+            let member = ops.queue.pop_front().expect("a queued command");
+            let Kind::Command(command) = &member.kind else {
+                unreachable!("checked above")
+            };
+            bytes += len;
+            let current = Current {
+                value: value.clone(),
+                version: base + count as u64,
+            };
+            let result = match self.env.apply(key, &current, command, now) {
+                Ok(Change::Keep) => MemberResult::Kept(current.value),
+                Err(rejection) => MemberResult::Rejected(rejection, current.value),
+                Ok(change) => {
+                    count += 1;
+                    let prior_absent = value.is_none();
+                    value = match change {
+                        Change::Set(v) => Some(v),
+                        _ => None,
+                    };
+                    MemberResult::Changed {
+                        value: value.clone(),
+                        prior_absent,
+                    }
+                }
+            };
+            op.batch.push(Member {
+                op: member,
+                offset: count as u64,
+                result,
+            });
+        }
         let id = ProposalId {
             replica: self.config.self_id,
             incarnation: self.config.incarnation,
             seq: self.next_seq(),
         };
-        let p = Proposal { id, value };
-        op.own_prior_absent = self.state(key).chosen.value.is_none();
+        let p = Proposal { id, value, count };
         op.own = Some((slot, p.clone()));
         p
+    }
+
+    /// Puts the commands riding in `op`'s proposal back at the head of the
+    /// key's queue, in their order, and forgets the proposal: it did not win
+    /// and never will, so they run again on the key's next value.
+    fn requeue_batch(&mut self, key: &[u8], op: &mut Op) {
+        if op.batch.is_empty() {
+            return;
+        }
+        debug_assert!(op.own.as_ref().is_none_or(|(s, _)| !op.exposed.contains(s)));
+        op.own = None;
+        let ops = self.ops.entry(key.to_vec()).or_default();
+        for m in core::mem::take(&mut op.batch).into_iter().rev() {
+            ops.queue.push_front(m.op);
+        }
+    }
+
+    /// Answers a command that rode in a proposal chosen at `slot`.
+    fn answer_member(&mut self, key: &[u8], m: Member, slot: u64, head: &Op) {
+        let version = slot - 1 + m.offset;
+        let (outcome, changed, prior_absent) = match m.result {
+            MemberResult::Changed {
+                value,
+                prior_absent,
+            } => (
+                Outcome::Done(Current { value, version }),
+                true,
+                prior_absent,
+            ),
+            MemberResult::Kept(value) => (Outcome::Done(Current { value, version }), false, false),
+            MemberResult::Rejected(rejection, value) => (
+                Outcome::Rejected(rejection, Current { value, version }),
+                false,
+                false,
+            ),
+        };
+        let trace = Trace {
+            changed,
+            prior_absent,
+            fast: head.won == Some(true),
+            attempts: head.attempts,
+            prepares: head.prepares,
+        };
+        self.answer(key, m.op, outcome, trace);
+        self.inflight -= 1;
     }
 
     /// Starts a new attempt from the replica's local view of the key.
@@ -1206,7 +1408,8 @@ impl<E: Env> Replica<E> {
         };
         op.sent_ms = self.now_ms;
         self.arm(key, &mut op, self.config.round_timeout_ms as u64);
-        self.put_active(key, op);
+        self.put_forwarding(key, op);
+        self.kicked.push(key.to_vec());
         self.send(
             to,
             key,
@@ -1399,6 +1602,9 @@ impl<E: Env> Replica<E> {
     // ----- timers -------------------------------------------------------
 
     fn on_timer(&mut self, key: &[u8], token: u64) {
+        if let Some(op) = self.take_forwarding(key, |op| op.token == token) {
+            return self.on_forward_timer(key, op);
+        }
         let Some(op) = self.take_active(key) else {
             return;
         };
@@ -1422,49 +1628,58 @@ impl<E: Env> Replica<E> {
             }
             Phase::Backoff => self.advance(key, op),
             Phase::Wait => self.begin_query(key, op),
-            Phase::Forward {
-                id,
-                to,
-                incarnation,
-                sends,
-            } => {
-                let (id, to, incarnation, sends) = (*id, *to, *incarnation, *sends);
-                let Kind::Command(command) = op.kind.clone() else {
-                    unreachable!("only commands are forwarded")
-                };
-                if sends < FORWARD_SENDS {
-                    let mut op = op;
-                    op.phase = Phase::Forward {
-                        id,
-                        to,
-                        incarnation,
-                        sends: sends + 1,
-                    };
-                    self.arm(key, &mut op, self.config.round_timeout_ms as u64);
-                    self.put_active(key, op);
-                    let msg = Msg::Forward {
-                        id,
-                        incarnation,
-                        command,
-                    };
-                    return self.send(to, key, msg);
-                }
-                // The leader may have run it: the outcome cannot be told.
-                // Pass over the leader, so later commands take the key.
-                self.suspect_until.insert(to, self.now_ms + SUSPECT_MS);
-                let failure = Failure {
-                    reason: FailureReason::NoQuorum,
-                    maybe_applied: true,
-                    message: format!("the key's leader, replica {to}, did not answer"),
-                };
-                self.finish(key, op, Outcome::Failed(failure))
-            }
             Phase::Accept { .. } => {
                 self.leads.remove(key);
                 self.backoff(key, op, FailureReason::NoQuorum)
             }
             _ => self.backoff(key, op, FailureReason::NoQuorum),
         }
+    }
+
+    /// A forwarded command's leader has not answered for a round timeout:
+    /// send another copy, or give up.
+    fn on_forward_timer(&mut self, key: &[u8], mut op: Op) {
+        let Phase::Forward {
+            id,
+            to,
+            incarnation,
+            sends,
+        } = op.phase
+        else {
+            unreachable!("only forwarded ops wait in `forwarding`")
+        };
+        let Kind::Command(command) = op.kind.clone() else {
+            unreachable!("only commands are forwarded")
+        };
+        if sends < FORWARD_SENDS {
+            op.phase = Phase::Forward {
+                id,
+                to,
+                incarnation,
+                sends: sends + 1,
+            };
+            self.arm(key, &mut op, self.config.round_timeout_ms as u64);
+            self.put_forwarding(key, op);
+            let msg = Msg::Forward {
+                id,
+                incarnation,
+                command,
+            };
+            return self.send(to, key, msg);
+        }
+        // The leader may have run it: the outcome cannot be told. Pass
+        // over the leader, so later commands take the key.
+        self.suspect_until.insert(to, self.now_ms + SUSPECT_MS);
+        let failure = Failure {
+            reason: FailureReason::NoQuorum,
+            maybe_applied: true,
+            message: format!("the key's leader, replica {to}, did not answer"),
+        };
+        let trace = Trace {
+            attempts: op.attempts,
+            ..Trace::default()
+        };
+        self.finish_forwarded(key, op, Outcome::Failed(failure), trace)
     }
 
     // ----- messages -----------------------------------------------------
@@ -1551,15 +1766,11 @@ impl<E: Env> Replica<E> {
     ) {
         let known = self.instances.entry(from).or_insert(incarnation);
         *known = (*known).max(incarnation);
-        let Some(op) = self.take_active(key) else {
-            return;
-        };
-        match op.phase {
-            Phase::Forward { id: i, to, .. } if i == id && to == from => {
-                let (outcome, trace) = outcome_of(reply);
-                self.finish_with(key, op, outcome, trace)
-            }
-            _ => self.put_active(key, op),
+        let mine =
+            |op: &Op| matches!(op.phase, Phase::Forward { id: i, to, .. } if i == id && to == from);
+        if let Some(op) = self.take_forwarding(key, mine) {
+            let (outcome, trace) = outcome_of(reply);
+            self.finish_forwarded(key, op, outcome, trace)
         }
     }
 
@@ -1795,7 +2006,10 @@ impl<E: Env> Replica<E> {
         }
         if let Some(slot) = won {
             op.won = Some(matches!(op.phase, Phase::Fast { .. }));
-            let value = op.own.as_ref().and_then(|(_, p)| p.value.clone());
+            for m in core::mem::take(&mut op.batch) {
+                self.answer_member(key, m, slot, &op);
+            }
+            let value = op.own_value.clone();
             self.finish(
                 key,
                 op,
@@ -1811,6 +2025,16 @@ impl<E: Env> Replica<E> {
                 "outcome unknown: the key moved on too far to tell whether this command won";
             self.fail(key, op, FailureReason::Contention, message.to_string());
             return None;
+        }
+        // A batch whose proposal lost its slot, or never went out, dissolves.
+        let out = op.own.as_ref().is_some_and(|(s, _)| op.exposed.contains(s));
+        if !out {
+            self.requeue_batch(key, &mut op);
+        } else if self.planted.batch_requeue_exposed && !op.batch.is_empty() {
+            let ops = self.ops.entry(key.to_vec()).or_default();
+            for m in core::mem::take(&mut op.batch).into_iter().rev() {
+                ops.queue.push_front(m.op);
+            }
         }
         Some(op)
     }
@@ -2168,6 +2392,8 @@ impl Op {
             origin,
             waits: 0,
             sent_ms: 0,
+            own_value: None,
+            batch: Vec::new(),
         }
     }
 }
@@ -2346,6 +2572,123 @@ mod tests {
         ));
     }
 
+    /// Commands queued behind a proposal ride in it: one slot decides them
+    /// all, and each answers what it would have alone, in order, with its
+    /// own version (ETags stay exact); a read ends the batch.
+    #[test]
+    fn queued_commands_ride_in_one_slot_with_their_own_versions() {
+        let key = b"k".to_vec();
+        let mut replicas: Vec<Replica<RegisterEnv>> = (1..=3)
+            .map(|id| Replica::new(Config::new(id, 1, alloc::vec![1, 2, 3]), RegisterEnv).unwrap())
+            .collect();
+        let mut states: Vec<Vec<u8>> = alloc::vec![Vec::new(); 3];
+        let command = |id, c: Command| Request {
+            id,
+            key: key.clone(),
+            op: Operation::Command(c.encode()),
+        };
+        // Replica 1 gets every request at once: the first goes out alone,
+        // the others queue behind it for the key.
+        let mut requests = alloc::vec![
+            command(1, Command::Create(b"a".to_vec())),
+            command(2, Command::Put(b"b".to_vec())),
+            command(
+                3,
+                Command::Cas {
+                    expected: 1,
+                    value: b"x".to_vec()
+                }
+            ),
+            command(
+                4,
+                Command::Cas {
+                    expected: 2,
+                    value: b"c".to_vec()
+                }
+            ),
+            command(5, Command::Create(b"y".to_vec())),
+            command(6, Command::Delete),
+            Request {
+                id: 7,
+                key: key.clone(),
+                op: Operation::Read(Consistency::Linearizable),
+            },
+            command(8, Command::Put(b"z".to_vec())),
+        ];
+        let mut inbox: Vec<Vec<Inbound>> = alloc::vec![Vec::new(); 3];
+        let mut done = Vec::new();
+        for _ in 0..50 {
+            for i in 0..3 {
+                let messages = core::mem::take(&mut inbox[i]);
+                let requests = if i == 0 {
+                    core::mem::take(&mut requests)
+                } else {
+                    Vec::new()
+                };
+                if messages.is_empty() && requests.is_empty() {
+                    continue;
+                }
+                let r = &mut replicas[i];
+                let ready = r.step(Batch {
+                    states: alloc::vec![KeyState {
+                        key: key.clone(),
+                        state: states[i].clone()
+                    }],
+                    requests,
+                    messages,
+                    ..Batch::default()
+                });
+                if let Some(w) = ready.persist.last() {
+                    states[i] = w.state.clone();
+                }
+                let mut actions = ready.early;
+                let later = r.release(ready.id);
+                actions.send.extend(later.send);
+                actions.complete.extend(later.complete);
+                done.extend(actions.complete);
+                for o in actions.send {
+                    inbox[o.to as usize - 1].push(Inbound {
+                        from: i as ReplicaId + 1,
+                        key: o.key,
+                        payload: o.payload,
+                    });
+                }
+            }
+        }
+        done.sort_by_key(|c| c.id);
+        let outcome = |c: &Completion| match &c.outcome {
+            Outcome::Done(cur) => (true, cur.value.clone(), cur.version),
+            Outcome::Rejected(_, cur) => (false, cur.value.clone(), cur.version),
+            Outcome::Failed(f) => panic!("{f:?}"),
+        };
+        let got: Vec<_> = done.iter().map(|c| (c.id, outcome(c))).collect();
+        let v = |b: &[u8]| Some(b.to_vec());
+        assert_eq!(
+            got,
+            [
+                // Slot 1: the create alone (nothing was queued behind it yet).
+                (1, (true, v(b"a"), 1)),
+                // Slot 2 carries commands 2 to 6: versions 2, 3 and 4 for the
+                // three that changed the value, the refused ones see the
+                // value before them.
+                (2, (true, v(b"b"), 2)),
+                (3, (false, v(b"b"), 2)),
+                (4, (true, v(b"c"), 3)),
+                (5, (false, v(b"c"), 3)),
+                (6, (true, None, 4)),
+                // The read waited for the batch; the put after it takes the
+                // next slot (5).
+                (7, (true, None, 4)),
+                (8, (true, v(b"z"), 5)),
+            ]
+        );
+        assert!(done[1].trace.changed && !done[2].trace.changed);
+        let state = State::decode(&states[0]).unwrap();
+        assert_eq!(state.chosen.version, 5);
+        let slots: Vec<u64> = state.chosen.winners.iter().map(|(s, _)| *s).collect();
+        assert_eq!(slots, [1, 2, 5]);
+    }
+
     fn members(epoch: u64, voters: &[ReplicaId], learners: &[ReplicaId], fast: bool) -> Members {
         Members {
             epoch,
@@ -2394,6 +2737,7 @@ mod tests {
                     seq: 1,
                 },
                 value: Some(b"v".to_vec()),
+                count: 1,
             },
             catch_up: None,
         }
@@ -2428,7 +2772,7 @@ mod tests {
             (0, alloc::vec![])
         );
         assert_eq!(
-            deliver(&mut r, 1, fast_accept().encode()),
+            deliver(&mut r, 1, fast_accept().encode_at(1)),
             (0, alloc::vec![])
         );
         // The same request in this epoch is accepted.

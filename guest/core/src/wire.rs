@@ -11,21 +11,39 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::ReplicaId;
 
-/// Version of the persisted key-state encoding written by default.
-pub const STATE_FORMAT: u8 = 1;
-/// Key-state format 2: format 1's body followed by a CRC-32C (little
+/// Key-state format 1: the body below with proposals that advance the key
+/// by one version each (no `count`). Read, no longer written.
+pub const STATE_FORMAT_V1: u8 = 1;
+/// Key-state format 2: format 1 followed by a CRC-32C. Read, no longer
+/// written.
+pub const STATE_FORMAT_V2: u8 = 2;
+/// Version of the persisted key-state encoding written by default: the
+/// body below, proposals with their `count` (batches).
+pub const STATE_FORMAT: u8 = 3;
+/// Key-state format 4: format 3's body followed by a CRC-32C (little
 /// endian) of every byte before it, so a corrupt record is refused rather
 /// than acted on.
-pub const STATE_FORMAT_CHECKED: u8 = 2;
+pub const STATE_FORMAT_CHECKED: u8 = 4;
 /// Every key-state format this code reads.
-pub const STATE_FORMATS: [u8; 2] = [STATE_FORMAT, STATE_FORMAT_CHECKED];
-/// Version of the peer message encoding.
+pub const STATE_FORMATS: [u8; 4] = [
+    STATE_FORMAT_V1,
+    STATE_FORMAT_V2,
+    STATE_FORMAT,
+    STATE_FORMAT_CHECKED,
+];
+/// Version of the peer message encoding of protocols before 0.3.
 pub const WIRE_FORMAT: u8 = 1;
 /// Wire format 2: format 1's message behind the sender's membership epoch
-/// (a varint). Written by protocol 0.3 and later; format 1 reads as epoch 1.
+/// (a varint). Written by protocols 0.3 to 0.6; format 1 reads as epoch 1.
 pub const WIRE_FORMAT_EPOCH: u8 = 2;
+/// Wire format 3: format 2 with proposals that carry their `count`
+/// (batches). Written by protocol 0.7 and later.
+pub const WIRE_FORMAT_BATCH: u8 = 3;
 /// Every wire format this build reads, the one it writes last.
-pub const WIRE_FORMATS: [u8; 2] = [WIRE_FORMAT, WIRE_FORMAT_EPOCH];
+pub const WIRE_FORMATS: [u8; 3] = [WIRE_FORMAT, WIRE_FORMAT_EPOCH, WIRE_FORMAT_BATCH];
+/// Largest `count` a proposal may carry: more versions than one slot may
+/// advance a key by are refused as malformed.
+pub const COUNT_MAX: u32 = 1 << 16;
 /// How many recent (version, proposal) pairs a key remembers, so a proposer
 /// that fell behind can still tell whether its own proposal won.
 pub const WINNERS_MAX: usize = 16;
@@ -61,11 +79,22 @@ pub struct ProposalId {
     pub seq: u64,
 }
 
-/// A candidate for one slot: the key's whole next value (`None` = tombstone).
+/// A candidate for one slot: the key's whole next value (`None` = tombstone)
+/// after `count` commands, run in order by the proposer (a batch). Chosen at
+/// slot `v + 1`, it moves the key from version `v` to `v + count`; each
+/// command that changed the value took one of those versions.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Proposal {
     pub id: ProposalId,
     pub value: Option<Vec<u8>>,
+    /// 1 to [`COUNT_MAX`].
+    pub count: u32,
+}
+
+impl Proposal {
+    fn valid(&self) -> bool {
+        (1..=COUNT_MAX).contains(&self.count)
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -75,7 +104,9 @@ pub struct Accepted {
 }
 
 /// A chosen value: the key's state at `version`, with the ids of the
-/// proposals chosen at the most recent versions (newest last).
+/// proposals chosen in the most recent slots, by slot (newest last). A
+/// slot is the version before it plus one, so slots skip the versions a
+/// batch took after its first.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Chosen {
     pub version: u64,
@@ -84,19 +115,20 @@ pub struct Chosen {
 }
 
 impl Chosen {
-    /// The id chosen at `version`, if this record still remembers it.
-    pub fn winner(&self, version: u64) -> Option<ProposalId> {
+    /// The id chosen at `slot`, if this record still remembers it.
+    pub fn winner(&self, slot: u64) -> Option<ProposalId> {
         self.winners
             .iter()
-            .find(|(v, _)| *v == version)
+            .find(|(s, _)| *s == slot)
             .map(|(_, id)| *id)
     }
 
-    /// The state after `proposal` is chosen at `self.version + 1`.
+    /// The state after `proposal` is chosen at slot `self.version + 1`.
     pub fn next(&self, proposal: &Proposal) -> Chosen {
-        let version = self.version + 1;
+        let slot = self.version + 1;
+        let version = self.version.saturating_add(proposal.count as u64);
         let mut winners = self.winners.clone();
-        winners.push((version, proposal.id));
+        winners.push((slot, proposal.id));
         if winners.len() > WINNERS_MAX {
             winners.remove(0);
         }
@@ -315,62 +347,95 @@ impl KeyState {
         self.encode_as(STATE_FORMAT)
     }
 
-    /// Encodes in `format`, one of [`STATE_FORMATS`].
+    /// Encodes in `format`, [`STATE_FORMAT`] or [`STATE_FORMAT_CHECKED`]
+    /// (the formats before batches are read only).
     pub fn encode_as(&self, format: u8) -> Vec<u8> {
-        let mut out = encode(format, self);
         if format == STATE_FORMAT_CHECKED {
+            let mut out = encode(format, self);
             let crc = crc32c(&out);
             out.extend_from_slice(&crc.to_le_bytes());
+            out
+        } else {
+            debug_assert_eq!(format, STATE_FORMAT);
+            encode(STATE_FORMAT, self)
         }
-        out
     }
 
     /// Decodes persisted state in any format of [`STATE_FORMATS`]; empty
     /// bytes are a key never touched.
     pub fn decode(bytes: &[u8]) -> Result<KeyState, DecodeError> {
-        match bytes.first() {
-            None => Ok(KeyState::default()),
-            Some(&STATE_FORMAT) => decode(STATE_FORMAT, bytes),
-            Some(&STATE_FORMAT_CHECKED) => {
-                if bytes.len() < 5 {
-                    return Err(DecodeError::Malformed);
-                }
-                let (data, crc) = bytes.split_at(bytes.len() - 4);
-                let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-                if crc32c(data) != crc {
-                    return Err(DecodeError::Checksum);
-                }
-                decode(STATE_FORMAT_CHECKED, data)
+        let checked = |bytes: &[u8]| -> Result<usize, DecodeError> {
+            if bytes.len() < 5 {
+                return Err(DecodeError::Malformed);
             }
-            Some(&other) => Err(DecodeError::Format(other)),
+            let (data, crc) = bytes.split_at(bytes.len() - 4);
+            let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+            if crc32c(data) != crc {
+                return Err(DecodeError::Checksum);
+            }
+            Ok(data.len())
+        };
+        let state = match bytes.first() {
+            None => return Ok(KeyState::default()),
+            Some(&STATE_FORMAT_V1) => decode::<legacy::KeyState>(STATE_FORMAT_V1, bytes)?.into(),
+            Some(&STATE_FORMAT_V2) => {
+                let len = checked(bytes)?;
+                decode::<legacy::KeyState>(STATE_FORMAT_V2, &bytes[..len])?.into()
+            }
+            Some(&STATE_FORMAT) => decode::<KeyState>(STATE_FORMAT, bytes)?,
+            Some(&STATE_FORMAT_CHECKED) => {
+                let len = checked(bytes)?;
+                decode::<KeyState>(STATE_FORMAT_CHECKED, &bytes[..len])?
+            }
+            Some(&other) => return Err(DecodeError::Format(other)),
+        };
+        match &state.accepted {
+            Some(a) if !a.proposal.valid() => Err(DecodeError::Malformed),
+            _ => Ok(state),
         }
     }
 }
 
 impl Msg {
-    /// Encodes in wire format 1 (no epoch).
-    pub fn encode(&self) -> Vec<u8> {
-        encode(WIRE_FORMAT, self)
-    }
-
-    /// Encodes in wire format 2, stamped with the sender's `epoch`.
+    /// Encodes in wire format 3, stamped with the sender's `epoch`.
     pub fn encode_at(&self, epoch: u64) -> Vec<u8> {
-        encode(WIRE_FORMAT_EPOCH, &(epoch, self))
+        encode(WIRE_FORMAT_BATCH, &(epoch, self))
     }
 
-    /// Decodes wire format 1.
-    pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
-        decode(WIRE_FORMAT, bytes)
-    }
-
-    /// Decodes either wire format: the sender's epoch (1 for format 1) and
-    /// the message.
+    /// Decodes any wire format of [`WIRE_FORMATS`]: the sender's epoch (1
+    /// for format 1) and the message.
     pub fn decode_any(bytes: &[u8]) -> Result<(u64, Msg), DecodeError> {
-        match bytes.first() {
-            Some(&WIRE_FORMAT) => Ok((1, decode(WIRE_FORMAT, bytes)?)),
-            Some(&WIRE_FORMAT_EPOCH) => decode(WIRE_FORMAT_EPOCH, bytes),
-            Some(&other) => Err(DecodeError::Format(other)),
-            None => Err(DecodeError::Empty),
+        let (epoch, msg) = match bytes.first() {
+            Some(&WIRE_FORMAT) => (1, decode::<legacy::Msg>(WIRE_FORMAT, bytes)?.into()),
+            Some(&WIRE_FORMAT_EPOCH) => {
+                let (epoch, msg) = decode::<(u64, legacy::Msg)>(WIRE_FORMAT_EPOCH, bytes)?;
+                (epoch, msg.into())
+            }
+            Some(&WIRE_FORMAT_BATCH) => decode::<(u64, Msg)>(WIRE_FORMAT_BATCH, bytes)?,
+            Some(&other) => return Err(DecodeError::Format(other)),
+            None => return Err(DecodeError::Empty),
+        };
+        if msg.valid() {
+            Ok((epoch, msg))
+        } else {
+            Err(DecodeError::Malformed)
+        }
+    }
+
+    /// Whether every proposal in the message has a count in range.
+    fn valid(&self) -> bool {
+        match self {
+            Msg::Accept { proposal, .. } | Msg::Continue { proposal, .. } => proposal.valid(),
+            Msg::Promise {
+                accepted: Some(a), ..
+            }
+            | Msg::Nack {
+                accepted: Some(a), ..
+            }
+            | Msg::QueryReply {
+                accepted: Some(a), ..
+            } => a.proposal.valid(),
+            _ => true,
         }
     }
 
@@ -390,7 +455,7 @@ impl Msg {
         }
         match bytes.split_first()? {
             (&WIRE_FORMAT, rest) => varint(rest).map(|(v, _)| v),
-            (&WIRE_FORMAT_EPOCH, rest) => {
+            (&WIRE_FORMAT_EPOCH | &WIRE_FORMAT_BATCH, rest) => {
                 let (_, rest) = varint(rest)?;
                 varint(rest).map(|(v, _)| v)
             }
@@ -410,31 +475,247 @@ impl Msg {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn peek_variant_reads_the_index_in_both_formats() {
-        let forward = super::Msg::Forward {
-            id: 300,
-            incarnation: 7,
-            command: alloc::vec![1, 2],
-        };
-        assert_eq!(
-            super::Msg::peek_variant(&forward.encode()),
-            Some(super::Msg::FORWARD)
-        );
-        assert_eq!(
-            super::Msg::peek_variant(&forward.encode_at(1 << 20)),
-            Some(super::Msg::FORWARD)
-        );
-        // [format 2][epoch 3][variant 11][id 300 = ac 02][incarnation 7][command len 2, 1, 2]
-        assert_eq!(forward.encode_at(3), [2, 3, 11, 0xac, 0x02, 7, 2, 1, 2]);
-        assert_eq!(super::Msg::peek_variant(&[]), None);
-        assert_eq!(super::Msg::peek_variant(&[9, 1]), None);
+/// The structures of key-state formats 1 and 2 and wire formats 1 and 2,
+/// from before batches: a proposal there advances the key by one version.
+/// They are read, converted, and never written.
+mod legacy {
+    use super::{Ballot, Chosen, ProposalId, Reply};
+    use alloc::vec::Vec;
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub struct Proposal {
+        id: ProposalId,
+        value: Option<Vec<u8>>,
     }
 
+    #[derive(Deserialize)]
+    pub struct Accepted {
+        ballot: Ballot,
+        proposal: Proposal,
+    }
+
+    #[derive(Deserialize)]
+    pub struct KeyState {
+        chosen: Chosen,
+        promised: Ballot,
+        accepted: Option<Accepted>,
+    }
+
+    /// [`super::Msg`] variant for variant, in the same order.
+    #[derive(Deserialize)]
+    pub enum Msg {
+        Prepare {
+            slot: u64,
+            ballot: Ballot,
+            catch_up: Option<Chosen>,
+        },
+        Promise {
+            slot: u64,
+            ballot: Ballot,
+            accepted: Option<Accepted>,
+        },
+        Accept {
+            slot: u64,
+            ballot: Ballot,
+            proposal: Proposal,
+            catch_up: Option<Chosen>,
+        },
+        Accepted {
+            slot: u64,
+            ballot: Ballot,
+            id: ProposalId,
+        },
+        Nack {
+            slot: u64,
+            ballot: Ballot,
+            promised: Ballot,
+            accepted: Option<Accepted>,
+        },
+        Stale {
+            chosen: Chosen,
+        },
+        Behind {
+            slot: u64,
+        },
+        Learn {
+            chosen: Chosen,
+        },
+        Query {
+            id: u64,
+        },
+        QueryReply {
+            id: u64,
+            chosen: Chosen,
+            accepted: Option<Accepted>,
+        },
+        Continue {
+            slot: u64,
+            ballot: Ballot,
+            proposal: Proposal,
+            catch_up: Option<Chosen>,
+        },
+        Forward {
+            id: u64,
+            incarnation: u64,
+            command: Vec<u8>,
+        },
+        Forwarded {
+            id: u64,
+            incarnation: u64,
+            reply: Reply,
+        },
+    }
+
+    impl From<Proposal> for super::Proposal {
+        fn from(p: Proposal) -> Self {
+            super::Proposal {
+                id: p.id,
+                value: p.value,
+                count: 1,
+            }
+        }
+    }
+
+    impl From<Accepted> for super::Accepted {
+        fn from(a: Accepted) -> Self {
+            super::Accepted {
+                ballot: a.ballot,
+                proposal: a.proposal.into(),
+            }
+        }
+    }
+
+    impl From<KeyState> for super::KeyState {
+        fn from(s: KeyState) -> Self {
+            super::KeyState {
+                chosen: s.chosen,
+                promised: s.promised,
+                accepted: s.accepted.map(Into::into),
+            }
+        }
+    }
+
+    impl From<Msg> for super::Msg {
+        fn from(m: Msg) -> Self {
+            use super::Msg as M;
+            match m {
+                Msg::Prepare {
+                    slot,
+                    ballot,
+                    catch_up,
+                } => M::Prepare {
+                    slot,
+                    ballot,
+                    catch_up,
+                },
+                Msg::Promise {
+                    slot,
+                    ballot,
+                    accepted,
+                } => M::Promise {
+                    slot,
+                    ballot,
+                    accepted: accepted.map(Into::into),
+                },
+                Msg::Accept {
+                    slot,
+                    ballot,
+                    proposal,
+                    catch_up,
+                } => M::Accept {
+                    slot,
+                    ballot,
+                    proposal: proposal.into(),
+                    catch_up,
+                },
+                Msg::Accepted { slot, ballot, id } => M::Accepted { slot, ballot, id },
+                Msg::Nack {
+                    slot,
+                    ballot,
+                    promised,
+                    accepted,
+                } => M::Nack {
+                    slot,
+                    ballot,
+                    promised,
+                    accepted: accepted.map(Into::into),
+                },
+                Msg::Stale { chosen } => M::Stale { chosen },
+                Msg::Behind { slot } => M::Behind { slot },
+                Msg::Learn { chosen } => M::Learn { chosen },
+                Msg::Query { id } => M::Query { id },
+                Msg::QueryReply {
+                    id,
+                    chosen,
+                    accepted,
+                } => M::QueryReply {
+                    id,
+                    chosen,
+                    accepted: accepted.map(Into::into),
+                },
+                Msg::Continue {
+                    slot,
+                    ballot,
+                    proposal,
+                    catch_up,
+                } => M::Continue {
+                    slot,
+                    ballot,
+                    proposal: proposal.into(),
+                    catch_up,
+                },
+                Msg::Forward {
+                    id,
+                    incarnation,
+                    command,
+                } => M::Forward {
+                    id,
+                    incarnation,
+                    command,
+                },
+                Msg::Forwarded {
+                    id,
+                    incarnation,
+                    reply,
+                } => M::Forwarded {
+                    id,
+                    incarnation,
+                    reply,
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
     use super::*;
     use alloc::vec;
+
+    #[test]
+    fn peek_variant_reads_the_index_in_every_format() {
+        let forward = Msg::Forward {
+            id: 300,
+            incarnation: 7,
+            command: vec![1, 2],
+        };
+        assert_eq!(
+            Msg::peek_variant(&forward.encode_at(1 << 20)),
+            Some(Msg::FORWARD)
+        );
+        // [format 3][epoch 3][variant 11][id 300 = ac 02][incarnation 7][command len 2, 1, 2]
+        assert_eq!(forward.encode_at(3), [3, 3, 11, 0xac, 0x02, 7, 2, 1, 2]);
+        // The same message in formats 2 (epoch) and 1 (none).
+        let v2 = [2, 3, 11, 0xac, 0x02, 7, 2, 1, 2];
+        let v1 = [1, 11, 0xac, 0x02, 7, 2, 1, 2];
+        assert_eq!(Msg::peek_variant(&v2), Some(Msg::FORWARD));
+        assert_eq!(Msg::peek_variant(&v1), Some(Msg::FORWARD));
+        assert_eq!(Msg::decode_any(&v2).unwrap(), (3, forward.clone()));
+        assert_eq!(Msg::decode_any(&v1).unwrap(), (1, forward));
+        assert_eq!(Msg::peek_variant(&[]), None);
+        assert_eq!(Msg::peek_variant(&[9, 1]), None);
+    }
 
     fn id(replica: u32, seq: u64) -> ProposalId {
         ProposalId {
@@ -444,7 +725,7 @@ mod tests {
         }
     }
 
-    fn sample_state() -> KeyState {
+    fn sample_state(count: u32) -> KeyState {
         KeyState {
             chosen: Chosen {
                 version: 2,
@@ -463,58 +744,72 @@ mod tests {
                 proposal: Proposal {
                     id: id(2, 5),
                     value: None,
+                    count,
                 },
             }),
         }
     }
 
-    /// Golden bytes: a change here breaks every stored key. Bump
-    /// `STATE_FORMAT` and keep reading the old one instead.
+    /// Key-state format 1, as protocols up to 0.5 wrote it.
+    const STATE_V1: [u8; 24] = [
+        1, // format
+        2, 1, 2, b'a', b'b', // chosen: version 2, Some("ab")
+        2, 1, 1, 1, 1, 2, 2, 1, 1, // winners: (1, {1,1,1}), (2, {2,1,1})
+        3, 2, // promised (3, 2)
+        1, 3, 2, 2, 1, 5, 0, // accepted: Some((3,2), {id (2,1,5), value None})
+    ];
+
+    /// Golden bytes: a change here breaks every stored key. Add a format
+    /// and keep reading the old ones instead.
     #[test]
-    fn golden_key_state_v1() {
-        let bytes = sample_state().encode();
-        assert_eq!(
-            bytes,
-            [
-                1, // format
-                2, 1, 2, b'a', b'b', // chosen: version 2, Some("ab")
-                2, 1, 1, 1, 1, 2, 2, 1, 1, // winners: (1, {1,1,1}), (2, {2,1,1})
-                3, 2, // promised (3, 2)
-                1, 3, 2, 2, 1, 5, 0, // accepted: Some((3,2), {id (2,1,5), value None})
-            ]
-        );
-        assert_eq!(KeyState::decode(&bytes).unwrap(), sample_state());
+    fn golden_key_states_v1_and_v2_read_as_single_commands() {
+        assert_eq!(KeyState::decode(&STATE_V1).unwrap(), sample_state(1));
+        // Format 2 is format 1's body with a CRC-32C, as 0.6 wrote it.
+        let mut v2 = STATE_V1.to_vec();
+        v2[0] = 2;
+        v2.extend_from_slice(&[0x8a, 0xbc, 0xc8, 0x9e]);
+        assert_eq!(KeyState::decode(&v2).unwrap(), sample_state(1));
+        let mut bad = v2.clone();
+        bad[3] ^= 0x10;
+        assert_eq!(KeyState::decode(&bad), Err(DecodeError::Checksum));
         assert_eq!(KeyState::decode(&[]).unwrap(), KeyState::default());
     }
 
-    /// Format 2 is format 1's body with a CRC-32C; a replica upgraded to
-    /// write it reads what the previous version wrote (the v1 golden bytes)
-    /// and rewrites it as v2 on the key's next write.
+    /// Formats 3 and 4 add the proposal's count after its value; a replica
+    /// upgraded to write them reads what earlier versions wrote and rewrites
+    /// each key on its next write.
     #[test]
-    fn golden_key_state_v2_and_migration_from_v1() {
-        let v1 = sample_state().encode();
-        let migrated = KeyState::decode(&v1)
-            .unwrap()
-            .encode_as(STATE_FORMAT_CHECKED);
-        let mut expected = v1.clone();
-        expected[0] = 2;
-        expected.extend_from_slice(&[0x8a, 0xbc, 0xc8, 0x9e]);
-        assert_eq!(migrated, expected);
-        assert_eq!(KeyState::decode(&migrated).unwrap(), sample_state());
-        // And back: a rollback rewrites v2 records as v1.
-        assert_eq!(KeyState::decode(&migrated).unwrap().encode(), v1);
-        // Corruption is caught.
-        for i in 1..migrated.len() {
-            let mut bad = migrated.clone();
+    fn golden_key_states_v3_and_v4_and_migration() {
+        let v3 = sample_state(3).encode();
+        let mut expected = STATE_V1.to_vec();
+        expected[0] = 3;
+        expected.push(3); // count
+        assert_eq!(v3, expected);
+        assert_eq!(KeyState::decode(&v3).unwrap(), sample_state(3));
+        let v4 = sample_state(3).encode_as(STATE_FORMAT_CHECKED);
+        let mut expected4 = expected.clone();
+        expected4[0] = 4;
+        expected4.extend_from_slice(&crc32c(&expected4).to_le_bytes());
+        assert_eq!(v4, expected4);
+        assert_eq!(&v4[v4.len() - 4..], [0x17, 0xc2, 0x1d, 0x4c]);
+        assert_eq!(KeyState::decode(&v4).unwrap(), sample_state(3));
+        for i in 1..v4.len() {
+            let mut bad = v4.clone();
             bad[i] ^= 0x10;
             assert!(
                 KeyState::decode(&bad).is_err(),
                 "flip at byte {i} went unnoticed"
             );
         }
+        // Migration: a format-1 record rewritten in format 3.
+        let migrated = KeyState::decode(&STATE_V1).unwrap().encode();
+        let mut one = STATE_V1.to_vec();
+        one[0] = 3;
+        one.push(1);
+        assert_eq!(migrated, one);
         assert_eq!(
-            KeyState::decode(&[3, 0, 0]).unwrap_err(),
-            DecodeError::Format(3)
+            KeyState::decode(&[5, 0, 0]).unwrap_err(),
+            DecodeError::Format(5)
         );
     }
 
@@ -523,18 +818,30 @@ mod tests {
         assert_eq!(crc32c(b"123456789"), 0xe306_9283);
     }
 
-    #[test]
-    fn golden_messages_v1() {
-        let accept = Msg::Accept {
+    fn accept(count: u32) -> Msg {
+        Msg::Accept {
             slot: 3,
             ballot: Ballot::FAST,
             proposal: Proposal {
                 id: id(1, 9),
                 value: Some(b"v".to_vec()),
+                count,
             },
             catch_up: None,
-        };
-        assert_eq!(accept.encode(), [1, 2, 3, 0, 0, 1, 1, 9, 1, 1, b'v', 0]);
+        }
+    }
+
+    #[test]
+    fn golden_messages() {
+        // Format 1 (no epoch, no count) and 2 (epoch 5, no count).
+        let v1 = [1, 2, 3, 0, 0, 1, 1, 9, 1, 1, b'v', 0];
+        assert_eq!(Msg::decode_any(&v1).unwrap(), (1, accept(1)));
+        let v2 = [2, 5, 2, 3, 0, 0, 1, 1, 9, 1, 1, b'v', 0];
+        assert_eq!(Msg::decode_any(&v2).unwrap(), (5, accept(1)));
+        // Format 3: the count follows the value.
+        let v3 = accept(4).encode_at(5);
+        assert_eq!(v3, [3, 5, 2, 3, 0, 0, 1, 1, 9, 1, 1, b'v', 4, 0]);
+        assert_eq!(Msg::decode_any(&v3).unwrap(), (5, accept(4)));
         let learn = Msg::Learn {
             chosen: Chosen {
                 version: 1,
@@ -542,26 +849,61 @@ mod tests {
                 winners: vec![],
             },
         };
-        assert_eq!(learn.encode(), [1, 7, 1, 0, 0]);
+        assert_eq!(learn.encode_at(1), [3, 1, 7, 1, 0, 0]);
+        assert_eq!(
+            Msg::decode_any(&[1, 7, 1, 0, 0]).unwrap(),
+            (1, learn.clone())
+        );
         for m in [
-            accept,
+            accept(1),
             learn,
             Msg::Query { id: u64::MAX },
             Msg::Behind { slot: 1 },
         ] {
-            assert_eq!(Msg::decode(&m.encode()).unwrap(), m);
+            assert_eq!(Msg::decode_any(&m.encode_at(9)).unwrap(), (9, m));
         }
     }
 
     #[test]
     fn bad_bytes_are_refused() {
-        assert_eq!(Msg::decode(&[]), Err(DecodeError::Empty));
-        assert_eq!(Msg::decode(&[2, 0]), Err(DecodeError::Format(2)));
-        assert_eq!(Msg::decode(&[1, 200]), Err(DecodeError::Malformed));
-        let mut long = Msg::Behind { slot: 1 }.encode();
+        assert_eq!(Msg::decode_any(&[]), Err(DecodeError::Empty));
+        assert_eq!(Msg::decode_any(&[4, 0]), Err(DecodeError::Format(4)));
+        assert_eq!(Msg::decode_any(&[1, 200]), Err(DecodeError::Malformed));
+        let mut long = Msg::Behind { slot: 1 }.encode_at(1);
         long.push(0);
-        assert_eq!(Msg::decode(&long), Err(DecodeError::Malformed));
+        assert_eq!(Msg::decode_any(&long), Err(DecodeError::Malformed));
         assert_eq!(KeyState::decode(&[9, 9]), Err(DecodeError::Format(9)));
+        // A proposal that would not advance the key, or would jump it too far.
+        for count in [0, COUNT_MAX + 1] {
+            assert_eq!(
+                Msg::decode_any(&accept(count).encode_at(1)),
+                Err(DecodeError::Malformed)
+            );
+            assert_eq!(
+                KeyState::decode(&sample_state(count).encode()),
+                Err(DecodeError::Malformed)
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_advances_the_version_by_its_count_and_is_found_by_slot() {
+        let mut c = Chosen::default();
+        c = c.next(&Proposal {
+            id: id(1, 1),
+            value: Some(b"x".to_vec()),
+            count: 3,
+        });
+        assert_eq!(c.version, 3);
+        assert_eq!(c.winner(1), Some(id(1, 1)));
+        assert_eq!(c.winner(2), None);
+        c = c.next(&Proposal {
+            id: id(2, 1),
+            value: None,
+            count: 1,
+        });
+        assert_eq!((c.version, c.value.clone()), (4, None));
+        assert_eq!(c.winner(4), Some(id(2, 1)));
     }
 
     #[test]
@@ -571,6 +913,7 @@ mod tests {
             c = c.next(&Proposal {
                 id: id(1, seq),
                 value: None,
+                count: 1,
             });
         }
         assert_eq!(c.version, 40);

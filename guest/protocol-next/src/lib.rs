@@ -1,8 +1,8 @@
-//! Ballot's next protocol version, `ballot-paxos 0.6.0`: the same per-key
-//! Paxos, writing key-state format 2, which carries a CRC-32C so a corrupt
-//! record is refused instead of acted on. It reads format 1, so it takes
-//! over a replica's existing keys and rewrites each on its next write
-//! (migration on read); the embedded 0.5.0 reads format 2, so rolling back
+//! Ballot's next protocol version, `ballot-paxos 0.8.0`: the same per-key
+//! Paxos, writing key-state format 4, which carries a CRC-32C so a corrupt
+//! record is refused instead of acted on. It reads formats 1 to 3, so it
+//! takes over a replica's existing keys and rewrites each on its next write
+//! (migration on read); the embedded 0.7.0 reads format 4, so rolling back
 //! is safe too. The wire format is the same, so replicas on either version
 //! interoperate while a swap is under way.
 //!

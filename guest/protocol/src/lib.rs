@@ -1,7 +1,8 @@
 //! The default protocol component: `ballot-core`'s replica behind the
-//! `ballot:core/replica` interface of `wit/ballot.wit`, writing key-state
-//! format 1 (and reading format 2, so it can take over from
-//! `guest/protocol-next` in a rollback).
+//! `ballot:core/replica` interface of `wit/ballot.wit`: `ballot-paxos
+//! 0.7.0`, writing key-state format 3 (and reading formats 1, 2 and 4, so it
+//! takes over keys written by earlier versions and by `guest/protocol-next`
+//! in a rollback).
 //!
 //! Only the wasm build has content; natively this crate is empty (the host's
 //! native core uses `ballot-core` directly).

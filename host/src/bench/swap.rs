@@ -14,7 +14,7 @@ use crate::server::CoreKind;
 /// What `ballot bench --swap` measured: one protocol swap under load.
 #[derive(Clone, Debug, Serialize)]
 pub struct SwapPoint {
-    /// `activate` (embedded 0.5.0 to protocol-next 0.6.0) or `rollback`.
+    /// `activate` (embedded 0.7.0 to protocol-next 0.8.0) or `rollback`.
     pub action: String,
     pub clients: usize,
     /// From the activation request until every replica runs the target.

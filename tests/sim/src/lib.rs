@@ -55,6 +55,9 @@ pub enum Planted {
     /// A key's leader that lost its promise moves to a higher ballot and
     /// skips phase 1.
     LeaderSkipsPrepare,
+    /// The commands of a batch go back to the queue while its proposal
+    /// may still be chosen.
+    BatchRequeueExposed,
 }
 
 /// First byte of a command with a deadline: `[0xD1, deadline_ms u64 BE,
@@ -135,10 +138,10 @@ pub struct SimConfig {
     /// Once per run a crash may flip one bit of one checksummed record the
     /// replica had made durable, which it must then refuse to act on.
     pub corrupt: bool,
-    /// Corrupt records of format 1 too, which carry no checksum: a replica
+    /// Corrupt records of formats 1 and 3 too, which carry no checksum: a replica
     /// then acts on bits that changed under it. Unsafe, kept so a test can
     /// show that the corruption fault bites (run it with the components,
-    /// which write format 1).
+    /// which write format 3).
     pub unchecked_corruption: bool,
     /// Change voters without the classic-only epoch and the sweep (every
     /// other stage and wait kept): unsafe, kept so a test can show that the
@@ -267,6 +270,9 @@ pub struct Stats {
     pub continues: u64,
     pub forwards: u64,
     pub forward_replies: u64,
+    /// Accept and Continue messages whose proposal carries a batch (more
+    /// than one version).
+    pub batched: u64,
     pub dropped: u64,
     pub crashes: u64,
     pub ops_done: u64,
@@ -351,8 +357,8 @@ pub trait CoreFactory {
 }
 
 /// The native build of `ballot-core`, optionally with a planted bug. It
-/// writes key-state format 2, whose records carry a checksum, so a record
-/// the simulator corrupts on disk is caught (format 1 has none: the
+/// writes key-state format 4, whose records carry a checksum, so a record
+/// the simulator corrupts on disk is caught (format 3 has none: the
 /// component's runs never corrupt).
 pub struct NativeFactory(pub Option<Planted>);
 
@@ -360,8 +366,8 @@ impl CoreFactory for NativeFactory {
     fn make(&self, config: Config) -> Box<dyn Core> {
         let mut replica = Replica::new(config, SimEnv).expect("valid sim config");
         replica
-            .write_state_format(2)
-            .expect("format 2 is readable and writable");
+            .write_state_format(ballot_core::wire::STATE_FORMAT_CHECKED)
+            .expect("the checked format is readable and writable");
         match self.0 {
             Some(Planted::EpoxyFastPath) => replica.plant_epoxy_fast_path(),
             Some(Planted::EarlyVotes) => replica.plant_early_votes(),
@@ -369,6 +375,7 @@ impl CoreFactory for NativeFactory {
             Some(Planted::QueryIdReuse) => replica.plant_query_id_reuse(),
             Some(Planted::Reevaluation) => replica.plant_reevaluation(),
             Some(Planted::LeaderSkipsPrepare) => replica.plant_leader_skips_prepare(),
+            Some(Planted::BatchRequeueExposed) => replica.plant_batch_requeue_exposed(),
             None => {}
         }
         Box::new(replica)
@@ -391,8 +398,8 @@ impl CoreFactory for WasmFactory {
     }
 }
 
-/// Two protocol components at once: the embedded one (0.5.0, key-state
-/// format 1) and `protocol-next` (0.6.0, format 2), chosen per replica and
+/// Two protocol components at once: the embedded one (0.7.0, key-state
+/// format 3) and `protocol-next` (0.8.0, format 4), chosen per replica and
 /// incarnation, so the cluster always runs mixed versions and every
 /// crash-restart swaps the replica to the other one: upgrades and rollbacks
 /// with migration on read, under every fault the simulator injects.
@@ -1071,6 +1078,11 @@ impl<'f> Sim<'f> {
             return;
         };
         let inc = self.nodes[from].incarnation;
+        if let Msg::Accept { proposal, .. } | Msg::Continue { proposal, .. } = &msg {
+            if proposal.count > 1 {
+                self.stats.batched += 1;
+            }
+        }
         match &msg {
             Msg::Continue { .. } => self.stats.continues += 1,
             Msg::Forward { .. } => self.stats.forwards += 1,
@@ -1825,13 +1837,18 @@ impl<'f> Sim<'f> {
 
     /// Flips one bit of one durable record of a crashed replica: a torn
     /// page or a bad sector found at restart. Only records with a checksum
-    /// (format 2) qualify, unless the run is planted with unchecked ones.
+    /// (formats 2 and 4) qualify, unless the run is planted with unchecked
+    /// ones (formats 1 and 3).
     fn corrupt(&mut self, i: usize) {
         let unchecked = self.cfg.unchecked_corruption;
         let keys: Vec<Vec<u8>> = self.nodes[i]
             .durable
             .iter()
-            .filter(|(_, rec)| rec.first() == Some(&2) || unchecked && rec.first() == Some(&1))
+            .filter(|(_, rec)| match rec.first() {
+                Some(2 | 4) => true,
+                Some(1 | 3) => unchecked,
+                _ => false,
+            })
             .map(|(k, _)| k.clone())
             .collect();
         if keys.is_empty() {

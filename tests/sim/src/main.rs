@@ -42,7 +42,7 @@ enum PlantArg {
     BallotReuse,
     /// Query ids restart in every incarnation (review defect C).
     QueryIdReuse,
-    /// With --core wasm: corrupt records that carry no checksum (format 1).
+    /// With --core wasm: corrupt records that carry no checksum (formats 1 and 3).
     UncheckedCorruption,
     /// A command whose proposal went out is evaluated again (review defect
     /// B; seen through the deadline commands of the native core).
@@ -71,6 +71,9 @@ enum PlantArg {
     /// A key's leader that lost its promise to a higher ballot moves above
     /// it and goes straight to phase 2, skipping phase 1.
     LeaderSkipsPrepare,
+    /// The commands of a batch go back to the queue while the batch's
+    /// proposal may still be chosen, so they can take effect twice.
+    BatchRequeueExposed,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -186,6 +189,7 @@ fn main() -> ExitCode {
             PlantArg::QueryIdReuse => Planted::QueryIdReuse,
             PlantArg::Reevaluation => Planted::Reevaluation,
             PlantArg::LeaderSkipsPrepare => Planted::LeaderSkipsPrepare,
+            PlantArg::BatchRequeueExposed => Planted::BatchRequeueExposed,
             PlantArg::UnsafeMembership
             | PlantArg::UncheckedCorruption
             | PlantArg::LostDirectory
@@ -303,6 +307,7 @@ fn main() -> ExitCode {
             faults.continues += report.stats.continues;
             faults.forwards += report.stats.forwards;
             faults.forward_replies += report.stats.forward_replies;
+            faults.batched += report.stats.batched;
             faults.convergence_unchecked += report.stats.convergence_unchecked;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
@@ -357,8 +362,8 @@ fn main() -> ExitCode {
             faults.crashes, faults.cluster_crashes, faults.stage_crashes, faults.partitions, faults.clock_jumps, faults.corruptions, faults.wipes, faults.refused_admissions, faults.refused, faults.removed_down, faults.lagging_restarts
         );
         eprintln!(
-            "n={n}: leader mode: {} phase-2-only requests, {} forwarded commands sent, {} answered",
-            faults.continues, faults.forwards, faults.forward_replies
+            "n={n}: leader mode: {} phase-2-only requests, {} forwarded commands sent, {} answered; {} requests carried batches",
+            faults.continues, faults.forwards, faults.forward_replies, faults.batched
         );
         if args.activate {
             eprintln!(
