@@ -60,7 +60,8 @@ pub const REPLY_TEXT_MAX: usize = 1024;
 /// Most commands one proposal carries: the first and the queued commands
 /// for the key run behind it (see [`Replica::own_proposal`]).
 pub const BATCH_MAX: usize = 64;
-/// Most command bytes the queued commands of one batch add.
+/// Most bytes the queued commands of one batch add: their commands and the
+/// values their answers carry.
 pub const BATCH_BYTES_MAX: usize = 1 << 20;
 
 /// Bits of a query id that count queries within one incarnation; see
@@ -1104,17 +1105,25 @@ impl<E: Env> Replica<E> {
 
     fn finish_with(&mut self, key: &[u8], mut op: Op, outcome: Outcome, trace: Trace) {
         // Commands still riding in this op's proposal share its fate: if it
-        // may have been chosen, so may they; otherwise they wait their turn
-        // again. (When it won, `settle` answered them already.)
-        match &outcome {
-            Outcome::Failed(failure) if failure.maybe_applied => {
-                for m in core::mem::take(&mut op.batch) {
-                    let outcome = Outcome::Failed(failure.clone());
-                    self.answer(key, m.op, outcome, Trace::default());
-                    self.inflight -= 1;
-                }
+        // is out and may still be chosen, so may they; otherwise they wait
+        // their turn again. (When it won, `settle` answered them already.)
+        let out = op.own.as_ref().is_some_and(|(s, _)| op.exposed.contains(s));
+        if out {
+            let message = match &outcome {
+                Outcome::Failed(failure) => failure.message.clone(),
+                _ => "outcome unknown: the batch this command rode in was not settled".to_string(),
+            };
+            for m in core::mem::take(&mut op.batch) {
+                let failure = Failure {
+                    reason: op.trouble,
+                    maybe_applied: true,
+                    message: message.clone(),
+                };
+                self.answer(key, m.op, Outcome::Failed(failure), Trace::default());
+                self.inflight -= 1;
             }
-            _ => self.requeue_batch(key, &mut op),
+        } else {
+            self.requeue_batch(key, &mut op);
         }
         self.answer(key, op, outcome, trace);
         self.inflight -= 1;
@@ -1200,6 +1209,11 @@ impl<E: Env> Replica<E> {
             let result = match self.env.apply(key, &current, command, now) {
                 Ok(Change::Keep) => MemberResult::Kept(current.value),
                 Err(rejection) => MemberResult::Rejected(rejection, current.value),
+                // Too large to carry: not applied, put back below.
+                Ok(Change::Set(v)) if bytes + v.len() > BATCH_BYTES_MAX => MemberResult::Changed {
+                    value: Some(v),
+                    prior_absent: false,
+                },
                 Ok(change) => {
                     count += 1;
                     let prior_absent = value.is_none();
@@ -1213,6 +1227,22 @@ impl<E: Env> Replica<E> {
                     }
                 }
             };
+            bytes += match &result {
+                MemberResult::Changed { value, .. }
+                | MemberResult::Kept(value)
+                | MemberResult::Rejected(_, value) => value.as_ref().map_or(0, Vec::len),
+            };
+            if bytes > BATCH_BYTES_MAX {
+                // Its answer would carry too much (each answer holds its own
+                // copy of a value): it waits for the next slot, unevaluated,
+                // and the batch ends here.
+                self.ops
+                    .get_mut(key)
+                    .expect("the key's ops")
+                    .queue
+                    .push_front(member);
+                break;
+            }
             op.batch.push(Member {
                 op: member,
                 offset: count as u64,
@@ -2572,49 +2602,16 @@ mod tests {
         ));
     }
 
-    /// Commands queued behind a proposal ride in it: one slot decides them
-    /// all, and each answers what it would have alone, in order, with its
-    /// own version (ETags stay exact); a read ends the batch.
-    #[test]
-    fn queued_commands_ride_in_one_slot_with_their_own_versions() {
-        let key = b"k".to_vec();
+    /// Three replicas with every request handed to replica 1 in its first
+    /// step, run until quiet; returns the completions by request id and
+    /// replica 1's key state.
+    fn run_three(requests: Vec<Request>) -> (Vec<Completion>, State) {
+        let key = requests[0].key.clone();
+        let mut requests = requests;
         let mut replicas: Vec<Replica<RegisterEnv>> = (1..=3)
             .map(|id| Replica::new(Config::new(id, 1, alloc::vec![1, 2, 3]), RegisterEnv).unwrap())
             .collect();
         let mut states: Vec<Vec<u8>> = alloc::vec![Vec::new(); 3];
-        let command = |id, c: Command| Request {
-            id,
-            key: key.clone(),
-            op: Operation::Command(c.encode()),
-        };
-        // Replica 1 gets every request at once: the first goes out alone,
-        // the others queue behind it for the key.
-        let mut requests = alloc::vec![
-            command(1, Command::Create(b"a".to_vec())),
-            command(2, Command::Put(b"b".to_vec())),
-            command(
-                3,
-                Command::Cas {
-                    expected: 1,
-                    value: b"x".to_vec()
-                }
-            ),
-            command(
-                4,
-                Command::Cas {
-                    expected: 2,
-                    value: b"c".to_vec()
-                }
-            ),
-            command(5, Command::Create(b"y".to_vec())),
-            command(6, Command::Delete),
-            Request {
-                id: 7,
-                key: key.clone(),
-                op: Operation::Read(Consistency::Linearizable),
-            },
-            command(8, Command::Put(b"z".to_vec())),
-        ];
         let mut inbox: Vec<Vec<Inbound>> = alloc::vec![Vec::new(); 3];
         let mut done = Vec::new();
         for _ in 0..50 {
@@ -2656,6 +2653,50 @@ mod tests {
             }
         }
         done.sort_by_key(|c| c.id);
+        (done, State::decode(&states[0]).unwrap())
+    }
+
+    fn command(id: u64, c: Command) -> Request {
+        Request {
+            id,
+            key: b"k".to_vec(),
+            op: Operation::Command(c.encode()),
+        }
+    }
+
+    /// Commands queued behind a proposal ride in it: one slot decides them
+    /// all, and each answers what it would have alone, in order, with its
+    /// own version (ETags stay exact); a read ends the batch.
+    #[test]
+    fn queued_commands_ride_in_one_slot_with_their_own_versions() {
+        // Replica 1 gets every request at once: the first goes out alone,
+        // the others queue behind it for the key.
+        let (done, state) = run_three(alloc::vec![
+            command(1, Command::Create(b"a".to_vec())),
+            command(2, Command::Put(b"b".to_vec())),
+            command(
+                3,
+                Command::Cas {
+                    expected: 1,
+                    value: b"x".to_vec()
+                }
+            ),
+            command(
+                4,
+                Command::Cas {
+                    expected: 2,
+                    value: b"c".to_vec()
+                }
+            ),
+            command(5, Command::Create(b"y".to_vec())),
+            command(6, Command::Delete),
+            Request {
+                id: 7,
+                key: b"k".to_vec(),
+                op: Operation::Read(Consistency::Linearizable),
+            },
+            command(8, Command::Put(b"z".to_vec())),
+        ]);
         let outcome = |c: &Completion| match &c.outcome {
             Outcome::Done(cur) => (true, cur.value.clone(), cur.version),
             Outcome::Rejected(_, cur) => (false, cur.value.clone(), cur.version),
@@ -2683,10 +2724,45 @@ mod tests {
             ]
         );
         assert!(done[1].trace.changed && !done[2].trace.changed);
-        let state = State::decode(&states[0]).unwrap();
         assert_eq!(state.chosen.version, 5);
         let slots: Vec<u64> = state.chosen.winners.iter().map(|(s, _)| *s).collect();
         assert_eq!(slots, [1, 2, 5]);
+    }
+
+    /// A batch holds at most `BATCH_BYTES_MAX` of commands and answers'
+    /// values: every answer carries its own copy of a value, so refused
+    /// commands on a large value would otherwise pile copies up.
+    #[test]
+    fn a_batch_stops_at_its_byte_budget() {
+        let big = alloc::vec![7u8; 400 << 10];
+        let mut requests = alloc::vec![
+            command(1, Command::Create(big.clone())),
+            command(2, Command::Put(big.clone())),
+        ];
+        // Four refused compare-and-swaps: each answer carries the 400 KiB value.
+        for id in 3..7 {
+            requests.push(command(
+                id,
+                Command::Cas {
+                    expected: 9,
+                    value: b"x".to_vec(),
+                },
+            ));
+        }
+        requests.push(command(7, Command::Put(b"small".to_vec())));
+        let (done, state) = run_three(requests);
+        assert_eq!(done.len(), 7);
+        assert!(matches!(&done[1].outcome, Outcome::Done(cur) if cur.version == 2));
+        for c in &done[2..6] {
+            assert!(matches!(&c.outcome, Outcome::Rejected(_, cur) if cur.version == 2));
+        }
+        assert!(matches!(&done[6].outcome, Outcome::Done(cur) if cur.version == 3));
+        // Slot 1: the create. Slot 2: the put and two refusals (2 x 400 KiB
+        // of answers); the third refusal would pass 1 MiB, so the batch ends
+        // there. The last two refusals are confirmed by reads, and the small
+        // put takes slot 3. Without the budget it would have ridden in slot 2.
+        let slots: Vec<u64> = state.chosen.winners.iter().map(|(s, _)| *s).collect();
+        assert_eq!(slots, [1, 2, 3]);
     }
 
     fn members(epoch: u64, voters: &[ReplicaId], learners: &[ReplicaId], fast: bool) -> Members {

@@ -86,6 +86,7 @@ pub struct ProposalId {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Proposal {
     pub id: ProposalId,
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     /// 1 to [`COUNT_MAX`].
     pub count: u32,
@@ -110,6 +111,7 @@ pub struct Accepted {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Chosen {
     pub version: u64,
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     pub winners: Vec<(u64, ProposalId)>,
 }
@@ -244,6 +246,7 @@ pub enum Msg {
     Forward {
         id: u64,
         incarnation: u64,
+        #[serde(with = "serde_bytes")]
         command: Vec<u8>,
     },
     /// The outcome of forwarded command `id`, from instance `incarnation`
@@ -270,12 +273,14 @@ pub struct Reply {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum ReplyOutcome {
     Done {
+        #[serde(with = "serde_bytes")]
         value: Option<Vec<u8>>,
         version: u64,
     },
     Rejected {
         code: String,
         message: String,
+        #[serde(with = "serde_bytes")]
         value: Option<Vec<u8>>,
         version: u64,
     },
@@ -486,6 +491,7 @@ mod legacy {
     #[derive(Deserialize)]
     pub struct Proposal {
         id: ProposalId,
+        #[serde(with = "serde_bytes")]
         value: Option<Vec<u8>>,
     }
 
@@ -558,6 +564,7 @@ mod legacy {
         Forward {
             id: u64,
             incarnation: u64,
+            #[serde(with = "serde_bytes")]
             command: Vec<u8>,
         },
         Forwarded {
