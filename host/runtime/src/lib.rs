@@ -127,6 +127,9 @@ pub fn engine() -> Result<Engine, Error> {
         .cranelift_nan_canonicalization(true)
         .wasm_relaxed_simd(false)
         .consume_fuel(true);
+    if std::env::var_os("BALLOT_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     Engine::new(&config).map_err(|e| err("configuring wasmtime", e))
 }
 
