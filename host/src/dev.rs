@@ -3,6 +3,7 @@
 //!
 //! A cluster directory holds everything: `certs/` (the CA and one
 //! certificate per replica), `node-N.toml`, `node-N/` (LMDB), `node-N.log`
+//! `admin-token` (the replicas' admin token, readable by the owner only)
 //! and, while `ballot dev` runs, `cluster.json`. Running `ballot dev` again
 //! on the same directory restarts the same replicas on their data.
 
@@ -37,9 +38,9 @@ impl DevNode {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
-    /// A client of this replica.
+    /// A client of this replica, with the cluster's admin token.
     pub fn client(&self) -> Client {
-        Client::new(&self.http())
+        Client::new(&self.http()).with_token(self.config.admin_token.clone())
     }
 }
 
@@ -117,6 +118,58 @@ fn free_udp() -> Result<u16, String> {
     free_port(true)
 }
 
+/// The file in a cluster directory that holds the replicas' admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// The admin token of the cluster in `dir`: read from `dir/admin-token`,
+/// or made (32 random bytes, hex) and written there, readable by its owner
+/// only, if the file does not exist yet.
+pub fn admin_token(dir: &Path) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+        Ok(_) => return Err(format!("{} is empty", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| "the system random source failed".to_string())?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    writeln!(file, "{token}")
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(token)
+}
+
+/// Writes a file that holds a secret (a configuration with the admin
+/// token), readable and writable by its owner only.
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let fail = |e: std::io::Error| format!("writing {}: {e}", path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(fail)?;
+    // An existing file keeps its mode on open: narrow it.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(fail)?;
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(fail)
+}
+
 /// The configuration of a new replica `id` of the cluster in `dir`, with a
 /// certificate issued if it has none yet, and no peers.
 fn new_node(
@@ -143,7 +196,9 @@ fn new_node(
         },
         core,
         map_size_mib: Some(4096),
-        admin_token: None,
+        admin_token: Some(admin_token(dir)?),
+        http_connections_max: None,
+        http_idle_secs: None,
         join: false,
         changelog_keep: None,
     })
@@ -183,6 +238,10 @@ impl DevCluster {
             if path.exists() {
                 let mut c = NodeConfig::load(&path)?;
                 c.core = core;
+                // A cluster made before replicas required a token gets one.
+                if c.admin_token.is_none() {
+                    c.admin_token = Some(admin_token(&dir)?);
+                }
                 configs.push((path, c));
                 continue;
             }
@@ -214,7 +273,7 @@ impl DevCluster {
                 config.peers = all.iter().filter(|p| p.id != config.id).cloned().collect();
             }
             let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
-            std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            write_private(&path, &text)?;
             nodes.push(DevNode {
                 id: config.id,
                 config_path: path,
@@ -253,7 +312,7 @@ impl DevCluster {
             .collect();
         let path = self.dir.join(format!("node-{id}.toml"));
         let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        write_private(&path, &text)?;
         self.nodes.push(DevNode {
             id,
             config_path: path,

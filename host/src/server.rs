@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 
 use ballot_client::views::{self, Link};
 
@@ -78,11 +78,20 @@ pub struct NodeConfig {
     /// LMDB map size in MiB (address space, not disk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_size_mib: Option<usize>,
-    /// When set, pushing components, binding policies and swapping the
-    /// protocol need `Authorization: Bearer <token>`. Reading and writing
-    /// keys never does.
+    /// Pushing components, binding policies, swapping the protocol and
+    /// changing the membership need `Authorization: Bearer <token>`; with no
+    /// token (or an empty one) they are refused. Reading and writing keys
+    /// never needs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// Client connections open at once (default 1024); past it, new ones
+    /// wait in the accept queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_connections_max: Option<usize>,
+    /// Seconds a client connection may read and write nothing before it is
+    /// closed (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_idle_secs: Option<u64>,
 }
 
 impl NodeConfig {
@@ -203,30 +212,7 @@ fn directory_check(
 
 /// The client listener, shared by the answers given while this replica
 /// waits to be admitted and by the API after.
-#[derive(Clone)]
-struct Shared(Arc<tokio::net::TcpListener>);
-
-impl axum::serve::Listener for Shared {
-    type Io = tokio::net::TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.0.accept().await {
-                Ok(accepted) => return accepted,
-                // Out of file descriptors and the like: wait, as axum does.
-                Err(e) => {
-                    tracing::debug!("accepting a client connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
-    }
-}
+type Shared = api::conn::Listener;
 
 /// Runs `admission` while the client port answers every request 503
 /// `not-admitted`.
@@ -393,11 +379,17 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
             )?);
             // The client port is taken at once, so nothing else takes it
             // while this replica waits to be admitted.
-            let listener = Shared(Arc::new(
+            let listener = Shared::new(
                 tokio::net::TcpListener::bind(config.http_addr)
                     .await
                     .map_err(|e| format!("binding the client address {}: {e}", config.http_addr))?,
-            ));
+                config
+                    .http_connections_max
+                    .unwrap_or(api::conn::CONNECTIONS_MAX),
+                config
+                    .http_idle_secs
+                    .map_or(api::conn::IDLE, Duration::from_secs),
+            );
             // A joining directory is admitted by the first record it
             // adopts: one that lists it as a learner (membership::adopt).
             if !config.join && !storage.admitted().map_err(|e| e.to_string())? {
@@ -489,8 +481,16 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 cluster: Arc::new(view),
                 registry,
                 membership,
-                admin_token: config.admin_token.clone().map(Arc::from),
+                // An empty token is no token: the admin plane stays closed.
+                admin_token: config
+                    .admin_token
+                    .clone()
+                    .filter(|t| !t.trim().is_empty())
+                    .map(|t| Arc::from(t.trim())),
             };
+            if app.admin_token.is_none() {
+                warn!("no admin token configured: every change to components, policies, the protocol and the membership is refused");
+            }
             info!(
                 id = config.id,
                 incarnation,

@@ -1073,3 +1073,70 @@ fn every_client_command_exits_5_when_no_replica_answers() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// Idle connections cannot starve a replica: with its descriptors limited
+/// to 256, replica 1 gets up to 2000 connections (as many as its accept
+/// queue takes, more than 256) that send nothing and stay open.
+/// Each holds a slot for at most `http_idle_secs` (1 here), connections
+/// past `http_connections_max` (64 here) are closed as they are accepted,
+/// so descriptors never run out, and a well-behaved client that tries again
+/// is served within seconds while the 2000 are still open on its side.
+#[test]
+fn idle_connections_do_not_stop_a_well_behaved_client() {
+    let scratch = Scratch::new("idle-connections");
+    runtime().block_on(async {
+        let mut cluster =
+            DevCluster::prepare(&scratch.0, 3, 0, 0, CoreKind::Wasm, binary()).unwrap();
+        let path = cluster.nodes[0].config_path.clone();
+        let mut config = NodeConfig::load(&path).unwrap();
+        config.http_connections_max = Some(64);
+        config.http_idle_secs = Some(1);
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        cluster.start_all().unwrap();
+        cluster.wait_all_ready(READY).await.unwrap();
+        wait_links_up(&cluster).await;
+        let pid = cluster.nodes[0].pid().unwrap() as libc::pid_t;
+        let limit = libc::rlimit {
+            rlim_cur: 256,
+            rlim_max: 256,
+        };
+        // SAFETY: prlimit reads `limit` and writes nothing (null old limit).
+        let set = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+        assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+        let addr = cluster.nodes[0].config.http_addr;
+        let mut idle = Vec::new();
+        for _ in 0..2000 {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(Duration::from_millis(300), connect).await {
+                Ok(Ok(s)) => idle.push(s),
+                // The accept queue is full: that is the point.
+                _ => break,
+            }
+        }
+        assert!(idle.len() > 256, "only {} connections opened", idle.len());
+
+        let c = client(&cluster, 1).with_token(None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let served = loop {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(2),
+                c.put("served", Bytes::from_static(b"yes"), Precondition::None),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(r)) if r.status.is_success() => break true,
+                _ if Instant::now() > deadline => break false,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        assert!(
+            served,
+            "replica 1 served nobody with {} idle connections open",
+            idle.len()
+        );
+        drop(idle);
+        expect_value(&client(&cluster, 2), "served", false, "yes", 1).await;
+        cluster.stop_all();
+    });
+}

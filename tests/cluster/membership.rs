@@ -37,8 +37,12 @@ fn status_in(view: &MembersView, id: u32) -> Status {
 
 /// Runs `ballot cluster ARGS --endpoint URL` and returns its output,
 /// panicking unless it succeeds.
-fn cluster_cmd(endpoint: &str, args: &[&str]) -> std::process::Child {
+/// `ballot cluster ARGS --endpoint ENDPOINT`, with the admin token of the
+/// cluster in `dir` (the CLI reads it from `BALLOT_DEV_DIR`).
+fn cluster_cmd(dir: &std::path::Path, endpoint: &str, args: &[&str]) -> std::process::Child {
     Command::new(binary())
+        .env("BALLOT_DEV_DIR", dir)
+        .env_remove("BALLOT_ADMIN_TOKEN")
         .arg("cluster")
         .args(args)
         .arg("--endpoint")
@@ -125,10 +129,12 @@ fn three_grow_to_five_and_shrink_to_three_under_load() {
         let http = |id: u32| https[id as usize - 1].clone();
         // Two additions at once, asked of two different replicas.
         let add4 = cluster_cmd(
+            &cluster.dir,
             &http(1),
             &["add", "--id", "4", "--peer", &peer(4), "--http", &http(4)],
         );
         let add5 = cluster_cmd(
+            &cluster.dir,
             &http(2),
             &["add", "--id", "5", "--peer", &peer(5), "--http", &http(5)],
         );
@@ -159,7 +165,7 @@ fn three_grow_to_five_and_shrink_to_three_under_load() {
         // that stays.
         for id in ["1", "2"] {
             let out = wait_finished(
-                cluster_cmd(&http(3), &["remove", "--id", id]),
+                cluster_cmd(&cluster.dir, &http(3), &["remove", "--id", id]),
                 "cluster remove",
             )
             .await;
@@ -315,7 +321,11 @@ fn removing_a_replica_during_its_join_abandons_the_join_cleanly() {
         cluster.add_joiner(4).unwrap();
         let peer4 = cluster.nodes[3].config.peer_addr.to_string();
         let (http1, http2) = (cluster.nodes[0].http(), cluster.nodes[1].http());
-        let add = cluster_cmd(&http1, &["add", "--id", "4", "--peer", &peer4]);
+        let add = cluster_cmd(
+            &cluster.dir,
+            &http1,
+            &["add", "--id", "4", "--peer", &peer4],
+        );
         let c1 = client(&cluster, 1);
         let deadline = Instant::now() + Duration::from_secs(60);
         while members(&c1).await.record.role(4).is_none() {
@@ -325,7 +335,11 @@ fn removing_a_replica_during_its_join_abandons_the_join_cleanly() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let out = wait_finished(cluster_cmd(&http2, &["remove", "--id", "4"]), "remove").await;
+        let out = wait_finished(
+            cluster_cmd(&cluster.dir, &http2, &["remove", "--id", "4"]),
+            "remove",
+        )
+        .await;
         assert!(out.contains("done at membership epoch"), "{out}");
         // The waiting `cluster add` reports the join abandoned.
         let out = tokio::task::spawn_blocking(move || add.wait_with_output().unwrap())
@@ -357,6 +371,7 @@ async fn add_replica_4(cluster: &mut DevCluster) -> String {
     let (http2, http4) = (cluster.nodes[1].http(), cluster.nodes[3].http());
     let out = wait_finished(
         cluster_cmd(
+            &cluster.dir,
             &http2,
             &["add", "--id", "4", "--peer", &peer4, "--http", &http4],
         ),
@@ -378,7 +393,11 @@ fn activation_after_a_membership_change_asks_the_current_members() {
     runtime().block_on(async {
         let mut cluster = start(&scratch.0, 3).await;
         let http2 = add_replica_4(&mut cluster).await;
-        let out = wait_finished(cluster_cmd(&http2, &["remove", "--id", "1"]), "remove 1").await;
+        let out = wait_finished(
+            cluster_cmd(&cluster.dir, &http2, &["remove", "--id", "1"]),
+            "remove 1",
+        )
+        .await;
         assert!(out.contains("done at membership epoch"), "{out}");
 
         let c2 = client(&cluster, 2);
@@ -476,7 +495,11 @@ fn a_replica_removed_while_down_comes_back_learns_it_and_stops() {
         assert!(r.status.is_success(), "{}", r.error_message());
         cluster.kill(4);
         let http1 = cluster.nodes[0].http();
-        let out = wait_finished(cluster_cmd(&http1, &["remove", "--id", "4"]), "remove 4").await;
+        let out = wait_finished(
+            cluster_cmd(&cluster.dir, &http1, &["remove", "--id", "4"]),
+            "remove 4",
+        )
+        .await;
         assert!(out.contains("done at membership epoch"), "{out}");
         let r = put(&client(&cluster, 2), "during", "two").await;
         assert!(r.status.is_success(), "{}", r.error_message());

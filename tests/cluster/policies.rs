@@ -488,9 +488,13 @@ fn a_scaffolded_policy_builds_passes_its_tests_and_runs_in_a_cluster() {
     let rt = runtime();
     let mut cluster = rt.block_on(start(&dir.0.join("cluster"), 3));
     let endpoint = format!("--endpoint={}", client(&cluster, 2).endpoint());
+    // The CLI finds the cluster's admin token as it does beside `ballot dev`.
     let cli = |args: &[&str]| {
         let mut cmd = std::process::Command::new(binary());
-        cmd.args(args).arg(&endpoint);
+        cmd.args(args)
+            .arg(&endpoint)
+            .env("BALLOT_DEV_DIR", &cluster.dir)
+            .env_remove("BALLOT_ADMIN_TOKEN");
         run(&mut cmd)
     };
     let pushed = cli(&["component", "push", wasm.to_str().unwrap()]);

@@ -244,6 +244,87 @@ fn a_protocol_that_keeps_trapping_is_rolled_back_automatically() {
     });
 }
 
+/// The admin plane fails closed. A `ballot dev` cluster has an admin token
+/// (in `admin-token` and the replicas' configurations, readable by the
+/// owner only): without it, pushing a component or removing a voter is
+/// 401, with it they go through; a replica with no token configured refuses
+/// every change, whatever the request carries (403 `admin-disabled`).
+/// Reading and writing keys never needs a token.
+#[test]
+fn admin_changes_need_the_token_and_a_replica_without_one_refuses_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Scratch::new("admin");
+    runtime().block_on(async {
+        let mut cluster = DevCluster::prepare(&dir.0, 3, 0, 0, CoreKind::Wasm, binary()).unwrap();
+        let token = std::fs::read_to_string(dir.0.join("admin-token")).unwrap();
+        assert_eq!(token.trim().len(), 64, "{token:?}");
+        for path in [
+            dir.0.join("admin-token"),
+            cluster.nodes[0].config_path.clone(),
+        ] {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        }
+        // Replica 3 is configured without a token.
+        let mut config = NodeConfig::load(&cluster.nodes[2].config_path).unwrap();
+        config.admin_token = None;
+        std::fs::write(
+            &cluster.nodes[2].config_path,
+            toml::to_string(&config).unwrap(),
+        )
+        .unwrap();
+        cluster.start_all().unwrap();
+        cluster.wait_all_ready(READY).await.unwrap();
+        wait_links_up(&cluster).await;
+
+        // What an admin request got, as (status, error code).
+        async fn refused(
+            c: &Client,
+            method: Method,
+            path: &str,
+            body: Bytes,
+        ) -> (StatusCode, String) {
+            let r = c.json(method, path, body).await.unwrap();
+            let r = r.expect_err("an admin change without the token went through");
+            (r.status, r.error_code().unwrap_or_default())
+        }
+        let next = || Bytes::from_static(PROTOCOL_NEXT_WASM);
+        let unauthorized = (StatusCode::UNAUTHORIZED, "unauthorized".to_string());
+        for wrong in [None, Some("not-the-token".to_string())] {
+            let c = client(&cluster, 1).with_token(wrong);
+            let pushed = refused(&c, Method::POST, "/v1/components", next()).await;
+            assert_eq!(pushed, unauthorized);
+            let removed = refused(&c, Method::DELETE, "/v1/cluster/members/1", Bytes::new()).await;
+            assert_eq!(removed, unauthorized);
+            assert!(put(&c, "open", "v").await.status.is_success());
+        }
+        // Nothing changed: the membership has its three voters, no change queued.
+        let members = client(&cluster, 2)
+            .json(Method::GET, "/v1/cluster/members", Bytes::new())
+            .await
+            .unwrap()
+            .unwrap();
+        let record = &members["record"];
+        let len = |v: &serde_json::Value| v.as_array().map(Vec::len);
+        assert_eq!(len(&record["replicas"]), Some(3), "{members}");
+        assert_eq!(len(&record["queue"]), Some(0), "{members}");
+        assert_eq!(record["epoch"], 1, "{members}");
+
+        // The token (what `ballot dev` and its clients use) goes through.
+        let id = push(&client(&cluster, 1), PROTOCOL_NEXT_WASM).await;
+        assert!(!id.is_empty());
+
+        // Replica 3 has none: refused even with the others' token.
+        let c = client(&cluster, 3).with_token(Some(token.trim().to_string()));
+        let pushed = refused(&c, Method::POST, "/v1/components", next()).await;
+        assert_eq!(
+            pushed,
+            (StatusCode::FORBIDDEN, "admin-disabled".to_string())
+        );
+        cluster.stop_all();
+    });
+}
+
 #[test]
 fn activation_is_refused_when_a_voter_cannot_run_the_component() {
     let dir = Scratch::new("refused");
@@ -263,7 +344,7 @@ fn activation_is_refused_when_a_voter_cannot_run_the_component() {
         cluster.wait_all_ready(READY).await.unwrap();
         wait_links_up(&cluster).await;
 
-        let anonymous = client(&cluster, 1);
+        let anonymous = client(&cluster, 1).with_token(None);
         let r = anonymous
             .json(
                 Method::POST,

@@ -1,6 +1,7 @@
 //! The admin plane: membership (`/v1/cluster/members`), components
 //! (`/v1/components`), policy bindings (`/v1/policies`) and protocol swaps
-//! (`/v1/protocol`). Every change needs the admin token when one is set.
+//! (`/v1/protocol`). Every change needs the admin token, and is refused
+//! outright on a replica that has none configured (fail closed).
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
@@ -15,10 +16,17 @@ use crate::membership::{Action, MemberChange};
 use crate::registry::{RegistryError, Swap, COMPONENT_MAX};
 
 /// Checks the admin token of a request that changes components, bindings,
-/// the protocol or the membership.
+/// the protocol or the membership. Without a token configured every such
+/// change is refused: an open admin plane lets anyone who reaches the port
+/// run code of their choosing on every replica.
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &app.admin_token else {
-        return Ok(());
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin-disabled",
+            "this replica has no admin token configured (--admin-token or BALLOT_ADMIN_TOKEN), \
+             so it refuses every change to components, policies, the protocol and the membership",
+        ));
     };
     let given = headers
         .get(header::AUTHORIZATION)

@@ -20,8 +20,8 @@
 //! stopped). A request never waits longer than [`REQUEST_TIMEOUT`].
 //!
 //! `kv` holds the data path, `admin` the admin plane, `error` the one error
-//! shape ([`ApiError`]), `body` the byte limits on bodies; the health
-//! endpoints are here.
+//! shape ([`ApiError`]), `body` the byte limits on bodies, `conn` the bounds
+//! on connections (how many, how long idle); the health endpoints are here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,7 @@ use crate::registry::Registry;
 
 mod admin;
 mod body;
+pub mod conn;
 mod error;
 mod kv;
 

@@ -191,6 +191,10 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
         "cluster: {} (logs beside it); Ctrl-C stops it, `ballot dev stop|start|restart N` plays with one replica",
         manifest.display()
     );
+    println!(
+        "admin token: {} (the CLI reads it when run beside it; elsewhere set BALLOT_DEV_DIR or BALLOT_ADMIN_TOKEN)",
+        cluster.dir.join(crate::dev::ADMIN_TOKEN_FILE).display()
+    );
     let _ = std::io::stdout().flush();
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {

@@ -152,7 +152,9 @@ struct Endpoint {
         global = true
     )]
     endpoint: String,
-    /// The replicas' admin token, if they require one.
+    /// The replicas' admin token. Without one, a command to a replica on
+    /// this machine uses the token of the `ballot dev` cluster in
+    /// `$BALLOT_DEV_DIR` (default `ballot-dev`), if there is one.
     #[arg(
         long,
         env = "BALLOT_ADMIN_TOKEN",
@@ -164,13 +166,44 @@ struct Endpoint {
 
 impl Endpoint {
     fn client(&self) -> Client {
-        Client::new(&self.endpoint).with_token(self.admin_token.clone())
+        Client::new(&self.endpoint).with_token(self.token())
     }
 
     /// The typed client, with its retries, for the key-value commands.
     fn store(&self) -> ballot_client::Client {
-        ballot_client::Client::new([&self.endpoint]).with_token(self.admin_token.clone())
+        ballot_client::Client::new([&self.endpoint]).with_token(self.token())
     }
+
+    /// The admin token to send: the one given, or the local dev cluster's
+    /// for a loopback endpoint (never sent anywhere else).
+    fn token(&self) -> Option<String> {
+        if self.admin_token.is_some() {
+            return self.admin_token.clone();
+        }
+        if !is_loopback(&self.endpoint) {
+            return None;
+        }
+        let dir = std::env::var_os("BALLOT_DEV_DIR").unwrap_or_else(|| "ballot-dev".into());
+        let path = std::path::Path::new(&dir).join(crate::dev::ADMIN_TOKEN_FILE);
+        let token = std::fs::read_to_string(path).ok()?;
+        let token = token.trim();
+        (!token.is_empty()).then(|| token.to_string())
+    }
+}
+
+/// Whether an endpoint URL names this machine (`localhost`, 127.0.0.0/8,
+/// `::1`).
+fn is_loopback(endpoint: &str) -> bool {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Subcommand, Debug)]
@@ -371,5 +404,27 @@ fn value_arg(value: String) -> Result<Bytes, String> {
         Ok(buf.into())
     } else {
         Ok(value.into_bytes().into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_endpoints() {
+        for e in [
+            "http://127.0.0.1:8001",
+            "http://localhost:8001/",
+            "https://[::1]:8443/v1",
+            "127.0.0.2:80",
+        ] {
+            assert!(super::is_loopback(e), "{e}");
+        }
+        for e in [
+            "http://10.0.0.1:8001",
+            "https://db.example:443",
+            "http://[2001:db8::1]:80",
+        ] {
+            assert!(!super::is_loopback(e), "{e}");
+        }
     }
 }

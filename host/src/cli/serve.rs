@@ -44,8 +44,9 @@ pub(super) struct ServeArgs {
     /// Log format.
     #[arg(long, env = "BALLOT_LOG_FORMAT", value_enum, default_value = "human")]
     pub(super) log_format: LogFormat,
-    /// Require this bearer token to push components, bind policies and
-    /// swap the protocol.
+    /// The bearer token that pushing components, binding policies,
+    /// swapping the protocol and changing the membership need; without
+    /// one they are refused.
     #[arg(long, env = "BALLOT_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     /// Join a running cluster (`--peer` lists some of its replicas) rather
@@ -119,6 +120,8 @@ impl ServeArgs {
             admin_token: self
                 .admin_token
                 .or(base.as_ref().and_then(|b| b.admin_token.clone())),
+            http_connections_max: base.as_ref().and_then(|b| b.http_connections_max),
+            http_idle_secs: base.as_ref().and_then(|b| b.http_idle_secs),
         })
     }
 }
