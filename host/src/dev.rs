@@ -371,6 +371,23 @@ impl DevCluster {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
+        // The replica's configuration file says it all: variables meant for
+        // another cluster (a production admin token, say) must not override it.
+        for var in [
+            "BALLOT_CONFIG",
+            "BALLOT_ID",
+            "BALLOT_DATA_DIR",
+            "BALLOT_PEER_ADDR",
+            "BALLOT_HTTP_ADDR",
+            "BALLOT_PEERS",
+            "BALLOT_TLS_CA",
+            "BALLOT_TLS_CERT",
+            "BALLOT_TLS_KEY",
+            "BALLOT_CORE",
+            "BALLOT_ADMIN_TOKEN",
+        ] {
+            command.env_remove(var);
+        }
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to
         // send SIGTERM to the child when its parent thread exits.
         unsafe {

@@ -84,12 +84,12 @@ pub struct NodeConfig {
     /// never needs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
-    /// Client connections open at once (default 1024); past it, new ones
-    /// wait in the accept queue.
+    /// Client connections open at once (default 1024, at most 2^20); one
+    /// accepted past it is answered 503 `overloaded` and closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_connections_max: Option<usize>,
-    /// Seconds a client connection may read and write nothing before it is
-    /// closed (default 60).
+    /// Seconds a client connection may read and write nothing, with no
+    /// request in flight, before it is closed (default 60; 1 to 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_idle_secs: Option<u64>,
 }
@@ -388,7 +388,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     .unwrap_or(api::conn::CONNECTIONS_MAX),
                 config
                     .http_idle_secs
-                    .map_or(api::conn::IDLE, Duration::from_secs),
+                    .map_or(api::conn::IDLE, |s| Duration::from_secs(s.min(86_400))),
             );
             // A joining directory is admitted by the first record it
             // adopts: one that lists it as a learner (membership::adopt).
@@ -498,7 +498,10 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 http = %config.http_addr,
                 "replica serving"
             );
-            axum::serve(listener, api::router(app))
+            let app = api::router(app)
+                .layer(axum::middleware::from_fn(api::conn::track))
+                .into_make_service_with_connect_info::<api::conn::Activity>();
+            axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown())
                 .await
                 .map_err(|e| format!("serving HTTP: {e}"))?;

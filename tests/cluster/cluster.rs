@@ -1080,7 +1080,8 @@ fn every_client_command_exits_5_when_no_replica_answers() {
 /// Each holds a slot for at most `http_idle_secs` (1 here), connections
 /// past `http_connections_max` (64 here) are closed as they are accepted,
 /// so descriptors never run out, and a well-behaved client that tries again
-/// is served within seconds while the 2000 are still open on its side.
+/// is served within seconds while the 2000 are still open on its side. A
+/// request that waits longer than the idle limit keeps its connection.
 #[test]
 fn idle_connections_do_not_stop_a_well_behaved_client() {
     let scratch = Scratch::new("idle-connections");
@@ -1137,6 +1138,28 @@ fn idle_connections_do_not_stop_a_well_behaved_client() {
         );
         drop(idle);
         expect_value(&client(&cluster, 2), "served", false, "yes", 1).await;
+
+        // A request in flight keeps its connection past the idle limit:
+        // without a quorum, a write waits seconds for its answer (503), not
+        // for the connection to be cut after 1 s.
+        cluster.kill(2);
+        cluster.kill(3);
+        let started = Instant::now();
+        let r = c
+            .put("alone", Bytes::from_static(b"v"), Precondition::None)
+            .await
+            .expect("the connection was cut while the request waited");
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            r.error_message()
+        );
+        assert!(
+            started.elapsed() > Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
         cluster.stop_all();
     });
 }

@@ -1,15 +1,17 @@
 //! Client connections, bounded: at most `connections_max` open at once, and
-//! each closed once it has made no progress (no byte read or written) for
-//! `idle`. A client that opens connections and sends nothing, or leaves
-//! them open after its last request, holds a slot for `idle` at most; past
-//! the cap, a new connection is closed as soon as it is accepted, so the
-//! replica never runs out of file descriptors and a client that tries
-//! again gets the next free slot.
+//! each closed once it has made no progress (no byte read or written, no
+//! request in flight) for `idle`. A client that opens connections and sends
+//! nothing, or leaves them open after its last request, holds a slot for
+//! `idle` at most. Past the cap, a new connection is answered 503
+//! `overloaded` (`maybe_applied: false`, `Retry-After: 1`) without its
+//! request being read, and closed, so the replica never runs out of file
+//! descriptors and a client that tries again gets the next free slot.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,10 +23,21 @@ use tokio::time::{sleep, Instant, Sleep};
 
 /// Client connections open at once, by default.
 pub const CONNECTIONS_MAX: usize = 1024;
-/// How long a client connection may make no progress, by default. Longer
-/// than a request may take (`REQUEST_TIMEOUT`), so a request waiting for
-/// its answer is never cut.
+/// The range `connections_max` is held to.
+pub const CONNECTIONS_RANGE: (usize, usize) = (1, 1 << 20);
+/// How long a client connection may make no progress, by default. A
+/// request in flight counts as progress, however long its handler runs.
 pub const IDLE: Duration = Duration::from_secs(60);
+/// The range `idle` is held to.
+pub const IDLE_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(86_400));
+
+/// What a connection past the cap is told before it is closed.
+const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 1\r\n\
+connection: close\r\n\
+content-length: 102\r\n\r\n\
+{\"error\":{\"code\":\"overloaded\",\"message\":\"too many client connections are open\",\"maybe_applied\":false}}";
 
 /// The client listener with its bounds; clones share the listener and the
 /// slots (the answers given while a replica waits to be admitted, then the
@@ -38,10 +51,11 @@ pub struct Listener {
 
 impl Listener {
     pub fn new(listener: TcpListener, connections_max: usize, idle: Duration) -> Listener {
+        let connections_max = connections_max.clamp(CONNECTIONS_RANGE.0, CONNECTIONS_RANGE.1);
         Listener {
             listener: Arc::new(listener),
-            slots: Arc::new(Semaphore::new(connections_max.max(1))),
-            idle,
+            slots: Arc::new(Semaphore::new(connections_max)),
+            idle: idle.clamp(IDLE_RANGE.0, IDLE_RANGE.1),
         }
     }
 }
@@ -55,10 +69,13 @@ impl axum::serve::Listener for Listener {
             match self.listener.accept().await {
                 Ok((stream, addr)) => match self.slots.clone().try_acquire_owned() {
                     Ok(slot) => return (Bounded::new(stream, slot, self.idle), addr),
-                    // Past the cap the connection is closed at once, so it
-                    // holds no descriptor; the client tries again.
+                    // Past the cap the connection is answered and closed at
+                    // once, so it holds no descriptor; the client tries
+                    // again. A fresh socket's send buffer is empty, so the
+                    // answer fits without waiting.
                     Err(_) => {
-                        tracing::debug!(%addr, "closed a client connection: too many open");
+                        let _ = stream.try_write(OVERLOADED);
+                        tracing::debug!(%addr, "refused a client connection: too many open");
                         drop(stream);
                     }
                 },
@@ -76,6 +93,55 @@ impl axum::serve::Listener for Listener {
     }
 }
 
+/// The requests in flight on one connection. While there is one, the
+/// connection is not idle: hyper waits on the socket while a handler runs,
+/// and a handler may run longer than `idle` (an activation waits for every
+/// replica).
+#[derive(Clone, Default)]
+pub struct Activity(Arc<AtomicUsize>);
+
+/// One request in flight; counted until dropped (answered or cancelled).
+pub struct InFlight(Activity);
+
+impl Activity {
+    pub fn begin(&self) -> InFlight {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn busy(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Listener>>
+    for Activity
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> Activity {
+        stream.io().activity.clone()
+    }
+}
+
+/// Middleware: counts each request in flight on its connection.
+pub async fn track(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let activity = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Activity>>()
+        .map(|info| info.0.begin());
+    let response = next.run(request).await;
+    drop(activity);
+    response
+}
+
 /// A client connection holding its slot, failing with `TimedOut` once it
 /// has made no progress for `idle`.
 pub struct Bounded {
@@ -83,6 +149,7 @@ pub struct Bounded {
     _slot: OwnedSemaphorePermit,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    activity: Activity,
 }
 
 impl Bounded {
@@ -92,6 +159,7 @@ impl Bounded {
             _slot: slot,
             idle,
             deadline: Box::pin(sleep(idle)),
+            activity: Activity::default(),
         }
     }
 
@@ -102,6 +170,10 @@ impl Bounded {
 
     /// Whether the connection has been idle too long (registers the waker).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.activity.busy() {
+            self.progressed();
+            return false;
+        }
         self.deadline.as_mut().poll(cx).is_ready()
     }
 
@@ -181,5 +253,24 @@ impl AsyncWrite for Bounded {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_overloaded_answer_is_well_formed() {
+        let text = std::str::from_utf8(super::OVERLOADED).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(length, body.len());
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "overloaded");
+        assert_eq!(v["error"]["maybe_applied"], false);
     }
 }

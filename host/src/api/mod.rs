@@ -61,7 +61,8 @@ pub struct App {
     pub cluster: Arc<dyn Fn() -> ClusterView + Send + Sync>,
     pub registry: Arc<Registry>,
     pub membership: Arc<Membership>,
-    /// Required of component, policy and protocol changes when set.
+    /// Required of component, policy, protocol and membership changes;
+    /// without one they are all refused.
     pub admin_token: Option<Arc<str>>,
 }
 

@@ -192,15 +192,24 @@ impl Endpoint {
 }
 
 /// Whether an endpoint URL names this machine (`localhost`, 127.0.0.0/8,
-/// `::1`).
+/// `::1`), read with the parser the client uses. An authority with user
+/// information (`http://127.0.0.1:80@example.com`) is never loopback.
 fn is_loopback(endpoint: &str) -> bool {
-    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or("");
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    let Ok(uri) = endpoint.parse::<hyper::Uri>() else {
+        return false;
     };
-    host == "localhost"
+    let Some(authority) = uri.authority() else {
+        return false;
+    };
+    if authority.as_str().contains('@') {
+        return false;
+    }
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
@@ -415,7 +424,7 @@ mod tests {
             "http://127.0.0.1:8001",
             "http://localhost:8001/",
             "https://[::1]:8443/v1",
-            "127.0.0.2:80",
+            "http://LOCALHOST:8001",
         ] {
             assert!(super::is_loopback(e), "{e}");
         }
@@ -423,6 +432,12 @@ mod tests {
             "http://10.0.0.1:8001",
             "https://db.example:443",
             "http://[2001:db8::1]:80",
+            // User information: the client would connect to the host after @.
+            "http://127.0.0.1:80@evil.example",
+            "http://[::1]@evil.example",
+            "http://localhost:1@evil.example",
+            "http://127.0.0.1@evil.example",
+            "not a url",
         ] {
             assert!(!super::is_loopback(e), "{e}");
         }
