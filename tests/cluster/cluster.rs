@@ -509,9 +509,12 @@ fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
         ])
         .arg(&dir)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Nobody reads its reports: a closed stderr (and, below, a closed
+    // stdout) must not stop ballot dev.
+    drop(dev.stderr.take());
     let stdout = std::io::BufReader::new(dev.stdout.take().unwrap());
     let mut lines = Vec::new();
     for line in stdout.lines() {
@@ -522,13 +525,15 @@ fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
             break;
         }
     }
-    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines.len(), 5, "{lines:?}");
     for (i, line) in lines[..3].iter().enumerate() {
         assert!(
             line.starts_with(&format!("node {}: http://127.0.0.1:", i + 1)),
             "{line}"
         );
     }
+    assert!(lines[3].starts_with("admin token: "), "{}", lines[3]);
+    // The pipe closes here (the reader is gone): ballot dev must carry on.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
     let nodes = manifest["nodes"].as_array().unwrap();

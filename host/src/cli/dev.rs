@@ -21,6 +21,14 @@ use crate::cli::output::{fail, init_logging, LogFormat};
 use crate::dev::DevCluster;
 use crate::server::CoreKind;
 
+/// Reports on stderr. A closed stderr (`2>&1 | head`) is no reason to
+/// stop supervising the cluster, so write errors are ignored.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Longest a replica gets to stop on SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Longest a control command line.
@@ -123,7 +131,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let code = rt.block_on(supervise(&mut cluster, args.restart));
-    eprintln!("stopping the cluster");
+    report!("stopping the cluster");
     cluster.stop_all();
     let _ = std::fs::remove_file(cluster.dir.join("cluster.json"));
     let _ = std::fs::remove_file(socket_path(&cluster.dir));
@@ -174,8 +182,12 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
     if let Err(e) = cluster.wait_all_ready(Duration::from_secs(60)).await {
         return fail(e);
     }
+    // Written, not printed: a reader that stops reading (`| head`, a test
+    // that has seen enough) must not take the cluster down with a panic on
+    // a broken pipe.
+    let mut out = std::io::stdout();
     for node in &cluster.nodes {
-        println!("node {}: {}", node.id, node.http());
+        let _ = writeln!(out, "node {}: {}", node.id, node.http());
     }
     let manifest = match cluster.write_manifest() {
         Ok(path) => path,
@@ -187,15 +199,17 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(format!("listening on {}: {e}", socket.display())),
     };
-    println!(
-        "cluster: {} (logs beside it); Ctrl-C stops it, `ballot dev stop|start|restart N` plays with one replica",
-        manifest.display()
-    );
-    println!(
+    let _ = writeln!(
+        out,
         "admin token: {} (the CLI reads it when run beside it; elsewhere set BALLOT_DEV_DIR or BALLOT_ADMIN_TOKEN)",
         cluster.dir.join(crate::dev::ADMIN_TOKEN_FILE).display()
     );
-    let _ = std::io::stdout().flush();
+    let _ = writeln!(
+        out,
+        "cluster: {} (logs beside it); Ctrl-C stops it, `ballot dev stop|start|restart N` plays with one replica",
+        manifest.display()
+    );
+    let _ = out.flush();
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(t) => t,
@@ -219,10 +233,10 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
                     changed = true;
                     let log = cluster.log_path(id);
                     if restart {
-                        eprintln!("replica {id} exited ({status}); starting it again in 1 s (log: {})", log.display());
+                        report!("replica {id} exited ({status}); starting it again in 1 s (log: {})", log.display());
                         due.push((id, tokio::time::Instant::now() + Duration::from_secs(1)));
                     } else {
-                        eprintln!(
+                        report!(
                             "replica {id} exited ({status}); the others keep serving. \
                              `ballot dev start {id}` brings it back (log: {})",
                             log.display()
@@ -233,8 +247,8 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
                 for (id, _) in due.iter().filter(|(_, at)| *at <= now) {
                     changed = true;
                     match cluster.start(*id) {
-                        Ok(()) => eprintln!("replica {id} started again"),
-                        Err(e) => eprintln!("replica {id} did not start: {e}"),
+                        Ok(()) => report!("replica {id} started again"),
+                        Err(e) => report!("replica {id} did not start: {e}"),
                     }
                 }
                 due.retain(|(_, at)| *at > now);
@@ -265,11 +279,11 @@ async fn serve_command(
     };
     // cluster.json is true by the time the command's sender hears back.
     if let Err(e) = cluster.write_manifest() {
-        eprintln!("{e}");
+        report!("{e}");
     }
     let text = match answer {
         Ok(done) => {
-            eprintln!("{done}");
+            report!("{done}");
             format!("ok: {done}\n")
         }
         Err(e) => format!("error: {e}\n"),
