@@ -134,11 +134,7 @@ pub fn admin_token(dir: &Path) -> Result<String, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
     }
-    let mut bytes = [0u8; 32];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut bytes)
-        .map_err(|_| "the system random source failed".to_string())?;
+    let bytes = crate::storage::random_bytes::<32>().map_err(|e| e.to_string())?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut file = std::fs::OpenOptions::new()
         .write(true)

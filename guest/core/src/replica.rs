@@ -1107,8 +1107,7 @@ impl<E: Env> Replica<E> {
         // Commands still riding in this op's proposal share its fate: if it
         // is out and may still be chosen, so may they; otherwise they wait
         // their turn again. (When it won, `settle` answered them already.)
-        let out = op.own.as_ref().is_some_and(|(s, _)| op.exposed.contains(s));
-        if out {
+        if op.own_out() {
             let message = match &outcome {
                 Outcome::Failed(failure) => failure.message.clone(),
                 _ => "outcome unknown: the batch this command rode in was not settled".to_string(),
@@ -1209,23 +1208,13 @@ impl<E: Env> Replica<E> {
             let result = match self.env.apply(key, &current, command, now) {
                 Ok(Change::Keep) => MemberResult::Kept(current.value),
                 Err(rejection) => MemberResult::Rejected(rejection, current.value),
-                // Too large to carry: not applied, put back below.
-                Ok(Change::Set(v)) if bytes + v.len() > BATCH_BYTES_MAX => MemberResult::Changed {
-                    value: Some(v),
-                    prior_absent: false,
-                },
-                Ok(change) => {
-                    count += 1;
-                    let prior_absent = value.is_none();
-                    value = match change {
+                Ok(change) => MemberResult::Changed {
+                    value: match change {
                         Change::Set(v) => Some(v),
                         _ => None,
-                    };
-                    MemberResult::Changed {
-                        value: value.clone(),
-                        prior_absent,
-                    }
-                }
+                    },
+                    prior_absent: value.is_none(),
+                },
             };
             bytes += match &result {
                 MemberResult::Changed { value, .. }
@@ -1242,6 +1231,10 @@ impl<E: Env> Replica<E> {
                     .queue
                     .push_front(member);
                 break;
+            }
+            if let MemberResult::Changed { value: next, .. } = &result {
+                count += 1;
+                value = next.clone();
             }
             op.batch.push(Member {
                 op: member,
@@ -1266,10 +1259,19 @@ impl<E: Env> Replica<E> {
         if op.batch.is_empty() {
             return;
         }
-        debug_assert!(op.own.as_ref().is_none_or(|(s, _)| !op.exposed.contains(s)));
+        debug_assert!(!op.own_out());
         op.own = None;
+        let batch = core::mem::take(&mut op.batch);
+        self.push_front(key, batch);
+    }
+
+    /// Puts `members`' commands at the head of the key's queue, in order.
+    fn push_front(&mut self, key: &[u8], members: Vec<Member>) {
+        if members.is_empty() {
+            return;
+        }
         let ops = self.ops.entry(key.to_vec()).or_default();
-        for m in core::mem::take(&mut op.batch).into_iter().rev() {
+        for m in members.into_iter().rev() {
             ops.queue.push_front(m.op);
         }
     }
@@ -2057,14 +2059,11 @@ impl<E: Env> Replica<E> {
             return None;
         }
         // A batch whose proposal lost its slot, or never went out, dissolves.
-        let out = op.own.as_ref().is_some_and(|(s, _)| op.exposed.contains(s));
-        if !out {
+        if !op.own_out() {
             self.requeue_batch(key, &mut op);
-        } else if self.planted.batch_requeue_exposed && !op.batch.is_empty() {
-            let ops = self.ops.entry(key.to_vec()).or_default();
-            for m in core::mem::take(&mut op.batch).into_iter().rev() {
-                ops.queue.push_front(m.op);
-            }
+        } else if self.planted.batch_requeue_exposed {
+            let batch = core::mem::take(&mut op.batch);
+            self.push_front(key, batch);
         }
         Some(op)
     }
@@ -2405,6 +2404,14 @@ impl<E: Env> Replica<E> {
 }
 
 impl Op {
+    /// Whether this op's own proposal went out for its slot and may still
+    /// be chosen there (what its batch, if any, rides on).
+    fn own_out(&self) -> bool {
+        self.own
+            .as_ref()
+            .is_some_and(|(slot, _)| self.exposed.contains(slot))
+    }
+
     fn new(request: u64, kind: Kind, origin: Option<(ReplicaId, u64)>) -> Op {
         Op {
             request,

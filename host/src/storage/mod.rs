@@ -140,7 +140,7 @@ pub struct Storage {
 }
 
 /// Random bytes from the operating system, through the TLS stack's source.
-fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
     let mut out = [0u8; N];
     rustls::crypto::ring::default_provider()
         .secure_random
