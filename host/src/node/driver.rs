@@ -6,7 +6,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ballot_control::pipeline::{Pipeline, Step};
 use ballot_core::{
@@ -16,6 +16,7 @@ use ballot_core::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use super::clock::Clock;
 use super::forwards::Forwards;
 
 use super::{
@@ -58,7 +59,8 @@ pub(super) struct Driver {
     pub(super) clients: HashMap<u64, Client>,
     pub(super) timers: BinaryHeap<Reverse<(u64, u64, Vec<u8>)>>,
     pub(super) next_request: u64,
-    pub(super) clock_ms: u64,
+    /// What timers fire by and `batch.now-ms` carries (see `clock`).
+    pub(super) clock: Clock,
     pub(super) seed: u64,
     pub(super) watchers: Watchers,
     /// The membership adopted since start, applied to every new instance.
@@ -90,15 +92,6 @@ fn failed(reason: FailureReason, message: String) -> Outcome {
 }
 
 impl Driver {
-    fn now_ms(&mut self) -> u64 {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        self.clock_ms = self.clock_ms.max(wall);
-        self.clock_ms
-    }
-
     pub(super) async fn run(
         mut self,
         mut requests: mpsc::Receiver<ClientRequest>,
@@ -126,10 +119,10 @@ impl Driver {
                 .swapping
                 .as_ref()
                 .map(|_| tokio::time::Instant::now() + Duration::from_millis(20));
-            let now = self.now_ms();
-            let deadline = self.timers.peek().map(|Reverse((at, _, _))| {
-                tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now))
-            });
+            let deadline = self
+                .timers
+                .peek()
+                .map(|Reverse((at, _, _))| self.clock.deadline(*at));
             tokio::select! {
                 biased;
                 d = durable.recv() => match d {
@@ -209,7 +202,7 @@ impl Driver {
                 }
                 events = batch.requests.len() + batch.messages.len();
             }
-            let now = self.now_ms();
+            let now = self.clock.now_ms();
             while let Some(Reverse((at, _, _))) = self.timers.peek() {
                 if *at > now {
                     break;

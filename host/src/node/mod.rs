@@ -34,6 +34,7 @@ use crate::storage::Storage;
 use crate::system::{CONFIG_KEY, MEMBERS_KEY};
 use crate::transport::Transport;
 
+mod clock;
 mod driver;
 mod forwards;
 mod writer;
@@ -426,13 +427,10 @@ pub fn start(
         let metrics = metrics.clone();
         let health = health.clone();
         let span = tracing::Span::current();
-        std::thread::Builder::new()
-            .name("ballot-writer".into())
-            .spawn(move || {
-                let _replica = span.enter();
-                writer::writer(health, storage, ready_rx, durable_tx, metrics)
-            })
-            .expect("spawning the writer thread");
+        spawn_guarded("ballot-writer", health.clone(), move || {
+            let _replica = span.enter();
+            writer::writer(health, storage, ready_rx, durable_tx, metrics)
+        });
     }
     let driver = Driver {
         protocol,
@@ -449,7 +447,7 @@ pub fn start(
         clients: HashMap::new(),
         timers: BinaryHeap::new(),
         next_request: 1,
-        clock_ms: 0,
+        clock: clock::Clock::start(),
         seed: seed(),
         watchers,
         members: initial.members,
@@ -459,22 +457,39 @@ pub fn start(
     };
     let span = tracing::Span::current();
     let mailbox = control.clone();
-    std::thread::Builder::new()
-        .name("ballot-core".into())
-        .spawn(move || {
-            let _replica = span.enter();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-                .expect("core runtime");
-            rt.block_on(driver.run(requests_rx, inbound, durable_rx, &mailbox));
-        })
-        .expect("spawning the core thread");
+    spawn_guarded("ballot-core", health.clone(), move || {
+        let _replica = span.enter();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("core runtime");
+        rt.block_on(driver.run(requests_rx, inbound, durable_rx, &mailbox));
+    });
     Ok(Core {
         requests: requests_tx,
         health,
         control,
     })
+}
+
+/// Runs `body` on a thread named `name`. A panic there stops the replica
+/// with the reason: `/healthz` and `/readyz` answer 503 `replica-stopped`
+/// and clients are told why, instead of a live-looking process whose every
+/// request times out as "overloaded".
+fn spawn_guarded(name: &'static str, health: Arc<Health>, body: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                health.stop(format!("the {name} thread panicked: {what}"));
+            }
+        })
+        .unwrap_or_else(|e| panic!("spawning the {name} thread: {e}"));
 }
 
 fn seed() -> u64 {
@@ -488,6 +503,28 @@ fn seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A panic on a replica's own thread is reported as the replica
+    /// stopping, with the panic's message; before, `/healthz` stayed 200.
+    #[test]
+    fn a_thread_that_panics_stops_the_replica_with_the_reason() {
+        let health = Arc::new(Health::default());
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        spawn_guarded("ballot-test", health.clone(), move || {
+            let _done = done_tx;
+            let empty: Vec<u8> = Vec::new();
+            let _ = empty[usize::from(empty.is_empty())];
+        });
+        // The sender drops while unwinding, before `stop` runs: wait for it.
+        let _ = done_rx.recv();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while health.fatal().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let reason = health.fatal().expect("the panic stops the replica");
+        assert!(reason.contains("ballot-test"), "{reason}");
+        assert!(reason.contains("index out of bounds"), "{reason}");
+    }
 
     /// A control-plane call (a system record's read, a catch-up read) on a
     /// replica whose queue is full gives up within its timeout and says

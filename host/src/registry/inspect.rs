@@ -214,6 +214,22 @@ impl Cache {
             .join(format!("{id}-{:016x}.cwasm", self.engine_tag))
     }
 
+    /// Puts compiled code at `path` whole or not at all: the bytes are on
+    /// disk before the name points at them. The cache is loaded without
+    /// re-verification, so a file left half written by a crash between the
+    /// rename and the page cache's flush must never be seen.
+    fn store(&self, path: &Path, serialized: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        std::fs::create_dir_all(&self.dir)?;
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(serialized)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
     /// The compiled component, from the cache or by compiling `bytes` (and
     /// caching the result). `bytes` must already match `id`.
     pub fn load(&self, engine: &Engine, id: &str, bytes: &[u8]) -> Result<Component, Error> {
@@ -234,11 +250,7 @@ impl Cache {
         let component = Component::new(engine, bytes)
             .map_err(|e| Error::Compile(format!("compiling component {id}: {e:#}")))?;
         if let Ok(serialized) = component.serialize() {
-            let tmp = path.with_extension("tmp");
-            let written = std::fs::create_dir_all(&self.dir)
-                .and_then(|()| std::fs::write(&tmp, serialized))
-                .and_then(|()| std::fs::rename(&tmp, &path));
-            if let Err(e) = written {
+            if let Err(e) = self.store(&path, &serialized) {
                 tracing::warn!(path = %path.display(), "not caching compiled code: {e}");
             }
         }
