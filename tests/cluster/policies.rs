@@ -272,6 +272,7 @@ fn a_hostile_policy_fails_only_its_own_command_and_changes_nothing() {
             ("trap", "trapped"),
             ("bomb", "trapped"),
             ("huge", "values are at most"),
+            ("chatty", "messages 1024"),
         ] {
             let r = apply(&c, "h/k", command).await;
             assert_eq!(

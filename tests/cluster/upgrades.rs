@@ -154,7 +154,28 @@ fn upgrade_and_rollback_under_load_fail_no_request_and_stay_linearizable() {
 
 #[test]
 fn a_protocol_that_keeps_trapping_is_rolled_back_automatically() {
-    let dir = Scratch::new("auto-rollback");
+    rolled_back_automatically("auto-rollback", "protocol-trap.wasm", "trap", "trapped");
+}
+
+/// A protocol component that writes under a key LMDB cannot hold (600
+/// bytes) is contained like one that traps: the step is dropped, the
+/// instance restarts, the replicas stay up and roll it back. Before, the
+/// write reached LMDB, failed the transaction and stopped every replica.
+#[test]
+fn a_protocol_that_returns_invalid_output_is_contained_and_rolled_back() {
+    rolled_back_automatically(
+        "invalid-output",
+        "protocol-invalid.wasm",
+        "invalid",
+        "600-byte key",
+    );
+}
+
+/// Activates the fixture `file` and waits for every replica to be back on
+/// the embedded protocol, each staying up; `cause` is the restarts'
+/// metric label and `reason` part of the error clients see.
+fn rolled_back_automatically(name: &str, file: &str, cause: &str, reason: &str) {
+    let dir = Scratch::new(name);
     runtime().block_on(async {
         let mut cluster = start(&dir.0, 3).await;
         let c = client(&cluster, 1);
@@ -163,7 +184,8 @@ fn a_protocol_that_keeps_trapping_is_rolled_back_automatically() {
             &c,
             &std::fs::read(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../tests/components/protocol-trap.wasm"),
+                    .join("../tests/components")
+                    .join(file),
             )
             .unwrap(),
         )
@@ -193,6 +215,7 @@ fn a_protocol_that_keeps_trapping_is_rolled_back_automatically() {
                     r.error_message()
                 );
                 assert!(r.error_message().contains("protocol component failed"));
+                assert!(r.error_message().contains(reason), "{}", r.error_message());
                 interrupted += 1;
             }
             let mut back = 0;
@@ -211,7 +234,8 @@ fn a_protocol_that_keeps_trapping_is_rolled_back_automatically() {
         // It ran, and trapped: the replicas restarted it before giving up.
         let mut traps = 0.0;
         for c in clients(&cluster) {
-            traps += metric(&c, "ballot_protocol_restarts_total{cause=\"trap\"}").await;
+            let name = format!("ballot_protocol_restarts_total{{cause=\"{cause}\"}}");
+            traps += metric(&c, &name).await;
         }
         assert!(
             traps >= 3.0,

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use ballot_guest_build::{componentize, sha256_hex, Toolchain, TARGET};
 
 /// (crate, artifact stem, committed file, relative to the workspace)
-const GUESTS: [(&str, &str, &str); 11] = [
+const GUESTS: [(&str, &str, &str); 12] = [
     (
         "ballot-guest-protocol",
         "ballot_guest_protocol",
@@ -48,6 +48,11 @@ const GUESTS: [(&str, &str, &str); 11] = [
         "protocol-trap",
         "protocol_trap",
         "tests/components/protocol-trap.wasm",
+    ),
+    (
+        "protocol-invalid",
+        "protocol_invalid",
+        "tests/components/protocol-invalid.wasm",
     ),
 ];
 const MANIFEST: &str = "host/components/MANIFEST";

@@ -17,5 +17,6 @@ wit_bindgen::generate!({
 });
 
 const TRAP_ON_STEP: bool = false;
+const INVALID_KEY_ON_STEP: bool = false;
 
 include!("../../protocol/src/component.rs");

@@ -1,7 +1,8 @@
 // The protocol component's body, shared by the builds that include it
 // (`guest/protocol`, `guest/protocol-next`, a test fixture). The including
 // crate generates the `protocol` world's bindings and defines
-// `STATE_FORMAT` and `TRAP_ON_STEP`.
+// `STATE_FORMAT`, `TRAP_ON_STEP` and `INVALID_KEY_ON_STEP` (a fixture that
+// writes under a key no host can store, for the host's output checks).
 
 use std::cell::RefCell;
 
@@ -135,7 +136,12 @@ impl wit::Guest for Component {
                 })
                 .collect(),
         };
-        let ready = with_replica(|r| r.step(batch));
+        let mut ready = with_replica(|r| r.step(batch));
+        if INVALID_KEY_ON_STEP {
+            if let Some(w) = ready.persist.first_mut() {
+                w.key = vec![b'k'; 600];
+            }
+        }
         wit::Ready {
             id: ready.id,
             persist: ready

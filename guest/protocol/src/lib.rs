@@ -16,5 +16,6 @@ wit_bindgen::generate!({
 });
 
 const TRAP_ON_STEP: bool = false;
+const INVALID_KEY_ON_STEP: bool = false;
 
 include!("component.rs");

@@ -29,6 +29,10 @@ pub const POLICY_FUEL_PER_CALL: u64 = 200_000_000;
 pub const POLICY_MEMORY_MAX_BYTES: usize = 64 << 20;
 /// Largest value a client or a policy may write.
 pub const VALUE_MAX: usize = 1 << 20;
+/// Longest rejection code a policy may return (longer is a policy failure).
+pub const REJECTION_CODE_MAX: usize = 64;
+/// Longest rejection message a policy may return.
+pub const REJECTION_TEXT_MAX: usize = 1024;
 /// The rejection code of a command whose policy trapped, ran out of fuel or
 /// memory, or returned something the host refuses.
 pub const POLICY_FAILED: &str = "policy-failed";
@@ -73,6 +77,10 @@ pub enum RuntimeError {
     /// The guest ran and refused what it was given (a configuration, a
     /// membership) or its own self-check failed: the instance is sound.
     Refused(String),
+    /// A call returned output the host refuses to act on (a key LMDB or the
+    /// wire cannot hold, a write to a key the step was not given, a value
+    /// or text over its limit): the same as a trap for the instance.
+    Invalid { call: &'static str, reason: String },
 }
 
 /// The runtime's error, by its module's name.
@@ -80,13 +88,14 @@ pub type Error = RuntimeError;
 
 impl RuntimeError {
     /// A short name for metrics and logs: `compile`, `trap`, `fuel`,
-    /// `refused`.
+    /// `refused`, `invalid`.
     pub fn kind(&self) -> &'static str {
         match self {
             RuntimeError::Compile(_) => "compile",
             RuntimeError::Trap { .. } => "trap",
             RuntimeError::Fuel { .. } => "fuel",
             RuntimeError::Refused(_) => "refused",
+            RuntimeError::Invalid { .. } => "invalid",
         }
     }
 }
@@ -97,6 +106,9 @@ impl std::fmt::Display for RuntimeError {
             RuntimeError::Compile(m) | RuntimeError::Refused(m) => f.write_str(m),
             RuntimeError::Trap { call, reason } => write!(f, "{call} failed: {reason}"),
             RuntimeError::Fuel { call } => write!(f, "{call} failed: {OUT_OF_FUEL}"),
+            RuntimeError::Invalid { call, reason } => {
+                write!(f, "{call} returned invalid output: {reason}")
+            }
         }
     }
 }

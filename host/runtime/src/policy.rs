@@ -90,6 +90,14 @@ impl PolicyInstance {
             Ok(Ok(change)) => change,
             Ok(Err(r)) => {
                 self.live = Some(live);
+                if r.code.len() > REJECTION_CODE_MAX || r.message.len() > REJECTION_TEXT_MAX {
+                    return Err(policy_failed(format!(
+                        "policy {name} returned a rejection of {} + {} bytes; codes are \
+                         at most {REJECTION_CODE_MAX} bytes and messages {REJECTION_TEXT_MAX}",
+                        r.code.len(),
+                        r.message.len()
+                    )));
+                }
                 return Err(core::Rejection {
                     code: r.code,
                     message: r.message,

@@ -16,6 +16,7 @@ use ballot_core::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use super::checks;
 use super::clock::Clock;
 use super::forwards::Forwards;
 
@@ -294,6 +295,7 @@ impl Driver {
         keys.extend(batch.timers.iter().map(|t| &t.key[..]));
         keys.sort_unstable();
         keys.dedup();
+        let touched: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
         let mut states = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for key in keys {
@@ -327,6 +329,12 @@ impl Driver {
             Ok(r) => r,
             Err(e) => return self.recover(e),
         };
+        if let Err(reason) = checks::ready(&ready, &touched) {
+            return self.recover(RuntimeError::Invalid {
+                call: "step",
+                reason,
+            });
+        }
         self.observe_guest("step", started);
         let stepped = self.pipeline.stepped(&mut ready);
         if let Some(early) = stepped.early {
@@ -366,7 +374,15 @@ impl Driver {
                 Step::Apply(actions) => self.dispatch(actions),
                 Step::Release(guest) => {
                     let started = Instant::now();
-                    match self.protocol.release(guest) {
+                    let released = self.protocol.release(guest).and_then(|actions| {
+                        checks::actions(&actions)
+                            .map(|()| actions)
+                            .map_err(|reason| RuntimeError::Invalid {
+                                call: "release",
+                                reason,
+                            })
+                    });
+                    match released {
                         Ok(actions) => {
                             self.observe_guest("release", started);
                             self.dispatch(actions);

@@ -34,6 +34,7 @@ use crate::storage::Storage;
 use crate::system::{CONFIG_KEY, MEMBERS_KEY};
 use crate::transport::Transport;
 
+mod checks;
 mod clock;
 mod driver;
 mod forwards;

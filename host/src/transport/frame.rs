@@ -36,10 +36,17 @@ pub(super) fn frame(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-/// Encodes the body of a messages frame.
+/// Encodes the body of a messages frame. A message whose key does not fit
+/// the frame's 16-bit length (or payload its 32-bit one) is left out, never
+/// truncated into another key; the core's output checks refuse such
+/// messages before they get here.
 pub fn encode_messages(out: &mut Vec<u8>, messages: &[Message]) {
-    out.extend_from_slice(&(messages.len() as u32).to_be_bytes());
-    for (key, payload) in messages {
+    let fits = |(key, payload): &&Message| {
+        u16::try_from(key.len()).is_ok() && u32::try_from(payload.len()).is_ok()
+    };
+    let count = messages.iter().filter(fits).count();
+    out.extend_from_slice(&(count as u32).to_be_bytes());
+    for (key, payload) in messages.iter().filter(fits) {
         out.extend_from_slice(&(key.len() as u16).to_be_bytes());
         out.extend_from_slice(key);
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -134,6 +141,13 @@ mod tests {
             [0, 0, 0, 2, 0, 1, b'k', 0, 0, 0, 2, 1, 2, 0, 0, 0, 0, 0, 0]
         );
         assert_eq!(decode_messages(&body).unwrap(), messages);
+        // A key longer than the length field holds is left out, not cut
+        // down to another key.
+        let mut with_long = messages.clone();
+        with_long.insert(1, (vec![b'k'; 65_536 + 1], vec![9]));
+        let mut long_body = Vec::new();
+        encode_messages(&mut long_body, &with_long);
+        assert_eq!(long_body, body);
         let mut f = Vec::new();
         frame(&mut f, KIND_HELLO, &7u32.to_be_bytes());
         assert_eq!(f, [0, 0, 0, 6, 1, 1, 0, 0, 0, 7]);

@@ -8,6 +8,7 @@
 //! | `trap`   | panics (a wasm trap) |
 //! | `bomb`   | allocates until memory runs out |
 //! | `huge`   | returns a 2 MiB value, over the host's value limit |
+//! | `chatty` | rejects with a 1 MiB message, over the host's text limit |
 
 use ballot_policy::{Change, Context, Current, Policy, Rejection};
 
@@ -35,7 +36,10 @@ impl Policy for Hostile {
                 }
             }
             b"huge" => Ok(Change::Set(vec![b'x'; 2 << 20])),
-            _ => Err(Rejection::invalid("set V | loop | trap | bomb | huge")),
+            b"chatty" => Err(Rejection::invalid("x".repeat(1 << 20))),
+            _ => Err(Rejection::invalid(
+                "set V | loop | trap | bomb | huge | chatty",
+            )),
         }
     }
 }

@@ -11,5 +11,6 @@ wit_bindgen::generate!({
 });
 
 const TRAP_ON_STEP: bool = true;
+const INVALID_KEY_ON_STEP: bool = false;
 
 include!("../../../../guest/protocol/src/component.rs");
