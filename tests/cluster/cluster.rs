@@ -95,6 +95,48 @@ fn a_crashed_replica_is_not_needed_and_learns_what_it_missed() {
     });
 }
 
+/// A replica that is down holds back its peers' changelog truncation, and
+/// the changelog now holds (seq, key, version) instead of a copy of every
+/// value: 256 writes of 1 MiB to one key while a replica is down leave its
+/// peers' LMDB files near the size of a few values, where each entry used
+/// to keep its own copy (256 MiB per peer).
+#[test]
+fn a_replica_that_is_down_does_not_make_its_peers_keep_copies_of_values() {
+    const WRITES: usize = 256;
+    let scratch = Scratch::new("changelog-bytes");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        cluster.kill(3);
+        let c = client(&cluster, 1);
+        for i in 0..WRITES {
+            let mut value = vec![b'v'; (1 << 20) - 64];
+            value[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let r = c
+                .put("big", Bytes::from(value), Precondition::None)
+                .await
+                .unwrap();
+            assert!(r.status.is_success(), "write {i}: {}", r.error_message());
+        }
+        let file = |id: usize| cluster.nodes[id - 1].config.data_dir.join("data.mdb");
+        for id in [1, 2] {
+            let bytes = std::fs::metadata(file(id)).unwrap().len();
+            assert!(
+                bytes < 64 << 20,
+                "replica {id}'s LMDB file is {} MiB after {WRITES} writes of 1 MiB to one key",
+                bytes >> 20
+            );
+        }
+        // Nothing was lost to the missing copies: the replica that was down
+        // learns the newest value.
+        cluster.start(3).unwrap();
+        cluster.wait_ready(3, READY).await.unwrap();
+        let got = client(&cluster, 3).get("big", false).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{}", got.error_message());
+        assert_eq!(got.body[..8], ((WRITES - 1) as u64).to_be_bytes());
+        cluster.stop_all();
+    });
+}
+
 #[test]
 fn histories_stay_linearizable_while_a_replica_crashes_and_restarts() {
     let scratch = Scratch::new("crash-under-load");

@@ -176,7 +176,7 @@ impl Membership {
                         last,
                         entries: changes
                             .into_iter()
-                            .map(|c| (c.seq, c.key, c.committed.version))
+                            .map(|c| (c.seq, c.key, c.version))
                             .collect(),
                     },
                     Err(e) => Answer::Error {

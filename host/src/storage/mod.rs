@@ -7,8 +7,9 @@
 //! - `state`: key -> the protocol component's opaque per-key state;
 //! - `values`: key -> the committed version and value, for scans and
 //!   changelog consumers;
-//! - `changelog`: local sequence number (u64 BE) -> one commit this replica
-//!   learned, in the order it made them durable.
+//! - `changelog`: local sequence number (u64 BE) -> the key and version of
+//!   one commit this replica learned, in the order it made them durable
+//!   (not the value: replay reads values through consensus).
 //!
 //! [`Storage::commit`] writes many readies in one write transaction and one
 //! fsync (LMDB's default durability: `mdb_txn_commit` syncs the data file
@@ -28,8 +29,15 @@ mod tests;
 
 use record::*;
 
-/// Format of every record this module writes. Readers refuse other values.
+/// Format byte leading the `meta` and `values` records this module writes.
+/// Readers refuse other values.
 pub const STORAGE_FORMAT: u8 = 1;
+/// Format of a changelog entry: `[2][version: u64][key]`. Format 1 held the
+/// whole `values` record (with the value) and `[key_len: u32][key]`.
+pub const CHANGELOG_FORMAT: u8 = 2;
+/// The directory's format, in `meta/format`: 2 since changelog entries
+/// hold no values. A format-1 directory is migrated when opened.
+pub const DIRECTORY_FORMAT: u8 = 2;
 /// Default LMDB map size: address space reserved, not disk used.
 pub const MAP_SIZE_DEFAULT: usize = 64 << 30;
 
@@ -113,12 +121,13 @@ pub struct Committed {
     pub value: Option<Vec<u8>>,
 }
 
-/// One changelog entry.
+/// One changelog entry: `key` reached `version` (its value is in `values`,
+/// or newer there).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChangelogEntry {
     pub seq: u64,
     pub key: Vec<u8>,
-    pub committed: Committed,
+    pub version: u64,
 }
 
 /// What one group commit did.
@@ -137,6 +146,29 @@ pub struct Storage {
     values: Database<Bytes, Bytes>,
     changelog: Database<U64<BigEndian>, Bytes>,
     identity: DirIdentity,
+}
+
+/// Rewrites every changelog entry of a format-1 directory in format 2, in
+/// the caller's transaction (the directory's format changes in the same
+/// commit, so a crash leaves it wholly one or the other). Returns how many.
+fn migrate_changelog(
+    wtxn: &mut heed::RwTxn,
+    changelog: Database<U64<BigEndian>, Bytes>,
+) -> Result<usize, Error> {
+    let mut rewritten = Vec::new();
+    for entry in changelog.iter(wtxn)? {
+        let (seq, bytes) = entry?;
+        let (version, key) = decode_change_v1(bytes).ok_or_else(|| {
+            StorageError::Corrupt(format!("format-1 changelog entry {seq} is malformed"))
+        })?;
+        let mut out = Vec::with_capacity(9 + key.len());
+        encode_change(&mut out, version, key);
+        rewritten.push((seq, out));
+    }
+    for (seq, bytes) in &rewritten {
+        changelog.put(wtxn, seq, bytes)?;
+    }
+    Ok(rewritten.len())
 }
 
 /// Random bytes from the operating system, through the TLS stack's source.
@@ -174,11 +206,21 @@ impl Storage {
         let changelog = env.create_database(&mut wtxn, Some("changelog"))?;
         let fresh = meta.get(&wtxn, META_FORMAT)?.is_none();
         match meta.get(&wtxn, META_FORMAT)? {
-            None => meta.put(&mut wtxn, META_FORMAT, &[STORAGE_FORMAT])?,
-            Some([STORAGE_FORMAT]) => {}
+            None => meta.put(&mut wtxn, META_FORMAT, &[DIRECTORY_FORMAT])?,
+            Some([DIRECTORY_FORMAT]) => {}
+            Some([1]) => {
+                let entries = migrate_changelog(&mut wtxn, changelog)?;
+                meta.put(&mut wtxn, META_FORMAT, &[DIRECTORY_FORMAT])?;
+                tracing::info!(
+                    dir = %dir.display(),
+                    entries,
+                    "storage format 1 migrated to 2: changelog entries no longer hold values"
+                );
+            }
             Some(other) => {
                 return Err(StorageError::Foreign(format!(
-                    "{} holds storage format {other:?}; this build reads format {STORAGE_FORMAT}",
+                    "{} holds storage format {other:?}; this build reads formats 1 and \
+                     {DIRECTORY_FORMAT}",
                     dir.display()
                 )))
             }
@@ -287,8 +329,8 @@ impl Storage {
                 record.clear();
                 encode_committed(&mut record, commit.version, commit.value.as_deref());
                 self.values.put(&mut wtxn, &w.key, &record)?;
-                record.extend_from_slice(&(w.key.len() as u32).to_be_bytes());
-                record.extend_from_slice(&w.key);
+                record.clear();
+                encode_change(&mut record, commit.version, &w.key);
                 self.changelog.put(&mut wtxn, &seq, &record)?;
                 seq += 1;
             }
@@ -337,23 +379,13 @@ impl Storage {
         let mut out = Vec::new();
         for entry in self.changelog.range(rtxn, &(from..))?.take(limit) {
             let (seq, bytes) = entry?;
-            let (committed, rest) = decode_committed(bytes)?;
-            let key = match rest {
-                [a, b, c, d, key @ ..]
-                    if u32::from_be_bytes([*a, *b, *c, *d]) as usize == key.len() =>
-                {
-                    key
-                }
-                _ => {
-                    return Err(StorageError::Corrupt(format!(
-                        "changelog entry {seq} is malformed"
-                    )))
-                }
-            };
+            let (version, key) = decode_change(bytes).ok_or_else(|| {
+                StorageError::Corrupt(format!("changelog entry {seq} is malformed"))
+            })?;
             out.push(ChangelogEntry {
                 seq,
                 key: key.to_vec(),
-                committed,
+                version,
             });
         }
         Ok(out)

@@ -1,7 +1,7 @@
 //! Byte encodings of what `meta`, `values` and `changelog` hold (see
 //! `docs/design.md` for the layout).
 
-use super::{Committed, DirIdentity, Error, IDENTITY_LEN, STORAGE_FORMAT};
+use super::{Committed, DirIdentity, Error, CHANGELOG_FORMAT, IDENTITY_LEN, STORAGE_FORMAT};
 
 /// `identity/` and the peer id, big-endian.
 pub(super) fn identity_key(peer: u32) -> Vec<u8> {
@@ -90,6 +90,36 @@ pub(super) fn decode_committed(bytes: &[u8]) -> Result<(Committed, &[u8]), Error
             Ok((Committed { version, value }, &body[len..]))
         }
         _ => Err(bad()),
+    }
+}
+
+/// A changelog entry, format 2: `[2][version: u64][key]`.
+pub(super) fn encode_change(out: &mut Vec<u8>, version: u64, key: &[u8]) {
+    out.push(CHANGELOG_FORMAT);
+    out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(key);
+}
+
+/// The version and key of a format-2 changelog entry.
+pub(super) fn decode_change(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    match bytes {
+        [CHANGELOG_FORMAT, rest @ ..] if rest.len() > 8 => {
+            let (version, key) = rest.split_at(8);
+            Some((u64::from_be_bytes(version.try_into().ok()?), key))
+        }
+        _ => None,
+    }
+}
+
+/// The version and key of a format-1 changelog entry: a `values` record
+/// (with the value), then `[key_len: u32][key]`. Read only to migrate.
+pub(super) fn decode_change_v1(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let (committed, rest) = decode_committed(bytes).ok()?;
+    match rest {
+        [a, b, c, d, key @ ..] if u32::from_be_bytes([*a, *b, *c, *d]) as usize == key.len() => {
+            (!key.is_empty()).then_some((committed.version, key))
+        }
+        _ => None,
     }
 }
 

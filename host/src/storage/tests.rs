@@ -70,11 +70,10 @@ fn writes_survive_reopen_and_the_boot_counter_grows() {
     let log = s.changes(1, 10).unwrap();
     assert_eq!(log.len(), 2);
     assert_eq!(
-        (log[0].seq, &log[0].key[..], log[0].committed.version),
+        (log[0].seq, &log[0].key[..], log[0].version),
         (1, &b"a"[..], 1)
     );
-    assert_eq!(log[0].committed.value.as_deref(), Some(&b"x"[..]));
-    assert_eq!((log[1].seq, log[1].committed.version), (2, 2));
+    assert_eq!((log[1].seq, log[1].version), (2, 2));
     drop(s);
     // Another replica's directory is refused.
     let err = Storage::open(&dir, 4, 1 << 26).err().unwrap();
@@ -145,6 +144,95 @@ fn record_bytes_are_fixed() {
     assert_eq!(record_flag(false), [1, 0]);
     assert_eq!(record_flag(true), [1, 1]);
     assert!(read_flag(&[1, 2]).is_err());
+}
+
+/// Changelog entries, format 2 (written) and format 1 (read to migrate).
+#[test]
+fn changelog_entry_bytes_are_fixed() {
+    let mut out = Vec::new();
+    encode_change(&mut out, 3, b"ab");
+    assert_eq!(out, [2, 0, 0, 0, 0, 0, 0, 0, 3, b'a', b'b']);
+    assert_eq!(decode_change(&out), Some((3, &b"ab"[..])));
+    assert_eq!(decode_change(&out[..9]), None, "a key is never empty");
+    assert_eq!(decode_change(&[1, 0, 0, 0, 0, 0, 0, 0, 3, b'a']), None);
+    let v1 = [
+        1, 0, 0, 0, 0, 0, 0, 0, 3, 1, 0, 0, 0, 2, b'h', b'i', 0, 0, 0, 2, b'a', b'b',
+    ];
+    assert_eq!(decode_change_v1(&v1), Some((3, &b"ab"[..])));
+    let deleted_v1 = [1, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 1, b'k'];
+    assert_eq!(decode_change_v1(&deleted_v1), Some((4, &b"k"[..])));
+    assert_eq!(decode_change_v1(&v1[..v1.len() - 1]), None);
+}
+
+/// A format-1 directory (changelog entries with whole values) is rewritten
+/// to format 2 when opened: same sequence numbers, keys and versions, no
+/// values, and `meta/format` says 2; values and states are untouched.
+#[test]
+fn a_format_1_directory_is_migrated_when_opened() {
+    let dir = tmp("migrate");
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    let write = |key: &[u8], version: u64, value: Option<&[u8]>| Write {
+        key: key.to_vec(),
+        state: vec![9],
+        commit: Some(Commit {
+            version,
+            value: value.map(<[u8]>::to_vec),
+        }),
+    };
+    s.commit([write(b"a", 1, Some(b"one")), write(b"b", 5, None)].iter())
+        .unwrap();
+    // Turn it into what a format-1 build left: its format record and its
+    // changelog entries, byte for byte.
+    {
+        let mut wtxn = s.env.write_txn().unwrap();
+        s.meta.put(&mut wtxn, META_FORMAT, &[1]).unwrap();
+        let mut one = Vec::new();
+        encode_committed(&mut one, 1, Some(b"one"));
+        one.extend_from_slice(&[0, 0, 0, 1, b'a']);
+        s.changelog.put(&mut wtxn, &1, &one).unwrap();
+        let mut two = Vec::new();
+        encode_committed(&mut two, 5, None);
+        two.extend_from_slice(&[0, 0, 0, 1, b'b']);
+        s.changelog.put(&mut wtxn, &2, &two).unwrap();
+        wtxn.commit().unwrap();
+    }
+    assert!(
+        s.changes(1, 10).is_err(),
+        "format-1 entries are not read as 2"
+    );
+    drop(s);
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    let log = s.changes(1, 10).unwrap();
+    let entries: Vec<_> = log.iter().map(|e| (e.seq, &e.key[..], e.version)).collect();
+    assert_eq!(entries, [(1, &b"a"[..], 1), (2, &b"b"[..], 5)]);
+    let rtxn = s.env.read_txn().unwrap();
+    assert_eq!(s.meta.get(&rtxn, META_FORMAT).unwrap(), Some(&[2u8][..]));
+    assert_eq!(
+        s.changelog.get(&rtxn, &1).unwrap(),
+        Some(&[2, 0, 0, 0, 0, 0, 0, 0, 1, b'a'][..])
+    );
+    drop(rtxn);
+    assert_eq!(
+        s.committed(b"a").unwrap(),
+        Some(Committed {
+            version: 1,
+            value: Some(b"one".to_vec())
+        })
+    );
+    // New commits follow on in format 2.
+    s.commit([write(b"c", 1, Some(b"x"))].iter()).unwrap();
+    assert_eq!(s.changes(3, 10).unwrap()[0].key, b"c");
+    drop(s);
+    // A format this build does not know is refused, not guessed at.
+    {
+        let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+        let mut wtxn = s.env.write_txn().unwrap();
+        s.meta.put(&mut wtxn, META_FORMAT, &[3]).unwrap();
+        wtxn.commit().unwrap();
+    }
+    let err = Storage::open(&dir, 1, 1 << 26).err().unwrap();
+    assert!(matches!(err, StorageError::Foreign(_)), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
