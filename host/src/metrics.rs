@@ -45,6 +45,9 @@ pub struct Metrics {
     pub peer_dropped: Family<Labels, Counter>,
     /// Inbound peer messages dropped because the protocol's queue was full.
     pub inbound_dropped: Counter,
+    /// Inbound peer frames dropped at the transport because their sender is
+    /// not a member here (before any decoding, storage read or guest call).
+    pub inbound_nonmember: Counter,
     /// Peer connections refused (TLS failure, wrong identity, bad frames).
     pub peer_refused: Family<Labels, Counter>,
     /// Protocol instances replaced, by cause (`swap`, `trap`).
@@ -140,6 +143,12 @@ impl Metrics {
             "Peer messages dropped because the protocol queue was full",
             inbound_dropped.clone(),
         );
+        let inbound_nonmember = Counter::default();
+        registry.register(
+            "inbound_nonmember_frames_dropped",
+            "Peer frames dropped at the transport: the sender is not a member here",
+            inbound_nonmember.clone(),
+        );
         let peer_refused = Family::<Labels, Counter>::default();
         registry.register(
             "peer_refused",
@@ -189,6 +198,7 @@ impl Metrics {
             peer_connected,
             peer_dropped,
             inbound_dropped,
+            inbound_nonmember,
             peer_refused,
         }
     }

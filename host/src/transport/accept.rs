@@ -1,9 +1,10 @@
 //! The receiving side: streams peers opened, their hellos, message
 //! frames and questions.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use ballot_core::{Inbound, ReplicaId};
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
@@ -26,12 +27,14 @@ pub(super) async fn accept_loop(
     metrics: Arc<Metrics>,
     epoch: Arc<AtomicU64>,
     hooks: Arc<Hooks>,
+    members: Arc<RwLock<HashSet<ReplicaId>>>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let inbound = inbound.clone();
         let metrics = metrics.clone();
         let epoch = epoch.clone();
         let hooks = hooks.clone();
+        let members = members.clone();
         spawn(async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
@@ -58,12 +61,12 @@ pub(super) async fn accept_loop(
                 tokio::select! {
                     uni = connection.accept_uni() => {
                         let Ok(stream) = uni else { return };
-                        let (connection, cert, inbound, metrics, epoch, hooks) = (
+                        let (connection, cert, inbound, metrics, epoch, hooks, members) = (
                             connection.clone(), cert.clone(), inbound.clone(), metrics.clone(),
-                            epoch.clone(), hooks.clone(),
+                            epoch.clone(), hooks.clone(), members.clone(),
                         );
                         spawn(async move {
-                            let r = receive(stream, &cert, &inbound, &metrics, &epoch, &hooks).await;
+                            let r = receive(stream, &cert, &inbound, &metrics, &epoch, &hooks, &members).await;
                             if let Err((code, e)) = r {
                                 refuse(&connection, remote, &metrics, code, e);
                             }
@@ -141,6 +144,7 @@ pub(super) async fn receive(
     metrics: &Metrics,
     epoch: &AtomicU64,
     hooks: &Hooks,
+    members: &RwLock<HashSet<ReplicaId>>,
 ) -> Result<(), (u32, FrameError)> {
     let malformed = |e: FrameError| (CLOSE_MALFORMED, e);
     let Some(from) = hello(&mut stream, cert, hooks).await? else {
@@ -167,6 +171,13 @@ pub(super) async fn receive(
                 return Err(malformed(FrameError(format!("unknown frame kind {kind}"))))
             }
         };
+        // A certified replica that is not a member here may connect (a
+        // joiner asks questions before it is one), but its protocol
+        // messages go no further than this.
+        if !members.read().expect("members lock").contains(&from) {
+            metrics.inbound_nonmember.inc();
+            continue;
+        }
         let messages = decode_messages(&body).map_err(malformed)?;
         let batch: Vec<Inbound> = messages
             .into_iter()

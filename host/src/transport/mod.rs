@@ -35,10 +35,10 @@
 //! build from before identities) is accepted only from a replica id no
 //! identity is recorded for.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ballot_core::{Inbound, ReplicaId};
@@ -174,6 +174,10 @@ pub struct Transport {
     endpoint: Endpoint,
     self_id: ReplicaId,
     peers: Mutex<HashMap<ReplicaId, PeerSlot>>,
+    /// The replicas whose protocol messages are taken in: those `peers`
+    /// lists. Messages from any other certified replica are dropped as
+    /// they arrive, before they cost a storage read or a guest call.
+    members: Arc<RwLock<HashSet<ReplicaId>>>,
     metrics: Arc<Metrics>,
     /// The membership epoch this replica runs; stamps what it sends.
     epoch: Arc<AtomicU64>,
@@ -214,17 +218,20 @@ impl Transport {
             .map_err(|e| format!("binding the peer address {listen}: {e}"))?;
         endpoint.set_default_client_config(client);
         let directory = hooks.directory;
+        let members = Arc::new(RwLock::new(HashSet::new()));
         spawn(accept_loop(
             endpoint.clone(),
             inbound,
             metrics.clone(),
             epoch.clone(),
             Arc::new(hooks),
+            members.clone(),
         ));
         let transport = Transport {
             endpoint,
             self_id,
             peers: Mutex::new(HashMap::new()),
+            members,
             metrics,
             epoch,
             directory,
@@ -242,6 +249,7 @@ impl Transport {
             .filter(|(id, _)| *id != self.self_id)
             .copied()
             .collect();
+        *self.members.write().expect("members lock") = wanted.keys().copied().collect();
         slots.retain(|id, slot| {
             let keep = wanted.get(id) == Some(&slot.addr);
             if !keep {
@@ -373,20 +381,99 @@ mod tests {
     use super::*;
     use crate::storage::IDENTITY_LEN;
 
-    /// A stamped frame with epoch u64::MAX from one peer once silenced
-    /// every later report (one mark for all peers): a replica left behind
-    /// then never heard that its other peers had moved on.
-    #[test]
-    fn a_huge_stamped_epoch_silences_only_its_sender() {
+    fn hooks() -> Hooks {
         let (ahead, _reports) = mpsc::channel(1);
         let (service, _calls) = mpsc::channel(1);
-        let hooks = Hooks {
+        Hooks {
             ahead,
             ahead_seen: Default::default(),
             service,
             directory: [0; IDENTITY_LEN],
             check_directory: Box::new(|_, _| Ok(())),
+        }
+    }
+
+    /// Real QUIC on loopback, certificates from a real cluster CA: replica
+    /// 2 is certified but not a member at replica 1, so its protocol
+    /// messages are dropped by 1's transport and never reach its core (no
+    /// storage read, no guest call); once 1 lists it, they arrive.
+    #[tokio::test]
+    async fn a_certified_non_member_s_messages_stop_at_the_transport() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = std::env::temp_dir().join(format!("ballot-nonmember-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::tls::init_ca(&dir, "test").unwrap();
+        let identity = |id| {
+            crate::tls::issue_node(&dir, id).unwrap();
+            Identity::load(&crate::tls::TlsFiles {
+                ca: crate::tls::ca_cert_path(&dir),
+                cert: crate::tls::node_cert_path(&dir, id),
+                key: crate::tls::node_key_path(&dir, id),
+            })
+            .unwrap()
         };
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (in1, mut out1) = mpsc::channel(16);
+        let m1 = Arc::new(Metrics::new());
+        let t1 = Transport::start(
+            1,
+            any,
+            &[],
+            &identity(1),
+            in1,
+            m1.clone(),
+            Arc::new(AtomicU64::new(1)),
+            hooks(),
+        )
+        .unwrap();
+        let a1 = t1.endpoint.local_addr().unwrap();
+        let (in2, _out2) = mpsc::channel(16);
+        let t2 = Transport::start(
+            2,
+            any,
+            &[(1, a1)],
+            &identity(2),
+            in2,
+            Arc::new(Metrics::new()),
+            Arc::new(AtomicU64::new(1)),
+            hooks(),
+        )
+        .unwrap();
+        let a2 = t2.endpoint.local_addr().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while m1.inbound_nonmember.get() < 3 {
+            t2.send(1, vec![(b"k".to_vec(), vec![1, 2, 3])]);
+            assert!(tokio::time::Instant::now() < deadline, "nothing arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            out1.try_recv().is_err(),
+            "a non-member's message reached the core"
+        );
+        t1.set_peers(&[(2, a2)]);
+        let got = loop {
+            t2.send(1, vec![(b"k".to_vec(), vec![4])]);
+            match tokio::time::timeout(Duration::from_millis(50), out1.recv()).await {
+                Ok(Some(batch)) => break batch,
+                _ => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "a member was dropped"
+                ),
+            }
+        };
+        assert_eq!((got[0].from, &got[0].key[..]), (2, &b"k"[..]));
+        t1.close();
+        t2.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stamped frame with epoch u64::MAX from one peer once silenced
+    /// every later report (one mark for all peers): a replica left behind
+    /// then never heard that its other peers had moved on.
+    #[test]
+    fn a_huge_stamped_epoch_silences_only_its_sender() {
+        let hooks = hooks();
         assert!(hooks.note_ahead(2, u64::MAX, 3));
         assert!(
             !hooks.note_ahead(2, 9, 3),
