@@ -104,11 +104,12 @@ impl Driver {
             let mut batch = Batch::default();
             let fatal = self.health.fatal().is_some();
             let open = self.pipeline.len() < PIPELINE_MAX && !fatal;
-            // While a swap drains, client requests wait in their queue and
-            // peers' forwarded commands are held; once this replica's own
-            // commands and the forwarded ones it took are answered, peer
-            // messages wait too, so the last readies are released and the
-            // swap happens.
+            // While a swap drains, client requests wait in their queue.
+            // Peers' forwarded commands are still taken while this
+            // replica's own commands are in flight (see `accept`), then
+            // held; once its own commands and the forwarded ones it took
+            // are answered, peer messages wait too, so the last readies
+            // are released and the swap happens.
             let admit = open && self.swapping.is_none();
             let idle = self.clients.is_empty() && !self.forwards.busy();
             let listen = open && !(self.swapping.is_some() && idle);
@@ -249,7 +250,15 @@ impl Driver {
     }
 
     fn accept(&mut self, messages: Vec<Inbound>, batch: &mut Batch) {
-        let draining = self.swapping.is_some();
+        // Forwarded commands are held for the next instance only once this
+        // replica's own commands are answered. Holding them earlier makes
+        // a cycle when every replica swaps at once: replica 1 waits for its
+        // commands forwarded to 3 while holding 3's, and 3 the reverse,
+        // until the senders give up on the silent leader (a client error,
+        // `maybe_applied`). Each command taken now finishes in a round trip
+        // (this replica leads its key), and no new own command starts while
+        // a swap drains, so the drain still ends.
+        let draining = self.swapping.is_some() && self.clients.is_empty();
         for m in messages {
             if m.key.is_empty() || m.key.len() > KEY_MAX {
                 warn!(

@@ -158,8 +158,17 @@ impl History {
             // The request never reached the replica: it did not happen.
             Err(e) if e.contains("client error (Connect)") => None,
             Err(_) if input == Input::Read => None,
-            Err(_) => Some(Output::Unknown),
-            Ok(r) => output_of(&input, &r),
+            Err(e) => {
+                eprintln!("{key}: {input:?}: {e}");
+                Some(Output::Unknown)
+            }
+            Ok(r) => {
+                let out = output_of(&input, &r);
+                if out.as_ref().is_none_or(|o| *o == Output::Unknown) {
+                    eprintln!("{key}: {input:?}: {} {}", r.status, r.error_message());
+                }
+                out
+            }
         };
         if output.as_ref().is_none_or(|o| *o == Output::Unknown) {
             self.failures
