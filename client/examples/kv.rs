@@ -5,15 +5,25 @@
 //! cargo run --release -p ballot-client --example kv
 //! ```
 
+use ballot_client::http::Tls;
 use ballot_client::{Client, Error};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    // The replicas serve HTTPS with a certificate from the cluster's CA,
+    // which `ballot dev` keeps in `ballot-dev/certs/ca.pem`.
+    let dir = std::env::var("BALLOT_DEV_DIR").unwrap_or_else(|_| "ballot-dev".into());
+    let ca = std::path::Path::new(&dir).join("certs/ca.pem");
+    let tls = Tls::from_files(&ca, None).unwrap_or_else(|e| {
+        eprintln!("{e} (is `ballot dev` running here?)");
+        std::process::exit(1)
+    });
     let store = Client::new([
-        "http://127.0.0.1:8001",
-        "http://127.0.0.1:8002",
-        "http://127.0.0.1:8003",
-    ]);
+        "https://127.0.0.1:8001",
+        "https://127.0.0.1:8002",
+        "https://127.0.0.1:8003",
+    ])
+    .with_tls(&tls);
     let w = store.put("example/greeting", "hello").await?;
     println!("put: version {} (created: {})", w.version, w.created);
 

@@ -2,22 +2,92 @@
 //! built on, and what the CLI's admin commands, `ballot bench` and the
 //! cluster tests use where they need the raw status and body.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A client of one replica's HTTP API.
 #[derive(Clone)]
 pub struct Client {
     endpoint: String,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     /// Sent as `Authorization: Bearer` with every request when set.
     token: Option<String>,
+}
+
+/// What a client trusts for `https://` endpoints (the cluster CA, never
+/// the system's roots: a replica's API certificate is issued by the
+/// cluster CA) and the certificate it presents, if any. Cheap to clone.
+#[derive(Clone)]
+pub struct Tls(Arc<rustls::ClientConfig>);
+
+impl Tls {
+    /// From PEM bytes: the CA certificate(s), and optionally a client
+    /// certificate chain and its private key.
+    pub fn from_pem(ca: &[u8], identity: Option<(&[u8], &[u8])>) -> Result<Tls, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca) {
+            let cert = cert.map_err(|e| format!("reading the CA certificate: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("the CA certificate is not usable: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("the CA file holds no certificate".into());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("reading the client certificate: {e}"))?;
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|e| format!("reading the client key: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("the client certificate is not usable: {e}"))?
+            }
+        };
+        // hyper-rustls sets ALPN (http/1.1) itself.
+        Ok(Tls(Arc::new(config)))
+    }
+
+    /// [`Tls::from_pem`] from files.
+    pub fn from_files(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Tls, String> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+        let ca = read(ca)?;
+        match identity {
+            None => Tls::from_pem(&ca, None),
+            Some((cert, key)) => Tls::from_pem(&ca, Some((&read(cert)?, &read(key)?))),
+        }
+    }
+
+    /// Trusts nothing: for `http://` endpoints (`https://` ones fail with
+    /// an unknown issuer).
+    pub fn plain() -> Tls {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Tls(Arc::new(config))
+    }
 }
 
 /// A response, whole.
@@ -79,10 +149,23 @@ pub fn escape_key(key: &str) -> String {
 }
 
 impl Client {
-    /// `endpoint` like `http://127.0.0.1:8001`.
+    /// `endpoint` like `http://127.0.0.1:8001`; an `https://` endpoint
+    /// needs [`Client::with_tls`].
     pub fn new(endpoint: &str) -> Client {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        Client::with_tls(endpoint, &Tls::plain())
+    }
+
+    /// `endpoint` like `https://127.0.0.1:8001`, trusting and presenting
+    /// what `tls` says (plain `http://` endpoints work too).
+    pub fn with_tls(endpoint: &str, tls: &Tls) -> Client {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls.0).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         Client {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             http: HyperClient::builder(TokioExecutor::new()).build(connector),
@@ -100,6 +183,21 @@ impl Client {
     /// The endpoint this client talks to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// A client of another replica of the same cluster (a URL its
+    /// membership lists), with the same TLS settings and no token.
+    pub fn at(&self, endpoint: &str) -> Client {
+        Client {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token: None,
+            ..self.clone()
+        }
+    }
+
+    /// The admin token it sends, if any.
+    pub fn token(&self) -> Option<&String> {
+        self.token.as_ref()
     }
 
     /// Sends one request and reads the whole response.

@@ -210,6 +210,16 @@ impl Client {
         self
     }
 
+    /// The same client, reaching `https://` endpoints with `tls`.
+    pub fn with_tls(mut self, tls: &http::Tls) -> Client {
+        self.endpoints = self
+            .endpoints
+            .iter()
+            .map(|c| http::Client::with_tls(c.endpoint(), tls).with_token(c.token().cloned()))
+            .collect();
+        self
+    }
+
     /// The same client, sending `Authorization: Bearer <token>`.
     pub fn with_token(mut self, token: Option<String>) -> Client {
         self.endpoints = self

@@ -1,8 +1,9 @@
 //! Local clusters of real replica processes on loopback: `ballot dev`, and
 //! the multi-process tests.
 //!
-//! A cluster directory holds everything: `certs/` (the CA and one
-//! certificate per replica), `node-N.toml`, `node-N/` (LMDB), `node-N.log`
+//! A cluster directory holds everything: `certs/` (the CA, one certificate
+//! per replica, the client API's certificate `api.pem` and a client
+//! certificate `client-dev.pem`), `node-N.toml`, `node-N/` (LMDB), `node-N.log`
 //! `admin-token` (the replicas' admin token, readable by the owner only)
 //! and, while `ballot dev` runs, `cluster.json`. Running `ballot dev` again
 //! on the same directory restarts the same replicas on their data.
@@ -15,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::client::Client;
+use crate::client::{Client, Tls};
 use crate::server::{CoreKind, NodeConfig, Peer};
-use crate::tls::{self, TlsFiles};
+use crate::tls::{self, ApiTls, TlsFiles};
 
 /// One replica of a local cluster.
 pub struct DevNode {
@@ -32,15 +33,47 @@ pub struct DevNode {
 impl DevNode {
     /// The replica's client URL.
     pub fn http(&self) -> String {
-        format!("http://{}", self.config.http_addr)
+        self.config.client_url()
     }
     /// The running process's id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
-    /// A client of this replica, with the cluster's admin token.
+    /// A client of this replica, trusting the cluster CA, with the
+    /// cluster's admin token.
     pub fn client(&self) -> Client {
-        Client::new(&self.http()).with_token(self.config.admin_token.clone())
+        Client::with_tls(&self.http(), &self.tls()).with_token(self.config.admin_token.clone())
+    }
+
+    /// What a client of this cluster trusts: its CA.
+    pub fn tls(&self) -> Tls {
+        Tls::from_files(&self.config.tls.ca, None).unwrap_or_else(|e| panic!("the cluster CA: {e}"))
+    }
+}
+
+/// The client name of the certificate `ballot dev` issues for local use,
+/// listed in every replica's `admin_clients`.
+pub const DEV_CLIENT: &str = "dev";
+
+/// Issues the API's server certificate and the dev client certificate in
+/// `certs` (beside the CA) if they are missing.
+fn api_certificates(certs: &Path) -> Result<(), String> {
+    if !tls::api_cert_path(certs).exists() {
+        tls::issue_api_server(certs, &[]).map_err(|e| e.to_string())?;
+    }
+    if !tls::client_cert_path(certs, DEV_CLIENT).exists() {
+        tls::issue_client(certs, DEV_CLIENT).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The client API's TLS files of a dev replica: the shared API
+/// certificate, client certificates checked against the cluster CA.
+fn api_tls(certs: &Path) -> ApiTls {
+    ApiTls {
+        cert: tls::api_cert_path(certs),
+        key: tls::api_key_path(certs),
+        client_ca: Some(tls::ca_cert_path(certs)),
     }
 }
 
@@ -193,6 +226,9 @@ fn new_node(
         core,
         map_size_mib: Some(4096),
         admin_token: Some(admin_token(dir)?),
+        api_tls: Some(api_tls(&certs)),
+        api_plaintext: false,
+        admin_clients: vec![DEV_CLIENT.to_string()],
         http_connections_max: None,
         http_idle_secs: None,
         join: false,
@@ -228,6 +264,7 @@ impl DevCluster {
                 .unwrap_or_else(|| "dev".into());
             tls::init_ca(&certs, &name).map_err(|e| e.to_string())?;
         }
+        api_certificates(&certs)?;
         let mut configs = Vec::new();
         for id in 1..=n {
             let path = dir.join(format!("node-{id}.toml"));
@@ -237,6 +274,11 @@ impl DevCluster {
                 // A cluster made before replicas required a token gets one.
                 if c.admin_token.is_none() {
                     c.admin_token = Some(admin_token(&dir)?);
+                }
+                // And one from before the API served HTTPS, TLS.
+                if c.api_tls.is_none() && !c.api_plaintext {
+                    c.api_tls = Some(api_tls(&certs));
+                    c.admin_clients = vec![DEV_CLIENT.to_string()];
                 }
                 configs.push((path, c));
                 continue;
@@ -259,7 +301,7 @@ impl DevCluster {
             .map(|(_, c)| Peer {
                 id: c.id,
                 addr: c.peer_addr,
-                http: Some(format!("http://{}", c.http_addr)),
+                http: Some(c.client_url()),
             })
             .collect();
         let mut nodes = Vec::new();

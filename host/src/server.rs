@@ -19,7 +19,7 @@ use crate::node::{self, Protocol, ProtocolFactory, INBOUND_QUEUE};
 use crate::registry::{component_view, wasm_factory, Registry};
 use crate::runtime::{Policies, Runtime};
 use crate::storage::{PeerIdentity, Storage, MAP_SIZE_DEFAULT};
-use crate::tls::{Identity, TlsFiles};
+use crate::tls::{ApiTls, Identity, TlsFiles};
 use crate::transport::{Hooks, Transport, ADMIT_QUESTION};
 
 /// Newer-epoch reports from peers the membership has not looked at yet;
@@ -84,6 +84,18 @@ pub struct NodeConfig {
     /// never needs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// Serve the client API over HTTPS with these files (`ballot cert
+    /// server`), optionally verifying client certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_tls: Option<ApiTls>,
+    /// Serve the client API as plain HTTP. Only when asked for: with
+    /// neither this nor `api_tls` the replica refuses to start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub api_plaintext: bool,
+    /// Client certificate names (`ballot cert client NAME`) that may make
+    /// admin changes, as the admin token may (needs `api_tls.client_ca`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_clients: Vec<String>,
     /// Client connections open at once (default 1024, at most 2^20); one
     /// accepted past it is answered 503 `overloaded` and closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,12 +114,17 @@ impl NodeConfig {
         let mut config: NodeConfig =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
+        let mut paths = vec![
             &mut config.data_dir,
             &mut config.tls.ca,
             &mut config.tls.cert,
             &mut config.tls.key,
-        ] {
+        ];
+        if let Some(api) = &mut config.api_tls {
+            paths.extend([&mut api.cert, &mut api.key]);
+            paths.extend(api.client_ca.as_mut());
+        }
+        for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -117,6 +134,26 @@ impl NodeConfig {
 
     /// Checks what a file cannot express by its shape.
     pub fn validate(&self) -> Result<(), String> {
+        match (&self.api_tls, self.api_plaintext) {
+            (None, false) => {
+                return Err("the client API has no TLS configured: give it [api_tls] \
+                            (certificates from `ballot cert server`), or set api_plaintext = true \
+                            (--api-plaintext) to serve plain HTTP"
+                    .into())
+            }
+            (Some(_), true) => {
+                return Err("api_tls and api_plaintext are both set: choose one".into())
+            }
+            (Some(t), false) if t.client_ca.is_none() && !self.admin_clients.is_empty() => {
+                return Err("admin_clients needs api_tls.client_ca to verify client \
+                            certificates against"
+                    .into())
+            }
+            _ => {}
+        }
+        if self.api_plaintext && !self.admin_clients.is_empty() {
+            return Err("admin_clients needs api_tls (client certificates)".into());
+        }
         let mut ids: Vec<u32> = self.peers.iter().map(|p| p.id).collect();
         if ids.contains(&self.id) {
             return Err(format!("replica {} lists itself among its peers", self.id));
@@ -132,6 +169,17 @@ impl NodeConfig {
             return Err("at most 64 voters".into());
         }
         Ok(())
+    }
+
+    /// The URL clients reach this replica by: `https://` unless it serves
+    /// plain HTTP.
+    pub fn client_url(&self) -> String {
+        let scheme = if self.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.http_addr)
     }
 
     /// The voters of the first configuration (a joining replica is not
@@ -163,7 +211,7 @@ impl NodeConfig {
         replicas.push(Member {
             id: self.id,
             addr: self.peer_addr,
-            http: Some(format!("http://{}", self.http_addr)),
+            http: Some(self.client_url()),
             role: Role::Voter,
         });
         Some(MembersRecord::bootstrap(replicas))
@@ -379,6 +427,19 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
             )?);
             // The client port is taken at once, so nothing else takes it
             // while this replica waits to be admitted.
+            let api_tls = match &config.api_tls {
+                Some(files) => Some(Arc::new(files.server_config().map_err(|e| e.to_string())?)),
+                None => {
+                    if !config.http_addr.ip().is_loopback() {
+                        warn!(
+                            http = %config.http_addr,
+                            "the client API serves plain HTTP beyond loopback (api_plaintext): \
+                             values and the admin token cross the network in clear text"
+                        );
+                    }
+                    None
+                }
+            };
             let listener = Shared::new(
                 tokio::net::TcpListener::bind(config.http_addr)
                     .await
@@ -389,6 +450,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 config
                     .http_idle_secs
                     .map_or(api::conn::IDLE, |s| Duration::from_secs(s.min(86_400))),
+                api_tls,
             );
             // A joining directory is admitted by the first record it
             // adopts: one that lists it as a learner (membership::adopt).
@@ -487,8 +549,9 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     .clone()
                     .filter(|t| !t.trim().is_empty())
                     .map(|t| Arc::from(t.trim())),
+                admin_clients: config.admin_clients.clone().into(),
             };
-            if app.admin_token.is_none() {
+            if app.admin_token.is_none() && app.admin_clients.is_empty() {
                 warn!("no admin token configured: every change to components, policies, the protocol and the membership is refused");
             }
             info!(
@@ -531,7 +594,7 @@ fn cluster_view(
     let mut replicas = vec![ReplicaView {
         id: config.id,
         peer: config.peer_addr.to_string(),
-        http: Some(format!("http://{}", config.http_addr)),
+        http: Some(config.client_url()),
         link: Link::Local,
         last_error: None,
         role: role(config.id),
@@ -593,5 +656,37 @@ async fn shutdown() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> NodeConfig {
+        let text = format!(
+            "id = 1\ndata_dir = \"d\"\npeer_addr = \"127.0.0.1:7001\"\n\
+             http_addr = \"127.0.0.1:8001\"\n{extra}\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"k.pem\"\n"
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    /// The client API is HTTPS unless plain HTTP is asked for by name.
+    #[test]
+    fn a_replica_without_api_tls_or_api_plaintext_does_not_start() {
+        let e = config("").validate().unwrap_err();
+        assert!(e.contains("api_plaintext = true"), "{e}");
+        config("api_plaintext = true").validate().unwrap();
+        let tls = "[api_tls]\ncert = \"a.pem\"\nkey = \"a-key.pem\"";
+        let both = config(&format!("api_plaintext = true\n{tls}"));
+        assert!(both.validate().unwrap_err().contains("both"));
+        config(tls).validate().unwrap();
+        let listed = config(&format!("admin_clients = [\"ops\"]\n{tls}"));
+        assert!(listed.validate().unwrap_err().contains("client_ca"));
+        let verified = config(&format!(
+            "admin_clients = [\"ops\"]\n{tls}\nclient_ca = \"ca.pem\""
+        ));
+        verified.validate().unwrap();
     }
 }

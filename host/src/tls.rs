@@ -210,3 +210,156 @@ pub fn certifies(cert: &CertificateDer<'_>, id: u32) -> Result<(), String> {
     let name = ServerName::try_from(node_name(id)).map_err(|e| e.to_string())?;
     rustls::client::verify_server_name(&parsed, &name).map_err(|e| e.to_string())
 }
+
+/// Whether a (chain-verified) certificate carries the DNS name `name`.
+pub fn names(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(parsed) = ParsedCertificate::try_from(cert) else {
+        return false;
+    };
+    ServerName::try_from(name.to_string())
+        .is_ok_and(|n| rustls::client::verify_server_name(&parsed, &n).is_ok())
+}
+
+// ----- the client API's certificates ----------------------------------
+
+/// The name a client certificate for `name` carries: prefixed, so that no
+/// client certificate can ever name a replica (`node-N`).
+pub fn client_name(name: &str) -> String {
+    format!("client-{name}")
+}
+pub fn api_cert_path(dir: &Path) -> PathBuf {
+    dir.join("api.pem")
+}
+pub fn api_key_path(dir: &Path) -> PathBuf {
+    dir.join("api-key.pem")
+}
+pub fn client_cert_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{}.pem", client_name(name)))
+}
+pub fn client_key_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{}-key.pem", client_name(name)))
+}
+
+/// Issues the client API's server certificate (`api.pem`), valid for
+/// `hosts` (DNS names or IP addresses) and always for `localhost`,
+/// `127.0.0.1` and `::1`. Serving only: it cannot stand for a replica.
+pub fn issue_api_server(dir: &Path, hosts: &[String]) -> Result<(), Error> {
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    for h in hosts {
+        if !names.contains(h) {
+            names.push(h.clone());
+        }
+    }
+    issue_leaf(
+        dir,
+        names,
+        "Ballot client API",
+        ExtendedKeyUsagePurpose::ServerAuth,
+        (&api_cert_path(dir), &api_key_path(dir)),
+    )
+}
+
+/// Issues a client certificate for `name` (`client-NAME.pem`): what a
+/// client presents to the API over mutual TLS.
+pub fn issue_client(dir: &Path, name: &str) -> Result<(), Error> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(Error(format!(
+            "{name:?}: a client name is 1 to 64 of a-z, 0-9 and -"
+        )));
+    }
+    issue_leaf(
+        dir,
+        vec![client_name(name)],
+        &client_name(name),
+        ExtendedKeyUsagePurpose::ClientAuth,
+        (&client_cert_path(dir, name), &client_key_path(dir, name)),
+    )
+}
+
+fn issue_leaf(
+    dir: &Path,
+    names: Vec<String>,
+    common_name: &str,
+    usage: ExtendedKeyUsagePurpose,
+    (cert_path, key_path): (&Path, &Path),
+) -> Result<(), Error> {
+    let ca_key =
+        KeyPair::from_pem(&read(&ca_key_path(dir))?).map_err(|e| rc("reading the CA key", e))?;
+    let issuer = Issuer::from_ca_cert_pem(&read(&ca_cert_path(dir))?, ca_key)
+        .map_err(|e| rc("reading the CA certificate", e))?;
+    let key = KeyPair::generate().map_err(|e| rc("generating a key", e))?;
+    let mut params = CertificateParams::new(names).map_err(|e| rc("certificate names", e))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.extended_key_usages = vec![usage];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| rc("signing the certificate", e))?;
+    write_private(key_path, &key.serialize_pem())?;
+    write_public(cert_path, &cert.pem())
+}
+
+/// The client API's TLS files (`[api_tls]` in a replica's configuration).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct ApiTls {
+    /// The API's certificate and key (`ballot cert server`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Verify client certificates against this CA. A client need not
+    /// present one (tokens still work), but one it presents must chain to
+    /// it, or the handshake fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ApiTls {
+    /// The rustls configuration the client listener serves with.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, Error> {
+        let pem_err = |path: &Path, e: rustls::pki_types::pem::Error| {
+            Error(format!("reading {}: {e}", path.display()))
+        };
+        let chain = CertificateDer::pem_file_iter(&self.cert)
+            .map_err(|e| pem_err(&self.cert, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(&self.cert, e))?;
+        if chain.is_empty() {
+            return Err(Error(format!(
+                "{} holds no certificate",
+                self.cert.display()
+            )));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| pem_err(&self.key, e))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error(format!("TLS versions: {e}")))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err(ca, e))? {
+                    roots
+                        .add(c.map_err(|e| pem_err(ca, e))?)
+                        .map_err(|e| Error(format!("{} is not a usable CA: {e}", ca.display())))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                        .allow_unauthenticated()
+                        .build()
+                        .map_err(|e| Error(format!("client verifier: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| Error(format!("{}: {e}", self.cert.display())))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ballot::client::{Client, Precondition, Response};
+use ballot::client::{Client, Precondition, Response, Tls};
 use ballot::dev::DevCluster;
 use ballot::server::{CoreKind, NodeConfig};
 use bytes::Bytes;
@@ -567,14 +567,15 @@ fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
             break;
         }
     }
-    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert_eq!(lines.len(), 6, "{lines:?}");
     for (i, line) in lines[..3].iter().enumerate() {
         assert!(
-            line.starts_with(&format!("node {}: http://127.0.0.1:", i + 1)),
+            line.starts_with(&format!("node {}: https://127.0.0.1:", i + 1)),
             "{line}"
         );
     }
-    assert!(lines[3].starts_with("admin token: "), "{}", lines[3]);
+    assert!(lines[3].starts_with("CA: "), "{}", lines[3]);
+    assert!(lines[4].starts_with("admin token: "), "{}", lines[4]);
     // The pipe closes here (the reader is gone): ballot dev must carry on.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
@@ -588,10 +589,13 @@ fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
         .iter()
         .map(|n| n["pid"].as_i64().unwrap() as i32)
         .collect();
+    // The cluster serves HTTPS with certificates from its own CA.
+    let tls = Tls::from_files(&dir.join("certs/ca.pem"), None).unwrap();
+    let at = |url: &str| Client::with_tls(url, &tls);
     runtime().block_on(async {
-        let r = put(&Client::new(&urls[0]), "hello", "world").await;
+        let r = put(&at(&urls[0]), "hello", "world").await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
-        expect_value(&Client::new(&urls[2]), "hello", false, "world", 1).await;
+        expect_value(&at(&urls[2]), "hello", false, "world", 1).await;
     });
     let state = |id: usize| -> (String, Option<i64>) {
         let m: serde_json::Value =
@@ -620,7 +624,7 @@ fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
         "ballot dev stopped with its replica"
     );
     runtime().block_on(async {
-        let r = put(&Client::new(&urls[1]), "during", "crash").await;
+        let r = put(&at(&urls[1]), "during", "crash").await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
     });
     // The user brings it back, then plays with another.
@@ -644,7 +648,7 @@ fn ballot_dev_keeps_serving_when_a_replica_dies_and_stops_on_ctrl_c() {
     let new_pid = state(3).1.unwrap() as i32;
     runtime().block_on(async {
         // It serves again once it has loaded its configuration.
-        let three = Client::new(&urls[2]);
+        let three = at(&urls[2]);
         let deadline = Instant::now() + READY;
         loop {
             let r = three.get("during", false).await.unwrap();
@@ -853,8 +857,9 @@ fn the_typed_client_answers_in_types_and_fails_over() {
     let scratch = Scratch::new("typed-client");
     runtime().block_on(async {
         let mut cluster = start(&scratch.0, 3).await;
-        let store =
-            ballot_client::Client::new(cluster.nodes.iter().map(|n| n.http())).with_retry(Retry {
+        let store = ballot_client::Client::new(cluster.nodes.iter().map(|n| n.http()))
+            .with_tls(&cluster.nodes[0].tls())
+            .with_retry(Retry {
                 attempts: 4,
                 backoff: Duration::from_millis(20),
                 max_backoff: Duration::from_millis(100),
@@ -906,6 +911,7 @@ fn read_commands_print_json_for_scripts() {
             std::process::Command::new(binary())
                 .args(args)
                 .args(["--endpoint", &endpoint])
+                .env("BALLOT_CA", &cluster.nodes[1].config.tls.ca)
                 .output()
                 .unwrap()
         };

@@ -223,6 +223,7 @@ fn three_grow_to_five_and_shrink_to_three_under_load() {
 
         let out = Command::new(binary())
             .args(["cluster", "status", "--endpoint", &http(4)])
+            .env("BALLOT_DEV_DIR", &cluster.dir)
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);

@@ -289,9 +289,11 @@ fn admin_changes_need_the_token_and_a_replica_without_one_refuses_them() {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{}", path.display());
         }
-        // Replica 3 is configured without a token.
+        // Replica 3 is configured without a token (nor a client
+        // certificate that may make changes).
         let mut config = NodeConfig::load(&cluster.nodes[2].config_path).unwrap();
         config.admin_token = None;
+        config.admin_clients.clear();
         std::fs::write(
             &cluster.nodes[2].config_path,
             toml::to_string(&config).unwrap(),
@@ -346,6 +348,103 @@ fn admin_changes_need_the_token_and_a_replica_without_one_refuses_them() {
             (StatusCode::FORBIDDEN, "admin-disabled".to_string())
         );
         cluster.stop_all();
+    });
+}
+
+/// The client API is HTTPS with certificates from the cluster CA. A client
+/// certificate from the cluster CA listed in `admin_clients` is an admin
+/// credential, as the token is; one from another CA is refused at the
+/// handshake; plain HTTP gets no answer; an unauthorised admin request is
+/// refused before its body is read.
+#[test]
+fn the_client_api_is_https_and_client_certificates_authenticate() {
+    use ballot::client::Tls;
+    let dir = Scratch::new("api-tls");
+    runtime().block_on(async {
+        let cluster = start(&dir.0, 3).await;
+        let certs = dir.0.join("certs");
+        let url = cluster.nodes[0].http();
+        assert!(url.starts_with("https://"), "{url}");
+
+        // The dev client certificate, no token: admin changes go through.
+        let dev = Tls::from_files(
+            &ballot::tls::ca_cert_path(&certs),
+            Some((
+                &ballot::tls::client_cert_path(&certs, "dev"),
+                &ballot::tls::client_key_path(&certs, "dev"),
+            )),
+        )
+        .unwrap();
+        let by_cert = Client::with_tls(&url, &dev);
+        assert!(!push(&by_cert, PROTOCOL_NEXT_WASM).await.is_empty());
+
+        // Another certificate of the cluster CA, not listed: no admin.
+        ballot::tls::issue_client(&certs, "reader").unwrap();
+        let reader = Tls::from_files(
+            &ballot::tls::ca_cert_path(&certs),
+            Some((
+                &ballot::tls::client_cert_path(&certs, "reader"),
+                &ballot::tls::client_key_path(&certs, "reader"),
+            )),
+        )
+        .unwrap();
+        let c = Client::with_tls(&url, &reader);
+        assert!(put(&c, "read/k", "v").await.status.is_success());
+        let r = c
+            .json(Method::DELETE, "/v1/cluster/members/1", Bytes::new())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.error_message());
+        // Refused before the body is read: a body over the component limit
+        // is not what it is told.
+        let r = c
+            .json(Method::POST, "/v1/components", vec![0u8; 9 << 20].into())
+            .await;
+        if let Ok(Err(r)) = r {
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.error_message());
+        }
+
+        // A client certificate from another CA: the handshake fails.
+        let other = dir.0.join("other-ca");
+        ballot::tls::init_ca(&other, "other").unwrap();
+        ballot::tls::issue_client(&other, "dev").unwrap();
+        let foreign = Tls::from_files(
+            &ballot::tls::ca_cert_path(&certs),
+            Some((
+                &ballot::tls::client_cert_path(&other, "dev"),
+                &ballot::tls::client_key_path(&other, "dev"),
+            )),
+        )
+        .unwrap();
+        let e = Client::with_tls(&url, &foreign)
+            .get("k", false)
+            .await
+            .expect_err("a certificate from another CA was accepted");
+        assert!(
+            e.to_lowercase().contains("certificate") || e.contains("alert"),
+            "{e}"
+        );
+        // A client trusting another CA does not accept the replica.
+        let e = Client::with_tls(
+            &url,
+            &Tls::from_files(&ballot::tls::ca_cert_path(&other), None).unwrap(),
+        )
+        .get("k", false)
+        .await
+        .expect_err("the replica's certificate passed for another CA's");
+        assert!(
+            e.contains("UnknownIssuer") || e.contains("certificate"),
+            "{e}"
+        );
+        // Plain HTTP on the HTTPS port gets no HTTP answer.
+        let plain = url.replace("https://", "http://");
+        match Client::new(&plain).get("k", false).await {
+            Ok(r) => panic!("plain HTTP was answered: {}", r.status),
+            Err(e) => assert!(!e.is_empty()),
+        }
+        // And the replica is still fine.
+        assert!(cluster.nodes[0].client().healthy().await);
     });
 }
 

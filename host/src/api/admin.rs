@@ -1,63 +1,107 @@
 //! The admin plane: membership (`/v1/cluster/members`), components
 //! (`/v1/components`), policy bindings (`/v1/policies`) and protocol swaps
-//! (`/v1/protocol`). Every change needs the admin token, and is refused
-//! outright on a replica that has none configured (fail closed).
+//! (`/v1/protocol`). Every change needs an admin credential (the token, or
+//! a client certificate listed in `admin_clients`), and is refused outright
+//! on a replica that has none configured (fail closed).
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::body::read_body_max;
+use super::body::{discard_body, read_body_max};
+use super::conn::Activity;
 use super::error::registry;
 use super::{ApiError, App, REQUEST_TIMEOUT};
 use crate::membership::{Action, MemberChange};
 use crate::registry::{RegistryError, Swap, COMPONENT_MAX};
 
-/// Checks the admin token of a request that changes components, bindings,
-/// the protocol or the membership. Without a token configured every such
-/// change is refused: an open admin plane lets anyone who reaches the port
-/// run code of their choosing on every replica.
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &app.admin_token else {
+/// Middleware on the admin routes: a request that changes components,
+/// bindings, the protocol or the membership (any method but GET and HEAD)
+/// must carry the admin token, or come over a connection that presented a
+/// client certificate listed in `admin_clients`. It runs before the
+/// handler, so an unauthorised request's body is never read. Without
+/// either credential configured every such change is refused: an open
+/// admin plane lets anyone who reaches the port run code of their choosing
+/// on every replica.
+pub(super) async fn guard(
+    State(app): State<App>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Activity>>()
+        .map(|info| &info.0);
+    match authorize(&app, request.headers(), client) {
+        Ok(()) => next.run(request).await,
+        Err(e) => {
+            let mut response = e.into_response();
+            let has_body = request.headers().contains_key(header::TRANSFER_ENCODING)
+                || request
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .is_some_and(|v| v.as_bytes() != b"0");
+            if has_body {
+                // Never parsed nor kept: read and dropped (bounded in bytes
+                // and time) so the client sees this answer, and the
+                // connection is not offered for another request.
+                discard_body(request, COMPONENT_MAX, std::time::Duration::from_secs(5)).await;
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    }
+}
+
+fn authorize(app: &App, headers: &HeaderMap, client: Option<&Activity>) -> Result<(), ApiError> {
+    if app.admin_token.is_none() && app.admin_clients.is_empty() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "admin-disabled",
-            "this replica has no admin token configured (--admin-token or BALLOT_ADMIN_TOKEN), \
-             so it refuses every change to components, policies, the protocol and the membership",
+            "this replica has no admin credential configured (--admin-token, \
+             BALLOT_ADMIN_TOKEN or admin_clients), so it refuses every change to components, \
+             policies, the protocol and the membership",
         ));
-    };
+    }
+    if client.is_some_and(|c| app.admin_clients.iter().any(|name| c.client_is(name))) {
+        return Ok(());
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     // Compared in constant time: the token is a secret.
-    let matches = given.is_some_and(|g| {
-        g.len() == expected.len()
-            && g.bytes()
-                .zip(expected.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
+    let matches = match (&app.admin_token, given) {
+        (Some(expected), Some(g)) => {
+            g.len() == expected.len()
+                && g.bytes()
+                    .zip(expected.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        }
+        _ => false,
+    };
     if matches {
         return Ok(());
     }
     Err(ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
-        "this change needs the replicas' admin token (--admin-token or BALLOT_ADMIN_TOKEN)",
+        "this change needs the replicas' admin token (--admin-token or BALLOT_ADMIN_TOKEN) \
+         or a client certificate the replicas list in admin_clients",
     )
     .header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")))
 }
 
-/// The JSON body of an admin request, once its token checks out.
-fn admin_body<T>(
-    app: &App,
-    headers: &HeaderMap,
-    body: Result<axum::Json<T>, JsonRejection>,
-) -> Result<T, ApiError> {
-    authorize(app, headers)?;
+/// The JSON body of an admin request (authorised by [`guard`]).
+fn admin_body<T>(body: Result<axum::Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|axum::Json(b)| b)
         .map_err(|e| ApiError::bad_request("bad-request", e.body_text()))
 }
@@ -79,10 +123,9 @@ pub(super) struct AddMember {
 
 pub(super) async fn add_member(
     State(app): State<App>,
-    headers: HeaderMap,
     body: Result<axum::Json<AddMember>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let add = admin_body(&app, &headers, body)?;
+    let add = admin_body(body)?;
     if add.id == 0 {
         return Err(ApiError::bad_request(
             "invalid-change",
@@ -107,10 +150,8 @@ async fn queue_change(app: &App, change: MemberChange) -> Result<Response, ApiEr
 
 pub(super) async fn remove_member(
     State(app): State<App>,
-    headers: HeaderMap,
     Path(id): Path<u32>,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
     let change = MemberChange {
         action: Action::Remove,
         id,
@@ -153,7 +194,6 @@ pub(super) async fn push_component(
     State(app): State<App>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    authorize(&app, request.headers())?;
     let bytes = read_body_max(request, COMPONENT_MAX, "components")
         .await?
         .to_vec();
@@ -209,10 +249,9 @@ pub(super) struct BindRequest {
 
 pub(super) async fn bind_policy(
     State(app): State<App>,
-    headers: HeaderMap,
     body: Result<axum::Json<BindRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let req = admin_body(&app, &headers, body)?;
+    let req = admin_body(body)?;
     let (version, binding, record) = app
         .registry
         .bind(&req.prefix, &req.component)
@@ -236,10 +275,8 @@ pub(super) struct UnbindParams {
 
 pub(super) async fn unbind_policy(
     State(app): State<App>,
-    headers: HeaderMap,
     params: Result<Query<UnbindParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
     let Query(params) =
         params.map_err(|e| ApiError::bad_request("bad-parameter", e.body_text()))?;
     let version = app
@@ -303,20 +340,15 @@ async fn swapped(
 
 pub(super) async fn activate_protocol(
     State(app): State<App>,
-    headers: HeaderMap,
     body: Result<axum::Json<ActivateRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let req = admin_body(&app, &headers, body)?;
+    let req = admin_body(body)?;
     let target = (req.component != "embedded").then_some(req.component.as_str());
     let result = app.registry.activate(target, Swap::Activate).await;
     swapped(&app, result).await
 }
 
-pub(super) async fn rollback_protocol(
-    State(app): State<App>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
+pub(super) async fn rollback_protocol(State(app): State<App>) -> Result<Response, ApiError> {
     let result = app.registry.rollback().await;
     swapped(&app, result).await
 }

@@ -52,6 +52,25 @@ pub async fn read_body(request: Request) -> Result<Bytes, ApiError> {
 }
 
 /// A body of at most `max` bytes; `what` names it in the 413 answer.
+/// Reads and drops a body that will not be used, up to `max` bytes and for
+/// `within` at most, holding none of it: a client still sending a refused
+/// request then reads the answer instead of a reset connection (a lingering
+/// close).
+pub async fn discard_body(request: Request, max: usize, within: std::time::Duration) {
+    use http_body_util::BodyExt;
+    let mut body = request.into_body();
+    let mut seen = 0usize;
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > max {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, drain).await;
+}
+
 pub async fn read_body_max(request: Request, max: usize, what: &str) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(

@@ -12,14 +12,16 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep, Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 /// Client connections open at once, by default.
 pub const CONNECTIONS_MAX: usize = 1024;
@@ -47,15 +49,23 @@ pub struct Listener {
     listener: Arc<TcpListener>,
     slots: Arc<Semaphore>,
     idle: Duration,
+    /// HTTPS when set; plain HTTP only when the configuration asks for it.
+    tls: Option<TlsAcceptor>,
 }
 
 impl Listener {
-    pub fn new(listener: TcpListener, connections_max: usize, idle: Duration) -> Listener {
+    pub fn new(
+        listener: TcpListener,
+        connections_max: usize,
+        idle: Duration,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Listener {
         let connections_max = connections_max.clamp(CONNECTIONS_RANGE.0, CONNECTIONS_RANGE.1);
         Listener {
             listener: Arc::new(listener),
             slots: Arc::new(Semaphore::new(connections_max)),
             idle: idle.clamp(IDLE_RANGE.0, IDLE_RANGE.1),
+            tls: tls.map(TlsAcceptor::from),
         }
     }
 }
@@ -68,13 +78,25 @@ impl axum::serve::Listener for Listener {
         loop {
             match self.listener.accept().await {
                 Ok((stream, addr)) => match self.slots.clone().try_acquire_owned() {
-                    Ok(slot) => return (Bounded::new(stream, slot, self.idle), addr),
+                    Ok(slot) => {
+                        // The handshake runs as the connection is first
+                        // read or written, on the connection's own task
+                        // and under its idle limit, never here.
+                        let stream = match &self.tls {
+                            Some(tls) => Stream::Handshaking(tls.accept(stream)),
+                            None => Stream::Plain(stream),
+                        };
+                        return (Bounded::new(stream, slot, self.idle), addr);
+                    }
                     // Past the cap the connection is answered and closed at
                     // once, so it holds no descriptor; the client tries
                     // again. A fresh socket's send buffer is empty, so the
-                    // answer fits without waiting.
+                    // answer fits without waiting. (Over TLS there is no
+                    // answer before a handshake: the client sees the close.)
                     Err(_) => {
-                        let _ = stream.try_write(OVERLOADED);
+                        if self.tls.is_none() {
+                            let _ = stream.try_write(OVERLOADED);
+                        }
                         tracing::debug!(%addr, "refused a client connection: too many open");
                         drop(stream);
                     }
@@ -98,25 +120,85 @@ impl axum::serve::Listener for Listener {
 /// and a handler may run longer than `idle` (an activation waits for every
 /// replica).
 #[derive(Clone, Default)]
-pub struct Activity(Arc<AtomicUsize>);
+pub struct Activity {
+    in_flight: Arc<AtomicUsize>,
+    /// The client certificate the connection presented, verified against
+    /// the cluster CA (set when its TLS handshake completes, before any
+    /// request is read).
+    client: Arc<OnceLock<CertificateDer<'static>>>,
+}
 
 /// One request in flight; counted until dropped (answered or cancelled).
 pub struct InFlight(Activity);
 
 impl Activity {
     pub fn begin(&self) -> InFlight {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
     fn busy(&self) -> bool {
-        self.0.load(Ordering::Relaxed) > 0
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether the connection presented a client certificate (verified
+    /// against the cluster CA) issued to `name` (`ballot cert client NAME`).
+    pub fn client_is(&self, name: &str) -> bool {
+        self.client
+            .get()
+            .is_some_and(|cert| crate::tls::names(cert, &crate::tls::client_name(name)))
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client connection's bytes: plain, or TLS (handshaking until its first
+/// read or write completes it).
+pub enum Stream {
+    Plain(TcpStream),
+    Handshaking(tokio_rustls::Accept<TcpStream>),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Failed,
+}
+
+impl Stream {
+    /// Drives a handshake in progress; `Ready(Ok)` once the stream carries
+    /// data (recording the client certificate's name in `client`).
+    fn ready(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &OnceLock<CertificateDer<'static>>,
+    ) -> Poll<io::Result<()>> {
+        let Stream::Handshaking(accept) = self else {
+            return match self {
+                Stream::Failed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+                _ => Poll::Ready(Ok(())),
+            };
+        };
+        match Pin::new(accept).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(tls)) => {
+                if let Some(cert) = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                {
+                    let _ = client.set(cert.clone().into_owned());
+                }
+                *self = Stream::Tls(Box::new(tls));
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::debug!("client TLS handshake failed: {e}");
+                *self = Stream::Failed;
+                Poll::Ready(Err(e))
+            }
+        }
     }
 }
 
@@ -145,7 +227,7 @@ pub async fn track(
 /// A client connection holding its slot, failing with `TimedOut` once it
 /// has made no progress for `idle`.
 pub struct Bounded {
-    stream: TcpStream,
+    stream: Stream,
     _slot: OwnedSemaphorePermit,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
@@ -153,7 +235,7 @@ pub struct Bounded {
 }
 
 impl Bounded {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, idle: Duration) -> Bounded {
+    fn new(stream: Stream, slot: OwnedSemaphorePermit, idle: Duration) -> Bounded {
         Bounded {
             stream,
             _slot: slot,
@@ -209,7 +291,11 @@ impl AsyncRead for Bounded {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+        let polled = match this.stream.ready(cx, &this.activity.client) {
+            Poll::Ready(Ok(())) => this.stream.poll_read(cx, buf),
+            other => other,
+        };
+        match polled {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
                     this.progressed();
@@ -229,30 +315,54 @@ impl AsyncWrite for Bounded {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.stream).poll_write(cx, data);
+        let polled = match this.stream.ready(cx, &this.activity.client) {
+            Poll::Ready(Ok(())) => this.stream.poll_write(cx, data),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        };
         this.wrote(cx, polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        match this.stream.ready(cx, &this.activity.client) {
+            Poll::Ready(Ok(())) => this.stream.poll_flush(cx),
+            other => other,
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Handshaking(_) | Stream::Failed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl Stream {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            _ => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.wrote(cx, polled)
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, data),
+            _ => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            _ => Poll::Ready(Ok(())),
+        }
     }
 }
 

@@ -61,9 +61,13 @@ pub struct App {
     pub cluster: Arc<dyn Fn() -> ClusterView + Send + Sync>,
     pub registry: Arc<Registry>,
     pub membership: Arc<Membership>,
-    /// Required of component, policy, protocol and membership changes;
-    /// without one they are all refused.
+    /// Required of component, policy, protocol and membership changes
+    /// (or a certificate named in `admin_clients`); without either they
+    /// are all refused.
     pub admin_token: Option<Arc<str>>,
+    /// Client certificate names (`ballot cert client NAME`) that may make
+    /// those changes.
+    pub admin_clients: Arc<[String]>,
 }
 
 /// The router.
@@ -76,6 +80,18 @@ pub fn router(app: App) -> Router {
                 .delete(kv::delete_kv)
                 .post(kv::post_kv),
         )
+        .merge(admin_routes(app.clone()))
+        .route("/v1/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(app)
+}
+
+/// The admin plane, behind [`admin::guard`].
+fn admin_routes(app: App) -> Router<App> {
+    Router::new()
         .route(
             "/v1/components",
             get(admin::list_components).post(admin::push_component),
@@ -89,17 +105,12 @@ pub fn router(app: App) -> Router {
         .route("/v1/protocol", get(admin::protocol_status))
         .route("/v1/protocol/activate", post(admin::activate_protocol))
         .route("/v1/protocol/rollback", post(admin::rollback_protocol))
-        .route("/v1/cluster", get(cluster))
         .route(
             "/v1/cluster/members",
             get(admin::members).post(admin::add_member),
         )
         .route("/v1/cluster/members/{id}", delete(admin::remove_member))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .with_state(app)
+        .route_layer(axum::middleware::from_fn_with_state(app, admin::guard))
 }
 
 async fn cluster(State(app): State<App>) -> Response {

@@ -70,6 +70,8 @@ pub struct Plan {
     pub etcd: bool,
     /// Drive these Ballot endpoints instead of starting a cluster.
     pub endpoints: Vec<String>,
+    /// The CA their `https://` certificates chain to.
+    pub ca: Option<PathBuf>,
     pub dir: PathBuf,
     pub binary: PathBuf,
 }
@@ -423,7 +425,15 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
             systems.push(start_ballot(&plan, *core).await?);
         }
     } else {
-        let clients: Vec<Client> = plan.endpoints.iter().map(|e| Client::new(e)).collect();
+        let tls = match &plan.ca {
+            Some(ca) => crate::client::Tls::from_files(ca, None)?,
+            None => crate::client::Tls::plain(),
+        };
+        let clients: Vec<Client> = plan
+            .endpoints
+            .iter()
+            .map(|e| Client::with_tls(e, &tls))
+            .collect();
         systems.push(System {
             name: "ballot".into(),
             target: Target::Ballot(clients.clone()),

@@ -46,6 +46,9 @@ pub(super) struct BenchArgs {
     /// Drive these running Ballot replicas instead of starting clusters.
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// The cluster CA (PEM) those endpoints' certificates chain to.
+    #[arg(long, env = "BALLOT_CA")]
+    ca: Option<PathBuf>,
     /// Where the clusters live while the benchmark runs.
     #[arg(long, default_value = "ballot-bench")]
     dir: PathBuf,
@@ -89,6 +92,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         cores: args.core,
         etcd: args.compare.is_some(),
         endpoints: args.endpoints,
+        ca: args.ca,
         dir: args.dir.clone(),
         binary,
     };

@@ -184,7 +184,7 @@ pub(super) async fn status(endpoint: Endpoint) -> ExitCode {
     for r in &view.replicas {
         let remote = match &r.http {
             Some(url) if r.id == view.id => Some(Ok(view.clone())),
-            Some(url) => Some(Client::new(url).cluster().await),
+            Some(url) => Some(client.at(url).cluster().await),
             None => None,
         };
         let (health, epoch, incarnation, protocol, policy) = match remote {

@@ -39,7 +39,7 @@ pub async fn print_each_replica_json(client: Client, path: &str, members: bool) 
         let mut entry =
             serde_json::json!({ "id": r.id, "http": r.http, "link": r.link, "role": r.role });
         let answer = match &r.http {
-            Some(url) => match Client::new(url).json(Method::GET, path, Bytes::new()).await {
+            Some(url) => match client.at(url).json(Method::GET, path, Bytes::new()).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(resp)) => Err(format!("{} {}", resp.status, resp.error_message())),
                 Err(e) => Err(e),
@@ -199,7 +199,7 @@ async fn await_all(
     loop {
         let mut there = 0;
         for url in &urls {
-            let answer = Client::new(url).json(Method::GET, path, Bytes::new()).await;
+            let answer = client.at(url).json(Method::GET, path, Bytes::new()).await;
             if matches!(answer, Ok(Ok(ref v)) if done(v)) {
                 there += 1;
             }
@@ -387,7 +387,8 @@ pub async fn protocol_status(client: Client) -> ExitCode {
     let mut cluster: Option<serde_json::Value> = None;
     for (id, url) in urls {
         let answer = match &url {
-            Some(url) => Client::new(url)
+            Some(url) => client
+                .at(url)
                 .json(Method::GET, "/v1/protocol", Bytes::new())
                 .await
                 .ok()

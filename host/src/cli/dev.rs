@@ -201,6 +201,11 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
     };
     let _ = writeln!(
         out,
+        "CA: {} (the replicas serve HTTPS; the CLI trusts this CA when run beside it, curl needs --cacert)",
+        crate::tls::ca_cert_path(&cluster.dir.join("certs")).display()
+    );
+    let _ = writeln!(
+        out,
         "admin token: {} (the CLI reads it when run beside it; elsewhere set BALLOT_DEV_DIR or BALLOT_ADMIN_TOKEN)",
         cluster.dir.join(crate::dev::ADMIN_TOKEN_FILE).display()
     );

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
-use crate::client::Client;
+use crate::client::{Client, Tls};
 use output::{fail, init_logging, print_json, Output};
 
 mod bench;
@@ -144,14 +144,36 @@ enum PolicyCmd {
 
 #[derive(Args, Debug, Clone)]
 struct Endpoint {
-    /// A replica's HTTP endpoint.
+    /// A replica's client URL.
     #[arg(
         long,
         env = "BALLOT_ENDPOINT",
-        default_value = "http://127.0.0.1:8001",
+        default_value = "https://127.0.0.1:8001",
         global = true
     )]
     endpoint: String,
+    /// The cluster CA (PEM) that an `https://` replica's certificate must
+    /// chain to. Without one, a command to a replica on this machine trusts
+    /// the CA of the `ballot dev` cluster in `$BALLOT_DEV_DIR` (default
+    /// `ballot-dev`), if there is one.
+    #[arg(long, env = "BALLOT_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM, `ballot cert client NAME`) to present.
+    #[arg(
+        long,
+        env = "BALLOT_CLIENT_CERT",
+        global = true,
+        requires = "client_key"
+    )]
+    client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "BALLOT_CLIENT_KEY",
+        global = true,
+        requires = "client_cert"
+    )]
+    client_key: Option<std::path::PathBuf>,
     /// The replicas' admin token. Without one, a command to a replica on
     /// this machine uses the token of the `ballot dev` cluster in
     /// `$BALLOT_DEV_DIR` (default `ballot-dev`), if there is one.
@@ -166,12 +188,38 @@ struct Endpoint {
 
 impl Endpoint {
     fn client(&self) -> Client {
-        Client::new(&self.endpoint).with_token(self.token())
+        Client::with_tls(&self.endpoint, &self.tls()).with_token(self.token())
     }
 
     /// The typed client, with its retries, for the key-value commands.
     fn store(&self) -> ballot_client::Client {
-        ballot_client::Client::new([&self.endpoint]).with_token(self.token())
+        ballot_client::Client::new([&self.endpoint])
+            .with_tls(&self.tls())
+            .with_token(self.token())
+    }
+
+    /// What to trust and present over TLS: the CA and certificate given,
+    /// or the local dev cluster's CA for a loopback endpoint. A file that
+    /// cannot be read ends the command with the reason.
+    fn tls(&self) -> Tls {
+        let dev_ca = || {
+            let dir = std::env::var_os("BALLOT_DEV_DIR").unwrap_or_else(|| "ballot-dev".into());
+            let ca = crate::tls::ca_cert_path(&std::path::Path::new(&dir).join("certs"));
+            (is_loopback(&self.endpoint) && ca.exists()).then_some(ca)
+        };
+        let identity = self.client_cert.as_deref().zip(self.client_key.as_deref());
+        let tls = match self.ca.clone().or_else(dev_ca) {
+            Some(ca) => Tls::from_files(&ca, identity),
+            None if self.endpoint.starts_with("https:") => Err(format!(
+                "{} is HTTPS: give the cluster CA with --ca or BALLOT_CA",
+                self.endpoint
+            )),
+            None => Ok(Tls::plain()),
+        };
+        tls.unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(2)
+        })
     }
 
     /// The admin token to send: the one given, or the local dev cluster's
@@ -272,6 +320,24 @@ enum CertCmd {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
+    /// Issue the client API's server certificate (`api.pem`), valid for
+    /// localhost, 127.0.0.1, ::1 and every --host.
+    Server {
+        /// A DNS name or IP address clients reach the replicas by (repeat).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Where the certificates live.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+    /// Issue a client certificate (`client-NAME.pem`) for mutual TLS; list
+    /// NAME in a replica's `admin_clients` to let it make admin changes.
+    Client {
+        name: String,
+        /// Where the certificates live.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
 }
 
 /// Runs the command line; `ballot`'s `main`.
@@ -330,6 +396,25 @@ pub fn main() -> ExitCode {
         Cmd::Cert(CertCmd::Node { id, dir }) => match crate::tls::issue_node(&dir, id) {
             Ok(()) => {
                 println!("wrote {}", crate::tls::node_cert_path(&dir, id).display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Cmd::Cert(CertCmd::Server { hosts, dir }) => {
+            match crate::tls::issue_api_server(&dir, &hosts) {
+                Ok(()) => {
+                    println!("wrote {}", crate::tls::api_cert_path(&dir).display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Cert(CertCmd::Client { name, dir }) => match crate::tls::issue_client(&dir, &name) {
+            Ok(()) => {
+                println!(
+                    "wrote {}",
+                    crate::tls::client_cert_path(&dir, &name).display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),

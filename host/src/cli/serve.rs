@@ -38,6 +38,29 @@ pub(super) struct ServeArgs {
     /// This replica's private key (PEM).
     #[arg(long, env = "BALLOT_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// The client API's certificate (PEM, `ballot cert server`): serve
+    /// HTTPS.
+    #[arg(long, env = "BALLOT_API_CERT", requires = "api_key")]
+    api_cert: Option<PathBuf>,
+    /// The client API's private key (PEM).
+    #[arg(long, env = "BALLOT_API_KEY", requires = "api_cert")]
+    api_key: Option<PathBuf>,
+    /// Verify client certificates against this CA (PEM); a client may
+    /// still go without one.
+    #[arg(long, env = "BALLOT_API_CLIENT_CA", requires = "api_cert")]
+    api_client_ca: Option<PathBuf>,
+    /// Serve the client API as plain HTTP (no TLS): only on a trusted
+    /// network. Without it a replica needs the API certificate.
+    #[arg(long, env = "BALLOT_API_PLAINTEXT", conflicts_with = "api_cert")]
+    api_plaintext: bool,
+    /// Client certificate names whose holders may make admin changes
+    /// (repeat, or comma-separate in the environment).
+    #[arg(
+        long = "admin-client",
+        env = "BALLOT_ADMIN_CLIENTS",
+        value_delimiter = ','
+    )]
+    admin_clients: Vec<String>,
     /// Run the protocol as the embedded wasm component or compiled in.
     #[arg(long, env = "BALLOT_CORE", value_enum)]
     core: Option<CoreKind>,
@@ -87,6 +110,8 @@ impl ServeArgs {
                 .or(base.as_ref().map(|b| b.tls.key.clone()))
                 .ok_or_else(|| missing("tls-key"))?,
         };
+        let api_plaintext = self.api_plaintext
+            || (self.api_cert.is_none() && base.as_ref().is_some_and(|b| b.api_plaintext));
         Ok(NodeConfig {
             id: self
                 .id
@@ -120,6 +145,23 @@ impl ServeArgs {
             admin_token: self
                 .admin_token
                 .or(base.as_ref().and_then(|b| b.admin_token.clone())),
+            api_tls: match (self.api_cert, self.api_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::ApiTls {
+                    cert,
+                    key,
+                    client_ca: self.api_client_ca,
+                }),
+                _ if self.api_plaintext => None,
+                _ => base.as_ref().and_then(|b| b.api_tls.clone()),
+            },
+            api_plaintext,
+            admin_clients: if self.admin_clients.is_empty() {
+                base.as_ref()
+                    .map(|b| b.admin_clients.clone())
+                    .unwrap_or_default()
+            } else {
+                self.admin_clients
+            },
             http_connections_max: base.as_ref().and_then(|b| b.http_connections_max),
             http_idle_secs: base.as_ref().and_then(|b| b.http_idle_secs),
         })
