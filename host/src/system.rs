@@ -4,8 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Prefix of every key the cluster keeps for itself; clients cannot use it.
-pub const SYSTEM_PREFIX: &[u8] = b"\0ballot/";
+pub use crate::runtime::SYSTEM_PREFIX;
 /// The component configuration record (section 9 of the design).
 pub const CONFIG_KEY: &[u8] = b"\0ballot/config";
 /// The membership record (section 11 of the design).

@@ -305,6 +305,54 @@ fn a_hostile_policy_fails_only_its_own_command_and_changes_nothing() {
     });
 }
 
+/// A component of 1.5 MiB (a real policy with a custom section of
+/// padding) is stored through consensus like any other: the cluster's own
+/// records carry values over the 1 MiB clients may write, and the host's
+/// checks of protocol output must not take them for invalid output (they
+/// once did, restarting the protocol on every replica that learned it).
+#[test]
+fn a_component_over_a_mebibyte_is_stored_without_restarting_anything() {
+    let dir = Scratch::new("big-component");
+    runtime().block_on(async {
+        let cluster = start(&dir.0, 3).await;
+        let c = client(&cluster, 1);
+        let mut bytes = component("examples/counter/counter.wasm");
+        // A custom section: id 0, size, name "padding", then the bytes.
+        let pad = 1_536 * 1024 - bytes.len();
+        let mut section = vec![7u8];
+        section.extend_from_slice(b"padding");
+        section.resize(pad, 0);
+        bytes.push(0);
+        let mut len = section.len() as u64;
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                bytes.push(byte);
+                break;
+            }
+            bytes.push(byte | 0x80);
+        }
+        bytes.extend_from_slice(&section);
+        assert!(bytes.len() > 3 << 19, "{} bytes", bytes.len());
+        let id = push(&c, bytes).await;
+        bind_everywhere(&cluster, "big/", &id).await;
+        let r = apply(&client(&cluster, 2), "big/n", "2").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+        for other in clients(&cluster) {
+            for cause in ["invalid", "trap"] {
+                let name = format!("ballot_protocol_restarts_total{{cause=\"{cause}\"}}");
+                assert_eq!(
+                    metric(&other, &name).await,
+                    0.0,
+                    "{}: {name}",
+                    other.endpoint()
+                );
+            }
+        }
+    });
+}
+
 #[test]
 fn push_and_bind_refuse_what_cannot_run_with_the_reason() {
     let dir = Scratch::new("refusals");

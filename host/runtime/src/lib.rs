@@ -29,6 +29,11 @@ pub const POLICY_FUEL_PER_CALL: u64 = 200_000_000;
 pub const POLICY_MEMORY_MAX_BYTES: usize = 64 << 20;
 /// Largest value a client or a policy may write.
 pub const VALUE_MAX: usize = 1 << 20;
+/// Prefix of every key the cluster keeps for itself; clients cannot use it.
+pub const SYSTEM_PREFIX: &[u8] = b"\0ballot/";
+/// Largest value the cluster writes under its own keys: a stored component
+/// (at most 8 MiB) and its bookkeeping.
+pub const SYSTEM_VALUE_MAX: usize = (8 << 20) + (64 << 10);
 /// Longest rejection code a policy may return (longer is a policy failure).
 pub const REJECTION_CODE_MAX: usize = 64;
 /// Longest rejection message a policy may return.

@@ -112,10 +112,17 @@ impl PolicyInstance {
             }
         };
         self.live = Some(live);
+        // The cluster's own records (stored components among them) may be
+        // larger than what clients write.
+        let max = if key.starts_with(SYSTEM_PREFIX) {
+            SYSTEM_VALUE_MAX
+        } else {
+            VALUE_MAX
+        };
         match change {
             pol::Change::Keep => Ok(core::Change::Keep),
-            pol::Change::Set(v) if v.len() > VALUE_MAX => Err(policy_failed(format!(
-                "policy {name} returned a value of {} bytes; values are at most {VALUE_MAX}",
+            pol::Change::Set(v) if v.len() > max => Err(policy_failed(format!(
+                "policy {name} returned a value of {} bytes; values are at most {max}",
                 v.len()
             ))),
             pol::Change::Set(v) => Ok(core::Change::Set(v)),

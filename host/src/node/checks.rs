@@ -11,18 +11,23 @@
 //! the protocol back (design section 10).
 
 use ballot_core::{Actions, Completion, Outcome, Ready};
-use ballot_runtime::VALUE_MAX;
 
 use super::KEY_MAX;
+use crate::transport::FRAME_MAX;
 
+/// Largest value a protocol may commit or answer with. Clients write at
+/// most 1 MiB, but the cluster's own records go through consensus too: a
+/// stored component is up to 8 MiB, and the configuration record grows
+/// with every component pushed. Half a frame, so a message can carry it.
+pub const VALUE_LIMIT: usize = FRAME_MAX / 2;
 /// Largest key state a protocol may ask to persist: a committed and an
 /// accepted value and their bookkeeping.
-pub const STATE_MAX: usize = 4 * VALUE_MAX + (64 << 10);
-/// Largest payload of one peer message (a reply may carry an accepted and
-/// a chosen value).
-pub const PAYLOAD_MAX: usize = 4 * VALUE_MAX + (64 << 10);
+pub const STATE_MAX: usize = 2 * VALUE_LIMIT + (64 << 10);
+/// Largest payload of one peer message: what fits a frame.
+pub const PAYLOAD_MAX: usize = FRAME_MAX - (64 << 10);
 /// Longest rejection code, and longest rejection or failure message, a
-/// client is given.
+/// client is given: longer ones are cut (see [`clamp_texts`]), never
+/// refused, since a sound protocol passes on what policies and peers say.
 pub const CODE_MAX: usize = 128;
 pub const TEXT_MAX: usize = 4096;
 
@@ -38,8 +43,8 @@ fn key(what: &str, key: &[u8]) -> Result<(), String> {
 
 fn value(what: &str, value: Option<&Vec<u8>>) -> Result<(), String> {
     match value {
-        Some(v) if v.len() > VALUE_MAX => Err(format!(
-            "{what} with a {}-byte value (at most {VALUE_MAX})",
+        Some(v) if v.len() > VALUE_LIMIT => Err(format!(
+            "{what} with a {}-byte value (at most {VALUE_LIMIT})",
             v.len()
         )),
         _ => Ok(()),
@@ -92,20 +97,32 @@ pub fn actions(actions: &Actions) -> Result<(), String> {
 }
 
 fn completion(c: &Completion) -> Result<(), String> {
-    let text = |what: &str, s: &str, max: usize| {
-        if s.len() > max {
-            return Err(format!("{what} of {} bytes (at most {max})", s.len()));
-        }
-        Ok(())
-    };
     match &c.outcome {
         Outcome::Done(current) => value("an answer", current.value.as_ref()),
-        Outcome::Rejected(r, current) => {
-            text("a rejection code", &r.code, CODE_MAX)?;
-            text("a rejection message", &r.message, TEXT_MAX)?;
-            value("a rejection", current.value.as_ref())
+        Outcome::Rejected(_, current) => value("a rejection", current.value.as_ref()),
+        Outcome::Failed(_) => Ok(()),
+    }
+}
+
+/// Cuts a completion's rejection code and messages to what a client is
+/// given ([`CODE_MAX`], [`TEXT_MAX`] bytes, at a character boundary).
+pub fn clamp_texts(c: &mut Completion) {
+    fn cut(s: &mut String, max: usize) {
+        if s.len() > max {
+            let mut end = max;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
         }
-        Outcome::Failed(f) => text("a failure message", &f.message, TEXT_MAX),
+    }
+    match &mut c.outcome {
+        Outcome::Rejected(r, _) => {
+            cut(&mut r.code, CODE_MAX);
+            cut(&mut r.message, TEXT_MAX);
+        }
+        Outcome::Failed(f) => cut(&mut f.message, TEXT_MAX),
+        Outcome::Done(_) => {}
     }
 }
 
@@ -150,7 +167,7 @@ mod tests {
                         message: "the key exists".into(),
                     },
                     Current {
-                        value: Some(vec![0; VALUE_MAX]),
+                        value: Some(vec![0; 8 << 20]),
                         version: 3,
                     },
                 ),
@@ -215,7 +232,7 @@ mod tests {
         let mut big = write(b"a");
         big.commit = Some(Commit {
             version: 2,
-            value: Some(vec![0; VALUE_MAX + 1]),
+            value: Some(vec![0; VALUE_LIMIT + 1]),
         });
         assert!(ready(&ready_of(vec![big], Actions::default()), &touched).is_err());
         let send = Actions {
@@ -235,22 +252,39 @@ mod tests {
             }],
             ..Actions::default()
         };
-        let rejected = |code: usize, message: usize| {
-            Outcome::Rejected(
-                Rejection {
-                    code: "c".repeat(code),
-                    message: "m".repeat(message),
-                },
-                Current::default(),
-            )
-        };
-        assert!(actions(&answer(rejected(CODE_MAX, TEXT_MAX))).is_ok());
-        assert!(actions(&answer(rejected(CODE_MAX + 1, 1))).is_err());
-        assert!(actions(&answer(rejected(1, TEXT_MAX + 1))).is_err());
         let done = Outcome::Done(Current {
-            value: Some(vec![0; VALUE_MAX + 1]),
+            value: Some(vec![0; VALUE_LIMIT + 1]),
             version: 1,
         });
         assert!(actions(&answer(done)).is_err());
+    }
+
+    /// Overlong texts are cut, not refused: a sound protocol passes on
+    /// what a policy or an older peer said.
+    #[test]
+    fn overlong_texts_are_cut_at_a_character_boundary() {
+        let mut c = Completion {
+            id: 1,
+            outcome: Outcome::Rejected(
+                Rejection {
+                    code: "c".repeat(CODE_MAX + 10),
+                    message: "é".repeat(TEXT_MAX),
+                },
+                Current::default(),
+            ),
+            trace: Trace::default(),
+        };
+        assert!(actions(&Actions {
+            complete: vec![c.clone()],
+            ..Actions::default()
+        })
+        .is_ok());
+        clamp_texts(&mut c);
+        let Outcome::Rejected(r, _) = &c.outcome else {
+            unreachable!()
+        };
+        assert_eq!(r.code.len(), CODE_MAX);
+        assert!(r.message.len() <= TEXT_MAX && r.message.len() >= TEXT_MAX - 1);
+        assert!(r.message.chars().all(|ch| ch == 'é'));
     }
 }

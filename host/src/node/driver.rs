@@ -600,7 +600,8 @@ impl Driver {
         }
     }
 
-    fn complete(&mut self, c: Completion) {
+    fn complete(&mut self, mut c: Completion) {
+        checks::clamp_texts(&mut c);
         let Some(client) = self.clients.remove(&c.id) else {
             debug!(id = c.id, "completion for an unknown request");
             return;

@@ -160,10 +160,22 @@ pub fn inspect(engine: &Engine, bytes: &[u8]) -> Result<(Inspected, Component), 
     Ok((inspected, component))
 }
 
+/// Longest policy name or version a component may describe itself with.
+const DESCRIBE_MAX: usize = 128;
+
 fn run_policy(engine: &Engine, component: &Component) -> Result<Inspected, Error> {
     let (mut store, instance) = runtime::sandbox_policy(engine, component)?;
     let (name, version) = runtime::describe_policy(&mut store, &instance)
         .map_err(|e| Error::Refused(format!("its describe failed: {e}")))?;
+    // Names go into records, listings and every failure message.
+    if name.is_empty() || name.len() > DESCRIBE_MAX || version.len() > DESCRIBE_MAX {
+        return Err(Error::Refused(format!(
+            "its describe returned a name of {} bytes and a version of {}; each is at most \
+             {DESCRIBE_MAX} bytes and the name is not empty",
+            name.len(),
+            version.len()
+        )));
+    }
     let self_checked = runtime::self_check_export(&mut store, &instance)?;
     Ok(Inspected {
         kind: Kind::Policy,

@@ -36,7 +36,8 @@ pub const STORAGE_FORMAT: u8 = 1;
 /// whole `values` record (with the value) and `[key_len: u32][key]`.
 pub const CHANGELOG_FORMAT: u8 = 2;
 /// The directory's format, in `meta/format`: 2 since changelog entries
-/// hold no values. A format-1 directory is migrated when opened.
+/// hold no values. A format-1 directory becomes format 2 when opened: its
+/// entries are read in either format and leave with truncation.
 pub const DIRECTORY_FORMAT: u8 = 2;
 /// Default LMDB map size: address space reserved, not disk used.
 pub const MAP_SIZE_DEFAULT: usize = 64 << 30;
@@ -148,29 +149,6 @@ pub struct Storage {
     identity: DirIdentity,
 }
 
-/// Rewrites every changelog entry of a format-1 directory in format 2, in
-/// the caller's transaction (the directory's format changes in the same
-/// commit, so a crash leaves it wholly one or the other). Returns how many.
-fn migrate_changelog(
-    wtxn: &mut heed::RwTxn,
-    changelog: Database<U64<BigEndian>, Bytes>,
-) -> Result<usize, Error> {
-    let mut rewritten = Vec::new();
-    for entry in changelog.iter(wtxn)? {
-        let (seq, bytes) = entry?;
-        let (version, key) = decode_change_v1(bytes).ok_or_else(|| {
-            StorageError::Corrupt(format!("format-1 changelog entry {seq} is malformed"))
-        })?;
-        let mut out = Vec::with_capacity(9 + key.len());
-        encode_change(&mut out, version, key);
-        rewritten.push((seq, out));
-    }
-    for (seq, bytes) in &rewritten {
-        changelog.put(wtxn, seq, bytes)?;
-    }
-    Ok(rewritten.len())
-}
-
 /// Random bytes from the operating system, through the TLS stack's source.
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
     let mut out = [0u8; N];
@@ -208,13 +186,15 @@ impl Storage {
         match meta.get(&wtxn, META_FORMAT)? {
             None => meta.put(&mut wtxn, META_FORMAT, &[DIRECTORY_FORMAT])?,
             Some([DIRECTORY_FORMAT]) => {}
+            // Entries already written stay as they are (read below in
+            // either format) and go with truncation; new ones are format 2.
+            // Rewriting them here would make opening a directory with a
+            // long changelog one huge transaction.
             Some([1]) => {
-                let entries = migrate_changelog(&mut wtxn, changelog)?;
                 meta.put(&mut wtxn, META_FORMAT, &[DIRECTORY_FORMAT])?;
                 tracing::info!(
                     dir = %dir.display(),
-                    entries,
-                    "storage format 1 migrated to 2: changelog entries no longer hold values"
+                    "storage format 1 moved to 2: new changelog entries hold no values"
                 );
             }
             Some(other) => {
@@ -379,9 +359,11 @@ impl Storage {
         let mut out = Vec::new();
         for entry in self.changelog.range(rtxn, &(from..))?.take(limit) {
             let (seq, bytes) = entry?;
-            let (version, key) = decode_change(bytes).ok_or_else(|| {
-                StorageError::Corrupt(format!("changelog entry {seq} is malformed"))
-            })?;
+            let (version, key) = decode_change(bytes)
+                .or_else(|| decode_change_v1(bytes))
+                .ok_or_else(|| {
+                    StorageError::Corrupt(format!("changelog entry {seq} is malformed"))
+                })?;
             out.push(ChangelogEntry {
                 seq,
                 key: key.to_vec(),

@@ -112,7 +112,8 @@ pub(super) fn decode_change(bytes: &[u8]) -> Option<(u64, &[u8])> {
 }
 
 /// The version and key of a format-1 changelog entry: a `values` record
-/// (with the value), then `[key_len: u32][key]`. Read only to migrate.
+/// (with the value), then `[key_len: u32][key]`. Read until truncation
+/// removes the last of them.
 pub(super) fn decode_change_v1(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let (committed, rest) = decode_committed(bytes).ok()?;
     match rest {
