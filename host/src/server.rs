@@ -538,6 +538,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
             };
             let app = App {
                 requests: core.requests.clone(),
+                request_bytes: core.request_bytes.clone(),
                 health: core.health.clone(),
                 metrics,
                 cluster: Arc::new(view),

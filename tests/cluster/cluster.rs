@@ -95,6 +95,60 @@ fn a_crashed_replica_is_not_needed_and_learns_what_it_missed() {
     });
 }
 
+/// 128 clients each writing 1 MiB through one replica at once: every write
+/// is acknowledged and reads back, and the protocol component never traps.
+/// Steps are bounded in bytes (16 MiB of requests and messages), not only
+/// in events, so the guest (256 MiB of memory) is never handed 128 MiB of
+/// values to copy in one step.
+#[test]
+fn parallel_mebibyte_writes_do_not_trap_the_protocol() {
+    const WRITES: usize = 128;
+    let scratch = Scratch::new("parallel-mib");
+    runtime().block_on(async {
+        let cluster = start(&scratch.0, 3).await;
+        let c = client(&cluster, 1);
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..WRITES {
+            let c = c.clone();
+            writes.spawn(async move {
+                let mut value = vec![b'v'; (1 << 20) - 64];
+                value[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                let r = c
+                    .put(&format!("mib/{i}"), Bytes::from(value), Precondition::None)
+                    .await
+                    .unwrap();
+                (i, r)
+            });
+        }
+        let mut failed = Vec::new();
+        while let Some(done) = writes.join_next().await {
+            let (i, r) = done.unwrap();
+            if !r.status.is_success() {
+                failed.push(format!("{i}: {} {}", r.status, r.error_message()));
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "{} writes failed: {failed:?}",
+            failed.len()
+        );
+        for c in clients(&cluster) {
+            for cause in ["trap", "fuel", "invalid"] {
+                let name = format!("ballot_protocol_restarts_total{{cause=\"{cause}\"}}");
+                assert_eq!(metric(&c, &name).await, 0.0, "{}: {name}", c.endpoint());
+            }
+        }
+        for i in [0, WRITES / 2, WRITES - 1] {
+            let r = client(&cluster, 3)
+                .get(&format!("mib/{i}"), false)
+                .await
+                .unwrap();
+            assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+            assert_eq!(r.body[..8], (i as u64).to_be_bytes());
+        }
+    });
+}
+
 /// A replica that is down holds back its peers' changelog truncation, and
 /// the changelog now holds (seq, key, version) instead of a copy of every
 /// value: 256 writes of 1 MiB to one key while a replica is down leave its

@@ -62,16 +62,30 @@ async fn submit(app: &App, key: Vec<u8>, op: Operation) -> Result<Completion, Ap
     if !app.registry.started() {
         return Err(starting());
     }
-    let (reply, done) = oneshot::channel();
-    if app
-        .requests
-        .try_send(ClientRequest { key, op, reply })
-        .is_err()
-    {
-        return Err(ApiError::unavailable(
+    let overloaded = |what: &str| {
+        ApiError::unavailable(
             "overloaded",
-            "too many requests queued on this replica",
-        ));
+            format!("too many {what} queued on this replica"),
+        )
+        .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    };
+    let size = key.len()
+        + match &op {
+            Operation::Command(c) => c.len(),
+            Operation::Read(_) => 0,
+        };
+    let Some(charge) = app.request_bytes.charge(size) else {
+        return Err(overloaded("bytes of requests"));
+    };
+    let (reply, done) = oneshot::channel();
+    let request = ClientRequest {
+        key,
+        op,
+        reply,
+        charge: Some(charge),
+    };
+    if app.requests.try_send(request).is_err() {
+        return Err(overloaded("requests"));
     }
     match tokio::time::timeout(REQUEST_TIMEOUT, done).await {
         Ok(Ok(c)) => Ok(c),

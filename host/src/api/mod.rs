@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 
 use crate::membership::Membership;
 use crate::metrics::Metrics;
-use crate::node::{ClientRequest, Health};
+use crate::node::{Budget, ClientRequest, Health};
 use crate::registry::Registry;
 
 mod admin;
@@ -55,6 +55,8 @@ pub use ballot_client::views::{ClusterView, ComponentView, ReplicaView};
 #[derive(Clone)]
 pub struct App {
     pub requests: mpsc::Sender<ClientRequest>,
+    /// The byte budget of `requests`.
+    pub request_bytes: Budget,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     /// Builds the cluster view on demand (link states change).

@@ -22,7 +22,8 @@ use super::forwards::Forwards;
 
 use super::{
     ClientRequest, Control, CoreEvent, Events, Health, Mailbox, Protocol, ProtocolFactory,
-    Watchers, BATCH_MAX, KEY_MAX, PIPELINE_MAX, SWAP_DRAIN_MAX,
+    Watchers, BATCH_BYTES_MAX, BATCH_MAX, INFLIGHT_BYTES_MAX, KEY_MAX, PIPELINE_MAX,
+    SWAP_DRAIN_MAX,
 };
 use crate::metrics::{label, labels2, Metrics};
 use crate::runtime::RuntimeError;
@@ -34,6 +35,8 @@ pub(super) struct Client {
     reply: oneshot::Sender<Completion>,
     op: &'static str,
     started: Instant,
+    /// What the request brought into the guest (see `inflight_bytes`).
+    bytes: usize,
 }
 
 pub(super) struct Swapping {
@@ -58,6 +61,10 @@ pub(super) struct Driver {
     /// the states they write and the watched commits among them.
     pub(super) pipeline: Pipeline,
     pub(super) clients: HashMap<u64, Client>,
+    /// Bytes of the client requests in `clients`: the guest holds each
+    /// command (and copies of it) until it is answered, so no new request
+    /// is taken while this is over [`INFLIGHT_BYTES_MAX`].
+    pub(super) inflight_bytes: usize,
     pub(super) timers: BinaryHeap<Reverse<(u64, u64, Vec<u8>)>>,
     pub(super) next_request: u64,
     /// What timers fire by and `batch.now-ms` carries (see `clock`).
@@ -110,7 +117,7 @@ impl Driver {
             // held; once its own commands and the forwarded ones it took
             // are answered, peer messages wait too, so the last readies
             // are released and the swap happens.
-            let admit = open && self.swapping.is_none();
+            let admit = open && self.swapping.is_none() && self.inflight_bytes < INFLIGHT_BYTES_MAX;
             let idle = self.clients.is_empty() && !self.forwards.busy();
             let listen = open && !(self.swapping.is_some() && idle);
             if open {
@@ -163,6 +170,7 @@ impl Driver {
             }
             self.try_swap();
             if self.health.fatal().is_some() {
+                self.inflight_bytes = 0;
                 for c in std::mem::take(&mut self.clients).into_values() {
                     let reason = self.health.fatal().unwrap_or_default();
                     let _ = c.reply.send(Completion {
@@ -185,9 +193,15 @@ impl Driver {
                 continue;
             }
             let mut events = batch.requests.len() + batch.messages.len();
-            while events < BATCH_MAX {
+            let mut bytes: usize = batch.requests.iter().map(request_bytes).sum::<usize>()
+                + batch
+                    .messages
+                    .iter()
+                    .map(|m| m.key.len() + m.payload.len())
+                    .sum::<usize>();
+            while events < BATCH_MAX && bytes < BATCH_BYTES_MAX {
                 let mut more = false;
-                if self.swapping.is_none() {
+                if self.swapping.is_none() && self.inflight_bytes < INFLIGHT_BYTES_MAX {
                     if let Ok(r) = requests.try_recv() {
                         self.admit(r, &mut batch);
                         more = true;
@@ -203,6 +217,12 @@ impl Driver {
                     break;
                 }
                 events = batch.requests.len() + batch.messages.len();
+                bytes = batch.requests.iter().map(request_bytes).sum::<usize>()
+                    + batch
+                        .messages
+                        .iter()
+                        .map(|m| m.key.len() + m.payload.len())
+                        .sum::<usize>();
             }
             let now = self.clock.now_ms();
             while let Some(Reverse((at, _, _))) = self.timers.peek() {
@@ -222,19 +242,23 @@ impl Driver {
     fn admit(&mut self, r: ClientRequest, batch: &mut Batch) {
         let id = self.next_request;
         self.next_request += 1;
+        let request = Request {
+            id,
+            key: r.key,
+            op: r.op,
+        };
+        let bytes = request_bytes(&request);
+        self.inflight_bytes += bytes;
         self.clients.insert(
             id,
             Client {
                 reply: r.reply,
-                op: op_name(&r.op),
+                op: op_name(&request.op),
                 started: Instant::now(),
+                bytes,
             },
         );
-        batch.requests.push(Request {
-            id,
-            key: r.key,
-            op: r.op,
-        });
+        batch.requests.push(request);
     }
 
     fn refuse(&mut self, r: ClientRequest) {
@@ -408,6 +432,7 @@ impl Driver {
     /// Fails every waiting client with `message` (they may have applied).
     fn abandon_clients(&mut self, message: &str) -> usize {
         let clients = std::mem::take(&mut self.clients);
+        self.inflight_bytes = 0;
         let n = clients.len();
         for (id, c) in clients {
             self.metrics
@@ -606,6 +631,7 @@ impl Driver {
             debug!(id = c.id, "completion for an unknown request");
             return;
         };
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(client.bytes);
         let outcome = match &c.outcome {
             Outcome::Done(_) if c.trace.changed => "applied",
             Outcome::Done(_) => "ok",
@@ -639,6 +665,15 @@ impl Driver {
         m.ballot_bumps.inc_by(c.trace.prepares as u64);
         let _ = client.reply.send(c);
     }
+}
+
+/// Bytes a client request brings into a step.
+fn request_bytes(r: &Request) -> usize {
+    r.key.len()
+        + match &r.op {
+            Operation::Command(c) => c.len(),
+            Operation::Read(_) => 0,
+        }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

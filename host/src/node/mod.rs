@@ -19,7 +19,7 @@
 //! the reason rather than guess.
 
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -48,8 +48,21 @@ pub const KEY_MAX: usize = 511;
 const PIPELINE_MAX: usize = 64;
 /// Events handed to the protocol in one step, at most.
 const BATCH_MAX: usize = 2048;
+/// Bytes of requests and peer messages handed to the protocol in one step,
+/// at most (an event larger than this goes alone): the guest copies each
+/// of them a few times (its proposal, the state it persists, the messages
+/// it sends), and its memory is 256 MiB.
+const BATCH_BYTES_MAX: usize = 16 << 20;
+/// Bytes of client requests the protocol holds unanswered before the core
+/// takes no more from the queue: each command lives in the guest (256 MiB
+/// of memory) with its proposal, the state it persists and the messages
+/// that carry it until it is answered.
+const INFLIGHT_BYTES_MAX: usize = 32 << 20;
 /// Client requests queued for the core thread.
 pub const REQUEST_QUEUE: usize = 16 * 1024;
+/// Bytes of client requests (keys and commands) queued for the core
+/// thread; past it a request is refused with 503 `overloaded`.
+pub const REQUEST_QUEUE_BYTES: usize = 256 << 20;
 /// Peer message batches queued for the core thread.
 pub const INBOUND_QUEUE: usize = 4096;
 
@@ -340,7 +353,17 @@ pub async fn call(
 ) -> Result<Completion, CallError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let (reply, done) = oneshot::channel();
-    match tokio::time::timeout_at(deadline, requests.send(ClientRequest { key, op, reply })).await {
+    match tokio::time::timeout_at(
+        deadline,
+        requests.send(ClientRequest {
+            key,
+            op,
+            reply,
+            charge: None,
+        }),
+    )
+    .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Err(CallError::Stopped),
         Err(_) => return Err(CallError::Overloaded(timeout)),
@@ -358,6 +381,67 @@ pub struct ClientRequest {
     pub op: Operation,
     /// The completion goes here.
     pub reply: oneshot::Sender<Completion>,
+    /// Its bytes in the queue's budget, given back when the core takes it.
+    pub charge: Option<Charge>,
+}
+
+/// A budget of bytes shared by the senders of one queue; each queued item
+/// holds a [`Charge`] until it is taken off.
+#[derive(Clone)]
+pub struct Budget {
+    used: Arc<AtomicUsize>,
+    max: usize,
+}
+
+/// Bytes taken from a [`Budget`], given back when dropped.
+pub struct Charge {
+    used: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Budget {
+    pub fn new(max: usize) -> Budget {
+        Budget {
+            used: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// Takes `bytes`, or `None` when that would pass the budget. An item
+    /// larger than the whole budget is taken only when nothing else is.
+    pub fn charge(&self, bytes: usize) -> Option<Charge> {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used > 0 && used.saturating_add(bytes) > self.max {
+                return None;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + bytes,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(Charge {
+                        used: self.used.clone(),
+                        bytes,
+                    })
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// Why a replica stopped answering, once it has.
@@ -383,6 +467,8 @@ impl Health {
 /// Handles to a running core.
 pub struct Core {
     pub requests: mpsc::Sender<ClientRequest>,
+    /// The byte budget of `requests` ([`REQUEST_QUEUE_BYTES`]).
+    pub request_bytes: Budget,
     pub health: Arc<Health>,
     pub control: Arc<Mailbox>,
 }
@@ -449,6 +535,7 @@ pub fn start(
         timers: BinaryHeap::new(),
         next_request: 1,
         clock: clock::Clock::start(),
+        inflight_bytes: 0,
         seed: seed(),
         watchers,
         members: initial.members,
@@ -468,6 +555,7 @@ pub fn start(
     });
     Ok(Core {
         requests: requests_tx,
+        request_bytes: Budget::new(REQUEST_QUEUE_BYTES),
         health,
         control,
     })
@@ -505,6 +593,25 @@ fn seed() -> u64 {
 mod tests {
     use super::*;
 
+    /// A byte budget refuses what would pass it, takes an oversized item
+    /// only alone, and gets its bytes back when a charge is dropped.
+    #[test]
+    fn a_budget_refuses_past_its_bytes_and_gets_them_back() {
+        let budget = Budget::new(100);
+        let a = budget.charge(60).unwrap();
+        assert!(budget.charge(50).is_none());
+        let b = budget.charge(40).unwrap();
+        assert_eq!(budget.used(), 100);
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        assert!(budget.charge(500).is_none(), "not while others are queued");
+        drop(b);
+        let big = budget.charge(500).expect("alone, an oversized item goes");
+        assert!(budget.charge(1).is_none());
+        drop(big);
+        assert_eq!(budget.used(), 0);
+    }
+
     /// A panic on a replica's own thread is reported as the replica
     /// stopping, with the panic's message; before, `/healthz` stayed 200.
     #[test]
@@ -538,6 +645,7 @@ mod tests {
             key: b"k".to_vec(),
             op: Operation::Read(ballot_core::Consistency::Local),
             reply,
+            charge: None,
         })
         .await
         .unwrap();
