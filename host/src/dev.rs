@@ -231,6 +231,7 @@ fn new_node(
         admin_clients: vec![DEV_CLIENT.to_string()],
         http_connections_max: None,
         http_idle_secs: None,
+        http_header_secs: None,
         join: false,
         changelog_keep: None,
     })

@@ -104,6 +104,10 @@ pub struct NodeConfig {
     /// request in flight, before it is closed (default 60; 1 to 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_idle_secs: Option<u64>,
+    /// Seconds a request's head (request line and headers) may take to
+    /// arrive from its first byte (default 10; 1 to 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_header_secs: Option<u64>,
 }
 
 impl NodeConfig {
@@ -447,9 +451,14 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 config
                     .http_connections_max
                     .unwrap_or(api::conn::CONNECTIONS_MAX),
-                config
-                    .http_idle_secs
-                    .map_or(api::conn::IDLE, |s| Duration::from_secs(s.min(86_400))),
+                (
+                    config
+                        .http_idle_secs
+                        .map_or(api::conn::IDLE, |s| Duration::from_secs(s.min(86_400))),
+                    config
+                        .http_header_secs
+                        .map_or(api::conn::HEAD, |s| Duration::from_secs(s.min(3_600))),
+                ),
                 api_tls,
             );
             // A joining directory is admitted by the first record it

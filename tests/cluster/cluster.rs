@@ -1181,6 +1181,82 @@ fn every_client_command_exits_5_when_no_replica_answers() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
+/// A client that sends a request head one byte at a time keeps its
+/// connection from going idle, but not past the head timeout
+/// (`http_header_secs`, 2 here, under an idle limit of 5): the replica
+/// closes it. Before, every byte reset the idle timer and the connection
+/// held its slot for as long as the client kept trickling. (Plain HTTP on this replica, so the test can
+/// write raw bytes.)
+#[test]
+fn a_client_trickling_a_request_head_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scratch = Scratch::new("trickle");
+    runtime().block_on(async {
+        let mut cluster =
+            DevCluster::prepare(&scratch.0, 3, 0, 0, CoreKind::Wasm, binary()).unwrap();
+        let path = cluster.nodes[0].config_path.clone();
+        let mut config = NodeConfig::load(&path).unwrap();
+        config.api_tls = None;
+        config.api_plaintext = true;
+        config.admin_clients.clear();
+        config.http_idle_secs = Some(5);
+        config.http_header_secs = Some(2);
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        cluster.nodes[0].config = config.clone();
+        cluster.start_all().unwrap();
+        cluster.wait_all_ready(READY).await.unwrap();
+
+        let mut s = tokio::net::TcpStream::connect(config.http_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut closed = None;
+        let header = b"x-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+        'trickle: for round in 0.. {
+            for &b in header.iter() {
+                if started.elapsed() > Duration::from_secs(12) {
+                    break 'trickle;
+                }
+                if s.write_all(&[b]).await.is_err() {
+                    closed = Some(started.elapsed());
+                    break 'trickle;
+                }
+                let mut buf = [0u8; 256];
+                match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        closed = Some(started.elapsed());
+                        break 'trickle;
+                    }
+                    Ok(Ok(n)) => panic!("answered a head never finished: {:?}", &buf[..n]),
+                    Err(_) => {}
+                }
+            }
+            let _ = round;
+        }
+        let closed = closed.expect("a trickled head kept its connection for 12 s");
+        eprintln!("closed after {closed:?}");
+        assert!(closed >= Duration::from_secs(2), "{closed:?}");
+        // A client that sends its head at once is served.
+        let mut s = tokio::net::TcpStream::connect(config.http_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        cluster.stop_all();
+    });
+}
+
 /// Idle connections cannot starve a replica: with its descriptors limited
 /// to 256, replica 1 gets up to 2000 connections (as many as its accept
 /// queue takes, more than 256) that send nothing and stay open.

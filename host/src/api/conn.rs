@@ -32,6 +32,12 @@ pub const CONNECTIONS_RANGE: (usize, usize) = (1, 1 << 20);
 pub const IDLE: Duration = Duration::from_secs(60);
 /// The range `idle` is held to.
 pub const IDLE_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(86_400));
+/// How long a request's head (request line and headers) may take to
+/// arrive, from its first byte, by default: a client that trickles a byte
+/// at a time keeps a connection from going idle, not from timing out.
+pub const HEAD: Duration = Duration::from_secs(10);
+/// The range the head timeout is held to.
+pub const HEAD_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3_600));
 
 /// What a connection past the cap is told before it is closed.
 const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -49,6 +55,7 @@ pub struct Listener {
     listener: Arc<TcpListener>,
     slots: Arc<Semaphore>,
     idle: Duration,
+    head: Duration,
     /// HTTPS when set; plain HTTP only when the configuration asks for it.
     tls: Option<TlsAcceptor>,
 }
@@ -57,7 +64,7 @@ impl Listener {
     pub fn new(
         listener: TcpListener,
         connections_max: usize,
-        idle: Duration,
+        (idle, head): (Duration, Duration),
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Listener {
         let connections_max = connections_max.clamp(CONNECTIONS_RANGE.0, CONNECTIONS_RANGE.1);
@@ -65,6 +72,7 @@ impl Listener {
             listener: Arc::new(listener),
             slots: Arc::new(Semaphore::new(connections_max)),
             idle: idle.clamp(IDLE_RANGE.0, IDLE_RANGE.1),
+            head: head.clamp(HEAD_RANGE.0, HEAD_RANGE.1),
             tls: tls.map(TlsAcceptor::from),
         }
     }
@@ -86,7 +94,7 @@ impl axum::serve::Listener for Listener {
                             Some(tls) => Stream::Handshaking(tls.accept(stream)),
                             None => Stream::Plain(stream),
                         };
-                        return (Bounded::new(stream, slot, self.idle), addr);
+                        return (Bounded::new(stream, slot, self.idle, self.head), addr);
                     }
                     // Past the cap the connection is answered and closed at
                     // once, so it holds no descriptor; the client tries
@@ -225,24 +233,44 @@ pub async fn track(
 }
 
 /// A client connection holding its slot, failing with `TimedOut` once it
-/// has made no progress for `idle`.
+/// has made no progress for `idle`, or once a request's head has taken
+/// longer than `head` since its first byte.
 pub struct Bounded {
     stream: Stream,
     _slot: OwnedSemaphorePermit,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
     activity: Activity,
+    head: Duration,
+    /// When the first byte of a request not yet handled arrived: set by a
+    /// read while no request is in flight, cleared by a request starting
+    /// or a response being written.
+    head_started: Option<std::time::Instant>,
 }
 
 impl Bounded {
-    fn new(stream: Stream, slot: OwnedSemaphorePermit, idle: Duration) -> Bounded {
+    fn new(stream: Stream, slot: OwnedSemaphorePermit, idle: Duration, head: Duration) -> Bounded {
         Bounded {
             stream,
             _slot: slot,
             idle,
             deadline: Box::pin(sleep(idle)),
             activity: Activity::default(),
+            head,
+            head_started: None,
         }
+    }
+
+    /// Bytes were read: whether the request head they belong to is late.
+    fn head_late(&mut self) -> bool {
+        if self.activity.busy() {
+            self.head_started = None;
+            return false;
+        }
+        let started = *self
+            .head_started
+            .get_or_insert_with(std::time::Instant::now);
+        started.elapsed() > self.head
     }
 
     fn progressed(&mut self) {
@@ -269,6 +297,8 @@ impl Bounded {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
                     self.progressed();
+                    // Only answers are written: the head before is done.
+                    self.head_started = None;
                 }
                 Poll::Ready(Ok(n))
             }
@@ -298,6 +328,12 @@ impl AsyncRead for Bounded {
         match polled {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
+                    if this.head_late() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "a request head took too long to arrive",
+                        )));
+                    }
                     this.progressed();
                 }
                 Poll::Ready(r)

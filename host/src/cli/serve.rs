@@ -164,6 +164,7 @@ impl ServeArgs {
             },
             http_connections_max: base.as_ref().and_then(|b| b.http_connections_max),
             http_idle_secs: base.as_ref().and_then(|b| b.http_idle_secs),
+            http_header_secs: base.as_ref().and_then(|b| b.http_header_secs),
         })
     }
 }
