@@ -27,6 +27,7 @@ macro_rules! message_error {
 
 pub mod api;
 pub mod bench;
+pub mod budget;
 pub mod cli;
 /// The raw HTTP client of the API, from `ballot-client`.
 pub use ballot_client::http as client;

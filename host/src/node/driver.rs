@@ -29,7 +29,7 @@ use crate::metrics::{label, labels2, Metrics};
 use crate::runtime::RuntimeError;
 use crate::storage::Storage;
 use crate::system::MEMBERS_KEY;
-use crate::transport::{Message, Transport};
+use crate::transport::{Message, Received, Transport};
 
 pub(super) struct Client {
     reply: oneshot::Sender<Completion>,
@@ -103,7 +103,7 @@ impl Driver {
     pub(super) async fn run(
         mut self,
         mut requests: mpsc::Receiver<ClientRequest>,
-        mut inbound: mpsc::Receiver<Vec<Inbound>>,
+        mut inbound: mpsc::Receiver<Received>,
         mut durable: mpsc::Receiver<Result<u64, String>>,
         control: &Mailbox,
     ) {
@@ -147,7 +147,7 @@ impl Driver {
                     None => return,
                 },
                 m = inbound.recv(), if listen => if let Some(m) = m {
-                    self.accept(m, &mut batch)
+                    self.accept(m.into_messages(), &mut batch)
                 },
                 _ = sleep_until(deadline), if open && deadline.is_some() => {}
             }
@@ -209,7 +209,7 @@ impl Driver {
                 }
                 if listen {
                     if let Ok(m) = inbound.try_recv() {
-                        self.accept(m, &mut batch);
+                        self.accept(m.into_messages(), &mut batch);
                         more = true;
                     }
                 }

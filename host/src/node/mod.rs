@@ -19,12 +19,12 @@
 //! the reason rather than guess.
 
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ballot_control::pipeline::Pipeline;
-use ballot_core::{Actions, Batch, Completion, Inbound, Members, Operation, Ready, Replica};
+use ballot_core::{Actions, Batch, Completion, Members, Operation, Ready, Replica};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
@@ -376,6 +376,8 @@ pub async fn call(
 }
 
 /// A client's operation on its way to the core thread.
+pub use crate::budget::{Budget, Charge};
+
 pub struct ClientRequest {
     pub key: Vec<u8>,
     pub op: Operation,
@@ -383,65 +385,6 @@ pub struct ClientRequest {
     pub reply: oneshot::Sender<Completion>,
     /// Its bytes in the queue's budget, given back when the core takes it.
     pub charge: Option<Charge>,
-}
-
-/// A budget of bytes shared by the senders of one queue; each queued item
-/// holds a [`Charge`] until it is taken off.
-#[derive(Clone)]
-pub struct Budget {
-    used: Arc<AtomicUsize>,
-    max: usize,
-}
-
-/// Bytes taken from a [`Budget`], given back when dropped.
-pub struct Charge {
-    used: Arc<AtomicUsize>,
-    bytes: usize,
-}
-
-impl Budget {
-    pub fn new(max: usize) -> Budget {
-        Budget {
-            used: Arc::new(AtomicUsize::new(0)),
-            max,
-        }
-    }
-
-    /// Takes `bytes`, or `None` when that would pass the budget. An item
-    /// larger than the whole budget is taken only when nothing else is.
-    pub fn charge(&self, bytes: usize) -> Option<Charge> {
-        let mut used = self.used.load(Ordering::Relaxed);
-        loop {
-            if used > 0 && used.saturating_add(bytes) > self.max {
-                return None;
-            }
-            match self.used.compare_exchange_weak(
-                used,
-                used + bytes,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => {
-                    return Some(Charge {
-                        used: self.used.clone(),
-                        bytes,
-                    })
-                }
-                Err(now) => used = now,
-            }
-        }
-    }
-
-    /// Bytes held now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        self.used.fetch_sub(self.bytes, Ordering::AcqRel);
-    }
 }
 
 /// Why a replica stopped answering, once it has.
@@ -488,7 +431,7 @@ pub struct Initial {
 pub fn start(
     initial: Initial,
     storage: Storage,
-    inbound: mpsc::Receiver<Vec<Inbound>>,
+    inbound: mpsc::Receiver<crate::transport::Received>,
     transport: Arc<Transport>,
     metrics: Arc<Metrics>,
     watchers: Watchers,
@@ -592,25 +535,6 @@ fn seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A byte budget refuses what would pass it, takes an oversized item
-    /// only alone, and gets its bytes back when a charge is dropped.
-    #[test]
-    fn a_budget_refuses_past_its_bytes_and_gets_them_back() {
-        let budget = Budget::new(100);
-        let a = budget.charge(60).unwrap();
-        assert!(budget.charge(50).is_none());
-        let b = budget.charge(40).unwrap();
-        assert_eq!(budget.used(), 100);
-        drop(a);
-        assert_eq!(budget.used(), 40);
-        assert!(budget.charge(500).is_none(), "not while others are queued");
-        drop(b);
-        let big = budget.charge(500).expect("alone, an oversized item goes");
-        assert!(budget.charge(1).is_none());
-        drop(big);
-        assert_eq!(budget.used(), 0);
-    }
 
     /// A panic on a replica's own thread is reported as the replica
     /// stopping, with the panic's message; before, `/healthz` stayed 200.

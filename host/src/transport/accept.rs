@@ -12,25 +12,27 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
+use crate::budget::Budget;
 use crate::metrics::{label, Metrics};
 use crate::tls::{self};
 
 use super::frame::{decode_messages, frame, parse_hello, read_frame, FrameError};
 use super::{
-    spawn, Hooks, ServiceCall, ADMIT_ANSWER, ADMIT_QUESTION, CLOSE_DIRECTORY, CLOSE_IDENTITY,
-    CLOSE_MALFORMED, FRAME_MAX, KIND_ANSWER, KIND_HELLO, KIND_MESSAGES, KIND_REQUEST, KIND_STAMPED,
+    spawn, Hooks, Received, ServiceCall, ADMIT_ANSWER, ADMIT_QUESTION, CLOSE_DIRECTORY,
+    CLOSE_IDENTITY, CLOSE_MALFORMED, FRAME_MAX, KIND_ANSWER, KIND_HELLO, KIND_MESSAGES,
+    KIND_REQUEST, KIND_STAMPED,
 };
 
 pub(super) async fn accept_loop(
     endpoint: Endpoint,
-    inbound: mpsc::Sender<Vec<Inbound>>,
+    (inbound, inbound_bytes): (mpsc::Sender<Received>, Budget),
     metrics: Arc<Metrics>,
     epoch: Arc<AtomicU64>,
     hooks: Arc<Hooks>,
     members: Arc<RwLock<HashSet<ReplicaId>>>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let inbound = inbound.clone();
+        let inbound = (inbound.clone(), inbound_bytes.clone());
         let metrics = metrics.clone();
         let epoch = epoch.clone();
         let hooks = hooks.clone();
@@ -140,7 +142,7 @@ pub(super) async fn hello(
 pub(super) async fn receive(
     mut stream: RecvStream,
     cert: &CertificateDer<'static>,
-    inbound: &mpsc::Sender<Vec<Inbound>>,
+    (inbound, inbound_bytes): &(mpsc::Sender<Received>, Budget),
     metrics: &Metrics,
     epoch: &AtomicU64,
     hooks: &Hooks,
@@ -184,7 +186,14 @@ pub(super) async fn receive(
             .map(|(key, payload)| Inbound { from, key, payload })
             .collect();
         let count = batch.len() as u64;
-        if inbound.try_send(batch).is_err() {
+        let queued = inbound_bytes.charge(body.len()).is_some_and(|charge| {
+            let received = Received {
+                messages: batch,
+                _charge: charge,
+            };
+            inbound.try_send(received).is_ok()
+        });
+        if !queued {
             metrics.inbound_dropped.inc_by(count);
         }
     }

@@ -15,7 +15,7 @@ use crate::storage::DirIdentity;
 use crate::tls::{self};
 
 use super::frame::{encode_messages, frame, hello_body};
-use super::{Link, Message, CLOSE_DIRECTORY, FRAME_MAX, FRAME_TARGET, KIND_HELLO, KIND_STAMPED};
+use super::{Link, CLOSE_DIRECTORY, FRAME_MAX, FRAME_TARGET, KIND_HELLO, KIND_STAMPED};
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn dial_loop(
@@ -23,7 +23,7 @@ pub(super) async fn dial_loop(
     self_id: ReplicaId,
     peer: ReplicaId,
     addr: SocketAddr,
-    mut queue: mpsc::Receiver<Vec<Message>>,
+    mut queue: mpsc::Receiver<super::Queued>,
     link: Arc<Link>,
     metrics: Arc<Metrics>,
     epoch: Arc<AtomicU64>,
@@ -82,7 +82,7 @@ pub(super) async fn dial_loop(
         // While the link is down, what is queued is stale: drop it.
         let mut dropped = 0;
         while let Ok(batch) = queue.try_recv() {
-            dropped += batch.len() as u64;
+            dropped += batch.0.len() as u64;
         }
         if dropped > 0 {
             metrics
@@ -122,19 +122,21 @@ pub(super) async fn dial(
 /// Sends queued messages until the stream fails (`Some(reason)`) or the
 /// queue closes (`None`).
 pub(super) async fn pump(
-    queue: &mut mpsc::Receiver<Vec<Message>>,
+    queue: &mut mpsc::Receiver<super::Queued>,
     stream: &mut SendStream,
     epoch: &AtomicU64,
 ) -> Option<String> {
     let mut body = Vec::new();
     let mut out = Vec::new();
     loop {
-        let first = queue.recv().await?;
+        // A batch's charge goes back as it is taken: from here its bytes
+        // are this frame's, bounded by FRAME_TARGET.
+        let (first, _charge) = queue.recv().await?;
         let mut messages = first;
         let mut size: usize = messages.iter().map(|(k, p)| k.len() + p.len() + 6).sum();
         while size < FRAME_TARGET {
             match queue.try_recv() {
-                Ok(more) => {
+                Ok((more, _charge)) => {
                     size += more
                         .iter()
                         .map(|(k, p)| k.len() + p.len() + 6)

@@ -47,6 +47,7 @@ use quinn::{Endpoint, VarInt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 
+use crate::budget::{Budget, Charge};
 use crate::metrics::{label, Metrics};
 use crate::storage::DirIdentity;
 use crate::tls::Identity;
@@ -75,6 +76,25 @@ pub const FRAME_MAX: usize = 16 << 20;
 const FRAME_TARGET: usize = 1 << 20;
 /// Batches of messages queued to one peer.
 pub const PEER_QUEUE: usize = 4096;
+/// Bytes of messages queued for one peer; past it new ones are dropped and
+/// counted (the protocol resends what matters).
+pub const PEER_QUEUE_BYTES: usize = 64 << 20;
+/// Bytes of received frames waiting for the core, from all peers; past it
+/// a frame is dropped and counted.
+pub const INBOUND_BYTES: usize = 256 << 20;
+
+/// The messages of one received frame on their way to the core. They hold
+/// their bytes in the inbound budget until the core takes them.
+pub struct Received {
+    pub messages: Vec<Inbound>,
+    _charge: Charge,
+}
+
+impl Received {
+    pub fn into_messages(self) -> Vec<Inbound> {
+        self.messages
+    }
+}
 
 /// Spawns a task that logs inside the caller's span (the replica's).
 fn spawn<F>(task: F)
@@ -163,9 +183,13 @@ impl Hooks {
     }
 }
 
+/// Messages queued for a peer, holding their bytes in its budget.
+type Queued = (Vec<Message>, Charge);
+
 struct PeerSlot {
     addr: SocketAddr,
-    queue: mpsc::Sender<Vec<Message>>,
+    queue: mpsc::Sender<Queued>,
+    bytes: Budget,
     link: Arc<Link>,
 }
 
@@ -194,7 +218,7 @@ impl Transport {
         listen: SocketAddr,
         peers: &[(ReplicaId, SocketAddr)],
         identity: &Identity,
-        inbound: mpsc::Sender<Vec<Inbound>>,
+        inbound: mpsc::Sender<Received>,
         metrics: Arc<Metrics>,
         epoch: Arc<AtomicU64>,
         hooks: Hooks,
@@ -221,7 +245,7 @@ impl Transport {
         let members = Arc::new(RwLock::new(HashSet::new()));
         spawn(accept_loop(
             endpoint.clone(),
-            inbound,
+            (inbound, Budget::new(INBOUND_BYTES)),
             metrics.clone(),
             epoch.clone(),
             Arc::new(hooks),
@@ -266,7 +290,7 @@ impl Transport {
             if slots.contains_key(&id) {
                 continue;
             }
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            let (tx, rx) = mpsc::channel::<Queued>(PEER_QUEUE);
             let link = Arc::new(Link::default());
             self.metrics
                 .peer_connected
@@ -288,6 +312,7 @@ impl Transport {
                 PeerSlot {
                     addr,
                     queue: tx,
+                    bytes: Budget::new(PEER_QUEUE_BYTES),
                     link,
                 },
             );
@@ -348,10 +373,10 @@ impl Transport {
 
     /// Queues messages to peer `to`; drops them (counted) if its queue is full.
     pub fn send(&self, to: ReplicaId, messages: Vec<Message>) {
-        let queue = {
+        let (queue, budget) = {
             let slots = self.peers.lock().expect("peers lock");
             match slots.get(&to) {
-                Some(slot) => slot.queue.clone(),
+                Some(slot) => (slot.queue.clone(), slot.bytes.clone()),
                 None => {
                     debug!(
                         peer = to,
@@ -362,7 +387,11 @@ impl Transport {
             }
         };
         let count = messages.len() as u64;
-        if queue.try_send(messages).is_err() {
+        let bytes = messages.iter().map(|(k, p)| k.len() + p.len()).sum();
+        let sent = budget
+            .charge(bytes)
+            .is_some_and(|charge| queue.try_send((messages, charge)).is_ok());
+        if !sent {
             self.metrics
                 .peer_dropped
                 .get_or_create(&label("peer", to.to_string()))
@@ -462,6 +491,7 @@ mod tests {
                 ),
             }
         };
+        let got = got.into_messages();
         assert_eq!((got[0].from, &got[0].key[..]), (2, &b"k"[..]));
         t1.close();
         t2.close();
