@@ -340,10 +340,26 @@ enum CertCmd {
     },
 }
 
+/// A command whose reader goes away (`ballot kv get k | head -1`) ends
+/// quietly, as Unix tools do, instead of panicking on the broken pipe:
+/// SIGPIPE gets its default action back (Rust ignores it, so every print
+/// would fail). Not for the daemon or `ballot dev`, which must outlive
+/// their readers.
+fn quiet_on_closed_stdout() {
+    // SAFETY: restoring a signal's default disposition at start-up, before
+    // any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Runs the command line; `ballot`'s `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.output == Output::Json;
+    if !matches!(cli.command, Cmd::Serve(_) | Cmd::Dev(_)) {
+        quiet_on_closed_stdout();
+    }
     match cli.command {
         Cmd::Serve(args) => {
             init_logging(args.log_format);
