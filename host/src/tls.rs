@@ -138,39 +138,47 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+fn pem_err(path: &Path, e: rustls::pki_types::pem::Error) -> Error {
+    Error(format!("reading {}: {e}", path.display()))
+}
+
+/// The CA certificates in a PEM file (at least one).
+fn read_roots(path: &Path) -> Result<RootCertStore, Error> {
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(path).map_err(|e| pem_err(path, e))? {
+        let ca = ca.map_err(|e| pem_err(path, e))?;
+        roots
+            .add(ca)
+            .map_err(|e| Error(format!("{} is not a usable CA: {e}", path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(Error(format!("{} holds no certificate", path.display())));
+    }
+    Ok(roots)
+}
+
+/// A certificate chain from a PEM file (at least one certificate).
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, e))?;
+    if chain.is_empty() {
+        return Err(Error(format!("{} holds no certificate", path.display())));
+    }
+    Ok(chain)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| pem_err(path, e))
+}
+
 impl Identity {
     pub fn load(files: &TlsFiles) -> Result<Identity, Error> {
-        let pem_err = |path: &Path, e: rustls::pki_types::pem::Error| {
-            Error(format!("reading {}: {e}", path.display()))
-        };
-        let mut roots = RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(&files.ca).map_err(|e| pem_err(&files.ca, e))? {
-            let ca = ca.map_err(|e| pem_err(&files.ca, e))?;
-            roots
-                .add(ca)
-                .map_err(|e| Error(format!("{} is not a usable CA: {e}", files.ca.display())))?;
-        }
-        if roots.is_empty() {
-            return Err(Error(format!(
-                "{} holds no certificate",
-                files.ca.display()
-            )));
-        }
-        let chain = CertificateDer::pem_file_iter(&files.cert)
-            .map_err(|e| pem_err(&files.cert, e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err(&files.cert, e))?;
-        if chain.is_empty() {
-            return Err(Error(format!(
-                "{} holds no certificate",
-                files.cert.display()
-            )));
-        }
-        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem_err(&files.key, e))?;
         Ok(Identity {
-            roots: Arc::new(roots),
-            chain,
-            key,
+            roots: Arc::new(read_roots(&files.ca)?),
+            chain: read_chain(&files.cert)?,
+            key: read_key(&files.key)?,
         })
     }
 
@@ -322,37 +330,21 @@ pub struct ApiTls {
 impl ApiTls {
     /// The rustls configuration the client listener serves with.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, Error> {
-        let pem_err = |path: &Path, e: rustls::pki_types::pem::Error| {
-            Error(format!("reading {}: {e}", path.display()))
-        };
-        let chain = CertificateDer::pem_file_iter(&self.cert)
-            .map_err(|e| pem_err(&self.cert, e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err(&self.cert, e))?;
-        if chain.is_empty() {
-            return Err(Error(format!(
-                "{} holds no certificate",
-                self.cert.display()
-            )));
-        }
-        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| pem_err(&self.key, e))?;
+        let chain = read_chain(&self.cert)?;
+        let key = read_key(&self.key)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error(format!("TLS versions: {e}")))?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
-                let mut roots = RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err(ca, e))? {
-                    roots
-                        .add(c.map_err(|e| pem_err(ca, e))?)
-                        .map_err(|e| Error(format!("{} is not a usable CA: {e}", ca.display())))?;
-                }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                        .allow_unauthenticated()
-                        .build()
-                        .map_err(|e| Error(format!("client verifier: {e}")))?;
+                let verifier = WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(read_roots(ca)?),
+                    provider(),
+                )
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| Error(format!("client verifier: {e}")))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };

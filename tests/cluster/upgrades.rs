@@ -364,30 +364,27 @@ fn the_client_api_is_https_and_client_certificates_authenticate() {
         let cluster = start(&dir.0, 3).await;
         let certs = dir.0.join("certs");
         let url = cluster.nodes[0].http();
+        // Trusting the cluster CA, presenting `name`'s certificate from `dir`.
+        let presenting = |dir: &std::path::Path, name: &str| {
+            Tls::from_files(
+                &ballot::tls::ca_cert_path(&certs),
+                Some((
+                    &ballot::tls::client_cert_path(dir, name),
+                    &ballot::tls::client_key_path(dir, name),
+                )),
+            )
+            .unwrap()
+        };
         assert!(url.starts_with("https://"), "{url}");
 
         // The dev client certificate, no token: admin changes go through.
-        let dev = Tls::from_files(
-            &ballot::tls::ca_cert_path(&certs),
-            Some((
-                &ballot::tls::client_cert_path(&certs, "dev"),
-                &ballot::tls::client_key_path(&certs, "dev"),
-            )),
-        )
-        .unwrap();
+        let dev = presenting(&certs, "dev");
         let by_cert = Client::with_tls(&url, &dev);
         assert!(!push(&by_cert, PROTOCOL_NEXT_WASM).await.is_empty());
 
         // Another certificate of the cluster CA, not listed: no admin.
         ballot::tls::issue_client(&certs, "reader").unwrap();
-        let reader = Tls::from_files(
-            &ballot::tls::ca_cert_path(&certs),
-            Some((
-                &ballot::tls::client_cert_path(&certs, "reader"),
-                &ballot::tls::client_key_path(&certs, "reader"),
-            )),
-        )
-        .unwrap();
+        let reader = presenting(&certs, "reader");
         let c = Client::with_tls(&url, &reader);
         assert!(put(&c, "read/k", "v").await.status.is_success());
         let r = c
@@ -409,14 +406,7 @@ fn the_client_api_is_https_and_client_certificates_authenticate() {
         let other = dir.0.join("other-ca");
         ballot::tls::init_ca(&other, "other").unwrap();
         ballot::tls::issue_client(&other, "dev").unwrap();
-        let foreign = Tls::from_files(
-            &ballot::tls::ca_cert_path(&certs),
-            Some((
-                &ballot::tls::client_cert_path(&other, "dev"),
-                &ballot::tls::client_key_path(&other, "dev"),
-            )),
-        )
-        .unwrap();
+        let foreign = presenting(&other, "dev");
         let e = Client::with_tls(&url, &foreign)
             .get("k", false)
             .await

@@ -69,12 +69,7 @@ async fn submit(app: &App, key: Vec<u8>, op: Operation) -> Result<Completion, Ap
         )
         .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
     };
-    let size = key.len()
-        + match &op {
-            Operation::Command(c) => c.len(),
-            Operation::Read(_) => 0,
-        };
-    let Some(charge) = app.request_bytes.charge(size) else {
+    let Some(charge) = app.request_bytes.charge(crate::node::op_bytes(&key, &op)) else {
         return Err(overloaded("bytes of requests"));
     };
     let (reply, done) = oneshot::channel();

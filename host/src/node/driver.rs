@@ -143,7 +143,7 @@ impl Driver {
                 _ = std::future::ready(()), if handed => {}
                 r = requests.recv(), if admit || fatal => match r {
                     Some(r) if fatal => self.refuse(r),
-                    Some(r) => self.admit(r, &mut batch),
+                    Some(r) => { self.admit(r, &mut batch); }
                     None => return,
                 },
                 m = inbound.recv(), if listen => if let Some(m) = m {
@@ -194,22 +194,23 @@ impl Driver {
             }
             let mut events = batch.requests.len() + batch.messages.len();
             let mut bytes: usize = batch.requests.iter().map(request_bytes).sum::<usize>()
-                + batch
-                    .messages
-                    .iter()
-                    .map(|m| m.key.len() + m.payload.len())
-                    .sum::<usize>();
+                + batch.messages.iter().map(message_bytes).sum::<usize>();
             while events < BATCH_MAX && bytes < BATCH_BYTES_MAX {
                 let mut more = false;
                 if self.swapping.is_none() && self.inflight_bytes < INFLIGHT_BYTES_MAX {
                     if let Ok(r) = requests.try_recv() {
-                        self.admit(r, &mut batch);
+                        bytes += self.admit(r, &mut batch);
                         more = true;
                     }
                 }
                 if listen {
                     if let Ok(m) = inbound.try_recv() {
+                        let before = batch.messages.len();
                         self.accept(m.into_messages(), &mut batch);
+                        bytes += batch.messages[before..]
+                            .iter()
+                            .map(message_bytes)
+                            .sum::<usize>();
                         more = true;
                     }
                 }
@@ -217,12 +218,6 @@ impl Driver {
                     break;
                 }
                 events = batch.requests.len() + batch.messages.len();
-                bytes = batch.requests.iter().map(request_bytes).sum::<usize>()
-                    + batch
-                        .messages
-                        .iter()
-                        .map(|m| m.key.len() + m.payload.len())
-                        .sum::<usize>();
             }
             let now = self.clock.now_ms();
             while let Some(Reverse((at, _, _))) = self.timers.peek() {
@@ -239,7 +234,8 @@ impl Driver {
         }
     }
 
-    fn admit(&mut self, r: ClientRequest, batch: &mut Batch) {
+    /// Hands a client request to the next step; returns its bytes.
+    fn admit(&mut self, r: ClientRequest, batch: &mut Batch) -> usize {
         let id = self.next_request;
         self.next_request += 1;
         let request = Request {
@@ -259,6 +255,7 @@ impl Driver {
             },
         );
         batch.requests.push(request);
+        bytes
     }
 
     fn refuse(&mut self, r: ClientRequest) {
@@ -669,11 +666,12 @@ impl Driver {
 
 /// Bytes a client request brings into a step.
 fn request_bytes(r: &Request) -> usize {
-    r.key.len()
-        + match &r.op {
-            Operation::Command(c) => c.len(),
-            Operation::Read(_) => 0,
-        }
+    super::op_bytes(&r.key, &r.op)
+}
+
+/// Bytes a peer message brings into a step.
+fn message_bytes(m: &Inbound) -> usize {
+    m.key.len() + m.payload.len()
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -378,6 +378,15 @@ pub async fn call(
 /// A client's operation on its way to the core thread.
 pub use crate::budget::{Budget, Charge};
 
+/// Bytes a client operation carries: its key and command.
+pub fn op_bytes(key: &[u8], op: &Operation) -> usize {
+    key.len()
+        + match op {
+            Operation::Command(c) => c.len(),
+            Operation::Read(_) => 0,
+        }
+}
+
 pub struct ClientRequest {
     pub key: Vec<u8>,
     pub op: Operation,
