@@ -341,16 +341,27 @@ enum CertCmd {
 }
 
 /// A command whose reader goes away (`ballot kv get k | head -1`) ends
-/// quietly, as Unix tools do, instead of panicking on the broken pipe:
-/// SIGPIPE gets its default action back (Rust ignores it, so every print
-/// would fail). Not for the daemon or `ballot dev`, which must outlive
-/// their readers.
+/// quietly, as Unix tools do, instead of with a panic on the broken pipe:
+/// printing to a closed stdout panics (Rust ignores SIGPIPE), and this hook
+/// turns that one panic into exit status 141, what SIGPIPE would give.
+/// SIGPIPE itself stays ignored, so a replica resetting a connection
+/// mid-request is still an error the command reports (with its
+/// `maybe_applied`), not a silent death. Not for the daemon or `ballot
+/// dev`, which must outlive their readers.
 fn quiet_on_closed_stdout() {
-    // SAFETY: restoring a signal's default disposition at start-up, before
-    // any other thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("Broken pipe") || message.contains("BrokenPipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 /// Runs the command line; `ballot`'s `main`.
