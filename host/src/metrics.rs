@@ -48,6 +48,10 @@ pub struct Metrics {
     /// Inbound peer frames dropped at the transport because their sender is
     /// not a member here (before any decoding, storage read or guest call).
     pub inbound_nonmember: Counter,
+    /// Commands peers forwarded to this replica as leader, dropped because
+    /// those it holds unanswered (or held across a swap) reached their byte
+    /// bound; their senders time out.
+    pub forwards_dropped: Counter,
     /// Peer connections refused (TLS failure, wrong identity, bad frames).
     pub peer_refused: Family<Labels, Counter>,
     /// Protocol instances replaced, by cause (`swap`, `trap`).
@@ -149,6 +153,12 @@ impl Metrics {
             "Peer frames dropped at the transport: the sender is not a member here",
             inbound_nonmember.clone(),
         );
+        let forwards_dropped = Counter::default();
+        registry.register(
+            "forwards_dropped",
+            "Forwarded commands dropped: those held unanswered reached their byte bound",
+            forwards_dropped.clone(),
+        );
         let peer_refused = Family::<Labels, Counter>::default();
         registry.register(
             "peer_refused",
@@ -199,6 +209,7 @@ impl Metrics {
             peer_dropped,
             inbound_dropped,
             inbound_nonmember,
+            forwards_dropped,
             peer_refused,
         }
     }

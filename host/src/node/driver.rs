@@ -293,6 +293,10 @@ impl Driver {
                 batch.messages.push(m);
             }
         }
+        let dropped = self.forwards.take_dropped();
+        if dropped > 0 {
+            self.metrics.forwards_dropped.inc_by(dropped);
+        }
     }
 
     fn step(&mut self, mut batch: Batch, now: u64) {

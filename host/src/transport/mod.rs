@@ -422,54 +422,72 @@ mod tests {
         }
     }
 
+    /// A cluster CA in a fresh directory (removed on drop), issuing node
+    /// identities.
+    struct Pki(std::path::PathBuf);
+
+    impl Pki {
+        fn new(name: &str) -> Pki {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let dir = std::env::temp_dir().join(format!("ballot-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            crate::tls::init_ca(&dir, "test").unwrap();
+            Pki(dir)
+        }
+
+        fn identity(&self, id: ReplicaId) -> Identity {
+            crate::tls::issue_node(&self.0, id).unwrap();
+            Identity::load(&crate::tls::TlsFiles {
+                ca: crate::tls::ca_cert_path(&self.0),
+                cert: crate::tls::node_cert_path(&self.0, id),
+                key: crate::tls::node_key_path(&self.0, id),
+            })
+            .unwrap()
+        }
+
+        /// Replica `id` on a loopback port, dialing `peers`.
+        fn start(
+            &self,
+            id: ReplicaId,
+            peers: &[(ReplicaId, SocketAddr)],
+            inbound: mpsc::Sender<Received>,
+            metrics: Arc<Metrics>,
+        ) -> (Transport, SocketAddr) {
+            let t = Transport::start(
+                id,
+                "127.0.0.1:0".parse().unwrap(),
+                peers,
+                &self.identity(id),
+                inbound,
+                metrics,
+                Arc::new(AtomicU64::new(1)),
+                hooks(),
+            )
+            .unwrap();
+            let addr = t.endpoint.local_addr().unwrap();
+            (t, addr)
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// Real QUIC on loopback, certificates from a real cluster CA: replica
     /// 2 is certified but not a member at replica 1, so its protocol
     /// messages are dropped by 1's transport and never reach its core (no
     /// storage read, no guest call); once 1 lists it, they arrive.
     #[tokio::test]
     async fn a_certified_non_member_s_messages_stop_at_the_transport() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let dir = std::env::temp_dir().join(format!("ballot-nonmember-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        crate::tls::init_ca(&dir, "test").unwrap();
-        let identity = |id| {
-            crate::tls::issue_node(&dir, id).unwrap();
-            Identity::load(&crate::tls::TlsFiles {
-                ca: crate::tls::ca_cert_path(&dir),
-                cert: crate::tls::node_cert_path(&dir, id),
-                key: crate::tls::node_key_path(&dir, id),
-            })
-            .unwrap()
-        };
-        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let pki = Pki::new("nonmember");
         let (in1, mut out1) = mpsc::channel(16);
         let m1 = Arc::new(Metrics::new());
-        let t1 = Transport::start(
-            1,
-            any,
-            &[],
-            &identity(1),
-            in1,
-            m1.clone(),
-            Arc::new(AtomicU64::new(1)),
-            hooks(),
-        )
-        .unwrap();
-        let a1 = t1.endpoint.local_addr().unwrap();
+        let (t1, a1) = pki.start(1, &[], in1, m1.clone());
         let (in2, _out2) = mpsc::channel(16);
-        let t2 = Transport::start(
-            2,
-            any,
-            &[(1, a1)],
-            &identity(2),
-            in2,
-            Arc::new(Metrics::new()),
-            Arc::new(AtomicU64::new(1)),
-            hooks(),
-        )
-        .unwrap();
-        let a2 = t2.endpoint.local_addr().unwrap();
+        let (t2, a2) = pki.start(2, &[(1, a1)], in2, Arc::new(Metrics::new()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while m1.inbound_nonmember.get() < 3 {
             t2.send(1, vec![(b"k".to_vec(), vec![1, 2, 3])]);
@@ -495,7 +513,111 @@ mod tests {
         assert_eq!((got[0].from, &got[0].key[..]), (2, &b"k"[..]));
         t1.close();
         t2.close();
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A peer that takes the connection and then reads nothing (stalled,
+    /// or hostile): QUIC flow control stops the sender's frames, and what
+    /// the protocol keeps sending it waits in the peer's queue up to
+    /// [`PEER_QUEUE_BYTES`], then is dropped and counted. Bounded by count
+    /// alone (4096 batches), the queue held 4 GiB of 1 MiB messages.
+    #[tokio::test]
+    async fn a_stalled_peer_holds_at_most_its_queue_budget() {
+        let pki = Pki::new("stalled");
+        // Replica 1 is a QUIC endpoint with 1's certificate that accepts
+        // the link and never reads from it.
+        let server = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(pki.identity(1).server_config().unwrap()).unwrap(),
+        ));
+        let stalled = Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let a1 = stalled.local_addr().unwrap();
+        let accepting = stalled.clone();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(incoming) = accepting.accept().await {
+                if let Ok(connection) = incoming.await {
+                    if let Ok(stream) = connection.accept_uni().await {
+                        held.push((connection, stream));
+                    }
+                }
+            }
+        });
+        let (in2, _out2) = mpsc::channel(16);
+        let m2 = Arc::new(Metrics::new());
+        let (t2, _) = pki.start(2, &[(1, a1)], in2, m2.clone());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !t2.link(1).unwrap().up.load(Ordering::Relaxed) {
+            assert!(tokio::time::Instant::now() < deadline, "no link");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dropped = || {
+            m2.peer_dropped
+                .get_or_create(&label("peer", "1".to_string()))
+                .get()
+        };
+        let mib = vec![7u8; 1 << 20];
+        let sent = 128u64;
+        for _ in 0..sent {
+            t2.send(1, vec![(b"k".to_vec(), mib.clone())]);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let limit = (PEER_QUEUE_BYTES >> 20) as u64;
+        // Queued, plus what the link took before it stalled (the stream
+        // window, and the frame being written).
+        let kept = sent - dropped();
+        assert!(
+            kept >= limit - 1 && kept <= limit + 8,
+            "{kept} MiB kept for a stalled peer (budget {limit} MiB)"
+        );
+        assert!(t2.link(1).unwrap().up.load(Ordering::Relaxed));
+        t2.close();
+        stalled.close(VarInt::from_u32(0), b"");
+        holder.abort();
+    }
+
+    /// A core that takes nothing from its queue (stalled): frames from
+    /// peers wait in it up to [`INBOUND_BYTES`], then are dropped and
+    /// counted as they arrive; what waits never passes the budget. Bounded
+    /// by count alone (4096 frames of up to 16 MiB), it could hold 64 GiB.
+    #[tokio::test]
+    async fn a_stalled_core_holds_at_most_its_inbound_budget() {
+        let pki = Pki::new("stalled-core");
+        let (in1, mut out1) = mpsc::channel(PEER_QUEUE);
+        let m1 = Arc::new(Metrics::new());
+        let (t1, a1) = pki.start(1, &[], in1, m1.clone());
+        let (in2, _out2) = mpsc::channel(16);
+        let m2 = Arc::new(Metrics::new());
+        let (t2, a2) = pki.start(2, &[(1, a1)], in2, m2.clone());
+        t1.set_peers(&[(2, a2)]);
+        let mib = vec![7u8; 1 << 20];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while m1.inbound_dropped.get() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing was dropped: the inbound queue grew without bound"
+            );
+            // Paced by the link: a full send queue means the link is the
+            // bottleneck, not the receiver.
+            let queued = t2.peers.lock().unwrap()[&1].bytes.clone();
+            if queued.charge(8 << 20).is_some() {
+                t2.send(1, vec![(b"k".to_vec(), mib.clone())]);
+            } else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let mut waiting = 0usize;
+        while let Ok(r) = out1.try_recv() {
+            waiting += r.messages.iter().map(|m| m.payload.len()).sum::<usize>();
+        }
+        assert!(
+            waiting <= INBOUND_BYTES,
+            "{waiting} bytes waited for the core"
+        );
+        assert!(
+            waiting >= INBOUND_BYTES - (16 << 20),
+            "frames were dropped with {waiting} bytes waiting"
+        );
+        t1.close();
+        t2.close();
     }
 
     /// A stamped frame with epoch u64::MAX from one peer once silenced
