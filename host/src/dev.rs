@@ -229,9 +229,11 @@ fn new_node(
         api_tls: Some(api_tls(&certs)),
         api_plaintext: false,
         admin_clients: vec![DEV_CLIENT.to_string()],
+        grants: Vec::new(),
         http_connections_max: None,
         http_idle_secs: None,
         http_header_secs: None,
+        http_body_secs: None,
         join: false,
         changelog_keep: None,
     })

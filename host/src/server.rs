@@ -96,6 +96,12 @@ pub struct NodeConfig {
     /// admin changes, as the admin token may (needs `api_tls.client_ca`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub admin_clients: Vec<String>,
+    /// Who may read and write which keys (`[[grants]]`: a client
+    /// certificate name or a token's SHA-256, a role, key prefixes). With
+    /// none, any client that reaches the port reads and writes every key;
+    /// with any, every key request needs a granted credential.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<crate::api::Grant>,
     /// Client connections open at once (default 1024, at most 2^20); one
     /// accepted past it is answered 503 `overloaded` and closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +114,10 @@ pub struct NodeConfig {
     /// arrive from its first byte (default 10; 1 to 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_header_secs: Option<u64>,
+    /// Seconds a request's body may take to arrive once its head has
+    /// (default 60; 1 to 3600); past it the request is answered 408.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_body_secs: Option<u64>,
 }
 
 impl NodeConfig {
@@ -158,6 +168,7 @@ impl NodeConfig {
         if self.api_plaintext && !self.admin_clients.is_empty() {
             return Err("admin_clients needs api_tls (client certificates)".into());
         }
+        self.access()?;
         let mut ids: Vec<u32> = self.peers.iter().map(|p| p.id).collect();
         if ids.contains(&self.id) {
             return Err(format!("replica {} lists itself among its peers", self.id));
@@ -173,6 +184,17 @@ impl NodeConfig {
             return Err("at most 64 voters".into());
         }
         Ok(())
+    }
+
+    /// Who may do what on the client API: the grants, the admin token and
+    /// the admin clients, checked.
+    pub fn access(&self) -> Result<crate::api::Access, String> {
+        crate::api::Access::new(
+            &self.grants,
+            self.admin_token.as_deref(),
+            &self.admin_clients,
+            self.api_tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        )
     }
 
     /// The URL clients reach this replica by: `https://` unless it serves
@@ -554,15 +576,13 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 registry,
                 membership,
                 // An empty token is no token: the admin plane stays closed.
-                admin_token: config
-                    .admin_token
-                    .clone()
-                    .filter(|t| !t.trim().is_empty())
-                    .map(|t| Arc::from(t.trim())),
-                admin_clients: config.admin_clients.clone().into(),
+                access: Arc::new(config.access()?),
+                body_deadline: config
+                    .http_body_secs
+                    .map_or(api::BODY_DEADLINE, Duration::from_secs),
             };
-            if app.admin_token.is_none() && app.admin_clients.is_empty() {
-                warn!("no admin token configured: every change to components, policies, the protocol and the membership is refused");
+            if !app.access.has_admin() {
+                warn!("no admin credential configured: every change to components, policies, the protocol and the membership is refused");
             }
             info!(
                 id = config.id,

@@ -1217,10 +1217,13 @@ fn every_client_command_exits_5_when_no_replica_answers() {
 /// connection from going idle, but not past the head timeout
 /// (`http_header_secs`, 2 here, under an idle limit of 5): the replica
 /// closes it. Before, every byte reset the idle timer and the connection
-/// held its slot for as long as the client kept trickling. (Plain HTTP on this replica, so the test can
+/// held its slot for as long as the client kept trickling. The same for a
+/// body (`http_body_secs`): while a request is in flight its connection is
+/// never idle, so before the body deadline a client sending a byte now and
+/// then held a connection and a task for ever. (Plain HTTP on this replica, so the test can
 /// write raw bytes.)
 #[test]
-fn a_client_trickling_a_request_head_is_cut_off() {
+fn a_client_trickling_a_request_head_or_body_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let scratch = Scratch::new("trickle");
     runtime().block_on(async {
@@ -1233,6 +1236,7 @@ fn a_client_trickling_a_request_head_is_cut_off() {
         config.admin_clients.clear();
         config.http_idle_secs = Some(5);
         config.http_header_secs = Some(2);
+        config.http_body_secs = Some(2);
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
         cluster.nodes[0].config = config.clone();
         cluster.start_all().unwrap();
@@ -1271,6 +1275,38 @@ fn a_client_trickling_a_request_head_is_cut_off() {
         let closed = closed.expect("a trickled head kept its connection for 12 s");
         eprintln!("closed after {closed:?}");
         assert!(closed >= Duration::from_secs(2), "{closed:?}");
+
+        // A whole head, then a body a byte at a time: the request is in
+        // flight, so the idle limit never fires; the body deadline
+        // (`http_body_secs`, 2 here) answers 408 and closes.
+        let mut s = tokio::net::TcpStream::connect(config.http_addr)
+            .await
+            .unwrap();
+        s.write_all(b"PUT /v1/kv/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 200\r\n\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        while started.elapsed() < Duration::from_secs(12) {
+            if s.write_all(b"v").await.is_err() {
+                break;
+            }
+            let mut buf = [0u8; 512];
+            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 408") && answer.contains("body-timeout"),
+            "a trickled body was answered {answer:?} after {:?}",
+            started.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(12));
+        let r = tokio::net::TcpStream::connect(config.http_addr).await;
+        assert!(r.is_ok());
         // A client that sends its head at once is served.
         let mut s = tokio::net::TcpStream::connect(config.http_addr)
             .await

@@ -438,6 +438,180 @@ fn the_client_api_is_https_and_client_certificates_authenticate() {
     });
 }
 
+/// Grants give each credential a role and key prefixes. With grants
+/// configured, a request without a credential is 401, one whose credential
+/// no grant covers for that key or route is 403; a reader reads and never
+/// writes, a writer writes under its prefixes only, a client certificate
+/// holds the grants of its name, the admin token and `admin_clients`
+/// reach every key and the admin plane, and health and metrics stay open
+/// for probes. The CLI sends a token given with `--token`.
+#[test]
+fn grants_hold_each_credential_to_its_role_and_prefixes() {
+    use ballot::api::{access::token_sha256, Grant, Role};
+    use ballot::client::Tls;
+    let dir = Scratch::new("grants");
+    runtime().block_on(async {
+        let mut cluster = DevCluster::prepare(&dir.0, 3, 0, 0, CoreKind::Wasm, binary()).unwrap();
+        let certs = dir.0.join("certs");
+        ballot::tls::issue_client(&certs, "svc").unwrap();
+        let hash =
+            |t: &str| -> String { token_sha256(t).iter().map(|b| format!("{b:02x}")).collect() };
+        let grant = |client: Option<&str>, token: Option<&str>, role, prefixes: &[&str]| Grant {
+            client: client.map(str::to_string),
+            token_sha256: token.map(hash),
+            role,
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+        };
+        let grants = vec![
+            grant(None, Some("reader-token"), Role::Read, &["app/"]),
+            grant(
+                None,
+                Some("writer-token"),
+                Role::Write,
+                &["app/", "shared/"],
+            ),
+            grant(Some("svc"), None, Role::Write, &["svc/"]),
+        ];
+        for node in &mut cluster.nodes {
+            let mut config = NodeConfig::load(&node.config_path).unwrap();
+            config.grants = grants.clone();
+            std::fs::write(&node.config_path, toml::to_string(&config).unwrap()).unwrap();
+            node.config = config;
+        }
+        cluster.start_all().unwrap();
+        cluster.wait_all_ready(READY).await.unwrap();
+        wait_links_up(&cluster).await;
+
+        let url = cluster.nodes[0].http();
+        let ca = ballot::tls::ca_cert_path(&certs);
+        let anonymous = Client::with_tls(&url, &Tls::from_files(&ca, None).unwrap());
+        let token = |t: &str| anonymous.clone().with_token(Some(t.to_string()));
+        let (reader, writer) = (token("reader-token"), token("writer-token"));
+        let svc = Client::with_tls(
+            &url,
+            &Tls::from_files(
+                &ca,
+                Some((
+                    &ballot::tls::client_cert_path(&certs, "svc"),
+                    &ballot::tls::client_key_path(&certs, "svc"),
+                )),
+            )
+            .unwrap(),
+        );
+        let admin = client(&cluster, 1);
+        let code = |r: &ballot::client::Response| (r.status, r.error_code());
+
+        // No credential, or one nobody granted: 401, on keys and views.
+        for c in [&anonymous, &token("guess")] {
+            let r = put(c, "app/a", "x").await;
+            assert_eq!(
+                code(&r),
+                (StatusCode::UNAUTHORIZED, Some("unauthorized".into()))
+            );
+            let r = c.get("app/a", false).await.unwrap();
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+            let r = c
+                .request(Method::GET, "/v1/cluster", &[], Bytes::new())
+                .await
+                .unwrap();
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        }
+        // Probes need nothing.
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let r = anonymous
+                .request(Method::GET, path, &[], Bytes::new())
+                .await
+                .unwrap();
+            assert_eq!(r.status, StatusCode::OK, "{path}");
+        }
+
+        // The writer writes under its prefixes, and nowhere else.
+        assert_eq!(put(&writer, "app/a", "1").await.status, StatusCode::CREATED);
+        assert_eq!(
+            put(&writer, "shared/a", "1").await.status,
+            StatusCode::CREATED
+        );
+        let r = put(&writer, "svc/a", "1").await;
+        assert_eq!(code(&r), (StatusCode::FORBIDDEN, Some("forbidden".into())));
+        let r = writer.get("svc/a", false).await.unwrap();
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        // A reader reads under its prefix, and writes nothing.
+        expect_value(&reader, "app/a", false, "1", 1).await;
+        assert_eq!(
+            reader.get("shared/a", false).await.unwrap().status,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            put(&reader, "app/a", "2").await.status,
+            StatusCode::FORBIDDEN
+        );
+        let r = reader
+            .delete("app/a", ballot::client::Precondition::None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        let r = reader
+            .request(Method::GET, "/v1/cluster", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        // Any grant reads the admin views; none but admin changes them.
+        let r = reader
+            .request(Method::GET, "/v1/components", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        let r = writer
+            .json(Method::DELETE, "/v1/cluster/members/1", Bytes::new())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.error_message());
+        // The client certificate holds the grants of its name.
+        assert_eq!(put(&svc, "svc/a", "1").await.status, StatusCode::CREATED);
+        assert_eq!(put(&svc, "app/b", "1").await.status, StatusCode::FORBIDDEN);
+        // The admin credentials reach every key.
+        assert_eq!(
+            put(&admin, "elsewhere", "1").await.status,
+            StatusCode::CREATED
+        );
+        expect_value(&admin, "svc/a", false, "1", 1).await;
+        // And a refused write changed nothing.
+        expect_value(&admin, "app/a", false, "1", 1).await;
+        assert_eq!(
+            admin.get("app/b", false).await.unwrap().status,
+            StatusCode::NOT_FOUND
+        );
+
+        // The CLI sends --token.
+        let cli = |args: &[&str]| {
+            std::process::Command::new(binary())
+                .args(args)
+                .args(["--endpoint", &url, "--ca"])
+                .arg(&ca)
+                .env_remove("BALLOT_ADMIN_TOKEN")
+                .env_remove("BALLOT_TOKEN")
+                .env("BALLOT_DEV_DIR", dir.0.join("none"))
+                .output()
+                .unwrap()
+        };
+        let out = cli(&["kv", "put", "app/cli", "v", "--token", "writer-token"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = cli(&["kv", "put", "app/cli", "v"]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("unauthorized"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.stop_all();
+    });
+}
+
 #[test]
 fn activation_is_refused_when_a_voter_cannot_run_the_component() {
     let dir = Scratch::new("refused");

@@ -1,109 +1,30 @@
 //! The admin plane: membership (`/v1/cluster/members`), components
 //! (`/v1/components`), policy bindings (`/v1/policies`) and protocol swaps
-//! (`/v1/protocol`). Every change needs an admin credential (the token, or
-//! a client certificate listed in `admin_clients`), and is refused outright
-//! on a replica that has none configured (fail closed).
+//! (`/v1/protocol`). Every change needs an admin credential
+//! ([`super::access`]), and is refused outright on a replica that has none
+//! configured (fail closed).
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::body::{discard_body, read_body_max};
-use super::conn::Activity;
+use super::body::{body_timeout, read_body_max, timed_out};
 use super::error::registry;
 use super::{ApiError, App, REQUEST_TIMEOUT};
 use crate::membership::{Action, MemberChange};
 use crate::registry::{RegistryError, Swap, COMPONENT_MAX};
 
-/// Middleware on the admin routes: a request that changes components,
-/// bindings, the protocol or the membership (any method but GET and HEAD)
-/// must carry the admin token, or come over a connection that presented a
-/// client certificate listed in `admin_clients`. It runs before the
-/// handler, so an unauthorised request's body is never read. Without
-/// either credential configured every such change is refused: an open
-/// admin plane lets anyone who reaches the port run code of their choosing
-/// on every replica.
-pub(super) async fn guard(
-    State(app): State<App>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if matches!(*request.method(), Method::GET | Method::HEAD) {
-        return next.run(request).await;
-    }
-    let client = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<Activity>>()
-        .map(|info| &info.0);
-    match authorize(&app, request.headers(), client) {
-        Ok(()) => next.run(request).await,
-        Err(e) => {
-            let mut response = e.into_response();
-            let has_body = request.headers().contains_key(header::TRANSFER_ENCODING)
-                || request
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .is_some_and(|v| v.as_bytes() != b"0");
-            if has_body {
-                // Never parsed nor kept: read and dropped (bounded in bytes
-                // and time) so the client sees this answer, and the
-                // connection is not offered for another request.
-                discard_body(request, COMPONENT_MAX, std::time::Duration::from_secs(5)).await;
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            response
-        }
-    }
-}
-
-fn authorize(app: &App, headers: &HeaderMap, client: Option<&Activity>) -> Result<(), ApiError> {
-    if app.admin_token.is_none() && app.admin_clients.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "admin-disabled",
-            "this replica has no admin credential configured (--admin-token, \
-             BALLOT_ADMIN_TOKEN or admin_clients), so it refuses every change to components, \
-             policies, the protocol and the membership",
-        ));
-    }
-    if client.is_some_and(|c| app.admin_clients.iter().any(|name| c.client_is(name))) {
-        return Ok(());
-    }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Compared in constant time: the token is a secret.
-    let matches = match (&app.admin_token, given) {
-        (Some(expected), Some(g)) => {
-            g.len() == expected.len()
-                && g.bytes()
-                    .zip(expected.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        }
-        _ => false,
-    };
-    if matches {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "this change needs the replicas' admin token (--admin-token or BALLOT_ADMIN_TOKEN) \
-         or a client certificate the replicas list in admin_clients",
-    )
-    .header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")))
-}
-
-/// The JSON body of an admin request (authorised by [`guard`]).
+/// The JSON body of an admin request (authorised by [`super::access::admin`]).
 fn admin_body<T>(body: Result<axum::Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|axum::Json(b)| b)
-        .map_err(|e| ApiError::bad_request("bad-request", e.body_text()))
+    body.map(|axum::Json(b)| b).map_err(|e| {
+        if timed_out(&e) {
+            body_timeout()
+        } else {
+            ApiError::bad_request("bad-request", e.body_text())
+        }
+    })
 }
 
 pub(super) async fn members(State(app): State<App>) -> Result<Response, ApiError> {

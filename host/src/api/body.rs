@@ -46,6 +46,103 @@ pub fn current_json(current: &Current) -> serde_json::Value {
     obj.into()
 }
 
+/// How long a request's body may take to arrive, from the end of its
+/// head, by default. While a request is in flight its connection is never
+/// idle, so without this a client that sends a head and then a byte a
+/// minute would hold a connection and a task for ever.
+pub const BODY: std::time::Duration = std::time::Duration::from_secs(60);
+/// The range the body deadline is held to.
+pub const BODY_RANGE: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(3_600),
+);
+
+/// The error a body past its deadline ends with.
+#[derive(Debug)]
+struct BodyTimedOut;
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body did not arrive in time")
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+/// A request body that fails with [`BodyTimedOut`] once its deadline
+/// passes before its end.
+struct Deadline {
+    inner: Body,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Deadline {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Middleware: every request body must arrive within the deadline (the
+/// state) from the moment its head was read; past it, reading the body
+/// fails and the request is answered 408 `body-timeout`.
+pub async fn deadline(
+    axum::extract::State(within): axum::extract::State<std::time::Duration>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let request = request.map(|inner| {
+        Body::new(Deadline {
+            inner,
+            timer: Box::pin(tokio::time::sleep(within)),
+        })
+    });
+    next.run(request).await
+}
+
+/// Whether an error (or one of its sources) is a body past its deadline.
+pub fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.is::<BodyTimedOut>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The answer to a body that did not arrive in time.
+pub fn body_timeout() -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body-timeout",
+        "the request body did not arrive in time",
+    )
+    .header(header::CONNECTION, HeaderValue::from_static("close"))
+}
+
 /// A value or command body, at most [`VALUE_MAX`] bytes.
 pub async fn read_body(request: Request) -> Result<Bytes, ApiError> {
     read_body_max(request, VALUE_MAX, "values").await
@@ -97,6 +194,9 @@ pub async fn read_body_max(request: Request, max: usize, what: &str) -> Result<B
     }
     let body: Body = request.into_body();
     axum::body::to_bytes(body, max).await.map_err(|e| {
+        if timed_out(&e) {
+            return body_timeout();
+        }
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
             if s.is::<http_body_util::LengthLimitError>() {

@@ -21,7 +21,8 @@
 //!
 //! `kv` holds the data path, `admin` the admin plane, `error` the one error
 //! shape ([`ApiError`]), `body` the byte limits on bodies, `conn` the bounds
-//! on connections (how many, how long idle); the health endpoints are here.
+//! on connections (how many, how long idle), `access` who may do what
+//! (roles, key prefixes); the health endpoints are here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::node::{Budget, ClientRequest, Health};
 use crate::registry::Registry;
 
+pub mod access;
 mod admin;
 mod body;
 pub mod conn;
@@ -45,6 +47,8 @@ mod error;
 mod kv;
 
 pub use crate::runtime::VALUE_MAX;
+pub use access::{Access, Grant, Role};
+pub use body::BODY as BODY_DEADLINE;
 pub use error::ApiError;
 /// Longest a request waits for the cluster.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,13 +67,11 @@ pub struct App {
     pub cluster: Arc<dyn Fn() -> ClusterView + Send + Sync>,
     pub registry: Arc<Registry>,
     pub membership: Arc<Membership>,
-    /// Required of component, policy, protocol and membership changes
-    /// (or a certificate named in `admin_clients`); without either they
-    /// are all refused.
-    pub admin_token: Option<Arc<str>>,
-    /// Client certificate names (`ballot cert client NAME`) that may make
-    /// those changes.
-    pub admin_clients: Arc<[String]>,
+    /// Who may read and write which keys, read the views, and make admin
+    /// changes.
+    pub access: Arc<Access>,
+    /// How long a request body may take to arrive after its head.
+    pub body_deadline: Duration,
 }
 
 /// The router.
@@ -80,18 +82,33 @@ pub fn router(app: App) -> Router {
             get(kv::get_kv)
                 .put(kv::put_kv)
                 .delete(kv::delete_kv)
-                .post(kv::post_kv),
+                .post(kv::post_kv)
+                .route_layer(axum::middleware::from_fn_with_state(
+                    app.clone(),
+                    access::data,
+                )),
         )
         .merge(admin_routes(app.clone()))
-        .route("/v1/cluster", get(cluster))
+        .route(
+            "/v1/cluster",
+            get(cluster).route_layer(axum::middleware::from_fn_with_state(
+                app.clone(),
+                access::view,
+            )),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            app.body_deadline
+                .clamp(body::BODY_RANGE.0, body::BODY_RANGE.1),
+            body::deadline,
+        ))
         .with_state(app)
 }
 
-/// The admin plane, behind [`admin::guard`].
+/// The admin plane, behind [`access::admin`].
 fn admin_routes(app: App) -> Router<App> {
     Router::new()
         .route(
@@ -112,7 +129,7 @@ fn admin_routes(app: App) -> Router<App> {
             get(admin::members).post(admin::add_member),
         )
         .route("/v1/cluster/members/{id}", delete(admin::remove_member))
-        .route_layer(axum::middleware::from_fn_with_state(app, admin::guard))
+        .route_layer(axum::middleware::from_fn_with_state(app, access::admin))
 }
 
 async fn cluster(State(app): State<App>) -> Response {

@@ -59,6 +59,9 @@ enum Cmd {
     /// Write, build and bind conflict-resolution policies.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Make a bearer token for a `[[grants]]` entry: prints the token (for
+    /// the client, BALLOT_TOKEN) and its SHA-256 (for the replicas).
+    Token,
     /// Describe the embedded default components: names, versions, formats.
     Components,
     /// Print a shell completion script (`ballot completions bash >
@@ -174,6 +177,10 @@ struct Endpoint {
         requires = "client_cert"
     )]
     client_key: Option<std::path::PathBuf>,
+    /// A bearer token a replica grants a role to (`ballot token`); sent
+    /// instead of the admin token when both are given.
+    #[arg(long, env = "BALLOT_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
     /// The replicas' admin token. Without one, a command to a replica on
     /// this machine uses the token of the `ballot dev` cluster in
     /// `$BALLOT_DEV_DIR` (default `ballot-dev`), if there is one.
@@ -222,11 +229,12 @@ impl Endpoint {
         })
     }
 
-    /// The admin token to send: the one given, or the local dev cluster's
-    /// for a loopback endpoint (never sent anywhere else).
+    /// The token to send: the one given, the admin token given, or the
+    /// local dev cluster's admin token for a loopback endpoint (never sent
+    /// anywhere else).
     fn token(&self) -> Option<String> {
-        if self.admin_token.is_some() {
-            return self.admin_token.clone();
+        if let Some(token) = self.token.clone().or_else(|| self.admin_token.clone()) {
+            return Some(token);
         }
         if !is_loopback(&self.endpoint) {
             return None;
@@ -484,6 +492,27 @@ pub fn main() -> ExitCode {
         Cmd::Policy(PolicyCmd::List { endpoint }) => {
             client_runtime(component::list_policies(endpoint.client()))
         }
+        Cmd::Token => match crate::storage::random_bytes::<32>() {
+            Ok(bytes) => {
+                let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                let token = hex(&bytes);
+                let hash = hex(&crate::api::access::token_sha256(&token));
+                if json {
+                    print_json(&serde_json::json!({"token": token, "token_sha256": hash}));
+                } else {
+                    println!("token:        {token}");
+                    println!("token_sha256: {hash}");
+                    eprintln!(
+                        "Give the token to the client (--token or BALLOT_TOKEN), and its \
+                         SHA-256 to every replica:\n  [[grants]]\n  token_sha256 = \"{hash}\"\n  \
+                         role = \"write\"          # read, write or admin\n  \
+                         prefixes = [\"app/\"]     # optional: the keys it covers"
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Cmd::Components => match crate::registry::describe_embedded() {
             Ok(components) if json => {
                 print_json(&serde_json::to_value(components).expect("serializes"));
