@@ -52,6 +52,9 @@ pub struct Metrics {
     /// those it holds unanswered (or held across a swap) reached their byte
     /// bound; their senders time out.
     pub forwards_dropped: Counter,
+    /// Keys whose events a step left for the next one, to keep the key
+    /// states it hands the protocol within their byte bound.
+    pub step_deferred: Counter,
     /// Peer connections refused (TLS failure, wrong identity, bad frames).
     pub peer_refused: Family<Labels, Counter>,
     /// Protocol instances replaced, by cause (`swap`, `trap`).
@@ -159,6 +162,12 @@ impl Metrics {
             "Forwarded commands dropped: those held unanswered reached their byte bound",
             forwards_dropped.clone(),
         );
+        let step_deferred = Counter::default();
+        registry.register(
+            "step_keys_deferred",
+            "Keys whose events waited for the next step: the states loaded passed the step's byte bound",
+            step_deferred.clone(),
+        );
         let peer_refused = Family::<Labels, Counter>::default();
         registry.register(
             "peer_refused",
@@ -210,6 +219,7 @@ impl Metrics {
             inbound_dropped,
             inbound_nonmember,
             forwards_dropped,
+            step_deferred,
             peer_refused,
         }
     }

@@ -23,7 +23,7 @@ use super::forwards::Forwards;
 use super::{
     ClientRequest, Control, CoreEvent, Events, Health, Mailbox, Protocol, ProtocolFactory,
     Watchers, BATCH_BYTES_MAX, BATCH_MAX, INFLIGHT_BYTES_MAX, KEY_MAX, PIPELINE_MAX,
-    SWAP_DRAIN_MAX,
+    STEP_STATE_BYTES_MAX, SWAP_DRAIN_MAX,
 };
 use crate::metrics::{label, labels2, Metrics};
 use crate::runtime::RuntimeError;
@@ -78,9 +78,11 @@ pub(super) struct Driver {
     pub(super) epoch: Arc<AtomicU64>,
     /// Commands peers forwarded to the running instance (see `forwards`).
     pub(super) forwards: Forwards,
-    /// Peer messages for the next step that came from no queue: forwards
-    /// held during a swap, handed to the new instance.
-    pub(super) handed: Vec<Inbound>,
+    /// Events for the next step that came from no queue: forwards held
+    /// during a swap, handed to the new instance, and the events of keys a
+    /// step left out to stay within [`STEP_STATE_BYTES_MAX`]. They go
+    /// first, so each key's events keep their order.
+    pub(super) carry: Batch,
 }
 
 fn op_name(op: &Operation) -> &'static str {
@@ -121,9 +123,13 @@ impl Driver {
             let idle = self.clients.is_empty() && !self.forwards.busy();
             let listen = open && !(self.swapping.is_some() && idle);
             if open {
-                batch.messages.append(&mut self.handed);
+                let carry = std::mem::take(&mut self.carry);
+                (batch.requests, batch.messages, batch.timers) =
+                    (carry.requests, carry.messages, carry.timers);
             }
-            let handed = !batch.messages.is_empty();
+            let handed = !(batch.requests.is_empty()
+                && batch.messages.is_empty()
+                && batch.timers.is_empty());
             let swap_tick = self
                 .swapping
                 .as_ref()
@@ -171,6 +177,7 @@ impl Driver {
             self.try_swap();
             if self.health.fatal().is_some() {
                 self.inflight_bytes = 0;
+                self.carry = Batch::default();
                 for c in std::mem::take(&mut self.clients).into_values() {
                     let reason = self.health.fatal().unwrap_or_default();
                     let _ = c.reply.send(Completion {
@@ -323,31 +330,56 @@ impl Driver {
                 trace: Trace::default(),
             });
         }
+        // Each key's state goes into the guest with the step: in the order
+        // the keys first appear (carried events first), until their bytes
+        // pass the bound. The events of the keys left out wait for the
+        // next step, which takes them first.
         let mut keys: Vec<&[u8]> = Vec::new();
-        keys.extend(batch.requests.iter().map(|r| &r.key[..]));
-        keys.extend(batch.messages.iter().map(|m| &m.key[..]));
-        keys.extend(batch.timers.iter().map(|t| &t.key[..]));
-        keys.sort_unstable();
-        keys.dedup();
-        let touched: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
-        let mut states = Vec::with_capacity(keys.len());
-        let mut missing = Vec::new();
-        for key in keys {
-            match self.pipeline.state(key) {
-                Some(state) => states.push(KeyState {
-                    key: key.to_vec(),
-                    state: state.to_vec(),
-                }),
-                None => missing.push(key),
+        let mut seen = std::collections::HashSet::new();
+        let all = (batch.requests.iter().map(|r| &r.key[..]))
+            .chain(batch.messages.iter().map(|m| &m.key[..]))
+            .chain(batch.timers.iter().map(|t| &t.key[..]));
+        for key in all {
+            if seen.insert(key) {
+                keys.push(key);
             }
         }
-        match self.storage.states(missing.into_iter()) {
-            Ok(found) => states.extend(found.into_iter().map(|(key, state)| KeyState {
-                key: key.to_vec(),
-                state,
-            })),
+        let pipeline = &self.pipeline;
+        let loaded = self
+            .storage
+            .states_within(&keys, STEP_STATE_BYTES_MAX, |k| pipeline.state(k));
+        let states: Vec<KeyState> = match loaded {
+            Ok(found) => found
+                .into_iter()
+                .map(|(key, state)| KeyState {
+                    key: key.to_vec(),
+                    state,
+                })
+                .collect(),
             Err(e) => return self.health.stop(format!("storage read failed: {e}")),
+        };
+        if states.len() < keys.len() {
+            let later: std::collections::HashSet<Vec<u8>> =
+                keys[states.len()..].iter().map(|k| k.to_vec()).collect();
+            self.metrics.step_deferred.inc_by(later.len() as u64);
+            let (now, next) = std::mem::take(&mut batch.requests)
+                .into_iter()
+                .partition(|r| !later.contains(&r.key));
+            batch.requests = now;
+            self.carry.requests.extend::<Vec<_>>(next);
+            let (now, next) = std::mem::take(&mut batch.messages)
+                .into_iter()
+                .partition(|m| !later.contains(&m.key));
+            batch.messages = now;
+            self.carry.messages.extend::<Vec<_>>(next);
+            let (now, next) = std::mem::take(&mut batch.timers)
+                .into_iter()
+                .partition(|t| !later.contains(&t.key));
+            batch.timers = now;
+            self.carry.timers.extend::<Vec<_>>(next);
         }
+        let mut touched: Vec<Vec<u8>> = states.iter().map(|s| s.key.clone()).collect();
+        touched.sort_unstable();
         batch.states = states;
         let events = batch.requests.len() + batch.messages.len() + batch.timers.len();
         self.metrics.step_events.observe(events as f64);
@@ -471,10 +503,13 @@ impl Driver {
         fresh.policies().rebind(bound);
         self.protocol = fresh;
         self.pipeline.forget_instance();
-        // Timer tokens belong to the instance that armed them.
+        // Timer tokens belong to the instance that armed them; carried
+        // requests were answered with the instance's end.
         self.timers.clear();
+        self.carry.timers.clear();
+        self.carry.requests.clear();
         let handed = self.forwards.swapped(incarnation);
-        self.handed.extend(handed);
+        self.carry.messages.extend(handed);
         Ok(incarnation)
     }
 
@@ -566,7 +601,10 @@ impl Driver {
         let Some(swap) = &self.swapping else {
             return;
         };
-        let drained = self.clients.is_empty() && !self.forwards.busy() && self.pipeline.is_empty();
+        let drained = self.clients.is_empty()
+            && !self.forwards.busy()
+            && self.pipeline.is_empty()
+            && self.carry.messages.is_empty();
         let waited = swap.since.elapsed();
         if !drained && waited < SWAP_DRAIN_MAX {
             return;
@@ -604,7 +642,8 @@ impl Driver {
             Err(e) => {
                 // The old instance was not touched: keep running it.
                 error!(to = %swap.label, "protocol swap failed, staying on {}: {e}", self.label);
-                self.handed.extend(self.forwards.kept());
+                let kept = self.forwards.kept();
+                self.carry.messages.extend(kept);
             }
         }
     }

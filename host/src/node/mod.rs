@@ -53,6 +53,11 @@ const BATCH_MAX: usize = 2048;
 /// of them a few times (its proposal, the state it persists, the messages
 /// it sends), and its memory is 256 MiB.
 const BATCH_BYTES_MAX: usize = 16 << 20;
+/// Bytes of key states handed to the protocol in one step, at most (a
+/// state larger than this goes alone): a step of many linearizable reads
+/// of large keys, each a few bytes of request, loads every key's state into
+/// the guest. The events of keys past the bound wait for the next step.
+const STEP_STATE_BYTES_MAX: usize = 32 << 20;
 /// Bytes of client requests the protocol holds unanswered before the core
 /// takes no more from the queue: each command lives in the guest (256 MiB
 /// of memory) with its proposal, the state it persists and the messages
@@ -494,7 +499,7 @@ pub fn start(
         members: initial.members,
         epoch,
         forwards: forwards::Forwards::new(initial.incarnation),
-        handed: Vec::new(),
+        carry: Batch::default(),
     };
     let span = tracing::Span::current();
     let mailbox = control.clone();

@@ -257,16 +257,30 @@ impl Storage {
         Ok((storage, incarnation))
     }
 
-    /// The persisted protocol state of each key (empty when never touched).
-    pub fn states<'k>(
+    /// The protocol state of `keys` in order (empty when never touched),
+    /// `pending` first (a state not durable yet), then the file, until
+    /// the next one would take the total past `max`: a prefix of `keys`,
+    /// never empty when `keys` is not. One read transaction; a state is
+    /// copied only once it fits.
+    pub fn states_within<'k, 'p>(
         &self,
-        keys: impl Iterator<Item = &'k [u8]>,
+        keys: &[&'k [u8]],
+        max: usize,
+        pending: impl Fn(&[u8]) -> Option<&'p [u8]>,
     ) -> Result<Vec<(&'k [u8], Vec<u8>)>, Error> {
         let rtxn = self.env.read_txn()?;
-        let mut out = Vec::new();
-        for key in keys {
-            let state = self.state.get(&rtxn, key)?.map(<[u8]>::to_vec);
-            out.push((key, state.unwrap_or_default()));
+        let mut out = Vec::with_capacity(keys.len());
+        let mut total = 0usize;
+        for &key in keys {
+            let state = match pending(key) {
+                Some(s) => s,
+                None => self.state.get(&rtxn, key)?.unwrap_or_default(),
+            };
+            if !out.is_empty() && total + state.len() > max {
+                break;
+            }
+            total += state.len();
+            out.push((key, state.to_vec()));
         }
         Ok(out)
     }

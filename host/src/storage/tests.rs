@@ -55,10 +55,23 @@ fn writes_survive_reopen_and_the_boot_counter_grows() {
     assert_eq!(s.bump_incarnation().unwrap(), first + 2);
     assert_eq!(s.incarnation().unwrap(), first + 2);
     let keys: [&[u8]; 3] = [b"a", b"b", b"c"];
-    let states = s.states(keys.into_iter()).unwrap();
+    let states = s.states_within(&keys, usize::MAX, |_| None).unwrap();
     assert_eq!(states[0].1, vec![4]);
     assert_eq!(states[1].1, vec![3]);
     assert!(states[2].1.is_empty());
+    // A state not durable yet is read instead of the file's; the bound
+    // stops before the state that would pass it, after at least one.
+    let pending = [7u8, 7];
+    let states = s
+        .states_within(&keys, 2, |k| (k == b"b").then_some(&pending[..]))
+        .unwrap();
+    assert_eq!(states, vec![(&b"a"[..], vec![4])]);
+    let states = s
+        .states_within(&keys[1..], 0, |k| (k == b"b").then_some(&pending[..]))
+        .unwrap();
+    assert_eq!(states, vec![(&b"b"[..], vec![7, 7])]);
+    let states = s.states_within(&keys, 3, |_| None).unwrap();
+    assert_eq!(states.len(), 3, "an empty state costs nothing");
     assert_eq!(
         s.committed(b"a").unwrap(),
         Some(Committed {
