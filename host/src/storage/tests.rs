@@ -200,14 +200,14 @@ fn a_format_1_directory_becomes_format_2_when_opened() {
     {
         let mut wtxn = s.env.write_txn().unwrap();
         s.meta.put(&mut wtxn, META_FORMAT, &[1]).unwrap();
-        let mut one = Vec::new();
-        encode_committed(&mut one, 1, Some(b"one"));
-        one.extend_from_slice(&[0, 0, 0, 1, b'a']);
-        s.changelog.put(&mut wtxn, &1, &one).unwrap();
-        let mut two = Vec::new();
-        encode_committed(&mut two, 5, None);
-        two.extend_from_slice(&[0, 0, 0, 1, b'b']);
-        s.changelog.put(&mut wtxn, &2, &two).unwrap();
+        // [1][version u64][present 1][len u32][value][key len u32][key]
+        let one: &[u8] = &[
+            1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 3, b'o', b'n', b'e', 0, 0, 0, 1, b'a',
+        ];
+        s.changelog.put(&mut wtxn, &1, one).unwrap();
+        // [1][version u64][present 0][key len u32][key]
+        let two: &[u8] = &[1, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 1, b'b'];
+        s.changelog.put(&mut wtxn, &2, two).unwrap();
         wtxn.commit().unwrap();
     }
     drop(s);
