@@ -1261,6 +1261,7 @@ fn a_client_trickling_a_request_head_or_body_is_cut_off() {
         config.http_idle_secs = Some(5);
         config.http_header_secs = Some(2);
         config.http_body_secs = Some(2);
+        config.admin_token = Some("t0ken".into());
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
         cluster.nodes[0].config = config.clone();
         cluster.start_all().unwrap();
@@ -1302,33 +1303,39 @@ fn a_client_trickling_a_request_head_or_body_is_cut_off() {
 
         // A whole head, then a body a byte at a time: the request is in
         // flight, so the idle limit never fires; the body deadline
-        // (`http_body_secs`, 2 here) answers 408 and closes.
-        let mut s = tokio::net::TcpStream::connect(config.http_addr)
-            .await
-            .unwrap();
-        s.write_all(b"PUT /v1/kv/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 200\r\n\r\n")
-            .await
-            .unwrap();
-        let started = Instant::now();
-        let mut answer = Vec::new();
-        while started.elapsed() < Duration::from_secs(12) {
-            if s.write_all(b"v").await.is_err() {
-                break;
+        // (`http_body_secs`, 2 here) answers 408 and closes. The same for
+        // a value and for an admin request's JSON.
+        let heads: [&[u8]; 2] = [
+            b"PUT /v1/kv/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 200\r\n\r\n",
+            b"POST /v1/policies HTTP/1.1\r\nhost: x\r\nauthorization: Bearer t0ken\r\n\
+              content-type: application/json\r\ncontent-length: 200\r\n\r\n",
+        ];
+        for head in heads {
+            let mut s = tokio::net::TcpStream::connect(config.http_addr)
+                .await
+                .unwrap();
+            s.write_all(head).await.unwrap();
+            let started = Instant::now();
+            let mut answer = Vec::new();
+            while started.elapsed() < Duration::from_secs(12) {
+                if s.write_all(b" ").await.is_err() {
+                    break;
+                }
+                let mut buf = [0u8; 512];
+                match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                    Err(_) => {}
+                }
             }
-            let mut buf = [0u8; 512];
-            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => break,
-                Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
-                Err(_) => {}
-            }
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with("HTTP/1.1 408") && answer.contains("body-timeout"),
+                "a trickled body was answered {answer:?} after {:?}",
+                started.elapsed()
+            );
+            assert!(started.elapsed() < Duration::from_secs(12));
         }
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(
-            answer.starts_with("HTTP/1.1 408") && answer.contains("body-timeout"),
-            "a trickled body was answered {answer:?} after {:?}",
-            started.elapsed()
-        );
-        assert!(started.elapsed() < Duration::from_secs(12));
         let r = tokio::net::TcpStream::connect(config.http_addr).await;
         assert!(r.is_ok());
         // A client that sends its head at once is served.

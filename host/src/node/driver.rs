@@ -85,6 +85,14 @@ pub(super) struct Driver {
     pub(super) carry: Batch,
 }
 
+/// Puts `front` before what `list` holds.
+fn prepend<T>(list: &mut Vec<T>, mut front: Vec<T>) {
+    if !front.is_empty() {
+        front.append(list);
+        *list = front;
+    }
+}
+
 fn op_name(op: &Operation) -> &'static str {
     match op {
         Operation::Command(_) => "command",
@@ -122,14 +130,10 @@ impl Driver {
             let admit = open && self.swapping.is_none() && self.inflight_bytes < INFLIGHT_BYTES_MAX;
             let idle = self.clients.is_empty() && !self.forwards.busy();
             let listen = open && !(self.swapping.is_some() && idle);
-            if open {
-                let carry = std::mem::take(&mut self.carry);
-                (batch.requests, batch.messages, batch.timers) =
-                    (carry.requests, carry.messages, carry.timers);
-            }
-            let handed = !(batch.requests.is_empty()
-                && batch.messages.is_empty()
-                && batch.timers.is_empty());
+            // Carried events stay in `carry` until the step takes them, so
+            // a swap or a restart in between sees them (`try_swap`,
+            // `replace`).
+            let handed = open && !self.carry_is_empty();
             let swap_tick = self
                 .swapping
                 .as_ref()
@@ -199,9 +203,16 @@ impl Driver {
             if self.pipeline.len() >= PIPELINE_MAX {
                 continue;
             }
-            let mut events = batch.requests.len() + batch.messages.len();
-            let mut bytes: usize = batch.requests.iter().map(request_bytes).sum::<usize>()
-                + batch.messages.iter().map(message_bytes).sum::<usize>();
+            let mut events = batch.requests.len()
+                + batch.messages.len()
+                + self.carry.requests.len()
+                + self.carry.messages.len();
+            let mut bytes: usize = (batch.requests.iter().chain(&self.carry.requests))
+                .map(request_bytes)
+                .sum::<usize>()
+                + (batch.messages.iter().chain(&self.carry.messages))
+                    .map(message_bytes)
+                    .sum::<usize>();
             while events < BATCH_MAX && bytes < BATCH_BYTES_MAX {
                 let mut more = false;
                 if self.swapping.is_none() && self.inflight_bytes < INFLIGHT_BYTES_MAX {
@@ -234,7 +245,11 @@ impl Driver {
                 let Reverse((at_ms, token, key)) = self.timers.pop().expect("peeked");
                 batch.timers.push(Timer { key, token, at_ms });
             }
-            if batch.requests.is_empty() && batch.messages.is_empty() && batch.timers.is_empty() {
+            if batch.requests.is_empty()
+                && batch.messages.is_empty()
+                && batch.timers.is_empty()
+                && self.carry_is_empty()
+            {
                 continue;
             }
             self.step(batch, now);
@@ -330,15 +345,34 @@ impl Driver {
                 trace: Trace::default(),
             });
         }
+        // Carried events go first. A request whose client was answered
+        // meanwhile (the instance trapped or was swapped, `abandon_clients`)
+        // is not run.
+        let mut carry = std::mem::take(&mut self.carry);
+        carry.requests.retain(|r| self.clients.contains_key(&r.id));
+        batch.requests.retain(|r| self.clients.contains_key(&r.id));
+        let carried = (
+            carry.requests.len(),
+            carry.messages.len(),
+            carry.timers.len(),
+        );
+        prepend(&mut batch.requests, carry.requests);
+        prepend(&mut batch.messages, carry.messages);
+        prepend(&mut batch.timers, carry.timers);
         // Each key's state goes into the guest with the step: in the order
-        // the keys first appear (carried events first), until their bytes
-        // pass the bound. The events of the keys left out wait for the
-        // next step, which takes them first.
+        // the keys first appear, carried events' keys first (so a key whose
+        // only event is a carried timer is not passed over for ever), until
+        // their bytes pass the bound. The events of the keys left out wait
+        // for the next step, which takes them first.
         let mut keys: Vec<&[u8]> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        let all = (batch.requests.iter().map(|r| &r.key[..]))
-            .chain(batch.messages.iter().map(|m| &m.key[..]))
-            .chain(batch.timers.iter().map(|t| &t.key[..]));
+        let (r, m, t) = carried;
+        let all = (batch.requests[..r].iter().map(|x| &x.key[..]))
+            .chain(batch.messages[..m].iter().map(|x| &x.key[..]))
+            .chain(batch.timers[..t].iter().map(|x| &x.key[..]))
+            .chain(batch.requests[r..].iter().map(|x| &x.key[..]))
+            .chain(batch.messages[m..].iter().map(|x| &x.key[..]))
+            .chain(batch.timers[t..].iter().map(|x| &x.key[..]));
         for key in all {
             if seen.insert(key) {
                 keys.push(key);
@@ -412,6 +446,12 @@ impl Driver {
         if self.ready_tx.send(ready).is_err() {
             self.health.stop("the writer thread ended".into());
         }
+    }
+
+    fn carry_is_empty(&self) -> bool {
+        self.carry.requests.is_empty()
+            && self.carry.messages.is_empty()
+            && self.carry.timers.is_empty()
     }
 
     fn observe_guest(&self, call: &str, started: Instant) {
@@ -604,7 +644,7 @@ impl Driver {
         let drained = self.clients.is_empty()
             && !self.forwards.busy()
             && self.pipeline.is_empty()
-            && self.carry.messages.is_empty();
+            && self.carry_is_empty();
         let waited = swap.since.elapsed();
         if !drained && waited < SWAP_DRAIN_MAX {
             return;
