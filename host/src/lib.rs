@@ -44,3 +44,4 @@ pub mod system;
 pub mod system_record;
 pub mod tls;
 pub mod transport;
+pub mod wan;
