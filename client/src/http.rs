@@ -134,7 +134,8 @@ pub enum Precondition {
     Version(u64),
 }
 
-/// Escapes a key for the URL path (slashes are kept: keys may be paths).
+/// Escapes a key for the URL path, or any text for a query value (slashes
+/// are kept: keys may be paths).
 pub fn escape_key(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
     for b in key.bytes() {

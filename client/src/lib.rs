@@ -63,6 +63,15 @@ pub struct Entry {
     pub version: u64,
 }
 
+/// One page of a listing (`Client::list`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// Keys with a value, in key order.
+    pub items: Vec<(String, Entry)>,
+    /// Give this as `after` for the next page; `None` after the last.
+    pub next: Option<String>,
+}
+
 /// What a write did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Written {
@@ -377,6 +386,59 @@ impl Client {
                 .get("changed")
                 .and_then(|c| c.as_bool())
                 .unwrap_or(true),
+        })
+    }
+
+    /// Up to `limit` keys under `prefix` after `after`, with their
+    /// values: every key written before the call began and its newest
+    /// value, or (`local`) the replica's own copy.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        local: bool,
+    ) -> Result<Page, Error> {
+        let mut path = format!("/v1/kv?prefix={}&limit={limit}", http::escape_key(prefix));
+        if let Some(after) = after {
+            path.push_str(&format!("&after={}", http::escape_key(after)));
+        }
+        if local {
+            path.push_str("&consistency=local");
+        }
+        let r = self
+            .call(Method::GET, &path, &[], Bytes::new(), Idempotent::Yes)
+            .await?;
+        if r.status != StatusCode::OK {
+            return Err(refusal(&r));
+        }
+        let bad = |message: String| Error::Unavailable {
+            code: "bad-response".into(),
+            message,
+            maybe_applied: false,
+        };
+        let body: serde_json::Value = serde_json::from_slice(&r.body)
+            .map_err(|e| bad(format!("{}: the answer is not JSON: {e}", self.endpoint())))?;
+        let mut items = Vec::new();
+        for item in body["items"].as_array().into_iter().flatten() {
+            let (Some(key), Some(current)) = (item["key"].as_str(), current_of(item)) else {
+                return Err(bad(format!(
+                    "{}: a malformed item: {item}",
+                    self.endpoint()
+                )));
+            };
+            let value = current.value.unwrap_or_default();
+            items.push((
+                key.to_string(),
+                Entry {
+                    value,
+                    version: current.version,
+                },
+            ));
+        }
+        Ok(Page {
+            items,
+            next: body["next"].as_str().map(str::to_string),
         })
     }
 

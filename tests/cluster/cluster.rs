@@ -1585,3 +1585,142 @@ fn one_way_and_flapping_links_keep_histories_linearizable() {
         cluster.stop_all();
     });
 }
+
+/// Listing a prefix: 500 keys under two prefixes written through all three
+/// replicas (half of them written twice, some deleted), then each prefix
+/// listed through each replica a page of 37 at a time. Every key with a
+/// value comes exactly once, in order, with its newest value and version;
+/// nothing from the other prefix, no deleted key. The listing begins right
+/// after the last write is acknowledged, with no settling: a key that only
+/// a quorum holds is still found. `consistency=local` lists a replica's own
+/// copy; the CLI follows the pages.
+#[test]
+fn a_prefix_lists_every_key_once_with_its_newest_value_through_every_replica() {
+    let scratch = Scratch::new("listing");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let http = clients(&cluster);
+        let mut expected: [std::collections::BTreeMap<String, (String, u64)>; 2] =
+            Default::default();
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..500usize {
+            let c = http[i % 3].clone();
+            writes.spawn(async move {
+                let side = i % 2;
+                let key = format!("{}/{i:04}", ["app", "apq"][side]);
+                let mut version = 0;
+                let rounds = if i % 4 < 2 { 2 } else { 1 };
+                for round in 0..rounds {
+                    let r = put(&c, &key, &format!("v{round}-{i}")).await;
+                    assert!(r.status.is_success(), "{key}: {}", r.error_message());
+                    version = r.version.unwrap();
+                }
+                let deleted = i % 25 == 0;
+                if deleted {
+                    let r = c.delete(&key, Precondition::None).await.unwrap();
+                    assert!(r.status.is_success(), "{key}: {}", r.error_message());
+                }
+                (side, key, format!("v{}-{i}", rounds - 1), version, deleted)
+            });
+        }
+        while let Some(done) = writes.join_next().await {
+            let (side, key, value, version, deleted) = done.unwrap();
+            if !deleted {
+                expected[side].insert(key, (value, version));
+            }
+        }
+        assert_eq!(expected[0].len() + expected[1].len(), 480);
+        for (n, node) in cluster.nodes.iter().enumerate() {
+            let store = ballot_client::Client::new([node.http()]).with_tls(&node.tls());
+            for (side, prefix) in ["app/", "apq/"].into_iter().enumerate() {
+                let mut listed = Vec::new();
+                let mut after: Option<String> = None;
+                let mut pages = 0;
+                loop {
+                    let page = store
+                        .list(prefix, after.as_deref(), 37, false)
+                        .await
+                        .unwrap();
+                    assert!(page.items.len() <= 37);
+                    pages += 1;
+                    listed.extend(page.items);
+                    match page.next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+                assert!(pages >= 240 / 37, "{pages} pages");
+                let got: Vec<(String, (String, u64))> = listed
+                    .into_iter()
+                    .map(|(k, e)| (k, (String::from_utf8(e.value.to_vec()).unwrap(), e.version)))
+                    .collect();
+                let want: Vec<(String, (String, u64))> =
+                    expected[side].clone().into_iter().collect();
+                assert_eq!(got, want, "{prefix} through replica {}", n + 1);
+            }
+        }
+        // A replica's own copy, once it has every commit.
+        let store =
+            ballot_client::Client::new([cluster.nodes[2].http()]).with_tls(&cluster.nodes[2].tls());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let page = store.list("app/", None, 1000, true).await.unwrap();
+            let got: Vec<String> = page.items.into_iter().map(|(k, _)| k).collect();
+            let want: Vec<String> = expected[0].keys().cloned().collect();
+            if got == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica 3's copy lists {} keys",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // The CLI follows the pages.
+        let out = std::process::Command::new(binary())
+            .args(["kv", "list", "apq/", "--output", "json", "--endpoint"])
+            .arg(cluster.nodes[1].http())
+            .arg("--ca")
+            .arg(&cluster.nodes[1].config.tls.ca)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let docs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(docs.len(), expected[1].len());
+        assert_eq!(docs[0]["key"], expected[1].keys().next().unwrap().as_str());
+        let r = http[0]
+            .request(
+                hyper::Method::GET,
+                "/v1/kv?prefix=%00ballot",
+                &[],
+                Bytes::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+        // Keys written while replica 3 was down, listed through replica 3
+        // as soon as it is back: its own copy lacks them, the quorum's
+        // listing does not.
+        cluster.kill(3);
+        for i in 0..20 {
+            let r = put(&http[0], &format!("late/{i:02}"), "x").await;
+            assert!(r.status.is_success(), "{}", r.error_message());
+        }
+        cluster.start(3).unwrap();
+        cluster.wait_ready(3, READY).await.unwrap();
+        let store =
+            ballot_client::Client::new([cluster.nodes[2].http()]).with_tls(&cluster.nodes[2].tls());
+        let local = store.list("late/", None, 1000, true).await.unwrap();
+        eprintln!("replica 3's own copy lists {} late keys", local.items.len());
+        let page = store.list("late/", None, 1000, false).await.unwrap();
+        assert_eq!(page.items.len(), 20, "{:?}", page.items);
+        assert_eq!(page.next, None);
+        cluster.stop_all();
+    });
+}

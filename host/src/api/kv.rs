@@ -311,3 +311,93 @@ pub(super) async fn post_kv(
     )
         .into_response())
 }
+
+/// Keys a listing returns per page, by default and at most.
+const LIST_DEFAULT: usize = 100;
+const LIST_MAX: usize = 1000;
+
+#[derive(Deserialize)]
+pub(super) struct ListParams {
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<usize>,
+    consistency: Option<String>,
+}
+
+/// `GET /v1/kv?prefix=P&limit=N&after=K`: the keys under a prefix that
+/// have a value, in key order, with their values and versions, a page at a
+/// time. By default every key written before the request began is listed
+/// (the keys a classic quorum of voters hold, `membership::listing`) with
+/// its value read linearizably; `consistency=local` lists this replica's
+/// own copy. Keys with no value (deleted, or never written) are left out.
+pub(super) async fn list_kv(
+    State(app): State<App>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let params = Query::<ListParams>::try_from_uri(request.uri())
+        .map_err(|e| ApiError::bad_request("bad-parameter", e.body_text()))?
+        .0;
+    let connection = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<super::conn::Activity>>()
+        .map(|info| &info.0);
+    app.access.check(
+        super::access::Need::Read(&params.prefix),
+        request.headers(),
+        connection,
+    )?;
+    if params.prefix.starts_with('\0') || params.prefix.len() > KEY_MAX {
+        return Err(ApiError::bad_request(
+            "bad-parameter",
+            format!("a prefix is at most {KEY_MAX} bytes and does not begin with a NUL byte"),
+        ));
+    }
+    let consistency = match params.consistency.as_deref() {
+        None | Some("linearizable") => Consistency::Linearizable,
+        Some("local") => Consistency::Local,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "bad-parameter",
+                format!("consistency must be linearizable or local, not {other:?}"),
+            ))
+        }
+    };
+    let limit = params.limit.unwrap_or(LIST_DEFAULT).clamp(1, LIST_MAX);
+    if !app.registry.started() {
+        return Err(starting());
+    }
+    let (prefix, after) = (
+        params.prefix.as_bytes(),
+        params.after.as_deref().map(str::as_bytes),
+    );
+    let page = match consistency {
+        Consistency::Local => app.membership.list_local_keys(prefix, after, limit),
+        Consistency::Linearizable => app.membership.list_keys(prefix, after, limit).await,
+    }
+    .map_err(|e| ApiError::unavailable("no-quorum", format!("listing the keys: {e}")))?;
+    let mut reads = tokio::task::JoinSet::new();
+    for (i, key) in page.keys.iter().enumerate() {
+        let (app, key) = (app.clone(), key.clone());
+        reads.spawn(async move { (i, submit(&app, key, Operation::Read(consistency)).await) });
+    }
+    let mut found: Vec<Option<serde_json::Value>> = vec![None; page.keys.len()];
+    while let Some(read) = reads.join_next().await {
+        let (i, c) = read.map_err(|e| ApiError::unavailable("interrupted", e.to_string()))?;
+        let c = c?;
+        let current = done(&c, Via::Http)?;
+        if current.value.is_some() {
+            let mut item = current_json(current);
+            item["key"] = String::from_utf8_lossy(&page.keys[i]).into_owned().into();
+            found[i] = Some(item);
+        }
+    }
+    let next = page
+        .next
+        .map(|k| serde_json::Value::from(String::from_utf8_lossy(&k).into_owned()));
+    Ok(axum::Json(serde_json::json!({
+        "items": found.into_iter().flatten().collect::<Vec<_>>(),
+        "next": next,
+    }))
+    .into_response())
+}

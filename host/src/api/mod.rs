@@ -2,6 +2,7 @@
 //!
 //! | request | meaning |
 //! |---|---|
+//! | `GET /v1/kv?prefix=P&limit=N&after=K` | the keys under `P` that have a value, with values and versions, a page at a time; `?consistency=local` lists this replica's copy |
 //! | `GET /v1/kv/{key}` | value and `ETag: "<version>"`; 404 if absent. `?consistency=local` reads this replica's copy |
 //! | `PUT /v1/kv/{key}` | set; `If-None-Match: *` creates only, `If-Match: "<v>"` compares and swaps |
 //! | `DELETE /v1/kv/{key}` | delete; `If-Match: "<v>"` only at that version |
@@ -88,6 +89,7 @@ pub fn router(app: App) -> Router {
                     access::data,
                 )),
         )
+        .route("/v1/kv", get(kv::list_kv))
         .merge(admin_routes(app.clone()))
         .route(
             "/v1/cluster",

@@ -23,6 +23,21 @@ pub(super) enum KvCmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// List the keys under PREFIX that have a value, with versions and
+    /// values: every key written before the command began (linearizable
+    /// values) unless --local.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// At most this many keys (all by default).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// List this replica's own copy (may be stale or miss keys).
+        #[arg(long)]
+        local: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Set a key's value ('-' reads it from standard input).
     Put {
         key: String,
@@ -79,6 +94,62 @@ pub(super) async fn kv(cmd: KvCmd, json: bool) -> ExitCode {
         Err(e) => failed(e),
     };
     match cmd {
+        KvCmd::List {
+            prefix,
+            limit,
+            local,
+            endpoint,
+        } => {
+            let store = endpoint.store();
+            let mut after: Option<String> = None;
+            let mut items = Vec::new();
+            let wanted = limit.unwrap_or(usize::MAX);
+            while items.len() < wanted {
+                let page = match store
+                    .list(
+                        &prefix,
+                        after.as_deref(),
+                        (wanted - items.len()).min(1000),
+                        local,
+                    )
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(e) => return failed(e),
+                };
+                items.extend(page.items);
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            items.truncate(wanted);
+            if json {
+                let docs: Vec<serde_json::Value> = items
+                    .iter()
+                    .map(|(key, entry)| {
+                        let mut doc = serde_json::json!({ "key": key, "version": entry.version });
+                        match std::str::from_utf8(&entry.value) {
+                            Ok(text) => doc["value"] = text.into(),
+                            Err(_) => {
+                                let hex: String =
+                                    entry.value.iter().map(|b| format!("{b:02x}")).collect();
+                                doc["value_hex"] = hex.into();
+                            }
+                        }
+                        doc
+                    })
+                    .collect();
+                print_json(&serde_json::Value::from(docs));
+            } else {
+                let mut out = std::io::stdout().lock();
+                for (key, entry) in &items {
+                    let value = String::from_utf8_lossy(&entry.value);
+                    let _ = writeln!(out, "{key}\t{}\t{}", entry.version, value.escape_debug());
+                }
+            }
+            ExitCode::SUCCESS
+        }
         KvCmd::Get {
             key,
             local,

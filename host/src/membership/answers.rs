@@ -29,8 +29,17 @@ pub(super) enum What {
     Members,
     /// Your [`Status`].
     Status,
-    /// Keys you hold protocol state for, after `after`.
-    Keys { after: Option<Vec<u8>>, limit: u32 },
+    /// Keys you hold protocol state for, after `after`; with `prefix`,
+    /// only those under it; with `epoch`, only if your protocol runs that
+    /// epoch (a listing counts a quorum of one epoch, as a read does).
+    Keys {
+        after: Option<Vec<u8>>,
+        limit: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix: Option<Vec<u8>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
+    },
     /// Read every key you hold state for, then report `swept` = epoch.
     Sweep { epoch: u64 },
     /// Read every key a quorum of voters holds, then report `caught_up`.
@@ -145,9 +154,27 @@ impl Membership {
                 record: self.committed_record(),
             },
             What::Status => Answer::Status(self.status()),
-            What::Keys { after, limit } => {
+            What::Keys {
+                after,
+                limit,
+                prefix,
+                epoch,
+            } => {
                 let limit = page_limit(limit);
-                match self.storage.state_keys(after.as_deref(), limit) {
+                let running = self.transport.epoch();
+                if epoch.is_some_and(|e| e != running) {
+                    return Answer::Error {
+                        message: format!(
+                            "this replica runs epoch {running}, not {}",
+                            epoch.unwrap_or_default()
+                        ),
+                    };
+                }
+                let keys = match &prefix {
+                    Some(p) => self.storage.state_keys_in(p, after.as_deref(), limit),
+                    None => self.storage.state_keys(after.as_deref(), limit),
+                };
+                match keys {
                     Ok(keys) => Answer::Keys {
                         last: keys.len() < limit,
                         keys,

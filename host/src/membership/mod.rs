@@ -32,9 +32,11 @@ use crate::node::{ClientRequest, ConfigCommit, Control, Health, Mailbox};
 use crate::storage::Storage;
 use crate::transport::{ServiceCall, Transport};
 use answers::{Answer, What};
+pub use listing::KeyPage;
 
 mod answers;
 mod driver;
+mod listing;
 mod record;
 mod tasks;
 
@@ -625,12 +627,27 @@ mod tests {
             what: What::Keys {
                 after: Some(b"\0k".to_vec()),
                 limit: 3,
+                prefix: None,
+                epoch: None,
             },
         };
         let text = serde_json::to_string(&ask).unwrap();
-        assert!(text.contains(r#""ask":"keys""#), "{text}");
+        // Without a prefix or an epoch, the question is what earlier builds
+        // sent, byte for byte.
+        assert_eq!(
+            text,
+            r#"{"format":1,"ask":"keys","after":[0,107],"limit":3}"#
+        );
         let back: Ask = serde_json::from_str(&text).unwrap();
         assert!(matches!(back.what, What::Keys { limit: 3, .. }));
+        let listing: Ask = serde_json::from_str(
+            r#"{"format":1,"ask":"keys","after":null,"limit":37,"prefix":[97,47],"epoch":4}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            listing.what,
+            What::Keys { limit: 37, prefix: Some(ref p), epoch: Some(4), .. } if p == b"a/"
+        ));
         let answer = Answer::Changes {
             first: 3,
             last: 4,

@@ -217,6 +217,8 @@ impl Membership {
             let what = What::Keys {
                 after: after.clone(),
                 limit: PAGE,
+                prefix: None,
+                epoch: None,
             };
             let (keys, last) = if voter == self.me {
                 let page = self

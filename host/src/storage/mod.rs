@@ -303,6 +303,35 @@ impl Storage {
         Ok(out)
     }
 
+    /// Up to `limit` clients' keys beginning with `prefix` that hold
+    /// protocol state, in key order, after `after` (from the prefix's first
+    /// when `None`); the cluster's own keys (beginning with a NUL byte) are
+    /// skipped. One read transaction.
+    pub fn state_keys_in(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        use std::ops::Bound;
+        let rtxn = self.env.read_txn()?;
+        let lower = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        let mut out = Vec::new();
+        for entry in self.state.range(&rtxn, &(lower, Bound::Unbounded))? {
+            let (key, _) = entry?;
+            if !key.starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            if key.first() != Some(&0) {
+                out.push(key.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes every write durable in one transaction and one fsync.
     pub fn commit<'w>(
         &self,
