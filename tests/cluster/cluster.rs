@@ -1489,10 +1489,25 @@ fn an_isolated_replica_serves_nothing_stale_and_catches_up() {
             r.map(|r| r.status)
         );
         assert!(waited < Duration::from_secs(12), "{waited:?}");
+        // Once its links are down (QUIC's idle timeout, 3 s), the isolated
+        // replica knows it reaches no quorum and says so at once, before
+        // the request reaches the protocol.
+        tokio::time::sleep(Duration::from_secs(4).saturating_sub(isolated.elapsed())).await;
+        let started = Instant::now();
+        let r = c3
+            .put("probe-2", Bytes::from_static(b"x"), Precondition::None)
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        eprintln!("then: {} {:?} after {waited:?}", r.status, r.error_code());
+        assert_eq!(r.error_code().as_deref(), Some("no-quorum"));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["maybe_applied"], false, "{body}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
         let r = put(&c1, "during", "1").await;
         assert!(r.status.is_success(), "{}", r.error_message());
 
-        tokio::time::sleep(Duration::from_secs(4).saturating_sub(isolated.elapsed())).await;
+        tokio::time::sleep(Duration::from_secs(6).saturating_sub(isolated.elapsed())).await;
         fabric.heal();
         tokio::time::sleep(Duration::from_secs(2)).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);

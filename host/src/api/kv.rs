@@ -62,6 +62,14 @@ async fn submit(app: &App, key: Vec<u8>, op: Operation) -> Result<Completion, Ap
     if !app.registry.started() {
         return Err(starting());
     }
+    if !matches!(op, Operation::Read(Consistency::Local)) && !app.membership.reaches_quorum() {
+        return Err(ApiError::unavailable(
+            "no-quorum",
+            "this replica reaches no quorum of the voters: its links to them are down",
+        )
+        .with("maybe_applied", false)
+        .header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+    }
     let overloaded = |what: &str| {
         ApiError::unavailable(
             "overloaded",
@@ -315,6 +323,8 @@ pub(super) async fn post_kv(
 /// Keys a listing returns per page, by default and at most.
 const LIST_DEFAULT: usize = 100;
 const LIST_MAX: usize = 1000;
+/// Reads one listing keeps in flight.
+const LIST_READS: usize = 32;
 
 #[derive(Deserialize)]
 pub(super) struct ListParams {
@@ -376,13 +386,20 @@ pub(super) async fn list_kv(
         Consistency::Linearizable => app.membership.list_keys(prefix, after, limit).await,
     }
     .map_err(|e| ApiError::unavailable("no-quorum", format!("listing the keys: {e}")))?;
+    // At most LIST_READS reads in flight per listing, so one listing does
+    // not fill the request queue every client shares.
     let mut reads = tokio::task::JoinSet::new();
-    for (i, key) in page.keys.iter().enumerate() {
-        let (app, key) = (app.clone(), key.clone());
-        reads.spawn(async move { (i, submit(&app, key, Operation::Read(consistency)).await) });
-    }
+    let mut keys = page.keys.iter().cloned().enumerate();
     let mut found: Vec<Option<serde_json::Value>> = vec![None; page.keys.len()];
-    while let Some(read) = reads.join_next().await {
+    loop {
+        while reads.len() < LIST_READS {
+            let Some((i, key)) = keys.next() else { break };
+            let app = app.clone();
+            reads.spawn(async move { (i, submit(&app, key, Operation::Read(consistency)).await) });
+        }
+        let Some(read) = reads.join_next().await else {
+            break;
+        };
         let (i, c) = read.map_err(|e| ApiError::unavailable("interrupted", e.to_string()))?;
         let c = c?;
         let current = done(&c, Via::Http)?;

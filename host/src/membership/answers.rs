@@ -61,6 +61,13 @@ pub(super) enum Answer {
     Keys {
         keys: Vec<Vec<u8>>,
         last: bool,
+        /// The prefix and epoch the answer was given for, echoed: an
+        /// earlier build ignores them in the question, and its answer
+        /// (every key, unfenced) must not pass for one that applied them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix: Option<Vec<u8>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
     },
     Started,
     Changes {
@@ -178,6 +185,8 @@ impl Membership {
                     Ok(keys) => Answer::Keys {
                         last: keys.len() < limit,
                         keys,
+                        prefix,
+                        epoch,
                     },
                     Err(e) => Answer::Error {
                         message: e.to_string(),

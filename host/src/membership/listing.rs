@@ -70,13 +70,25 @@ impl Membership {
                     epoch: Some(epoch),
                 };
                 match me.ask(voter, what).await? {
-                    // Filtered here too: a build that ignores `prefix`
-                    // lists every key after `after`.
-                    Answer::Keys { keys, last } => Ok((
+                    // Only an answer that says it applied the prefix and
+                    // the epoch counts: an earlier build ignores both and
+                    // lists every key from the start, unfenced.
+                    Answer::Keys {
+                        keys,
                         last,
-                        keys.into_iter()
-                            .filter(|k| k.starts_with(&prefix))
-                            .collect(),
+                        prefix: Some(p),
+                        epoch: Some(e),
+                    } if p == prefix && e == epoch => {
+                        if keys
+                            .iter()
+                            .any(|k| !k.starts_with(&prefix) || k.first() == Some(&0))
+                        {
+                            return Err(format!("replica {voter} listed keys outside the prefix"));
+                        }
+                        Ok((last, keys))
+                    }
+                    Answer::Keys { .. } => Err(format!(
+                        "replica {voter} cannot list a prefix in an epoch (an earlier build)"
                     )),
                     other => Err(format!("replica {voter}: unexpected answer {other:?}")),
                 }

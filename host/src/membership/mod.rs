@@ -192,6 +192,9 @@ pub struct Membership {
     changelog_keep: u64,
     /// A joining replica said that a peer refused its data directory.
     told_refused: std::sync::atomic::AtomicBool,
+    /// Whether a classic quorum of voters was reachable, and when that
+    /// was last looked at (`reaches_quorum`).
+    reach: Mutex<(Option<std::time::Instant>, bool)>,
 }
 
 /// What a membership task is built from.
@@ -256,12 +259,51 @@ impl Membership {
             driving_version: std::sync::atomic::AtomicU64::new(0),
             changelog_keep: setup.changelog_keep,
             told_refused: Default::default(),
+            reach: Mutex::new((None, true)),
         })
     }
 
     /// The record this replica runs, if it runs one yet.
     pub fn record(&self) -> Option<MembersRecord> {
         self.local.lock().expect("membership lock").record.clone()
+    }
+
+    /// Whether this replica reaches a classic quorum of its voters
+    /// (itself, when it votes, and the peers whose links are up), looked
+    /// at again at most every 200 ms. A replica that does not can answer
+    /// at once that a request would find no quorum, instead of letting it
+    /// retry until it gives up.
+    pub fn reaches_quorum(&self) -> bool {
+        let mut reach = self.reach.lock().expect("reach lock");
+        if reach
+            .0
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
+        {
+            return reach.1;
+        }
+        let up: std::collections::HashSet<ReplicaId> = self
+            .transport
+            .links()
+            .into_iter()
+            .filter(|(_, _, link)| link.up.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|(id, _, _)| id)
+            .collect();
+        let reaches = {
+            let local = self.local.lock().expect("membership lock");
+            match local.record.as_ref().or(self.bootstrap.as_ref()) {
+                None => true,
+                Some(record) => {
+                    let voters = record.voters();
+                    let reached = voters
+                        .iter()
+                        .filter(|&&v| v == self.me || up.contains(&v))
+                        .count();
+                    2 * reached > voters.len()
+                }
+            }
+        };
+        *reach = (Some(std::time::Instant::now()), reaches);
+        reaches
     }
 
     /// This replica's status.
@@ -648,6 +690,22 @@ mod tests {
             listing.what,
             What::Keys { limit: 37, prefix: Some(ref p), epoch: Some(4), .. } if p == b"a/"
         ));
+        // An earlier build's answer carries no echo, so a listing does not
+        // count it; a plain answer stays the bytes it was.
+        let old: Answer =
+            serde_json::from_str(r#"{"answer":"keys","keys":[[97]],"last":true}"#).unwrap();
+        assert!(matches!(
+            old,
+            Answer::Keys {
+                prefix: None,
+                epoch: None,
+                ..
+            }
+        ));
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"answer":"keys","keys":[[97]],"last":true}"#
+        );
         let answer = Answer::Changes {
             first: 3,
             last: 4,

@@ -229,7 +229,7 @@ impl Membership {
                 (page, last)
             } else {
                 match self.ask(voter, what).await? {
-                    Answer::Keys { keys, last } => (keys, last),
+                    Answer::Keys { keys, last, .. } => (keys, last),
                     other => return Err(format!("unexpected answer {other:?}")),
                 }
             };
