@@ -370,3 +370,106 @@ pub fn precondition_headers(pre: Precondition) -> Vec<(&'static str, String)> {
         Precondition::Version(v) => vec![("if-match", format!("\"{v}\""))],
     }
 }
+
+/// One server-sent event (`/v1/watch`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    /// `message` unless the server named it (`gone`, `error`).
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// A stream of server-sent events, read as they arrive.
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server ends the stream.
+    pub async fn next(&mut self) -> Option<Result<SseEvent, String>> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    event: "message".into(),
+                    ..SseEvent::default()
+                };
+                let mut any = false;
+                for line in String::from_utf8_lossy(&block).lines() {
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "event" => event.event = value.to_string(),
+                        "id" => event.id = Some(value.to_string()),
+                        "data" => {
+                            if any {
+                                event.data.push('\n');
+                            }
+                            event.data.push_str(value);
+                            any = true;
+                        }
+                        _ => {} // a comment (the heartbeat) or unknown
+                    }
+                }
+                if any {
+                    return Some(Ok(event));
+                }
+                continue;
+            }
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Some(data) = frame.data_ref() {
+                        self.buf.extend_from_slice(data);
+                    }
+                }
+                Err(e) => return Some(Err(e.to_string())),
+            }
+        }
+    }
+}
+
+impl Client {
+    /// `GET path` answered as a stream of server-sent events; an answer
+    /// that is not 200 is returned whole, as an error.
+    pub async fn events(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> Result<Result<EventStream, Response>, String> {
+        let url = format!("{}{}", self.endpoint, path);
+        let mut builder = Request::builder().method(Method::GET).uri(&url);
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        if let Some(token) = &self.token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let request = builder
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("{url}: {e}"))?;
+        let response = tokio::time::timeout(self.timeout, self.http.request(request))
+            .await
+            .map_err(|_| format!("{url}: no answer in {:?}", self.timeout))?
+            .map_err(|e| format!("{url}: {e}"))?;
+        let (parts, body) = response.into_parts();
+        if parts.status != StatusCode::OK {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| format!("{url}: {e}"))?
+                .to_bytes();
+            let version = None;
+            return Ok(Err(Response {
+                status: parts.status,
+                version,
+                body: bytes,
+            }));
+        }
+        Ok(Ok(EventStream {
+            body,
+            buf: Vec::new(),
+        }))
+    }
+}

@@ -64,6 +64,10 @@ pub struct Metrics {
     /// Policy calls that trapped, ran out of fuel or memory, or returned
     /// something refused.
     pub policy_failures: Counter,
+    /// Watchers (`/v1/watch`) connected now.
+    pub watchers: Gauge,
+    /// Events sent to watchers.
+    pub watch_events: Counter,
     /// 1 for the protocol this replica runs, labelled with its name,
     /// version and component id.
     pub protocol_info: Family<Labels, Gauge>,
@@ -192,6 +196,14 @@ impl Metrics {
             "Policy calls that trapped, ran out of fuel or memory, or returned a refused value",
             policy_failures.clone(),
         );
+        let watchers = Gauge::default();
+        registry.register("watchers", "Watchers connected now", watchers.clone());
+        let watch_events = Counter::default();
+        registry.register(
+            "watch_events",
+            "Events sent to watchers",
+            watch_events.clone(),
+        );
         let protocol_info = Family::<Labels, Gauge>::default();
         registry.register(
             "protocol_info",
@@ -202,6 +214,8 @@ impl Metrics {
             protocol_restarts,
             swap_drain_seconds,
             policy_failures,
+            watchers,
+            watch_events,
             protocol_info,
             registry,
             requests,

@@ -509,6 +509,8 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 events.clone(),
                 epoch,
             )?;
+            let watch_storage = storage.clone();
+            let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let membership = Membership::new(membership::Setup {
                 me: config.id,
                 storage,
@@ -580,6 +582,15 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 body_deadline: config
                     .http_body_secs
                     .map_or(api::BODY_DEADLINE, Duration::from_secs),
+                storage: watch_storage,
+                watchers: Arc::new(tokio::sync::Semaphore::new(api::watch::WATCHERS_MAX)),
+                heartbeat: config
+                    .http_idle_secs
+                    .map_or(api::conn::IDLE, Duration::from_secs)
+                    .clamp(api::conn::IDLE_RANGE.0, api::conn::IDLE_RANGE.1)
+                    .div_f64(2.0)
+                    .min(Duration::from_secs(5)),
+                closing: closing.clone(),
             };
             if !app.access.has_admin() {
                 warn!("no admin credential configured: every change to components, policies, the protocol and the membership is refused");
@@ -595,7 +606,10 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 .layer(axum::middleware::from_fn(api::conn::track))
                 .into_make_service_with_connect_info::<api::conn::Activity>();
             axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown())
+                .with_graceful_shutdown(async move {
+                    shutdown().await;
+                    closing.store(true, std::sync::atomic::Ordering::Relaxed);
+                })
                 .await
                 .map_err(|e| format!("serving HTTP: {e}"))?;
             info!("shutting down");

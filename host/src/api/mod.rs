@@ -3,6 +3,7 @@
 //! | request | meaning |
 //! |---|---|
 //! | `GET /v1/kv?prefix=P&limit=N&after=K` | the keys under `P` that have a value, with values and versions, a page at a time; `?consistency=local` lists this replica's copy |
+//! | `GET /v1/watch?prefix=P&from=SEQ` (or `key=K`) | commits this replica learns, as Server-Sent Events (see `watch`) |
 //! | `GET /v1/kv/{key}` | value and `ETag: "<version>"`; 404 if absent. `?consistency=local` reads this replica's copy |
 //! | `PUT /v1/kv/{key}` | set; `If-None-Match: *` creates only, `If-Match: "<v>"` compares and swaps |
 //! | `DELETE /v1/kv/{key}` | delete; `If-Match: "<v>"` only at that version |
@@ -46,6 +47,7 @@ mod body;
 pub mod conn;
 mod error;
 mod kv;
+pub mod watch;
 
 pub use crate::runtime::VALUE_MAX;
 pub use access::{Access, Grant, Role};
@@ -73,6 +75,15 @@ pub struct App {
     pub access: Arc<Access>,
     /// How long a request body may take to arrive after its head.
     pub body_deadline: Duration,
+    /// The replica's storage, read by watchers (its changelog).
+    pub storage: crate::storage::Storage,
+    /// Watchers served at once, at most [`watch::WATCHERS_MAX`].
+    pub watchers: Arc<tokio::sync::Semaphore>,
+    /// How often a watcher's stream sends a heartbeat: under the idle
+    /// limit, so a quiet watcher is not closed as idle.
+    pub heartbeat: Duration,
+    /// Set when the replica begins to shut down: watchers end.
+    pub closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The router.
@@ -90,6 +101,7 @@ pub fn router(app: App) -> Router {
                 )),
         )
         .route("/v1/kv", get(kv::list_kv))
+        .route("/v1/watch", get(watch::watch))
         .merge(admin_routes(app.clone()))
         .route(
             "/v1/cluster",

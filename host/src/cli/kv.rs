@@ -38,6 +38,18 @@ pub(super) enum KvCmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Print each commit under PREFIX this replica learns, as it learns
+    /// it, one JSON object a line (Ctrl-C stops).
+    Watch {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Start at this changelog position (an event's `seq` + 1 resumes
+        /// after it); by default, only what comes next.
+        #[arg(long)]
+        from: Option<u64>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Set a key's value ('-' reads it from standard input).
     Put {
         key: String,
@@ -94,6 +106,53 @@ pub(super) async fn kv(cmd: KvCmd, json: bool) -> ExitCode {
         Err(e) => failed(e),
     };
     match cmd {
+        KvCmd::Watch {
+            prefix,
+            from,
+            endpoint,
+        } => {
+            let mut path = format!(
+                "/v1/watch?prefix={}",
+                ballot_client::http::escape_key(&prefix)
+            );
+            if let Some(from) = from {
+                path.push_str(&format!("&from={from}"));
+            }
+            let mut events = match endpoint.client().events(&path, &[]).await {
+                Ok(Ok(events)) => events,
+                Ok(Err(r)) => {
+                    eprintln!("ballot: {} {}", r.status, r.error_message());
+                    return ExitCode::from(output::UNAVAILABLE);
+                }
+                Err(e) => {
+                    eprintln!("ballot: {e}");
+                    return ExitCode::from(output::UNAVAILABLE);
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(e) if e.event == "message" => {
+                        if writeln!(out, "{}", e.data)
+                            .and_then(|()| out.flush())
+                            .is_err()
+                        {
+                            return ExitCode::SUCCESS;
+                        }
+                    }
+                    Ok(e) => {
+                        eprintln!("ballot: the watch ended ({}): {}", e.event, e.data);
+                        return ExitCode::from(output::UNAVAILABLE);
+                    }
+                    Err(e) => {
+                        eprintln!("ballot: {e}");
+                        return ExitCode::from(output::UNAVAILABLE);
+                    }
+                }
+            }
+            eprintln!("ballot: the replica closed the watch");
+            ExitCode::from(output::UNAVAILABLE)
+        }
         KvCmd::List {
             prefix,
             limit,
