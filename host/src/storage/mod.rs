@@ -315,8 +315,11 @@ impl Storage {
     ) -> Result<Vec<Vec<u8>>, Error> {
         use std::ops::Bound;
         let rtxn = self.env.read_txn()?;
+        // LMDB refuses an empty key as a bound: the empty prefix is
+        // unbounded (no key is empty).
         let lower = match after {
-            Some(a) if a >= prefix => Bound::Excluded(a),
+            Some(a) if a >= prefix && !a.is_empty() => Bound::Excluded(a),
+            _ if prefix.is_empty() => Bound::Unbounded,
             _ => Bound::Included(prefix),
         };
         let mut out = Vec::new();

@@ -72,6 +72,15 @@ fn writes_survive_reopen_and_the_boot_counter_grows() {
     assert_eq!(states, vec![(&b"b"[..], vec![7, 7])]);
     let states = s.states_within(&keys, 3, |_| None).unwrap();
     assert_eq!(states.len(), 3, "an empty state costs nothing");
+    // Listing: the empty prefix (LMDB refuses an empty bound), a prefix,
+    // and `after` inside and before it.
+    assert_eq!(s.state_keys_in(b"", None, 10).unwrap(), [b"a", b"b"]);
+    assert_eq!(s.state_keys_in(b"", Some(b""), 10).unwrap(), [b"a", b"b"]);
+    assert_eq!(s.state_keys_in(b"", Some(b"a"), 10).unwrap(), [b"b"]);
+    assert_eq!(s.state_keys_in(b"b", None, 10).unwrap(), [b"b"]);
+    assert_eq!(s.state_keys_in(b"b", Some(b"a"), 10).unwrap(), [b"b"]);
+    assert!(s.state_keys_in(b"b", Some(b"b"), 10).unwrap().is_empty());
+    assert_eq!(s.state_keys_in(b"", None, 1).unwrap(), [b"a"]);
     assert_eq!(
         s.committed(b"a").unwrap(),
         Some(Committed {
