@@ -1692,6 +1692,9 @@ fn a_prefix_lists_every_key_once_with_its_newest_value_through_every_replica() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // The empty prefix lists every key.
+        let all = store.list("", None, 1000, false).await.unwrap();
+        assert_eq!(all.items.len(), 480, "next {:?}", all.next);
         // The CLI follows the pages.
         let out = std::process::Command::new(binary())
             .args(["kv", "list", "apq/", "--output", "json", "--endpoint"])
