@@ -264,6 +264,25 @@ fn connection(request: &Request) -> Option<&Activity> {
         .map(|info| &info.0)
 }
 
+/// Decides a request from its headers and the connection it came over.
+pub(super) fn check_request(app: &App, need: Need<'_>, request: &Request) -> Result<(), ApiError> {
+    app.access
+        .check(need, request.headers(), connection(request))
+}
+
+/// Runs the request if `need` is granted; refuses it otherwise.
+async fn gate(
+    app: &App,
+    need: Need<'_>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match check_request(app, need, &request) {
+        Ok(()) => next.run(request).await,
+        Err(e) => refuse(request, e).await,
+    }
+}
+
 /// Answers a refused request. A body the client may still be sending is
 /// read and dropped (bounded in bytes and time), never parsed nor kept, so
 /// the client sees the answer; the connection is then closed, as it cannot
@@ -298,13 +317,7 @@ pub(super) async fn admin(
     } else {
         Need::Admin
     };
-    match app
-        .access
-        .check(need, request.headers(), connection(&request))
-    {
-        Ok(()) => next.run(request).await,
-        Err(e) => refuse(request, e).await,
-    }
+    gate(&app, need, request, next).await
 }
 
 /// Middleware on views outside the admin plane (`/v1/cluster`).
@@ -313,13 +326,7 @@ pub(super) async fn view(
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match app
-        .access
-        .check(Need::View, request.headers(), connection(&request))
-    {
-        Ok(()) => next.run(request).await,
-        Err(e) => refuse(request, e).await,
-    }
+    gate(&app, Need::View, request, next).await
 }
 
 /// Middleware on `/v1/kv/{key}`: GET and HEAD read the key, every other
@@ -348,13 +355,7 @@ pub(super) async fn data(
     } else {
         Need::Write(&key)
     };
-    match app
-        .access
-        .check(need, request.headers(), connection(&request))
-    {
-        Ok(()) => next.run(request).await,
-        Err(e) => refuse(request, e).await,
-    }
+    gate(&app, need, request, next).await
 }
 
 #[cfg(test)]

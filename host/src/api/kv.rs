@@ -320,6 +320,18 @@ pub(super) async fn post_kv(
         .into_response())
 }
 
+/// A key prefix from a query: the cluster's own keys (beginning with NUL)
+/// are not the clients'.
+pub(super) fn check_prefix(prefix: &str) -> Result<(), ApiError> {
+    if prefix.starts_with('\0') || prefix.len() > KEY_MAX {
+        return Err(ApiError::bad_request(
+            "bad-parameter",
+            format!("a prefix is at most {KEY_MAX} bytes and does not begin with a NUL byte"),
+        ));
+    }
+    Ok(())
+}
+
 /// Keys a listing returns per page, by default and at most.
 const LIST_DEFAULT: usize = 100;
 const LIST_MAX: usize = 1000;
@@ -348,21 +360,8 @@ pub(super) async fn list_kv(
     let params = Query::<ListParams>::try_from_uri(request.uri())
         .map_err(|e| ApiError::bad_request("bad-parameter", e.body_text()))?
         .0;
-    let connection = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<super::conn::Activity>>()
-        .map(|info| &info.0);
-    app.access.check(
-        super::access::Need::Read(&params.prefix),
-        request.headers(),
-        connection,
-    )?;
-    if params.prefix.starts_with('\0') || params.prefix.len() > KEY_MAX {
-        return Err(ApiError::bad_request(
-            "bad-parameter",
-            format!("a prefix is at most {KEY_MAX} bytes and does not begin with a NUL byte"),
-        ));
-    }
+    super::access::check_request(&app, super::access::Need::Read(&params.prefix), &request)?;
+    check_prefix(&params.prefix)?;
     let consistency = match params.consistency.as_deref() {
         None | Some("linearizable") => Consistency::Linearizable,
         Some("local") => Consistency::Local,

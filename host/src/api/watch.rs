@@ -189,18 +189,8 @@ pub(super) async fn watch(State(app): State<App>, request: Request) -> Result<Re
             ))
         }
     };
-    let connection = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<super::conn::Activity>>()
-        .map(|info| &info.0);
-    app.access
-        .check(Need::Read(&prefix), request.headers(), connection)?;
-    if prefix.starts_with('\0') || prefix.len() > crate::node::KEY_MAX {
-        return Err(ApiError::bad_request(
-            "bad-parameter",
-            "a prefix is at most 511 bytes and does not begin with a NUL byte",
-        ));
-    }
+    super::access::check_request(&app, Need::Read(&prefix), &request)?;
+    super::kv::check_prefix(&prefix)?;
     let resume = request
         .headers()
         .get("last-event-id")

@@ -91,6 +91,17 @@ pub(super) enum KvCmd {
     },
 }
 
+/// Sets `value` in `doc` when it is UTF-8, `value_hex` otherwise.
+fn put_value(doc: &mut serde_json::Value, value: &[u8]) {
+    match std::str::from_utf8(value) {
+        Ok(text) => doc["value"] = text.into(),
+        Err(_) => {
+            let hex: String = value.iter().map(|b| format!("{b:02x}")).collect();
+            doc["value_hex"] = hex.into();
+        }
+    }
+}
+
 pub(super) async fn kv(cmd: KvCmd, json: bool) -> ExitCode {
     let failed = output::client_failed;
     let absent = |key: &str| {
@@ -188,14 +199,7 @@ pub(super) async fn kv(cmd: KvCmd, json: bool) -> ExitCode {
                     .iter()
                     .map(|(key, entry)| {
                         let mut doc = serde_json::json!({ "key": key, "version": entry.version });
-                        match std::str::from_utf8(&entry.value) {
-                            Ok(text) => doc["value"] = text.into(),
-                            Err(_) => {
-                                let hex: String =
-                                    entry.value.iter().map(|b| format!("{b:02x}")).collect();
-                                doc["value_hex"] = hex.into();
-                            }
-                        }
+                        put_value(&mut doc, &entry.value);
                         doc
                     })
                     .collect();
@@ -227,14 +231,7 @@ pub(super) async fn kv(cmd: KvCmd, json: bool) -> ExitCode {
                     match &found {
                         Some(entry) => {
                             doc["version"] = entry.version.into();
-                            match std::str::from_utf8(&entry.value) {
-                                Ok(text) => doc["value"] = text.into(),
-                                Err(_) => {
-                                    let hex: String =
-                                        entry.value.iter().map(|b| format!("{b:02x}")).collect();
-                                    doc["value_hex"] = hex.into();
-                                }
-                            }
+                            put_value(&mut doc, &entry.value);
                         }
                         None => doc["value"] = serde_json::Value::Null,
                     }

@@ -308,27 +308,7 @@ mod tests {
         let mut f = Forwards::new(5);
         assert!(f.inbound(fwd(2, 10, 5), false).is_some());
         assert!(f.busy());
-        let answer = Outbound {
-            to: 2,
-            key: b"k".to_vec(),
-            payload: Msg::Forwarded {
-                id: 10,
-                incarnation: 5,
-                reply: ballot_core::wire::Reply {
-                    outcome: ballot_core::wire::ReplyOutcome::Done {
-                        value: None,
-                        version: 1,
-                    },
-                    changed: true,
-                    prior_absent: false,
-                    fast: false,
-                    attempts: 1,
-                    prepares: 0,
-                },
-            }
-            .encode_at(4),
-        };
-        f.outbound(&answer);
+        f.outbound(&answer(2, 10));
         assert!(!f.busy());
         // While draining: a copy of the answered forward and a new one.
         assert!(f.inbound(fwd(2, 10, 5), true).is_none());
