@@ -1388,13 +1388,19 @@ fn idle_connections_do_not_stop_a_well_behaved_client() {
         assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
 
         let addr = cluster.nodes[0].config.http_addr;
+        // A connect that does not complete in a second means the accept
+        // queue is full (that is the point), or that this shared machine is
+        // busy: three in a row end the flood.
         let mut idle = Vec::new();
-        for _ in 0..2000 {
+        let mut failed = 0;
+        while idle.len() < 2000 && failed < 3 {
             let connect = tokio::net::TcpStream::connect(addr);
-            match tokio::time::timeout(Duration::from_millis(300), connect).await {
-                Ok(Ok(s)) => idle.push(s),
-                // The accept queue is full: that is the point.
-                _ => break,
+            match tokio::time::timeout(Duration::from_secs(1), connect).await {
+                Ok(Ok(s)) => {
+                    idle.push(s);
+                    failed = 0;
+                }
+                _ => failed += 1,
             }
         }
         assert!(idle.len() > 256, "only {} connections opened", idle.len());
