@@ -93,6 +93,25 @@ pub struct Current {
     pub version: u64,
 }
 
+/// A lease (`Client::grant_lease`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// 16 hex digits.
+    pub id: String,
+    pub ttl_ms: u64,
+}
+
+/// A lease as `Client::show_lease` reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseState {
+    pub lease: Lease,
+    /// Revoked or expired; its keys are being deleted.
+    pub ended: bool,
+    /// The keys attached, with the version each was written at (`None`
+    /// while its write is under way).
+    pub keys: Vec<(String, Option<u64>)>,
+}
+
 /// What a policy command did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
@@ -272,7 +291,26 @@ impl Client {
 
     /// Sets the value, whatever it was.
     pub async fn put(&self, key: &str, value: impl Into<Bytes>) -> Result<Written, Error> {
-        self.write(key, value.into(), Precondition::None, Idempotent::No)
+        self.write(key, value.into(), Precondition::None, None, Idempotent::No)
+            .await
+    }
+
+    /// Sets the value and attaches the key to lease `lease`: the key is
+    /// deleted when the lease ends, unless written again first.
+    /// `create_only` writes only if the key has no value (a lock).
+    pub async fn put_with_lease(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        lease: &str,
+        create_only: bool,
+    ) -> Result<Written, Error> {
+        let (pre, idempotent) = if create_only {
+            (Precondition::Absent, Idempotent::Yes)
+        } else {
+            (Precondition::None, Idempotent::No)
+        };
+        self.write(key, value.into(), pre, Some(lease), idempotent)
             .await
     }
 
@@ -280,8 +318,14 @@ impl Client {
     /// succeeds with `changed: false`, so this one is retried even when an
     /// attempt may have applied.
     pub async fn create(&self, key: &str, value: impl Into<Bytes>) -> Result<Written, Error> {
-        self.write(key, value.into(), Precondition::Absent, Idempotent::Yes)
-            .await
+        self.write(
+            key,
+            value.into(),
+            Precondition::Absent,
+            None,
+            Idempotent::Yes,
+        )
+        .await
     }
 
     /// Sets the value only if the key is at `version`
@@ -296,6 +340,7 @@ impl Client {
             key,
             value.into(),
             Precondition::Version(version),
+            None,
             Idempotent::No,
         )
         .await
@@ -306,9 +351,13 @@ impl Client {
         key: &str,
         value: Bytes,
         pre: Precondition,
+        lease: Option<&str>,
         idempotent: Idempotent,
     ) -> Result<Written, Error> {
-        let path = format!("/v1/kv/{}", http::escape_key(key));
+        let mut path = format!("/v1/kv/{}", http::escape_key(key));
+        if let Some(lease) = lease {
+            path.push_str(&format!("?lease={}", http::escape_key(lease)));
+        }
         let r = self
             .call(
                 Method::PUT,
@@ -440,6 +489,90 @@ impl Client {
             items,
             next: body["next"].as_str().map(str::to_string),
         })
+    }
+
+    /// A new lease of `ttl_ms` (1 s to a day).
+    pub async fn grant_lease(&self, ttl_ms: u64) -> Result<Lease, Error> {
+        let body = serde_json::json!({ "ttl_ms": ttl_ms }).to_string();
+        let v = self
+            .lease_call(Method::POST, "/v1/leases", body.into(), Idempotent::No)
+            .await?;
+        self.lease_of(&v)
+    }
+
+    /// Keeps lease `id` alive for another `ttl_ms` from now
+    /// ([`Error::Invalid`] with code `lease-not-found` once it has ended).
+    pub async fn keepalive(&self, id: &str) -> Result<Lease, Error> {
+        let path = format!("/v1/leases/{}/keepalive", http::escape_key(id));
+        let v = self
+            .lease_call(Method::POST, &path, Bytes::new(), Idempotent::Yes)
+            .await?;
+        self.lease_of(&v)
+    }
+
+    /// Ends lease `id` and deletes its keys: how many were deleted.
+    pub async fn revoke(&self, id: &str) -> Result<u64, Error> {
+        let path = format!("/v1/leases/{}", http::escape_key(id));
+        let v = self
+            .lease_call(Method::DELETE, &path, Bytes::new(), Idempotent::No)
+            .await?;
+        Ok(v["deleted"].as_u64().unwrap_or(0))
+    }
+
+    /// Lease `id`, read linearizably; `None` once ended and swept.
+    pub async fn show_lease(&self, id: &str) -> Result<Option<LeaseState>, Error> {
+        let path = format!("/v1/leases/{}", http::escape_key(id));
+        let v = match self
+            .lease_call(Method::GET, &path, Bytes::new(), Idempotent::Yes)
+            .await
+        {
+            Err(Error::Invalid { status: 404, .. }) => return Ok(None),
+            other => other?,
+        };
+        let keys = v["keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|k| Some((k["key"].as_str()?.to_string(), k["version"].as_u64())))
+            .collect();
+        Ok(Some(LeaseState {
+            lease: self.lease_of(&v)?,
+            ended: v["ended"].as_bool().unwrap_or(false),
+            keys,
+        }))
+    }
+
+    async fn lease_call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        idempotent: Idempotent,
+    ) -> Result<serde_json::Value, Error> {
+        let headers = [("content-type", "application/json".to_string())];
+        let r = self.call(method, path, &headers, body, idempotent).await?;
+        if !r.status.is_success() {
+            return Err(refusal(&r));
+        }
+        serde_json::from_slice(&r.body).map_err(|e| Error::Unavailable {
+            code: "bad-response".into(),
+            message: format!("{}: the answer is not JSON: {e}", self.endpoint()),
+            maybe_applied: true,
+        })
+    }
+
+    fn lease_of(&self, v: &serde_json::Value) -> Result<Lease, Error> {
+        match (v["id"].as_str(), v["ttl_ms"].as_u64()) {
+            (Some(id), Some(ttl_ms)) => Ok(Lease {
+                id: id.to_string(),
+                ttl_ms,
+            }),
+            _ => Err(Error::Unavailable {
+                code: "bad-response".into(),
+                message: format!("{}: not a lease: {v}", self.endpoint()),
+                maybe_applied: true,
+            }),
+        }
     }
 
     /// `GET /v1/cluster` of the first replica that answers.

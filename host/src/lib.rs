@@ -32,6 +32,7 @@ pub mod cli;
 /// The raw HTTP client of the API, from `ballot-client`.
 pub use ballot_client::http as client;
 pub mod dev;
+pub mod leases;
 pub mod membership;
 pub mod metrics;
 pub mod node;

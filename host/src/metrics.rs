@@ -68,6 +68,12 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// Events sent to watchers.
     pub watch_events: Counter,
+    /// Live leases this replica holds a copy of (its reaper's last look).
+    pub leases_live: Gauge,
+    /// Leases this replica expired.
+    pub lease_expiries: Counter,
+    /// Keys this replica deleted because their lease ended.
+    pub lease_keys_deleted: Counter,
     /// 1 for the protocol this replica runs, labelled with its name,
     /// version and component id.
     pub protocol_info: Family<Labels, Gauge>,
@@ -204,6 +210,24 @@ impl Metrics {
             "Events sent to watchers",
             watch_events.clone(),
         );
+        let leases_live = Gauge::default();
+        registry.register(
+            "leases_live",
+            "Live leases this replica holds a copy of",
+            leases_live.clone(),
+        );
+        let lease_expiries = Counter::default();
+        registry.register(
+            "lease_expiries",
+            "Leases this replica expired",
+            lease_expiries.clone(),
+        );
+        let lease_keys_deleted = Counter::default();
+        registry.register(
+            "lease_keys_deleted",
+            "Keys this replica deleted because their lease ended",
+            lease_keys_deleted.clone(),
+        );
         let protocol_info = Family::<Labels, Gauge>::default();
         registry.register(
             "protocol_info",
@@ -216,6 +240,9 @@ impl Metrics {
             policy_failures,
             watchers,
             watch_events,
+            leases_live,
+            lease_expiries,
+            lease_keys_deleted,
             protocol_info,
             registry,
             requests,

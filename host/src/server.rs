@@ -510,6 +510,11 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 epoch,
             )?;
             let watch_storage = storage.clone();
+            let leases = Arc::new(crate::leases::Leases::new(
+                core.requests.clone(),
+                storage.clone(),
+                metrics.clone(),
+            ));
             let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let membership = Membership::new(membership::Setup {
                 me: config.id,
@@ -591,7 +596,9 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     .div_f64(2.0)
                     .min(Duration::from_secs(5)),
                 closing: closing.clone(),
+                leases: leases.clone(),
             };
+            tokio::spawn(leases.run(closing.clone()));
             if !app.access.has_admin() {
                 warn!("no admin credential configured: every change to components, policies, the protocol and the membership is refused");
             }

@@ -1900,3 +1900,188 @@ fn a_watcher_sees_every_commit_in_order_and_resumes_without_gaps() {
         cluster.stop_all();
     });
 }
+
+/// Polls `key` through `store` until it has no value, at most `within`
+/// after `from`; how long after `from` it was gone.
+async fn gone_within(
+    store: &ballot_client::Client,
+    key: &str,
+    from: Instant,
+    within: Duration,
+) -> Duration {
+    loop {
+        if store.get(key).await.unwrap().is_none() {
+            return from.elapsed();
+        }
+        assert!(
+            from.elapsed() < within,
+            "{key} still has a value {:?} after its lease's last change",
+            from.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Leases through three real replicas.
+/// - A lease of 1 s with 3 keys attached through different replicas and
+///   never kept alive: no key is gone before 1 s after the request that
+///   last changed the lease was sent (checked on reads answered before
+///   then), and all 3 are gone within 1 s + 4 s (the reaper looks every
+///   250 ms; the rest is this shared machine).
+/// - Revoking deletes the keys at once; the lease is gone.
+/// - A lock: two clients race to create one key, each with its own lease:
+///   exactly one wins, and its version is its fencing token. The winner
+///   keeps its lease alive through `kill -9` of the replica that granted
+///   it, and holds the lock all along; then it stops, the lock is freed,
+///   the other client takes it with a higher token, and a write fenced
+///   with the stale token is refused with 412.
+#[test]
+fn leases_expire_revoke_and_fence_their_keys() {
+    let scratch = Scratch::new("leases");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let tls = cluster.nodes[0].tls();
+        let urls: Vec<String> = cluster.nodes.iter().map(|n| n.http()).collect();
+        let at = |i: usize| ballot_client::Client::new([urls[i].clone()]).with_tls(&tls);
+        let all = ballot_client::Client::new(urls.clone()).with_tls(&tls);
+
+        // Expiry.
+        let lease = at(0).grant_lease(1_000).await.unwrap();
+        assert_eq!(lease.ttl_ms, 1_000);
+        let mut last_change = Instant::now();
+        for (i, key) in ["svc/a", "svc/b", "svc/c"].into_iter().enumerate() {
+            last_change = Instant::now();
+            let w = at(i)
+                .put_with_lease(key, format!("node-{i}"), &lease.id, false)
+                .await
+                .unwrap();
+            assert!(w.created);
+        }
+        let state = all.show_lease(&lease.id).await.unwrap().unwrap();
+        assert!(!state.ended);
+        let keys: Vec<&str> = state.keys.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["svc/a", "svc/b", "svc/c"]);
+        assert!(state.keys.iter().all(|(_, v)| *v == Some(1)), "{state:?}");
+        // Early reads, judged only when answered within the lease.
+        for _ in 0..5 {
+            let read = all.get("svc/a").await.unwrap();
+            if last_change.elapsed() < Duration::from_millis(1_000) {
+                assert!(read.is_some(), "svc/a gone before its lease could end");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for key in ["svc/a", "svc/b", "svc/c"] {
+            let after = gone_within(&all, key, last_change, Duration::from_secs(5)).await;
+            assert!(after >= Duration::from_millis(1_000), "{key} gone after {after:?}");
+        }
+        assert!(all.keepalive(&lease.id).await.is_err(), "an ended lease kept alive");
+        let expired: f64 = {
+            let mut sum = 0.0;
+            for c in clients(&cluster) {
+                sum += metric(&c, "ballot_lease_expiries_total").await;
+            }
+            sum
+        };
+        assert!(expired >= 1.0, "no replica counted an expiry");
+
+        // Revoke.
+        let lease = all.grant_lease(60_000).await.unwrap();
+        all.put_with_lease("tmp/x", "1", &lease.id, false).await.unwrap();
+        all.put_with_lease("tmp/y", "2", &lease.id, false).await.unwrap();
+        // A key written again without the lease leaves it.
+        all.put_with_lease("tmp/z", "3", &lease.id, false).await.unwrap();
+        all.put("tmp/z", "kept").await.unwrap();
+        assert_eq!(all.revoke(&lease.id).await.unwrap(), 2);
+        assert!(all.get("tmp/x").await.unwrap().is_none());
+        assert!(all.get("tmp/y").await.unwrap().is_none());
+        assert_eq!(all.get("tmp/z").await.unwrap().unwrap().value, "kept");
+        assert!(all.show_lease(&lease.id).await.unwrap().is_none());
+        // Attaching to a lease that is gone is refused and writes nothing.
+        let refused = all.put_with_lease("tmp/w", "4", &lease.id, false).await;
+        assert!(
+            matches!(&refused, Err(ballot_client::Error::Invalid { status: 404, code, .. }) if code == "lease-not-found"),
+            "{refused:?}"
+        );
+        assert!(all.get("tmp/w").await.unwrap().is_none());
+
+        // The CLI: grant, attach, show, revoke.
+        let ca = cluster.nodes[2].config.tls.ca.clone();
+        let cli = |args: &[&str]| {
+            let out = std::process::Command::new(binary())
+                .args(args)
+                .args(["--endpoint", &urls[2], "--ca"])
+                .arg(&ca)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let id = cli(&["lease", "grant", "60000"]).trim().to_string();
+        cli(&["kv", "create", "cli/lock", "me", "--lease", &id]);
+        let shown: serde_json::Value =
+            serde_json::from_str(&cli(&["lease", "show", &id, "--output", "json"])).unwrap();
+        assert_eq!(shown["keys"][0]["key"], "cli/lock", "{shown}");
+        cli(&["lease", "keepalive", &id]);
+        assert_eq!(cli(&["lease", "revoke", &id]).trim(), "revoked; 1 keys deleted");
+        assert!(all.get("cli/lock").await.unwrap().is_none());
+
+        // A lock, held through the loss of the replica that granted it.
+        let a = at(0).grant_lease(1_000).await.unwrap();
+        let b = at(1).grant_lease(30_000).await.unwrap();
+        let (c0, c1) = (at(0), at(1));
+        let (ra, rb) = tokio::join!(
+            c0.put_with_lease("lock", "a", &a.id, true),
+            c1.put_with_lease("lock", "b", &b.id, true),
+        );
+        let (winner, token) = match (&ra, &rb) {
+            (Ok(w), Err(ballot_client::Error::Refused { .. })) => ("a", w.version),
+            (Err(ballot_client::Error::Refused { .. }), Ok(w)) => ("b", w.version),
+            other => panic!("not exactly one lock holder: {other:?}"),
+        };
+        if winner == "b" {
+            // Make "a" the holder that outlives replica 1: release, retake.
+            all.revoke(&b.id).await.unwrap();
+        }
+        let b = all.grant_lease(30_000).await.unwrap();
+        let token = if winner == "a" {
+            token
+        } else {
+            at(0).put_with_lease("lock", "a", &a.id, true).await.unwrap().version
+        };
+        cluster.kill(1);
+        let survivors = ballot_client::Client::new([urls[1].clone(), urls[2].clone()])
+            .with_tls(&tls);
+        let kept_until = Instant::now() + Duration::from_secs(3);
+        let mut last_keepalive = Instant::now();
+        while Instant::now() < kept_until {
+            last_keepalive = Instant::now();
+            survivors.keepalive(&a.id).await.unwrap();
+            let held = survivors.get("lock").await.unwrap().unwrap();
+            assert_eq!((held.value.as_ref(), held.version), (&b"a"[..], token));
+            let taken = survivors.put_with_lease("lock", "b", &b.id, true).await;
+            assert!(matches!(taken, Err(ballot_client::Error::Refused { .. })), "{taken:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let after = gone_within(&survivors, "lock", last_keepalive, Duration::from_secs(5)).await;
+        assert!(after >= Duration::from_millis(1_000), "lock freed after {after:?}");
+        let w = survivors.put_with_lease("lock", "b", &b.id, true).await.unwrap();
+        assert!(w.version > token, "token {} after {token}", w.version);
+        // The old holder, fenced with its stale token, is refused.
+        let stale = survivors.cas("lock", token, "a again").await;
+        assert!(
+            matches!(&stale, Err(ballot_client::Error::Refused { code, .. }) if code == "version-mismatch"),
+            "{stale:?}"
+        );
+        let r = client(&cluster, 2)
+            .put("lock", Bytes::from_static(b"a"), Precondition::Version(token))
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+        assert_eq!(survivors.get("lock").await.unwrap().unwrap().value, "b");
+        cluster.stop_all();
+    });
+}

@@ -16,6 +16,8 @@
 //!   right after a swap roll a replica back.
 //! - [`pipeline`]: the ready pipeline between `step` and `release`: host
 //!   numbering, the early-action rule, the pending overlay.
+//! - [`lease`]: a lease's record, when a replica expires it, and which
+//!   attached keys its end deletes.
 //! - [`record`]: the bounded read-edit-write (compare-and-swap) loop of a
 //!   record kept in a system key.
 //! - [`replay`]: which commits a replica learns from a page of a peer's
@@ -23,6 +25,7 @@
 
 pub mod activation;
 pub mod config;
+pub mod lease;
 pub mod members;
 pub mod pipeline;
 pub mod record;

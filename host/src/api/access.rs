@@ -88,6 +88,9 @@ pub enum Need<'a> {
     View,
     /// A change to components, policies, the protocol or the membership.
     Admin,
+    /// Granting, keeping alive, revoking or reading a lease: any grant
+    /// that may write some key (attaching a key needs its write grant too).
+    Lease,
 }
 
 /// The SHA-256 of a token, as a grant holds it.
@@ -218,6 +221,7 @@ impl Access {
                 Need::View => true,
                 Need::Read(key) => covers(rule, key),
                 Need::Write(key) => rule.role >= Role::Write && covers(rule, key),
+                Need::Lease => rule.role >= Role::Write,
             };
             if allowed {
                 return Ok(());
@@ -228,6 +232,7 @@ impl Access {
                 Need::Admin => "this change needs an admin grant".to_string(),
                 Need::Read(key) => format!("no grant of this credential lets it read {key:?}"),
                 Need::Write(key) => format!("no grant of this credential lets it write {key:?}"),
+                Need::Lease => "leases need a grant that may write".to_string(),
                 Need::View => unreachable!("any grant may read the views"),
             };
             return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", what));
@@ -318,6 +323,15 @@ pub(super) async fn admin(
         Need::Admin
     };
     gate(&app, need, request, next).await
+}
+
+/// Middleware on `/v1/leases`.
+pub(super) async fn lease(
+    State(app): State<App>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    gate(&app, Need::Lease, request, next).await
 }
 
 /// Middleware on views outside the admin plane (`/v1/cluster`).

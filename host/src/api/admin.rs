@@ -17,7 +17,7 @@ use crate::membership::{Action, MemberChange};
 use crate::registry::{RegistryError, Swap, COMPONENT_MAX};
 
 /// The JSON body of an admin request (authorised by [`super::access::admin`]).
-fn admin_body<T>(body: Result<axum::Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(super) fn admin_body<T>(body: Result<axum::Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|axum::Json(b)| b).map_err(|e| {
         if timed_out(&e) {
             body_timeout()

@@ -256,15 +256,75 @@ pub(super) async fn put_kv(
     let key = key_of(path)?;
     register_only(&app, &key)?;
     let pre = precondition(request.headers())?;
+    let lease = Query::<PutParams>::try_from_uri(request.uri())
+        .map_err(|e| ApiError::bad_request("bad-parameter", e.body_text()))?
+        .0
+        .lease
+        .as_deref()
+        .map(super::leases::lease_id)
+        .transpose()?;
     let value = read_body(request).await?.to_vec();
+    if let Some(id) = lease {
+        if !app.registry.started() {
+            return Err(starting());
+        }
+        app.leases.begin_attach(id, &key, &value).await?;
+    }
     let command = match pre {
-        Precondition::None => Command::Put(value),
-        Precondition::Absent => Command::Create(value),
-        Precondition::Version(expected) => Command::Cas { expected, value },
+        Precondition::None => Command::Put(value.clone()),
+        Precondition::Absent => Command::Create(value.clone()),
+        Precondition::Version(expected) => Command::Cas {
+            expected,
+            value: value.clone(),
+        },
     };
-    let c = submit(&app, key, Operation::Command(command.encode())).await?;
+    let c = submit(&app, key.clone(), Operation::Command(command.encode())).await?;
+    if let Some(id) = lease {
+        attach(&app, id, &key, &value, &c).await?;
+    }
     let current = done(&c, Via::Http)?;
     Ok(written(&c, current))
+}
+
+#[derive(Deserialize)]
+pub(super) struct PutParams {
+    lease: Option<String>,
+}
+
+/// After a write with `?lease=ID`: the key stays attached at the version
+/// written, or leaves the lease if the write was refused. If the lease
+/// ended meanwhile, the write is undone and the answer is 404. A write
+/// whose fate is unknown stays attached by its value's digest (the sweep
+/// deletes the key only if it holds that value).
+async fn attach(
+    app: &App,
+    id: u64,
+    key: &[u8],
+    value: &[u8],
+    c: &Completion,
+) -> Result<(), ApiError> {
+    use crate::leases::LeaseError;
+    match &c.outcome {
+        Outcome::Done(current) => {
+            match app.leases.attached(id, key, value, current.version).await {
+                Ok(()) | Err(LeaseError::Unavailable(_)) => Ok(()),
+                Err(LeaseError::Gone(_)) => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "lease-not-found",
+                    format!(
+                        "lease {id:016x} ended before the write was attached to it; \
+                         the write was undone"
+                    ),
+                )),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Outcome::Rejected(..) => {
+            app.leases.abandon(id, key, value).await;
+            Ok(())
+        }
+        Outcome::Failed(_) => Ok(()),
+    }
 }
 
 pub(super) async fn delete_kv(

@@ -5,7 +5,8 @@
 //! | `GET /v1/kv?prefix=P&limit=N&after=K` | the keys under `P` that have a value, with values and versions, a page at a time; `?consistency=local` lists this replica's copy |
 //! | `GET /v1/watch?prefix=P&from=SEQ` (or `key=K`) | commits this replica learns, as Server-Sent Events (see `watch`) |
 //! | `GET /v1/kv/{key}` | value and `ETag: "<version>"`; 404 if absent. `?consistency=local` reads this replica's copy |
-//! | `PUT /v1/kv/{key}` | set; `If-None-Match: *` creates only, `If-Match: "<v>"` compares and swaps |
+//! | `PUT /v1/kv/{key}` | set; `If-None-Match: *` creates only, `If-Match: "<v>"` compares and swaps; `?lease=ID` attaches the key to a lease |
+//! | `POST /v1/leases`, `GET`/`DELETE /v1/leases/{id}`, `POST /v1/leases/{id}/keepalive` | grant `{"ttl_ms"}`, show, revoke, keep alive a lease (see `leases`) |
 //! | `DELETE /v1/kv/{key}` | delete; `If-Match: "<v>"` only at that version |
 //! | `POST /v1/kv/{key}` | run the body as a command of the key's policy; the new value and ETag, 409 if the policy refuses |
 //! | `GET /v1/components`, `POST /v1/components` | list the stored components; push one (the body is the `.wasm`) |
@@ -47,6 +48,7 @@ mod body;
 pub mod conn;
 mod error;
 mod kv;
+mod leases;
 pub mod watch;
 
 pub use crate::runtime::VALUE_MAX;
@@ -84,6 +86,8 @@ pub struct App {
     pub heartbeat: Duration,
     /// Set when the replica begins to shut down: watchers end.
     pub closing: Arc<std::sync::atomic::AtomicBool>,
+    /// Lease requests, through this replica's core.
+    pub leases: Arc<crate::leases::Leases>,
 }
 
 /// The router.
@@ -102,6 +106,7 @@ pub fn router(app: App) -> Router {
         )
         .route("/v1/kv", get(kv::list_kv))
         .route("/v1/watch", get(watch::watch))
+        .merge(lease_routes(app.clone()))
         .merge(admin_routes(app.clone()))
         .route(
             "/v1/cluster",
@@ -120,6 +125,15 @@ pub fn router(app: App) -> Router {
             body::deadline,
         ))
         .with_state(app)
+}
+
+/// Leases, behind [`access::lease`].
+fn lease_routes(app: App) -> Router<App> {
+    Router::new()
+        .route("/v1/leases", post(leases::grant))
+        .route("/v1/leases/{id}", get(leases::show).delete(leases::revoke))
+        .route("/v1/leases/{id}/keepalive", post(leases::keepalive))
+        .route_layer(axum::middleware::from_fn_with_state(app, access::lease))
 }
 
 /// The admin plane, behind [`access::admin`].

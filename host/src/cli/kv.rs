@@ -54,6 +54,9 @@ pub(super) enum KvCmd {
     Put {
         key: String,
         value: String,
+        /// Attach the key to this lease: it is deleted when the lease ends.
+        #[arg(long)]
+        lease: Option<String>,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -61,6 +64,10 @@ pub(super) enum KvCmd {
     Create {
         key: String,
         value: String,
+        /// Attach the key to this lease (a lock: `ballot lease grant`, then
+        /// `ballot kv create LOCK OWNER --lease ID`).
+        #[arg(long)]
+        lease: Option<String>,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -260,18 +267,24 @@ pub(super) async fn kv(cmd: KvCmd, json: bool) -> ExitCode {
         KvCmd::Put {
             key,
             value,
+            lease,
             endpoint,
-        } => match value_arg(value) {
-            Ok(v) => written(endpoint.store().put(&key, v).await),
-            Err(e) => fail(e),
+        } => match (value_arg(value), lease) {
+            (Ok(v), None) => written(endpoint.store().put(&key, v).await),
+            (Ok(v), Some(id)) => {
+                written(endpoint.store().put_with_lease(&key, v, &id, false).await)
+            }
+            (Err(e), _) => fail(e),
         },
         KvCmd::Create {
             key,
             value,
+            lease,
             endpoint,
-        } => match value_arg(value) {
-            Ok(v) => written(endpoint.store().create(&key, v).await),
-            Err(e) => fail(e),
+        } => match (value_arg(value), lease) {
+            (Ok(v), None) => written(endpoint.store().create(&key, v).await),
+            (Ok(v), Some(id)) => written(endpoint.store().put_with_lease(&key, v, &id, true).await),
+            (Err(e), _) => fail(e),
         },
         KvCmd::Cas {
             key,

@@ -15,6 +15,7 @@ mod cluster;
 mod component;
 mod dev;
 mod kv;
+mod lease;
 pub mod output;
 mod scaffold;
 mod serve;
@@ -45,6 +46,10 @@ enum Cmd {
     /// Read and write keys.
     #[command(subcommand)]
     Kv(kv::KvCmd),
+    /// Grant, keep alive, revoke and show leases (keys that vanish when
+    /// their holder stops keeping the lease alive).
+    #[command(subcommand)]
+    Lease(lease::LeaseCmd),
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -390,6 +395,7 @@ pub fn main() -> ExitCode {
         Cmd::Dev(args) => dev::dev(args),
         Cmd::Bench(args) => bench::bench(args),
         Cmd::Kv(cmd) => client_runtime(kv::kv(cmd, json)),
+        Cmd::Lease(cmd) => client_runtime(lease::lease(cmd, json)),
         Cmd::Cluster(ClusterCmd::Status { endpoint }) if json => client_runtime(
             component::print_each_replica_json(endpoint.client(), "/v1/cluster", true),
         ),

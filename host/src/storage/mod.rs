@@ -303,10 +303,10 @@ impl Storage {
         Ok(out)
     }
 
-    /// Up to `limit` clients' keys beginning with `prefix` that hold
-    /// protocol state, in key order, after `after` (from the prefix's first
-    /// when `None`); the cluster's own keys (beginning with a NUL byte) are
-    /// skipped. One read transaction.
+    /// Up to `limit` keys beginning with `prefix` that hold protocol
+    /// state, in key order, after `after` (from the prefix's first when
+    /// `None`); the cluster's own keys (beginning with a NUL byte) are
+    /// skipped unless `prefix` is one of them. One read transaction.
     pub fn state_keys_in(
         &self,
         prefix: &[u8],
@@ -328,7 +328,7 @@ impl Storage {
             if !key.starts_with(prefix) || out.len() == limit {
                 break;
             }
-            if key.first() != Some(&0) {
+            if key.first() != Some(&0) || prefix.first() == Some(&0) {
                 out.push(key.to_vec());
             }
         }

@@ -1,0 +1,425 @@
+//! Leases: a record per lease in a system key, changed by compare-and-swap
+//! through consensus, and the decisions around it (design section 7,
+//! "Leases"). The daemon (`host/src/leases.rs`) and the simulator both
+//! drive these.
+//!
+//! A lease is live until a replica writes it ended: on revoke, or when the
+//! replica saw the record unchanged for `ttl_ms` on its own monotonic clock
+//! ([`Expiry`]). Every change of the record (a keepalive, an attach) gives
+//! it a new version and so starts the wait again; since a replica sees a
+//! version only after it was chosen, and it was chosen only after the
+//! client sent the write that made it, a lease ends at least `ttl_ms` after
+//! the client sent its last keepalive, measured on a replica's clock
+//! (clock offsets do not matter; rates drifting apart shorten it by the
+//! drift). Once ended, every attached key still at the version it was
+//! attached at is deleted, then the record ([`sweep`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ballot_core::register::Command;
+
+/// Where lease records live: the prefix, then the id in 16 hex digits.
+pub const PREFIX: &[u8] = b"\0ballot/lease/";
+/// The shortest lease granted.
+pub const TTL_MIN_MS: u64 = 1_000;
+/// The longest lease granted (a day).
+pub const TTL_MAX_MS: u64 = 86_400_000;
+/// Keys attached to one lease at most.
+pub const KEYS_MAX: usize = 1_000;
+/// The record's format byte.
+pub const FORMAT: u8 = 1;
+
+/// The system key of lease `id`.
+pub fn key(id: u64) -> Vec<u8> {
+    let mut key = PREFIX.to_vec();
+    key.extend_from_slice(format!("{id:016x}").as_bytes());
+    key
+}
+
+/// The id of a lease record's key.
+pub fn id_of(key: &[u8]) -> Option<u64> {
+    let hex = key.strip_prefix(PREFIX)?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
+/// How a key is attached to a lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// Its write took effect at this version: deleted at that version only.
+    At(u64),
+    /// A write carrying a value with this SHA-256 is under way (or its
+    /// replica stopped before saying how it ended): deleted only if the key
+    /// still holds that value.
+    Writing([u8; 32]),
+}
+
+/// Why an edit of a lease is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The lease does not exist, or has ended.
+    Gone,
+    /// It has [`KEYS_MAX`] keys attached.
+    Full,
+}
+
+/// One lease record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub ttl_ms: u64,
+    /// Revoked or expired: its keys are being deleted.
+    pub ended: bool,
+    /// Keepalives so far: each makes a new version.
+    pub renewals: u64,
+    pub keys: BTreeMap<Vec<u8>, Attached>,
+}
+
+impl Lease {
+    pub fn new(ttl_ms: u64) -> Lease {
+        Lease {
+            ttl_ms,
+            ended: false,
+            renewals: 0,
+            keys: BTreeMap::new(),
+        }
+    }
+
+    /// `[1][ended: u8][ttl_ms: u64][renewals: u64][count: u32]`, then per
+    /// key `[len: u16][key][0][version: u64]` or `[len: u16][key][1][sha256:
+    /// 32]`; integers little-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![FORMAT, u8::from(self.ended)];
+        out.extend_from_slice(&self.ttl_ms.to_le_bytes());
+        out.extend_from_slice(&self.renewals.to_le_bytes());
+        out.extend_from_slice(&(self.keys.len() as u32).to_le_bytes());
+        for (key, attached) in &self.keys {
+            out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+            out.extend_from_slice(key);
+            match attached {
+                Attached::At(version) => {
+                    out.push(0);
+                    out.extend_from_slice(&version.to_le_bytes());
+                }
+                Attached::Writing(digest) => {
+                    out.push(1);
+                    out.extend_from_slice(digest);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Lease, String> {
+        let mut r = Reader(bytes);
+        let format = r.take(1)?[0];
+        if format != FORMAT {
+            return Err(format!("lease record format {format} is not {FORMAT}"));
+        }
+        let ended = match r.take(1)?[0] {
+            0 => false,
+            1 => true,
+            other => return Err(format!("lease state {other} is neither 0 nor 1")),
+        };
+        let ttl_ms = r.u64()?;
+        let renewals = r.u64()?;
+        let count = u32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes"));
+        if count as usize > KEYS_MAX {
+            return Err(format!("{count} keys on one lease, more than {KEYS_MAX}"));
+        }
+        let mut keys = BTreeMap::new();
+        for _ in 0..count {
+            let len = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
+            let key = r.take(len as usize)?.to_vec();
+            let attached = match r.take(1)?[0] {
+                0 => Attached::At(r.u64()?),
+                1 => Attached::Writing(r.take(32)?.try_into().expect("32 bytes")),
+                other => return Err(format!("attachment tag {other} is neither 0 nor 1")),
+            };
+            keys.insert(key, attached);
+        }
+        if !r.0.is_empty() {
+            return Err(format!("{} bytes after the lease record", r.0.len()));
+        }
+        Ok(Lease {
+            ttl_ms,
+            ended,
+            renewals,
+            keys,
+        })
+    }
+
+    /// A keepalive: the same lease at a new version.
+    pub fn keepalive(&mut self) -> Result<(), Refusal> {
+        if self.ended {
+            return Err(Refusal::Gone);
+        }
+        self.renewals += 1;
+        Ok(())
+    }
+
+    /// Before a write of a value with SHA-256 `digest` to `key`: the key
+    /// goes with the lease whatever becomes of the write.
+    pub fn begin_attach(&mut self, key: &[u8], digest: [u8; 32]) -> Result<(), Refusal> {
+        if self.ended {
+            return Err(Refusal::Gone);
+        }
+        if self.keys.len() >= KEYS_MAX && !self.keys.contains_key(key) {
+            return Err(Refusal::Full);
+        }
+        self.keys.insert(key.to_vec(), Attached::Writing(digest));
+        Ok(())
+    }
+
+    /// The write begun by [`Lease::begin_attach`] took effect at `version`.
+    /// `false` when the edit changes nothing (another write to the key
+    /// through this lease began since).
+    pub fn attached(&mut self, key: &[u8], digest: [u8; 32], version: u64) -> bool {
+        match self.keys.get_mut(key) {
+            Some(a) if *a == Attached::Writing(digest) => {
+                *a = Attached::At(version);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The write begun by [`Lease::begin_attach`] was refused: the key
+    /// does not go with the lease after all.
+    pub fn abandon(&mut self, key: &[u8], digest: [u8; 32]) -> bool {
+        if self.keys.get(key) == Some(&Attached::Writing(digest)) {
+            self.keys.remove(key);
+            return true;
+        }
+        false
+    }
+
+    /// Ends the lease (a revoke or an expiry). `false` if it had ended.
+    pub fn end(&mut self) -> bool {
+        !std::mem::replace(&mut self.ended, true)
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("the lease record ends early".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+}
+
+/// When each lease this replica knows of was last seen to change, on its
+/// monotonic clock: a lease is due to expire once it has been seen at one
+/// version for its whole time to live.
+#[derive(Clone, Debug, Default)]
+pub struct Expiry {
+    seen: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Expiry {
+    pub fn new() -> Expiry {
+        Expiry::default()
+    }
+
+    /// Lease `id` is at `version` (by a read of any kind) at `now_ms`. An
+    /// older version than one seen already changes nothing.
+    pub fn observe(&mut self, id: u64, version: u64, now_ms: u64) {
+        let seen = self.seen.entry(id).or_insert((version, now_ms));
+        if version > seen.0 {
+            *seen = (version, now_ms);
+        }
+    }
+
+    /// Whether lease `id`, last seen at `version`, has stayed at that
+    /// version for `ttl_ms` by `now_ms`.
+    pub fn due(&self, id: u64, version: u64, ttl_ms: u64, now_ms: u64) -> bool {
+        self.seen
+            .get(&id)
+            .is_some_and(|&(v, since)| v == version && now_ms.saturating_sub(since) >= ttl_ms)
+    }
+
+    /// Forgets the leases not in `live` (deleted, or ended and swept).
+    pub fn retain(&mut self, live: &BTreeSet<u64>) {
+        self.seen.retain(|id, _| live.contains(id));
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// What deleting one attached key of an ended lease takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sweep {
+    /// Carry out this command on the key (it deletes only at the version
+    /// attached, so a later write to the key keeps it).
+    Command(Command),
+    /// Read the key linearizably first, then ask [`sweep_read`].
+    Read,
+}
+
+/// The first step of deleting a key attached as `attached`.
+pub fn sweep(attached: &Attached) -> Sweep {
+    match attached {
+        Attached::At(version) => Sweep::Command(Command::DeleteIf { expected: *version }),
+        Attached::Writing(_) => Sweep::Read,
+    }
+}
+
+/// After reading a key attached while its write was under way: the delete
+/// if it holds the value that write carried (`digest` of `value`, computed
+/// by the caller), nothing otherwise.
+pub fn sweep_read(
+    attached: &Attached,
+    version: u64,
+    value_digest: Option<[u8; 32]>,
+) -> Option<Command> {
+    match attached {
+        Attached::Writing(digest) if value_digest == Some(*digest) => {
+            Some(Command::DeleteIf { expected: version })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Lease {
+        let mut lease = Lease::new(1_500);
+        lease.renewals = 2;
+        lease.keys.insert(b"lock".to_vec(), Attached::At(7));
+        lease
+            .keys
+            .insert(b"svc/a".to_vec(), Attached::Writing([0xab; 32]));
+        lease
+    }
+
+    /// Format 1, byte for byte: a record written by this version must read
+    /// the same in every later one.
+    #[test]
+    fn the_record_format_is_fixed() {
+        let mut golden = vec![1, 0];
+        golden.extend_from_slice(&1_500u64.to_le_bytes());
+        golden.extend_from_slice(&2u64.to_le_bytes());
+        golden.extend_from_slice(&2u32.to_le_bytes());
+        golden.extend_from_slice(&[4, 0]);
+        golden.extend_from_slice(b"lock");
+        golden.push(0);
+        golden.extend_from_slice(&7u64.to_le_bytes());
+        golden.extend_from_slice(&[5, 0]);
+        golden.extend_from_slice(b"svc/a");
+        golden.push(1);
+        golden.extend_from_slice(&[0xab; 32]);
+        assert_eq!(sample().encode(), golden);
+        assert_eq!(Lease::decode(&golden).unwrap(), sample());
+    }
+
+    #[test]
+    fn damaged_records_are_refused_with_a_reason() {
+        let bytes = sample().encode();
+        for cut in 0..bytes.len() {
+            assert!(Lease::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(Lease::decode(&extra).unwrap_err().contains("after"));
+        let mut format = bytes.clone();
+        format[0] = 2;
+        assert!(Lease::decode(&format).unwrap_err().contains("format 2"));
+        let mut many = Lease::new(1_000).encode();
+        many[18..22].copy_from_slice(&(KEYS_MAX as u32 + 1).to_le_bytes());
+        assert!(Lease::decode(&many).unwrap_err().contains("more than"));
+    }
+
+    #[test]
+    fn keys_and_ids_round_trip() {
+        assert_eq!(key(0xbeef), b"\0ballot/lease/000000000000beef".to_vec());
+        assert_eq!(id_of(&key(u64::MAX)), Some(u64::MAX));
+        assert_eq!(id_of(b"\0ballot/lease/12"), None);
+        assert_eq!(id_of(b"\0ballot/members"), None);
+    }
+
+    #[test]
+    fn an_attach_begins_as_a_write_under_way_and_ends_at_its_version_or_not_at_all() {
+        let mut lease = Lease::new(1_000);
+        lease.begin_attach(b"k", [1; 32]).unwrap();
+        assert_eq!(lease.keys[&b"k".to_vec()], Attached::Writing([1; 32]));
+        // Another write through the lease began since: its digest wins.
+        lease.begin_attach(b"k", [2; 32]).unwrap();
+        assert!(!lease.attached(b"k", [1; 32], 4));
+        assert!(lease.attached(b"k", [2; 32], 5));
+        assert_eq!(lease.keys[&b"k".to_vec()], Attached::At(5));
+        lease.begin_attach(b"j", [3; 32]).unwrap();
+        assert!(lease.abandon(b"j", [3; 32]));
+        assert!(!lease.keys.contains_key(&b"j".to_vec()));
+    }
+
+    #[test]
+    fn an_ended_or_full_lease_refuses_edits() {
+        let mut lease = Lease::new(1_000);
+        for i in 0..KEYS_MAX {
+            lease
+                .begin_attach(format!("k{i}").as_bytes(), [0; 32])
+                .unwrap();
+        }
+        assert_eq!(lease.begin_attach(b"one more", [0; 32]), Err(Refusal::Full));
+        // A key already attached may be written again.
+        lease.begin_attach(b"k1", [9; 32]).unwrap();
+        assert!(lease.end());
+        assert!(!lease.end());
+        assert_eq!(lease.keepalive(), Err(Refusal::Gone));
+        assert_eq!(lease.begin_attach(b"k1", [0; 32]), Err(Refusal::Gone));
+    }
+
+    #[test]
+    fn a_lease_is_due_only_after_its_ttl_at_one_version() {
+        let mut e = Expiry::new();
+        e.observe(1, 3, 100);
+        assert!(!e.due(1, 3, 1_000, 1_099));
+        assert!(e.due(1, 3, 1_000, 1_100));
+        // A newer version starts the wait again; an older one changes nothing.
+        e.observe(1, 4, 900);
+        e.observe(1, 3, 950);
+        assert!(!e.due(1, 4, 1_000, 1_899));
+        assert!(!e.due(1, 3, 1_000, 5_000));
+        assert!(e.due(1, 4, 1_000, 1_900));
+        // Never seen: not due.
+        assert!(!e.due(2, 1, 1_000, u64::MAX));
+        e.retain(&BTreeSet::new());
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_sweep_deletes_only_what_the_lease_wrote() {
+        assert_eq!(
+            sweep(&Attached::At(7)),
+            Sweep::Command(Command::DeleteIf { expected: 7 })
+        );
+        let writing = Attached::Writing([5; 32]);
+        assert_eq!(sweep(&writing), Sweep::Read);
+        assert_eq!(
+            sweep_read(&writing, 9, Some([5; 32])),
+            Some(Command::DeleteIf { expected: 9 })
+        );
+        assert_eq!(sweep_read(&writing, 9, Some([6; 32])), None);
+        assert_eq!(sweep_read(&writing, 9, None), None);
+    }
+}

@@ -1,0 +1,389 @@
+//! Leases in the daemon: granting, keeping alive, revoking and showing a
+//! lease, attaching a key to one around its write, and the reaper that
+//! expires leases and deletes their keys. Every change goes through
+//! consensus on the lease's record (`\0ballot/lease/<id>`); the decisions
+//! (the record, when a lease is due, what a sweep deletes) are
+//! `ballot_control::lease`, which the simulator drives too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballot_control::lease::{self, Attached, Expiry, Lease, Refusal, Sweep};
+use ballot_core::register::Command;
+use ballot_core::{Consistency, Operation, Outcome};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::node::{self, ClientRequest};
+use crate::storage::Storage;
+use crate::system::mono_ms;
+use crate::system_record::{failure, SystemRecord, Unavailable};
+
+/// How often the reaper looks at the leases this replica holds.
+pub const TICK: Duration = Duration::from_millis(250);
+/// How long an ended lease waits for the replica that ended it to delete
+/// its keys before any other replica does.
+const SWEEP_GRACE_MS: u64 = 5_000;
+/// Longest one read or write of the reaper or a lease request waits.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lease records the reaper reads from storage per page.
+const PAGE: usize = 1_000;
+
+/// Why a lease request failed.
+#[derive(Debug)]
+pub enum LeaseError {
+    /// No such lease, or it ended.
+    Gone(u64),
+    /// It has as many keys as it may.
+    Full(u64),
+    /// The record is not one this version reads.
+    Damaged(String),
+    Unavailable(String),
+}
+
+impl From<Unavailable> for LeaseError {
+    fn from(e: Unavailable) -> LeaseError {
+        LeaseError::Unavailable(e.0)
+    }
+}
+
+impl std::fmt::Display for LeaseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseError::Gone(id) => write!(f, "lease {id:016x} does not exist or has ended"),
+            LeaseError::Full(id) => write!(
+                f,
+                "lease {id:016x} has {} keys attached, as many as a lease may",
+                lease::KEYS_MAX
+            ),
+            LeaseError::Damaged(e) => write!(f, "the lease record cannot be read: {e}"),
+            LeaseError::Unavailable(e) => f.write_str(e),
+        }
+    }
+}
+
+/// The SHA-256 of a value, as a lease remembers a write under way.
+pub fn digest(value: &[u8]) -> [u8; 32] {
+    Sha256::digest(value).into()
+}
+
+/// A lease as a request sees it.
+#[derive(Clone, Debug)]
+pub struct Shown {
+    pub id: u64,
+    pub version: u64,
+    pub lease: Lease,
+}
+
+/// The leases of one replica: its requests go through the replica's core.
+pub struct Leases {
+    requests: mpsc::Sender<ClientRequest>,
+    storage: Storage,
+    metrics: Arc<Metrics>,
+}
+
+impl Leases {
+    pub fn new(
+        requests: mpsc::Sender<ClientRequest>,
+        storage: Storage,
+        metrics: Arc<Metrics>,
+    ) -> Leases {
+        Leases {
+            requests,
+            storage,
+            metrics,
+        }
+    }
+
+    fn record<'a>(&'a self, key: &'a [u8]) -> SystemRecord<'a> {
+        SystemRecord {
+            requests: &self.requests,
+            key,
+            what: "the lease",
+            timeout: CALL_TIMEOUT,
+        }
+    }
+
+    /// Reads, edits and writes back lease `id`; `edit` refuses with a
+    /// [`Refusal`], or returns whether it changed the lease.
+    async fn edit(
+        &self,
+        id: u64,
+        mut edit: impl FnMut(&mut Lease) -> Result<bool, Refusal>,
+    ) -> Result<Shown, LeaseError> {
+        let key = lease::key(id);
+        let (version, lease) = self
+            .record(&key)
+            .update(|bytes| {
+                let bytes = bytes.ok_or(LeaseError::Gone(id))?;
+                let mut lease = Lease::decode(bytes).map_err(LeaseError::Damaged)?;
+                let changed = edit(&mut lease).map_err(|r| match r {
+                    Refusal::Gone => LeaseError::Gone(id),
+                    Refusal::Full => LeaseError::Full(id),
+                })?;
+                Ok::<_, LeaseError>((changed.then(|| lease.encode()), lease))
+            })
+            .await?;
+        Ok(Shown { id, version, lease })
+    }
+
+    /// A new lease of `ttl_ms` (already checked against the bounds).
+    pub async fn grant(&self, ttl_ms: u64) -> Result<Shown, LeaseError> {
+        let lease = Lease::new(ttl_ms);
+        // Ids are random; one already taken (never, in practice) draws again.
+        for _ in 0..4 {
+            let id = u64::from_le_bytes(
+                crate::storage::random_bytes::<8>()
+                    .map_err(|e| LeaseError::Unavailable(e.to_string()))?,
+            );
+            let key = lease::key(id);
+            if let Some(version) = self.record(&key).write(None, lease.encode()).await? {
+                return Ok(Shown { id, version, lease });
+            }
+        }
+        Err(LeaseError::Unavailable(
+            "no free lease id in 4 draws".into(),
+        ))
+    }
+
+    /// Lease `id` as it is now, read linearizably; ended leases too.
+    pub async fn show(&self, id: u64) -> Result<Shown, LeaseError> {
+        let key = lease::key(id);
+        let (version, bytes) = self.record(&key).read().await?;
+        let bytes = bytes.ok_or(LeaseError::Gone(id))?;
+        let lease = Lease::decode(&bytes).map_err(LeaseError::Damaged)?;
+        Ok(Shown { id, version, lease })
+    }
+
+    /// Keeps lease `id` alive for another `ttl_ms` from now.
+    pub async fn keepalive(&self, id: u64) -> Result<Shown, LeaseError> {
+        self.edit(id, |lease| lease.keepalive().map(|()| true))
+            .await
+    }
+
+    /// Ends lease `id` and deletes its keys; the number deleted. A lease
+    /// that ended already is swept again (what is left of it).
+    pub async fn revoke(&self, id: u64) -> Result<usize, LeaseError> {
+        let shown = self.edit(id, |lease| Ok(lease.end())).await?;
+        Ok(self.sweep(id, shown.version, &shown.lease).await?)
+    }
+
+    /// Before writing `value` to `key` with lease `id`.
+    pub async fn begin_attach(&self, id: u64, key: &[u8], value: &[u8]) -> Result<(), LeaseError> {
+        let d = digest(value);
+        self.edit(id, |lease| lease.begin_attach(key, d).map(|()| true))
+            .await
+            .map(|_| ())
+    }
+
+    /// The write begun with [`Leases::begin_attach`] took effect at
+    /// `version`. If the lease ended meanwhile, the write is undone (deleted
+    /// at that version) and the lease is [`LeaseError::Gone`].
+    pub async fn attached(
+        &self,
+        id: u64,
+        key: &[u8],
+        value: &[u8],
+        version: u64,
+    ) -> Result<(), LeaseError> {
+        let d = digest(value);
+        match self
+            .edit(id, |lease| {
+                if lease.ended {
+                    return Err(Refusal::Gone);
+                }
+                Ok(lease.attached(key, d, version))
+            })
+            .await
+        {
+            Err(LeaseError::Gone(_)) => {
+                let undo = Command::DeleteIf { expected: version };
+                self.carry_out(key, undo).await?;
+                Err(LeaseError::Gone(id))
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// The write begun with [`Leases::begin_attach`] was refused.
+    pub async fn abandon(&self, id: u64, key: &[u8], value: &[u8]) {
+        let d = digest(value);
+        if let Err(e) = self.edit(id, |lease| Ok(lease.abandon(key, d))).await {
+            // The entry stays; the sweep deletes the key only if it holds
+            // this value.
+            debug!(lease = format!("{id:016x}"), "abandoning an attach: {e}");
+        }
+    }
+
+    /// Carries out `command` on `key`; whether it changed the key.
+    async fn carry_out(&self, key: &[u8], command: Command) -> Result<bool, Unavailable> {
+        let op = Operation::Command(command.encode());
+        let c = node::call(&self.requests, key.to_vec(), op, CALL_TIMEOUT)
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        match c.outcome {
+            Outcome::Done(_) => Ok(c.trace.changed),
+            Outcome::Rejected(..) => Ok(false),
+            other => Err(Unavailable(failure(&other))),
+        }
+    }
+
+    /// Deletes the keys of ended lease `id` (at `version`, as `lease`),
+    /// then its record; the number of keys deleted.
+    async fn sweep(&self, id: u64, version: u64, lease: &Lease) -> Result<usize, Unavailable> {
+        let mut deleted = 0;
+        for (key, attached) in &lease.keys {
+            let command = match lease::sweep(attached) {
+                Sweep::Command(c) => Some(c),
+                Sweep::Read => {
+                    let op = Operation::Read(Consistency::Linearizable);
+                    let c = node::call(&self.requests, key.clone(), op, CALL_TIMEOUT)
+                        .await
+                        .map_err(|e| Unavailable(e.to_string()))?;
+                    let Outcome::Done(current) = c.outcome else {
+                        return Err(Unavailable(failure(&c.outcome)));
+                    };
+                    let d = current.value.as_deref().map(digest);
+                    lease::sweep_read(attached, current.version, d)
+                }
+            };
+            if let Some(command) = command {
+                if self.carry_out(key, command).await? {
+                    deleted += 1;
+                }
+            }
+        }
+        self.metrics.lease_keys_deleted.inc_by(deleted as u64);
+        let key = lease::key(id);
+        self.carry_out(&key, Command::DeleteIf { expected: version })
+            .await?;
+        Ok(deleted)
+    }
+
+    /// The reaper: every [`TICK`], each lease this replica holds a copy of
+    /// is expired once due, and each ended one swept, until `closing`.
+    pub async fn run(self: Arc<Self>, closing: Arc<AtomicBool>) {
+        let mut expiry = Expiry::new();
+        // When this replica first saw each ended lease.
+        let mut ended: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !closing.load(Ordering::Relaxed) {
+            tick.tick().await;
+            if let Err(e) = self.reap(&mut expiry, &mut ended).await {
+                debug!("lease reaper: {e}");
+            }
+        }
+    }
+
+    /// One look at every lease this replica holds.
+    async fn reap(
+        &self,
+        expiry: &mut Expiry,
+        ended: &mut BTreeMap<u64, u64>,
+    ) -> Result<(), String> {
+        let mut present = BTreeSet::new();
+        let mut live = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let keys = self
+                .storage
+                .state_keys_in(lease::PREFIX, after.as_deref(), PAGE)
+                .map_err(|e| e.to_string())?;
+            let last = keys.len() < PAGE;
+            for key in &keys {
+                let Some(id) = lease::id_of(key) else {
+                    continue;
+                };
+                let Some(committed) = self.storage.committed(key).map_err(|e| e.to_string())?
+                else {
+                    continue;
+                };
+                let Some(bytes) = committed.value else {
+                    continue;
+                };
+                let lease = match Lease::decode(&bytes) {
+                    Ok(lease) => lease,
+                    Err(e) => {
+                        warn!(lease = format!("{id:016x}"), "lease record skipped: {e}");
+                        continue;
+                    }
+                };
+                present.insert(id);
+                let now = mono_ms();
+                expiry.observe(id, committed.version, now);
+                if lease.ended {
+                    let since = *ended.entry(id).or_insert(now);
+                    if now.saturating_sub(since) >= SWEEP_GRACE_MS {
+                        self.sweep(id, committed.version, &lease)
+                            .await
+                            .map_err(|e| e.0)?;
+                    }
+                } else {
+                    live += 1;
+                    if expiry.due(id, committed.version, lease.ttl_ms, now) {
+                        self.expire(id, expiry).await?;
+                    }
+                }
+            }
+            if last {
+                break;
+            }
+            after = keys.last().cloned();
+        }
+        expiry.retain(&present);
+        ended.retain(|id, _| present.contains(id));
+        self.metrics.leases_live.set(live);
+        Ok(())
+    }
+
+    /// Lease `id` looked due by this replica's copy: read it, and end it if
+    /// it has not changed for its whole time to live.
+    async fn expire(&self, id: u64, expiry: &mut Expiry) -> Result<(), String> {
+        let key = lease::key(id);
+        let record = self.record(&key);
+        let (version, bytes) = record.read().await.map_err(|e| e.0)?;
+        let Some(bytes) = bytes else {
+            return Ok(());
+        };
+        let mut lease = Lease::decode(&bytes)?;
+        let now = mono_ms();
+        expiry.observe(id, version, now);
+        if lease.ended || !expiry.due(id, version, lease.ttl_ms, now) {
+            return Ok(());
+        }
+        lease.end();
+        let Some(version) = record
+            .write(Some(version), lease.encode())
+            .await
+            .map_err(|e| e.0)?
+        else {
+            // Kept alive (or ended by another replica) since the read.
+            return Ok(());
+        };
+        self.metrics.lease_expiries.inc();
+        debug!(lease = format!("{id:016x}"), "lease expired");
+        self.sweep(id, version, &lease).await.map_err(|e| e.0)?;
+        Ok(())
+    }
+}
+
+/// A lease id as clients write it: 16 hex digits.
+pub fn parse_id(text: &str) -> Option<u64> {
+    (text.len() == 16)
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
+}
+
+/// The version a key was attached at; `None` while its write is under way
+/// (or its replica stopped before saying how it ended).
+pub fn attached_version(attached: &Attached) -> Option<u64> {
+    match attached {
+        Attached::At(v) => Some(*v),
+        Attached::Writing(_) => None,
+    }
+}
