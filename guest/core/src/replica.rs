@@ -33,7 +33,9 @@ use crate::wire::{
 
 /// Longest key the protocol accepts.
 pub const KEY_MAX: usize = 4096;
-/// How long a replica that missed a fast round is passed over by fast rounds.
+/// How long a replica that missed a fast round is passed over by fast
+/// rounds. A key's leader that let forwarded commands go unanswered is
+/// passed over until it is heard from again.
 pub const SUSPECT_MS: u64 = 1000;
 /// Backoff between attempts starts at twice the measured round trip (at
 /// least this), doubles, and is jittered to [0.5x, 1.5x].
@@ -1652,7 +1654,9 @@ impl<E: Env> Replica<E> {
                 let until = self.now_ms + SUSPECT_MS;
                 for v in self.members.voters.clone() {
                     if !acks.contains(&v) && !nacks.contains(&v) && v != self.config.self_id {
-                        self.suspect_until.insert(v, until);
+                        // A longer suspicion (a silent leader's) stays.
+                        let s = self.suspect_until.entry(v).or_insert(until);
+                        *s = (*s).max(until);
                     }
                 }
                 let slot = *slot;
@@ -1700,8 +1704,11 @@ impl<E: Env> Replica<E> {
             return self.send(to, key, msg);
         }
         // The leader may have run it: the outcome cannot be told. Pass
-        // over the leader, so later commands take the key.
-        self.suspect_until.insert(to, self.now_ms + SUSPECT_MS);
+        // over the leader until it is heard from again, so later commands
+        // take the key however sparse they are (a leader that stopped for
+        // good would otherwise be forwarded every command that comes more
+        // than a suspicion apart, and fail each one).
+        self.suspect_until.insert(to, u64::MAX);
         let failure = Failure {
             reason: FailureReason::NoQuorum,
             maybe_applied: true,

@@ -676,6 +676,37 @@ fn lost_lead(plant: Plant) {
     assert_eq!(done_value(net.outcome(5)), Some((Some(b"v".to_vec()), 4)));
 }
 
+/// A leader that stopped for good: replica 2's forward goes unanswered
+/// and fails (its outcome unknown). A command that comes long after, when
+/// a second's suspicion would have run out, is not forwarded to the silent
+/// leader again (each would fail the same way) but takes the key with a
+/// prepare; once the leader is heard from, it may lead again.
+#[test]
+fn a_silent_leader_is_passed_over_until_it_is_heard_from() {
+    let mut net = led_by_1(healthy);
+    net.put(2, 2, "w");
+    for _ in 0..3 {
+        net.drop_where(|f, t, what| f == 2 && t == 1 && what == "Forward");
+        net.fire(2);
+    }
+    assert!(matches!(net.outcome(2), Some(Outcome::Failed(f)) if f.maybe_applied));
+    net.drop_where(|_, _, _| true);
+    net.now_ms += 60_000;
+    net.put(2, 3, "x");
+    assert!(
+        !net.pool
+            .iter()
+            .any(|(f, _, p)| *f == 2 && kind(p) == "Forward"),
+        "a command a minute later went to the silent leader again"
+    );
+    net.run(&[2, 3], |_, t, _| t != 1, |n| n.outcome(3).is_some());
+    assert!(
+        matches!(done_value(net.outcome(3)), Some((Some(v), _)) if v == b"x"),
+        "{:?}",
+        net.outcome(3)
+    );
+}
+
 /// A forwarded command runs once however many copies reach the leader,
 /// and each copy after the first gets the same answer.
 #[test]
