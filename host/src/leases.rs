@@ -10,10 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballot_control::lease::{self, Attached, Expiry, Lease, Refusal, Sweep};
+use ballot_control::lease::{self, digest, Attached, Expiry, Lease, Refusal, Sweep};
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Operation, Outcome};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -64,11 +63,6 @@ impl std::fmt::Display for LeaseError {
             LeaseError::Unavailable(e) => f.write_str(e),
         }
     }
-}
-
-/// The SHA-256 of a value, as a lease remembers a write under way.
-pub fn digest(value: &[u8]) -> [u8; 32] {
-    Sha256::digest(value).into()
 }
 
 /// A lease as a request sees it.
@@ -169,7 +163,7 @@ impl Leases {
     /// that ended already is swept again (what is left of it).
     pub async fn revoke(&self, id: u64) -> Result<usize, LeaseError> {
         let shown = self.edit(id, |lease| Ok(lease.end())).await?;
-        Ok(self.sweep(id, shown.version, &shown.lease).await?)
+        Ok(self.sweep(id, shown.version, &shown.lease, false).await?)
     }
 
     /// Before writing `value` to `key` with lease `id`.
@@ -233,8 +227,17 @@ impl Leases {
     }
 
     /// Deletes the keys of ended lease `id` (at `version`, as `lease`),
-    /// then its record; the number of keys deleted.
-    async fn sweep(&self, id: u64, version: u64, lease: &Lease) -> Result<usize, Unavailable> {
+    /// then its record, unless writes to its keys are still under way and
+    /// this is not the `last` sweep (the record is kept for them until
+    /// [`lease::WRITES_WINDOW_MS`] after it ended); the number of keys
+    /// deleted.
+    async fn sweep(
+        &self,
+        id: u64,
+        version: u64,
+        lease: &Lease,
+        last: bool,
+    ) -> Result<usize, Unavailable> {
         let mut deleted = 0;
         for (key, attached) in &lease.keys {
             let command = match lease::sweep(attached) {
@@ -258,6 +261,9 @@ impl Leases {
             }
         }
         self.metrics.lease_keys_deleted.inc_by(deleted as u64);
+        if lease.writing() && !last {
+            return Ok(deleted);
+        }
         let key = lease::key(id);
         self.carry_out(&key, Command::DeleteIf { expected: version })
             .await?;
@@ -268,8 +274,9 @@ impl Leases {
     /// is expired once due, and each ended one swept, until `closing`.
     pub async fn run(self: Arc<Self>, closing: Arc<AtomicBool>) {
         let mut expiry = Expiry::new();
-        // When this replica first saw each ended lease.
-        let mut ended: BTreeMap<u64, u64> = BTreeMap::new();
+        // When this replica first saw each ended lease, and whether it
+        // swept it since.
+        let mut ended: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !closing.load(Ordering::Relaxed) {
@@ -284,7 +291,7 @@ impl Leases {
     async fn reap(
         &self,
         expiry: &mut Expiry,
-        ended: &mut BTreeMap<u64, u64>,
+        ended: &mut BTreeMap<u64, (u64, bool)>,
     ) -> Result<(), String> {
         let mut present = BTreeSet::new();
         let mut live = 0;
@@ -316,18 +323,20 @@ impl Leases {
                 present.insert(id);
                 let now = mono_ms();
                 expiry.observe(id, committed.version, now);
-                if lease.ended {
-                    let since = *ended.entry(id).or_insert(now);
-                    if now.saturating_sub(since) >= SWEEP_GRACE_MS {
-                        self.sweep(id, committed.version, &lease)
-                            .await
-                            .map_err(|e| e.0)?;
-                    }
+                let done = if lease.ended {
+                    self.ended(id, committed.version, &lease, ended).await
                 } else {
                     live += 1;
                     if expiry.due(id, committed.version, lease.ttl_ms, now) {
-                        self.expire(id, expiry).await?;
+                        self.expire(id, expiry, ended).await
+                    } else {
+                        Ok(())
                     }
+                };
+                // One lease that cannot be expired or swept now does not
+                // hold up the others.
+                if let Err(e) = done {
+                    debug!(lease = format!("{id:016x}"), "lease reaper: {e}");
                 }
             }
             if last {
@@ -341,9 +350,39 @@ impl Leases {
         Ok(())
     }
 
+    /// Ended lease `id` (at `version`): swept by the replica that ended it
+    /// at once; by this one once [`SWEEP_GRACE_MS`] has passed since it
+    /// first saw it ended, and again, for the last time, once
+    /// [`lease::WRITES_WINDOW_MS`] has.
+    async fn ended(
+        &self,
+        id: u64,
+        version: u64,
+        lease: &Lease,
+        ended: &mut BTreeMap<u64, (u64, bool)>,
+    ) -> Result<(), String> {
+        let now = mono_ms();
+        let (since, swept) = *ended.entry(id).or_insert((now, false));
+        let waited = now.saturating_sub(since);
+        let last = waited >= lease::WRITES_WINDOW_MS;
+        if (waited >= SWEEP_GRACE_MS && !swept) || last {
+            // A sweep that fails is tried again at the next tick.
+            self.sweep(id, version, lease, last)
+                .await
+                .map_err(|e| e.0)?;
+            ended.insert(id, (since, true));
+        }
+        Ok(())
+    }
+
     /// Lease `id` looked due by this replica's copy: read it, and end it if
     /// it has not changed for its whole time to live.
-    async fn expire(&self, id: u64, expiry: &mut Expiry) -> Result<(), String> {
+    async fn expire(
+        &self,
+        id: u64,
+        expiry: &mut Expiry,
+        ended: &mut BTreeMap<u64, (u64, bool)>,
+    ) -> Result<(), String> {
         let key = lease::key(id);
         let record = self.record(&key);
         let (version, bytes) = record.read().await.map_err(|e| e.0)?;
@@ -353,7 +392,11 @@ impl Leases {
         let mut lease = Lease::decode(&bytes)?;
         let now = mono_ms();
         expiry.observe(id, version, now);
-        if lease.ended || !expiry.due(id, version, lease.ttl_ms, now) {
+        if lease.ended {
+            // Ended by another replica: this one's copy is behind.
+            return self.ended(id, version, &lease, ended).await;
+        }
+        if !expiry.due(id, version, lease.ttl_ms, now) {
             return Ok(());
         }
         lease.end();
@@ -367,7 +410,11 @@ impl Leases {
         };
         self.metrics.lease_expiries.inc();
         debug!(lease = format!("{id:016x}"), "lease expired");
-        self.sweep(id, version, &lease).await.map_err(|e| e.0)?;
+        ended.insert(id, (mono_ms(), false));
+        self.sweep(id, version, &lease, false)
+            .await
+            .map_err(|e| e.0)?;
+        ended.insert(id, (mono_ms(), true));
         Ok(())
     }
 }

@@ -24,8 +24,14 @@ pub const PREFIX: &[u8] = b"\0ballot/lease/";
 pub const TTL_MIN_MS: u64 = 1_000;
 /// The longest lease granted (a day).
 pub const TTL_MAX_MS: u64 = 86_400_000;
-/// Keys attached to one lease at most.
+/// Attachments (a key at a version, or a write under way) on one lease at
+/// most.
 pub const KEYS_MAX: usize = 1_000;
+/// How long after a lease ended its record is kept while writes to its
+/// keys are still under way (their fate unknown): each sweep meanwhile
+/// deletes the keys that took such a write. A write that takes effect
+/// later than this stays.
+pub const WRITES_WINDOW_MS: u64 = 30_000;
 /// The record's format byte.
 pub const FORMAT: u8 = 1;
 
@@ -45,8 +51,14 @@ pub fn id_of(key: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 
+/// The SHA-256 of a value, as a lease remembers a write under way.
+pub fn digest(value: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(value).into()
+}
+
 /// How a key is attached to a lease.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Attached {
     /// Its write took effect at this version: deleted at that version only.
     At(u64),
@@ -73,7 +85,9 @@ pub struct Lease {
     pub ended: bool,
     /// Keepalives so far: each makes a new version.
     pub renewals: u64,
-    pub keys: BTreeMap<Vec<u8>, Attached>,
+    /// What is attached: a key may be at a version and have writes under
+    /// way through this lease at once.
+    pub keys: BTreeSet<(Vec<u8>, Attached)>,
 }
 
 impl Lease {
@@ -82,13 +96,13 @@ impl Lease {
             ttl_ms,
             ended: false,
             renewals: 0,
-            keys: BTreeMap::new(),
+            keys: BTreeSet::new(),
         }
     }
 
     /// `[1][ended: u8][ttl_ms: u64][renewals: u64][count: u32]`, then per
-    /// key `[len: u16][key][0][version: u64]` or `[len: u16][key][1][sha256:
-    /// 32]`; integers little-endian.
+    /// attachment, in order, `[len: u16][key][0][version: u64]` or `[len:
+    /// u16][key][1][sha256: 32]`; integers little-endian.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![FORMAT, u8::from(self.ended)];
         out.extend_from_slice(&self.ttl_ms.to_le_bytes());
@@ -128,7 +142,7 @@ impl Lease {
         if count as usize > KEYS_MAX {
             return Err(format!("{count} keys on one lease, more than {KEYS_MAX}"));
         }
-        let mut keys = BTreeMap::new();
+        let mut keys = BTreeSet::new();
         for _ in 0..count {
             let len = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
             let key = r.take(len as usize)?.to_vec();
@@ -137,7 +151,9 @@ impl Lease {
                 1 => Attached::Writing(r.take(32)?.try_into().expect("32 bytes")),
                 other => return Err(format!("attachment tag {other} is neither 0 nor 1")),
             };
-            keys.insert(key, attached);
+            if !keys.insert((key, attached)) {
+                return Err("an attachment is listed twice".into());
+            }
         }
         if !r.0.is_empty() {
             return Err(format!("{} bytes after the lease record", r.0.len()));
@@ -165,34 +181,50 @@ impl Lease {
         if self.ended {
             return Err(Refusal::Gone);
         }
-        if self.keys.len() >= KEYS_MAX && !self.keys.contains_key(key) {
+        let item = (key.to_vec(), Attached::Writing(digest));
+        if self.keys.len() >= KEYS_MAX && !self.keys.contains(&item) {
             return Err(Refusal::Full);
         }
-        self.keys.insert(key.to_vec(), Attached::Writing(digest));
+        self.keys.insert(item);
         Ok(())
     }
 
-    /// The write begun by [`Lease::begin_attach`] took effect at `version`.
-    /// `false` when the edit changes nothing (another write to the key
-    /// through this lease began since).
-    pub fn attached(&mut self, key: &[u8], digest: [u8; 32], version: u64) -> bool {
-        match self.keys.get_mut(key) {
-            Some(a) if *a == Attached::Writing(digest) => {
-                *a = Attached::At(version);
-                true
-            }
-            _ => false,
-        }
+    /// The key's attachments at a version.
+    fn versions_of<'a>(&'a self, key: &'a [u8]) -> impl Iterator<Item = u64> + 'a {
+        self.keys.iter().filter_map(move |(k, a)| match a {
+            Attached::At(v) if k == key => Some(*v),
+            _ => None,
+        })
     }
 
-    /// The write begun by [`Lease::begin_attach`] was refused: the key
-    /// does not go with the lease after all.
-    pub fn abandon(&mut self, key: &[u8], digest: [u8; 32]) -> bool {
-        if self.keys.get(key) == Some(&Attached::Writing(digest)) {
-            self.keys.remove(key);
-            return true;
+    /// The write begun by [`Lease::begin_attach`] took effect at `version`:
+    /// the key is attached at that version, unless at a newer one already
+    /// (an older version can never be the key's again). Whether the lease
+    /// changed.
+    pub fn attached(&mut self, key: &[u8], digest: [u8; 32], version: u64) -> bool {
+        let mut changed = self.keys.remove(&(key.to_vec(), Attached::Writing(digest)));
+        let newest = self.versions_of(key).max();
+        if newest.is_none_or(|v| v < version) {
+            if let Some(older) = newest {
+                self.keys.remove(&(key.to_vec(), Attached::At(older)));
+            }
+            self.keys.insert((key.to_vec(), Attached::At(version)));
+            changed = true;
         }
-        false
+        changed
+    }
+
+    /// The write begun by [`Lease::begin_attach`] did not take effect: what
+    /// it attached is taken back (what the key was attached at before stays).
+    pub fn abandon(&mut self, key: &[u8], digest: [u8; 32]) -> bool {
+        self.keys.remove(&(key.to_vec(), Attached::Writing(digest)))
+    }
+
+    /// Whether writes to its keys are still under way (their fate unknown).
+    pub fn writing(&self) -> bool {
+        self.keys
+            .iter()
+            .any(|(_, a)| matches!(a, Attached::Writing(_)))
     }
 
     /// Ends the lease (a revoke or an expiry). `false` if it had ended.
@@ -305,10 +337,10 @@ mod tests {
     fn sample() -> Lease {
         let mut lease = Lease::new(1_500);
         lease.renewals = 2;
-        lease.keys.insert(b"lock".to_vec(), Attached::At(7));
+        lease.keys.insert((b"lock".to_vec(), Attached::At(7)));
         lease
             .keys
-            .insert(b"svc/a".to_vec(), Attached::Writing([0xab; 32]));
+            .insert((b"svc/a".to_vec(), Attached::Writing([0xab; 32])));
         lease
     }
 
@@ -344,6 +376,15 @@ mod tests {
         let mut format = bytes.clone();
         format[0] = 2;
         assert!(Lease::decode(&format).unwrap_err().contains("format 2"));
+        let mut twice = sample();
+        twice.keys.clear();
+        let mut bytes = twice.encode();
+        bytes[18..22].copy_from_slice(&2u32.to_le_bytes());
+        for _ in 0..2 {
+            bytes.extend_from_slice(&[1, 0, b'k', 0]);
+            bytes.extend_from_slice(&3u64.to_le_bytes());
+        }
+        assert!(Lease::decode(&bytes).unwrap_err().contains("twice"));
         let mut many = Lease::new(1_000).encode();
         many[18..22].copy_from_slice(&(KEYS_MAX as u32 + 1).to_le_bytes());
         assert!(Lease::decode(&many).unwrap_err().contains("more than"));
@@ -357,19 +398,36 @@ mod tests {
         assert_eq!(id_of(b"\0ballot/members"), None);
     }
 
+    fn items(lease: &Lease) -> Vec<(&[u8], Attached)> {
+        lease
+            .keys
+            .iter()
+            .map(|(k, a)| (k.as_slice(), a.clone()))
+            .collect()
+    }
+
     #[test]
     fn an_attach_begins_as_a_write_under_way_and_ends_at_its_version_or_not_at_all() {
         let mut lease = Lease::new(1_000);
         lease.begin_attach(b"k", [1; 32]).unwrap();
-        assert_eq!(lease.keys[&b"k".to_vec()], Attached::Writing([1; 32]));
-        // Another write through the lease began since: its digest wins.
+        assert_eq!(items(&lease), [(&b"k"[..], Attached::Writing([1; 32]))]);
+        assert!(lease.writing());
+        // Two writes through the lease, chosen in the other order: the
+        // newer version stays, whichever reports last.
         lease.begin_attach(b"k", [2; 32]).unwrap();
-        assert!(!lease.attached(b"k", [1; 32], 4));
         assert!(lease.attached(b"k", [2; 32], 5));
-        assert_eq!(lease.keys[&b"k".to_vec()], Attached::At(5));
-        lease.begin_attach(b"j", [3; 32]).unwrap();
-        assert!(lease.abandon(b"j", [3; 32]));
-        assert!(!lease.keys.contains_key(&b"j".to_vec()));
+        assert!(lease.attached(b"k", [1; 32], 4));
+        assert_eq!(items(&lease), [(&b"k"[..], Attached::At(5))]);
+        assert!(!lease.writing());
+        // A refused write takes back only its own attachment.
+        lease.begin_attach(b"k", [3; 32]).unwrap();
+        assert!(lease.abandon(b"k", [3; 32]));
+        assert!(!lease.abandon(b"k", [3; 32]));
+        assert_eq!(items(&lease), [(&b"k"[..], Attached::At(5))]);
+        // A newer write replaces the older version.
+        lease.begin_attach(b"k", [4; 32]).unwrap();
+        assert!(lease.attached(b"k", [4; 32], 9));
+        assert_eq!(items(&lease), [(&b"k"[..], Attached::At(9))]);
     }
 
     #[test]
@@ -381,8 +439,8 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(lease.begin_attach(b"one more", [0; 32]), Err(Refusal::Full));
-        // A key already attached may be written again.
-        lease.begin_attach(b"k1", [9; 32]).unwrap();
+        // A write already under way may begin again (a retry).
+        lease.begin_attach(b"k1", [0; 32]).unwrap();
         assert!(lease.end());
         assert!(!lease.end());
         assert_eq!(lease.keepalive(), Err(Refusal::Gone));

@@ -66,6 +66,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// Whether the request may have taken effect although it failed.
+    pub fn maybe_applied(&self) -> bool {
+        self.extra.get("maybe_applied") == Some(&serde_json::Value::Bool(true))
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -278,7 +278,16 @@ pub(super) async fn put_kv(
             value: value.clone(),
         },
     };
-    let c = submit(&app, key.clone(), Operation::Command(command.encode())).await?;
+    let c = match submit(&app, key.clone(), Operation::Command(command.encode())).await {
+        Ok(c) => c,
+        Err(e) => {
+            // The write certainly did not happen: the key leaves the lease.
+            if let Some(id) = lease.filter(|_| !e.maybe_applied()) {
+                app.leases.abandon(id, &key, &value).await;
+            }
+            return Err(e);
+        }
+    };
     if let Some(id) = lease {
         attach(&app, id, &key, &value, &c).await?;
     }
@@ -320,6 +329,10 @@ async fn attach(
             }
         }
         Outcome::Rejected(..) => {
+            app.leases.abandon(id, key, value).await;
+            Ok(())
+        }
+        Outcome::Failed(f) if !f.maybe_applied => {
             app.leases.abandon(id, key, value).await;
             Ok(())
         }

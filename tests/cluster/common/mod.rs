@@ -178,6 +178,7 @@ impl History {
             Input::Create(v) => c.put(key, text(v), Precondition::Absent).await,
             Input::Cas(version, v) => c.put(key, text(v), Precondition::Version(*version)).await,
             Input::Delete => c.delete(key, Precondition::None).await,
+            Input::DeleteIf(version) => c.delete(key, Precondition::Version(*version)).await,
         };
         let output = match result {
             // The request never reached the replica: it did not happen.
@@ -244,8 +245,10 @@ pub fn output_of(input: &Input, r: &Response) -> Option<Output> {
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
     Some(match (input, r.status) {
         (Input::Read, StatusCode::OK) => Output::Done(Some(r.body.to_vec()), version),
-        (Input::Read | Input::Delete, StatusCode::NOT_FOUND) => Output::Done(None, version),
-        (Input::Delete, StatusCode::NO_CONTENT) => Output::Done(None, version),
+        (Input::Read | Input::Delete | Input::DeleteIf(_), StatusCode::NOT_FOUND) => {
+            Output::Done(None, version)
+        }
+        (Input::Delete | Input::DeleteIf(_), StatusCode::NO_CONTENT) => Output::Done(None, version),
         (
             Input::Put(v) | Input::Create(v) | Input::Cas(_, v),
             StatusCode::OK | StatusCode::CREATED,

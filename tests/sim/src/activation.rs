@@ -64,6 +64,8 @@ pub(crate) enum SysCall {
     /// A read or write of this membership driver (`crate::records`),
     /// sent in this life of the replica.
     Members(usize, u64),
+    /// A lease holder's or reaper's request (`crate::leases`).
+    Lease(crate::leases::Who),
 }
 
 /// A replica's side of the control plane.
@@ -203,6 +205,13 @@ impl<'f> Sim<'f> {
         if let SysCall::Members(k, lives) = why {
             return self.members_answer(k, i, lives, outcome);
         }
+        match why {
+            SysCall::Lease(crate::leases::Who::Holder(h)) => return self.holder_answer(h, outcome),
+            SysCall::Lease(crate::leases::Who::Reaper(lives)) => {
+                return self.reaper_answer(i, lives, outcome)
+            }
+            _ => {}
+        }
         let Some(outcome) = outcome else {
             // The replica crashed: an operator's request through it failed.
             if let SysCall::Operator(k) | SysCall::Readiness(k, _) = why {
@@ -224,7 +233,7 @@ impl<'f> Sim<'f> {
                 }
             }
             SysCall::Answer => {}
-            SysCall::Members(..) => unreachable!("answered above"),
+            SysCall::Members(..) | SysCall::Lease(_) => unreachable!("answered above"),
             SysCall::Replay => {
                 let ok = matches!(outcome, Outcome::Done(_));
                 self.replay_read_done(i, id, ok);

@@ -16,6 +16,8 @@ pub enum Input {
     Put(Vec<u8>),
     Cas(u64, Vec<u8>),
     Delete,
+    /// Delete only at this version (a no-op on an absent key there).
+    DeleteIf(u64),
     Read,
 }
 
@@ -70,6 +72,9 @@ fn model(state: &State, input: &Input) -> (State, Output) {
         Input::Cas(..) => reject("version-mismatch"),
         Input::Delete if value.is_none() => keep(),
         Input::Delete => ((None, version + 1), Output::Done(None, version + 1)),
+        Input::DeleteIf(expected) if expected != version => reject("version-mismatch"),
+        Input::DeleteIf(_) if value.is_none() => keep(),
+        Input::DeleteIf(_) => ((None, version + 1), Output::Done(None, version + 1)),
         Input::Read => keep(),
     }
 }
@@ -262,6 +267,7 @@ pub fn render(ops: &[Op]) -> String {
                 Input::Put(v) => format!("put({})", show(&Some(v.clone()))),
                 Input::Cas(e, v) => format!("cas({e}, {})", show(&Some(v.clone()))),
                 Input::Delete => "delete".to_string(),
+                Input::DeleteIf(e) => format!("delete-if({e})"),
                 Input::Read => "read".to_string(),
             };
             let output = match &o.output {

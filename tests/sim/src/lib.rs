@@ -15,6 +15,7 @@
 
 mod activation;
 pub mod check;
+mod leases;
 mod records;
 mod replay;
 
@@ -189,6 +190,13 @@ pub struct SimConfig {
     /// plain write, not a compare-and-swap: unsafe, kept so a test can show
     /// that racing drivers then break the membership.
     pub planted_blind_publish: bool,
+    /// Lock holders with leases, and a lease reaper on every replica
+    /// (`simulator::leases`).
+    pub leases: bool,
+    /// With `leases`: the reapers time leases on the replicas' wall
+    /// clocks, which jump: unsafe, kept so a test can show that the lock
+    /// check catches it.
+    pub planted_wall_clock_reaper: bool,
 }
 
 impl SimConfig {
@@ -216,6 +224,8 @@ impl SimConfig {
             planted_replay_skips_snapshot: false,
             planted_no_replay: false,
             planted_blind_publish: false,
+            leases: false,
+            planted_wall_clock_reaper: false,
         }
     }
 
@@ -326,6 +336,12 @@ pub struct Stats {
     pub snapshots: u64,
     pub truncations: u64,
     pub replay_reads: u64,
+    /// Lock acquisitions and lease expiries (with leases).
+    pub lock_acquired: u64,
+    pub lease_expiries: u64,
+    /// Holders that gave up waiting because the lock key could not be read
+    /// for a minute, or a corrupted record kept its lease from ending.
+    pub lock_gave_up: u64,
     /// Runs whose convergence was not checked (a record was corrupted).
     pub convergence_unchecked: u64,
 }
@@ -510,6 +526,10 @@ enum Ev {
     Truncate(usize),
     /// A replay read is tried again: replica, pass, key, attempts so far.
     ReplayRetry(usize, u64, Vec<u8>, u32),
+    /// A lock holder's next step.
+    Hold(usize),
+    /// A replica's lease reaper looks.
+    Reap(usize),
 }
 
 /// The peer address a simulated replica's record lists (never dialled).
@@ -635,6 +655,14 @@ pub struct Sim<'f> {
     operators: Vec<Option<Operator>>,
     /// Draws when replicas replay and truncate.
     replay_rng: Rng,
+    /// With leases: the holders, each replica's reaper, the holds that
+    /// ended (holder, turn, from, until) and the fencing tokens won
+    /// (holder, turn, token), and the draws.
+    holders: Vec<leases::Holder>,
+    reapers: Vec<leases::Reaper>,
+    holds: Vec<(usize, usize, u64, u64)>,
+    lock_tokens: Vec<(usize, usize, u64)>,
+    lease_rng: Rng,
     /// With replay: the end of the quiet time after the clients finished.
     quiet_until: Option<u64>,
     /// With the membership record through consensus: the two drivers, the
@@ -649,8 +677,9 @@ pub struct Sim<'f> {
     crashed_all: bool,
     /// A data directory was lost in this run (at most one).
     wiped: bool,
-    /// A record was corrupted in this run (at most one).
+    /// A record was corrupted in this run (at most one), and its key.
     corrupted: bool,
+    corrupted_keys: BTreeSet<Vec<u8>>,
     cfg: SimConfig,
     factory: &'f dyn CoreFactory,
     rng: Rng,
@@ -809,6 +838,12 @@ impl<'f> Sim<'f> {
             swap_rng,
             operators: Vec::new(),
             replay_rng: Rng::new(cfg.seed ^ 0x4e_91a7),
+            holders: Vec::new(),
+            corrupted_keys: BTreeSet::new(),
+            reapers: Vec::new(),
+            holds: Vec::new(),
+            lock_tokens: Vec::new(),
+            lease_rng: Rng::new(cfg.seed ^ 0x1ea5_e5),
             quiet_until: None,
             drivers: vec![None, None],
             chosen_records: BTreeMap::new(),
@@ -886,6 +921,9 @@ impl<'f> Sim<'f> {
         if self.cfg.replay {
             self.plan_replay();
         }
+        if self.cfg.leases {
+            self.plan_leases();
+        }
         if self.cfg.reconfigure {
             let t = self.rng.range(0, 300);
             self.at(t, Ev::Drive);
@@ -912,6 +950,7 @@ impl<'f> Sim<'f> {
             if self.clients.iter().all(|c| c.remaining == 0 && !c.busy)
                 && self.plan_done()
                 && self.activations_done()
+                && self.leases_done()
                 && self.quiet_done()
             {
                 break;
@@ -978,6 +1017,8 @@ impl<'f> Sim<'f> {
             Ev::ReplayRetry(i, generation, key, attempts) => {
                 self.replay_retry(i, generation, key, attempts)
             }
+            Ev::Hold(h) => self.hold(h),
+            Ev::Reap(i) => self.reap(i),
         }
     }
 
@@ -1009,7 +1050,8 @@ impl<'f> Sim<'f> {
 
     /// One fault of the run's steady stream, then the next one's time.
     fn fault(&mut self) {
-        if self.clients.iter().all(|c| c.remaining == 0 && !c.busy) {
+        // Faults go on while clients or lock holders are busy.
+        if self.clients.iter().all(|c| c.remaining == 0 && !c.busy) && self.leases_done() {
             return;
         }
         let n = self.nodes.len() as u64;
@@ -1858,6 +1900,7 @@ impl<'f> Sim<'f> {
         let rec = self.nodes[i].durable.get_mut(key).expect("listed");
         let at = self.disk_rng.range(0, rec.len() as u64 - 1) as usize;
         rec[at] ^= 1 << self.disk_rng.range(0, 7);
+        self.corrupted_keys.insert(key.clone());
         self.corrupted = true;
         self.stats.corruptions += 1;
     }
@@ -1968,6 +2011,9 @@ impl<'f> Sim<'f> {
         }
         if self.cfg.activations {
             self.check_active_protocol();
+        }
+        if self.cfg.leases {
+            self.check_holds();
         }
         if self.cfg.replay && self.quiet_until.is_some_and(|t| self.now >= t) {
             self.check_converged();
@@ -2094,7 +2140,7 @@ fn to_check_op(r: &Record) -> Option<check::Op> {
                 Command::Put(v) => Input::Put(v),
                 Command::Cas { expected, value } => Input::Cas(expected, value),
                 Command::Delete => Input::Delete,
-                Command::DeleteIf { .. } => unreachable!("the sim does not issue delete-if"),
+                Command::DeleteIf { expected } => Input::DeleteIf(expected),
             }
         }
     };

@@ -6,6 +6,7 @@
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,4,5 --reconfigure
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade --activate
+//! cargo run --release -p ballot-sim -- --seeds 1000 --nodes 3,5 --leases
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,4,5 --replay --keys 6
 //! cargo run --release -p ballot-sim -- --seed-start 1234 --seeds 1 --nodes 4 --history
 //! ```
@@ -74,6 +75,9 @@ enum PlantArg {
     /// The commands of a batch go back to the queue while the batch's
     /// proposal may still be chosen, so they can take effect twice.
     BatchRequeueExposed,
+    /// With --leases: the reapers time leases on the replicas' wall clocks,
+    /// which jump.
+    WallClockReaper,
 }
 
 /// Runs the protocol under simulated faults and checks every history for
@@ -123,6 +127,11 @@ struct Args {
     /// are done and the network heals.
     #[arg(long)]
     replay: bool,
+    /// Lock holders take turns at a lock key with leases, and every
+    /// replica runs the lease reaper; no two holders may hold the lock at
+    /// once.
+    #[arg(long)]
+    leases: bool,
     /// Print each run's history.
     #[arg(long)]
     history: bool,
@@ -150,6 +159,11 @@ fn main() -> ExitCode {
     let skip_snapshot = args.planted == Some(PlantArg::SkipSnapshot);
     let no_replay = args.planted == Some(PlantArg::NoReplay);
     let blind_publish = args.planted == Some(PlantArg::BlindPublish);
+    let wall_clock_reaper = args.planted == Some(PlantArg::WallClockReaper);
+    if wall_clock_reaper && !args.leases {
+        eprintln!("ballot-sim: --planted wall-clock-reaper needs --leases");
+        return ExitCode::from(2);
+    }
     if blind_publish && !args.reconfigure {
         eprintln!("ballot-sim: --planted blind-publish needs --reconfigure");
         return ExitCode::from(2);
@@ -176,6 +190,7 @@ fn main() -> ExitCode {
         || skip_snapshot
         || no_replay
         || blind_publish
+        || wall_clock_reaper
     {
         None
     } else {
@@ -198,7 +213,8 @@ fn main() -> ExitCode {
             | PlantArg::QuorumReadiness
             | PlantArg::SkipSnapshot
             | PlantArg::NoReplay
-            | PlantArg::BlindPublish => unreachable!("handled before"),
+            | PlantArg::BlindPublish
+            | PlantArg::WallClockReaper => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
             if planted_core.is_some() {
@@ -261,6 +277,8 @@ fn main() -> ExitCode {
                     cfg.planted_replay_skips_snapshot = skip_snapshot;
                     cfg.planted_no_replay = no_replay;
                     cfg.planted_blind_publish = blind_publish;
+                    cfg.leases = args.leases;
+                    cfg.planted_wall_clock_reaper = wall_clock_reaper;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
                         cfg.ops_per_client = ops;
@@ -309,6 +327,9 @@ fn main() -> ExitCode {
             faults.forward_replies += report.stats.forward_replies;
             faults.batched += report.stats.batched;
             faults.convergence_unchecked += report.stats.convergence_unchecked;
+            faults.lock_acquired += report.stats.lock_acquired;
+            faults.lease_expiries += report.stats.lease_expiries;
+            faults.lock_gave_up += report.stats.lock_gave_up;
             if args.history {
                 println!("seed {seed} n={n}: {:?}", report.stats);
                 for r in &report.history {
@@ -334,6 +355,9 @@ fn main() -> ExitCode {
                 }
                 if args.replay {
                     replay.push_str(" --replay");
+                }
+                if args.leases {
+                    replay.push_str(" --leases");
                 }
                 if let Some(c) = args.clients {
                     replay.push_str(&format!(" --clients {c}"));
@@ -375,6 +399,12 @@ fn main() -> ExitCode {
             eprintln!(
                 "n={n}: replay: {} keys read from peers' changelogs, {} snapshots replayed, {} truncations; convergence not checked in {} runs with a corrupted record",
                 faults.replay_reads, faults.snapshots, faults.truncations, faults.convergence_unchecked
+            );
+        }
+        if args.leases {
+            eprintln!(
+                "n={n}: leases: the lock taken {} times, {} leases expired, {} holders gave up (the lock unreadable, or a lease kept by a corrupted record)",
+                faults.lock_acquired, faults.lease_expiries, faults.lock_gave_up
             );
         }
     }
