@@ -492,14 +492,15 @@ fn simulator_catches_an_adopted_epoch_that_is_not_durable() {
         cfg.volatile_epoch = true;
         cfg
     };
-    // Seeds 898, 1282, 1412, 2057, 2296 and 2305 of 3000 are caught at
-    // n = 3 since batches (5 of 3000 with leaders alone, 16 of 700
-    // before): `ballot-sim --seeds 3000 --nodes 3 --reconfigure --planted
+    // Seeds 1282, 1412, 2057, 2296 and 2305 of 3000 are caught at n = 3
+    // since a silent leader is suspected until heard from (898 too before
+    // that; 5 of 3000 with leaders alone, 16 of 700 before them):
+    // `ballot-sim --seeds 3000 --nodes 3 --reconfigure --planted
     // volatile-epoch`.
-    let seed = first_caught(850..950, planted, &NativeFactory(None), |v| {
+    let seed = first_caught(1250..1300, planted, &NativeFactory(None), |v| {
         v.contains("not linearizable") || v.contains("agreement")
     })
-    .expect("100 seeds of epochs that are not durable passed the simulator");
+    .expect("50 seeds of epochs that are not durable passed the simulator");
     let report = run(planted(seed), &NativeFactory(None));
     assert!(
         report.stats.changes > 0 && report.stats.lagging_restarts > 0,
