@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use ballot_control::lease::Pending;
 use ballot_control::lease::{self, digest, Attached, Expiry, Lease, Refusal, Sweep};
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Operation, Outcome};
@@ -39,6 +40,9 @@ pub enum LeaseError {
     Gone(u64),
     /// It has as many keys as it may.
     Full(u64),
+    /// A create found the key already holding its value, at this version,
+    /// written outside the lease: the key is not attached.
+    NotAttached(u64, u64),
     /// The record is not one this version reads.
     Damaged(String),
     Unavailable(String),
@@ -59,6 +63,11 @@ impl std::fmt::Display for LeaseError {
                 "lease {id:016x} has {} keys attached, as many as a lease may",
                 lease::KEYS_MAX
             ),
+            LeaseError::NotAttached(id, version) => write!(
+                f,
+                "the key already held this value at version {version}, written outside lease \
+                 {id:016x}: it is not attached to the lease (give each holder its own value)"
+            ),
             LeaseError::Damaged(e) => write!(f, "the lease record cannot be read: {e}"),
             LeaseError::Unavailable(e) => f.write_str(e),
         }
@@ -73,11 +82,15 @@ pub struct Shown {
     pub lease: Lease,
 }
 
+/// Whether a key takes the register's commands (no policy is bound to it).
+pub type IsRegister = Box<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
 /// The leases of one replica: its requests go through the replica's core.
 pub struct Leases {
     requests: mpsc::Sender<ClientRequest>,
     storage: Storage,
     metrics: Arc<Metrics>,
+    is_register: IsRegister,
 }
 
 impl Leases {
@@ -85,11 +98,13 @@ impl Leases {
         requests: mpsc::Sender<ClientRequest>,
         storage: Storage,
         metrics: Arc<Metrics>,
+        is_register: IsRegister,
     ) -> Leases {
         Leases {
             requests,
             storage,
             metrics,
+            is_register,
         }
     }
 
@@ -166,47 +181,66 @@ impl Leases {
         Ok(self.sweep(id, shown.version, &shown.lease, false).await?)
     }
 
-    /// Before writing `value` to `key` with lease `id`.
-    pub async fn begin_attach(&self, id: u64, key: &[u8], value: &[u8]) -> Result<(), LeaseError> {
-        let d = digest(value);
-        self.edit(id, |lease| lease.begin_attach(key, d).map(|()| true))
-            .await
-            .map(|_| ())
-    }
-
-    /// The write begun with [`Leases::begin_attach`] took effect at
-    /// `version`. If the lease ended meanwhile, the write is undone (deleted
-    /// at that version) and the lease is [`LeaseError::Gone`].
-    pub async fn attached(
+    /// Before writing `value` to `key` with lease `id`: the write under
+    /// way, to hand to [`Leases::attached`] or [`Leases::abandon`].
+    pub async fn begin_attach(
         &self,
         id: u64,
         key: &[u8],
         value: &[u8],
+    ) -> Result<Pending, LeaseError> {
+        let nonce = u64::from_le_bytes(
+            crate::storage::random_bytes::<8>()
+                .map_err(|e| LeaseError::Unavailable(e.to_string()))?,
+        );
+        let write = Pending::new(value, nonce);
+        self.edit(id, |lease| lease.begin_attach(key, write).map(|()| true))
+            .await?;
+        Ok(write)
+    }
+
+    /// The write begun with [`Leases::begin_attach`] took effect: the key
+    /// is at `version`, which the write made (`changed`) or found (a create
+    /// of the value the key held). If the lease ended meanwhile, a write
+    /// that changed the key is undone (deleted at that version) and the
+    /// lease is [`LeaseError::Gone`]; a version the write found is attached
+    /// only if it is this lease's ([`Lease::kept`]), else
+    /// [`LeaseError::NotAttached`].
+    pub async fn attached(
+        &self,
+        id: u64,
+        key: &[u8],
+        write: Pending,
         version: u64,
+        changed: bool,
     ) -> Result<(), LeaseError> {
-        let d = digest(value);
-        match self
+        let mut ours = true;
+        let edited = self
             .edit(id, |lease| {
                 if lease.ended {
                     return Err(Refusal::Gone);
                 }
-                Ok(lease.attached(key, d, version))
+                if changed {
+                    return Ok(lease.attached(key, write, version));
+                }
+                ours = lease.kept(key, write, version);
+                Ok(true)
             })
-            .await
-        {
-            Err(LeaseError::Gone(_)) => {
+            .await;
+        match edited {
+            Err(LeaseError::Gone(_)) if changed => {
                 let undo = Command::DeleteIf { expected: version };
                 self.carry_out(key, undo).await?;
                 Err(LeaseError::Gone(id))
             }
+            Ok(_) if !ours => Err(LeaseError::NotAttached(id, version)),
             other => other.map(|_| ()),
         }
     }
 
-    /// The write begun with [`Leases::begin_attach`] was refused.
-    pub async fn abandon(&self, id: u64, key: &[u8], value: &[u8]) {
-        let d = digest(value);
-        if let Err(e) = self.edit(id, |lease| Ok(lease.abandon(key, d))).await {
+    /// The write begun with [`Leases::begin_attach`] did not take effect.
+    pub async fn abandon(&self, id: u64, key: &[u8], write: Pending) {
+        if let Err(e) = self.edit(id, |lease| Ok(lease.abandon(key, write))).await {
             // The entry stays; the sweep deletes the key only if it holds
             // this value.
             debug!(lease = format!("{id:016x}"), "abandoning an attach: {e}");
@@ -239,28 +273,24 @@ impl Leases {
         last: bool,
     ) -> Result<usize, Unavailable> {
         let mut deleted = 0;
+        let mut failed = None;
         for (key, attached) in &lease.keys {
-            let command = match lease::sweep(attached) {
-                Sweep::Command(c) => Some(c),
-                Sweep::Read => {
-                    let op = Operation::Read(Consistency::Linearizable);
-                    let c = node::call(&self.requests, key.clone(), op, CALL_TIMEOUT)
-                        .await
-                        .map_err(|e| Unavailable(e.to_string()))?;
-                    let Outcome::Done(current) = c.outcome else {
-                        return Err(Unavailable(failure(&c.outcome)));
-                    };
-                    let d = current.value.as_deref().map(digest);
-                    lease::sweep_read(attached, current.version, d)
-                }
-            };
-            if let Some(command) = command {
-                if self.carry_out(key, command).await? {
-                    deleted += 1;
-                }
+            // A key bound to a policy since takes that policy's commands,
+            // not the register's: it is left alone.
+            if !(self.is_register)(key) {
+                continue;
+            }
+            match self.sweep_key(key, attached).await {
+                Ok(true) => deleted += 1,
+                Ok(false) => {}
+                // The other keys go on; the record stays for the next try.
+                Err(e) => failed = Some(e),
             }
         }
         self.metrics.lease_keys_deleted.inc_by(deleted as u64);
+        if let Some(e) = failed {
+            return Err(e);
+        }
         if lease.writing() && !last {
             return Ok(deleted);
         }
@@ -268,6 +298,29 @@ impl Leases {
         self.carry_out(&key, Command::DeleteIf { expected: version })
             .await?;
         Ok(deleted)
+    }
+
+    /// Deletes one attached key if it is still as the lease left it;
+    /// whether it did.
+    async fn sweep_key(&self, key: &[u8], attached: &Attached) -> Result<bool, Unavailable> {
+        let command = match lease::sweep(attached) {
+            Sweep::Command(c) => Some(c),
+            Sweep::Read => {
+                let op = Operation::Read(Consistency::Linearizable);
+                let c = node::call(&self.requests, key.to_vec(), op, CALL_TIMEOUT)
+                    .await
+                    .map_err(|e| Unavailable(e.to_string()))?;
+                let Outcome::Done(current) = c.outcome else {
+                    return Err(Unavailable(failure(&c.outcome)));
+                };
+                let d = current.value.as_deref().map(digest);
+                lease::sweep_read(attached, current.version, d)
+            }
+        };
+        match command {
+            Some(command) => self.carry_out(key, command).await,
+            None => Ok(false),
+        }
     }
 
     /// The reaper: every [`TICK`], each lease this replica holds a copy of
@@ -421,7 +474,7 @@ impl Leases {
 
 /// A lease id as clients write it: 16 hex digits.
 pub fn parse_id(text: &str) -> Option<u64> {
-    (text.len() == 16)
+    (text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit()))
         .then(|| u64::from_str_radix(text, 16).ok())
         .flatten()
 }

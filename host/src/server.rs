@@ -510,11 +510,6 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 epoch,
             )?;
             let watch_storage = storage.clone();
-            let leases = Arc::new(crate::leases::Leases::new(
-                core.requests.clone(),
-                storage.clone(),
-                metrics.clone(),
-            ));
             let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let membership = Membership::new(membership::Setup {
                 me: config.id,
@@ -551,6 +546,15 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 members,
             }));
             tokio::spawn(registry.clone().run(commits_rx, events));
+            let leases = Arc::new(crate::leases::Leases::new(
+                core.requests.clone(),
+                watch_storage.clone(),
+                metrics.clone(),
+                {
+                    let registry = registry.clone();
+                    Box::new(move |key| registry.binding_for(key).is_none())
+                },
+            ));
             let view = {
                 let config = config.clone();
                 let transport = transport.clone();

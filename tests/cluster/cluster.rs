@@ -2004,6 +2004,30 @@ fn leases_expire_revoke_and_fence_their_keys() {
         );
         assert!(all.get("tmp/w").await.unwrap().is_none());
 
+        // A create that finds the key holding its value, written through
+        // another lease, does not attach it: that lease's end alone deletes it.
+        let first = all.grant_lease(60_000).await.unwrap();
+        let second = all.grant_lease(60_000).await.unwrap();
+        let w = all
+            .put_with_lease("tmp/same", "v", &first.id, true)
+            .await
+            .unwrap();
+        let again = all.put_with_lease("tmp/same", "v", &second.id, true).await;
+        assert!(
+            matches!(&again, Err(ballot_client::Error::Refused { code, .. }) if code == "not-attached"),
+            "{again:?}"
+        );
+        // A retry through the first lease is its own version.
+        let retry = all
+            .put_with_lease("tmp/same", "v", &first.id, true)
+            .await
+            .unwrap();
+        assert_eq!((retry.version, retry.changed), (w.version, false));
+        assert_eq!(all.revoke(&second.id).await.unwrap(), 0);
+        assert_eq!(all.get("tmp/same").await.unwrap().unwrap().value, "v");
+        assert_eq!(all.revoke(&first.id).await.unwrap(), 1);
+        assert!(all.get("tmp/same").await.unwrap().is_none());
+
         // The CLI: grant, attach, show, revoke.
         let ca = cluster.nodes[2].config.tls.ca.clone();
         let cli = |args: &[&str]| {

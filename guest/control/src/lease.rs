@@ -24,9 +24,11 @@ pub const PREFIX: &[u8] = b"\0ballot/lease/";
 pub const TTL_MIN_MS: u64 = 1_000;
 /// The longest lease granted (a day).
 pub const TTL_MAX_MS: u64 = 86_400_000;
+/// Keys attached to one lease at most.
+pub const KEYS_MAX: usize = 1_000;
 /// Attachments (a key at a version, or a write under way) on one lease at
 /// most.
-pub const KEYS_MAX: usize = 1_000;
+pub const ENTRIES_MAX: usize = 2 * KEYS_MAX;
 /// How long after a lease ended its record is kept while writes to its
 /// keys are still under way (their fate unknown): each sweep meanwhile
 /// deletes the keys that took such a write. A write that takes effect
@@ -62,10 +64,26 @@ pub fn digest(value: &[u8]) -> [u8; 32] {
 pub enum Attached {
     /// Its write took effect at this version: deleted at that version only.
     At(u64),
-    /// A write carrying a value with this SHA-256 is under way (or its
-    /// replica stopped before saying how it ended): deleted only if the key
-    /// still holds that value.
-    Writing([u8; 32]),
+    /// A write is under way (or its replica stopped before saying how it
+    /// ended): deleted only if the key holds the value it carried.
+    Writing(Pending),
+}
+
+/// One write under way through a lease: the SHA-256 of its value, and a
+/// number of its own, so two writes of one value are told apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Pending {
+    pub digest: [u8; 32],
+    pub nonce: u64,
+}
+
+impl Pending {
+    pub fn new(value: &[u8], nonce: u64) -> Pending {
+        Pending {
+            digest: digest(value),
+            nonce,
+        }
+    }
 }
 
 /// Why an edit of a lease is refused.
@@ -102,7 +120,7 @@ impl Lease {
 
     /// `[1][ended: u8][ttl_ms: u64][renewals: u64][count: u32]`, then per
     /// attachment, in order, `[len: u16][key][0][version: u64]` or `[len:
-    /// u16][key][1][sha256: 32]`; integers little-endian.
+    /// u16][key][1][sha256: 32][nonce: u64]`; integers little-endian.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![FORMAT, u8::from(self.ended)];
         out.extend_from_slice(&self.ttl_ms.to_le_bytes());
@@ -116,9 +134,10 @@ impl Lease {
                     out.push(0);
                     out.extend_from_slice(&version.to_le_bytes());
                 }
-                Attached::Writing(digest) => {
+                Attached::Writing(p) => {
                     out.push(1);
-                    out.extend_from_slice(digest);
+                    out.extend_from_slice(&p.digest);
+                    out.extend_from_slice(&p.nonce.to_le_bytes());
                 }
             }
         }
@@ -139,8 +158,10 @@ impl Lease {
         let ttl_ms = r.u64()?;
         let renewals = r.u64()?;
         let count = u32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes"));
-        if count as usize > KEYS_MAX {
-            return Err(format!("{count} keys on one lease, more than {KEYS_MAX}"));
+        if count as usize > ENTRIES_MAX {
+            return Err(format!(
+                "{count} attachments on one lease, more than {ENTRIES_MAX}"
+            ));
         }
         let mut keys = BTreeSet::new();
         for _ in 0..count {
@@ -148,7 +169,10 @@ impl Lease {
             let key = r.take(len as usize)?.to_vec();
             let attached = match r.take(1)?[0] {
                 0 => Attached::At(r.u64()?),
-                1 => Attached::Writing(r.take(32)?.try_into().expect("32 bytes")),
+                1 => Attached::Writing(Pending {
+                    digest: r.take(32)?.try_into().expect("32 bytes"),
+                    nonce: r.u64()?,
+                }),
                 other => return Err(format!("attachment tag {other} is neither 0 nor 1")),
             };
             if !keys.insert((key, attached)) {
@@ -175,17 +199,18 @@ impl Lease {
         Ok(())
     }
 
-    /// Before a write of a value with SHA-256 `digest` to `key`: the key
-    /// goes with the lease whatever becomes of the write.
-    pub fn begin_attach(&mut self, key: &[u8], digest: [u8; 32]) -> Result<(), Refusal> {
+    /// Before a write to `key` through this lease: the key goes with the
+    /// lease whatever becomes of the write.
+    pub fn begin_attach(&mut self, key: &[u8], write: Pending) -> Result<(), Refusal> {
         if self.ended {
             return Err(Refusal::Gone);
         }
-        let item = (key.to_vec(), Attached::Writing(digest));
-        if self.keys.len() >= KEYS_MAX && !self.keys.contains(&item) {
+        let attached = self.keys.iter().any(|(k, _)| k == key);
+        let keys: BTreeSet<&[u8]> = self.keys.iter().map(|(k, _)| k.as_slice()).collect();
+        if (!attached && keys.len() >= KEYS_MAX) || self.keys.len() >= ENTRIES_MAX {
             return Err(Refusal::Full);
         }
-        self.keys.insert(item);
+        self.keys.insert((key.to_vec(), Attached::Writing(write)));
         Ok(())
     }
 
@@ -197,27 +222,60 @@ impl Lease {
         })
     }
 
-    /// The write begun by [`Lease::begin_attach`] took effect at `version`:
-    /// the key is attached at that version, unless at a newer one already
-    /// (an older version can never be the key's again). Whether the lease
-    /// changed.
-    pub fn attached(&mut self, key: &[u8], digest: [u8; 32], version: u64) -> bool {
-        let mut changed = self.keys.remove(&(key.to_vec(), Attached::Writing(digest)));
+    /// Attaches `key` at `version`, unless at a newer one already (an older
+    /// version can never be the key's again). Whether the lease changed.
+    fn attach_at(&mut self, key: &[u8], version: u64) -> bool {
         let newest = self.versions_of(key).max();
-        if newest.is_none_or(|v| v < version) {
-            if let Some(older) = newest {
-                self.keys.remove(&(key.to_vec(), Attached::At(older)));
-            }
-            self.keys.insert((key.to_vec(), Attached::At(version)));
-            changed = true;
+        if newest.is_some_and(|v| v >= version) {
+            return false;
         }
-        changed
+        if let Some(older) = newest {
+            self.keys.remove(&(key.to_vec(), Attached::At(older)));
+        }
+        self.keys.insert((key.to_vec(), Attached::At(version)))
+    }
+
+    /// The write begun by [`Lease::begin_attach`] changed the key, to
+    /// `version`: the key is attached at it. Whether the lease changed.
+    pub fn attached(&mut self, key: &[u8], write: Pending, version: u64) -> bool {
+        let took = self.keys.remove(&(key.to_vec(), Attached::Writing(write)));
+        self.attach_at(key, version) || took
+    }
+
+    /// The write begun by [`Lease::begin_attach`] changed nothing: the key
+    /// already held its value, at `version`. That version is this lease's
+    /// only if the lease has it, or if another write of the same value
+    /// through this lease was under way (that one wrote it); otherwise
+    /// another write made it, and the key is not attached (`false`):
+    /// attaching it would let this lease's end delete what another lease
+    /// holds.
+    pub fn kept(&mut self, key: &[u8], write: Pending, version: u64) -> bool {
+        self.keys.remove(&(key.to_vec(), Attached::Writing(write)));
+        if self.keys.contains(&(key.to_vec(), Attached::At(version))) {
+            return true;
+        }
+        let earlier: Vec<Pending> = self
+            .keys
+            .iter()
+            .filter_map(|(k, a)| match a {
+                Attached::Writing(p) if k == key && p.digest == write.digest => Some(*p),
+                _ => None,
+            })
+            .collect();
+        if earlier.is_empty() {
+            return false;
+        }
+        for p in earlier {
+            self.keys.remove(&(key.to_vec(), Attached::Writing(p)));
+        }
+        self.attach_at(key, version);
+        true
     }
 
     /// The write begun by [`Lease::begin_attach`] did not take effect: what
     /// it attached is taken back (what the key was attached at before stays).
-    pub fn abandon(&mut self, key: &[u8], digest: [u8; 32]) -> bool {
-        self.keys.remove(&(key.to_vec(), Attached::Writing(digest)))
+    pub fn abandon(&mut self, key: &[u8], write: Pending) -> bool {
+        self.keys.remove(&(key.to_vec(), Attached::Writing(write)))
     }
 
     /// Whether writes to its keys are still under way (their fate unknown).
@@ -323,7 +381,7 @@ pub fn sweep_read(
     value_digest: Option<[u8; 32]>,
 ) -> Option<Command> {
     match attached {
-        Attached::Writing(digest) if value_digest == Some(*digest) => {
+        Attached::Writing(p) if value_digest == Some(p.digest) => {
             Some(Command::DeleteIf { expected: version })
         }
         _ => None,
@@ -338,9 +396,13 @@ mod tests {
         let mut lease = Lease::new(1_500);
         lease.renewals = 2;
         lease.keys.insert((b"lock".to_vec(), Attached::At(7)));
-        lease
-            .keys
-            .insert((b"svc/a".to_vec(), Attached::Writing([0xab; 32])));
+        lease.keys.insert((
+            b"svc/a".to_vec(),
+            Attached::Writing(Pending {
+                digest: [0xab; 32],
+                nonce: 9,
+            }),
+        ));
         lease
     }
 
@@ -360,6 +422,7 @@ mod tests {
         golden.extend_from_slice(b"svc/a");
         golden.push(1);
         golden.extend_from_slice(&[0xab; 32]);
+        golden.extend_from_slice(&9u64.to_le_bytes());
         assert_eq!(sample().encode(), golden);
         assert_eq!(Lease::decode(&golden).unwrap(), sample());
     }
@@ -386,7 +449,7 @@ mod tests {
         }
         assert!(Lease::decode(&bytes).unwrap_err().contains("twice"));
         let mut many = Lease::new(1_000).encode();
-        many[18..22].copy_from_slice(&(KEYS_MAX as u32 + 1).to_le_bytes());
+        many[18..22].copy_from_slice(&(ENTRIES_MAX as u32 + 1).to_le_bytes());
         assert!(Lease::decode(&many).unwrap_err().contains("more than"));
     }
 
@@ -406,28 +469,74 @@ mod tests {
             .collect()
     }
 
+    fn w(d: u8, nonce: u64) -> Pending {
+        Pending {
+            digest: [d; 32],
+            nonce,
+        }
+    }
+
     #[test]
     fn an_attach_begins_as_a_write_under_way_and_ends_at_its_version_or_not_at_all() {
         let mut lease = Lease::new(1_000);
-        lease.begin_attach(b"k", [1; 32]).unwrap();
-        assert_eq!(items(&lease), [(&b"k"[..], Attached::Writing([1; 32]))]);
+        lease.begin_attach(b"k", w(1, 1)).unwrap();
+        assert_eq!(items(&lease), [(&b"k"[..], Attached::Writing(w(1, 1)))]);
         assert!(lease.writing());
         // Two writes through the lease, chosen in the other order: the
         // newer version stays, whichever reports last.
-        lease.begin_attach(b"k", [2; 32]).unwrap();
-        assert!(lease.attached(b"k", [2; 32], 5));
-        assert!(lease.attached(b"k", [1; 32], 4));
+        lease.begin_attach(b"k", w(2, 2)).unwrap();
+        assert!(lease.attached(b"k", w(2, 2), 5));
+        assert!(lease.attached(b"k", w(1, 1), 4));
         assert_eq!(items(&lease), [(&b"k"[..], Attached::At(5))]);
         assert!(!lease.writing());
         // A refused write takes back only its own attachment.
-        lease.begin_attach(b"k", [3; 32]).unwrap();
-        assert!(lease.abandon(b"k", [3; 32]));
-        assert!(!lease.abandon(b"k", [3; 32]));
+        lease.begin_attach(b"k", w(3, 3)).unwrap();
+        assert!(lease.abandon(b"k", w(3, 3)));
+        assert!(!lease.abandon(b"k", w(3, 3)));
         assert_eq!(items(&lease), [(&b"k"[..], Attached::At(5))]);
         // A newer write replaces the older version.
-        lease.begin_attach(b"k", [4; 32]).unwrap();
-        assert!(lease.attached(b"k", [4; 32], 9));
+        lease.begin_attach(b"k", w(4, 4)).unwrap();
+        assert!(lease.attached(b"k", w(4, 4), 9));
         assert_eq!(items(&lease), [(&b"k"[..], Attached::At(9))]);
+    }
+
+    #[test]
+    fn two_writes_of_one_value_are_two_attachments() {
+        let mut lease = Lease::new(1_000);
+        lease.begin_attach(b"k", w(1, 1)).unwrap();
+        lease.begin_attach(b"k", w(1, 2)).unwrap();
+        assert!(lease.attached(b"k", w(1, 1), 5));
+        // The other one's replica stopped: its entry stays for the sweep.
+        assert_eq!(
+            items(&lease),
+            [
+                (&b"k"[..], Attached::At(5)),
+                (&b"k"[..], Attached::Writing(w(1, 2)))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_write_that_changed_nothing_is_attached_only_at_the_lease_s_own_version() {
+        // A retry of a create this lease made: its version is the lease's.
+        let mut lease = Lease::new(1_000);
+        lease.begin_attach(b"lock", w(1, 1)).unwrap();
+        assert!(lease.attached(b"lock", w(1, 1), 5));
+        lease.begin_attach(b"lock", w(1, 2)).unwrap();
+        assert!(lease.kept(b"lock", w(1, 2), 5));
+        assert_eq!(items(&lease), [(&b"lock"[..], Attached::At(5))]);
+        // A create whose first try's fate was unknown: that try wrote it.
+        let mut lease = Lease::new(1_000);
+        lease.begin_attach(b"lock", w(1, 1)).unwrap();
+        lease.begin_attach(b"lock", w(1, 2)).unwrap();
+        assert!(lease.kept(b"lock", w(1, 2), 5));
+        assert_eq!(items(&lease), [(&b"lock"[..], Attached::At(5))]);
+        // The same value written by another lease (or without one): not
+        // this lease's, so its end must not delete it.
+        let mut lease = Lease::new(1_000);
+        lease.begin_attach(b"lock", w(1, 1)).unwrap();
+        assert!(!lease.kept(b"lock", w(1, 1), 5));
+        assert!(lease.keys.is_empty());
     }
 
     #[test]
@@ -435,16 +544,20 @@ mod tests {
         let mut lease = Lease::new(1_000);
         for i in 0..KEYS_MAX {
             lease
-                .begin_attach(format!("k{i}").as_bytes(), [0; 32])
+                .begin_attach(format!("k{i}").as_bytes(), w(0, i as u64))
                 .unwrap();
         }
-        assert_eq!(lease.begin_attach(b"one more", [0; 32]), Err(Refusal::Full));
-        // A write already under way may begin again (a retry).
-        lease.begin_attach(b"k1", [0; 32]).unwrap();
+        assert_eq!(lease.begin_attach(b"one more", w(0, 0)), Err(Refusal::Full));
+        // A key it has may be written again, up to the entries' bound.
+        lease.begin_attach(b"k1", w(1, 1)).unwrap();
+        for i in 0..(ENTRIES_MAX - KEYS_MAX - 1) {
+            lease.begin_attach(b"k2", w(2, i as u64)).unwrap();
+        }
+        assert_eq!(lease.begin_attach(b"k3", w(3, 3)), Err(Refusal::Full));
         assert!(lease.end());
         assert!(!lease.end());
         assert_eq!(lease.keepalive(), Err(Refusal::Gone));
-        assert_eq!(lease.begin_attach(b"k1", [0; 32]), Err(Refusal::Gone));
+        assert_eq!(lease.begin_attach(b"k1", w(0, 9)), Err(Refusal::Gone));
     }
 
     #[test]
@@ -471,7 +584,7 @@ mod tests {
             sweep(&Attached::At(7)),
             Sweep::Command(Command::DeleteIf { expected: 7 })
         );
-        let writing = Attached::Writing([5; 32]);
+        let writing = Attached::Writing(w(5, 1));
         assert_eq!(sweep(&writing), Sweep::Read);
         assert_eq!(
             sweep_read(&writing, 9, Some([5; 32])),

@@ -264,12 +264,15 @@ pub(super) async fn put_kv(
         .map(super::leases::lease_id)
         .transpose()?;
     let value = read_body(request).await?.to_vec();
-    if let Some(id) = lease {
-        if !app.registry.started() {
-            return Err(starting());
+    let lease = match lease {
+        None => None,
+        Some(id) => {
+            if !app.registry.started() {
+                return Err(starting());
+            }
+            Some((id, app.leases.begin_attach(id, &key, &value).await?))
         }
-        app.leases.begin_attach(id, &key, &value).await?;
-    }
+    };
     let command = match pre {
         Precondition::None => Command::Put(value.clone()),
         Precondition::Absent => Command::Create(value.clone()),
@@ -282,14 +285,14 @@ pub(super) async fn put_kv(
         Ok(c) => c,
         Err(e) => {
             // The write certainly did not happen: the key leaves the lease.
-            if let Some(id) = lease.filter(|_| !e.maybe_applied()) {
-                app.leases.abandon(id, &key, &value).await;
+            if let Some((id, write)) = lease.filter(|_| !e.maybe_applied()) {
+                app.leases.abandon(id, &key, write).await;
             }
             return Err(e);
         }
     };
-    if let Some(id) = lease {
-        attach(&app, id, &key, &value, &c).await?;
+    if let Some((id, write)) = lease {
+        attach(&app, id, &key, write, &c).await?;
     }
     let current = done(&c, Via::Http)?;
     Ok(written(&c, current))
@@ -301,22 +304,29 @@ pub(super) struct PutParams {
 }
 
 /// After a write with `?lease=ID`: the key stays attached at the version
-/// written, or leaves the lease if the write was refused. If the lease
-/// ended meanwhile, the write is undone and the answer is 404. A write
-/// whose fate is unknown stays attached by its value's digest (the sweep
-/// deletes the key only if it holds that value).
+/// written, or leaves the lease if the write was refused or certainly did
+/// not happen. If the lease ended meanwhile, the write is undone and the
+/// answer is 404; a create that found the key holding its value at a
+/// version another write made is 409 `not-attached`; if the lease could
+/// not be updated, 503 with `maybe_applied` (the write took effect; the
+/// sweep deletes the key at the lease's end if it holds the value). A write
+/// whose fate is unknown stays attached by its value's digest.
 async fn attach(
     app: &App,
     id: u64,
     key: &[u8],
-    value: &[u8],
+    write: crate::leases::Pending,
     c: &Completion,
 ) -> Result<(), ApiError> {
     use crate::leases::LeaseError;
     match &c.outcome {
         Outcome::Done(current) => {
-            match app.leases.attached(id, key, value, current.version).await {
-                Ok(()) | Err(LeaseError::Unavailable(_)) => Ok(()),
+            let attached = app
+                .leases
+                .attached(id, key, write, current.version, c.trace.changed)
+                .await;
+            match attached {
+                Ok(()) => Ok(()),
                 Err(LeaseError::Gone(_)) => Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "lease-not-found",
@@ -325,15 +335,24 @@ async fn attach(
                          the write was undone"
                     ),
                 )),
+                Err(LeaseError::Unavailable(m)) => Err(ApiError::unavailable(
+                    "unavailable",
+                    format!(
+                        "the write took effect at version {}, but attaching it to lease \
+                         {id:016x} could not be confirmed ({m}); read the key and the lease",
+                        current.version
+                    ),
+                )
+                .with("maybe_applied", true)),
                 Err(e) => Err(e.into()),
             }
         }
         Outcome::Rejected(..) => {
-            app.leases.abandon(id, key, value).await;
+            app.leases.abandon(id, key, write).await;
             Ok(())
         }
         Outcome::Failed(f) if !f.maybe_applied => {
-            app.leases.abandon(id, key, value).await;
+            app.leases.abandon(id, key, write).await;
             Ok(())
         }
         Outcome::Failed(_) => Ok(()),

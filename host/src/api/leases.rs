@@ -20,12 +20,19 @@ impl From<LeaseError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "lease-not-found", e.to_string())
             }
             LeaseError::Full(_) => ApiError::new(StatusCode::CONFLICT, "lease-full", e.to_string()),
+            LeaseError::NotAttached(..) => {
+                ApiError::new(StatusCode::CONFLICT, "not-attached", e.to_string())
+            }
             LeaseError::Damaged(_) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "lease-damaged",
                 e.to_string(),
             ),
-            LeaseError::Unavailable(m) => ApiError::unavailable("no-quorum", m),
+            // A grant, keepalive or revoke that failed this way may still
+            // have taken effect.
+            LeaseError::Unavailable(m) => {
+                ApiError::unavailable("unavailable", m).with("maybe_applied", true)
+            }
         }
     }
 }

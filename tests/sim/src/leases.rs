@@ -101,7 +101,7 @@ impl Holder {
     /// The edit its read-edit-write makes of the record read.
     fn edit(&self, bytes: Option<&[u8]>) -> Result<Option<Vec<u8>>, Refusal> {
         let mut l = Lease::decode(bytes.ok_or(Refusal::Gone)?).map_err(|_| Refusal::Gone)?;
-        let d = lease::digest(&self.value);
+        let d = lease::Pending::new(&self.value, self.lease);
         let changed = match &self.step {
             Step::Begin(_) => l.begin_attach(LOCK, d).map(|()| true)?,
             Step::Settle(_, true) if l.ended => return Err(Refusal::Gone),
@@ -134,8 +134,9 @@ enum Job {
     /// Ending it, read at this version.
     End(u64, u64, Lease),
     /// Sweeping its keys: (id, version, lease, next key index, whether it
-    /// is the last sweep); `reading` when the key's read is in flight.
-    Sweep(u64, u64, Lease, usize, bool, bool),
+    /// is the last sweep, whether the key's read is in flight, whether a
+    /// key failed: then the record stays for the next try).
+    Sweep(u64, u64, Lease, usize, bool, bool, bool),
 }
 
 /// How long a holder may count on its lease after sending a change of it.
@@ -501,7 +502,7 @@ impl<'f> Sim<'f> {
             r.expiry.observe(id, version, now);
             if l.ended {
                 if let Some(last) = r.sweep_due(id, now) {
-                    r.job = Some(Job::Sweep(id, version, l, 0, last, false));
+                    r.job = Some(Job::Sweep(id, version, l, 0, last, false, false));
                     return self.reaper_step(i);
                 }
             } else if r.expiry.due(id, version, l.ttl_ms, now) {
@@ -526,8 +527,13 @@ impl<'f> Sim<'f> {
                 };
                 (lease::key(*id), Operation::Command(command.encode()))
             }
-            Some(Job::Sweep(id, version, l, at, last, reading)) => {
+            Some(Job::Sweep(id, version, l, at, last, reading, failed)) => {
                 match l.keys.iter().nth(*at) {
+                    // A key failed: the record stays, for the next tick.
+                    None if *failed => {
+                        self.reapers[i].job = None;
+                        return;
+                    }
                     // The record stays while writes to its keys may still
                     // take effect, until the last sweep.
                     None if l.writing() && !*last => {
@@ -578,7 +584,7 @@ impl<'f> Sim<'f> {
                     // Ended by another replica, whose sweep may never come:
                     // this one sweeps once the grace is over.
                     if let Some(last) = r.sweep_due(id, now) {
-                        r.job = Some(Job::Sweep(id, cur.version, l, 0, last, false));
+                        r.job = Some(Job::Sweep(id, cur.version, l, 0, last, false, false));
                         self.reaper_step(i);
                     }
                 } else if r.expiry.due(id, cur.version, l.ttl_ms, now) {
@@ -591,13 +597,20 @@ impl<'f> Sim<'f> {
                     l.end();
                     self.stats.lease_expiries += 1;
                     r.ended.insert(id, (now, false));
-                    self.reapers[i].job = Some(Job::Sweep(id, cur.version, l, 0, false, false));
+                    self.reapers[i].job =
+                        Some(Job::Sweep(id, cur.version, l, 0, false, false, false));
                     self.reaper_step(i);
                 }
             }
-            Some(Job::Sweep(id, version, l, at, last, reading)) => {
-                // A sweep that fails is tried again at the next tick.
+            Some(Job::Sweep(id, version, l, at, last, reading, failed)) => {
+                // A key that fails holds up neither the other keys nor the
+                // next tick's try (the record stays until then).
                 if matches!(outcome, Outcome::Failed(_)) {
+                    if at < l.keys.len() {
+                        self.reapers[i].job =
+                            Some(Job::Sweep(id, version, l, at + 1, last, false, true));
+                        self.reaper_step(i);
+                    }
                     return;
                 }
                 if at == l.keys.len() {
@@ -616,13 +629,14 @@ impl<'f> Sim<'f> {
                         .expect("in range");
                     let d = cur.value.as_deref().map(lease::digest);
                     if let Some(command) = lease::sweep_read(&attached, cur.version, d) {
-                        self.reapers[i].job = Some(Job::Sweep(id, version, l, at, last, false));
+                        self.reapers[i].job =
+                            Some(Job::Sweep(id, version, l, at, last, false, failed));
                         let who = Who::Reaper(lives);
                         let op = Operation::Command(command.encode());
                         return self.lease_request(i, key, op, who);
                     }
                 }
-                self.reapers[i].job = Some(Job::Sweep(id, version, l, at + 1, last, false));
+                self.reapers[i].job = Some(Job::Sweep(id, version, l, at + 1, last, false, failed));
                 self.reaper_step(i);
             }
         }
