@@ -197,6 +197,12 @@ pub struct SimConfig {
     /// clocks, which jump: unsafe, kept so a test can show that the lock
     /// check catches it.
     pub planted_wall_clock_reaper: bool,
+    /// Every 100–300 ms, check what a listing (`GET /v1/kv`) through each
+    /// replica that is up rests on: every key a client write was
+    /// acknowledged for is held (has protocol state, durably) by enough
+    /// voters of the replica's epoch that no classic quorum of the voters
+    /// that could answer it lacks the key.
+    pub listing: bool,
 }
 
 impl SimConfig {
@@ -226,6 +232,7 @@ impl SimConfig {
             planted_blind_publish: false,
             leases: false,
             planted_wall_clock_reaper: false,
+            listing: false,
         }
     }
 
@@ -526,6 +533,8 @@ enum Ev {
     Truncate(usize),
     /// A replay read is tried again: replica, pass, key, attempts so far.
     ReplayRetry(usize, u64, Vec<u8>, u32),
+    /// The listing check looks (`SimConfig::listing`).
+    List,
     /// A lock holder's next step.
     Hold(usize),
     /// A replica's lease reaper looks.
@@ -663,6 +672,10 @@ pub struct Sim<'f> {
     holds: Vec<(usize, usize, u64, u64)>,
     lock_tokens: Vec<(usize, usize, u64)>,
     lease_rng: Rng,
+    /// With listing: the keys a client write was acknowledged for, and the
+    /// draws of the check's times.
+    acked: BTreeSet<Vec<u8>>,
+    rng_listing: Rng,
     /// With replay: the end of the quiet time after the clients finished.
     quiet_until: Option<u64>,
     /// With the membership record through consensus: the two drivers, the
@@ -844,6 +857,8 @@ impl<'f> Sim<'f> {
             holds: Vec::new(),
             lock_tokens: Vec::new(),
             lease_rng: Rng::new(cfg.seed ^ 0x1ea5_e5),
+            acked: BTreeSet::new(),
+            rng_listing: Rng::new(cfg.seed ^ 0x0715_7a),
             quiet_until: None,
             drivers: vec![None, None],
             chosen_records: BTreeMap::new(),
@@ -923,6 +938,9 @@ impl<'f> Sim<'f> {
         }
         if self.cfg.leases {
             self.plan_leases();
+        }
+        if self.cfg.listing {
+            self.at(100, Ev::List);
         }
         if self.cfg.reconfigure {
             let t = self.rng.range(0, 300);
@@ -1018,6 +1036,13 @@ impl<'f> Sim<'f> {
                 self.replay_retry(i, generation, key, attempts)
             }
             Ev::Hold(h) => self.hold(h),
+            Ev::List => {
+                self.check_listing();
+                if !self.clients.iter().all(|c| c.remaining == 0 && !c.busy) {
+                    let t = self.now + self.rng_listing.range(100, 300);
+                    self.at(t, Ev::List);
+                }
+            }
             Ev::Reap(i) => self.reap(i),
         }
     }
@@ -1284,6 +1309,58 @@ impl<'f> Sim<'f> {
                 "replica {} refused epoch {}: {e}",
                 node.id, latest.epoch
             )),
+        }
+    }
+
+    /// What a listing through each replica that is up rests on (see
+    /// [`SimConfig::listing`]): the voters of its epoch that could answer
+    /// it (up, and taken by the lister: not a lost directory it knew by
+    /// another) without holding an acknowledged key must not be a classic
+    /// quorum.
+    fn check_listing(&mut self) {
+        let mut found = Vec::new();
+        for i in 0..self.nodes.len() {
+            let node = &self.nodes[i];
+            if node.core.is_none() || node.off {
+                continue;
+            }
+            let members = self.members_at(node.epoch);
+            let q = ballot_core::quorum_classic(members.voters.len());
+            // A voter's answer counts if it is up and the lister takes its
+            // messages (it knows the voter by its present directory, as
+            // `admits` decides).
+            let answering: Vec<ReplicaId> = members
+                .voters
+                .iter()
+                .copied()
+                .filter(|&v| {
+                    let j = v as usize - 1;
+                    let n = &self.nodes[j];
+                    let known = node.known.get(&j).is_none_or(|&id| id == n.identity);
+                    n.core.is_some() && !n.off && (j == i || known || self.cfg.unchecked_identity)
+                })
+                .collect();
+            for key in &self.acked {
+                let lacking: Vec<ReplicaId> = answering
+                    .iter()
+                    .copied()
+                    .filter(|&v| !self.nodes[v as usize - 1].durable.contains_key(key))
+                    .collect();
+                if lacking.len() >= q {
+                    found.push(format!(
+                        "listing: through replica {} (epoch {}), voters {lacking:?} could answer \
+                         without key {} a write to it was acknowledged for",
+                        node.id,
+                        node.epoch,
+                        String::from_utf8_lossy(key)
+                    ));
+                }
+            }
+        }
+        if let Some(first) = found.into_iter().next() {
+            if !self.violations.contains(&first) {
+                self.violations.push(first);
+            }
         }
     }
 
@@ -1819,6 +1896,14 @@ impl<'f> Sim<'f> {
             Some(Outcome::Done(cur)) | Some(Outcome::Rejected(_, cur)) => {
                 record.ret = Some(ret);
                 self.stats.ops_done += 1;
+                // A write that left the key with a value (a delete of an
+                // absent key writes nothing anywhere).
+                if matches!(
+                    (&record.op, &outcome),
+                    (Operation::Command(_), Some(Outcome::Done(c))) if c.value.is_some()
+                ) {
+                    self.acked.insert(record.key.clone());
+                }
                 let c = &mut self.clients[record.client];
                 c.last_version = c.last_version.max(cur.version);
             }

@@ -132,6 +132,11 @@ struct Args {
     /// once.
     #[arg(long)]
     leases: bool,
+    /// Check, every 100-300 ms, that a listing through any replica would
+    /// find every key a write was acknowledged for (no classic quorum of
+    /// the voters that could answer lacks it).
+    #[arg(long)]
+    listing: bool,
     /// Print each run's history.
     #[arg(long)]
     history: bool,
@@ -278,6 +283,7 @@ fn main() -> ExitCode {
                     cfg.planted_no_replay = no_replay;
                     cfg.planted_blind_publish = blind_publish;
                     cfg.leases = args.leases;
+                    cfg.listing = args.listing;
                     cfg.planted_wall_clock_reaper = wall_clock_reaper;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
@@ -358,6 +364,9 @@ fn main() -> ExitCode {
                 }
                 if args.leases {
                     replay.push_str(" --leases");
+                }
+                if args.listing {
+                    replay.push_str(" --listing");
                 }
                 if let Some(c) = args.clients {
                     replay.push_str(&format!(" --clients {c}"));
