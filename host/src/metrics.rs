@@ -68,6 +68,8 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// Events sent to watchers.
     pub watch_events: Counter,
+    /// Watchers ended, by reason (`client`, `gone`, `error`, `shutdown`).
+    pub watchers_ended: Family<Labels, Counter>,
     /// Live leases this replica holds a copy of (its reaper's last look).
     pub leases_live: Gauge,
     /// Leases this replica expired.
@@ -210,6 +212,12 @@ impl Metrics {
             "Events sent to watchers",
             watch_events.clone(),
         );
+        let watchers_ended = Family::<Labels, Counter>::default();
+        registry.register(
+            "watchers_ended",
+            "Watchers ended, by reason: client (gone away or idle), gone (behind the changelog), error, shutdown",
+            watchers_ended.clone(),
+        );
         let leases_live = Gauge::default();
         registry.register(
             "leases_live",
@@ -240,6 +248,7 @@ impl Metrics {
             policy_failures,
             watchers,
             watch_events,
+            watchers_ended,
             leases_live,
             lease_expiries,
             lease_keys_deleted,

@@ -1891,6 +1891,10 @@ fn a_watcher_sees_every_commit_in_order_and_resumes_without_gaps() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        assert!(
+            metric(&c1, "ballot_watchers_ended_total{reason=\"client\"}").await >= 1.0,
+            "the closed watcher was not counted"
+        );
         // The reading watcher is still there, heartbeats later.
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert_eq!(watching(&c1).await, 1.0, "the reading watcher was closed");

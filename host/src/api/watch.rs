@@ -67,6 +67,11 @@ struct Watcher {
     ready: VecDeque<Event>,
     seen: HashMap<Vec<u8>, u64>,
     ended: bool,
+    /// Why it ended, for `ballot_watchers_ended_total`: `gone` (it fell
+    /// behind the changelog's truncation), `error`, `shutdown`, or, when
+    /// none is set, `client` (the client went away or stopped reading and
+    /// the idle limit closed it).
+    reason: Option<&'static str>,
     _slot: tokio::sync::OwnedSemaphorePermit,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
@@ -161,16 +166,32 @@ impl Watcher {
         *v = 0;
     }
 
-    fn end(&mut self, kind: &str, data: serde_json::Value) {
+    fn end(&mut self, kind: &'static str, data: serde_json::Value) {
         self.ready
             .push_back(Event::default().event(kind).data(data.to_string()));
         self.ended = true;
+        self.reason = Some(kind);
+    }
+}
+
+impl Watcher {
+    /// Ends the stream without an event.
+    fn stop(&mut self, reason: &'static str) {
+        self.ended = true;
+        self.reason = Some(reason);
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
         self.metrics.watchers.dec();
+        self.metrics
+            .watchers_ended
+            .get_or_create(&crate::metrics::label(
+                "reason",
+                self.reason.unwrap_or("client"),
+            ))
+            .inc();
     }
 }
 
@@ -239,6 +260,7 @@ pub(super) async fn watch(State(app): State<App>, request: Request) -> Result<Re
         ready: VecDeque::new(),
         seen: HashMap::new(),
         ended: false,
+        reason: None,
         _slot: slot,
         metrics: app.metrics.clone(),
     };
@@ -253,7 +275,11 @@ pub(super) async fn watch(State(app): State<App>, request: Request) -> Result<Re
                     metrics.watch_events.inc();
                     return Some((Ok::<Event, Infallible>(event), w));
                 }
-                if w.ended || closing.load(std::sync::atomic::Ordering::Relaxed) {
+                if w.ended {
+                    return None;
+                }
+                if closing.load(std::sync::atomic::Ordering::Relaxed) {
+                    w.stop("shutdown");
                     return None;
                 }
                 if !w.read() {
