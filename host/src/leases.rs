@@ -30,6 +30,11 @@ pub const TICK: Duration = Duration::from_millis(250);
 const SWEEP_GRACE_MS: u64 = 5_000;
 /// Longest one read or write of the reaper or a lease request waits.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one sweep goes on before it leaves the rest for a later try, so
+/// a lease with many keys that fail does not stop the reaper.
+const SWEEP_BUDGET: Duration = Duration::from_secs(2);
+/// How long a replica waits before it sweeps an ended lease again.
+const SWEEP_RETRY_MS: u64 = 5_000;
 /// Lease records the reaper reads from storage per page.
 const PAGE: usize = 1_000;
 
@@ -82,8 +87,20 @@ pub struct Shown {
     pub lease: Lease,
 }
 
-/// Whether a key takes the register's commands (no policy is bound to it).
-pub type IsRegister = Box<dyn Fn(&[u8]) -> bool + Send + Sync>;
+/// Whether a key takes the register's commands (no policy is bound to it);
+/// `None` until the replica has loaded the cluster's policy bindings.
+pub type IsRegister = Box<dyn Fn(&[u8]) -> Option<bool> + Send + Sync>;
+
+/// What this replica knows of an ended lease's sweeps.
+#[derive(Clone, Copy, Debug)]
+struct Ended {
+    /// When it first saw the lease ended.
+    since: u64,
+    /// A sweep of its own succeeded.
+    swept: bool,
+    /// Not before this.
+    retry_at: u64,
+}
 
 /// The leases of one replica: its requests go through the replica's core.
 pub struct Leases {
@@ -274,11 +291,21 @@ impl Leases {
     ) -> Result<usize, Unavailable> {
         let mut deleted = 0;
         let mut failed = None;
+        let deadline = std::time::Instant::now() + SWEEP_BUDGET;
         for (key, attached) in &lease.keys {
+            if std::time::Instant::now() > deadline {
+                failed = Some(Unavailable("the sweep ran out of time".into()));
+                break;
+            }
             // A key bound to a policy since takes that policy's commands,
             // not the register's: it is left alone.
-            if !(self.is_register)(key) {
-                continue;
+            match (self.is_register)(key) {
+                Some(true) => {}
+                Some(false) => continue,
+                None => {
+                    failed = Some(Unavailable("the policy bindings are not loaded yet".into()));
+                    continue;
+                }
             }
             match self.sweep_key(key, attached).await {
                 Ok(true) => deleted += 1,
@@ -327,9 +354,8 @@ impl Leases {
     /// is expired once due, and each ended one swept, until `closing`.
     pub async fn run(self: Arc<Self>, closing: Arc<AtomicBool>) {
         let mut expiry = Expiry::new();
-        // When this replica first saw each ended lease, and whether it
-        // swept it since.
-        let mut ended: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+        // The ended leases this replica has seen.
+        let mut ended: BTreeMap<u64, Ended> = BTreeMap::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !closing.load(Ordering::Relaxed) {
@@ -344,7 +370,7 @@ impl Leases {
     async fn reap(
         &self,
         expiry: &mut Expiry,
-        ended: &mut BTreeMap<u64, (u64, bool)>,
+        ended: &mut BTreeMap<u64, Ended>,
     ) -> Result<(), String> {
         let mut present = BTreeSet::new();
         let mut live = 0;
@@ -406,24 +432,32 @@ impl Leases {
     /// Ended lease `id` (at `version`): swept by the replica that ended it
     /// at once; by this one once [`SWEEP_GRACE_MS`] has passed since it
     /// first saw it ended, and again, for the last time, once
-    /// [`lease::WRITES_WINDOW_MS`] has.
+    /// [`lease::WRITES_WINDOW_MS`] has; a sweep that fails is tried again
+    /// [`SWEEP_RETRY_MS`] later.
     async fn ended(
         &self,
         id: u64,
         version: u64,
         lease: &Lease,
-        ended: &mut BTreeMap<u64, (u64, bool)>,
+        ended: &mut BTreeMap<u64, Ended>,
     ) -> Result<(), String> {
         let now = mono_ms();
-        let (since, swept) = *ended.entry(id).or_insert((now, false));
-        let waited = now.saturating_sub(since);
+        let e = ended.entry(id).or_insert(Ended {
+            since: now,
+            swept: false,
+            retry_at: 0,
+        });
+        let waited = now.saturating_sub(e.since);
         let last = waited >= lease::WRITES_WINDOW_MS;
-        if (waited >= SWEEP_GRACE_MS && !swept) || last {
-            // A sweep that fails is tried again at the next tick.
-            self.sweep(id, version, lease, last)
-                .await
-                .map_err(|e| e.0)?;
-            ended.insert(id, (since, true));
+        if now < e.retry_at || !((waited >= SWEEP_GRACE_MS && !e.swept) || last) {
+            return Ok(());
+        }
+        e.retry_at = now + SWEEP_RETRY_MS;
+        self.sweep(id, version, lease, last)
+            .await
+            .map_err(|e| e.0)?;
+        if let Some(e) = ended.get_mut(&id) {
+            e.swept = true;
         }
         Ok(())
     }
@@ -434,7 +468,7 @@ impl Leases {
         &self,
         id: u64,
         expiry: &mut Expiry,
-        ended: &mut BTreeMap<u64, (u64, bool)>,
+        ended: &mut BTreeMap<u64, Ended>,
     ) -> Result<(), String> {
         let key = lease::key(id);
         let record = self.record(&key);
@@ -463,11 +497,21 @@ impl Leases {
         };
         self.metrics.lease_expiries.inc();
         debug!(lease = format!("{id:016x}"), "lease expired");
-        ended.insert(id, (mono_ms(), false));
+        let now = mono_ms();
+        ended.insert(
+            id,
+            Ended {
+                since: now,
+                swept: false,
+                retry_at: now + SWEEP_RETRY_MS,
+            },
+        );
         self.sweep(id, version, &lease, false)
             .await
             .map_err(|e| e.0)?;
-        ended.insert(id, (mono_ms(), true));
+        if let Some(e) = ended.get_mut(&id) {
+            e.swept = true;
+        }
         Ok(())
     }
 }

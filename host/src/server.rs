@@ -552,7 +552,11 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 metrics.clone(),
                 {
                     let registry = registry.clone();
-                    Box::new(move |key| registry.binding_for(key).is_none())
+                    Box::new(move |key| {
+                        registry
+                            .started()
+                            .then(|| registry.binding_for(key).is_none())
+                    })
                 },
             ));
             let view = {

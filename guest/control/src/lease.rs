@@ -244,32 +244,14 @@ impl Lease {
 
     /// The write begun by [`Lease::begin_attach`] changed nothing: the key
     /// already held its value, at `version`. That version is this lease's
-    /// only if the lease has it, or if another write of the same value
-    /// through this lease was under way (that one wrote it); otherwise
-    /// another write made it, and the key is not attached (`false`):
-    /// attaching it would let this lease's end delete what another lease
-    /// holds.
+    /// only if the lease has it (a retry of a write it attached); otherwise
+    /// it cannot be told whose it is (another lease's, a plain write's, or
+    /// another write of this lease whose fate is unknown, which keeps its
+    /// own entry), and the key is not attached (`false`): attaching it
+    /// could let this lease's end delete what another lease holds.
     pub fn kept(&mut self, key: &[u8], write: Pending, version: u64) -> bool {
         self.keys.remove(&(key.to_vec(), Attached::Writing(write)));
-        if self.keys.contains(&(key.to_vec(), Attached::At(version))) {
-            return true;
-        }
-        let earlier: Vec<Pending> = self
-            .keys
-            .iter()
-            .filter_map(|(k, a)| match a {
-                Attached::Writing(p) if k == key && p.digest == write.digest => Some(*p),
-                _ => None,
-            })
-            .collect();
-        if earlier.is_empty() {
-            return false;
-        }
-        for p in earlier {
-            self.keys.remove(&(key.to_vec(), Attached::Writing(p)));
-        }
-        self.attach_at(key, version);
-        true
+        self.keys.contains(&(key.to_vec(), Attached::At(version)))
     }
 
     /// The write begun by [`Lease::begin_attach`] did not take effect: what
@@ -525,12 +507,14 @@ mod tests {
         lease.begin_attach(b"lock", w(1, 2)).unwrap();
         assert!(lease.kept(b"lock", w(1, 2), 5));
         assert_eq!(items(&lease), [(&b"lock"[..], Attached::At(5))]);
-        // A create whose first try's fate was unknown: that try wrote it.
+        // A create whose first try's fate is unknown: whose version it found
+        // cannot be told, and the first try keeps its own entry (the sweep
+        // deletes the key if it holds the value).
         let mut lease = Lease::new(1_000);
         lease.begin_attach(b"lock", w(1, 1)).unwrap();
         lease.begin_attach(b"lock", w(1, 2)).unwrap();
-        assert!(lease.kept(b"lock", w(1, 2), 5));
-        assert_eq!(items(&lease), [(&b"lock"[..], Attached::At(5))]);
+        assert!(!lease.kept(b"lock", w(1, 2), 5));
+        assert_eq!(items(&lease), [(&b"lock"[..], Attached::Writing(w(1, 1)))]);
         // The same value written by another lease (or without one): not
         // this lease's, so its end must not delete it.
         let mut lease = Lease::new(1_000);

@@ -330,10 +330,17 @@ async fn attach(
                 Err(LeaseError::Gone(_)) => Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "lease-not-found",
-                    format!(
-                        "lease {id:016x} ended before the write was attached to it; \
-                         the write was undone"
-                    ),
+                    if c.trace.changed {
+                        format!(
+                            "lease {id:016x} ended before the write was attached to it; \
+                             the write was undone"
+                        )
+                    } else {
+                        format!(
+                            "lease {id:016x} ended before the key was attached to it; the key \
+                             already held this value and keeps it"
+                        )
+                    },
                 )),
                 Err(LeaseError::Unavailable(m)) => Err(ApiError::unavailable(
                     "unavailable",

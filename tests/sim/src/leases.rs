@@ -31,6 +31,9 @@ use crate::{Ev, Sim};
 pub const TTL_MS: u64 = 1_000;
 /// How often a reaper looks (the daemon's `leases::TICK`).
 const TICK_MS: u64 = 250;
+/// How long a replica waits before it sweeps an ended lease again (the
+/// daemon's `SWEEP_RETRY_MS`).
+const SWEEP_RETRY_MS: u64 = 5_000;
 /// How long an ended lease waits for the replica that ended it to sweep.
 const SWEEP_GRACE_MS: u64 = 5_000;
 /// How far a replica's monotonic clock's rate may drift, in parts per
@@ -122,8 +125,9 @@ pub(crate) struct Reaper {
     offset: u64,
     rate_ppm: i64,
     expiry: Expiry,
-    /// When it first saw each ended lease, and whether it swept it since.
-    ended: BTreeMap<u64, (u64, bool)>,
+    /// When it first saw each ended lease, whether it swept it since, and
+    /// when it may try again.
+    ended: BTreeMap<u64, (u64, bool, u64)>,
     job: Option<Job>,
 }
 
@@ -144,10 +148,11 @@ impl Reaper {
     /// Whether an ended lease is to be swept now, and whether for the last
     /// time (the daemon's `Leases::ended`).
     fn sweep_due(&mut self, id: u64, now: u64) -> Option<bool> {
-        let (since, swept) = self.ended.entry(id).or_insert((now, false));
+        let (since, swept, retry_at) = self.ended.entry(id).or_insert((now, false, 0));
         let waited = now.saturating_sub(*since);
         let last = waited >= lease::WRITES_WINDOW_MS;
-        if (waited >= SWEEP_GRACE_MS && !*swept) || last {
+        if now >= *retry_at && ((waited >= SWEEP_GRACE_MS && !*swept) || last) {
+            *retry_at = now + SWEEP_RETRY_MS;
             return Some(last);
         }
         None
@@ -596,7 +601,7 @@ impl<'f> Sim<'f> {
                 if let Outcome::Done(cur) = outcome {
                     l.end();
                     self.stats.lease_expiries += 1;
-                    r.ended.insert(id, (now, false));
+                    r.ended.insert(id, (now, false, now + SWEEP_RETRY_MS));
                     self.reapers[i].job =
                         Some(Job::Sweep(id, cur.version, l, 0, false, false, false));
                     self.reaper_step(i);
