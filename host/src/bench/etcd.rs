@@ -122,6 +122,7 @@ pub async fn start(plan: &Plan) -> Result<System, String> {
         pids,
         metrics: Vec::new(),
         _cluster: None,
+        _fabric: None,
         _etcd: Some(cluster),
     })
 }

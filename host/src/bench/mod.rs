@@ -67,6 +67,10 @@ pub struct Plan {
     pub hot_keys: usize,
     pub spread_keys: usize,
     pub cores: Vec<CoreKind>,
+    /// Also run a wasm cluster whose replicas reach each other through the
+    /// link emulator's relays (`crate::wan`) at zero delay: the relays' own
+    /// cost, against the direct cluster in the same run.
+    pub relay: bool,
     pub etcd: bool,
     /// Drive these Ballot endpoints instead of starting a cluster.
     pub endpoints: Vec<String>,
@@ -238,6 +242,8 @@ struct System {
     /// Ballot's metrics endpoints, for the breakdown.
     metrics: Vec<Client>,
     _cluster: Option<DevCluster>,
+    /// The relays between a relayed cluster's replicas.
+    _fabric: Option<crate::wan::Fabric>,
     #[cfg(feature = "etcd")]
     _etcd: Option<etcd::EtcdCluster>,
 }
@@ -389,14 +395,41 @@ async fn measure(
     }
 }
 
-async fn start_ballot(plan: &Plan, core: CoreKind) -> Result<System, String> {
-    let name = match core {
-        CoreKind::Wasm => "ballot-wasm",
-        CoreKind::Native => "ballot-native",
+async fn start_ballot(plan: &Plan, core: CoreKind, relay: bool) -> Result<System, String> {
+    let name = match (core, relay) {
+        (CoreKind::Wasm, false) => "ballot-wasm",
+        (CoreKind::Native, false) => "ballot-native",
+        (CoreKind::Wasm, true) => "ballot-wasm-relayed",
+        (CoreKind::Native, true) => "ballot-native-relayed",
     };
     let dir = plan.dir.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let mut cluster = DevCluster::prepare(&dir, plan.nodes, 0, 0, core, plan.binary.clone())?;
+    let fabric = if relay {
+        // Every replica reaches its peers through a relay in front of each
+        // peer port, with no delay, loss or cut.
+        let real: Vec<(u32, std::net::SocketAddr)> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.config.peer_addr))
+            .collect();
+        let fabric = crate::wan::Fabric::start(&real)
+            .await
+            .map_err(|e| format!("starting the relays: {e}"))?;
+        for node in &mut cluster.nodes {
+            let mut config = crate::server::NodeConfig::load(&node.config_path)?;
+            for peer in &mut config.peers {
+                peer.addr = fabric.front(peer.id);
+            }
+            let text = toml::to_string(&config).map_err(|e| e.to_string())?;
+            std::fs::write(&node.config_path, text)
+                .map_err(|e| format!("{}: {e}", node.config_path.display()))?;
+            node.config = config;
+        }
+        Some(fabric)
+    } else {
+        None
+    };
     cluster.start_all()?;
     cluster.wait_all_ready(Duration::from_secs(90)).await?;
     let clients: Vec<Client> = cluster.nodes.iter().map(|n| n.client()).collect();
@@ -407,6 +440,7 @@ async fn start_ballot(plan: &Plan, core: CoreKind) -> Result<System, String> {
         pids,
         metrics: clients,
         _cluster: Some(cluster),
+        _fabric: fabric,
         #[cfg(feature = "etcd")]
         _etcd: None,
     })
@@ -422,7 +456,14 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
                 "starting a {}-replica Ballot cluster ({core:?})",
                 plan.nodes
             );
-            systems.push(start_ballot(&plan, *core).await?);
+            systems.push(start_ballot(&plan, *core, false).await?);
+        }
+        if plan.relay {
+            eprintln!(
+                "starting a {}-replica Ballot cluster (Wasm) behind zero-delay relays",
+                plan.nodes
+            );
+            systems.push(start_ballot(&plan, CoreKind::Wasm, true).await?);
         }
     } else {
         let tls = match &plan.ca {
@@ -440,6 +481,7 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
             pids: Vec::new(),
             metrics: clients,
             _cluster: None,
+            _fabric: None,
             #[cfg(feature = "etcd")]
             _etcd: None,
         });

@@ -115,7 +115,7 @@ fn swap_point(
 /// the steady phase just before it, in the same run.
 pub async fn run_swaps(plan: Plan, clients: usize) -> Result<Vec<SwapPoint>, String> {
     eprintln!("starting a {}-replica Ballot cluster (wasm)", plan.nodes);
-    let system = start_ballot(&plan, CoreKind::Wasm).await?;
+    let system = start_ballot(&plan, CoreKind::Wasm, false).await?;
     #[allow(irrefutable_let_patterns)] // refutable with the etcd feature
     let Target::Ballot(replicas) = system.target.clone() else {
         unreachable!("start_ballot starts Ballot");

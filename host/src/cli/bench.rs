@@ -64,6 +64,11 @@ pub(super) struct BenchArgs {
     /// (--secs of steady load before each swap; --clients' first value).
     #[arg(long)]
     swap: bool,
+    /// Also run a wasm cluster whose replicas reach each other through the
+    /// link emulator's relays at zero delay (what the relays cost, against
+    /// the direct cluster in the same run).
+    #[arg(long)]
+    relay: bool,
 }
 
 pub(super) fn bench(args: BenchArgs) -> ExitCode {
@@ -90,6 +95,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         hot_keys: args.hot_keys,
         spread_keys: args.spread_keys,
         cores: args.core,
+        relay: args.relay,
         etcd: args.compare.is_some(),
         endpoints: args.endpoints,
         ca: args.ca,
