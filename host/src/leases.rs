@@ -5,13 +5,13 @@
 //! (the record, when a lease is due, what a sweep deletes) are
 //! `ballot_control::lease`, which the simulator drives too.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use ballot_control::lease::Pending;
-use ballot_control::lease::{self, digest, Attached, Expiry, Lease, Refusal, Sweep};
+use ballot_control::lease::{self, digest, Attached, Expiry, Lease, Refusal, Sweep, Sweeps};
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Operation, Outcome};
 use tokio::sync::mpsc;
@@ -25,16 +25,11 @@ use crate::system_record::{failure, SystemRecord, Unavailable};
 
 /// How often the reaper looks at the leases this replica holds.
 pub const TICK: Duration = Duration::from_millis(250);
-/// How long an ended lease waits for the replica that ended it to delete
-/// its keys before any other replica does.
-const SWEEP_GRACE_MS: u64 = 5_000;
 /// Longest one read or write of the reaper or a lease request waits.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest one sweep goes on before it leaves the rest for a later try, so
 /// a lease with many keys that fail does not stop the reaper.
 const SWEEP_BUDGET: Duration = Duration::from_secs(2);
-/// How long a replica waits before it sweeps an ended lease again.
-const SWEEP_RETRY_MS: u64 = 5_000;
 /// Lease records the reaper reads from storage per page.
 const PAGE: usize = 1_000;
 
@@ -90,17 +85,6 @@ pub struct Shown {
 /// Whether a key takes the register's commands (no policy is bound to it);
 /// `None` until the replica has loaded the cluster's policy bindings.
 pub type IsRegister = Box<dyn Fn(&[u8]) -> Option<bool> + Send + Sync>;
-
-/// What this replica knows of an ended lease's sweeps.
-#[derive(Clone, Copy, Debug)]
-struct Ended {
-    /// When it first saw the lease ended.
-    since: u64,
-    /// A sweep of its own succeeded.
-    swept: bool,
-    /// Not before this.
-    retry_at: u64,
-}
 
 /// The leases of one replica: its requests go through the replica's core.
 pub struct Leases {
@@ -354,24 +338,19 @@ impl Leases {
     /// is expired once due, and each ended one swept, until `closing`.
     pub async fn run(self: Arc<Self>, closing: Arc<AtomicBool>) {
         let mut expiry = Expiry::new();
-        // The ended leases this replica has seen.
-        let mut ended: BTreeMap<u64, Ended> = BTreeMap::new();
+        let mut sweeps = Sweeps::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !closing.load(Ordering::Relaxed) {
             tick.tick().await;
-            if let Err(e) = self.reap(&mut expiry, &mut ended).await {
+            if let Err(e) = self.reap(&mut expiry, &mut sweeps).await {
                 debug!("lease reaper: {e}");
             }
         }
     }
 
     /// One look at every lease this replica holds.
-    async fn reap(
-        &self,
-        expiry: &mut Expiry,
-        ended: &mut BTreeMap<u64, Ended>,
-    ) -> Result<(), String> {
+    async fn reap(&self, expiry: &mut Expiry, sweeps: &mut Sweeps) -> Result<(), String> {
         let mut present = BTreeSet::new();
         let mut live = 0;
         let mut after: Option<Vec<u8>> = None;
@@ -403,11 +382,11 @@ impl Leases {
                 let now = mono_ms();
                 expiry.observe(id, committed.version, now);
                 let done = if lease.ended {
-                    self.ended(id, committed.version, &lease, ended).await
+                    self.ended(id, committed.version, &lease, sweeps).await
                 } else {
                     live += 1;
                     if expiry.due(id, committed.version, lease.ttl_ms, now) {
-                        self.expire(id, expiry, ended).await
+                        self.expire(id, expiry, sweeps).await
                     } else {
                         Ok(())
                     }
@@ -424,41 +403,26 @@ impl Leases {
             after = keys.last().cloned();
         }
         expiry.retain(&present);
-        ended.retain(|id, _| present.contains(id));
+        sweeps.retain(&present);
         self.metrics.leases_live.set(live);
         Ok(())
     }
 
-    /// Ended lease `id` (at `version`): swept by the replica that ended it
-    /// at once; by this one once [`SWEEP_GRACE_MS`] has passed since it
-    /// first saw it ended, and again, for the last time, once
-    /// [`lease::WRITES_WINDOW_MS`] has; a sweep that fails is tried again
-    /// [`SWEEP_RETRY_MS`] later.
+    /// Ended lease `id` (at `version`): swept when [`Sweeps::due`] says.
     async fn ended(
         &self,
         id: u64,
         version: u64,
         lease: &Lease,
-        ended: &mut BTreeMap<u64, Ended>,
+        sweeps: &mut Sweeps,
     ) -> Result<(), String> {
-        let now = mono_ms();
-        let e = ended.entry(id).or_insert(Ended {
-            since: now,
-            swept: false,
-            retry_at: 0,
-        });
-        let waited = now.saturating_sub(e.since);
-        let last = waited >= lease::WRITES_WINDOW_MS;
-        if now < e.retry_at || !((waited >= SWEEP_GRACE_MS && !e.swept) || last) {
+        let Some(last) = sweeps.due(id, mono_ms()) else {
             return Ok(());
-        }
-        e.retry_at = now + SWEEP_RETRY_MS;
+        };
         self.sweep(id, version, lease, last)
             .await
             .map_err(|e| e.0)?;
-        if let Some(e) = ended.get_mut(&id) {
-            e.swept = true;
-        }
+        sweeps.swept(id);
         Ok(())
     }
 
@@ -468,7 +432,7 @@ impl Leases {
         &self,
         id: u64,
         expiry: &mut Expiry,
-        ended: &mut BTreeMap<u64, Ended>,
+        sweeps: &mut Sweeps,
     ) -> Result<(), String> {
         let key = lease::key(id);
         let record = self.record(&key);
@@ -481,7 +445,7 @@ impl Leases {
         expiry.observe(id, version, now);
         if lease.ended {
             // Ended by another replica: this one's copy is behind.
-            return self.ended(id, version, &lease, ended).await;
+            return self.ended(id, version, &lease, sweeps).await;
         }
         if !expiry.due(id, version, lease.ttl_ms, now) {
             return Ok(());
@@ -497,21 +461,11 @@ impl Leases {
         };
         self.metrics.lease_expiries.inc();
         debug!(lease = format!("{id:016x}"), "lease expired");
-        let now = mono_ms();
-        ended.insert(
-            id,
-            Ended {
-                since: now,
-                swept: false,
-                retry_at: now + SWEEP_RETRY_MS,
-            },
-        );
+        sweeps.ending(id, mono_ms());
         self.sweep(id, version, &lease, false)
             .await
             .map_err(|e| e.0)?;
-        if let Some(e) = ended.get_mut(&id) {
-            e.swept = true;
-        }
+        sweeps.swept(id);
         Ok(())
     }
 }

@@ -336,6 +336,78 @@ impl Expiry {
     }
 }
 
+/// How long an ended lease waits for the replica that ended it to sweep it
+/// before any other replica does.
+pub const SWEEP_GRACE_MS: u64 = 5_000;
+/// How long a replica waits before it sweeps an ended lease again.
+pub const SWEEP_RETRY_MS: u64 = 5_000;
+
+/// When this replica sweeps each ended lease it knows of, on its monotonic
+/// clock: the replica that ended a lease at once ([`Sweeps::ending`]); any
+/// other once [`SWEEP_GRACE_MS`] has passed since it first saw it ended,
+/// again every [`SWEEP_RETRY_MS`] until a sweep succeeds, and for the last
+/// time once [`WRITES_WINDOW_MS`] has passed.
+#[derive(Clone, Debug, Default)]
+pub struct Sweeps {
+    ended: BTreeMap<u64, Ended>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Ended {
+    /// When this replica first saw the lease ended.
+    since: u64,
+    /// A sweep of its own succeeded.
+    swept: bool,
+    /// Not before this.
+    retry_at: u64,
+}
+
+impl Sweeps {
+    pub fn new() -> Sweeps {
+        Sweeps::default()
+    }
+
+    /// This replica ended lease `id` at `now_ms` and sweeps it at once.
+    pub fn ending(&mut self, id: u64, now_ms: u64) {
+        let ended = Ended {
+            since: now_ms,
+            swept: false,
+            retry_at: now_ms + SWEEP_RETRY_MS,
+        };
+        self.ended.insert(id, ended);
+    }
+
+    /// Lease `id` is ended, as seen at `now_ms`: `Some(last)` if it is to be
+    /// swept now (`last`: the sweep that deletes the record even with
+    /// writes still under way), and then not again for [`SWEEP_RETRY_MS`].
+    pub fn due(&mut self, id: u64, now_ms: u64) -> Option<bool> {
+        let e = self.ended.entry(id).or_insert(Ended {
+            since: now_ms,
+            swept: false,
+            retry_at: 0,
+        });
+        let waited = now_ms.saturating_sub(e.since);
+        let last = waited >= WRITES_WINDOW_MS;
+        if now_ms < e.retry_at || !((waited >= SWEEP_GRACE_MS && !e.swept) || last) {
+            return None;
+        }
+        e.retry_at = now_ms + SWEEP_RETRY_MS;
+        Some(last)
+    }
+
+    /// A sweep of lease `id` by this replica succeeded.
+    pub fn swept(&mut self, id: u64) {
+        if let Some(e) = self.ended.get_mut(&id) {
+            e.swept = true;
+        }
+    }
+
+    /// Forgets the leases not in `present` (deleted).
+    pub fn retain(&mut self, present: &BTreeSet<u64>) {
+        self.ended.retain(|id, _| present.contains(id));
+    }
+}
+
 /// What deleting one attached key of an ended lease takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sweep {
@@ -560,6 +632,25 @@ mod tests {
         assert!(!e.due(2, 1, 1_000, u64::MAX));
         e.retain(&BTreeSet::new());
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn an_ended_lease_is_swept_after_the_grace_until_a_sweep_succeeds_and_last_at_the_window() {
+        let mut s = Sweeps::new();
+        assert_eq!(s.due(1, 0), None);
+        assert_eq!(s.due(1, SWEEP_GRACE_MS - 1), None);
+        assert_eq!(s.due(1, SWEEP_GRACE_MS), Some(false));
+        // It failed: again only after the retry pause.
+        assert_eq!(s.due(1, SWEEP_GRACE_MS + 1), None);
+        assert_eq!(s.due(1, SWEEP_GRACE_MS + SWEEP_RETRY_MS), Some(false));
+        s.swept(1);
+        assert_eq!(s.due(1, 2 * SWEEP_GRACE_MS + SWEEP_RETRY_MS), None);
+        assert_eq!(s.due(1, WRITES_WINDOW_MS), Some(true));
+        // The replica that ended a lease swept it; others wait the pause.
+        s.ending(2, 100);
+        assert_eq!(s.due(2, 100 + SWEEP_RETRY_MS - 1), None);
+        s.retain(&BTreeSet::new());
+        assert_eq!(s.due(1, WRITES_WINDOW_MS + 1), None);
     }
 
     #[test]

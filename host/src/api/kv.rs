@@ -274,12 +274,9 @@ pub(super) async fn put_kv(
         }
     };
     let command = match pre {
-        Precondition::None => Command::Put(value.clone()),
-        Precondition::Absent => Command::Create(value.clone()),
-        Precondition::Version(expected) => Command::Cas {
-            expected,
-            value: value.clone(),
-        },
+        Precondition::None => Command::Put(value),
+        Precondition::Absent => Command::Create(value),
+        Precondition::Version(expected) => Command::Cas { expected, value },
     };
     let c = match submit(&app, key.clone(), Operation::Command(command.encode())).await {
         Ok(c) => c,

@@ -17,9 +17,7 @@
 //! write that changed its lease; no two holders ever hold it at once. Every
 //! read and write is in the history and checked for linearizability too.
 
-use std::collections::BTreeMap;
-
-use ballot_control::lease::{self, Attached, Expiry, Lease, Refusal, Sweep};
+use ballot_control::lease::{self, Attached, Expiry, Lease, Refusal, Sweep, Sweeps};
 use ballot_control::record::{Update, Want};
 use ballot_core::register::Command;
 use ballot_core::{Consistency, Operation, Outcome};
@@ -31,11 +29,6 @@ use crate::{Ev, Sim};
 pub const TTL_MS: u64 = 1_000;
 /// How often a reaper looks (the daemon's `leases::TICK`).
 const TICK_MS: u64 = 250;
-/// How long a replica waits before it sweeps an ended lease again (the
-/// daemon's `SWEEP_RETRY_MS`).
-const SWEEP_RETRY_MS: u64 = 5_000;
-/// How long an ended lease waits for the replica that ended it to sweep.
-const SWEEP_GRACE_MS: u64 = 5_000;
 /// How far a replica's monotonic clock's rate may drift, in parts per
 /// million.
 pub const DRIFT_PPM: u64 = 1_000;
@@ -125,9 +118,8 @@ pub(crate) struct Reaper {
     offset: u64,
     rate_ppm: i64,
     expiry: Expiry,
-    /// When it first saw each ended lease, whether it swept it since, and
-    /// when it may try again.
-    ended: BTreeMap<u64, (u64, bool, u64)>,
+    /// When it sweeps each ended lease.
+    sweeps: Sweeps,
     job: Option<Job>,
 }
 
@@ -144,21 +136,6 @@ enum Job {
 }
 
 /// How long a holder may count on its lease after sending a change of it.
-impl Reaper {
-    /// Whether an ended lease is to be swept now, and whether for the last
-    /// time (the daemon's `Leases::ended`).
-    fn sweep_due(&mut self, id: u64, now: u64) -> Option<bool> {
-        let (since, swept, retry_at) = self.ended.entry(id).or_insert((now, false, 0));
-        let waited = now.saturating_sub(*since);
-        let last = waited >= lease::WRITES_WINDOW_MS;
-        if now >= *retry_at && ((waited >= SWEEP_GRACE_MS && !*swept) || last) {
-            *retry_at = now + SWEEP_RETRY_MS;
-            return Some(last);
-        }
-        None
-    }
-}
-
 fn guaranteed_ms() -> u64 {
     TTL_MS - TTL_MS * 2 * DRIFT_PPM / 1_000_000
 }
@@ -506,7 +483,7 @@ impl<'f> Sim<'f> {
             let r = &mut self.reapers[i];
             r.expiry.observe(id, version, now);
             if l.ended {
-                if let Some(last) = r.sweep_due(id, now) {
+                if let Some(last) = r.sweeps.due(id, now) {
                     r.job = Some(Job::Sweep(id, version, l, 0, last, false, false));
                     return self.reaper_step(i);
                 }
@@ -545,9 +522,7 @@ impl<'f> Sim<'f> {
                         let id = *id;
                         let r = &mut self.reapers[i];
                         r.job = None;
-                        if let Some(e) = r.ended.get_mut(&id) {
-                            e.1 = true;
-                        }
+                        r.sweeps.swept(id);
                         return;
                     }
                     None => {
@@ -588,7 +563,7 @@ impl<'f> Sim<'f> {
                 if l.ended {
                     // Ended by another replica, whose sweep may never come:
                     // this one sweeps once the grace is over.
-                    if let Some(last) = r.sweep_due(id, now) {
+                    if let Some(last) = r.sweeps.due(id, now) {
                         r.job = Some(Job::Sweep(id, cur.version, l, 0, last, false, false));
                         self.reaper_step(i);
                     }
@@ -601,7 +576,7 @@ impl<'f> Sim<'f> {
                 if let Outcome::Done(cur) = outcome {
                     l.end();
                     self.stats.lease_expiries += 1;
-                    r.ended.insert(id, (now, false, now + SWEEP_RETRY_MS));
+                    r.sweeps.ending(id, now);
                     self.reapers[i].job =
                         Some(Job::Sweep(id, cur.version, l, 0, false, false, false));
                     self.reaper_step(i);
@@ -619,9 +594,7 @@ impl<'f> Sim<'f> {
                     return;
                 }
                 if at == l.keys.len() {
-                    if let Some(e) = r.ended.get_mut(&id) {
-                        e.1 = true;
-                    }
+                    r.sweeps.swept(id);
                     return;
                 }
                 if reading {
