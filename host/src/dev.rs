@@ -234,6 +234,8 @@ fn new_node(
         http_idle_secs: None,
         http_header_secs: None,
         http_body_secs: None,
+        fast_timeout_ms: None,
+        round_timeout_ms: None,
         join: false,
         changelog_keep: None,
     })
@@ -324,6 +326,46 @@ impl DevCluster {
             });
         }
         Ok(DevCluster { dir, nodes, binary })
+    }
+
+    /// Every replica's id and real peer address (what a link emulator
+    /// stands in front of).
+    pub fn peer_addrs(&self) -> Vec<(u32, SocketAddr)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.id, n.config.peer_addr))
+            .collect()
+    }
+
+    /// Has every replica dial each peer at `front(peer id)` instead of the
+    /// peer's own address: the link emulator's relays (`crate::wan`). Call
+    /// it before the replicas start; `prepare` puts the real addresses back.
+    pub fn route_peers(&mut self, front: impl Fn(u32) -> SocketAddr) -> Result<(), String> {
+        self.edit_configs(|config| {
+            for peer in &mut config.peers {
+                peer.addr = front(peer.id);
+            }
+        })
+    }
+
+    /// Changes every replica's configuration file (before they start).
+    pub fn edit_configs(&mut self, mut edit: impl FnMut(&mut NodeConfig)) -> Result<(), String> {
+        for node in &mut self.nodes {
+            edit(&mut node.config);
+            let text = toml::to_string_pretty(&node.config).map_err(|e| e.to_string())?;
+            write_private(&node.config_path, &text)?;
+        }
+        Ok(())
+    }
+
+    /// Sets every replica's round timeouts to fit a geo topology
+    /// ([`crate::wan::Topology::timeouts`]).
+    pub fn fit_timeouts(&mut self, topology: &crate::wan::Topology) -> Result<(), String> {
+        let (fast, round) = topology.timeouts();
+        self.edit_configs(|config| {
+            config.fast_timeout_ms = Some(fast);
+            config.round_timeout_ms = Some(round);
+        })
     }
 
     /// Prepares replica `id` to join this running cluster (`join = true`,

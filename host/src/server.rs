@@ -118,7 +118,21 @@ pub struct NodeConfig {
     /// (default 60; 1 to 3600); past it the request is answered 408.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_body_secs: Option<u64>,
+    /// Milliseconds a fast round waits for a fast quorum before it
+    /// recovers in a classic round (default 50; 1 to 60000). Across
+    /// regions, set it above the round trip to the nearest fast quorum, or
+    /// every fast round times out and pays a classic round on top.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast_timeout_ms: Option<u32>,
+    /// Milliseconds a classic round or a forward to a key's leader waits
+    /// before it is retried (default 200; 1 to 60000). Across regions, set
+    /// it above two round trips to the farthest replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_timeout_ms: Option<u32>,
 }
+
+/// The longest round timeout a configuration may give.
+const TIMEOUT_MAX_MS: u32 = 60_000;
 
 impl NodeConfig {
     /// Reads a TOML file; relative paths in it are taken from its directory.
@@ -182,6 +196,14 @@ impl NodeConfig {
         }
         if n > 64 {
             return Err("at most 64 voters".into());
+        }
+        for (name, ms) in [
+            ("fast_timeout_ms", self.fast_timeout_ms),
+            ("round_timeout_ms", self.round_timeout_ms),
+        ] {
+            if ms.is_some_and(|ms| !(1..=TIMEOUT_MAX_MS).contains(&ms)) {
+                return Err(format!("{name} must be 1 to {TIMEOUT_MAX_MS}"));
+            }
         }
         Ok(())
     }
@@ -369,6 +391,12 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
     let identity = Identity::load(&config.tls).map_err(|e| e.to_string())?;
     let mut core_config = ballot_core::Config::new(config.id, incarnation, config.voters());
     core_config.inflight_max = 16 * 1024;
+    if let Some(ms) = config.fast_timeout_ms {
+        core_config.fast_timeout_ms = ms;
+    }
+    if let Some(ms) = config.round_timeout_ms {
+        core_config.round_timeout_ms = ms;
+    }
     let metrics = Arc::new(Metrics::new());
     let failures = metrics.policy_failures.clone();
     let (initial, protocol_view, engine, runtime) = match config.core {

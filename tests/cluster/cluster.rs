@@ -827,6 +827,179 @@ fn ballot_bench_measures_local_clusters_and_writes_json_and_svg() {
     assert!(!scratch.0.join("clusters").exists());
 }
 
+/// `ballot dev --wan` lays the replicas out as the topology file says:
+/// each is printed with its region, a write through Oregon's replica takes
+/// at least the 40 ms round trip to its nearest quorum (a physical lower
+/// bound the relays impose, not a speed), `ballot dev isolate 3` cuts it off
+/// (its writes are refused) and `ballot dev heal` brings it back.
+#[test]
+fn ballot_dev_wan_places_replicas_in_regions_and_cuts_links_on_command() {
+    use std::io::BufRead;
+    let scratch = Scratch::new("dev-wan");
+    let dir = scratch.0.join("cluster");
+    let topology =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/wan/3-regions.toml");
+    let mut dev = std::process::Command::new(binary())
+        .arg("dev")
+        .arg("--wan")
+        .arg(&topology)
+        .args(["--http-port", "0", "--peer-port", "0", "--dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(dev.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("cluster:");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    for (i, region) in ["virginia", "ohio", "oregon"].iter().enumerate() {
+        assert!(
+            lines[i].starts_with(&format!("node {} ({region}): https://127.0.0.1:", i + 1)),
+            "{lines:?}"
+        );
+    }
+    let config = std::fs::read_to_string(dir.join("node-3.toml")).unwrap();
+    assert!(config.contains("fast_timeout_ms = 111"), "{config}");
+    let url = |i: usize| lines[i].split(": ").nth(1).unwrap().to_string();
+    let tls = Tls::from_files(&dir.join("certs/ca.pem"), None).unwrap();
+    let oregon = Client::with_tls(&url(2), &tls);
+    let dev_cmd = |args: &[&str]| {
+        let out = std::process::Command::new(binary())
+            .arg("dev")
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        said
+    };
+    runtime().block_on(async {
+        for i in 0..5 {
+            let started = Instant::now();
+            let r = put(&oregon, &format!("far-{i}"), "v").await;
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.error_message());
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(40),
+                "a write from Oregon took {took:?}"
+            );
+        }
+        let said = dev_cmd(&["isolate", "3"]);
+        assert!(said.contains("replica 3 is cut off"), "{said}");
+        let r = oregon
+            .put("cut", bytes::Bytes::from_static(b"x"), Precondition::None)
+            .await
+            .unwrap();
+        assert!(
+            r.status.is_server_error(),
+            "{} {}",
+            r.status,
+            r.error_message()
+        );
+        let said = dev_cmd(&["heal"]);
+        assert!(said.contains("every link is up"), "{said}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = put(&oregon, "healed", "v").await;
+            if r.status.is_success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} {}",
+                r.status,
+                r.error_message()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    unsafe {
+        libc::kill(dev.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dev.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "ballot dev did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ballot bench --wan` reports every point per region, with each region's
+/// physical floor, and no region's create is faster than its floor (the
+/// relays' delays are applied: a lower bound, not a speed).
+#[test]
+fn ballot_bench_wan_reports_each_region_against_its_floor() {
+    let scratch = Scratch::new("bench-wan");
+    let json = scratch.0.join("wan.json");
+    let svg = scratch.0.join("wan.svg");
+    let topology =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/wan/3-regions.toml");
+    let output = std::process::Command::new(binary())
+        .arg("bench")
+        .arg("--wan")
+        .arg(&topology)
+        .args(["--workloads", "create,get", "--clients", "1", "--secs", "1"])
+        .args(["--core", "wasm", "--dir"])
+        .arg(scratch.0.join("clusters"))
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("p50/floor"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let floors: Vec<(String, f64)> = report["wan"]["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["floor_ms"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        floors,
+        vec![
+            ("virginia".into(), 10.0),
+            ("ohio".into(), 10.0),
+            ("oregon".into(), 40.0)
+        ]
+    );
+    let points = report["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2 * 3);
+    for p in points {
+        assert!(p["ops"].as_u64().unwrap() > 0, "{p}");
+        let region = p["region"].as_str().unwrap();
+        let floor = floors.iter().find(|(r, _)| r == region).unwrap().1;
+        if p["workload"] == "create" {
+            assert!(
+                p["p50_ms"].as_f64().unwrap() >= floor,
+                "faster than light: {p}"
+            );
+        }
+    }
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("oregon: p50"));
+}
+
 /// A replica whose data directory is lost must not vote with a blank memory
 /// (docs/design.md, section 7, "Identity"). Replica 3 misses a write that 1
 /// and 2 acknowledge; 1 and 2 crash; 2's directory is lost. Started again on

@@ -1,4 +1,6 @@
-//! A 3-member etcd cluster on loopback, driven through its gRPC API.
+//! An etcd cluster on loopback, driven through its gRPC API; with `--wan`
+//! its members reach each other through the TCP relays of the link
+//! emulator, under the same topology as Ballot's replicas.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -8,15 +10,16 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use super::{Done, Plan, System, Target, Workload};
 
-/// Clients spread over the members.
+/// One client per member (per region, with `--wan`); bench client `c`
+/// uses `clients[c % len]`.
 #[derive(Clone)]
 pub struct Etcd {
     clients: Vec<etcd_client::Client>,
-    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub struct EtcdCluster {
     children: Vec<Child>,
+    _fabric: Option<crate::wan::TcpFabric>,
 }
 
 impl Drop for EtcdCluster {
@@ -42,14 +45,34 @@ pub async fn start(plan: &Plan) -> Result<System, String> {
     for i in 1..=plan.nodes {
         members.push((format!("e{i}"), free_port()?, free_port()?));
     }
+    // With a topology, each member advertises its relay's address, so its
+    // peers dial through the link between them.
+    let fabric = match &plan.wan {
+        Some(_) => {
+            let real: Vec<(u32, std::net::SocketAddr)> = members
+                .iter()
+                .enumerate()
+                .map(|(i, (_, _, peer))| (i as u32 + 1, ([127, 0, 0, 1], *peer).into()))
+                .collect();
+            Some(
+                crate::wan::TcpFabric::start(&real)
+                    .await
+                    .map_err(|e| format!("starting etcd's relays: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    let advertised = |i: usize, peer: u16| match &fabric {
+        Some(f) => format!("http://{}", f.front(i as u32 + 1)),
+        None => format!("http://127.0.0.1:{peer}"),
+    };
     let initial: Vec<String> = members
         .iter()
-        .map(|(name, _, peer)| format!("{name}=http://127.0.0.1:{peer}"))
+        .enumerate()
+        .map(|(i, (name, _, peer))| format!("{name}={}", advertised(i, *peer)))
         .collect();
-    let mut cluster = EtcdCluster {
-        children: Vec::new(),
-    };
-    for (name, client, peer) in &members {
+    let mut children = Vec::new();
+    for (i, (name, client, peer)) in members.iter().enumerate() {
         let log =
             std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
         let child = Command::new(&binary)
@@ -65,10 +88,7 @@ pub async fn start(plan: &Plan) -> Result<System, String> {
                 &format!("http://127.0.0.1:{client}"),
             ])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-            ])
+            .args(["--initial-advertise-peer-urls", &advertised(i, *peer)])
             .args(["--initial-cluster", &initial.join(",")])
             .args([
                 "--initial-cluster-state",
@@ -81,8 +101,12 @@ pub async fn start(plan: &Plan) -> Result<System, String> {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting {binary} (apt-get install etcd-server): {e}"))?;
-        cluster.children.push(child);
+        children.push(child);
     }
+    let mut cluster = EtcdCluster {
+        children,
+        _fabric: None,
+    };
     let endpoints: Vec<String> = members
         .iter()
         .map(|(_, c, _)| format!("http://127.0.0.1:{c}"))
@@ -112,37 +136,73 @@ pub async fn start(plan: &Plan) -> Result<System, String> {
             }
         }
     }
+    let mut leader = None;
+    if let (Some(fabric), Some(topology)) = (&fabric, &plan.wan) {
+        // Tell the relays which member each id is, then lay the links.
+        let list = clients[0]
+            .clone()
+            .member_list()
+            .await
+            .map_err(|e| format!("etcd member list: {e}"))?;
+        let number = |name: &str| name.strip_prefix('e').and_then(|n| n.parse::<u32>().ok());
+        for m in list.members() {
+            if let Some(i) = number(m.name()) {
+                fabric.name(&format!("{:x}", m.id()), i);
+            }
+        }
+        fabric.apply(topology);
+        let status = clients[0]
+            .clone()
+            .status()
+            .await
+            .map_err(|e| format!("etcd status: {e}"))?;
+        leader = list
+            .members()
+            .iter()
+            .find(|m| m.id() == status.leader())
+            .and_then(|m| number(m.name()));
+        // Client c talks to the member of region c % regions.
+        clients = topology
+            .regions
+            .iter()
+            .map(|r| clients[r.replicas[0] as usize - 1].clone())
+            .collect();
+    }
+    cluster._fabric = fabric;
     let pids = cluster.children.iter().map(|c| c.id()).collect();
     Ok(System {
         name: "etcd".into(),
-        target: Target::Etcd(Etcd {
-            clients,
-            next: Default::default(),
-        }),
+        target: Target::Etcd(Etcd { clients }),
         pids,
         metrics: Vec::new(),
         _cluster: None,
         _fabric: None,
+        leader,
         _etcd: Some(cluster),
     })
 }
 
 impl Etcd {
-    fn client(&self) -> etcd_client::Client {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.clients[i % self.clients.len()].clone()
+    fn client(&self, c: usize) -> etcd_client::Client {
+        self.clients[c % self.clients.len()].clone()
     }
 
     pub async fn put(&self, key: &str, value: &Bytes) -> Result<(), String> {
-        self.client()
+        self.client(0)
             .put(key, value.to_vec(), None)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
 
-    pub async fn op(&self, kind: Workload, key: &str, value: &Bytes) -> Result<Done, String> {
-        let mut c = self.client();
+    pub async fn op(
+        &self,
+        client: usize,
+        kind: Workload,
+        key: &str,
+        value: &Bytes,
+    ) -> Result<Done, String> {
+        let mut c = self.client(client);
         let err = |e: etcd_client::Error| e.to_string();
         match kind {
             Workload::Create => {

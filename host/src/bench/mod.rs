@@ -21,9 +21,11 @@ use crate::server::CoreKind;
 mod etcd;
 mod report;
 mod swap;
+mod wan;
 
 pub use report::{plot, table};
 pub use swap::{run_swaps, swap_table, SwapPoint};
+pub use wan::{wan_plot, wan_table};
 
 /// A workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -71,6 +73,11 @@ pub struct Plan {
     /// link emulator's relays (`crate::wan`) at zero delay: the relays' own
     /// cost, against the direct cluster in the same run.
     pub relay: bool,
+    /// Run every cluster (Ballot's and etcd's) across the regions of this
+    /// topology, behind the link emulator; `clients` is then per region,
+    /// each region's clients talk to a replica of their region, and every
+    /// point is reported per region.
+    pub wan: Option<crate::wan::Topology>,
     pub etcd: bool,
     /// Drive these Ballot endpoints instead of starting a cluster.
     pub endpoints: Vec<String>,
@@ -85,6 +92,10 @@ pub struct Plan {
 pub struct Point {
     pub system: String,
     pub workload: Workload,
+    /// The region of the clients measured (`--wan`), whose replica they used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Clients (per region, with `--wan`).
     pub clients: usize,
     pub secs: f64,
     /// Operations that succeeded (a 412 on cas or create counts: the store
@@ -128,6 +139,9 @@ pub struct Report {
     pub value_bytes: usize,
     pub hot_keys: usize,
     pub spread_keys: usize,
+    /// With `--wan`: each region's physical floor, and etcd's leader.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wan: Option<wan::WanFacts>,
     pub points: Vec<Point>,
 }
 
@@ -184,7 +198,7 @@ impl Target {
                 ballot_op(c, kind, &key, value).await
             }
             #[cfg(feature = "etcd")]
-            Target::Etcd(e) => e.op(kind, &key, value).await,
+            Target::Etcd(e) => e.op(client, kind, &key, value).await,
         }
     }
 
@@ -244,6 +258,8 @@ struct System {
     _cluster: Option<DevCluster>,
     /// The relays between a relayed cluster's replicas.
     _fabric: Option<crate::wan::Fabric>,
+    /// etcd's leader when the load started (its region, with `--wan`).
+    leader: Option<u32>,
     #[cfg(feature = "etcd")]
     _etcd: Option<etcd::EtcdCluster>,
 }
@@ -304,20 +320,28 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
+/// Runs one point: `clients` closed-loop clients per group for `plan.secs`.
+/// Client `c` is in group `c % groups` (its region, with `--wan`; one
+/// group otherwise) and uses that group's replica. One point per group.
 async fn measure(
     system: &System,
     plan: &Arc<Plan>,
     workload: Workload,
     clients: usize,
     run: u64,
-) -> Point {
+) -> Vec<Point> {
+    let regions: Vec<Option<String>> = match &plan.wan {
+        Some(t) => t.regions.iter().map(|r| Some(r.name.clone())).collect(),
+        None => vec![None],
+    };
+    let groups = regions.len();
     let value = Bytes::from(vec![b'v'; plan.value_bytes]);
     let cpu_before = cpu_seconds(&system.pids);
     let counters_before = counters(&system.metrics).await;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(plan.secs);
     let mut tasks = Vec::new();
-    for client in 0..clients {
+    for client in 0..clients * groups {
         let target = system.target.clone();
         let plan = plan.clone();
         let value = value.clone();
@@ -345,54 +369,65 @@ async fn measure(
             (latencies_us, conflicts, errors, first_error)
         }));
     }
-    let mut latencies = Vec::new();
-    let (mut conflicts, mut errors, mut first_error) = (0, 0, None);
-    for t in tasks {
+    let mut latencies = vec![Vec::new(); groups];
+    let mut conflicts = vec![0u64; groups];
+    let mut errors = vec![0u64; groups];
+    let mut first_error: Vec<Option<String>> = vec![None; groups];
+    for (client, t) in tasks.into_iter().enumerate() {
+        let g = client % groups;
         if let Ok((l, c, e, f)) = t.await {
-            latencies.extend(l);
-            conflicts += c;
-            errors += e;
-            if first_error.is_none() {
-                first_error = f;
+            latencies[g].extend(l);
+            conflicts[g] += c;
+            errors[g] += e;
+            if first_error[g].is_none() {
+                first_error[g] = f;
             }
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let ops = latencies.len() as u64;
+    let all_ops: u64 = latencies.iter().map(|l| l.len() as u64).sum();
     let server_cpu = match (cpu_before, cpu_seconds(&system.pids)) {
-        (Some(a), Some(b)) if ops > 0 => Some((b - a) * 1e6 / ops as f64),
+        (Some(a), Some(b)) if all_ops > 0 => Some((b - a) * 1e6 / all_ops as f64),
         _ => None,
     };
     let breakdown = match (counters_before, counters(&system.metrics).await) {
-        (Some(a), Some(b)) if ops > 0 && !system.metrics.is_empty() => {
-            let per = |x: f64| x * 1e6 / ops as f64;
+        (Some(a), Some(b)) if all_ops > 0 && !system.metrics.is_empty() => {
+            let per = |x: f64| x * 1e6 / all_ops as f64;
             let guest = per(b.guest - a.guest);
             Some(Breakdown {
                 guest_us_per_op: guest,
                 storage_us_per_op: per(b.storage - a.storage),
-                fsyncs_per_op: (b.fsyncs - a.fsyncs) / ops as f64,
+                fsyncs_per_op: (b.fsyncs - a.fsyncs) / all_ops as f64,
                 host_cpu_us_per_op: server_cpu.map(|c| (c - guest).max(0.0)).unwrap_or(0.0),
             })
         }
         _ => None,
     };
-    Point {
-        system: system.name.clone(),
-        workload,
-        clients,
-        secs,
-        ops,
-        ops_per_sec: ops as f64 / secs,
-        p50_ms: percentile(&latencies, 0.50),
-        p99_ms: percentile(&latencies, 0.99),
-        max_ms: latencies.last().map(|&u| u as f64 / 1000.0).unwrap_or(0.0),
-        conflicts,
-        errors,
-        first_error,
-        server_cpu_us_per_op: server_cpu,
-        breakdown,
+    let mut points = Vec::with_capacity(groups);
+    for (g, region) in regions.into_iter().enumerate() {
+        let mut latencies = std::mem::take(&mut latencies[g]);
+        latencies.sort_unstable();
+        let ops = latencies.len() as u64;
+        points.push(Point {
+            system: system.name.clone(),
+            workload,
+            region,
+            clients,
+            secs,
+            ops,
+            ops_per_sec: ops as f64 / secs,
+            p50_ms: percentile(&latencies, 0.50),
+            p99_ms: percentile(&latencies, 0.99),
+            max_ms: latencies.last().map(|&u| u as f64 / 1000.0).unwrap_or(0.0),
+            conflicts: conflicts[g],
+            errors: errors[g],
+            first_error: first_error[g].take(),
+            // Server-wide figures, the same for every region's point.
+            server_cpu_us_per_op: server_cpu,
+            breakdown: breakdown.clone(),
+        });
     }
+    points
 }
 
 async fn start_ballot(plan: &Plan, core: CoreKind, relay: bool) -> Result<System, String> {
@@ -405,27 +440,17 @@ async fn start_ballot(plan: &Plan, core: CoreKind, relay: bool) -> Result<System
     let dir = plan.dir.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let mut cluster = DevCluster::prepare(&dir, plan.nodes, 0, 0, core, plan.binary.clone())?;
-    let fabric = if relay {
+    let fabric = if relay || plan.wan.is_some() {
         // Every replica reaches its peers through a relay in front of each
-        // peer port, with no delay, loss or cut.
-        let real: Vec<(u32, std::net::SocketAddr)> = cluster
-            .nodes
-            .iter()
-            .map(|n| (n.id, n.config.peer_addr))
-            .collect();
-        let fabric = crate::wan::Fabric::start(&real)
+        // peer port: with the topology's links, or perfect ones.
+        let fabric = crate::wan::Fabric::start(&cluster.peer_addrs())
             .await
             .map_err(|e| format!("starting the relays: {e}"))?;
-        for node in &mut cluster.nodes {
-            let mut config = crate::server::NodeConfig::load(&node.config_path)?;
-            for peer in &mut config.peers {
-                peer.addr = fabric.front(peer.id);
-            }
-            let text = toml::to_string(&config).map_err(|e| e.to_string())?;
-            std::fs::write(&node.config_path, text)
-                .map_err(|e| format!("{}: {e}", node.config_path.display()))?;
-            node.config = config;
+        if let Some(topology) = &plan.wan {
+            fabric.apply(topology);
+            cluster.fit_timeouts(topology)?;
         }
+        cluster.route_peers(|id| fabric.front(id))?;
         Some(fabric)
     } else {
         None
@@ -433,14 +458,24 @@ async fn start_ballot(plan: &Plan, core: CoreKind, relay: bool) -> Result<System
     cluster.start_all()?;
     cluster.wait_all_ready(Duration::from_secs(90)).await?;
     let clients: Vec<Client> = cluster.nodes.iter().map(|n| n.client()).collect();
+    // With a topology, client c uses the first replica of region c % regions.
+    let target = match &plan.wan {
+        Some(t) => t
+            .regions
+            .iter()
+            .map(|r| clients[r.replicas[0] as usize - 1].clone())
+            .collect(),
+        None => clients.clone(),
+    };
     let pids = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     Ok(System {
         name: name.into(),
-        target: Target::Ballot(clients.clone()),
+        target: Target::Ballot(target),
         pids,
         metrics: clients,
         _cluster: Some(cluster),
         _fabric: fabric,
+        leader: None,
         #[cfg(feature = "etcd")]
         _etcd: None,
     })
@@ -458,7 +493,7 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
             );
             systems.push(start_ballot(&plan, *core, false).await?);
         }
-        if plan.relay {
+        if plan.relay && plan.wan.is_none() {
             eprintln!(
                 "starting a {}-replica Ballot cluster (Wasm) behind zero-delay relays",
                 plan.nodes
@@ -482,6 +517,7 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
             metrics: clients,
             _cluster: None,
             _fabric: None,
+            leader: None,
             #[cfg(feature = "etcd")]
             _etcd: None,
         });
@@ -508,7 +544,8 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
             secs: plan.secs.min(1.0),
             ..(*plan).clone()
         };
-        let _ = measure(system, &Arc::new(warm), Workload::Mix, 16, 0).await;
+        let warm_clients = if plan.wan.is_some() { 4 } else { 16 };
+        let _ = measure(system, &Arc::new(warm), Workload::Mix, warm_clients, 0).await;
     }
     let mut run = 1;
     for &workload in &plan.workloads {
@@ -516,13 +553,21 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
             // Systems alternate within each point, so drift on a shared
             // machine hits them alike.
             for system in &systems {
-                let p = measure(system, &plan, workload, clients, run).await;
+                for p in measure(system, &plan, workload, clients, run).await {
+                    eprintln!(
+                        "{:<14} {:<6} {:<10} {:>4} clients: {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
+                        p.system,
+                        workload.name(),
+                        p.region.as_deref().unwrap_or(""),
+                        clients,
+                        p.ops_per_sec,
+                        p.p50_ms,
+                        p.p99_ms,
+                        p.errors
+                    );
+                    points.push(p);
+                }
                 run += 1;
-                eprintln!(
-                    "{:<14} {:<6} {:>4} clients: {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
-                    p.system, workload.name(), clients, p.ops_per_sec, p.p50_ms, p.p99_ms, p.errors
-                );
-                points.push(p);
             }
         }
     }
@@ -531,6 +576,10 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
         value_bytes: plan.value_bytes,
         hot_keys: plan.hot_keys,
         spread_keys: plan.spread_keys,
+        wan: plan
+            .wan
+            .as_ref()
+            .map(|t| wan::facts(t, systems.iter().find_map(|s| s.leader))),
         points,
     })
 }

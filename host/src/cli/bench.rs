@@ -10,16 +10,13 @@ use crate::server::CoreKind;
 
 #[derive(Args, Debug)]
 pub(super) struct BenchArgs {
-    /// Workloads to run, in order.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "create,put,spread,cas,get,mix"
-    )]
+    /// Workloads to run, in order [default: create,put,spread,cas,get,mix;
+    /// with --wan: create,put,get].
+    #[arg(long, value_enum, value_delimiter = ',')]
     workloads: Vec<crate::bench::Workload>,
-    /// Concurrent closed-loop clients, one sweep point each.
-    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    /// Concurrent closed-loop clients, one sweep point each (per region
+    /// with --wan) [default: 1,16,64,256; with --wan: 4].
+    #[arg(long, value_delimiter = ',')]
     clients: Vec<usize>,
     /// Seconds per point.
     #[arg(long, default_value_t = 5.0)]
@@ -34,7 +31,7 @@ pub(super) struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     spread_keys: usize,
     /// Replicas per cluster (and etcd members).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, conflicts_with = "wan")]
     nodes: u32,
     /// Protocol builds to run Ballot with; both gives the wasm/native ratio.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "wasm,native")]
@@ -67,16 +64,45 @@ pub(super) struct BenchArgs {
     /// Also run a wasm cluster whose replicas reach each other through the
     /// link emulator's relays at zero delay (what the relays cost, against
     /// the direct cluster in the same run).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "wan")]
     relay: bool,
+    /// Run every cluster (and etcd, with --compare etcd) across the regions
+    /// of this topology file (`examples/wan/3-regions.toml`), through the
+    /// link emulator: each region's clients use that region's replica, and
+    /// every point is reported per region against its physical floor.
+    #[arg(long, conflicts_with_all = ["endpoints", "swap"])]
+    wan: Option<PathBuf>,
 }
 
-pub(super) fn bench(args: BenchArgs) -> ExitCode {
-    if args.clients.is_empty()
-        || args.clients.contains(&0)
-        || args.secs <= 0.0
-        || args.hot_keys == 0
-        || args.spread_keys == 0
+pub(super) fn bench(mut args: BenchArgs) -> ExitCode {
+    use crate::bench::Workload;
+    let wan = match &args.wan {
+        Some(path) => match crate::wan::Topology::load(path) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    if args.workloads.is_empty() {
+        args.workloads = match wan {
+            Some(_) => vec![Workload::Create, Workload::Put, Workload::Get],
+            None => vec![
+                Workload::Create,
+                Workload::Put,
+                Workload::Spread,
+                Workload::Cas,
+                Workload::Get,
+                Workload::Mix,
+            ],
+        };
+    }
+    if args.clients.is_empty() {
+        args.clients = match wan {
+            Some(_) => vec![4],
+            None => vec![1, 16, 64, 256],
+        };
+    }
+    if args.clients.contains(&0) || args.secs <= 0.0 || args.hot_keys == 0 || args.spread_keys == 0
     {
         return fail(
             "--clients must be positive counts, --secs, --hot-keys and --spread-keys positive",
@@ -87,7 +113,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         Err(e) => return fail(format!("locating the ballot binary: {e}")),
     };
     let plan = crate::bench::Plan {
-        nodes: args.nodes,
+        nodes: wan.as_ref().map_or(args.nodes, |t| t.nodes()),
         workloads: args.workloads,
         clients: args.clients,
         secs: args.secs,
@@ -96,6 +122,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         spread_keys: args.spread_keys,
         cores: args.core,
         relay: args.relay,
+        wan,
         etcd: args.compare.is_some(),
         endpoints: args.endpoints,
         ca: args.ca,
@@ -130,7 +157,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let _ = std::fs::remove_dir_all(&args.dir);
-    print!("{}", crate::bench::table(&report));
+    print!("{}", crate::bench::wan_table(&report));
     if let Some(path) = args.json {
         let text = serde_json::to_string_pretty(&report).expect("the report serializes");
         if let Err(e) = std::fs::write(&path, text + "\n") {
@@ -138,7 +165,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         }
     }
     if let Some(path) = args.plot {
-        if let Err(e) = crate::bench::plot(&report, &path) {
+        if let Err(e) = crate::bench::wan_plot(&report, &path) {
             return fail(e);
         }
     }

@@ -1,11 +1,13 @@
 //! `ballot dev`: a local cluster of real replica processes, supervised until
 //! Ctrl-C, and the commands that stop, start and restart its replicas from
-//! another terminal.
+//! another terminal. With `--wan FILE` the replicas reach each other
+//! through the link emulator (`crate::wan`) laid out as the topology file
+//! says, and `ballot dev isolate N` / `heal` cut and mend links.
 //!
 //! A replica that exits is reported and left down (or started again after
 //! a second with `--restart`); the others keep serving. The running
 //! `ballot dev` listens on `DIR/dev.sock` for one-line commands
-//! (`stop N`, `start N`, `restart N`), which `ballot dev stop N` and the
+//! (`stop N`, `start N`, `restart N`, `isolate N`, `heal`), which `ballot dev stop N` and the
 //! like send; `cluster.json` says which replicas run, with their pids.
 
 use std::io::Write;
@@ -37,8 +39,14 @@ const COMMAND_MAX: usize = 64;
 #[derive(Args, Debug)]
 pub struct DevArgs {
     /// Number of replicas.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, conflicts_with = "wan")]
     nodes: u32,
+    /// Run the replicas as if in the regions of this topology file
+    /// (`examples/wan/3-regions.toml`): one replica per region unless the
+    /// file says more, each link with the file's round trip, jitter and
+    /// loss, through relays in front of the peer ports.
+    #[arg(long)]
+    wan: Option<PathBuf>,
     /// Cluster directory (certificates, configurations, data, logs).
     #[arg(long, default_value = "ballot-dev", global = true)]
     dir: PathBuf,
@@ -68,12 +76,20 @@ enum DevAction {
     Start { id: u32 },
     /// Stop replica N, then start it again.
     Restart { id: u32 },
+    /// Cut replica N off from every other, both ways (`--wan` only).
+    Isolate { id: u32 },
+    /// Mend every link cut (`--wan` only); delays stay as the file says.
+    Heal,
 }
 
 impl DevAction {
-    fn id(self) -> u32 {
+    fn id(self) -> Option<u32> {
         match self {
-            DevAction::Stop { id } | DevAction::Start { id } | DevAction::Restart { id } => id,
+            DevAction::Stop { id }
+            | DevAction::Start { id }
+            | DevAction::Restart { id }
+            | DevAction::Isolate { id } => Some(id),
+            DevAction::Heal => None,
         }
     }
 
@@ -82,6 +98,8 @@ impl DevAction {
             DevAction::Stop { id } => format!("stop {id}"),
             DevAction::Start { id } => format!("start {id}"),
             DevAction::Restart { id } => format!("restart {id}"),
+            DevAction::Isolate { id } => format!("isolate {id}"),
+            DevAction::Heal => "heal".into(),
         }
     }
 
@@ -92,8 +110,10 @@ impl DevAction {
             (Some("stop"), Some(id), None) => Ok(DevAction::Stop { id }),
             (Some("start"), Some(id), None) => Ok(DevAction::Start { id }),
             (Some("restart"), Some(id), None) => Ok(DevAction::Restart { id }),
+            (Some("isolate"), Some(id), None) => Ok(DevAction::Isolate { id }),
+            (Some("heal"), None, None) => Ok(DevAction::Heal),
             _ => Err(format!(
-                "not a command: {line:?} (stop N, start N or restart N)"
+                "not a command: {line:?} (stop N, start N, restart N, isolate N or heal)"
             )),
         }
     }
@@ -119,9 +139,17 @@ pub fn dev(args: DevArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(format!("locating the ballot binary: {e}")),
     };
+    let topology = match &args.wan {
+        Some(path) => match crate::wan::Topology::load(path) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    let nodes = topology.as_ref().map_or(args.nodes, |t| t.nodes());
     let mut cluster = match DevCluster::prepare(
         &args.dir,
-        args.nodes,
+        nodes,
         args.peer_port,
         args.http_port,
         args.core,
@@ -130,7 +158,23 @@ pub fn dev(args: DevArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let code = rt.block_on(supervise(&mut cluster, args.restart));
+    let wan = match topology {
+        Some(topology) => match rt.block_on(crate::wan::Fabric::start(&cluster.peer_addrs())) {
+            Ok(fabric) => {
+                fabric.apply(&topology);
+                let routed = cluster
+                    .route_peers(|id| fabric.front(id))
+                    .and_then(|()| cluster.fit_timeouts(&topology));
+                if let Err(e) = routed {
+                    return fail(e);
+                }
+                Some(Wan { topology, fabric })
+            }
+            Err(e) => return fail(format!("starting the link emulator: {e}")),
+        },
+        None => None,
+    };
+    let code = rt.block_on(supervise(&mut cluster, wan.as_ref(), args.restart));
     report!("stopping the cluster");
     cluster.stop_all();
     let _ = std::fs::remove_file(cluster.dir.join("cluster.json"));
@@ -175,7 +219,13 @@ async fn control(dir: &Path, action: DevAction) -> ExitCode {
     }
 }
 
-async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
+/// The emulated links of a `--wan` cluster.
+struct Wan {
+    topology: crate::wan::Topology,
+    fabric: crate::wan::Fabric,
+}
+
+async fn supervise(cluster: &mut DevCluster, wan: Option<&Wan>, restart: bool) -> ExitCode {
     if let Err(e) = cluster.start_all() {
         return fail(e);
     }
@@ -187,7 +237,22 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
     // a broken pipe.
     let mut out = std::io::stdout();
     for node in &cluster.nodes {
-        let _ = writeln!(out, "node {}: {}", node.id, node.http());
+        let region = wan
+            .and_then(|w| {
+                w.topology
+                    .region_of(node.id)
+                    .map(|r| &w.topology.regions[r].name)
+            })
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "node {}{region}: {}", node.id, node.http());
+    }
+    if wan.is_some() {
+        let _ = writeln!(
+            out,
+            "links: as the topology file says, through relays in this process; \
+             `ballot dev isolate N` cuts replica N off, `ballot dev heal` mends every link"
+        );
     }
     let manifest = match cluster.write_manifest() {
         Ok(path) => path,
@@ -229,7 +294,7 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
             _ = term.recv() => return ExitCode::SUCCESS,
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
-                    serve_command(cluster, stream, &mut due).await;
+                    serve_command(cluster, wan, stream, &mut due).await;
                 }
             }
             _ = tick.tick() => {
@@ -268,6 +333,7 @@ async fn supervise(cluster: &mut DevCluster, restart: bool) -> ExitCode {
 /// Reads one command from `stream`, carries it out and answers.
 async fn serve_command(
     cluster: &mut DevCluster,
+    wan: Option<&Wan>,
     stream: UnixStream,
     due: &mut Vec<(u32, tokio::time::Instant)>,
 ) {
@@ -277,7 +343,7 @@ async fn serve_command(
     let read = tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line)).await;
     let answer = match read {
         Ok(Ok(_)) => match DevAction::parse(&line) {
-            Ok(action) => act(cluster, action, due).await,
+            Ok(action) => act(cluster, wan, action, due).await,
             Err(e) => Err(e),
         },
         _ => Err("no command within 2 s".to_string()),
@@ -298,12 +364,25 @@ async fn serve_command(
 
 async fn act(
     cluster: &mut DevCluster,
+    wan: Option<&Wan>,
     action: DevAction,
     due: &mut Vec<(u32, tokio::time::Instant)>,
 ) -> Result<String, String> {
-    let id = action.id();
+    if matches!(action, DevAction::Isolate { .. } | DevAction::Heal) && wan.is_none() {
+        return Err("links can be cut only in a cluster started with --wan".into());
+    }
+    let Some(id) = action.id() else {
+        if let Some(wan) = wan {
+            wan.fabric.heal();
+        }
+        return Ok("every link is up".into());
+    };
     if !cluster.contains(id) {
         return Err(format!("this cluster has no replica {id}"));
+    }
+    if let (DevAction::Isolate { .. }, Some(wan)) = (action, wan) {
+        wan.fabric.isolate(id);
+        return Ok(format!("replica {id} is cut off from every other"));
     }
     // A command overrides a pending automatic restart.
     due.retain(|(d, _)| *d != id);
@@ -318,6 +397,7 @@ async fn act(
         DevAction::Start { .. } if cluster.running(id) => {
             Err(format!("replica {id} is already running"))
         }
+        DevAction::Isolate { .. } | DevAction::Heal => unreachable!("answered above"),
         DevAction::Start { .. } | DevAction::Restart { .. } => {
             cluster.stop(id, STOP_GRACE);
             cluster.start(id)?;

@@ -167,6 +167,8 @@ impl ServeArgs {
             http_idle_secs: base.as_ref().and_then(|b| b.http_idle_secs),
             http_header_secs: base.as_ref().and_then(|b| b.http_header_secs),
             http_body_secs: base.as_ref().and_then(|b| b.http_body_secs),
+            fast_timeout_ms: base.as_ref().and_then(|b| b.fast_timeout_ms),
+            round_timeout_ms: base.as_ref().and_then(|b| b.round_timeout_ms),
         })
     }
 }

@@ -70,20 +70,10 @@ pub async fn start(dir: &Path, n: u32) -> DevCluster {
 /// delay, drop or cut each direction of each link.
 pub async fn start_relayed(dir: &Path, n: u32) -> (DevCluster, ballot::wan::Fabric) {
     let mut cluster = DevCluster::prepare(dir, n, 0, 0, CoreKind::Wasm, binary()).unwrap();
-    let real: Vec<(u32, std::net::SocketAddr)> = cluster
-        .nodes
-        .iter()
-        .map(|n| (n.id, n.config.peer_addr))
-        .collect();
-    let fabric = ballot::wan::Fabric::start(&real).await.unwrap();
-    for node in &mut cluster.nodes {
-        let mut config = ballot::server::NodeConfig::load(&node.config_path).unwrap();
-        for peer in &mut config.peers {
-            peer.addr = fabric.front(peer.id);
-        }
-        std::fs::write(&node.config_path, toml::to_string(&config).unwrap()).unwrap();
-        node.config = config;
-    }
+    let fabric = ballot::wan::Fabric::start(&cluster.peer_addrs())
+        .await
+        .unwrap();
+    cluster.route_peers(|id| fabric.front(id)).unwrap();
     cluster.start_all().unwrap();
     cluster.wait_all_ready(READY).await.unwrap();
     wait_links_up(&cluster).await;

@@ -1,50 +1,14 @@
-//! A link emulator for real clusters: a UDP relay in front of each
-//! replica's peer port, so the QUIC packets between two replicas cross a
-//! link with a one-way delay, jitter, a loss rate and an up/down switch of
-//! its own, per direction, changed while the cluster runs. Replicas are
-//! given the relays' addresses as their peers'; certificates name replicas,
-//! not addresses, so the relays are invisible to them.
-//!
-//! For replica `j` the relay holds one front socket (the address its peers
-//! dial) and, per sender `i`, one back socket connected to `j`'s real peer
-//! port: `i -> j` packets go front to back, `j -> i` packets back to front.
-//! A sender is known by its source address, the real peer address it binds
-//! (a QUIC endpoint sends from the port it listens on); a packet from any
-//! other address crosses unimpaired. A delayed packet is sent by a task of
-//! its own, so jitter reorders packets, as on a real path.
+//! The UDP relays between Ballot's replicas (QUIC).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-/// One direction of a link between two replicas.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Link {
-    /// One-way delay.
-    pub delay: Duration,
-    /// Up to this much more, drawn uniformly per packet.
-    pub jitter: Duration,
-    /// The share of packets dropped, 0.0 to 1.0.
-    pub loss: f64,
-    /// Down: every packet is dropped.
-    pub up: bool,
-}
-
-impl Default for Link {
-    fn default() -> Link {
-        Link {
-            delay: Duration::ZERO,
-            jitter: Duration::ZERO,
-            loss: 0.0,
-            up: true,
-        }
-    }
-}
+use super::{Dice, Link, Topology};
 
 /// The relays of one cluster and the state of every directed link.
 pub struct Fabric {
@@ -61,7 +25,7 @@ struct Shared {
     /// Packets dropped (down or lost) and relayed.
     dropped: AtomicU64,
     relayed: AtomicU64,
-    rng: AtomicU64,
+    dice: Dice,
 }
 
 /// Largest UDP payload relayed.
@@ -81,16 +45,6 @@ impl Shared {
         }
     }
 
-    /// A uniform draw in [0, 1) (xorshift; tests need no better).
-    fn draw(&self) -> f64 {
-        let mut x = self.rng.load(Ordering::Relaxed);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng.store(x, Ordering::Relaxed);
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    }
-
     /// Sends `packet` through `socket` (to `to`, or its connected peer)
     /// as `link` says: dropped, now, or after its delay.
     async fn pass(
@@ -100,12 +54,12 @@ impl Shared {
         to: Option<SocketAddr>,
         packet: &[u8],
     ) {
-        if !link.up || (link.loss > 0.0 && self.draw() < link.loss) {
+        if !link.up || (link.loss > 0.0 && self.dice.draw() < link.loss) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.relayed.fetch_add(1, Ordering::Relaxed);
-        let delay = link.delay + link.jitter.mul_f64(self.draw());
+        let delay = link.delay_now(&self.dice);
         if delay.is_zero() {
             let _ = match to {
                 Some(to) => socket.send_to(packet, to).await,
@@ -128,16 +82,12 @@ impl Fabric {
     /// Starts a relay on loopback in front of each replica, given as (id,
     /// its real peer address). Every link starts perfect.
     pub async fn start(replicas: &[(u32, SocketAddr)]) -> std::io::Result<Fabric> {
-        let seed = crate::storage::random_bytes::<8>()
-            .map(u64::from_le_bytes)
-            .unwrap_or(0x9e37_79b9_7f4a_7c15)
-            | 1;
         let shared = Arc::new(Shared {
             links: Mutex::new(HashMap::new()),
             ids: replicas.iter().map(|&(id, addr)| (addr, id)).collect(),
             dropped: AtomicU64::new(0),
             relayed: AtomicU64::new(0),
-            rng: AtomicU64::new(seed),
+            dice: Dice::new(),
         });
         let mut fronts = HashMap::new();
         let mut tasks = Vec::new();
@@ -185,6 +135,14 @@ impl Fabric {
     pub fn heal(&self) {
         for link in self.shared.links.lock().expect("links lock").values_mut() {
             link.up = true;
+        }
+    }
+
+    /// Sets every link between two replicas as `topology` says.
+    pub fn apply(&self, topology: &Topology) {
+        let mut links = self.shared.links.lock().expect("links lock");
+        for (from, to, link) in topology.links() {
+            links.insert((from, to), link);
         }
     }
 
@@ -262,6 +220,7 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     async fn recv(s: &UdpSocket, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         tokio::time::timeout(Duration::from_millis(300), s.recv_from(buf))
