@@ -535,3 +535,106 @@ fn a_replica_removed_while_down_comes_back_learns_it_and_stops() {
         cluster.stop_all();
     });
 }
+
+/// A split during a membership change, through real processes and the
+/// link emulator: four replicas, replica 4 is removed and, a moment after
+/// the removal is asked for, replica 3 is cut off from every other (both
+/// ways). The majority side (1, 2 and 4, a quorum of the four voters)
+/// keeps serving; the minority side (3) answers no write and nothing stale
+/// (the whole history, reads through 3 included, is checked for
+/// linearizability). The change itself waits: a leave needs every
+/// continuing voter to sweep in the classic-only epoch (docs/design.md,
+/// section 11), and 3 cannot. Once healed it finishes, 3 runs the new
+/// membership and serves what was written without it.
+#[test]
+fn the_minority_side_of_a_split_during_a_membership_change_serves_nothing_stale() {
+    let scratch = Scratch::new("split-membership");
+    runtime().block_on(async {
+        let (mut cluster, fabric) = start_relayed(&scratch.0, 4).await;
+        let (c1, c3) = (client(&cluster, 1), client(&cluster, 3));
+        let r = put(&c1, "before", "one").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = tokio::spawn(history_until(
+            vec![c1.clone(), client(&cluster, 2), c3.clone()],
+            6,
+            u64::MAX,
+            4,
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let http1 = cluster.nodes[0].http();
+        let remove = cluster_cmd(&cluster.dir, &http1, &["remove", "--id", "4"]);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        fabric.isolate(3);
+        let isolated = Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let r = put(&c1, "during", "two").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+
+        // The minority side refuses writes (503), and does not say the
+        // change happened: it has not heard of it.
+        let r = c3
+            .put("minority", Bytes::from_static(b"x"), Precondition::None)
+            .await
+            .unwrap();
+        assert!(
+            r.status.is_server_error(),
+            "a write through the cut-off replica: {} {}",
+            r.status,
+            r.error_message()
+        );
+        // Long enough for the links to be seen down (QUIC's idle timeout).
+        tokio::time::sleep(Duration::from_secs(5).saturating_sub(isolated.elapsed())).await;
+        let voters = members(&c1).await.record.members().voters.clone();
+        eprintln!("voters while 3 is cut off: {voters:?}");
+        fabric.heal();
+        let healed = Instant::now();
+        let out = wait_finished(remove, "remove 4 once 3 is back").await;
+        assert!(out.contains("done at membership epoch"), "{out}");
+        eprintln!("the removal finished {:?} after the heal", healed.elapsed());
+        assert_eq!(members(&c1).await.record.members().voters, vec![1, 2, 3]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let view = c3
+                .json(Method::GET, "/v1/cluster/members", Bytes::new())
+                .await
+                .unwrap();
+            let learned = match view {
+                Ok(v) => serde_json::from_value::<MembersView>(v)
+                    .map(|v| v.record.members().voters == vec![1, 2, 3])
+                    .unwrap_or(false),
+                Err(_) => false,
+            };
+            if learned {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica 3 never learned the membership decided without it"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(true, Ordering::Relaxed);
+        let history = load.await.unwrap();
+        history.check();
+        let (ops, known) = history.count();
+        eprintln!(
+            "{ops} operations, {known} with a known outcome; relays {:?}",
+            fabric.counts()
+        );
+        assert!(known > 50, "only {known} of {ops} operations finished");
+        expect_value(&c3, "during", false, "two", 1).await;
+        let r = put(&c3, "after", "three").await;
+        assert!(r.status.is_success(), "{}", r.error_message());
+        let r = client(&cluster, 4).get("before", false).await.unwrap();
+        assert!(
+            !r.status.is_success(),
+            "a removed replica answered {}",
+            r.status
+        );
+        cluster.stop_all();
+    });
+}
