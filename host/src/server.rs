@@ -60,7 +60,9 @@ pub struct NodeConfig {
     /// Every other voter of the cluster's first configuration, or, with
     /// `join`, replicas of the running cluster to ask for its membership.
     /// Once the cluster has changed its membership, the record it agreed
-    /// on replaces this list.
+    /// on replaces this list as the set of peers; a peer listed here is
+    /// still dialed at the address given here rather than the record's (a
+    /// peer behind a relay or a proxy, or one that moved).
     #[serde(default)]
     pub peers: Vec<Peer>,
     /// This replica joins a running cluster: it votes in nothing until

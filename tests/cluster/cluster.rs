@@ -884,6 +884,8 @@ fn ballot_dev_wan_places_replicas_in_regions_and_cuts_links_on_command() {
         said
     };
     runtime().block_on(async {
+        let all: Vec<Client> = (0..3).map(|i| Client::with_tls(&url(i), &tls)).collect();
+        wait_links_up_of(&all).await;
         for i in 0..5 {
             let started = Instant::now();
             let r = put(&oregon, &format!("far-{i}"), "v").await;

@@ -137,9 +137,11 @@ fn goals(report: &Report) -> Vec<Vec<String>> {
     let Some(facts) = &report.wan else {
         return rows;
     };
-    let mut by: BTreeMap<(Workload, String, usize), Vec<&Point>> = BTreeMap::new();
+    // In the topology's order of regions.
+    let index = |region: &str| facts.regions.iter().position(|r| r.name == region);
+    let mut by: BTreeMap<(Workload, Option<usize>, usize), Vec<&Point>> = BTreeMap::new();
     for p in &report.points {
-        let region = p.region.clone().unwrap_or_default();
+        let region = index(p.region.as_deref().unwrap_or_default());
         by.entry((p.workload, region, p.clients))
             .or_default()
             .push(p);
@@ -160,12 +162,10 @@ fn goals(report: &Report) -> Vec<Vec<String>> {
     };
     for ((workload, region, clients), points) in &by {
         let etcd = points.iter().find(|p| p.system == "etcd");
-        let floor = facts
-            .regions
-            .iter()
-            .find(|r| &r.name == region)
-            .map(|r| r.floor_ms)
-            .unwrap_or(0.0);
+        let (region, floor) = match region.map(|r| &facts.regions[r]) {
+            Some(r) => (r.name.as_str(), r.floor_ms),
+            None => ("", 0.0),
+        };
         for p in points.iter().filter(|p| p.system.starts_with("ballot")) {
             let w = workload.name();
             let what = format!("{w} x{clients}: {}", p.system);
@@ -270,20 +270,20 @@ pub fn wan_plot(report: &Report, path: &Path) -> Result<(), String> {
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(slots)
-            .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                if i % per == per / 2 {
-                    names
-                        .get(i / per)
-                        .map(|s| s.to_string())
-                        .unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
+            .x_labels(0)
+            .light_line_style(WHITE)
             .y_desc("ms")
             .draw()
+            .map_err(e)?;
+        // Each group of bars is named above it.
+        chart
+            .draw_series(names.iter().enumerate().map(|(w, name)| {
+                Text::new(
+                    name.to_string(),
+                    ((w * per) as f64 + 0.1, top * 0.97),
+                    ("sans-serif", 15).into_font(),
+                )
+            }))
             .map_err(e)?;
         for (s, system) in systems.iter().enumerate() {
             let color = palette[s % palette.len()];

@@ -124,10 +124,16 @@ fn socket_path(dir: &Path) -> PathBuf {
 }
 
 pub fn dev(args: DevArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The relays of --wan run beside the supervisor, which may block a
+    // thread for seconds while it stops a replica: they need threads of
+    // their own.
+    let rt = match args.wan {
+        Some(_) => tokio::runtime::Builder::new_multi_thread(),
+        None => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build();
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => return fail(format!("starting tokio: {e}")),
     };
@@ -172,7 +178,17 @@ pub fn dev(args: DevArgs) -> ExitCode {
             }
             Err(e) => return fail(format!("starting the link emulator: {e}")),
         },
-        None => None,
+        None => {
+            // Timeouts a --wan run fitted to its links go back to the defaults.
+            let reset = cluster.edit_configs(|c| {
+                c.fast_timeout_ms = None;
+                c.round_timeout_ms = None;
+            });
+            if let Err(e) = reset {
+                return fail(e);
+            }
+            None
+        }
     };
     let code = rt.block_on(supervise(&mut cluster, wan.as_ref(), args.restart));
     report!("stopping the cluster");

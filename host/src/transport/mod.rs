@@ -207,10 +207,16 @@ pub struct Transport {
     epoch: Arc<AtomicU64>,
     /// This replica's data-directory identity.
     directory: DirIdentity,
+    /// The addresses its configuration gives for peers: dialed instead of
+    /// the ones the membership record gives (a peer reached through a
+    /// relay or a proxy, or moved, by a change of this file alone).
+    dial: HashMap<ReplicaId, SocketAddr>,
 }
 
 impl Transport {
-    /// Binds `listen` and starts dialing `peers` (id, address). Messages that
+    /// Binds `listen` and starts dialing `peers` (id, address), the
+    /// configuration's: for these ids, its addresses win over those of any
+    /// membership record given to [`Transport::set_peers`]. Messages that
     /// arrive are passed, one frame's worth at a time, to `inbound`.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
@@ -259,6 +265,7 @@ impl Transport {
             metrics,
             epoch,
             directory,
+            dial: peers.iter().copied().collect(),
         };
         transport.set_peers(peers);
         Ok(transport)
@@ -271,7 +278,7 @@ impl Transport {
         let wanted: HashMap<ReplicaId, SocketAddr> = peers
             .iter()
             .filter(|(id, _)| *id != self.self_id)
-            .copied()
+            .map(|&(id, addr)| (id, self.dial.get(&id).copied().unwrap_or(addr)))
             .collect();
         *self.members.write().expect("members lock") = wanted.keys().copied().collect();
         slots.retain(|id, slot| {

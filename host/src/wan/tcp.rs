@@ -45,6 +45,8 @@ pub struct TcpFabric {
 
 struct Shared {
     links: Mutex<HashMap<(u32, u32), Link>>,
+    /// The relayed connections' tasks, ended with the fabric.
+    connections: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Sender tag (etcd member id, hex) -> replica number.
     names: Mutex<HashMap<String, u32>>,
     dice: Dice,
@@ -76,6 +78,7 @@ impl TcpFabric {
     pub async fn start(servers: &[(u32, SocketAddr)]) -> std::io::Result<TcpFabric> {
         let shared = Arc::new(Shared {
             links: Mutex::new(HashMap::new()),
+            connections: Mutex::new(Vec::new()),
             names: Mutex::new(HashMap::new()),
             dice: Dice::new(),
         });
@@ -130,6 +133,15 @@ impl Drop for TcpFabric {
         for task in &self.tasks {
             task.abort();
         }
+        for connection in self
+            .shared
+            .connections
+            .lock()
+            .expect("connections lock")
+            .iter()
+        {
+            connection.abort();
+        }
     }
 }
 
@@ -139,15 +151,20 @@ async fn accept(shared: Arc<Shared>, to: u32, real: SocketAddr, front: TcpListen
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let Ok(outbound) = TcpStream::connect(real).await else {
-                return;
-            };
-            let _ = inbound.set_nodelay(true);
-            let _ = outbound.set_nodelay(true);
-            connection(shared, to, inbound, outbound).await;
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                let Ok(outbound) = TcpStream::connect(real).await else {
+                    return;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                connection(shared, to, inbound, outbound).await;
+            }
         });
+        let mut connections = shared.connections.lock().expect("connections lock");
+        connections.retain(|c| !c.is_finished());
+        connections.push(task.abort_handle());
     }
 }
 
@@ -175,7 +192,8 @@ async fn connection(shared: Arc<Shared>, to: u32, inbound: TcpStream, outbound: 
                 (shared.sender(&tag), Some(to))
             })
             .await;
-            writer.abort();
+            // What is queued still crosses, then the close.
+            let _ = writer.await;
         }
     };
     let backward = {
@@ -188,7 +206,7 @@ async fn connection(shared: Arc<Shared>, to: u32, inbound: TcpStream, outbound: 
                 (Some(to), shared.sender(&tag))
             })
             .await;
-            writer.abort();
+            let _ = writer.await;
         }
     };
     tokio::join!(forward, backward);
@@ -245,12 +263,13 @@ async fn deliver(
 /// The value of an `X-Server-From` header in the bytes a connection began
 /// with, once its line is complete.
 fn sender_tag(head: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(head).ok().or_else(|| {
-        // The headers are ASCII; a body may follow them cut mid-character.
-        let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
-        std::str::from_utf8(&head[..end]).ok()
-    })?;
-    let headers = text.split("\r\n\r\n").next()?;
+    // Only whole lines: up to the end of the headers, or else the last
+    // line break so far (a body may follow them, cut mid-character).
+    let end = match head.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) => end,
+        None => head.windows(2).rposition(|w| w == b"\r\n")?,
+    };
+    let headers = std::str::from_utf8(&head[..end]).ok()?;
     for line in headers.split("\r\n").skip(1) {
         let (name, value) = line.split_once(':')?;
         if name.trim().eq_ignore_ascii_case("x-server-from") {
@@ -276,6 +295,11 @@ mod tests {
         assert_eq!(sender_tag(head).as_deref(), Some("91bc3c398fb3c146"));
         // Not yet complete, or not a peer request: no sender.
         assert_eq!(sender_tag(b"GET / HTTP/1.1\r\nX-Server-Fr"), None);
+        assert_eq!(sender_tag(b"GET / HTTP/1.1\r\nX-Server-From: 91b"), None);
+        assert_eq!(
+            sender_tag(b"GET / HTTP/1.1\r\nX-Server-From: 91b\r\n").as_deref(),
+            Some("91b")
+        );
         assert_eq!(
             sender_tag(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"),
             None
@@ -295,7 +319,7 @@ mod tests {
             delay: Duration::from_millis(m),
             ..Link::default()
         };
-        fabric.set(1, 2, ms(120));
+        fabric.set(1, 2, ms(300));
         fabric.set(2, 1, ms(60));
         let started = Instant::now();
         let mut client = TcpStream::connect(fabric.front(2)).await.unwrap();
@@ -308,7 +332,7 @@ mod tests {
         let mut got = vec![0u8; request.len() + 50];
         conn.read_exact(&mut got).await.unwrap();
         let there = started.elapsed();
-        assert!(there >= Duration::from_millis(120), "{there:?}");
+        assert!(there >= Duration::from_millis(300), "{there:?}");
         assert_eq!(&got[request.len()..], &(0..50).collect::<Vec<u8>>()[..]);
         let back = Instant::now();
         conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
@@ -316,9 +340,16 @@ mod tests {
         client.read_exact(&mut answer).await.unwrap();
         let took = back.elapsed();
         assert!(took >= Duration::from_millis(60), "{took:?}");
+        // Not the other direction's delay.
         assert!(
-            took < Duration::from_millis(120 + 60),
+            took < Duration::from_millis(300),
             "the answer took {took:?}"
         );
+        // Bytes queued behind a delay still cross when their sender closes.
+        conn.write_all(b"last words").await.unwrap();
+        drop(conn);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"last words");
     }
 }

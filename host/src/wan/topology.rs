@@ -143,14 +143,14 @@ impl Topology {
             if r.replicas == 0 {
                 return Err(format!("region {:?} has no replica", r.name));
             }
+            if r.replicas > REPLICAS_MAX + 1 - next {
+                return Err(format!("more than {REPLICAS_MAX} replicas"));
+            }
             regions.push(Region {
                 name: r.name.clone(),
                 replicas: (next..next + r.replicas).collect(),
             });
             next += r.replicas;
-        }
-        if next - 1 > REPLICAS_MAX {
-            return Err(format!("{} replicas, at most {REPLICAS_MAX}", next - 1));
         }
         let ms = |what: &str, v: f64| {
             if (0.0..=RTT_MAX_MS).contains(&v) {
@@ -263,9 +263,10 @@ impl Topology {
 
     /// Round timeouts that fit this layout, in ms: (fast, round). A fast
     /// round waits 1.5 times the round trip to the farthest replica it
-    /// needs, plus twice the jitter, so it does not time out on a healthy
-    /// path; a classic round or a forward waits twice the longest round
-    /// trip plus the same margin. Never below the defaults (50, 200).
+    /// needs, plus twice the largest jitter, so it does not time out on a
+    /// healthy path; a classic round or a forward waits twice the longest
+    /// round trip, four times the jitter and 50 ms more. Never below the
+    /// defaults (50, 200), never above a minute.
     pub fn timeouts(&self) -> (u32, u32) {
         let n = self.nodes() as usize;
         let fast_quorum = ballot_core::quorum_fast(n);
@@ -285,8 +286,11 @@ impl Topology {
             .flatten()
             .map(|p| ms(p.rtt))
             .fold(0.0, f64::max);
-        let fast = (1.5 * widest + 2.0 * jitter).ceil().max(50.0) as u32;
-        let round = (2.0 * longest + 4.0 * jitter + 50.0).ceil().max(200.0) as u32;
+        // At most a minute, as a replica's configuration allows.
+        let fast = (1.5 * widest + 2.0 * jitter).ceil().clamp(50.0, 60_000.0) as u32;
+        let round = (2.0 * longest + 4.0 * jitter + 50.0)
+            .ceil()
+            .clamp(200.0, 60_000.0) as u32;
         (fast, round)
     }
 
@@ -382,6 +386,10 @@ loss = 0.01
                 "\"x\"",
             ),
             (THREE.replace("replicas = 2", "replicas = 0"), "no replica"),
+            (
+                THREE.replace("replicas = 2", "replicas = 4000000000"),
+                "more than 15 replicas",
+            ),
             (THREE.replace("jitter_ms = 1", "jiter_ms = 1"), "jiter_ms"),
             (
                 THREE.replace("name = \"b\"", "name = \"b b\""),

@@ -84,8 +84,13 @@ pub async fn start_relayed(dir: &Path, n: u32) -> (DevCluster, ballot::wan::Fabr
 /// first writes reach all of them (a replica started a moment after its
 /// peers is otherwise reached only after their next redial).
 pub async fn wait_links_up(cluster: &DevCluster) {
+    wait_links_up_of(&clients(cluster)).await
+}
+
+/// [`wait_links_up`], for the replicas these clients reach.
+pub async fn wait_links_up_of(replicas: &[Client]) {
     let deadline = std::time::Instant::now() + READY;
-    for c in clients(cluster) {
+    for c in replicas {
         loop {
             let view = c.cluster().await.unwrap();
             if view
@@ -103,6 +108,25 @@ pub async fn wait_links_up(cluster: &DevCluster) {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Waits until the replica `c` reaches sees every link to another replica
+/// down (a cut made by the link emulator, seen after QUIC's idle timeout).
+pub async fn wait_links_down(c: &Client) {
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let view = c.cluster().await.unwrap();
+        if view.replicas.iter().all(|r| !matches!(r.link, Link::Up)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: links still up: {:?}",
+            c.endpoint(),
+            view.replicas
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
