@@ -537,76 +537,81 @@ fn a_replica_removed_while_down_comes_back_learns_it_and_stops() {
 }
 
 /// Splits around a membership change, through real processes and the link
-/// emulator, with clients on replicas 1, 2 and 3 throughout:
+/// emulator, with clients on replicas 1, 2, 3 and 4 throughout:
 ///
-/// 1. Replica 3 of four is cut off (both ways), then replica 4's removal
-///    is asked for. The majority side (1, 2, 4: a quorum of the four
-///    voters) keeps serving; 3 refuses writes; the change waits, since a
-///    leave needs every continuing voter to run its classic-only epoch and
-///    sweep (docs/design.md, section 11). Healed, it finishes and 3 runs
+/// 1. Five replicas split 3/2: {1, 2, 3} and {4, 5} lose every link
+///    between them (both ways), then replica 5's removal is asked for. The
+///    majority side keeps serving; the minority side refuses writes and
+///    answers nothing stale; the change waits, since a leave needs every
+///    continuing voter (4 among them) to run its classic-only epoch and
+///    sweep (docs/design.md, section 11). Healed, it finishes and 4 runs
 ///    the new membership.
-/// 2. Cut off again under the new membership, 3 loses every link: the
-///    records the change published name each replica at its own address,
-///    and a replica's configured peer addresses (here the relays') must
-///    still be the ones it dials.
+/// 2. Replica 4 is then cut off from every other under the new
+///    membership and must lose every link: the records the change
+///    published name each replica at its own address, and a replica's
+///    configured peer addresses (here the relays') must still be the ones
+///    it dials.
 ///
-/// The whole history, reads through 3 included, is linearizable, and 3
+/// The whole history, reads through 4 included, is linearizable, and 4
 /// serves what was written without it.
 #[test]
 fn the_minority_side_of_a_split_during_a_membership_change_serves_nothing_stale() {
     let scratch = Scratch::new("split-membership");
     runtime().block_on(async {
-        let (mut cluster, fabric) = start_relayed(&scratch.0, 4).await;
-        let (c1, c3) = (client(&cluster, 1), client(&cluster, 3));
+        let (mut cluster, fabric) = start_relayed(&scratch.0, 5).await;
+        let (c1, c4) = (client(&cluster, 1), client(&cluster, 4));
         let r = put(&c1, "before", "one").await;
         assert!(r.status.is_success(), "{}", r.error_message());
+        let loaded: Vec<Client> = (1..=4).map(|id| client(&cluster, id)).collect();
 
         let stop = Arc::new(AtomicBool::new(false));
-        let load = tokio::spawn(history_until(
-            vec![c1.clone(), client(&cluster, 2), c3.clone()],
-            6,
-            u64::MAX,
-            4,
-            stop.clone(),
-        ));
+        let load = tokio::spawn(history_until(loaded.clone(), 8, u64::MAX, 4, stop.clone()));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        fabric.isolate(3);
-        wait_links_down(&c3).await;
+        let split = |up: bool| {
+            for a in [1, 2, 3] {
+                for b in [4, 5] {
+                    fabric.switch(a, b, up);
+                    fabric.switch(b, a, up);
+                }
+            }
+        };
+        split(false);
+        wait_links_down(&c4, &[1, 2, 3]).await;
         let http1 = cluster.nodes[0].http();
-        let remove = cluster_cmd(&cluster.dir, &http1, &["remove", "--id", "4"]);
+        let remove = cluster_cmd(&cluster.dir, &http1, &["remove", "--id", "5"]);
         tokio::time::sleep(Duration::from_secs(3)).await;
         let r = put(&c1, "during", "two").await;
         assert!(r.status.is_success(), "{}", r.error_message());
-        let r = c3
+        let r = c4
             .put("minority", Bytes::from_static(b"x"), Precondition::None)
             .await
             .unwrap();
         assert!(
             r.status.is_server_error(),
-            "a write through the cut-off replica: {} {}",
+            "a write through the minority side: {} {}",
             r.status,
             r.error_message()
         );
         assert_eq!(
             members(&c1).await.record.members().voters,
-            vec![1, 2, 3, 4],
+            vec![1, 2, 3, 4, 5],
             "a leave finished without a continuing voter"
         );
-        fabric.heal();
+        split(true);
         let healed = Instant::now();
-        let out = wait_finished(remove, "remove 4 once 3 is back").await;
+        let out = wait_finished(remove, "remove 5 once the split healed").await;
         assert!(out.contains("done at membership epoch"), "{out}");
         eprintln!("the removal finished {:?} after the heal", healed.elapsed());
-        assert_eq!(members(&c1).await.record.members().voters, vec![1, 2, 3]);
+        assert_eq!(members(&c1).await.record.members().voters, vec![1, 2, 3, 4]);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let view = c3
+            let view = c4
                 .json(Method::GET, "/v1/cluster/members", Bytes::new())
                 .await
                 .unwrap();
             let learned = match view {
                 Ok(v) => serde_json::from_value::<MembersView>(v)
-                    .map(|v| v.record.members().voters == vec![1, 2, 3])
+                    .map(|v| v.record.members().voters == vec![1, 2, 3, 4])
                     .unwrap_or(false),
                 Err(_) => false,
             };
@@ -615,17 +620,17 @@ fn the_minority_side_of_a_split_during_a_membership_change_serves_nothing_stale(
             }
             assert!(
                 Instant::now() < deadline,
-                "replica 3 never learned the membership decided without it"
+                "replica 4 never learned the membership decided without it"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        expect_value(&c3, "during", false, "two", 1).await;
+        expect_value(&c4, "during", false, "two", 1).await;
 
         // Under the records the change published, a cut is still a cut.
-        wait_links_up_of(&[c1.clone(), client(&cluster, 2), c3.clone()]).await;
-        fabric.isolate(3);
-        wait_links_down(&c3).await;
-        let r = c3
+        wait_links_up_of(&loaded).await;
+        fabric.isolate(4);
+        wait_links_down(&c4, &[1, 2, 3]).await;
+        let r = c4
             .put("minority", Bytes::from_static(b"x"), Precondition::None)
             .await
             .unwrap();
@@ -648,7 +653,7 @@ fn the_minority_side_of_a_split_during_a_membership_change_serves_nothing_stale(
         assert!(known > 50, "only {known} of {ops} operations finished");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let r = put(&c3, "after", "three").await;
+            let r = put(&c4, "after", "three").await;
             if r.status.is_success() {
                 break;
             }
@@ -660,7 +665,7 @@ fn the_minority_side_of_a_split_during_a_membership_change_serves_nothing_stale(
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let r = client(&cluster, 4).get("before", false).await.unwrap();
+        let r = client(&cluster, 5).get("before", false).await.unwrap();
         assert!(
             !r.status.is_success(),
             "a removed replica answered {}",

@@ -111,13 +111,18 @@ pub async fn wait_links_up_of(replicas: &[Client]) {
     }
 }
 
-/// Waits until the replica `c` reaches sees every link to another replica
-/// down (a cut made by the link emulator, seen after QUIC's idle timeout).
-pub async fn wait_links_down(c: &Client) {
+/// Waits until the replica `c` reaches sees its links to `peers` down (a
+/// cut made by the link emulator, seen after QUIC's idle timeout).
+pub async fn wait_links_down(c: &Client, peers: &[u32]) {
     let deadline = std::time::Instant::now() + READY;
     loop {
         let view = c.cluster().await.unwrap();
-        if view.replicas.iter().all(|r| !matches!(r.link, Link::Up)) {
+        if view
+            .replicas
+            .iter()
+            .filter(|r| peers.contains(&r.id))
+            .all(|r| !matches!(r.link, Link::Up))
+        {
             return;
         }
         assert!(
