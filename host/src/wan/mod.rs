@@ -14,7 +14,9 @@
 //! Not modelled: bandwidth, queueing, MTU; TCP loss (a TCP relay only
 //! delays and stalls: the kernels on both sides already retransmit).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 mod tcp;
@@ -46,6 +48,55 @@ impl Default for Link {
             jitter: Duration::ZERO,
             loss: 0.0,
             up: true,
+        }
+    }
+}
+
+/// The state of every directed link between two replicas: (from, to) ->
+/// link; a pair not listed is a perfect link.
+#[derive(Default)]
+struct Links(Mutex<HashMap<(u32, u32), Link>>);
+
+impl Links {
+    /// The link between two ends, where both are known (a packet from an
+    /// unknown sender crosses unimpaired).
+    fn get(&self, from: Option<u32>, to: Option<u32>) -> Link {
+        match (from, to) {
+            (Some(f), Some(t)) => self
+                .0
+                .lock()
+                .expect("links lock")
+                .get(&(f, t))
+                .copied()
+                .unwrap_or_default(),
+            _ => Link::default(),
+        }
+    }
+
+    fn set(&self, from: u32, to: u32, link: Link) {
+        self.0.lock().expect("links lock").insert((from, to), link);
+    }
+
+    fn switch(&self, from: u32, to: u32, up: bool) {
+        self.0
+            .lock()
+            .expect("links lock")
+            .entry((from, to))
+            .or_default()
+            .up = up;
+    }
+
+    /// Every link up again (delays, jitter and loss stay).
+    fn heal(&self) {
+        for link in self.0.lock().expect("links lock").values_mut() {
+            link.up = true;
+        }
+    }
+
+    fn apply(&self, topology: &Topology) {
+        let mut links = self.0.lock().expect("links lock");
+        for (from, to, link) in topology.links() {
+            links.insert((from, to), link);
         }
     }
 }

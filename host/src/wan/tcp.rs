@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Dice, Link, Topology};
+use super::{Dice, Link, Links, Topology};
 
 /// Bytes read at once, and the most of a connection's first bytes read
 /// looking for its sender.
@@ -44,7 +44,7 @@ pub struct TcpFabric {
 }
 
 struct Shared {
-    links: Mutex<HashMap<(u32, u32), Link>>,
+    links: Links,
     /// The relayed connections' tasks, ended with the fabric.
     connections: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Sender tag (etcd member id, hex) -> replica number.
@@ -53,19 +53,6 @@ struct Shared {
 }
 
 impl Shared {
-    fn link(&self, from: Option<u32>, to: Option<u32>) -> Link {
-        match (from, to) {
-            (Some(f), Some(t)) => self
-                .links
-                .lock()
-                .expect("links lock")
-                .get(&(f, t))
-                .copied()
-                .unwrap_or_default(),
-            _ => Link::default(),
-        }
-    }
-
     fn sender(&self, tag: &Option<String>) -> Option<u32> {
         let tag = tag.as_ref()?;
         self.names.lock().expect("names lock").get(tag).copied()
@@ -77,7 +64,7 @@ impl TcpFabric {
     /// its real address). Every link starts perfect.
     pub async fn start(servers: &[(u32, SocketAddr)]) -> std::io::Result<TcpFabric> {
         let shared = Arc::new(Shared {
-            links: Mutex::new(HashMap::new()),
+            links: Links::default(),
             connections: Mutex::new(Vec::new()),
             names: Mutex::new(HashMap::new()),
             dice: Dice::new(),
@@ -113,18 +100,18 @@ impl TcpFabric {
 
     /// Sets the link from `from` to `to` (one direction).
     pub fn set(&self, from: u32, to: u32, link: Link) {
-        self.shared
-            .links
-            .lock()
-            .expect("links lock")
-            .insert((from, to), link);
+        self.shared.links.set(from, to, link);
+    }
+
+    /// Switches the link from `from` to `to` up or down, keeping its delay
+    /// (down holds what it carries until it is up again).
+    pub fn switch(&self, from: u32, to: u32, up: bool) {
+        self.shared.links.switch(from, to, up);
     }
 
     /// Sets every link between two servers as `topology` says.
     pub fn apply(&self, topology: &Topology) {
-        for (from, to, link) in topology.links() {
-            self.set(from, to, link);
-        }
+        self.shared.links.apply(topology);
     }
 }
 
@@ -231,7 +218,7 @@ async fn pump(
             Ok(n) => n,
         };
         let ends = ends_of(&buf[..n]);
-        let link = shared.link(ends.0, ends.1);
+        let link = shared.links.get(ends.0, ends.1);
         // Never before the chunk ahead of it: a byte stream keeps its order.
         let due = (Instant::now() + link.delay_now(&shared.dice)).max(last);
         last = due;
@@ -250,7 +237,7 @@ async fn deliver(
 ) {
     while let Some((due, (from, at), chunk)) = queue.recv().await {
         tokio::time::sleep_until(due).await;
-        while !shared.link(from, at).up {
+        while !shared.links.get(from, at).up {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if to.write_all(&chunk).await.is_err() {
@@ -305,6 +292,33 @@ mod tests {
             None
         );
         assert_eq!(sender_tag(b"\x16\x03\x01\x02\x00garbage"), None);
+    }
+
+    /// A link switched down holds what it carries, and delivers it once up.
+    #[tokio::test]
+    async fn a_tcp_link_that_is_down_holds_its_bytes() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fabric = TcpFabric::start(&[(2, server.local_addr().unwrap())])
+            .await
+            .unwrap();
+        fabric.name("a1", 1);
+        fabric.switch(1, 2, false);
+        let mut client = TcpStream::connect(fabric.front(2)).await.unwrap();
+        client
+            .write_all(b"POST /raft HTTP/1.1\r\nX-Server-From: a1\r\n\r\nheld")
+            .await
+            .unwrap();
+        let (mut conn, _) = server.accept().await.unwrap();
+        let mut buf = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await;
+        assert!(early.is_err(), "a link that is down passed {early:?}");
+        fabric.switch(1, 2, true);
+        let mut got = Vec::new();
+        while !got.ends_with(b"held") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the held bytes");
+            got.extend_from_slice(&buf[..n]);
+        }
     }
 
     /// Bytes cross both ways, in order, each direction after its own delay,

@@ -3,12 +3,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use super::{Dice, Link, Topology};
+use super::{Dice, Link, Links, Topology};
 
 /// The relays of one cluster and the state of every directed link.
 pub struct Fabric {
@@ -18,8 +18,7 @@ pub struct Fabric {
 }
 
 struct Shared {
-    /// (from, to) -> link; a pair not listed is a perfect link.
-    links: Mutex<HashMap<(u32, u32), Link>>,
+    links: Links,
     /// Real peer address -> replica id.
     ids: HashMap<SocketAddr, u32>,
     /// Packets dropped (down or lost) and relayed.
@@ -32,19 +31,6 @@ struct Shared {
 const DATAGRAM_MAX: usize = 64 * 1024;
 
 impl Shared {
-    fn link(&self, from: Option<u32>, to: Option<u32>) -> Link {
-        match (from, to) {
-            (Some(f), Some(t)) => self
-                .links
-                .lock()
-                .expect("links lock")
-                .get(&(f, t))
-                .copied()
-                .unwrap_or_default(),
-            _ => Link::default(),
-        }
-    }
-
     /// Sends `packet` through `socket` (to `to`, or its connected peer)
     /// as `link` says: dropped, now, or after its delay.
     async fn pass(
@@ -83,7 +69,7 @@ impl Fabric {
     /// its real peer address). Every link starts perfect.
     pub async fn start(replicas: &[(u32, SocketAddr)]) -> std::io::Result<Fabric> {
         let shared = Arc::new(Shared {
-            links: Mutex::new(HashMap::new()),
+            links: Links::default(),
             ids: replicas.iter().map(|&(id, addr)| (addr, id)).collect(),
             dropped: AtomicU64::new(0),
             relayed: AtomicU64::new(0),
@@ -110,17 +96,12 @@ impl Fabric {
 
     /// Sets the link from `from` to `to` (one direction).
     pub fn set(&self, from: u32, to: u32, link: Link) {
-        self.shared
-            .links
-            .lock()
-            .expect("links lock")
-            .insert((from, to), link);
+        self.shared.links.set(from, to, link);
     }
 
     /// Switches the link from `from` to `to` up or down, keeping its delay.
     pub fn switch(&self, from: u32, to: u32, up: bool) {
-        let mut links = self.shared.links.lock().expect("links lock");
-        links.entry((from, to)).or_default().up = up;
+        self.shared.links.switch(from, to, up);
     }
 
     /// Cuts replica `id` off from every other, both ways.
@@ -133,17 +114,12 @@ impl Fabric {
 
     /// Switches every link up again (delays, jitter and loss stay).
     pub fn heal(&self) {
-        for link in self.shared.links.lock().expect("links lock").values_mut() {
-            link.up = true;
-        }
+        self.shared.links.heal();
     }
 
     /// Sets every link between two replicas as `topology` says.
     pub fn apply(&self, topology: &Topology) {
-        let mut links = self.shared.links.lock().expect("links lock");
-        for (from, to, link) in topology.links() {
-            links.insert((from, to), link);
-        }
+        self.shared.links.apply(topology);
     }
 
     /// Packets relayed and dropped so far.
@@ -193,7 +169,7 @@ async fn relay(shared: Arc<Shared>, to: u32, real: SocketAddr, front: Arc<UdpSoc
         }
         let back = &backs[&source].0;
         shared
-            .pass(shared.link(from, Some(to)), back, None, &buf[..n])
+            .pass(shared.links.get(from, Some(to)), back, None, &buf[..n])
             .await;
     }
 }
@@ -212,7 +188,12 @@ async fn answer(
             continue;
         };
         shared
-            .pass(shared.link(Some(to), from), &front, Some(source), &buf[..n])
+            .pass(
+                shared.links.get(Some(to), from),
+                &front,
+                Some(source),
+                &buf[..n],
+            )
             .await;
     }
 }
