@@ -299,3 +299,68 @@ pub(super) async fn watch(State(app): State<App>, request: Request) -> Result<Re
         .keep_alive(KeepAlive::new().interval(app.heartbeat))
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A watcher that fell behind while the changelog was truncated past
+    /// its position ends with a `gone` event naming the oldest position
+    /// held, and is counted as ended for that reason: on a real LMDB file.
+    #[test]
+    fn a_watcher_behind_the_truncation_ends_gone_mid_stream() {
+        let dir = std::env::temp_dir().join(format!("ballot-watch-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        let write = |i: u64| ballot_core::Write {
+            key: format!("w/{}", i % 3).into_bytes(),
+            state: vec![1],
+            commit: Some(ballot_core::Commit {
+                version: i / 3 + 1,
+                value: Some(vec![b'a' + i as u8]),
+            }),
+        };
+        let writes: Vec<_> = (0..6).map(write).collect();
+        storage.commit(writes.iter()).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let mut watcher = Watcher {
+            storage: storage.clone(),
+            prefix: b"w/".to_vec(),
+            exact: false,
+            next: 1,
+            ready: VecDeque::new(),
+            seen: HashMap::new(),
+            ended: false,
+            reason: None,
+            _slot: slots.try_acquire_owned().unwrap(),
+            metrics: metrics.clone(),
+        };
+        // Mid-stream: the first page is read (entries 1 to 6; the three
+        // superseded since are skipped), and the watcher stands at 7.
+        assert!(watcher.read());
+        assert_eq!(watcher.ready.len(), 3);
+        assert_eq!(watcher.next, 7);
+        assert!(!watcher.ended);
+        // Later commits (7 to 12), then a truncation past where it stands.
+        let later: Vec<_> = (6..12).map(write).collect();
+        storage.commit(later.iter()).unwrap();
+        assert_eq!(storage.truncate_changelog(8).unwrap(), 8);
+        assert!(watcher.read());
+        assert!(watcher.ended);
+        assert_eq!(watcher.reason, Some("gone"));
+        let last = format!("{:?}", watcher.ready.back().unwrap());
+        assert!(
+            last.contains("gone") && last.contains("\\\"oldest\\\":9"),
+            "{last}"
+        );
+        drop(watcher);
+        let ended = metrics
+            .watchers_ended
+            .get_or_create(&crate::metrics::label("reason", "gone"))
+            .get();
+        assert_eq!(ended, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
