@@ -276,6 +276,10 @@ impl DevCluster {
             if path.exists() {
                 let mut c = NodeConfig::load(&path)?;
                 c.core = core;
+                // Timeouts are fitted to a topology afresh by each run that
+                // has one (`fit_timeouts`); others run on the defaults.
+                c.fast_timeout_ms = None;
+                c.round_timeout_ms = None;
                 // A cluster made before replicas required a token gets one.
                 if c.admin_token.is_none() {
                     c.admin_token = Some(admin_token(&dir)?);
@@ -359,7 +363,8 @@ impl DevCluster {
     }
 
     /// Sets every replica's round timeouts to fit a geo topology
-    /// ([`crate::wan::Topology::timeouts`]).
+    /// ([`crate::wan::Topology::timeouts`]); `prepare` puts the defaults
+    /// back.
     pub fn fit_timeouts(&mut self, topology: &crate::wan::Topology) -> Result<(), String> {
         let (fast, round) = topology.timeouts();
         self.edit_configs(|config| {

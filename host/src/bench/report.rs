@@ -250,35 +250,43 @@ pub(super) fn render(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The workloads a run measured, in their order.
+pub(super) fn workloads(report: &Report) -> Vec<Workload> {
+    let mut w: Vec<Workload> = report.points.iter().map(|p| p.workload).collect();
+    w.sort();
+    w.dedup();
+    w
+}
+
+/// The systems a run measured, in the order they were first measured.
+pub(super) fn systems(report: &Report) -> Vec<String> {
+    let mut s: Vec<String> = Vec::new();
+    for p in &report.points {
+        if !s.contains(&p.system) {
+            s.push(p.system.clone());
+        }
+    }
+    s
+}
+
+/// One color per system in the plots.
+pub(super) const PALETTE: [plotters::style::RGBColor; 4] = [
+    plotters::style::RGBColor(31, 119, 180),
+    plotters::style::RGBColor(44, 160, 44),
+    plotters::style::RGBColor(214, 39, 40),
+    plotters::style::RGBColor(148, 103, 189),
+];
+
 /// Throughput and p99 against clients, one row of two charts per workload.
 pub fn plot(report: &Report, path: &Path) -> Result<(), String> {
     use plotters::prelude::*;
-    let workloads: Vec<Workload> = {
-        let mut w: Vec<Workload> = report.points.iter().map(|p| p.workload).collect();
-        w.sort();
-        w.dedup();
-        w
-    };
-    let systems: Vec<String> = {
-        let mut s: Vec<String> = Vec::new();
-        for p in &report.points {
-            if !s.contains(&p.system) {
-                s.push(p.system.clone());
-            }
-        }
-        s
-    };
+    let workloads = workloads(report);
+    let systems = systems(report);
     let height = 320 * workloads.len().max(1) as u32;
     let root = SVGBackend::new(path, (1100, height)).into_drawing_area();
     let e = |e: DrawingAreaErrorKind<_>| format!("plotting: {e:?}");
     root.fill(&WHITE).map_err(e)?;
     let rows = root.split_evenly((workloads.len().max(1), 2));
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-        RGBColor(148, 103, 189),
-    ];
     let max_clients = report.points.iter().map(|p| p.clients).max().unwrap_or(1) as f64;
     for (w, workload) in workloads.iter().enumerate() {
         for (m, metric) in ["throughput (ops/s)", "p99 latency (ms)"]
@@ -307,7 +315,7 @@ pub fn plot(report: &Report, path: &Path) -> Result<(), String> {
                 .draw()
                 .map_err(e)?;
             for (s, system) in systems.iter().enumerate() {
-                let color = palette[s % palette.len()];
+                let color = PALETTE[s % PALETTE.len()];
                 let series: Vec<(f64, f64)> = points
                     .iter()
                     .filter(|p| &p.system == system)

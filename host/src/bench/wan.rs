@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::report::render;
+use super::report::{render, systems, workloads, PALETTE};
 use super::{Point, Report, Workload};
 use crate::wan::Topology;
 
@@ -215,30 +215,14 @@ pub fn wan_plot(report: &Report, path: &Path) -> Result<(), String> {
     let Some(facts) = &report.wan else {
         return super::plot(report, path);
     };
-    let workloads: Vec<Workload> = {
-        let mut w: Vec<Workload> = report.points.iter().map(|p| p.workload).collect();
-        w.sort();
-        w.dedup();
-        w
-    };
-    let mut systems: Vec<String> = Vec::new();
-    for p in &report.points {
-        if !systems.contains(&p.system) {
-            systems.push(p.system.clone());
-        }
-    }
+    let workloads = workloads(report);
+    let systems = systems(report);
     let regions = &facts.regions;
     let height = 300 * regions.len().max(1) as u32;
     let root = SVGBackend::new(path, (900, height)).into_drawing_area();
     let e = |e: DrawingAreaErrorKind<_>| format!("plotting: {e:?}");
     root.fill(&WHITE).map_err(e)?;
     let areas = root.split_evenly((regions.len().max(1), 1));
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(214, 39, 40),
-        RGBColor(44, 160, 44),
-        RGBColor(148, 103, 189),
-    ];
     let slots = (workloads.len() * (systems.len() + 1)).max(1);
     for (area, region) in areas.iter().zip(regions) {
         let points: Vec<&Point> = report
@@ -286,7 +270,7 @@ pub fn wan_plot(report: &Report, path: &Path) -> Result<(), String> {
             }))
             .map_err(e)?;
         for (s, system) in systems.iter().enumerate() {
-            let color = palette[s % palette.len()];
+            let color = PALETTE[s % PALETTE.len()];
             let mut bars = Vec::new();
             let mut ticks = Vec::new();
             for (w, workload) in workloads.iter().enumerate() {

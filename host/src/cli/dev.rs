@@ -178,17 +178,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
             }
             Err(e) => return fail(format!("starting the link emulator: {e}")),
         },
-        None => {
-            // Timeouts a --wan run fitted to its links go back to the defaults.
-            let reset = cluster.edit_configs(|c| {
-                c.fast_timeout_ms = None;
-                c.round_timeout_ms = None;
-            });
-            if let Err(e) = reset {
-                return fail(e);
-            }
-            None
-        }
+        None => None,
     };
     let code = rt.block_on(supervise(&mut cluster, wan.as_ref(), args.restart));
     report!("stopping the cluster");
