@@ -234,6 +234,7 @@ fn new_node(
         http_idle_secs: None,
         http_header_secs: None,
         http_body_secs: None,
+        peer_routes: Vec::new(),
         fast_timeout_ms: None,
         round_timeout_ms: None,
         join: false,
@@ -280,6 +281,8 @@ impl DevCluster {
                 // has one (`fit_timeouts`); others run on the defaults.
                 c.fast_timeout_ms = None;
                 c.round_timeout_ms = None;
+                // And routes through relays, by `route_peers`.
+                c.peer_routes.clear();
                 // A cluster made before replicas required a token gets one.
                 if c.admin_token.is_none() {
                     c.admin_token = Some(admin_token(&dir)?);
@@ -342,13 +345,19 @@ impl DevCluster {
     }
 
     /// Has every replica dial each peer at `front(peer id)` instead of the
-    /// peer's own address: the link emulator's relays (`crate::wan`). Call
-    /// it before the replicas start; `prepare` puts the real addresses back.
+    /// peer's own address (`peer_routes`): the link emulator's relays
+    /// (`crate::wan`). Call it before the replicas start; `prepare` removes
+    /// the routes.
     pub fn route_peers(&mut self, front: impl Fn(u32) -> SocketAddr) -> Result<(), String> {
         self.edit_configs(|config| {
-            for peer in &mut config.peers {
-                peer.addr = front(peer.id);
-            }
+            config.peer_routes = config
+                .peers
+                .iter()
+                .map(|p| crate::server::PeerRoute {
+                    id: p.id,
+                    addr: front(p.id),
+                })
+                .collect();
         })
     }
 

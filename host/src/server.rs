@@ -48,6 +48,14 @@ pub struct Peer {
     pub http: Option<String>,
 }
 
+/// A route to a peer (`[[peer_routes]]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerRoute {
+    pub id: u32,
+    /// The address to dial it at.
+    pub addr: SocketAddr,
+}
+
 /// A replica's configuration, as in `node.toml`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NodeConfig {
@@ -60,11 +68,14 @@ pub struct NodeConfig {
     /// Every other voter of the cluster's first configuration, or, with
     /// `join`, replicas of the running cluster to ask for its membership.
     /// Once the cluster has changed its membership, the record it agreed
-    /// on replaces this list as the set of peers; a peer listed here is
-    /// still dialed at the address given here rather than the record's (a
-    /// peer behind a relay or a proxy, or one that moved).
+    /// on replaces this list.
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// Where to dial some peers instead of the address the membership
+    /// record gives them: a relay or a proxy in front of them (`ballot dev
+    /// --wan` sets one per peer). Never learned from other replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_routes: Vec<PeerRoute>,
     /// This replica joins a running cluster: it votes in nothing until
     /// `ballot cluster add` has made it a learner, caught it up and
     /// promoted it.
@@ -198,6 +209,12 @@ impl NodeConfig {
         }
         if n > 64 {
             return Err("at most 64 voters".into());
+        }
+        let mut routed: Vec<u32> = self.peer_routes.iter().map(|r| r.id).collect();
+        routed.sort_unstable();
+        routed.dedup();
+        if routed.len() != self.peer_routes.len() || routed.contains(&self.id) {
+            return Err("peer_routes: one route per peer, none to this replica".into());
         }
         for (name, ms) in [
             ("fast_timeout_ms", self.fast_timeout_ms),
@@ -459,6 +476,8 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
             let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
             let peers: Vec<(u32, SocketAddr)> =
                 config.peers.iter().map(|p| (p.id, p.addr)).collect();
+            let routes: Vec<(u32, SocketAddr)> =
+                config.peer_routes.iter().map(|r| (r.id, r.addr)).collect();
             // Every instance starts on the durable epoch (`initial.members`,
             // stamped below by node::start) and later instances on the
             // adopted one, before their first step.
@@ -469,6 +488,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 config.id,
                 config.peer_addr,
                 &peers,
+                &routes,
                 &identity,
                 inbound_tx,
                 metrics.clone(),
@@ -777,5 +797,25 @@ mod tests {
             "admin_clients = [\"ops\"]\n{tls}\nclient_ca = \"ca.pem\""
         ));
         verified.validate().unwrap();
+    }
+
+    /// Routes and timeouts out of their bounds are refused at start.
+    #[test]
+    fn routes_and_timeouts_are_checked() {
+        let route = |id: u32| format!("[[peer_routes]]\nid = {id}\naddr = \"127.0.0.1:9{id}00\"\n");
+        let with = |extra: String| {
+            config(&format!(
+                "api_plaintext = true\nfast_timeout_ms = 100\n{extra}"
+            ))
+        };
+        with(route(2) + &route(3)).validate().unwrap();
+        for bad in [route(2) + &route(2), route(1)] {
+            let e = with(bad).validate().unwrap_err();
+            assert!(e.contains("peer_routes"), "{e}");
+        }
+        let e = config("api_plaintext = true\nround_timeout_ms = 0")
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("round_timeout_ms must be 1 to 60000"), "{e}");
     }
 }

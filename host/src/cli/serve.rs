@@ -167,6 +167,10 @@ impl ServeArgs {
             http_idle_secs: base.as_ref().and_then(|b| b.http_idle_secs),
             http_header_secs: base.as_ref().and_then(|b| b.http_header_secs),
             http_body_secs: base.as_ref().and_then(|b| b.http_body_secs),
+            peer_routes: base
+                .as_ref()
+                .map(|b| b.peer_routes.clone())
+                .unwrap_or_default(),
             fast_timeout_ms: base.as_ref().and_then(|b| b.fast_timeout_ms),
             round_timeout_ms: base.as_ref().and_then(|b| b.round_timeout_ms),
         })

@@ -207,22 +207,23 @@ pub struct Transport {
     epoch: Arc<AtomicU64>,
     /// This replica's data-directory identity.
     directory: DirIdentity,
-    /// The addresses its configuration gives for peers: dialed instead of
-    /// the ones the membership record gives (a peer reached through a
-    /// relay or a proxy, or moved, by a change of this file alone).
-    dial: HashMap<ReplicaId, SocketAddr>,
+    /// Routes its configuration sets (`peer_routes`): these peers are
+    /// dialed at these addresses, whatever address the membership record
+    /// gives (a relay or a proxy in front of them).
+    routes: HashMap<ReplicaId, SocketAddr>,
 }
 
 impl Transport {
-    /// Binds `listen` and starts dialing `peers` (id, address), the
-    /// configuration's: for these ids, its addresses win over those of any
-    /// membership record given to [`Transport::set_peers`]. Messages that
-    /// arrive are passed, one frame's worth at a time, to `inbound`.
+    /// Binds `listen` and starts dialing `peers` (id, address), each at its
+    /// route if `routes` has one for it (now and in every later
+    /// [`Transport::set_peers`]). Messages that arrive are passed, one
+    /// frame's worth at a time, to `inbound`.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         self_id: ReplicaId,
         listen: SocketAddr,
         peers: &[(ReplicaId, SocketAddr)],
+        routes: &[(ReplicaId, SocketAddr)],
         identity: &Identity,
         inbound: mpsc::Sender<Received>,
         metrics: Arc<Metrics>,
@@ -265,7 +266,7 @@ impl Transport {
             metrics,
             epoch,
             directory,
-            dial: peers.iter().copied().collect(),
+            routes: routes.iter().copied().collect(),
         };
         transport.set_peers(peers);
         Ok(transport)
@@ -278,7 +279,7 @@ impl Transport {
         let wanted: HashMap<ReplicaId, SocketAddr> = peers
             .iter()
             .filter(|(id, _)| *id != self.self_id)
-            .map(|&(id, addr)| (id, self.dial.get(&id).copied().unwrap_or(addr)))
+            .map(|&(id, addr)| (id, self.routes.get(&id).copied().unwrap_or(addr)))
             .collect();
         *self.members.write().expect("members lock") = wanted.keys().copied().collect();
         slots.retain(|id, slot| {
@@ -465,6 +466,7 @@ mod tests {
                 id,
                 "127.0.0.1:0".parse().unwrap(),
                 peers,
+                &[],
                 &self.identity(id),
                 inbound,
                 metrics,
