@@ -79,12 +79,14 @@ impl Until {
     }
 }
 
-/// What the driver asks of a replica while it waits.
+/// What the driver asks of a replica while it waits. Both read, each key
+/// linearizably, every key a classic quorum of voters holds state for
+/// ([`listers`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Task {
-    /// Read every key a quorum of voters holds (a learner).
+    /// A learner's catch-up.
     CatchUp { epoch: u64 },
-    /// Read every key it holds state for (a continuing voter).
+    /// A continuing voter's sweep (design section 11).
     Sweep { epoch: u64 },
 }
 
@@ -95,6 +97,23 @@ impl Task {
             Task::CatchUp { epoch } | Task::Sweep { epoch } => epoch,
         }
     }
+}
+
+/// Whose keys replica `me` lists for a [`Task`], in the order it asks, and
+/// how many listings it needs: a classic quorum of `voters`, itself first
+/// if it is one. The union of a classic quorum's keys holds every key with
+/// a chosen value, since a linearizable read's quorum must find each. A
+/// sweep lists more than its own keys: a value chosen two voter changes
+/// back can be held by just a classic quorum of the voters it was chosen
+/// under, and after a join and a leave those holders can be too few to meet
+/// every classic quorum of the new voters (voters {a,b,c}, chosen at {a,b};
+/// x joins; a leaves: {c,x} holds nothing). A sweep that reads every such
+/// key leaves each continuing voter holding it.
+pub fn listers(voters: &[ReplicaId], me: ReplicaId) -> (Vec<ReplicaId>, usize) {
+    let order = (voters.iter().copied().filter(|&v| v == me))
+        .chain(voters.iter().copied().filter(|&v| v != me))
+        .collect();
+    (order, ballot_core::quorum_classic(voters.len()))
 }
 
 /// The next step of the change at the head of a record's queue.

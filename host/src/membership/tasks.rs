@@ -118,14 +118,18 @@ impl Membership {
         });
     }
 
-    /// The sweep of section 11: a linearizable read of every key this
-    /// replica holds state for, which finishes any open slot where it holds
-    /// an acceptance.
+    /// The sweep of section 11: a linearizable read of every key a classic
+    /// quorum of voters (this replica first) holds state for. It finishes
+    /// any open slot where this replica holds an acceptance, and leaves
+    /// this replica holding the newest value of every key chosen before the
+    /// listing, also a key it never held: a value chosen two voter changes
+    /// back may be held by too few of the next voters otherwise.
     async fn sweep(self: &Arc<Self>, epoch: u64) -> Result<(), String> {
         self.begin(TaskKind::Sweep, epoch);
-        let keys = self.list(self.me).await?;
+        let record = self.record().ok_or("no membership yet")?;
+        let (keys, _) = self.list_quorum(&record.voters()).await?;
         let started = Instant::now();
-        let total = self.read_tracked(keys).await?;
+        let total = self.read_tracked(keys.into_iter().collect()).await?;
         info!(
             epoch,
             keys = total,
@@ -143,46 +147,8 @@ impl Membership {
         loop {
             let record = self.record().ok_or("no membership yet")?;
             let voters = record.voters();
-            let quorum = ballot_core::quorum_classic(voters.len());
             self.begin(TaskKind::CatchUp, epoch);
-            let mut keys: BTreeSet<Vec<u8>> = BTreeSet::new();
-            let mut ends = Vec::new();
-            let mut listed = 0;
-            let deadline = Instant::now() + STAGE_WAIT;
-            while listed < quorum {
-                listed = 0;
-                ends.clear();
-                for &v in &voters {
-                    if listed >= quorum {
-                        break;
-                    }
-                    // Where the voter's changelog ends before the listing:
-                    // anything it commits later, replay finds after that.
-                    let end = match self.status_of(v).await {
-                        Ok(s) => s.changelog.1,
-                        Err(e) => {
-                            debug!(voter = v, "listing keys: {e}");
-                            continue;
-                        }
-                    };
-                    match self.list(v).await {
-                        Ok(k) => {
-                            keys.extend(k);
-                            listed += 1;
-                            ends.push((v, end));
-                        }
-                        Err(e) => debug!(voter = v, "listing keys: {e}"),
-                    }
-                }
-                if listed < quorum {
-                    if Instant::now() > deadline {
-                        return Err(format!(
-                            "fewer than {quorum} voters answered for the key listing"
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
+            let (keys, ends) = self.list_quorum(&voters).await?;
             let started = Instant::now();
             let total = self.read_tracked(keys.into_iter().collect()).await?;
             if self.record().map(|r| r.voters()) != Some(voters) {
@@ -206,6 +172,53 @@ impl Membership {
                 "catch-up finished"
             );
             return Ok(());
+        }
+    }
+
+    /// The union of the keys a classic quorum of `voters` holds state for
+    /// (`ballot_control::stages::listers`), which covers every chosen
+    /// value, and where each lister's changelog ended before its listing (anything
+    /// it commits later, replay finds after that). Waits while fewer than a
+    /// quorum answer, at most [`STAGE_WAIT`].
+    async fn list_quorum(
+        &self,
+        voters: &[ReplicaId],
+    ) -> Result<(BTreeSet<Vec<u8>>, Vec<(ReplicaId, u64)>), String> {
+        let (order, quorum) = ballot_control::stages::listers(voters, self.me);
+        let mut keys = BTreeSet::new();
+        let mut ends = Vec::new();
+        let deadline = Instant::now() + STAGE_WAIT;
+        loop {
+            keys.clear();
+            ends.clear();
+            for &v in &order {
+                if ends.len() >= quorum {
+                    return Ok((keys, ends));
+                }
+                let end = match self.status_of(v).await {
+                    Ok(s) => s.changelog.1,
+                    Err(e) => {
+                        debug!(voter = v, "listing keys: {e}");
+                        continue;
+                    }
+                };
+                match self.list(v).await {
+                    Ok(k) => {
+                        keys.extend(k);
+                        ends.push((v, end));
+                    }
+                    Err(e) => debug!(voter = v, "listing keys: {e}"),
+                }
+            }
+            if ends.len() >= quorum {
+                return Ok((keys, ends));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "fewer than {quorum} voters answered for the key listing"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

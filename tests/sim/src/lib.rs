@@ -190,6 +190,11 @@ pub struct SimConfig {
     /// plain write, not a compare-and-swap: unsafe, kept so a test can show
     /// that racing drivers then break the membership.
     pub planted_blind_publish: bool,
+    /// With `reconfigure`: a sweeping voter reads only the keys it holds
+    /// state for itself, as the daemon did before: unsafe, kept so a test
+    /// can show that a value chosen two voter changes back then ends up
+    /// outside a quorum of the new voters.
+    pub planted_sweep_own_keys: bool,
     /// Lock holders with leases, and a lease reaper on every replica
     /// (`simulator::leases`).
     pub leases: bool,
@@ -230,6 +235,7 @@ impl SimConfig {
             planted_replay_skips_snapshot: false,
             planted_no_replay: false,
             planted_blind_publish: false,
+            planted_sweep_own_keys: false,
             leases: false,
             planted_wall_clock_reaper: false,
             listing: false,
@@ -1326,8 +1332,9 @@ impl<'f> Sim<'f> {
             }
             let members = self.members_at(node.epoch);
             let q = ballot_core::quorum_classic(members.voters.len());
-            // A voter's answer counts if it is up and the lister takes its
-            // messages (it knows the voter by its present directory, as
+            // A voter's answer counts if it is up, runs the lister's epoch
+            // (answers are fenced by epoch, section 11) and the lister takes
+            // its messages (it knows the voter by its present directory, as
             // `admits` decides).
             let answering: Vec<ReplicaId> = members
                 .voters
@@ -1337,7 +1344,10 @@ impl<'f> Sim<'f> {
                     let j = v as usize - 1;
                     let n = &self.nodes[j];
                     let known = node.known.get(&j).is_none_or(|&id| id == n.identity);
-                    n.core.is_some() && !n.off && (j == i || known || self.cfg.unchecked_identity)
+                    n.core.is_some()
+                        && !n.off
+                        && n.epoch == node.epoch
+                        && (j == i || known || self.cfg.unchecked_identity)
                 })
                 .collect();
             for key in &self.acked {
@@ -1473,8 +1483,8 @@ impl<'f> Sim<'f> {
     }
 
     /// Starts `task` on node `i` unless it runs or is done, as the
-    /// daemon's membership task does: a catch-up reads every key, a sweep
-    /// every key the replica holds durable state for.
+    /// daemon's membership task does: both read every key a classic quorum
+    /// of voters holds durable state for.
     fn start_task(&mut self, i: usize, task: Task) {
         let node = &self.nodes[i];
         let done = match task {
@@ -1484,41 +1494,33 @@ impl<'f> Sim<'f> {
         if node.core.is_none() || done || node.task.as_ref().is_some_and(|(t, _)| *t == task) {
             return;
         }
-        let keys: BTreeSet<Vec<u8>> = match task {
-            // The daemon lists every key a classic quorum of voters holds
-            // state for (the system records too) and reads each; it waits
-            // while fewer than a quorum answer.
-            Task::CatchUp { .. } => {
-                let voters = self.record.voters();
-                let listers: Vec<usize> = voters
-                    .iter()
-                    .map(|&v| v as usize - 1)
-                    .filter(|&v| v != i && self.nodes[v].core.is_some())
-                    .take(ballot_core::quorum_classic(voters.len()))
-                    .collect();
-                if listers.len() < ballot_core::quorum_classic(voters.len()) {
-                    return;
-                }
-                listers
-                    .iter()
-                    .flat_map(|&v| {
-                        self.nodes[v]
-                            .durable
-                            .iter()
-                            .filter(|(_, s)| !s.is_empty())
-                            .map(|(k, _)| k.clone())
-                    })
-                    .collect()
-            }
-            // The daemon lists the keys its LMDB holds state for: a vote
-            // still on its way to the disk is not listed.
-            Task::Sweep { .. } => self.nodes[i]
-                .durable
-                .iter()
-                .filter(|(_, s)| !s.is_empty())
-                .map(|(k, _)| k.clone())
-                .collect(),
+        // The daemon lists every key a classic quorum of voters holds
+        // state for in LMDB (a vote still on its way to the disk is not
+        // listed; the system records are listed too), asking in the order
+        // `listers` gives, and reads each; it waits while fewer than a
+        // quorum answer.
+        let (order, quorum) = stages::listers(&self.record.voters(), node.id);
+        let answering: Vec<usize> = order
+            .iter()
+            .map(|&v| v as usize - 1)
+            .filter(|&v| self.nodes[v].core.is_some())
+            .take(quorum)
+            .collect();
+        let answering = match task {
+            Task::Sweep { .. } if self.cfg.planted_sweep_own_keys => vec![i],
+            _ if answering.len() < quorum => return,
+            _ => answering,
         };
+        let keys: BTreeSet<Vec<u8>> = answering
+            .iter()
+            .flat_map(|&v| {
+                self.nodes[v]
+                    .durable
+                    .iter()
+                    .filter(|(_, s)| !s.is_empty())
+                    .map(|(k, _)| k.clone())
+            })
+            .collect();
         let empty = keys.is_empty();
         self.nodes[i].task = Some((task, keys));
         if empty {

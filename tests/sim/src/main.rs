@@ -69,6 +69,9 @@ enum PlantArg {
     /// With --reconfigure: the drivers publish the membership record with a
     /// plain write instead of a compare-and-swap.
     BlindPublish,
+    /// With --reconfigure: a sweeping voter reads only the keys it holds
+    /// state for itself, not every key a classic quorum of voters holds.
+    SweepOwnKeys,
     /// A key's leader that lost its promise to a higher ballot moves above
     /// it and goes straight to phase 2, skipping phase 1.
     LeaderSkipsPrepare,
@@ -164,13 +167,14 @@ fn main() -> ExitCode {
     let skip_snapshot = args.planted == Some(PlantArg::SkipSnapshot);
     let no_replay = args.planted == Some(PlantArg::NoReplay);
     let blind_publish = args.planted == Some(PlantArg::BlindPublish);
+    let sweep_own_keys = args.planted == Some(PlantArg::SweepOwnKeys);
     let wall_clock_reaper = args.planted == Some(PlantArg::WallClockReaper);
     if wall_clock_reaper && !args.leases {
         eprintln!("ballot-sim: --planted wall-clock-reaper needs --leases");
         return ExitCode::from(2);
     }
-    if blind_publish && !args.reconfigure {
-        eprintln!("ballot-sim: --planted blind-publish needs --reconfigure");
+    if (blind_publish || sweep_own_keys) && !args.reconfigure {
+        eprintln!("ballot-sim: --planted blind-publish and sweep-own-keys need --reconfigure");
         return ExitCode::from(2);
     }
     if (skip_snapshot || no_replay) && !args.replay {
@@ -195,6 +199,7 @@ fn main() -> ExitCode {
         || skip_snapshot
         || no_replay
         || blind_publish
+        || sweep_own_keys
         || wall_clock_reaper
     {
         None
@@ -219,6 +224,7 @@ fn main() -> ExitCode {
             | PlantArg::SkipSnapshot
             | PlantArg::NoReplay
             | PlantArg::BlindPublish
+            | PlantArg::SweepOwnKeys
             | PlantArg::WallClockReaper => unreachable!("handled before"),
         }))),
         CoreArg::Upgrade => {
@@ -282,6 +288,7 @@ fn main() -> ExitCode {
                     cfg.planted_replay_skips_snapshot = skip_snapshot;
                     cfg.planted_no_replay = no_replay;
                     cfg.planted_blind_publish = blind_publish;
+                    cfg.planted_sweep_own_keys = sweep_own_keys;
                     cfg.leases = args.leases;
                     cfg.listing = args.listing;
                     cfg.planted_wall_clock_reaper = wall_clock_reaper;

@@ -893,6 +893,39 @@ fn a_listing_s_quorum_always_holds_every_acknowledged_key() {
     }
 }
 
+/// A value chosen two voter changes back stays where every classic quorum
+/// of the new voters finds it. Voters {1,2,3}; a key is written at {1,2}
+/// and its Learns to 3 are lost; a replica joins; 1 leaves. When a sweep
+/// read only the keys its own replica held, 3 and the new voter never read
+/// that key, and after the leave they were a classic quorum without it: a
+/// read or a listing through either could miss an acknowledged write, and
+/// a write there could choose a second value at its version.
+/// `ballot-sim --seeds 2500 --nodes 3,4,5 --reconfigure --listing --keys
+/// 200` failed seed 428 at n = 3 at 1548a36 ("listing: through replica 1
+/// (epoch 7), voters [1, 5] could answer without key k37 a write to it was
+/// acknowledged for"; 1 of 7500 runs, with seeds 500-2499). A sweep now
+/// reads every key a classic quorum of voters holds
+/// (`ballot_control::stages::listers`, the daemon's rule); planted back,
+/// the seed fails again.
+#[test]
+fn a_value_chosen_two_voter_changes_back_is_swept_to_every_continuing_voter() {
+    let cfg = |planted| {
+        let mut cfg = SimConfig::reconfiguring(428, 3);
+        cfg.listing = true;
+        cfg.keys = 200;
+        cfg.planted_sweep_own_keys = planted;
+        cfg
+    };
+    let report = run(cfg(true), &NativeFactory(None));
+    assert!(
+        report.violations.iter().any(|v| v.starts_with("listing:")),
+        "the sweep of its own keys passed: {:?}",
+        report.violations
+    );
+    let report = run(cfg(false), &NativeFactory(None));
+    assert_clean(&report, 428, 3);
+}
+
 /// The listing check can fail: peers that take a lost directory's messages
 /// (review defect E) let an empty replica and one that missed a key form
 /// the quorum a listing would hear (seeds 1, 3, 17 of `ballot-sim --nodes 3
