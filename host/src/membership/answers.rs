@@ -40,7 +40,8 @@ pub(super) enum What {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<u64>,
     },
-    /// Read every key you hold state for, then report `swept` = epoch.
+    /// Read every key a classic quorum of voters holds (yours among
+    /// them), then report `swept` = epoch.
     Sweep { epoch: u64 },
     /// Read every key a quorum of voters holds, then report `caught_up`.
     CatchUp { epoch: u64 },

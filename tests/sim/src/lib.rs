@@ -1332,9 +1332,10 @@ impl<'f> Sim<'f> {
             }
             let members = self.members_at(node.epoch);
             let q = ballot_core::quorum_classic(members.voters.len());
-            // A voter's answer counts if it is up, runs the lister's epoch
-            // (answers are fenced by epoch, section 11) and the lister takes
-            // its messages (it knows the voter by its present directory, as
+            // A voter's answer counts if it is up, does not run a newer
+            // epoch than the lister (answers are fenced by epoch, section 11,
+            // and epochs only grow; one on an older epoch may adopt the
+            // lister's and answer later) and the lister takes its messages (it knows the voter by its present directory, as
             // `admits` decides).
             let answering: Vec<ReplicaId> = members
                 .voters
@@ -1346,7 +1347,7 @@ impl<'f> Sim<'f> {
                     let known = node.known.get(&j).is_none_or(|&id| id == n.identity);
                     n.core.is_some()
                         && !n.off
-                        && n.epoch == node.epoch
+                        && n.epoch <= node.epoch
                         && (j == i || known || self.cfg.unchecked_identity)
                 })
                 .collect();
