@@ -22,6 +22,7 @@ pub fn table(report: &Report) -> String {
         "guest us/op",
         "host us/op",
         "fsync/op",
+        "commit us/op",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let opt = |v: Option<f64>, digits: usize| {
@@ -44,6 +45,7 @@ pub fn table(report: &Report) -> String {
             opt(b.map(|b| b.guest_us_per_op), 1),
             opt(b.map(|b| b.host_cpu_us_per_op), 0),
             opt(b.map(|b| b.fsyncs_per_op), 2),
+            opt(b.map(|b| b.storage_us_per_op), 0),
         ]);
     }
     out.push_str(&render(&rows));
