@@ -192,9 +192,6 @@ impl Membership {
             keys.clear();
             ends.clear();
             for &v in &order {
-                if ends.len() >= quorum {
-                    return Ok((keys, ends));
-                }
                 let end = match self.status_of(v).await {
                     Ok(s) => s.changelog.1,
                     Err(e) => {
@@ -206,15 +203,15 @@ impl Membership {
                     Ok(k) => {
                         keys.extend(k);
                         ends.push((v, end));
+                        if ends.len() >= quorum {
+                            return Ok((keys, ends));
+                        }
                     }
                     // A sweeper must read its own keys (where it may hold
                     // an old fast acceptance): no other listing stands in.
                     Err(e) if v == self.me => return Err(format!("listing own keys: {e}")),
                     Err(e) => debug!(voter = v, "listing keys: {e}"),
                 }
-            }
-            if ends.len() >= quorum {
-                return Ok((keys, ends));
             }
             if Instant::now() > deadline {
                 return Err(format!(

@@ -1333,10 +1333,11 @@ impl<'f> Sim<'f> {
             let members = self.members_at(node.epoch);
             let q = ballot_core::quorum_classic(members.voters.len());
             // A voter's answer counts if it is up, does not run a newer
-            // epoch than the lister (answers are fenced by epoch, section 11,
-            // and epochs only grow; one on an older epoch may adopt the
-            // lister's and answer later) and the lister takes its messages (it knows the voter by its present directory, as
-            // `admits` decides).
+            // epoch than the lister (answers are fenced by epoch, section
+            // 11, and epochs only grow; one on an older epoch may adopt the
+            // lister's and answer later) and the lister takes its messages
+            // (it knows the voter by its present directory, as `admits`
+            // decides).
             let answering: Vec<ReplicaId> = members
                 .voters
                 .iter()
