@@ -175,8 +175,11 @@ enum Phase {
         sends: u32,
     },
     Backoff,
-    /// A read waits for a leader's pending slot to be learned.
-    Wait,
+    /// A read (or a command's confirming read) waits for a leader's
+    /// pending `slot` to be learned.
+    Wait {
+        slot: u64,
+    },
 }
 
 impl Phase {
@@ -430,7 +433,7 @@ impl<E: Env> Replica<E> {
                     Phase::Prepare { promises, .. } => promises.clear(),
                     Phase::Accept { acks, .. } => acks.clear(),
                     Phase::Query { replies, .. } => replies.clear(),
-                    Phase::Idle | Phase::Backoff | Phase::Wait | Phase::Forward { .. } => {}
+                    Phase::Idle | Phase::Backoff | Phase::Wait { .. } | Phase::Forward { .. } => {}
                 }
             }
         }
@@ -1663,7 +1666,7 @@ impl<E: Env> Replica<E> {
                 self.begin_prepare(key, op, slot)
             }
             Phase::Backoff => self.advance(key, op),
-            Phase::Wait => self.begin_query(key, op),
+            Phase::Wait { .. } => self.begin_query(key, op),
             Phase::Accept { .. } => {
                 self.leads.remove(key);
                 self.backoff(key, op, FailureReason::NoQuorum)
@@ -2084,6 +2087,23 @@ impl<E: Env> Replica<E> {
             return;
         };
         let chosen = &self.state(key).chosen;
+        // A read waiting for a leader's pending slot answers as soon as the
+        // slot is learned, with the value as of now, instead of asking a
+        // quorum again when its wait ends: on a key written all the time,
+        // every new quorum found the next slot pending, the read waited
+        // again and in the end took the key from its leader with a prepare
+        // (section 3, "Linearizable reads", says why the answer is
+        // linearizable).
+        if let (Kind::Read, Phase::Wait { slot }) = (&op.kind, &op.phase) {
+            if *slot > chosen.version {
+                return self.put_active(key, op);
+            }
+            let current = Current {
+                value: chosen.value.clone(),
+                version: chosen.version,
+            };
+            return self.finish(key, op, Outcome::Done(current));
+        }
         match op.phase.slot() {
             Some(slot) if slot <= chosen.version => match op.kind {
                 // A read that had to finish a pending slot returns the value
@@ -2394,7 +2414,9 @@ impl<E: Env> Replica<E> {
             let mut op = op;
             if leader_busy && op.waits < READ_WAITS {
                 op.waits += 1;
-                op.phase = Phase::Wait;
+                op.phase = Phase::Wait {
+                    slot: newest.version + 1,
+                };
                 let delay = ((2 * self.rtt_ms).max(BACKOFF_MIN_MS) << (op.waits - 1))
                     .min(self.config.round_timeout_ms as u64);
                 self.arm(key, &mut op, delay);

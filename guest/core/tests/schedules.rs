@@ -230,10 +230,22 @@ impl Net {
         for s in ready.early.send {
             self.pool.push((id, s.to, s.payload));
         }
+        for c in ready.early.complete {
+            self.done.push((c.id, c.outcome));
+        }
         self.restart(id, incarnation);
     }
 
     /// Delivers every `kind` message in flight from `from` to `to`, if any.
+    /// Copies of the payloads in flight that `pred` matches.
+    fn clone_pool(&self, pred: impl Fn(ReplicaId, ReplicaId, &str) -> bool) -> Vec<Vec<u8>> {
+        self.pool
+            .iter()
+            .filter(|(f, t, p)| pred(*f, *t, kind(p)))
+            .map(|(_, _, p)| p.clone())
+            .collect()
+    }
+
     fn deliver_any(&mut self, from: ReplicaId, to: ReplicaId, what: &str) {
         let hit = self.take(|f, t, p| f == from && t == to && kind(p) == what);
         for (f, t, payload) in hit {
@@ -674,6 +686,72 @@ fn lost_lead(plant: Plant) {
     net.assert_one_value_per_version();
     net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(5).is_some());
     assert_eq!(done_value(net.outcome(5)), Some((Some(b"v".to_vec()), 4)));
+}
+
+/// A read through a replica that does not lead a key written all the time
+/// (its leader always has the next slot in flight) answers once the slot
+/// it found pending is learned, with the value as of then. Before, it asked
+/// a quorum again when each wait ended, found the next slot pending every
+/// time, and after three waits took the key from its leader with a
+/// prepare (in fault-free simulator runs with 16 clients on 4 keys, the
+/// longest operations took 312 to 627 ms where a slot takes a few).
+#[test]
+fn a_read_behind_a_busy_leader_answers_once_the_pending_slot_is_learned() {
+    let mut net = led_by_1(healthy);
+    // The leader's next write reaches 2 and 3; their votes are on the way.
+    net.put(1, 2, "b");
+    net.deliver(1, 2, "Continue");
+    net.deliver(1, 3, "Continue");
+    // Replica 2 reads: its quorum (itself and 3) holds version 1 and the
+    // leader's pending slot 2, so it waits for the leader.
+    let read_through_2_and_3 = |net: &mut Net| {
+        net.read(2, 3);
+        net.drop_where(|f, t, what| f == 2 && t == 1 && what == "Query");
+        net.deliver(2, 3, "Query");
+        net.deliver(3, 2, "QueryReply");
+        assert!(net.outcome(3).is_none());
+    };
+    read_through_2_and_3(&mut net);
+    // Slot 2 is chosen; the leader starts slot 3 at once and tells 2.
+    net.deliver(2, 1, "Accepted");
+    assert_eq!(done_value(net.outcome(2)), Some((Some(b"b".to_vec()), 2)));
+    net.put(1, 4, "c");
+    net.deliver(1, 2, "Continue");
+    // The answer waits until what the read learned is durable: replica 2
+    // crashing before its write of version 2 lands answers nothing.
+    let mut again = net.clone_pool(|f, t, what| f == 1 && t == 2 && what == "Learn");
+    let learn = again.remove(0);
+    let batch = Batch {
+        messages: vec![Inbound {
+            from: 1,
+            key: KEY.to_vec(),
+            payload: learn,
+        }],
+        ..Batch::default()
+    };
+    net.crash_during_fsync(2, batch, 2);
+    assert!(
+        net.outcome(3).is_none(),
+        "answered before the learn was durable"
+    );
+    // Replica 2 comes back: a new read there waits for the leader the same way.
+    net.drop_where(|_, t, what| t == 2 && what != "Learn");
+    read_through_2_and_3(&mut net);
+    net.deliver(1, 2, "Learn");
+    assert_eq!(
+        done_value(net.outcome(3)),
+        Some((Some(b"b".to_vec()), 2)),
+        "the read did not answer when the slot it waited for was learned"
+    );
+    assert!(
+        !net.pool
+            .iter()
+            .any(|(f, _, p)| *f == 2 && matches!(kind(p), "Prepare" | "Query")),
+        "the read asked again"
+    );
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(4).is_some());
+    assert_eq!(done_value(net.outcome(4)), Some((Some(b"c".to_vec()), 3)));
+    net.assert_one_value_per_version();
 }
 
 /// A leader that stopped for good: replica 2's forward goes unanswered
