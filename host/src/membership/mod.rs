@@ -311,9 +311,15 @@ impl Membership {
         let (mut status, peers) = {
             let local = self.local.lock().expect("membership lock");
             let peers = local.record.as_ref().map(|r| r.peers(self.me));
+            // The epoch the core runs, with everything it stepped before
+            // durable (`node::Driver::settling`), not merely the record
+            // this replica made durable: the driver's stages wait on it.
             let status = Status {
                 id: self.me,
-                epoch: local.record.as_ref().map_or(0, |r| r.epoch),
+                epoch: local
+                    .record
+                    .as_ref()
+                    .map_or(0, |r| r.epoch.min(self.transport.epoch())),
                 swept: local.swept,
                 caught_up: local.caught_up,
                 progress: local.progress.clone(),
@@ -627,6 +633,58 @@ mod tests {
         fetched.epoch = 2;
         storage.set_adopted_members(&fetched.encode()).unwrap();
         assert_eq!(durable_record(&storage).unwrap(), Some(committed));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A replica's status reports the epoch its core runs (published once
+    /// what the core stepped before it is durable), not the record it made
+    /// durable a moment before the core heard of it: the membership driver
+    /// starts the sweeps once every voter reports the classic-only epoch.
+    #[tokio::test]
+    async fn the_status_reports_no_epoch_the_core_does_not_run_yet() {
+        let dir = std::env::temp_dir().join(format!("ballot-status-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        storage.set_admitted().unwrap();
+        let pki = crate::transport::tests::Pki::new("status");
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let transport = Arc::new(
+            Transport::start(
+                1,
+                "127.0.0.1:0".parse().unwrap(),
+                &[],
+                &[],
+                &pki.identity(1),
+                mpsc::channel(1).0,
+                Arc::new(crate::metrics::Metrics::new()),
+                epoch.clone(),
+                crate::transport::tests::hooks(),
+            )
+            .unwrap(),
+        );
+        let membership = Membership::new(Setup {
+            me: 1,
+            storage,
+            requests: mpsc::channel(1).0,
+            control: Default::default(),
+            transport: transport.clone(),
+            health: Default::default(),
+            bootstrap: None,
+            changelog_keep: 16,
+        });
+        let mut record =
+            MembersRecord::bootstrap(vec![member(1, Role::Voter), member(2, Role::Voter)]);
+        record.epoch = 2;
+        record.fast = false;
+        membership.adopt(record);
+        assert_eq!(
+            membership.status().epoch,
+            1,
+            "the status ran ahead of the core"
+        );
+        epoch.store(2, std::sync::atomic::Ordering::Release);
+        assert_eq!(membership.status().epoch, 2);
+        transport.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

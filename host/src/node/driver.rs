@@ -73,9 +73,20 @@ pub(super) struct Driver {
     pub(super) watchers: Watchers,
     /// The membership adopted since start, applied to every new instance.
     pub(super) members: Option<Members>,
-    /// The epoch the running instance has adopted (the transport stamps
-    /// frames with it).
+    /// The epoch the running instance has adopted, published once every
+    /// ready stepped before the adoption is durable (see `settling`). The
+    /// transport stamps frames with it, listings are fenced by it, and the
+    /// replica's status reports no newer epoch.
     pub(super) epoch: Arc<AtomicU64>,
+    /// An epoch adopted while readies stepped before it were not durable
+    /// yet, and the host number of the newest of them. A fast acceptance of
+    /// the epoch before may be on its way to LMDB; a sweep's listing reads
+    /// LMDB, so the replica must not be seen running the new epoch (the
+    /// membership driver starts the sweeps once every voter does) before
+    /// that acceptance is there to be listed (design section 11, point 3).
+    pub(super) settling: Option<(u64, u64)>,
+    /// The host number of the newest ready stepped.
+    pub(super) last_host: u64,
     /// Commands peers forwarded to the running instance (see `forwards`).
     pub(super) forwards: Forwards,
     /// Events for the next step that came from no queue: forwards held
@@ -437,6 +448,7 @@ impl Driver {
         }
         self.observe_guest("step", started);
         let stepped = self.pipeline.stepped(&mut ready);
+        self.last_host = stepped.host;
         if let Some(early) = stepped.early {
             self.dispatch(early);
         }
@@ -467,6 +479,12 @@ impl Driver {
             Err(e) => return self.health.stop(e),
         };
         let durable = self.pipeline.durable(upto);
+        if let Some((epoch, host)) = self.settling {
+            if upto >= host {
+                self.settling = None;
+                self.epoch.store(epoch, Ordering::Release);
+            }
+        }
         for (key, commit) in durable.commits {
             let to = if key == MEMBERS_KEY {
                 &self.watchers.members
@@ -600,7 +618,12 @@ impl Driver {
                     "membership epoch adopted"
                 );
                 self.members = Some(members.clone());
-                self.epoch.store(epoch, Ordering::Release);
+                if self.pipeline.is_empty() {
+                    self.settling = None;
+                    self.epoch.store(epoch, Ordering::Release);
+                } else {
+                    self.settling = Some((epoch, self.last_host));
+                }
                 Ok(())
             }
             Err(e) => Err(e),

@@ -498,6 +498,8 @@ pub fn start(
         watchers,
         members: initial.members,
         epoch,
+        settling: None,
+        last_host: 0,
         forwards: forwards::Forwards::new(initial.incarnation),
         carry: Batch::default(),
     };
@@ -685,6 +687,114 @@ mod tests {
         );
         assert!(matches!(&got[2], CoreEvent::Trapped { count: 1, .. }));
         assert!(events.queue.lock().unwrap().is_empty());
+    }
+
+    /// A replica is seen running a new epoch (the transport's stamp, the
+    /// listing fence, and through them the status the membership driver
+    /// waits on before the sweeps) only once every ready its core stepped
+    /// before adopting it is durable. A fast acceptance of the epoch
+    /// before, still on its way to LMDB, would otherwise be missing from
+    /// every sweep's listing, which reads LMDB. Real LMDB, the writer
+    /// thread held at LMDB's write lock, the native core.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_epoch_is_published_once_what_was_stepped_before_it_is_durable() {
+        let dir = std::env::temp_dir().join(format!("ballot-settling-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        let pki = crate::transport::tests::Pki::new("settling");
+        let (inbound_tx, inbound_rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let epoch = Arc::new(AtomicU64::new(1));
+        let transport = Arc::new(
+            Transport::start(
+                1,
+                "127.0.0.1:0".parse().unwrap(),
+                &[],
+                &[],
+                &pki.identity(1),
+                inbound_tx,
+                metrics.clone(),
+                epoch.clone(),
+                crate::transport::tests::hooks(),
+            )
+            .unwrap(),
+        );
+        let engine = crate::runtime::engine().unwrap();
+        let factory: ProtocolFactory = Arc::new(move |incarnation| {
+            let config = ballot_core::Config::new(1, incarnation, vec![1, 2, 3]);
+            let policies = Policies::new(&engine, None).map_err(|e| e.to_string())?;
+            Ok(Box::new(Replica::new(config, policies)?) as Box<dyn Protocol>)
+        });
+        let initial = Initial {
+            label: "native".into(),
+            factory,
+            incarnation: 1,
+            members: Some(members(1)),
+        };
+        let (watchers, _config, _members) = Watchers::new();
+        let core = start(
+            initial,
+            storage.clone(),
+            inbound_rx,
+            transport.clone(),
+            metrics.clone(),
+            watchers,
+            Arc::new(Events::default()),
+            epoch.clone(),
+        )
+        .unwrap();
+        let held = storage.hold_writes();
+        let (reply, _answer) = oneshot::channel();
+        let put = ballot_core::register::Command::Put(b"v".to_vec()).encode();
+        core.requests
+            .send(ClientRequest {
+                key: b"k".to_vec(),
+                op: Operation::Command(put),
+                reply,
+                charge: None,
+            })
+            .await
+            .unwrap();
+        // The core has stepped the put: its own fast acceptance waits for
+        // the writer, which waits for the lock.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !metrics
+            .render()
+            .lines()
+            .any(|l| l.contains("guest_call_seconds_count") && l.contains("step"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the put was not stepped"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let classic = Members {
+            fast: false,
+            ..members(2)
+        };
+        core.control.send(Control::Members(classic));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            epoch.load(Ordering::Acquire),
+            1,
+            "epoch 2 was published while a fast acceptance stepped in epoch 1 was not durable"
+        );
+        drop(held);
+        while epoch.load(Ordering::Acquire) != 2 {
+            assert!(
+                std::time::Instant::now() < deadline + Duration::from_secs(10),
+                "epoch 2 was never published"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            storage.state_keys(None, 10).unwrap(),
+            vec![b"k".to_vec()],
+            "once epoch 2 is published, a listing finds the key"
+        );
+        transport.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -164,6 +164,13 @@ impl Storage {
     /// durably bumps the boot counter. Returns the store and the new
     /// incarnation. Refuses a directory that belongs to another replica or
     /// holds a format this build does not read.
+    /// Holds LMDB's write lock until the transaction is dropped: every
+    /// commit of the writer thread waits for it (tests only).
+    #[cfg(test)]
+    pub(crate) fn hold_writes(&self) -> heed::RwTxn<'_> {
+        self.env.write_txn().expect("write transaction")
+    }
+
     pub fn open(dir: &Path, replica: u32, map_size: usize) -> Result<(Storage, u64), Error> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StorageError::Io(format!("creating {}: {e}", dir.display())))?;

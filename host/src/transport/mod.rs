@@ -414,11 +414,11 @@ impl Transport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::storage::IDENTITY_LEN;
 
-    fn hooks() -> Hooks {
+    pub(crate) fn hooks() -> Hooks {
         let (ahead, _reports) = mpsc::channel(1);
         let (service, _calls) = mpsc::channel(1);
         Hooks {
@@ -432,10 +432,10 @@ mod tests {
 
     /// A cluster CA in a fresh directory (removed on drop), issuing node
     /// identities.
-    struct Pki(std::path::PathBuf);
+    pub(crate) struct Pki(std::path::PathBuf);
 
     impl Pki {
-        fn new(name: &str) -> Pki {
+        pub(crate) fn new(name: &str) -> Pki {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let dir = std::env::temp_dir().join(format!("ballot-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
@@ -444,7 +444,7 @@ mod tests {
             Pki(dir)
         }
 
-        fn identity(&self, id: ReplicaId) -> Identity {
+        pub(crate) fn identity(&self, id: ReplicaId) -> Identity {
             crate::tls::issue_node(&self.0, id).unwrap();
             Identity::load(&crate::tls::TlsFiles {
                 ca: crate::tls::ca_cert_path(&self.0),
