@@ -8,7 +8,8 @@
 //! on every message, section 11 of the design) and must find that
 //! acceptance or the value learned from it, or it would return a stale
 //! absence. A listing counts the same kind of quorum, fenced the same way
-//! (a voter answers only while its protocol runs the asker's epoch), so
+//! (a voter answers only while the epoch it has published, the one its
+//! protocol runs with every earlier vote durable, is the asker's), so
 //! some answer holds state for every such key. Values are then read one key
 //! at a time, linearizably, by the caller.
 

@@ -124,8 +124,21 @@ impl Membership {
     /// this replica holding the newest value of every key chosen before the
     /// listing, also a key it never held: a value chosen two voter changes
     /// back may be held by too few of the next voters otherwise.
-    async fn sweep(self: &Arc<Self>, epoch: u64) -> Result<(), String> {
+    pub(super) async fn sweep(self: &Arc<Self>, epoch: u64) -> Result<(), String> {
         self.begin(TaskKind::Sweep, epoch);
+        // Its own keys come from LMDB: they include every fast acceptance
+        // of an earlier epoch only once this replica has published the
+        // epoch it sweeps for (`node::Driver::settling`). The driver asks
+        // for sweeps after every voter reports it; any other asker waits.
+        let deadline = Instant::now() + STAGE_WAIT;
+        while self.transport.epoch() < epoch {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "this replica has not published epoch {epoch} to sweep for it"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let record = self.record().ok_or("no membership yet")?;
         let (keys, _) = self.list_quorum(&record.voters()).await?;
         let started = Instant::now();

@@ -574,9 +574,10 @@ impl Driver {
     /// Moves the running instance to `members` if it is newer than what it
     /// runs. A trap replaces the instance and the fresh one is asked once
     /// more. An instance that cannot run the epoch stops the replica: the
-    /// membership layer has made the epoch durable and reports it, so an
-    /// instance left voting on an older epoch would be counted where it
-    /// must not be (design section 11).
+    /// membership layer has made the epoch durable, the replica resumes it
+    /// after a restart and its peers have moved on, so an instance left
+    /// voting on an older epoch would be counted where it must not be
+    /// (design section 11).
     fn adopt(&mut self, members: Members) {
         let epoch = members.epoch;
         let failure = match self.try_adopt(&members) {

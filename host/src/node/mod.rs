@@ -705,20 +705,7 @@ mod tests {
         let (inbound_tx, inbound_rx) = mpsc::channel(16);
         let metrics = Arc::new(Metrics::new());
         let epoch = Arc::new(AtomicU64::new(1));
-        let transport = Arc::new(
-            Transport::start(
-                1,
-                "127.0.0.1:0".parse().unwrap(),
-                &[],
-                &[],
-                &pki.identity(1),
-                inbound_tx,
-                metrics.clone(),
-                epoch.clone(),
-                crate::transport::tests::hooks(),
-            )
-            .unwrap(),
-        );
+        let transport = pki.alone(1, inbound_tx, metrics.clone(), epoch.clone());
         let engine = crate::runtime::engine().unwrap();
         let factory: ProtocolFactory = Arc::new(move |incarnation| {
             let config = ballot_core::Config::new(1, incarnation, vec![1, 2, 3]);

@@ -160,10 +160,6 @@ pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
 }
 
 impl Storage {
-    /// Opens (or creates) the store in `dir` for replica `replica`, and
-    /// durably bumps the boot counter. Returns the store and the new
-    /// incarnation. Refuses a directory that belongs to another replica or
-    /// holds a format this build does not read.
     /// Holds LMDB's write lock until the transaction is dropped: every
     /// commit of the writer thread waits for it (tests only).
     #[cfg(test)]
@@ -171,6 +167,10 @@ impl Storage {
         self.env.write_txn().expect("write transaction")
     }
 
+    /// Opens (or creates) the store in `dir` for replica `replica`, and
+    /// durably bumps the boot counter. Returns the store and the new
+    /// incarnation. Refuses a directory that belongs to another replica or
+    /// holds a format this build does not read.
     pub fn open(dir: &Path, replica: u32, map_size: usize) -> Result<(Storage, u64), Error> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StorageError::Io(format!("creating {}: {e}", dir.display())))?;

@@ -418,7 +418,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::storage::IDENTITY_LEN;
 
-    pub(crate) fn hooks() -> Hooks {
+    fn hooks() -> Hooks {
         let (ahead, _reports) = mpsc::channel(1);
         let (service, _calls) = mpsc::channel(1);
         Hooks {
@@ -444,7 +444,7 @@ pub(crate) mod tests {
             Pki(dir)
         }
 
-        pub(crate) fn identity(&self, id: ReplicaId) -> Identity {
+        fn identity(&self, id: ReplicaId) -> Identity {
             crate::tls::issue_node(&self.0, id).unwrap();
             Identity::load(&crate::tls::TlsFiles {
                 ca: crate::tls::ca_cert_path(&self.0),
@@ -452,6 +452,29 @@ pub(crate) mod tests {
                 key: crate::tls::node_key_path(&self.0, id),
             })
             .unwrap()
+        }
+
+        /// Replica `id` on a loopback port, with no peers, stamping its
+        /// frames with `epoch`.
+        pub(crate) fn alone(
+            &self,
+            id: ReplicaId,
+            inbound: mpsc::Sender<Received>,
+            metrics: Arc<Metrics>,
+            epoch: Arc<AtomicU64>,
+        ) -> Arc<Transport> {
+            let t = Transport::start(
+                id,
+                "127.0.0.1:0".parse().unwrap(),
+                &[],
+                &[],
+                &self.identity(id),
+                inbound,
+                metrics,
+                epoch,
+                hooks(),
+            );
+            Arc::new(t.unwrap())
         }
 
         /// Replica `id` on a loopback port, dialing `peers`.
