@@ -110,6 +110,11 @@ impl Pipeline {
         self.queue.is_empty()
     }
 
+    /// The host number of the newest ready not durable yet, if any.
+    pub fn newest(&self) -> Option<u64> {
+        self.queue.back().map(|e| e.host)
+    }
+
     /// The newest state of `key` not durable yet, if any: the next step
     /// must see it rather than what storage holds.
     pub fn state(&self, key: &[u8]) -> Option<&[u8]> {

@@ -85,8 +85,6 @@ pub(super) struct Driver {
     /// membership driver starts the sweeps once every voter does) before
     /// that acceptance is there to be listed (design section 11, point 3).
     pub(super) settling: Option<(u64, u64)>,
-    /// The host number of the newest ready stepped.
-    pub(super) last_host: u64,
     /// Commands peers forwarded to the running instance (see `forwards`).
     pub(super) forwards: Forwards,
     /// Events for the next step that came from no queue: forwards held
@@ -448,7 +446,6 @@ impl Driver {
         }
         self.observe_guest("step", started);
         let stepped = self.pipeline.stepped(&mut ready);
-        self.last_host = stepped.host;
         if let Some(early) = stepped.early {
             self.dispatch(early);
         }
@@ -619,11 +616,9 @@ impl Driver {
                     "membership epoch adopted"
                 );
                 self.members = Some(members.clone());
-                if self.pipeline.is_empty() {
-                    self.settling = None;
-                    self.epoch.store(epoch, Ordering::Release);
-                } else {
-                    self.settling = Some((epoch, self.last_host));
+                match self.pipeline.newest() {
+                    Some(host) => self.settling = Some((epoch, host)),
+                    None => self.epoch.store(epoch, Ordering::Release),
                 }
                 Ok(())
             }

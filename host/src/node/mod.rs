@@ -499,7 +499,6 @@ pub fn start(
         members: initial.members,
         epoch,
         settling: None,
-        last_host: 0,
         forwards: forwards::Forwards::new(initial.incarnation),
         carry: Batch::default(),
     };
