@@ -305,13 +305,17 @@ pub struct Replica<E: Env> {
     /// Scratch for the step in progress.
     states: BTreeMap<Vec<u8>, State>,
     dirty: BTreeMap<Vec<u8>, bool>,
-    /// Keys whose promise or acceptance changed in this step: what is said
-    /// about them must wait for this step's writes to be durable.
-    voted: BTreeSet<Vec<u8>>,
+    /// Keys whose promise or acceptance changed in this step, each with
+    /// how many messages and completions this step had made when it first
+    /// did: what is said about the key from then on must wait for this
+    /// step's writes to be durable (see `split_actions`).
+    voted: BTreeMap<Vec<u8>, (usize, usize)>,
     /// The key of each completion made in this step.
     completion_keys: BTreeMap<u64, Vec<u8>>,
-    /// Prepare, Accept and Query messages of this step.
-    requests_out: Vec<Outbound>,
+    /// Messages of this step to other replicas, in the order they were
+    /// made, each marked if it is a proposer's request (Prepare, Accept,
+    /// Continue, Query, Forward).
+    outbox: Vec<(Outbound, bool)>,
     /// Ballots this step prepared with, by key: their record is in this
     /// step's writes, so an Accept at one of them waits for this ready.
     prepared: BTreeSet<(Vec<u8>, Ballot)>,
@@ -378,9 +382,9 @@ impl<E: Env> Replica<E> {
             unreleased: VecDeque::new(),
             states: BTreeMap::new(),
             dirty: BTreeMap::new(),
-            voted: BTreeSet::new(),
+            voted: BTreeMap::new(),
             completion_keys: BTreeMap::new(),
-            requests_out: Vec::new(),
+            outbox: Vec::new(),
             prepared: BTreeSet::new(),
             held: Vec::new(),
             kicked: Vec::new(),
@@ -599,7 +603,13 @@ impl<E: Env> Replica<E> {
     /// Records a change of this replica's promise or acceptance on `key`.
     fn mark_voted(&mut self, key: &[u8]) {
         self.mark_dirty(key, false);
-        self.voted.insert(key.to_vec());
+        self.hold_from_here(key);
+    }
+
+    /// What this step says about `key` from here on waits for its writes.
+    fn hold_from_here(&mut self, key: &[u8]) {
+        let mark = (self.outbox.len(), self.actions.complete.len());
+        self.voted.entry(key.to_vec()).or_insert(mark);
     }
 
     fn complete(&mut self, key: &[u8], completion: Completion) {
@@ -659,10 +669,8 @@ impl<E: Env> Replica<E> {
             };
             if hold {
                 self.held.push(out);
-            } else if request {
-                self.requests_out.push(out);
             } else {
-                self.actions.send.push(out);
+                self.outbox.push((out, request));
             }
         }
     }
@@ -787,36 +795,44 @@ impl<E: Env> Replica<E> {
     /// values follow from promises and acceptances made in earlier steps,
     /// which are durable before anything early leaves; a proposal id is
     /// unique across restarts), timers, and every other message and
-    /// completion about a key on which this step changed no promise or
-    /// acceptance of this replica (learned facts, answers decided by votes
-    /// that are durable). Everything else about a key this step voted on
-    /// (Promise, Accepted, Nack, a Learn or an answer that may count this
-    /// step's vote) waits for this ready.
+    /// completion about a key that this step made before it first changed
+    /// a promise or acceptance of this replica on that key (learned facts,
+    /// answers decided by votes that are durable): no such effect reads a
+    /// promise or acceptance changed in this step, and the only other
+    /// change to the key's state it can read is a learn, which records a
+    /// value already chosen. From the first vote on, what is said about the
+    /// key (Promise, Accepted, Nack, a Learn or an answer that may count
+    /// this step's vote) waits for this ready. Messages keep the order they
+    /// were made in, so a leader's Learn of one slot reaches a follower
+    /// before its Continue of the next.
     fn split_actions(&mut self) -> (Actions, Actions) {
         let all = core::mem::take(&mut self.actions);
+        debug_assert!(all.send.is_empty(), "messages go through the outbox");
         let mut voted = core::mem::take(&mut self.voted);
         if self.planted_early_votes {
             voted.clear();
         }
         let keys = core::mem::take(&mut self.completion_keys);
         let mut early = Actions {
-            send: core::mem::take(&mut self.requests_out),
-            complete: Vec::new(),
             timers: all.timers,
+            ..Actions::default()
         };
         let mut after = Actions {
             send: core::mem::take(&mut self.held),
             ..Actions::default()
         };
-        for o in all.send {
-            if voted.contains(&o.key) {
+        for (i, (o, request)) in core::mem::take(&mut self.outbox).into_iter().enumerate() {
+            let waits = !request && voted.get(&o.key).is_some_and(|&(from, _)| i >= from);
+            if waits {
                 after.send.push(o);
             } else {
                 early.send.push(o);
             }
         }
-        for c in all.complete {
-            let waits = keys.get(&c.id).is_none_or(|k| voted.contains(k));
+        for (i, c) in all.complete.into_iter().enumerate() {
+            let waits = keys
+                .get(&c.id)
+                .is_none_or(|k| voted.get(k).is_some_and(|&(_, from)| i >= from));
             if waits {
                 after.complete.push(c);
             } else {
@@ -1096,7 +1112,7 @@ impl<E: Env> Replica<E> {
         // commit is durable here: whoever acts on the answer (a replay
         // moving its cursor) must not see it lost to a crash.
         if matches!(op.kind, Kind::Read) && self.dirty.get(key).copied() == Some(true) {
-            self.voted.insert(key.to_vec());
+            self.hold_from_here(key);
         }
         let trace = Trace {
             changed: op.won.is_some(),

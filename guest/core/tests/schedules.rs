@@ -854,3 +854,114 @@ mod planted {
         assert!(caught(lost_lead, |r| r.plant_leader_skips_prepare()));
     }
 }
+
+/// A leader with commands queued behind its slot: when the slot is chosen
+/// it starts the next one in the same step, and votes in it. What it says
+/// about the slot just chosen depends on no vote of that step, so it leaves
+/// with the step's early effects: its followers hear the slot learned
+/// before the next slot's `Continue` (before, each answered `Behind`, the
+/// leader sent the `Continue` again with the value attached, and every
+/// slot of a hot key cost two round trips), and the slot's clients hear
+/// their outcome without waiting for the leader's vote in the next slot.
+#[test]
+fn a_leaders_next_slot_reaches_followers_after_the_learn_of_the_one_before() {
+    let mut net = led_by_1(healthy);
+    net.put(1, 2, "b");
+    net.put(1, 3, "c");
+    net.put(1, 4, "d");
+    net.deliver(1, 2, "Continue");
+    net.drop_where(|_, t, _| t == 3);
+    // The leader crashes while its vote in slot 3 is being written: only
+    // the step's early effects get out.
+    let accepted = net.take(|f, t, p| f == 2 && t == 1 && kind(p) == "Accepted");
+    let batch = Batch {
+        messages: vec![Inbound {
+            from: 2,
+            key: KEY.to_vec(),
+            payload: accepted[0].2.clone(),
+        }],
+        ..Batch::default()
+    };
+    net.crash_during_fsync(1, batch, 2);
+    assert_eq!(done_value(net.outcome(2)), Some((Some(b"b".to_vec()), 2)));
+    let to_2: Vec<&str> = net
+        .pool
+        .iter()
+        .filter(|(f, t, _)| *f == 1 && *t == 2)
+        .map(|(_, _, p)| kind(p))
+        .collect();
+    assert_eq!(
+        to_2,
+        ["Learn", "Continue"],
+        "what the leader sent replica 2"
+    );
+    for (_, _, payload) in net.take(|f, t, _| f == 1 && t == 2) {
+        net.inbound(1, 2, payload);
+    }
+    let from_2: Vec<&str> = net
+        .pool
+        .iter()
+        .filter(|(f, _, _)| *f == 2)
+        .map(|(_, _, p)| kind(p))
+        .collect();
+    assert_eq!(from_2, ["Accepted"], "replica 2's answer to the next slot");
+    // Slot 3 (c and d) is accepted at replica 2 only; the restarted leader
+    // lost its vote and its clients, and a read there finds d.
+    net.drop_where(|_, _, _| true);
+    net.read(1, 5);
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(5).is_some());
+    assert_eq!(done_value(net.outcome(5)), Some((Some(b"d".to_vec()), 4)));
+    net.assert_one_value_per_version();
+}
+
+/// An acceptor that answers a read's `Query` and then votes in the same
+/// step: the answer leaves before the vote is durable (it was made before
+/// the vote and says nothing of it; before, it waited for the vote and
+/// was lost with it). The acceptor crashes before the vote lands; the
+/// read answers with what the quorum held, and the write the vote was for
+/// is decided after it, once: one value per version.
+#[test]
+fn a_query_answered_before_a_vote_in_the_same_step_leaves_early() {
+    let mut net = led_by_1(healthy);
+    net.put(1, 2, "b");
+    net.drop_where(|f, t, what| f == 1 && t == 3 && what == "Continue");
+    net.read(3, 3);
+    net.drop_where(|f, t, what| f == 3 && t == 1 && what == "Query");
+    let query = net.take(|f, t, p| f == 3 && t == 2 && kind(p) == "Query");
+    let cont = net.take(|f, t, p| f == 1 && t == 2 && kind(p) == "Continue");
+    let batch = Batch {
+        messages: vec![
+            Inbound {
+                from: 3,
+                key: KEY.to_vec(),
+                payload: query[0].2.clone(),
+            },
+            Inbound {
+                from: 1,
+                key: KEY.to_vec(),
+                payload: cont[0].2.clone(),
+            },
+        ],
+        ..Batch::default()
+    };
+    net.crash_during_fsync(2, batch, 2);
+    let from_2: Vec<&str> = net
+        .pool
+        .iter()
+        .filter(|(f, _, _)| *f == 2)
+        .map(|(_, _, p)| kind(p))
+        .collect();
+    assert_eq!(
+        from_2,
+        ["QueryReply"],
+        "only the answer made before the vote"
+    );
+    net.deliver(2, 3, "QueryReply");
+    assert_eq!(done_value(net.outcome(3)), Some((Some(b"a".to_vec()), 1)));
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(2).is_some());
+    assert_eq!(done_value(net.outcome(2)), Some((Some(b"b".to_vec()), 2)));
+    net.read(3, 4);
+    net.run(&[1, 2, 3], |_, _, _| true, |n| n.outcome(4).is_some());
+    assert_eq!(done_value(net.outcome(4)), Some((Some(b"b".to_vec()), 2)));
+    net.assert_one_value_per_version();
+}
