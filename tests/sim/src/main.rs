@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7
 //! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7 --core wasm
+//! cargo run --release -p ballot-sim -- --seeds 2000 --nodes 3,4,5,7 --ops 6 --fsync-crashes
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,4,5 --reconfigure
 //! cargo run --release -p ballot-sim -- --seeds 500 --nodes 3,5 --core upgrade --activate
@@ -140,6 +141,10 @@ struct Args {
     /// the voters that could answer lacks it).
     #[arg(long)]
     listing: bool,
+    /// Crash replicas in the middle of their writes ten times as often
+    /// (after the write's early effects left, before it is durable).
+    #[arg(long)]
+    fsync_crashes: bool,
     /// Print each run's history.
     #[arg(long)]
     history: bool,
@@ -291,6 +296,7 @@ fn main() -> ExitCode {
                     cfg.planted_sweep_own_keys = sweep_own_keys;
                     cfg.leases = args.leases;
                     cfg.listing = args.listing;
+                    cfg.fsync_crashes = args.fsync_crashes;
                     cfg.planted_wall_clock_reaper = wall_clock_reaper;
                     cfg.clients = args.clients.unwrap_or(2 * n);
                     if let Some(ops) = args.ops {
