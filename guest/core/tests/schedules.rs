@@ -336,6 +336,15 @@ impl Net {
         panic!("the schedule did not settle");
     }
 
+    /// The kinds of the messages in flight that `pred` matches, oldest first.
+    fn kinds(&self, pred: impl Fn(ReplicaId, ReplicaId) -> bool) -> Vec<&'static str> {
+        self.pool
+            .iter()
+            .filter(|(f, t, _)| pred(*f, *t))
+            .map(|(_, _, p)| kind(p))
+            .collect()
+    }
+
     fn outcome(&self, id: u64) -> Option<&Outcome> {
         self.done.iter().find(|(i, _)| *i == id).map(|(_, o)| o)
     }
@@ -357,6 +366,21 @@ impl Net {
                 seen.insert(c.version, (*id, c.value.clone()));
             }
         }
+    }
+}
+
+/// A batch of the given messages about KEY, in order.
+fn messages(from_payload: Vec<(ReplicaId, Vec<u8>)>) -> Batch {
+    Batch {
+        messages: from_payload
+            .into_iter()
+            .map(|(from, payload)| Inbound {
+                from,
+                key: KEY.to_vec(),
+                payload,
+            })
+            .collect(),
+        ..Batch::default()
     }
 }
 
@@ -721,15 +745,7 @@ fn a_read_behind_a_busy_leader_answers_once_the_pending_slot_is_learned() {
     // crashing before its write of version 2 lands answers nothing.
     let mut again = net.clone_pool(|f, t, what| f == 1 && t == 2 && what == "Learn");
     let learn = again.remove(0);
-    let batch = Batch {
-        messages: vec![Inbound {
-            from: 1,
-            key: KEY.to_vec(),
-            payload: learn,
-        }],
-        ..Batch::default()
-    };
-    net.crash_during_fsync(2, batch, 2);
+    net.crash_during_fsync(2, messages(vec![(1, learn)]), 2);
     assert!(
         net.outcome(3).is_none(),
         "answered before the learn was durable"
@@ -874,37 +890,21 @@ fn a_leaders_next_slot_reaches_followers_after_the_learn_of_the_one_before() {
     // The leader crashes while its vote in slot 3 is being written: only
     // the step's early effects get out.
     let accepted = net.take(|f, t, p| f == 2 && t == 1 && kind(p) == "Accepted");
-    let batch = Batch {
-        messages: vec![Inbound {
-            from: 2,
-            key: KEY.to_vec(),
-            payload: accepted[0].2.clone(),
-        }],
-        ..Batch::default()
-    };
-    net.crash_during_fsync(1, batch, 2);
+    net.crash_during_fsync(1, messages(vec![(2, accepted[0].2.clone())]), 2);
     assert_eq!(done_value(net.outcome(2)), Some((Some(b"b".to_vec()), 2)));
-    let to_2: Vec<&str> = net
-        .pool
-        .iter()
-        .filter(|(f, t, _)| *f == 1 && *t == 2)
-        .map(|(_, _, p)| kind(p))
-        .collect();
     assert_eq!(
-        to_2,
+        net.kinds(|f, t| f == 1 && t == 2),
         ["Learn", "Continue"],
         "what the leader sent replica 2"
     );
     for (_, _, payload) in net.take(|f, t, _| f == 1 && t == 2) {
         net.inbound(1, 2, payload);
     }
-    let from_2: Vec<&str> = net
-        .pool
-        .iter()
-        .filter(|(f, _, _)| *f == 2)
-        .map(|(_, _, p)| kind(p))
-        .collect();
-    assert_eq!(from_2, ["Accepted"], "replica 2's answer to the next slot");
+    assert_eq!(
+        net.kinds(|f, _| f == 2),
+        ["Accepted"],
+        "replica 2's answer to the next slot"
+    );
     // Slot 3 (c and d) is accepted at replica 2 only; the restarted leader
     // lost its vote and its clients, and a read there finds d.
     net.drop_where(|_, _, _| true);
@@ -929,30 +929,10 @@ fn a_query_answered_before_a_vote_in_the_same_step_leaves_early() {
     net.drop_where(|f, t, what| f == 3 && t == 1 && what == "Query");
     let query = net.take(|f, t, p| f == 3 && t == 2 && kind(p) == "Query");
     let cont = net.take(|f, t, p| f == 1 && t == 2 && kind(p) == "Continue");
-    let batch = Batch {
-        messages: vec![
-            Inbound {
-                from: 3,
-                key: KEY.to_vec(),
-                payload: query[0].2.clone(),
-            },
-            Inbound {
-                from: 1,
-                key: KEY.to_vec(),
-                payload: cont[0].2.clone(),
-            },
-        ],
-        ..Batch::default()
-    };
+    let batch = messages(vec![(3, query[0].2.clone()), (1, cont[0].2.clone())]);
     net.crash_during_fsync(2, batch, 2);
-    let from_2: Vec<&str> = net
-        .pool
-        .iter()
-        .filter(|(f, _, _)| *f == 2)
-        .map(|(_, _, p)| kind(p))
-        .collect();
     assert_eq!(
-        from_2,
+        net.kinds(|f, _| f == 2),
         ["QueryReply"],
         "only the answer made before the vote"
     );
