@@ -305,7 +305,7 @@ pub struct Replica<E: Env> {
     /// Scratch for the step in progress.
     states: BTreeMap<Vec<u8>, State>,
     dirty: BTreeMap<Vec<u8>, bool>,
-    /// Keys whose promise or acceptance changed in this step, each with
+    /// Keys this step voted on (or held a read's answer for), each with
     /// how many messages and completions this step had made when it first
     /// did: what is said about the key from then on must wait for this
     /// step's writes to be durable (see `split_actions`).
