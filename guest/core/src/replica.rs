@@ -66,6 +66,16 @@ pub const BATCH_MAX: usize = 64;
 /// values their answers carry.
 pub const BATCH_BYTES_MAX: usize = 1 << 20;
 
+/// A decision that changed nothing else about its key stays in memory for
+/// one to two of these before it is written on its own (see
+/// [`Replica::step`]). Deadlines are whole multiples, so the decisions held
+/// in one window are written by one step, in one transaction.
+pub const LAZY_MS: u64 = 10;
+/// Most keys whose decisions are held in memory at once.
+pub const LAZY_KEYS_MAX: usize = 4096;
+/// Most bytes (keys and values) of decisions held in memory at once.
+pub const LAZY_BYTES_MAX: usize = 4 << 20;
+
 /// Bits of a query id that count queries within one incarnation; see
 /// [`Replica::next_query_id`].
 pub const QUERY_SEQ_BITS: u32 = 40;
@@ -86,6 +96,19 @@ struct Planted {
     /// The commands of a batch go back to the queue while the batch's
     /// proposal may still be chosen, so they can take effect twice.
     batch_requeue_exposed: bool,
+    /// A key whose step voted and learned is held in memory like a
+    /// decision: its vote is announced and never written.
+    lazy_votes: bool,
+}
+
+/// How a step changed one key's state.
+#[derive(Clone, Copy, Default)]
+struct Dirty {
+    /// It learned a decision: the write carries a commit.
+    commit: bool,
+    /// Anything else changed (a promise, an acceptance, a prepared
+    /// ballot), or a held decision was put back: the state must be written.
+    other: bool,
 }
 
 /// Log levels of the guest `log` interface.
@@ -304,7 +327,16 @@ pub struct Replica<E: Env> {
     unreleased: VecDeque<(u64, Actions)>,
     /// Scratch for the step in progress.
     states: BTreeMap<Vec<u8>, State>,
-    dirty: BTreeMap<Vec<u8>, bool>,
+    dirty: BTreeMap<Vec<u8>, Dirty>,
+    /// Decisions learned in steps that changed nothing else about their
+    /// key, not written yet: the key's state as that step left it. The
+    /// next step that touches the key puts it back and writes it, with
+    /// whatever that step adds (a follower's next vote); a timer writes it
+    /// 10 to 20 ms later ([`LAZY_MS`]) if nothing touched the key. A crash loses it,
+    /// which is losing a `Learn` message: the acceptances that chose the
+    /// value are durable at a quorum.
+    lazy: BTreeMap<Vec<u8>, State>,
+    lazy_bytes: usize,
     /// Keys this step voted on (or held a read's answer for), each with
     /// how many messages and completions this step had made when it first
     /// did: what is said about the key from then on must wait for this
@@ -382,6 +414,8 @@ impl<E: Env> Replica<E> {
             unreleased: VecDeque::new(),
             states: BTreeMap::new(),
             dirty: BTreeMap::new(),
+            lazy: BTreeMap::new(),
+            lazy_bytes: 0,
             voted: BTreeMap::new(),
             completion_keys: BTreeMap::new(),
             outbox: Vec::new(),
@@ -520,6 +554,14 @@ impl<E: Env> Replica<E> {
         self.planted.batch_requeue_exposed = true;
     }
 
+    /// Holds a step's state in memory like a decision even when the step
+    /// voted on the key, so a vote can be announced and lost in a crash.
+    /// For the checker's tests only.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_lazy_votes(&mut self) {
+        self.planted.lazy_votes = true;
+    }
+
     /// The protocol's name and formats, writing the default key-state
     /// format.
     pub fn info() -> Info {
@@ -596,8 +638,9 @@ impl<E: Env> Replica<E> {
     }
 
     fn mark_dirty(&mut self, key: &[u8], committed: bool) {
-        let entry = self.dirty.entry(key.to_vec()).or_insert(false);
-        *entry |= committed;
+        let entry = self.dirty.entry(key.to_vec()).or_default();
+        entry.commit |= committed;
+        entry.other |= !committed;
     }
 
     /// Records a change of this replica's promise or acceptance on `key`.
@@ -705,7 +748,22 @@ impl<E: Env> Replica<E> {
         self.prepared.clear();
         for ks in batch.states {
             match State::decode(&ks.state) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    if let Some(held) = self.lazy.remove(&ks.key) {
+                        self.lazy_bytes -= lazy_size(&ks.key, &held);
+                        // The stored state is the one before the step that
+                        // learned it: learning again gives what that step
+                        // left (the planted bug takes the held state whole,
+                        // votes included).
+                        if self.planted.lazy_votes {
+                            s = held;
+                        } else {
+                            s.learn(&held.chosen);
+                        }
+                        let d = self.dirty.entry(ks.key.clone()).or_default();
+                        d.commit = true;
+                        d.other = true;
+                    }
                     self.states.insert(ks.key, s);
                 }
                 Err(e) => {
@@ -767,25 +825,52 @@ impl<E: Env> Replica<E> {
         let id = self.ready_next;
         self.ready_next += 1;
         let dirty = core::mem::take(&mut self.dirty);
-        let persist = dirty
-            .into_iter()
-            .map(|(key, committed)| {
-                let st = &self.states[&key];
-                let commit = committed.then(|| Commit {
-                    version: st.chosen.version,
-                    value: st.chosen.value.clone(),
-                });
-                Write {
-                    state: st.encode_as(self.state_format),
+        let mut persist = Vec::with_capacity(dirty.len());
+        for (key, d) in dirty {
+            if self.may_hold(&key, d) {
+                let st = self.states.remove(&key).expect("a dirty key has a state");
+                self.lazy_bytes += lazy_size(&key, &st);
+                self.lazy.insert(key.clone(), st);
+                let token = self.next_seq();
+                self.actions.timers.push(Timer {
                     key,
-                    commit,
-                }
-            })
-            .collect();
+                    token,
+                    at_ms: (self.now_ms / LAZY_MS + 2) * LAZY_MS,
+                });
+                continue;
+            }
+            let st = &self.states[&key];
+            let commit = d.commit.then(|| Commit {
+                version: st.chosen.version,
+                value: st.chosen.value.clone(),
+            });
+            persist.push(Write {
+                state: st.encode_as(self.state_format),
+                key,
+                commit,
+            });
+        }
         self.states.clear();
         let (early, actions) = self.split_actions();
         self.unreleased.push_back((id, actions));
         Ready { id, persist, early }
+    }
+
+    /// Whether this step's change to `key` may stay in memory instead of
+    /// being written (see `lazy`): it learned a decision and changed
+    /// nothing else, it said nothing about the key that waits for this
+    /// ready (no vote, no read that answers from what it learned), the key
+    /// is not one of the cluster's own (the host acts on their commits as
+    /// they become durable), and the bounds leave room.
+    fn may_hold(&self, key: &[u8], d: Dirty) -> bool {
+        if !d.commit || key.first() == Some(&0) {
+            return false;
+        }
+        if !self.planted.lazy_votes && (d.other || self.voted.contains_key(key)) {
+            return false;
+        }
+        let size = lazy_size(key, &self.states[key]);
+        self.lazy.len() < LAZY_KEYS_MAX && self.lazy_bytes + size <= LAZY_BYTES_MAX
     }
 
     /// Splits this step's effects into those that may leave once every
@@ -1111,7 +1196,7 @@ impl<E: Env> Replica<E> {
         // A read that learned its answer in this step answers once that
         // commit is durable here: whoever acts on the answer (a replay
         // moving its cursor) must not see it lost to a crash.
-        if matches!(op.kind, Kind::Read) && self.dirty.get(key).copied() == Some(true) {
+        if matches!(op.kind, Kind::Read) && self.dirty.get(key).is_some_and(|d| d.commit) {
             self.hold_from_here(key);
         }
         let trace = Trace {
@@ -2480,6 +2565,12 @@ impl Op {
     }
 }
 
+/// What a held decision counts against [`LAZY_BYTES_MAX`]: its key, its
+/// value and its winners, plus a map entry's bookkeeping.
+fn lazy_size(key: &[u8], st: &State) -> usize {
+    64 + key.len() + st.chosen.value.as_ref().map_or(0, |v| v.len()) + 40 * st.chosen.winners.len()
+}
+
 /// `text` cut to at most [`REPLY_TEXT_MAX`] bytes, on a character boundary.
 fn bounded(text: &str) -> String {
     let mut end = text.len().min(REPLY_TEXT_MAX);
@@ -2666,7 +2757,10 @@ mod tests {
         let mut states: Vec<Vec<u8>> = alloc::vec![Vec::new(); 3];
         let mut inbox: Vec<Vec<Inbound>> = alloc::vec![Vec::new(); 3];
         let mut done = Vec::new();
-        for _ in 0..50 {
+        let mut timers: Vec<Vec<Timer>> = alloc::vec![Vec::new(); 3];
+        // Fifty rounds of messages, then one where every timer fires (the
+        // ops are over by then: what is left is held decisions' writes).
+        for round in 0..51 {
             for i in 0..3 {
                 let messages = core::mem::take(&mut inbox[i]);
                 let requests = if i == 0 {
@@ -2674,7 +2768,12 @@ mod tests {
                 } else {
                     Vec::new()
                 };
-                if messages.is_empty() && requests.is_empty() {
+                let due = if round == 50 {
+                    core::mem::take(&mut timers[i])
+                } else {
+                    Vec::new()
+                };
+                if messages.is_empty() && requests.is_empty() && due.is_empty() {
                     continue;
                 }
                 let r = &mut replicas[i];
@@ -2685,6 +2784,8 @@ mod tests {
                     }],
                     requests,
                     messages,
+                    timers: due,
+                    now_ms: 1_000_000,
                     ..Batch::default()
                 });
                 if let Some(w) = ready.persist.last() {
@@ -2694,6 +2795,7 @@ mod tests {
                 let later = r.release(ready.id);
                 actions.send.extend(later.send);
                 actions.complete.extend(later.complete);
+                timers[i].extend(actions.timers);
                 done.extend(actions.complete);
                 for o in actions.send {
                     inbox[o.to as usize - 1].push(Inbound {
@@ -2915,6 +3017,9 @@ mod tests {
                 winners: alloc::vec![],
             },
         };
+        // (Learning it changes nothing else, so it stays in memory until
+        // the next step that touches the key writes it.)
+        assert_eq!(deliver(&mut r, 3, learn.encode_at(1)).0, 0);
         assert_eq!(deliver(&mut r, 3, learn.encode_at(1)).0, 1);
         // Older epochs, or the same epoch with other contents, are refused.
         assert!(r.reconfigure(members(1, &[1, 2, 3], &[], true)).is_err());

@@ -43,6 +43,8 @@ pub(super) struct Swapping {
     label: String,
     factory: ProtocolFactory,
     since: Instant,
+    /// The flush step ran (see `try_swap`).
+    flushed: bool,
 }
 
 pub(super) struct Driver {
@@ -182,6 +184,7 @@ impl Driver {
                             label,
                             factory,
                             since: Instant::now(),
+                            flushed: false,
                         });
                     }
                     Control::Members(members) => self.adopt(members),
@@ -261,7 +264,7 @@ impl Driver {
             {
                 continue;
             }
-            self.step(batch, now);
+            self.step(batch, now, &[]);
         }
     }
 
@@ -330,7 +333,8 @@ impl Driver {
         }
     }
 
-    fn step(&mut self, mut batch: Batch, now: u64) {
+    /// Steps `batch`, with the states of its events' keys and of `extra`.
+    fn step(&mut self, mut batch: Batch, now: u64, extra: &[Vec<u8>]) {
         batch.now_ms = now;
         self.seed = self
             .seed
@@ -381,7 +385,8 @@ impl Driver {
             .chain(batch.timers[..t].iter().map(|x| &x.key[..]))
             .chain(batch.requests[r..].iter().map(|x| &x.key[..]))
             .chain(batch.messages[m..].iter().map(|x| &x.key[..]))
-            .chain(batch.timers[t..].iter().map(|x| &x.key[..]));
+            .chain(batch.timers[t..].iter().map(|x| &x.key[..]))
+            .chain(extra.iter().map(|k| &k[..]));
         for key in all {
             if seen.insert(key) {
                 keys.push(key);
@@ -667,6 +672,26 @@ impl Driver {
         let waited = swap.since.elapsed();
         if !drained && waited < SWAP_DRAIN_MAX {
             return;
+        }
+        if drained && !swap.flushed && waited < SWAP_DRAIN_MAX {
+            // The instance may hold decisions in memory that it has not
+            // written (design section 2, "Held decisions"); each has a
+            // timer armed on its key. A step with those keys' states and
+            // no event writes them, so the swap, which usually comes on
+            // every replica at once, does not lose a value from every
+            // changelog. The swap happens once that ready is durable.
+            if let Some(swap) = &mut self.swapping {
+                swap.flushed = true;
+            }
+            let mut keys: Vec<Vec<u8>> = self
+                .timers
+                .iter()
+                .map(|Reverse((_, _, k))| k.clone())
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let now = self.clock.now_ms();
+            return self.step(Batch::default(), now, &keys);
         }
         let swap = self.swapping.take().expect("checked above");
         let abandoned = self.abandon_clients(

@@ -791,6 +791,98 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A swap writes the decisions the instance holds in memory before it
+    /// replaces it (design section 2, "Held decisions"). A swap usually
+    /// comes to every replica at once, so without this a value learned just
+    /// before it could be missing from every replica's changelog and
+    /// `values`, and watchers would never see it. Real LMDB, the native
+    /// core; the decision comes as a peer's `Learn`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_swap_writes_the_decisions_the_instance_held() {
+        let dir = std::env::temp_dir().join(format!("ballot-held-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+        let pki = crate::transport::tests::Pki::new("held");
+        let (inbound_tx, inbound_rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let epoch = Arc::new(AtomicU64::new(1));
+        let transport = pki.alone(1, inbound_tx.clone(), metrics.clone(), epoch.clone());
+        let engine = crate::runtime::engine().unwrap();
+        let factory: ProtocolFactory = Arc::new(move |incarnation| {
+            let config = ballot_core::Config::new(1, incarnation, vec![1, 2, 3]);
+            let policies = Policies::new(&engine, None).map_err(|e| e.to_string())?;
+            Ok(Box::new(Replica::new(config, policies)?) as Box<dyn Protocol>)
+        });
+        let initial = Initial {
+            label: "native".into(),
+            factory: factory.clone(),
+            incarnation: 1,
+            members: Some(members(1)),
+        };
+        let (watchers, _config, _members) = Watchers::new();
+        let events = Arc::new(Events::default());
+        let core = start(
+            initial,
+            storage.clone(),
+            inbound_rx,
+            transport.clone(),
+            metrics.clone(),
+            watchers,
+            events.clone(),
+            epoch.clone(),
+        )
+        .unwrap();
+        let learn = ballot_core::wire::Msg::Learn {
+            chosen: ballot_core::wire::Chosen {
+                version: 1,
+                value: Some(b"v".to_vec()),
+                winners: vec![],
+            },
+        };
+        inbound_tx
+            .send(crate::transport::Received::unbudgeted(vec![
+                ballot_core::Inbound {
+                    from: 2,
+                    key: b"k".to_vec(),
+                    payload: learn.encode_at(1),
+                },
+            ]))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !metrics
+            .render()
+            .lines()
+            .any(|l| l.contains("guest_call_seconds_count") && l.contains("step"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Learn was not stepped"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Stepped and held, not written (its timer fires 10 to 20 ms on).
+        assert_eq!(storage.committed(b"k").unwrap(), None);
+        core.control.send(Control::Swap {
+            label: "native again".into(),
+            factory,
+        });
+        let swapped = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("the swap happened");
+        assert!(matches!(swapped, CoreEvent::Swapped { .. }), "{swapped:?}");
+        assert_eq!(
+            storage
+                .committed(b"k")
+                .unwrap()
+                .map(|c| (c.version, c.value)),
+            Some((1, Some(b"v".to_vec()))),
+            "the held decision was written before the swap"
+        );
+        transport.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_watcher_holds_the_newest_commit_only() {
         let (watchers, mut config, _members) = Watchers::new();

@@ -94,6 +94,18 @@ impl Received {
     pub fn into_messages(self) -> Vec<Inbound> {
         self.messages
     }
+
+    /// Messages as if a peer's frame had brought them, outside any budget.
+    #[cfg(test)]
+    pub(crate) fn unbudgeted(messages: Vec<Inbound>) -> Received {
+        let charge = crate::budget::Budget::new(usize::MAX)
+            .charge(0)
+            .expect("an empty budget has room");
+        Received {
+            messages,
+            _charge: charge,
+        }
+    }
 }
 
 /// Spawns a task that logs inside the caller's span (the replica's).

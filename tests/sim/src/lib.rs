@@ -59,6 +59,9 @@ pub enum Planted {
     /// The commands of a batch go back to the queue while its proposal
     /// may still be chosen.
     BatchRequeueExposed,
+    /// A step that voted and learned on a key is held in memory like a
+    /// lone decision: its vote is announced and never written.
+    LazyVotes,
 }
 
 /// First byte of a command with a deadline: `[0xD1, deadline_ms u64 BE,
@@ -413,6 +416,7 @@ impl CoreFactory for NativeFactory {
             Some(Planted::Reevaluation) => replica.plant_reevaluation(),
             Some(Planted::LeaderSkipsPrepare) => replica.plant_leader_skips_prepare(),
             Some(Planted::BatchRequeueExposed) => replica.plant_batch_requeue_exposed(),
+            Some(Planted::LazyVotes) => replica.plant_lazy_votes(),
             None => {}
         }
         Box::new(replica)

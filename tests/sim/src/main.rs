@@ -36,6 +36,9 @@ enum PlantArg {
     Epoxy,
     /// Promises and acceptances sent before they are durable.
     EarlyVotes,
+    /// A step that voted and learned on a key is kept in memory like a
+    /// lone decision, never written.
+    LazyVotes,
     /// With --reconfigure: voters change without the classic-only epoch and
     /// the sweep.
     UnsafeMembership,
@@ -215,6 +218,7 @@ fn main() -> ExitCode {
         CoreArg::Native => Box::new(NativeFactory(planted_core.map(|p| match p {
             PlantArg::Epoxy => Planted::EpoxyFastPath,
             PlantArg::EarlyVotes => Planted::EarlyVotes,
+            PlantArg::LazyVotes => Planted::LazyVotes,
             PlantArg::BallotReuse => Planted::BallotReuse,
             PlantArg::QueryIdReuse => Planted::QueryIdReuse,
             PlantArg::Reevaluation => Planted::Reevaluation,
