@@ -2,6 +2,7 @@
 //! its members reach each other through the TCP relays of the link
 //! emulator, under the same topology as Ballot's replicas.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,18 @@ pub async fn start(plan: &Plan) -> Result<System, String> {
     for (i, (name, client, peer)) in members.iter().enumerate() {
         let log =
             std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
+        // send SIGTERM to the member when the bench's thread that started
+        // it exits, so a bench that is killed leaves no etcd behind (its
+        // data directory is the next run's).
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command
             .args(["--name", name])
             .arg("--data-dir")
             .arg(dir.join(name))

@@ -230,8 +230,8 @@ fn simulator_catches_votes_announced_before_they_are_durable() {
 /// A replica keeps a decision that changes nothing else about its key in
 /// memory until its next vote or a timer writes it (`Replica::step`).
 /// Held the same way, a step that also voted loses its vote in a crash:
-/// 14 of 300 seeds at n = 3 are caught (`ballot-sim --seeds 300 --nodes 3
-/// --planted lazy-votes`; 24 of 300 with `--ops 6 --fsync-crashes`), the
+/// 10 of 300 seeds at n = 3 are caught (`ballot-sim --seeds 300 --nodes 3
+/// --planted lazy-votes`; 22 of 300 with `--ops 6 --fsync-crashes`), the
 /// first at seed 38 (two values committed at one version).
 #[test]
 fn simulator_catches_votes_held_in_memory_like_decisions() {
