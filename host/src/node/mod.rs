@@ -688,6 +688,86 @@ mod tests {
         assert!(events.queue.lock().unwrap().is_empty());
     }
 
+    /// One replica of voters {1, 2, 3} on real LMDB and a transport with no
+    /// peers, running the native core; peer messages go in through
+    /// `inbound`.
+    struct NativeCore {
+        dir: std::path::PathBuf,
+        storage: Storage,
+        metrics: Arc<Metrics>,
+        epoch: Arc<AtomicU64>,
+        transport: Arc<Transport>,
+        core: Core,
+        inbound: mpsc::Sender<crate::transport::Received>,
+        events: Arc<Events>,
+        factory: ProtocolFactory,
+    }
+
+    impl NativeCore {
+        fn start(name: &str) -> NativeCore {
+            let dir = std::env::temp_dir().join(format!("ballot-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
+            let pki = crate::transport::tests::Pki::new(name);
+            let (inbound, inbound_rx) = mpsc::channel(16);
+            let metrics = Arc::new(Metrics::new());
+            let epoch = Arc::new(AtomicU64::new(1));
+            let transport = pki.alone(1, inbound.clone(), metrics.clone(), epoch.clone());
+            let engine = crate::runtime::engine().unwrap();
+            let factory: ProtocolFactory = Arc::new(move |incarnation| {
+                let config = ballot_core::Config::new(1, incarnation, vec![1, 2, 3]);
+                let policies = Policies::new(&engine, None).map_err(|e| e.to_string())?;
+                Ok(Box::new(Replica::new(config, policies)?) as Box<dyn Protocol>)
+            });
+            let initial = Initial {
+                label: "native".into(),
+                factory: factory.clone(),
+                incarnation: 1,
+                members: Some(members(1)),
+            };
+            let (watchers, _config, _members) = Watchers::new();
+            let events = Arc::new(Events::default());
+            let core = start(
+                initial,
+                storage.clone(),
+                inbound_rx,
+                transport.clone(),
+                metrics.clone(),
+                watchers,
+                events.clone(),
+                epoch.clone(),
+            )
+            .unwrap();
+            NativeCore {
+                dir,
+                storage,
+                metrics,
+                epoch,
+                transport,
+                core,
+                inbound,
+                events,
+                factory,
+            }
+        }
+    }
+
+    /// Waits (up to 10 s) until the core has stepped once.
+    async fn stepped(metrics: &Metrics, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !metrics
+            .render()
+            .lines()
+            .any(|l| l.contains("guest_call_seconds_count") && l.contains("step"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} was not stepped"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// A replica is seen running a new epoch (the transport's stamp, the
     /// listing fence, and through them the status the membership driver
     /// waits on before the sweeps) only once every ready its core stepped
@@ -697,38 +777,15 @@ mod tests {
     /// thread held at LMDB's write lock, the native core.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_epoch_is_published_once_what_was_stepped_before_it_is_durable() {
-        let dir = std::env::temp_dir().join(format!("ballot-settling-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
-        let pki = crate::transport::tests::Pki::new("settling");
-        let (inbound_tx, inbound_rx) = mpsc::channel(16);
-        let metrics = Arc::new(Metrics::new());
-        let epoch = Arc::new(AtomicU64::new(1));
-        let transport = pki.alone(1, inbound_tx, metrics.clone(), epoch.clone());
-        let engine = crate::runtime::engine().unwrap();
-        let factory: ProtocolFactory = Arc::new(move |incarnation| {
-            let config = ballot_core::Config::new(1, incarnation, vec![1, 2, 3]);
-            let policies = Policies::new(&engine, None).map_err(|e| e.to_string())?;
-            Ok(Box::new(Replica::new(config, policies)?) as Box<dyn Protocol>)
-        });
-        let initial = Initial {
-            label: "native".into(),
-            factory,
-            incarnation: 1,
-            members: Some(members(1)),
-        };
-        let (watchers, _config, _members) = Watchers::new();
-        let core = start(
-            initial,
-            storage.clone(),
-            inbound_rx,
-            transport.clone(),
-            metrics.clone(),
-            watchers,
-            Arc::new(Events::default()),
-            epoch.clone(),
-        )
-        .unwrap();
+        let NativeCore {
+            dir,
+            storage,
+            metrics,
+            epoch,
+            transport,
+            core,
+            ..
+        } = NativeCore::start("settling");
         let held = storage.hold_writes();
         let (reply, _answer) = oneshot::channel();
         let put = ballot_core::register::Command::Put(b"v".to_vec()).encode();
@@ -743,18 +800,8 @@ mod tests {
             .unwrap();
         // The core has stepped the put: its own fast acceptance waits for
         // the writer, which waits for the lock.
+        stepped(&metrics, "the put").await;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !metrics
-            .render()
-            .lines()
-            .any(|l| l.contains("guest_call_seconds_count") && l.contains("step"))
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the put was not stepped"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         let classic = Members {
             fast: false,
             ..members(2)
@@ -799,39 +846,17 @@ mod tests {
     /// core; the decision comes as a peer's `Learn`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_swap_writes_the_decisions_the_instance_held() {
-        let dir = std::env::temp_dir().join(format!("ballot-held-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let (storage, _) = Storage::open(&dir, 1, 1 << 24).unwrap();
-        let pki = crate::transport::tests::Pki::new("held");
-        let (inbound_tx, inbound_rx) = mpsc::channel(16);
-        let metrics = Arc::new(Metrics::new());
-        let epoch = Arc::new(AtomicU64::new(1));
-        let transport = pki.alone(1, inbound_tx.clone(), metrics.clone(), epoch.clone());
-        let engine = crate::runtime::engine().unwrap();
-        let factory: ProtocolFactory = Arc::new(move |incarnation| {
-            let config = ballot_core::Config::new(1, incarnation, vec![1, 2, 3]);
-            let policies = Policies::new(&engine, None).map_err(|e| e.to_string())?;
-            Ok(Box::new(Replica::new(config, policies)?) as Box<dyn Protocol>)
-        });
-        let initial = Initial {
-            label: "native".into(),
-            factory: factory.clone(),
-            incarnation: 1,
-            members: Some(members(1)),
-        };
-        let (watchers, _config, _members) = Watchers::new();
-        let events = Arc::new(Events::default());
-        let core = start(
-            initial,
-            storage.clone(),
-            inbound_rx,
-            transport.clone(),
-            metrics.clone(),
-            watchers,
-            events.clone(),
-            epoch.clone(),
-        )
-        .unwrap();
+        let NativeCore {
+            dir,
+            storage,
+            metrics,
+            transport,
+            core,
+            inbound,
+            events,
+            factory,
+            ..
+        } = NativeCore::start("held");
         let learn = ballot_core::wire::Msg::Learn {
             chosen: ballot_core::wire::Chosen {
                 version: 1,
@@ -839,7 +864,7 @@ mod tests {
                 winners: vec![],
             },
         };
-        inbound_tx
+        inbound
             .send(crate::transport::Received::unbudgeted(vec![
                 ballot_core::Inbound {
                     from: 2,
@@ -849,18 +874,7 @@ mod tests {
             ]))
             .await
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !metrics
-            .render()
-            .lines()
-            .any(|l| l.contains("guest_call_seconds_count") && l.contains("step"))
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the Learn was not stepped"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        stepped(&metrics, "the Learn").await;
         // Stepped and held, not written (its timer fires 10 to 20 ms on).
         assert_eq!(storage.committed(b"k").unwrap(), None);
         core.control.send(Control::Swap {
