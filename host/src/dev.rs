@@ -57,6 +57,20 @@ pub const DEV_CLIENT: &str = "dev";
 
 /// Issues the API's server certificate and the dev client certificate in
 /// `certs` (beside the CA) if they are missing.
+/// Makes the process `command` starts get SIGTERM when the thread that
+/// started it exits, so a local cluster (or a bench's etcd) dies with the
+/// process that runs it, however that one ends.
+pub fn die_with_parent(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; it only asks the kernel to send
+    // SIGTERM to the child when its parent thread exits.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
 fn api_certificates(certs: &Path) -> Result<(), String> {
     if !tls::api_cert_path(certs).exists() {
         tls::issue_api_server(certs, &[]).map_err(|e| e.to_string())?;
@@ -485,14 +499,7 @@ impl DevCluster {
         ] {
             command.env_remove(var);
         }
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
-        // send SIGTERM to the child when its parent thread exits.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut command);
         let child = command
             .spawn()
             .map_err(|e| format!("starting {}: {e}", binary.display()))?;

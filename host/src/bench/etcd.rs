@@ -2,7 +2,6 @@
 //! its members reach each other through the TCP relays of the link
 //! emulator, under the same topology as Ballot's replicas.
 
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -77,16 +76,9 @@ pub async fn start(plan: &Plan) -> Result<System, String> {
         let log =
             std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
         let mut command = Command::new(&binary);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
-        // send SIGTERM to the member when the bench's thread that started
-        // it exits, so a bench that is killed leaves no etcd behind (its
-        // data directory is the next run's).
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+        // A bench that is killed leaves no etcd behind on the data
+        // directory the next run reuses.
+        crate::dev::die_with_parent(&mut command);
         let child = command
             .args(["--name", name])
             .arg("--data-dir")

@@ -680,16 +680,15 @@ impl Driver {
             // no event writes them, so the swap, which usually comes on
             // every replica at once, does not lose a value from every
             // changelog. The swap happens once that ready is durable.
+            // (`step` loads each key once.)
             if let Some(swap) = &mut self.swapping {
                 swap.flushed = true;
             }
-            let mut keys: Vec<Vec<u8>> = self
+            let keys: Vec<Vec<u8>> = self
                 .timers
                 .iter()
                 .map(|Reverse((_, _, k))| k.clone())
                 .collect();
-            keys.sort_unstable();
-            keys.dedup();
             let now = self.clock.now_ms();
             return self.step(Batch::default(), now, &keys);
         }

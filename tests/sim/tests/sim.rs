@@ -235,17 +235,13 @@ fn simulator_catches_votes_announced_before_they_are_durable() {
 /// first at seed 38 (two values committed at one version).
 #[test]
 fn simulator_catches_votes_held_in_memory_like_decisions() {
-    let caught = (30..60).find(|&seed| {
-        let report = run(
-            SimConfig::new(seed, 3),
-            &NativeFactory(Some(Planted::LazyVotes)),
-        );
-        report
-            .violations
-            .iter()
-            .any(|v| v.contains("agreement") || v.contains("not linearizable"))
-    });
-    let seed = caught.expect("30 seeds of votes held in memory passed the simulator");
+    let seed = first_caught(
+        30..60,
+        |seed| SimConfig::new(seed, 3),
+        &NativeFactory(Some(Planted::LazyVotes)),
+        |v| v.contains("agreement") || v.contains("not linearizable"),
+    )
+    .expect("30 seeds of votes held in memory passed the simulator");
     assert_clean(&run_native(seed, 3), seed, 3);
 }
 
