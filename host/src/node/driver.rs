@@ -43,8 +43,6 @@ pub(super) struct Swapping {
     label: String,
     factory: ProtocolFactory,
     since: Instant,
-    /// The flush step ran (see `try_swap`).
-    flushed: bool,
 }
 
 pub(super) struct Driver {
@@ -184,7 +182,6 @@ impl Driver {
                             label,
                             factory,
                             since: Instant::now(),
-                            flushed: false,
                         });
                     }
                     Control::Members(members) => self.adopt(members),
@@ -659,6 +656,38 @@ impl Driver {
         });
     }
 
+    /// Writes what the instance holds in memory before it is replaced
+    /// (design section 2, "Held decisions"): each held decision has a
+    /// timer armed on its key, and a step given those keys' states with no
+    /// event writes them. A swap usually comes to every replica at once, so
+    /// without this a value could be missing from every changelog. The
+    /// writes need not be durable before the swap: they land in order, and
+    /// the next instance reads them through the pipeline's overlay. Keys
+    /// go 16 to a step (values are at most 1 MiB, so a step stays under
+    /// `STEP_STATE_BYTES_MAX`), while the pipeline has room and no event
+    /// is carried; past that, what is left is lost as in a crash.
+    fn flush_held(&mut self) {
+        let mut keys: Vec<Vec<u8>> = self
+            .timers
+            .iter()
+            .map(|Reverse((_, _, k))| k.clone())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for chunk in keys.chunks(16) {
+            // A step hands carried events to the instance it steps: those
+            // (a drain that timed out) are for the next instance.
+            if self.pipeline.len() >= PIPELINE_MAX
+                || self.health.fatal().is_some()
+                || !self.carry_is_empty()
+            {
+                return;
+            }
+            let now = self.clock.now_ms();
+            self.step(Batch::default(), now, chunk);
+        }
+    }
+
     /// Finishes a swap once nothing is in flight (or the drain deadline
     /// has passed).
     fn try_swap(&mut self) {
@@ -673,25 +702,7 @@ impl Driver {
         if !drained && waited < SWAP_DRAIN_MAX {
             return;
         }
-        if drained && !swap.flushed && waited < SWAP_DRAIN_MAX {
-            // The instance may hold decisions in memory that it has not
-            // written (design section 2, "Held decisions"); each has a
-            // timer armed on its key. A step with those keys' states and
-            // no event writes them, so the swap, which usually comes on
-            // every replica at once, does not lose a value from every
-            // changelog. The swap happens once that ready is durable.
-            // (`step` loads each key once.)
-            if let Some(swap) = &mut self.swapping {
-                swap.flushed = true;
-            }
-            let keys: Vec<Vec<u8>> = self
-                .timers
-                .iter()
-                .map(|Reverse((_, _, k))| k.clone())
-                .collect();
-            let now = self.clock.now_ms();
-            return self.step(Batch::default(), now, &keys);
-        }
+        self.flush_held();
         let swap = self.swapping.take().expect("checked above");
         let abandoned = self.abandon_clients(
             "the protocol was swapped before this command finished; it may or may not have taken effect",

@@ -885,13 +885,19 @@ mod tests {
             .await
             .expect("the swap happened");
         assert!(matches!(swapped, CoreEvent::Swapped { .. }), "{swapped:?}");
+        // The flush's write lands in order after the swap, well before the
+        // held decision's own timer would have fired in the old instance.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while storage.committed(b"k").unwrap().is_none() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         assert_eq!(
             storage
                 .committed(b"k")
                 .unwrap()
                 .map(|c| (c.version, c.value)),
             Some((1, Some(b"v".to_vec()))),
-            "the held decision was written before the swap"
+            "the swap wrote the held decision"
         );
         transport.close();
         let _ = std::fs::remove_dir_all(&dir);
