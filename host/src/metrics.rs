@@ -61,7 +61,7 @@ pub struct Metrics {
     pub protocol_restarts: Family<Labels, Counter>,
     /// How long a swap waited for in-flight commands to finish.
     pub swap_drain_seconds: Histogram,
-    /// Policy calls that trapped, ran out of fuel or memory, or returned
+    /// Policy calls that trapped, ran out of time or memory, or returned
     /// something refused.
     pub policy_failures: Counter,
     /// Watchers (`/v1/watch`) connected now.
@@ -189,7 +189,7 @@ impl Metrics {
         let protocol_restarts = Family::<Labels, Counter>::default();
         registry.register(
             "protocol_restarts",
-            "Protocol instances replaced, by cause (swap, trap, fuel)",
+            "Protocol instances replaced, by cause (swap, trap, deadline, invalid)",
             protocol_restarts.clone(),
         );
         let swap_drain_seconds = seconds();
@@ -201,7 +201,7 @@ impl Metrics {
         let policy_failures = Counter::default();
         registry.register(
             "policy_failures",
-            "Policy calls that trapped, ran out of fuel or memory, or returned a refused value",
+            "Policy calls that trapped, ran out of time or memory, or returned a refused value",
             policy_failures.clone(),
         );
         let watchers = Gauge::default();

@@ -141,7 +141,7 @@ fn parallel_mebibyte_writes_do_not_trap_the_protocol() {
             failed.len()
         );
         for c in clients(&cluster) {
-            for cause in ["trap", "fuel", "invalid"] {
+            for cause in ["trap", "deadline", "invalid"] {
                 let name = format!("ballot_protocol_restarts_total{{cause=\"{cause}\"}}");
                 assert_eq!(metric(&c, &name).await, 0.0, "{}: {name}", c.endpoint());
             }
@@ -172,7 +172,7 @@ fn parallel_mebibyte_writes_do_not_trap_the_protocol() {
         }
         let mut deferred = 0.0;
         for c in clients(&cluster) {
-            for cause in ["trap", "fuel", "invalid"] {
+            for cause in ["trap", "deadline", "invalid"] {
                 let name = format!("ballot_protocol_restarts_total{{cause=\"{cause}\"}}");
                 assert_eq!(
                     metric(&c, &name).await,

@@ -268,7 +268,7 @@ fn a_hostile_policy_fails_only_its_own_command_and_changes_nothing() {
             StatusCode::CREATED
         );
         for (command, reason) in [
-            ("loop", "ran out of fuel"),
+            ("loop", "ran past its time limit"),
             ("trap", "trapped"),
             ("bomb", "trapped"),
             ("huge", "values are at most"),

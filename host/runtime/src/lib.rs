@@ -4,7 +4,8 @@
 //! [`WasmCore`], one store per replica, that implements the same
 //! [`ballot_core::Core`] trait as the native build. Execution is made
 //! deterministic (NaN canonicalisation, no threads, no relaxed SIMD, no clock
-//! or random imports) and bounded (fuel per call, a memory limit per store).
+//! or random imports) and bounded (a wall-clock limit per call, a memory
+//! limit per store).
 
 use ballot_core as core;
 use wasmtime::component::Component;
@@ -19,12 +20,16 @@ pub const PROTOCOL_NEXT_WASM: &[u8] = include_bytes!("../../components/protocol-
 /// The default register policy component, built from `guest/register`.
 pub const REGISTER_WASM: &[u8] = include_bytes!("../../components/register.wasm");
 
-/// Fuel one guest call may burn before it is stopped.
-pub const FUEL_PER_CALL: u64 = 2_000_000_000;
+/// How often every engine's epoch advances: the grain of the time limits.
+pub const TICK_MS: u64 = 10;
+/// Wall time one protocol call may run before it is stopped, not counting
+/// the time its policies' calls take (they have limits of their own).
+pub const PROTOCOL_CALL_MS: u64 = 2_000;
 /// Linear memory one guest instance may grow to.
 pub const MEMORY_MAX_BYTES: usize = 256 << 20;
-/// Fuel one policy call may burn: a policy is a small function of one value.
-pub const POLICY_FUEL_PER_CALL: u64 = 200_000_000;
+/// Wall time one policy call may run: a policy is a small function of one
+/// value.
+pub const POLICY_CALL_MS: u64 = 200;
 /// Linear memory one policy instance may grow to.
 pub const POLICY_MEMORY_MAX_BYTES: usize = 64 << 20;
 /// Largest value a client or a policy may write.
@@ -38,7 +43,7 @@ pub const SYSTEM_VALUE_MAX: usize = (8 << 20) + (64 << 10);
 pub const REJECTION_CODE_MAX: usize = 64;
 /// Longest rejection message a policy may return.
 pub const REJECTION_TEXT_MAX: usize = 1024;
-/// The rejection code of a command whose policy trapped, ran out of fuel or
+/// The rejection code of a command whose policy trapped, ran out of time or
 /// memory, or returned something the host refuses.
 pub const POLICY_FAILED: &str = "policy-failed";
 
@@ -76,9 +81,9 @@ pub enum RuntimeError {
     /// A call into the guest trapped, or a host call under it failed: the
     /// instance's memory may be half-written, and it must be replaced.
     Trap { call: &'static str, reason: String },
-    /// A call into the guest burned its fuel (an endless or too long
-    /// computation): the same as a trap for the instance.
-    Fuel { call: &'static str },
+    /// A call into the guest ran past its time limit (an endless or too
+    /// long computation): the same as a trap for the instance.
+    Deadline { call: &'static str },
     /// The guest ran and refused what it was given (a configuration, a
     /// membership) or its own self-check failed: the instance is sound.
     Refused(String),
@@ -92,13 +97,13 @@ pub enum RuntimeError {
 pub type Error = RuntimeError;
 
 impl RuntimeError {
-    /// A short name for metrics and logs: `compile`, `trap`, `fuel`,
+    /// A short name for metrics and logs: `compile`, `trap`, `deadline`,
     /// `refused`, `invalid`.
     pub fn kind(&self) -> &'static str {
         match self {
             RuntimeError::Compile(_) => "compile",
             RuntimeError::Trap { .. } => "trap",
-            RuntimeError::Fuel { .. } => "fuel",
+            RuntimeError::Deadline { .. } => "deadline",
             RuntimeError::Refused(_) => "refused",
             RuntimeError::Invalid { .. } => "invalid",
         }
@@ -110,7 +115,7 @@ impl std::fmt::Display for RuntimeError {
         match self {
             RuntimeError::Compile(m) | RuntimeError::Refused(m) => f.write_str(m),
             RuntimeError::Trap { call, reason } => write!(f, "{call} failed: {reason}"),
-            RuntimeError::Fuel { call } => write!(f, "{call} failed: {OUT_OF_FUEL}"),
+            RuntimeError::Deadline { call } => write!(f, "{call} failed: {OUT_OF_TIME}"),
             RuntimeError::Invalid { call, reason } => {
                 write!(f, "{call} returned invalid output: {reason}")
             }
@@ -125,10 +130,10 @@ fn err(context: &str, e: impl std::fmt::Display) -> Error {
     RuntimeError::Compile(format!("{context}: {e}"))
 }
 
-/// A failed call into a guest, as a trap or fuel.
+/// A failed call into a guest, as a trap or its time limit.
 fn call_failed(call: &'static str, e: &wasmtime::Error) -> Error {
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::OutOfFuel) => RuntimeError::Fuel { call },
+        Some(wasmtime::Trap::Interrupt) => RuntimeError::Deadline { call },
         _ => RuntimeError::Trap {
             call,
             reason: trap_reason(e),
@@ -136,18 +141,47 @@ fn call_failed(call: &'static str, e: &wasmtime::Error) -> Error {
     }
 }
 
-/// The engine configuration every Ballot guest runs under.
+/// The engine configuration every Ballot guest runs under, and the thread
+/// that advances its epoch every [`TICK_MS`] for as long as the engine
+/// lives.
+///
+/// Calls are bounded by wall time (epoch interruption), not by counted
+/// instructions (fuel): the checks cost a load and a compare at loop
+/// heads and function entries where fuel's counting cost a fifth to a
+/// quarter of the protocol's time. Where a call stops is therefore not
+/// deterministic, and nothing needs it to be: a protocol call's trap
+/// replaces that replica's instance, and a policy runs at the replica that
+/// proposes (its result is what replicas vote on), so a policy that ran
+/// out of time fails that replica's attempt only.
 pub fn engine() -> Result<Engine, Error> {
     let mut config = Config::new();
     config
         // Threads are off: wasmtime is built without its `threads` feature.
         .cranelift_nan_canonicalization(true)
         .wasm_relaxed_simd(false)
-        .consume_fuel(true);
+        .epoch_interruption(true);
     if std::env::var_os("BALLOT_PERFMAP").is_some() {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
-    Engine::new(&config).map_err(|e| err("configuring wasmtime", e))
+    let engine = Engine::new(&config).map_err(|e| err("configuring wasmtime", e))?;
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("ballot-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(TICK_MS));
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        })
+        .map_err(|e| err("starting the epoch thread", e))?;
+    Ok(engine)
+}
+
+/// Epoch ticks that cover `ms` of wall time: one more than the quotient,
+/// since the tick in progress may be about to end.
+fn ticks(ms: u64) -> u64 {
+    ms / TICK_MS + 1
 }
 
 /// Compiled components, ready to instantiate.
@@ -229,12 +263,12 @@ fn log(level: u8, message: &str) {
     }
 }
 
-const OUT_OF_FUEL: &str = "it ran out of fuel (an endless or too long computation)";
+const OUT_OF_TIME: &str = "it ran past its time limit (an endless or too long computation)";
 
 /// Says what a guest call's error was, in words a client can act on.
 pub fn trap_reason(e: &wasmtime::Error) -> String {
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::OutOfFuel) => OUT_OF_FUEL.to_string(),
+        Some(wasmtime::Trap::Interrupt) => OUT_OF_TIME.to_string(),
         Some(trap) => format!("it trapped: {trap}"),
         None => format!("{e:#}"),
     }
@@ -333,6 +367,60 @@ mod tests {
         );
         assert_eq!(e.kind(), "trap");
         assert!(e.to_string().starts_with("step failed: it trapped"), "{e}");
+    }
+
+    fn hostile() -> Vec<u8> {
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/components/hostile.wasm"),
+        )
+        .unwrap()
+    }
+
+    /// A step whose policies' calls together run past the protocol's own
+    /// limit is not stopped for it: each policy call has its own limit, and
+    /// the step fails only the commands whose policy ran out of time.
+    #[test]
+    fn a_step_is_timed_without_the_time_its_policies_take() {
+        let rt = Runtime::with_components(PROTOCOL_WASM, &hostile()).unwrap();
+        // A replica alone: it evaluates each command as it takes it.
+        let mut core = rt.replica(core::Config::new(1, 1, vec![1])).unwrap();
+        let n = PROTOCOL_CALL_MS / POLICY_CALL_MS + 2;
+        let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("k{i}").into_bytes()).collect();
+        let batch = core::Batch {
+            now_ms: 1,
+            seed: 1,
+            states: keys
+                .iter()
+                .map(|k| core::KeyState {
+                    key: k.clone(),
+                    state: Vec::new(),
+                })
+                .collect(),
+            requests: (1..)
+                .zip(&keys)
+                .map(|(id, k)| core::Request {
+                    id,
+                    key: k.clone(),
+                    op: core::Operation::Command(b"loop".to_vec()),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let ready = core.try_step(batch).unwrap();
+        let failed: Vec<u64> = ready
+            .early
+            .complete
+            .iter()
+            .filter(|c| {
+                matches!(&c.outcome, core::Outcome::Rejected(r, _)
+                    if r.code == POLICY_FAILED && r.message.contains("ran past its time limit"))
+            })
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(failed, (1..=n).collect::<Vec<_>>(), "{:?}", ready.early);
+        // The instance is sound.
+        assert!(core.describe().is_ok());
     }
 
     #[test]

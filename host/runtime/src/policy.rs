@@ -77,15 +77,14 @@ impl PolicyInstance {
             value: current.value.clone(),
             version: current.version,
         };
-        let result = live.store.set_fuel(POLICY_FUEL_PER_CALL).and_then(|()| {
-            live.policy.ballot_core_policy_api().call_apply(
-                &mut live.store,
-                key,
-                &current,
-                command,
-                now_ms,
-            )
-        });
+        live.store.set_epoch_deadline(ticks(POLICY_CALL_MS));
+        let result = live.policy.ballot_core_policy_api().call_apply(
+            &mut live.store,
+            key,
+            &current,
+            command,
+            now_ms,
+        );
         let change = match result {
             Ok(Ok(change)) => change,
             Ok(Err(r)) => {
@@ -132,7 +131,7 @@ impl PolicyInstance {
 }
 
 /// A store for one policy instance, with the sandbox's memory limit and a
-/// call's fuel.
+/// call's time limit.
 fn policy_store(engine: &Engine) -> Result<Store<PolicyHost>, Error> {
     let mut store = Store::new(
         engine,
@@ -141,9 +140,8 @@ fn policy_store(engine: &Engine) -> Result<Store<PolicyHost>, Error> {
         },
     );
     store.limiter(|s| &mut s.limits);
-    store
-        .set_fuel(POLICY_FUEL_PER_CALL)
-        .map_err(|e| err("fuel", e))?;
+    store.epoch_deadline_trap();
+    store.set_epoch_deadline(ticks(POLICY_CALL_MS));
     Ok(store)
 }
 
@@ -168,9 +166,7 @@ pub fn describe_policy(
 ) -> Result<(String, String), Error> {
     let policy = policy_world::Policy::new(&mut *store, instance)
         .map_err(|e| err("the policy's exports", e))?;
-    store
-        .set_fuel(POLICY_FUEL_PER_CALL)
-        .map_err(|e| err("fuel", e))?;
+    store.set_epoch_deadline(ticks(POLICY_CALL_MS));
     policy
         .ballot_core_policy_api()
         .call_describe(&mut *store)

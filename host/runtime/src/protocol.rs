@@ -1,15 +1,31 @@
 //! The protocol component in one store per replica ([`WasmCore`]), and
 //! the conversions between its WIT types and `ballot_core`'s.
 
+use std::time::{Duration, Instant};
+
 use ballot_core as core;
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, Store, StoreLimits};
+use wasmtime::{Engine, Store, StoreLimits, UpdateDeadline};
 
 use crate::*;
 
 struct ProtocolHost {
     limits: StoreLimits,
     policies: Policies,
+    /// When the call in progress began, and how much of it its policies'
+    /// calls took: the protocol's own time is the difference.
+    started: Instant,
+    in_policies: Duration,
+}
+
+impl ProtocolHost {
+    /// What is left of the call's own time limit, in ticks; `None` once it
+    /// is spent.
+    fn ticks_left(&self) -> Option<u64> {
+        let own = self.started.elapsed().saturating_sub(self.in_policies);
+        let left = Duration::from_millis(PROTOCOL_CALL_MS).checked_sub(own)?;
+        (!left.is_zero()).then(|| ticks(left.as_millis() as u64))
+    }
 }
 
 impl protocol_world::ballot::core::log::Host for ProtocolHost {
@@ -34,7 +50,10 @@ impl imp::Host for ProtocolHost {
             value: current.value,
             version: current.version,
         };
-        match core::Env::apply(&mut self.policies, &key, &current, &command, now_ms) {
+        let start = Instant::now();
+        let result = core::Env::apply(&mut self.policies, &key, &current, &command, now_ms);
+        self.in_policies += start.elapsed();
+        match result {
             Ok(core::Change::Keep) => Ok(imp::Change::Keep),
             Ok(core::Change::Set(v)) => Ok(imp::Change::Set(v)),
             Ok(core::Change::Remove) => Ok(imp::Change::Remove),
@@ -68,10 +87,20 @@ impl WasmCore {
         let host = ProtocolHost {
             limits: limits(MEMORY_MAX_BYTES),
             policies,
+            started: Instant::now(),
+            in_policies: Duration::ZERO,
         };
         let mut store = Store::new(engine, host);
         store.limiter(|s| &mut s.limits);
-        store.set_fuel(FUEL_PER_CALL).map_err(|e| err("fuel", e))?;
+        // The deadline passes at every tick beyond the call's limit less
+        // what its policies took; the call stops once its own time is spent.
+        store.epoch_deadline_callback(|store| {
+            Ok(match store.data().ticks_left() {
+                Some(ticks) => UpdateDeadline::Continue(ticks),
+                None => UpdateDeadline::Interrupt,
+            })
+        });
+        store.set_epoch_deadline(ticks(PROTOCOL_CALL_MS));
         let instance = linker
             .instantiate(&mut store, protocol)
             .map_err(|e| err("instantiating the protocol component", e))?;
@@ -91,7 +120,7 @@ impl WasmCore {
             bindings,
             instance,
         };
-        core.refuel()?;
+        core.arm();
         core.bindings
             .ballot_core_replica()
             .call_init(&mut core.store, &wit_config)
@@ -107,21 +136,23 @@ impl WasmCore {
         &mut self.store.data_mut().policies
     }
 
-    fn refuel(&mut self) -> Result<(), Error> {
-        self.store
-            .set_fuel(FUEL_PER_CALL)
-            .map_err(|e| err("fuel", e))
+    /// Starts a call's time limit.
+    fn arm(&mut self) {
+        let host = self.store.data_mut();
+        host.started = Instant::now();
+        host.in_policies = Duration::ZERO;
+        self.store.set_epoch_deadline(ticks(PROTOCOL_CALL_MS));
     }
 
     /// Runs the component's `self-check` export; false when it has none.
     pub fn self_check(&mut self) -> Result<bool, Error> {
-        self.refuel()?;
+        self.arm();
         self_check_export(&mut self.store, &self.instance)
     }
 
     /// The component's own description.
     pub fn describe(&mut self) -> Result<core::Info, Error> {
-        self.refuel()?;
+        self.arm();
         let i = self
             .bindings
             .ballot_core_replica()
@@ -185,7 +216,7 @@ impl WasmCore {
                 })
                 .collect(),
         };
-        self.refuel()?;
+        self.arm();
         let ready = self
             .bindings
             .ballot_core_replica()
@@ -213,7 +244,7 @@ impl WasmCore {
     /// Moves the instance to a newer membership epoch. `Err` carries the
     /// protocol's refusal or a trap.
     pub fn try_reconfigure(&mut self, members: core::Members) -> Result<(), Error> {
-        self.refuel()?;
+        self.arm();
         let m = wit_members::Members {
             epoch: members.epoch,
             voters: members.voters,
@@ -228,7 +259,7 @@ impl WasmCore {
     }
 
     pub fn try_release(&mut self, id: u64) -> Result<core::Actions, Error> {
-        self.refuel()?;
+        self.arm();
         let a = self
             .bindings
             .ballot_core_replica()

@@ -147,7 +147,7 @@ pub enum CoreEvent {
         /// Commands that had not finished by the deadline and were failed.
         abandoned: usize,
     },
-    /// The instance running `label` trapped (or burned its fuel) `count`
+    /// The instance running `label` trapped (or ran past its time limit) `count`
     /// times in a row and was replaced each time by a fresh one of the same
     /// component; `reason` is the last failure.
     Trapped {

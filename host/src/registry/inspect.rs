@@ -59,7 +59,7 @@ fn contract() -> String {
 }
 
 /// Checks a component before it is stored. Blocking: it compiles and runs
-/// guest code (the self-check) under the sandbox's fuel and memory bounds.
+/// guest code (the self-check) under the sandbox's time and memory bounds.
 pub fn inspect(engine: &Engine, bytes: &[u8]) -> Result<(Inspected, Component), Error> {
     let fail = Error::Compile;
     if bytes.len() > COMPONENT_MAX {
