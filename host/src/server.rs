@@ -678,6 +678,10 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("serving HTTP: {e}"))?;
             info!("shutting down");
+            // The decisions the protocol holds in memory are written
+            // before the peers are told goodbye (design section 2, "Held
+            // decisions").
+            core.stop().await;
             transport.close();
             Ok(())
         },

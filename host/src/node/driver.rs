@@ -23,7 +23,7 @@ use super::forwards::Forwards;
 use super::{
     ClientRequest, Control, CoreEvent, Events, Health, Mailbox, Protocol, ProtocolFactory,
     Watchers, BATCH_BYTES_MAX, BATCH_MAX, INFLIGHT_BYTES_MAX, KEY_MAX, PIPELINE_MAX,
-    STEP_STATE_BYTES_MAX, SWAP_DRAIN_MAX,
+    STEP_STATE_BYTES_MAX, STOP_FLUSH_MAX, SWAP_DRAIN_MAX,
 };
 use crate::metrics::{label, labels2, Metrics};
 use crate::runtime::RuntimeError;
@@ -45,12 +45,21 @@ pub(super) struct Swapping {
     since: Instant,
 }
 
+/// A graceful stop in progress (`Control::Stop`).
+pub(super) struct Stopping {
+    /// Answered once the held decisions are written and durable.
+    done: Option<oneshot::Sender<()>>,
+    since: Instant,
+    flushed: bool,
+}
+
 pub(super) struct Driver {
     pub(super) protocol: Box<dyn Protocol>,
     /// What `protocol` runs, and how to build another instance of it.
     pub(super) label: String,
     pub(super) factory: ProtocolFactory,
     pub(super) swapping: Option<Swapping>,
+    pub(super) stopping: Option<Stopping>,
     pub(super) events: Arc<Events>,
     pub(super) storage: Storage,
     pub(super) transport: Arc<Transport>,
@@ -136,17 +145,21 @@ impl Driver {
             // held; once its own commands and the forwarded ones it took
             // are answered, peer messages wait too, so the last readies
             // are released and the swap happens.
-            let admit = open && self.swapping.is_none() && self.inflight_bytes < INFLIGHT_BYTES_MAX;
+            // A stopping core takes nothing new: what it holds is written
+            // once, and an event taken after that could be held again.
+            let stopping = self.stopping.is_some();
+            let admit = open
+                && !stopping
+                && self.swapping.is_none()
+                && self.inflight_bytes < INFLIGHT_BYTES_MAX;
             let idle = self.clients.is_empty() && !self.forwards.busy();
-            let listen = open && !(self.swapping.is_some() && idle);
+            let listen = open && !stopping && !(self.swapping.is_some() && idle);
             // Carried events stay in `carry` until the step takes them, so
             // a swap or a restart in between sees them (`try_swap`,
             // `replace`).
             let handed = open && !self.carry_is_empty();
-            let swap_tick = self
-                .swapping
-                .as_ref()
-                .map(|_| tokio::time::Instant::now() + Duration::from_millis(20));
+            let swap_tick = (self.swapping.is_some() || stopping)
+                .then(|| tokio::time::Instant::now() + Duration::from_millis(20));
             let deadline = self
                 .timers
                 .peek()
@@ -168,7 +181,7 @@ impl Driver {
                 m = inbound.recv(), if listen => if let Some(m) = m {
                     self.accept(m.into_messages(), &mut batch)
                 },
-                _ = sleep_until(deadline), if open && deadline.is_some() => {}
+                _ = sleep_until(deadline), if open && !stopping && deadline.is_some() => {}
             }
             while let Ok(d) = durable.try_recv() {
                 self.on_durable(d);
@@ -185,9 +198,18 @@ impl Driver {
                         });
                     }
                     Control::Members(members) => self.adopt(members),
+                    Control::Stop(done) => {
+                        debug!("stopping: writing what the instance holds");
+                        self.stopping = Some(Stopping {
+                            done: Some(done),
+                            since: Instant::now(),
+                            flushed: false,
+                        });
+                    }
                 }
             }
             self.try_swap();
+            self.try_stop();
             if self.health.fatal().is_some() {
                 self.inflight_bytes = 0;
                 self.carry = Batch::default();
@@ -685,6 +707,37 @@ impl Driver {
             }
             let now = self.clock.now_ms();
             self.step(Batch::default(), now, chunk);
+        }
+    }
+
+    /// Writes the held decisions of a stopping core once the events it
+    /// carries are stepped, and answers the stop once every ready is
+    /// durable, or once [`STOP_FLUSH_MAX`] has passed.
+    fn try_stop(&mut self) {
+        let Some(stop) = &self.stopping else {
+            return;
+        };
+        let late = stop.since.elapsed() >= STOP_FLUSH_MAX;
+        if !stop.flushed && (self.carry_is_empty() || late) {
+            self.flush_held();
+            if let Some(stop) = &mut self.stopping {
+                stop.flushed = true;
+            }
+        }
+        let Some(stop) = &mut self.stopping else {
+            return;
+        };
+        // A stopped replica writes nothing more.
+        let fatal = self.health.fatal().is_some();
+        if (stop.flushed && self.pipeline.is_empty()) || late || fatal {
+            if let Some(done) = stop.done.take() {
+                info!(
+                    waited_ms = stop.since.elapsed().as_millis() as u64,
+                    unwritten = self.pipeline.len(),
+                    "core stopped"
+                );
+                let _ = done.send(());
+            }
         }
     }
 
