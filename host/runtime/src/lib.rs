@@ -69,7 +69,9 @@ use protocol_world::exports::ballot::core::replica as wit;
 mod policy;
 mod protocol;
 
-pub use policy::{describe_policy, sandbox_policy, Bound, Policies, PolicyHost, PolicyInstance};
+pub use policy::{
+    describe_policy, sandbox_policy, self_check_policy, Bound, Policies, PolicyHost, PolicyInstance,
+};
 pub use protocol::WasmCore;
 
 /// What went wrong running a guest, by what the caller does about it.

@@ -173,6 +173,16 @@ pub fn describe_policy(
         .map_err(|e| call_failed("describe", &e))
 }
 
+/// Runs a policy instance's `self-check` export (if it has one) under a
+/// policy call's time limit of its own.
+pub fn self_check_policy(
+    store: &mut Store<PolicyHost>,
+    instance: &wasmtime::component::Instance,
+) -> Result<bool, Error> {
+    store.set_epoch_deadline(ticks(POLICY_CALL_MS));
+    self_check_export(store, instance)
+}
+
 /// A key prefix routed to a policy component.
 pub struct Bound {
     pub prefix: Vec<u8>,

@@ -176,7 +176,7 @@ fn run_policy(engine: &Engine, component: &Component) -> Result<Inspected, Error
             version.len()
         )));
     }
-    let self_checked = runtime::self_check_export(&mut store, &instance)?;
+    let self_checked = runtime::self_check_policy(&mut store, &instance)?;
     Ok(Inspected {
         kind: Kind::Policy,
         name,
