@@ -245,6 +245,7 @@ fn new_node(
         admin_clients: vec![DEV_CLIENT.to_string()],
         grants: Vec::new(),
         http_connections_max: None,
+        http_connections_per_address_max: None,
         http_idle_secs: None,
         http_header_secs: None,
         http_body_secs: None,

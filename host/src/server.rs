@@ -119,6 +119,11 @@ pub struct NodeConfig {
     /// accepted past it is answered 503 `overloaded` and closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_connections_max: Option<usize>,
+    /// Client connections open at once from one address, an IPv6 client
+    /// counted by its /64 (default 256, at most 2^20); one accepted past it
+    /// is answered 503 `overloaded` and closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_connections_per_address_max: Option<usize>,
     /// Seconds a client connection may read and write nothing, with no
     /// request in flight, before it is closed (default 60; 1 to 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -520,9 +525,14 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 tokio::net::TcpListener::bind(config.http_addr)
                     .await
                     .map_err(|e| format!("binding the client address {}: {e}", config.http_addr))?,
-                config
-                    .http_connections_max
-                    .unwrap_or(api::conn::CONNECTIONS_MAX),
+                (
+                    config
+                        .http_connections_max
+                        .unwrap_or(api::conn::CONNECTIONS_MAX),
+                    config
+                        .http_connections_per_address_max
+                        .unwrap_or(api::conn::PER_ADDRESS_MAX),
+                ),
                 (
                     config
                         .http_idle_secs

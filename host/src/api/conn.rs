@@ -1,4 +1,5 @@
-//! Client connections, bounded: at most `connections_max` open at once, and
+//! Client connections, bounded: at most `connections_max` open at once and
+//! `per_address_max` from one address (an IPv6 client by its /64), and
 //! each closed once it has made no progress (no byte read or written, no
 //! request in flight) for `idle`. A client that opens connections and sends
 //! nothing, or leaves them open after its last request, holds a slot for
@@ -7,12 +8,13 @@
 //! request being read, and closed, so the replica never runs out of file
 //! descriptors and a client that tries again gets the next free slot.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,6 +29,10 @@ use tokio_rustls::TlsAcceptor;
 pub const CONNECTIONS_MAX: usize = 1024;
 /// The range `connections_max` is held to.
 pub const CONNECTIONS_RANGE: (usize, usize) = (1, 1 << 20);
+/// Client connections open at once from one address (an IPv6 /64), by
+/// default: a quarter of the default cap, so one host cannot take every
+/// slot; clients behind one proxy or NAT share it (raise it for them).
+pub const PER_ADDRESS_MAX: usize = 256;
 /// How long a client connection may make no progress, by default. A
 /// request in flight counts as progress, however long its handler runs.
 pub const IDLE: Duration = Duration::from_secs(60);
@@ -47,6 +53,64 @@ connection: close\r\n\
 content-length: 102\r\n\r\n\
 {\"error\":{\"code\":\"overloaded\",\"message\":\"too many client connections are open\",\"maybe_applied\":false}}";
 
+/// What a connection past its address's share is told before it is closed.
+const OVERLOADED_ADDRESS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 1\r\n\
+connection: close\r\n\
+content-length: 111\r\n\r\n\
+{\"error\":{\"code\":\"overloaded\",\"message\":\"too many client connections from this address\",\"maybe_applied\":false}}";
+
+/// Open connections by client address; an entry lives while one of its
+/// connections does, so there are at most `connections_max` entries.
+#[derive(Default)]
+struct PerAddress {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in its address's count; given back on drop.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    address: IpAddr,
+}
+
+impl PerAddress {
+    /// An IPv6 client is counted by its /64 (one host usually has the
+    /// whole prefix); an IPv4 client, mapped or not, by its address.
+    fn key(addr: IpAddr) -> IpAddr {
+        match addr.to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            v4 => v4,
+        }
+    }
+
+    fn take(self: &Arc<Self>, addr: IpAddr, max: usize) -> Option<AddressSlot> {
+        let address = PerAddress::key(addr);
+        let mut open = self.open.lock().expect("per-address lock");
+        let count = open.entry(address).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().expect("per-address lock");
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// The client listener with its bounds; clones share the listener and the
 /// slots (the answers given while a replica waits to be admitted, then the
 /// API).
@@ -54,6 +118,8 @@ content-length: 102\r\n\r\n\
 pub struct Listener {
     listener: Arc<TcpListener>,
     slots: Arc<Semaphore>,
+    per_address: Arc<PerAddress>,
+    per_address_max: usize,
     idle: Duration,
     head: Duration,
     /// HTTPS when set; plain HTTP only when the configuration asks for it.
@@ -63,7 +129,7 @@ pub struct Listener {
 impl Listener {
     pub fn new(
         listener: TcpListener,
-        connections_max: usize,
+        (connections_max, per_address_max): (usize, usize),
         (idle, head): (Duration, Duration),
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Listener {
@@ -71,6 +137,8 @@ impl Listener {
         Listener {
             listener: Arc::new(listener),
             slots: Arc::new(Semaphore::new(connections_max)),
+            per_address: Arc::default(),
+            per_address_max: per_address_max.clamp(CONNECTIONS_RANGE.0, CONNECTIONS_RANGE.1),
             idle: idle.clamp(IDLE_RANGE.0, IDLE_RANGE.1),
             head: head.clamp(HEAD_RANGE.0, HEAD_RANGE.1),
             tls: tls.map(TlsAcceptor::from),
@@ -87,6 +155,17 @@ impl axum::serve::Listener for Listener {
             match self.listener.accept().await {
                 Ok((stream, addr)) => match self.slots.clone().try_acquire_owned() {
                     Ok(slot) => {
+                        let Some(share) = self.per_address.take(addr.ip(), self.per_address_max)
+                        else {
+                            if self.tls.is_none() {
+                                let _ = stream.try_write(OVERLOADED_ADDRESS);
+                            }
+                            tracing::debug!(
+                                %addr,
+                                "refused a client connection: too many open from its address"
+                            );
+                            continue;
+                        };
                         // The handshake runs as the connection is first
                         // read or written, on the connection's own task
                         // and under its idle limit, never here.
@@ -94,7 +173,10 @@ impl axum::serve::Listener for Listener {
                             Some(tls) => Stream::Handshaking(tls.accept(stream)),
                             None => Stream::Plain(stream),
                         };
-                        return (Bounded::new(stream, slot, self.idle, self.head), addr);
+                        return (
+                            Bounded::new(stream, (slot, share), self.idle, self.head),
+                            addr,
+                        );
                     }
                     // Past the cap the connection is answered and closed at
                     // once, so it holds no descriptor; the client tries
@@ -237,7 +319,7 @@ pub async fn track(
 /// longer than `head` since its first byte.
 pub struct Bounded {
     stream: Stream,
-    _slot: OwnedSemaphorePermit,
+    _slot: (OwnedSemaphorePermit, AddressSlot),
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
     activity: Activity,
@@ -249,7 +331,12 @@ pub struct Bounded {
 }
 
 impl Bounded {
-    fn new(stream: Stream, slot: OwnedSemaphorePermit, idle: Duration, head: Duration) -> Bounded {
+    fn new(
+        stream: Stream,
+        slot: (OwnedSemaphorePermit, AddressSlot),
+        idle: Duration,
+        head: Duration,
+    ) -> Bounded {
         Bounded {
             stream,
             _slot: slot,
@@ -404,19 +491,90 @@ impl Stream {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use axum::serve::Listener as _;
+    use tokio::io::AsyncReadExt;
+
     #[test]
-    fn the_overloaded_answer_is_well_formed() {
-        let text = std::str::from_utf8(super::OVERLOADED).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(length, body.len());
-        let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(v["error"]["code"], "overloaded");
-        assert_eq!(v["error"]["maybe_applied"], false);
+    fn the_overloaded_answers_are_well_formed() {
+        for answer in [OVERLOADED, OVERLOADED_ADDRESS] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(length, body.len());
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["error"]["code"], "overloaded");
+            assert_eq!(v["error"]["maybe_applied"], false);
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_and_mapped_ipv4_by_its_address() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::7".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(PerAddress::key(a), PerAddress::key(b));
+        assert_ne!(PerAddress::key(a), PerAddress::key(c));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(
+            PerAddress::key(mapped),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    /// Connects from `from` (any 127/8 address reaches loopback) and says
+    /// whether the replica answered 503 and closed; a connection it keeps
+    /// sends nothing, so a short wait for bytes times out.
+    async fn refused(to: SocketAddr, from: [u8; 4]) -> (bool, tokio::net::TcpStream) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        let mut stream = socket.connect(to).await.unwrap();
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_millis(300), stream.read_to_end(&mut answer)).await;
+        let refused = matches!(read, Ok(Ok(_)))
+            && answer.starts_with(b"HTTP/1.1 503")
+            && answer.ends_with(b"from this address\",\"maybe_applied\":false}}");
+        (refused, stream)
+    }
+
+    /// One address gets `per_address_max` connections and no more; another
+    /// address still gets in, and a connection closed frees its place.
+    #[tokio::test]
+    async fn one_address_cannot_take_every_connection() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = Listener::new(tcp, (8, 2), (IDLE, HEAD), None);
+        let (accepted, mut taken) = tokio::sync::mpsc::unbounded_channel();
+        let acceptor = tokio::spawn(async move {
+            loop {
+                let (io, from) = listener.accept().await;
+                if accepted.send((io, from)).is_err() {
+                    return;
+                }
+            }
+        });
+        let (no, first) = refused(addr, [127, 0, 0, 1]).await;
+        assert!(!no, "the first connection was refused");
+        let (no, _second) = refused(addr, [127, 0, 0, 1]).await;
+        assert!(!no, "the second connection was refused");
+        let (yes, _) = refused(addr, [127, 0, 0, 1]).await;
+        assert!(yes, "a third connection from one address was kept");
+        let (no, _other) = refused(addr, [127, 0, 0, 2]).await;
+        assert!(!no, "another address was refused");
+        // The replica's side of the first connection goes (as when it is
+        // closed or idle too long), and its address may connect again.
+        drop(first);
+        let (io, from) = taken.recv().await.unwrap();
+        assert_eq!(from.ip(), IpAddr::from([127, 0, 0, 1]));
+        drop(io);
+        let (no, _again) = refused(addr, [127, 0, 0, 1]).await;
+        assert!(!no, "a freed place was not given again");
+        acceptor.abort();
     }
 }

@@ -164,6 +164,9 @@ impl ServeArgs {
             },
             grants: base.as_ref().map(|b| b.grants.clone()).unwrap_or_default(),
             http_connections_max: base.as_ref().and_then(|b| b.http_connections_max),
+            http_connections_per_address_max: base
+                .as_ref()
+                .and_then(|b| b.http_connections_per_address_max),
             http_idle_secs: base.as_ref().and_then(|b| b.http_idle_secs),
             http_header_secs: base.as_ref().and_then(|b| b.http_header_secs),
             http_body_secs: base.as_ref().and_then(|b| b.http_body_secs),
