@@ -297,6 +297,35 @@ fn every_acknowledged_write_survives_restarting_all_replicas() {
     });
 }
 
+/// A cluster stopped together (SIGTERM to every replica right after its
+/// last writes were acknowledged, as `ballot dev`'s Ctrl-C does) keeps
+/// them in every replica's own copy: each writes the decisions it held in
+/// memory before it exits (design section 2, "Held decisions"), so after
+/// the restart a local read finds every write at every replica, with no
+/// consensus read or changelog replay first.
+#[test]
+fn a_cluster_stopped_together_keeps_its_last_writes_in_every_copy() {
+    let scratch = Scratch::new("stopped-together");
+    runtime().block_on(async {
+        let mut cluster = start(&scratch.0, 3).await;
+        let keys: Vec<String> = (0..8).map(|i| format!("last-{i}")).collect();
+        let c = client(&cluster, 1);
+        for key in &keys {
+            let r = put(&c, key, "v").await;
+            assert!(r.status.is_success(), "{key}: {}", r.error_message());
+        }
+        cluster.stop_all();
+        cluster.start_all().unwrap();
+        cluster.wait_all_ready(READY).await.unwrap();
+        for c in clients(&cluster) {
+            for key in &keys {
+                expect_value(&c, key, true, "v", 1).await;
+            }
+        }
+        cluster.stop_all();
+    });
+}
+
 #[test]
 fn a_storage_failure_stops_the_replica_answering_and_the_others_carry_on() {
     let scratch = Scratch::new("storage-failure");
