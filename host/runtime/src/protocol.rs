@@ -12,18 +12,24 @@ use crate::*;
 struct ProtocolHost {
     limits: StoreLimits,
     policies: Policies,
-    /// When the call in progress began, and how much of it its policies'
-    /// calls took: the protocol's own time is the difference.
+    /// When the call in progress began (wall time, and its thread's CPU
+    /// time), and how much of it its policies' calls took: the protocol's
+    /// own time is the difference.
     started: Instant,
+    started_cpu: Duration,
     in_policies: Duration,
 }
 
 impl ProtocolHost {
     /// What is left of the call's own time limit, in ticks; `None` once it
-    /// is spent.
+    /// is spent. The call is stopped only once its thread has also used
+    /// that much CPU since it began: time the thread did not run (a loaded
+    /// machine, a paused VM) is not the protocol's.
     fn ticks_left(&self) -> Option<u64> {
+        let limit = Duration::from_millis(PROTOCOL_CALL_MS);
         let own = self.started.elapsed().saturating_sub(self.in_policies);
-        let left = Duration::from_millis(PROTOCOL_CALL_MS).checked_sub(own)?;
+        let ran = thread_cpu().saturating_sub(self.started_cpu);
+        let left = limit.saturating_sub(own).max(limit.saturating_sub(ran));
         (!left.is_zero()).then(|| ticks(left.as_millis() as u64))
     }
 }
@@ -50,6 +56,15 @@ impl imp::Host for ProtocolHost {
             value: current.value,
             version: current.version,
         };
+        if self.in_policies >= Duration::from_millis(POLICY_STEP_MS) {
+            return Err(imp::Rejection {
+                code: POLICY_FAILED.to_string(),
+                message: format!(
+                    "this step's policy calls used their {POLICY_STEP_MS} ms; the command \
+                     was not evaluated"
+                ),
+            });
+        }
         let start = Instant::now();
         let result = core::Env::apply(&mut self.policies, &key, &current, &command, now_ms);
         self.in_policies += start.elapsed();
@@ -88,6 +103,7 @@ impl WasmCore {
             limits: limits(MEMORY_MAX_BYTES),
             policies,
             started: Instant::now(),
+            started_cpu: thread_cpu(),
             in_policies: Duration::ZERO,
         };
         let mut store = Store::new(engine, host);
@@ -140,6 +156,7 @@ impl WasmCore {
     fn arm(&mut self) {
         let host = self.store.data_mut();
         host.started = Instant::now();
+        host.started_cpu = thread_cpu();
         host.in_policies = Duration::ZERO;
         self.store.set_epoch_deadline(ticks(PROTOCOL_CALL_MS));
     }

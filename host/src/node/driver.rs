@@ -136,6 +136,9 @@ impl Driver {
         control: &Mailbox,
     ) {
         loop {
+            // A stop taken in the last turn writes what is held here, once
+            // that turn's events are stepped.
+            self.try_stop();
             let mut batch = Batch::default();
             let fatal = self.health.fatal().is_some();
             let open = self.pipeline.len() < PIPELINE_MAX && !fatal;
@@ -209,7 +212,6 @@ impl Driver {
                 }
             }
             self.try_swap();
-            self.try_stop();
             if self.health.fatal().is_some() {
                 self.inflight_bytes = 0;
                 self.carry = Batch::default();
@@ -246,13 +248,17 @@ impl Driver {
                     .sum::<usize>();
             while events < BATCH_MAX && bytes < BATCH_BYTES_MAX {
                 let mut more = false;
-                if self.swapping.is_none() && self.inflight_bytes < INFLIGHT_BYTES_MAX {
+                // A stop taken this turn takes effect at once: what comes
+                // after it could be held after the flush.
+                let stopping = self.stopping.is_some();
+                if !stopping && self.swapping.is_none() && self.inflight_bytes < INFLIGHT_BYTES_MAX
+                {
                     if let Ok(r) = requests.try_recv() {
                         bytes += self.admit(r, &mut batch);
                         more = true;
                     }
                 }
-                if listen {
+                if listen && !stopping {
                     if let Ok(m) = inbound.try_recv() {
                         let before = batch.messages.len();
                         self.accept(m.into_messages(), &mut batch);
@@ -270,7 +276,7 @@ impl Driver {
             }
             let now = self.clock.now_ms();
             while let Some(Reverse((at, _, _))) = self.timers.peek() {
-                if *at > now {
+                if *at > now || self.stopping.is_some() {
                     break;
                 }
                 let Reverse((at_ms, token, key)) = self.timers.pop().expect("peeked");
@@ -685,18 +691,22 @@ impl Driver {
     /// without this a value could be missing from every changelog. The
     /// writes need not be durable before the swap: they land in order, and
     /// the next instance reads them through the pipeline's overlay. Keys
-    /// go 16 to a step (values are at most 1 MiB, so a step stays under
-    /// `STEP_STATE_BYTES_MAX`), while the pipeline has room and no event
-    /// is carried; past that, what is left is lost as in a crash.
+    /// go 8 to a step (a client key's state holds at most two values of at
+    /// most 1 MiB, so a step stays under `STEP_STATE_BYTES_MAX`; the
+    /// cluster's own keys, whose values may be 8 MiB, are never held and
+    /// are left out), while the pipeline has room and no event is carried;
+    /// past that, what is left is lost as in a crash.
     fn flush_held(&mut self) {
         let mut keys: Vec<Vec<u8>> = self
             .timers
             .iter()
-            .map(|Reverse((_, _, k))| k.clone())
+            .map(|Reverse((_, _, k))| k)
+            .filter(|k| k.first() != Some(&0))
+            .cloned()
             .collect();
         keys.sort_unstable();
         keys.dedup();
-        for chunk in keys.chunks(16) {
+        for chunk in keys.chunks(8) {
             // A step hands carried events to the instance it steps: those
             // (a drain that timed out) are for the next instance.
             if self.pipeline.len() >= PIPELINE_MAX

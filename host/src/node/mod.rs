@@ -861,6 +861,35 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Has the core learn `k` = `v` at version 1 from peer 2's `Learn`, and
+    /// checks that it holds the decision in memory: stepped, not written
+    /// (its timer fires 10 to 20 ms on).
+    async fn hold_a_decision(
+        inbound: &mpsc::Sender<crate::transport::Received>,
+        metrics: &Metrics,
+        storage: &Storage,
+    ) {
+        let learn = ballot_core::wire::Msg::Learn {
+            chosen: ballot_core::wire::Chosen {
+                version: 1,
+                value: Some(b"v".to_vec()),
+                winners: vec![],
+            },
+        };
+        inbound
+            .send(crate::transport::Received::unbudgeted(vec![
+                ballot_core::Inbound {
+                    from: 2,
+                    key: b"k".to_vec(),
+                    payload: learn.encode_at(1),
+                },
+            ]))
+            .await
+            .unwrap();
+        stepped(metrics, "the Learn").await;
+        assert_eq!(storage.committed(b"k").unwrap(), None, "held, not written");
+    }
+
     /// A swap writes the decisions the instance holds in memory before it
     /// replaces it (design section 2, "Held decisions"). A swap usually
     /// comes to every replica at once, so without this a value learned just
@@ -880,26 +909,7 @@ mod tests {
             factory,
             ..
         } = NativeCore::start("held");
-        let learn = ballot_core::wire::Msg::Learn {
-            chosen: ballot_core::wire::Chosen {
-                version: 1,
-                value: Some(b"v".to_vec()),
-                winners: vec![],
-            },
-        };
-        inbound
-            .send(crate::transport::Received::unbudgeted(vec![
-                ballot_core::Inbound {
-                    from: 2,
-                    key: b"k".to_vec(),
-                    payload: learn.encode_at(1),
-                },
-            ]))
-            .await
-            .unwrap();
-        stepped(&metrics, "the Learn").await;
-        // Stepped and held, not written (its timer fires 10 to 20 ms on).
-        assert_eq!(storage.committed(b"k").unwrap(), None);
+        hold_a_decision(&inbound, &metrics, &storage).await;
         core.control.send(Control::Swap {
             label: "native again".into(),
             factory,
@@ -942,25 +952,7 @@ mod tests {
             inbound,
             ..
         } = NativeCore::start("stop");
-        let learn = ballot_core::wire::Msg::Learn {
-            chosen: ballot_core::wire::Chosen {
-                version: 1,
-                value: Some(b"v".to_vec()),
-                winners: vec![],
-            },
-        };
-        inbound
-            .send(crate::transport::Received::unbudgeted(vec![
-                ballot_core::Inbound {
-                    from: 2,
-                    key: b"k".to_vec(),
-                    payload: learn.encode_at(1),
-                },
-            ]))
-            .await
-            .unwrap();
-        stepped(&metrics, "the Learn").await;
-        assert_eq!(storage.committed(b"k").unwrap(), None, "held, not written");
+        hold_a_decision(&inbound, &metrics, &storage).await;
         core.stop().await;
         assert_eq!(
             storage
