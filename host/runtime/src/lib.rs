@@ -192,19 +192,16 @@ fn ticks(ms: u64) -> u64 {
     ms / TICK_MS + 1
 }
 
-/// CPU time the calling thread has used.
-fn thread_cpu() -> std::time::Duration {
+/// CPU time the calling thread has used; `None` where the system cannot
+/// say (callers then count wall time).
+fn thread_cpu() -> Option<std::time::Duration> {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec, which `t` is.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    if rc != 0 {
-        // No such clock: count as if the thread had run all along.
-        return std::time::Duration::MAX;
-    }
-    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    (rc == 0).then(|| std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
 }
 
 /// Compiled components, ready to instantiate.

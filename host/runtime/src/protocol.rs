@@ -16,7 +16,7 @@ struct ProtocolHost {
     /// time), and how much of it its policies' calls took: the protocol's
     /// own time is the difference.
     started: Instant,
-    started_cpu: Duration,
+    started_cpu: Option<Duration>,
     in_policies: Duration,
 }
 
@@ -28,7 +28,10 @@ impl ProtocolHost {
     fn ticks_left(&self) -> Option<u64> {
         let limit = Duration::from_millis(PROTOCOL_CALL_MS);
         let own = self.started.elapsed().saturating_sub(self.in_policies);
-        let ran = thread_cpu().saturating_sub(self.started_cpu);
+        let ran = match (self.started_cpu, thread_cpu()) {
+            (Some(started), Some(now)) => now.saturating_sub(started),
+            _ => self.started.elapsed(),
+        };
         let left = limit.saturating_sub(own).max(limit.saturating_sub(ran));
         (!left.is_zero()).then(|| ticks(left.as_millis() as u64))
     }
