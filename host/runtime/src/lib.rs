@@ -4,8 +4,8 @@
 //! [`WasmCore`], one store per replica, that implements the same
 //! [`ballot_core::Core`] trait as the native build. Execution is made
 //! deterministic (NaN canonicalisation, no threads, no relaxed SIMD, no clock
-//! or random imports) and bounded (a wall-clock limit per call, a memory
-//! limit per store).
+//! or random imports) and bounded (a time limit per call, a memory limit
+//! per store).
 
 use ballot_core as core;
 use wasmtime::component::Component;
@@ -27,6 +27,9 @@ pub const TICK_MS: u64 = 10;
 /// time, and CPU time of its thread as well, so a call whose thread was
 /// not running (a loaded machine, a paused VM) is not stopped for it.
 pub const PROTOCOL_CALL_MS: u64 = 2_000;
+/// Wall time of its own after which a protocol call is stopped whatever its
+/// thread's CPU time says (a thread blocked in a host call uses none).
+pub const PROTOCOL_CALL_WALL_MAX_MS: u64 = 20_000;
 /// Wall time the policies' calls of one protocol call may take together;
 /// past it, the call's further commands fail `policy-failed` without their
 /// policy being called, so a slow policy cannot hold a step for long.
@@ -153,10 +156,10 @@ fn call_failed(call: &'static str, e: &wasmtime::Error) -> Error {
 /// that advances its epoch every [`TICK_MS`] for as long as the engine
 /// lives.
 ///
-/// Calls are bounded by wall time (epoch interruption), not by counted
+/// Calls are bounded by time (epoch interruption), not by counted
 /// instructions (fuel): the checks cost a load and a compare at loop
-/// heads and function entries where fuel's counting cost a fifth to a
-/// quarter of the protocol's time. Where a call stops is therefore not
+/// heads and function entries where fuel's counting cost about a tenth of
+/// a protocol step. Where a call stops is therefore not
 /// deterministic, and nothing needs it to be: a protocol call's trap
 /// replaces that replica's instance, and a policy runs at the replica that
 /// proposes (its result is what replicas vote on), so a policy that ran
@@ -194,6 +197,7 @@ fn ticks(ms: u64) -> u64 {
 
 /// CPU time the calling thread has used; `None` where the system cannot
 /// say (callers then count wall time).
+#[cfg(unix)]
 fn thread_cpu() -> Option<std::time::Duration> {
     let mut t = libc::timespec {
         tv_sec: 0,
@@ -202,6 +206,11 @@ fn thread_cpu() -> Option<std::time::Duration> {
     // SAFETY: clock_gettime writes one timespec, which `t` is.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
     (rc == 0).then(|| std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
+}
+
+#[cfg(not(unix))]
+fn thread_cpu() -> Option<std::time::Duration> {
+    None
 }
 
 /// Compiled components, ready to instantiate.

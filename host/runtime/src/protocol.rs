@@ -32,6 +32,9 @@ impl ProtocolHost {
             (Some(started), Some(now)) => now.saturating_sub(started),
             _ => self.started.elapsed(),
         };
+        if own >= Duration::from_millis(PROTOCOL_CALL_WALL_MAX_MS) {
+            return None;
+        }
         let left = limit.saturating_sub(own).max(limit.saturating_sub(ran));
         (!left.is_zero()).then(|| ticks(left.as_millis() as u64))
     }

@@ -50,7 +50,8 @@ pub(super) struct Stopping {
     /// Answered once the held decisions are written and durable.
     done: Option<oneshot::Sender<()>>,
     since: Instant,
-    flushed: bool,
+    /// The held keys still to write; `None` until the flush begins.
+    to_flush: Option<Vec<Vec<u8>>>,
 }
 
 pub(super) struct Driver {
@@ -206,7 +207,7 @@ impl Driver {
                         self.stopping = Some(Stopping {
                             done: Some(done),
                             since: Instant::now(),
-                            flushed: false,
+                            to_flush: None,
                         });
                     }
                 }
@@ -697,6 +698,13 @@ impl Driver {
     /// are left out), while the pipeline has room and no event is carried;
     /// past that, what is left is lost as in a crash.
     fn flush_held(&mut self) {
+        let mut keys = self.held_keys();
+        self.flush_keys(&mut keys);
+    }
+
+    /// The client keys with a timer armed: among them, every key whose
+    /// decision the instance holds in memory.
+    fn held_keys(&self) -> Vec<Vec<u8>> {
         let mut keys: Vec<Vec<u8>> = self
             .timers
             .iter()
@@ -706,7 +714,14 @@ impl Driver {
             .collect();
         keys.sort_unstable();
         keys.dedup();
-        for chunk in keys.chunks(8) {
+        keys
+    }
+
+    /// Steps `keys` with no event, 8 to a step, from the front, while the
+    /// pipeline has room, health is fine and nothing is carried; what is
+    /// stepped leaves `keys`.
+    fn flush_keys(&mut self, keys: &mut Vec<Vec<u8>>) {
+        while !keys.is_empty() {
             // A step hands carried events to the instance it steps: those
             // (a drain that timed out) are for the next instance.
             if self.pipeline.len() >= PIPELINE_MAX
@@ -715,35 +730,53 @@ impl Driver {
             {
                 return;
             }
+            let chunk: Vec<Vec<u8>> = keys.drain(..keys.len().min(8)).collect();
             let now = self.clock.now_ms();
-            self.step(Batch::default(), now, chunk);
+            self.step(Batch::default(), now, &chunk);
         }
     }
 
-    /// Writes the held decisions of a stopping core once the events it
-    /// carries are stepped, and answers the stop once every ready is
-    /// durable, or once [`STOP_FLUSH_MAX`] has passed.
+    /// Writes the held decisions of a stopping core and answers the stop
+    /// once they are durable, or once [`STOP_FLUSH_MAX`] has passed.
+    ///
+    /// The flush begins once every ready is durable and nothing is
+    /// carried: a step's timers (a held decision's among them) reach the
+    /// core only when every earlier ready is durable, so before that a
+    /// held key may not be known yet. The core takes nothing new while it
+    /// stops, and a flush step holds nothing again, so the keys listed
+    /// then are all there are; they are stepped over as many turns as the
+    /// pipeline's room needs.
     fn try_stop(&mut self) {
         let Some(stop) = &self.stopping else {
             return;
         };
         let late = stop.since.elapsed() >= STOP_FLUSH_MAX;
-        if !stop.flushed && (self.carry_is_empty() || late) {
-            self.flush_held();
+        if stop.to_flush.is_none() && self.pipeline.is_empty() && self.carry_is_empty() {
+            let keys = self.held_keys();
             if let Some(stop) = &mut self.stopping {
-                stop.flushed = true;
+                stop.to_flush = Some(keys);
+            }
+        }
+        if let Some(mut keys) = self.stopping.as_mut().and_then(|s| s.to_flush.take()) {
+            if !late {
+                self.flush_keys(&mut keys);
+            }
+            if let Some(stop) = &mut self.stopping {
+                stop.to_flush = Some(keys);
             }
         }
         let Some(stop) = &mut self.stopping else {
             return;
         };
+        let flushed = stop.to_flush.as_ref().is_some_and(|k| k.is_empty());
         // A stopped replica writes nothing more.
         let fatal = self.health.fatal().is_some();
-        if (stop.flushed && self.pipeline.is_empty()) || late || fatal {
+        if (flushed && self.pipeline.is_empty()) || late || fatal {
             if let Some(done) = stop.done.take() {
                 info!(
                     waited_ms = stop.since.elapsed().as_millis() as u64,
                     unwritten = self.pipeline.len(),
+                    unflushed = stop.to_flush.as_ref().map_or(0, Vec::len),
                     "core stopped"
                 );
                 let _ = done.send(());

@@ -966,6 +966,87 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Steps the core has taken so far.
+    fn steps(metrics: &Metrics) -> f64 {
+        metrics
+            .render()
+            .lines()
+            .find(|l| l.contains("guest_call_seconds_count") && l.contains("step"))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// A stop that comes while a ready is on its way to disk also writes
+    /// what a step after it held: that step's timers, the held decision's
+    /// among them, reach the core only once the ready before is durable,
+    /// so the flush waits for every ready first. Real LMDB, the writer held
+    /// at LMDB's write lock, the native core.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_writes_what_was_held_behind_a_ready_not_yet_durable() {
+        let NativeCore {
+            dir,
+            storage,
+            metrics,
+            transport,
+            core,
+            inbound,
+            ..
+        } = NativeCore::start("stop-behind");
+        let held = storage.hold_writes();
+        let (reply, _answer) = oneshot::channel();
+        let put = ballot_core::register::Command::Put(b"p".to_vec()).encode();
+        core.requests
+            .send(ClientRequest {
+                key: b"p".to_vec(),
+                op: Operation::Command(put),
+                reply,
+                charge: None,
+            })
+            .await
+            .unwrap();
+        // The put's own vote waits for the writer, which waits for the lock.
+        stepped(&metrics, "the put").await;
+        let learn = ballot_core::wire::Msg::Learn {
+            chosen: ballot_core::wire::Chosen {
+                version: 1,
+                value: Some(b"v".to_vec()),
+                winners: vec![],
+            },
+        };
+        inbound
+            .send(crate::transport::Received::unbudgeted(vec![
+                ballot_core::Inbound {
+                    from: 2,
+                    key: b"k".to_vec(),
+                    payload: learn.encode_at(1),
+                },
+            ]))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while steps(&metrics) < 2.0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Learn was not stepped"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let stopped = tokio::spawn(async move { core.stop().await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        stopped.await.unwrap();
+        assert_eq!(
+            storage
+                .committed(b"k")
+                .unwrap()
+                .map(|c| (c.version, c.value)),
+            Some((1, Some(b"v".to_vec()))),
+            "the stop wrote the decision held behind the put's ready"
+        );
+        transport.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_watcher_holds_the_newest_commit_only() {
         let (watchers, mut config, _members) = Watchers::new();
