@@ -791,6 +791,29 @@ mod tests {
         }
     }
 
+    /// Puts `v` at `key` and waits until the core has stepped it: with the
+    /// writer held at LMDB's write lock, its own fast acceptance waits. The
+    /// answer comes on the receiver returned (keep it).
+    async fn put_behind_the_writer(
+        core: &Core,
+        metrics: &Metrics,
+        key: &[u8],
+    ) -> oneshot::Receiver<Completion> {
+        let (reply, answer) = oneshot::channel();
+        let put = ballot_core::register::Command::Put(b"v".to_vec()).encode();
+        core.requests
+            .send(ClientRequest {
+                key: key.to_vec(),
+                op: Operation::Command(put),
+                reply,
+                charge: None,
+            })
+            .await
+            .unwrap();
+        stepped(metrics, "the put").await;
+        answer
+    }
+
     /// A replica is seen running a new epoch (the transport's stamp, the
     /// listing fence, and through them the status the membership driver
     /// waits on before the sweeps) only once every ready its core stepped
@@ -810,20 +833,7 @@ mod tests {
             ..
         } = NativeCore::start("settling");
         let held = storage.hold_writes();
-        let (reply, _answer) = oneshot::channel();
-        let put = ballot_core::register::Command::Put(b"v".to_vec()).encode();
-        core.requests
-            .send(ClientRequest {
-                key: b"k".to_vec(),
-                op: Operation::Command(put),
-                reply,
-                charge: None,
-            })
-            .await
-            .unwrap();
-        // The core has stepped the put: its own fast acceptance waits for
-        // the writer, which waits for the lock.
-        stepped(&metrics, "the put").await;
+        let _answer = put_behind_the_writer(&core, &metrics, b"k").await;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let classic = Members {
             fast: false,
@@ -861,14 +871,16 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Has the core learn `k` = `v` at version 1 from peer 2's `Learn`, and
-    /// checks that it holds the decision in memory: stepped, not written
-    /// (its timer fires 10 to 20 ms on).
-    async fn hold_a_decision(
-        inbound: &mpsc::Sender<crate::transport::Received>,
-        metrics: &Metrics,
-        storage: &Storage,
-    ) {
+    /// What LMDB holds as `k`'s committed version and value.
+    fn committed_k(storage: &Storage) -> Option<(u64, Option<Vec<u8>>)> {
+        storage
+            .committed(b"k")
+            .unwrap()
+            .map(|c| (c.version, c.value))
+    }
+
+    /// Peer 2's `Learn` of `k` = `v` at version 1, into the core.
+    async fn send_learn(inbound: &mpsc::Sender<crate::transport::Received>) {
         let learn = ballot_core::wire::Msg::Learn {
             chosen: ballot_core::wire::Chosen {
                 version: 1,
@@ -886,6 +898,17 @@ mod tests {
             ]))
             .await
             .unwrap();
+    }
+
+    /// Has the core learn `k` = `v` at version 1 from peer 2's `Learn`, and
+    /// checks that it holds the decision in memory: stepped, not written
+    /// (its timer fires 10 to 20 ms on).
+    async fn hold_a_decision(
+        inbound: &mpsc::Sender<crate::transport::Received>,
+        metrics: &Metrics,
+        storage: &Storage,
+    ) {
+        send_learn(inbound).await;
         stepped(metrics, "the Learn").await;
         assert_eq!(storage.committed(b"k").unwrap(), None, "held, not written");
     }
@@ -925,10 +948,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(
-            storage
-                .committed(b"k")
-                .unwrap()
-                .map(|c| (c.version, c.value)),
+            committed_k(&storage),
             Some((1, Some(b"v".to_vec()))),
             "the swap wrote the held decision"
         );
@@ -955,10 +975,7 @@ mod tests {
         hold_a_decision(&inbound, &metrics, &storage).await;
         core.stop().await;
         assert_eq!(
-            storage
-                .committed(b"k")
-                .unwrap()
-                .map(|c| (c.version, c.value)),
+            committed_k(&storage),
             Some((1, Some(b"v".to_vec()))),
             "the stop wrote the held decision before it returned"
         );
@@ -993,36 +1010,8 @@ mod tests {
             ..
         } = NativeCore::start("stop-behind");
         let held = storage.hold_writes();
-        let (reply, _answer) = oneshot::channel();
-        let put = ballot_core::register::Command::Put(b"p".to_vec()).encode();
-        core.requests
-            .send(ClientRequest {
-                key: b"p".to_vec(),
-                op: Operation::Command(put),
-                reply,
-                charge: None,
-            })
-            .await
-            .unwrap();
-        // The put's own vote waits for the writer, which waits for the lock.
-        stepped(&metrics, "the put").await;
-        let learn = ballot_core::wire::Msg::Learn {
-            chosen: ballot_core::wire::Chosen {
-                version: 1,
-                value: Some(b"v".to_vec()),
-                winners: vec![],
-            },
-        };
-        inbound
-            .send(crate::transport::Received::unbudgeted(vec![
-                ballot_core::Inbound {
-                    from: 2,
-                    key: b"k".to_vec(),
-                    payload: learn.encode_at(1),
-                },
-            ]))
-            .await
-            .unwrap();
+        let _answer = put_behind_the_writer(&core, &metrics, b"p").await;
+        send_learn(&inbound).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while steps(&metrics) < 2.0 {
             assert!(
@@ -1036,10 +1025,7 @@ mod tests {
         drop(held);
         stopped.await.unwrap();
         assert_eq!(
-            storage
-                .committed(b"k")
-                .unwrap()
-                .map(|c| (c.version, c.value)),
+            committed_k(&storage),
             Some((1, Some(b"v".to_vec()))),
             "the stop wrote the decision held behind the put's ready"
         );
