@@ -55,8 +55,6 @@ impl DevNode {
 /// listed in every replica's `admin_clients`.
 pub const DEV_CLIENT: &str = "dev";
 
-/// Issues the API's server certificate and the dev client certificate in
-/// `certs` (beside the CA) if they are missing.
 /// Makes the process `command` starts get SIGTERM when the thread that
 /// started it exits, so a local cluster (or a bench's etcd) dies with the
 /// process that runs it, however that one ends.
@@ -71,6 +69,8 @@ pub fn die_with_parent(command: &mut Command) {
     }
 }
 
+/// Issues the API's server certificate and the dev client certificate in
+/// `certs` (beside the CA) if they are missing.
 fn api_certificates(certs: &Path) -> Result<(), String> {
     if !tls::api_cert_path(certs).exists() {
         tls::issue_api_server(certs, &[]).map_err(|e| e.to_string())?;

@@ -28,13 +28,13 @@ impl ProtocolHost {
     fn ticks_left(&self) -> Option<u64> {
         let limit = Duration::from_millis(PROTOCOL_CALL_MS);
         let own = self.started.elapsed().saturating_sub(self.in_policies);
+        if own >= Duration::from_millis(PROTOCOL_CALL_WALL_MAX_MS) {
+            return None;
+        }
         let ran = match (self.started_cpu, thread_cpu()) {
             (Some(started), Some(now)) => now.saturating_sub(started),
             _ => self.started.elapsed(),
         };
-        if own >= Duration::from_millis(PROTOCOL_CALL_WALL_MAX_MS) {
-            return None;
-        }
         let left = limit.saturating_sub(own).max(limit.saturating_sub(ran));
         (!left.is_zero()).then(|| ticks(left.as_millis() as u64))
     }
@@ -58,10 +58,6 @@ impl imp::Host for ProtocolHost {
         command: Vec<u8>,
         now_ms: u64,
     ) -> Result<imp::Change, imp::Rejection> {
-        let current = core::Current {
-            value: current.value,
-            version: current.version,
-        };
         if self.in_policies >= Duration::from_millis(POLICY_STEP_MS) {
             return Err(imp::Rejection {
                 code: POLICY_FAILED.to_string(),
@@ -71,6 +67,10 @@ impl imp::Host for ProtocolHost {
                 ),
             });
         }
+        let current = core::Current {
+            value: current.value,
+            version: current.version,
+        };
         let start = Instant::now();
         let result = core::Env::apply(&mut self.policies, &key, &current, &command, now_ms);
         self.in_policies += start.elapsed();

@@ -14,7 +14,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,20 +46,25 @@ pub const HEAD: Duration = Duration::from_secs(10);
 pub const HEAD_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3_600));
 
 /// What a connection past the cap is told before it is closed.
-const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\n\
-retry-after: 1\r\n\
-connection: close\r\n\
-content-length: 102\r\n\r\n\
-{\"error\":{\"code\":\"overloaded\",\"message\":\"too many client connections are open\",\"maybe_applied\":false}}";
-
+static OVERLOADED: LazyLock<Vec<u8>> =
+    LazyLock::new(|| overloaded("too many client connections are open"));
 /// What a connection past its address's share is told before it is closed.
-const OVERLOADED_ADDRESS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\n\
-retry-after: 1\r\n\
-connection: close\r\n\
-content-length: 111\r\n\r\n\
-{\"error\":{\"code\":\"overloaded\",\"message\":\"too many client connections from this address\",\"maybe_applied\":false}}";
+static OVERLOADED_ADDRESS: LazyLock<Vec<u8>> =
+    LazyLock::new(|| overloaded("too many client connections from this address"));
+
+/// A whole 503 `overloaded` answer saying `message`, for a connection that
+/// is closed once it is written.
+fn overloaded(message: &str) -> Vec<u8> {
+    let body = format!(
+        "{{\"error\":{{\"code\":\"overloaded\",\"message\":\"{message}\",\"maybe_applied\":false}}}}"
+    );
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// Open connections by client address; an entry lives while one of its
 /// connections does, so there are at most `connections_max` entries.
@@ -153,44 +158,38 @@ impl axum::serve::Listener for Listener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.listener.accept().await {
-                Ok((stream, addr)) => match self.slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        let Some(share) = self.per_address.take(addr.ip(), self.per_address_max)
-                        else {
-                            if self.tls.is_none() {
-                                let _ = stream.try_write(OVERLOADED_ADDRESS);
-                            }
-                            tracing::debug!(
-                                %addr,
-                                "refused a client connection: too many open from its address"
+                Ok((stream, addr)) => {
+                    let slot = self.slots.clone().try_acquire_owned().ok();
+                    let share = slot
+                        .as_ref()
+                        .and_then(|_| self.per_address.take(addr.ip(), self.per_address_max));
+                    let answer = match (slot, share) {
+                        (Some(slot), Some(share)) => {
+                            // The handshake runs as the connection is first
+                            // read or written, on the connection's own task
+                            // and under its idle limit, never here.
+                            let stream = match &self.tls {
+                                Some(tls) => Stream::Handshaking(tls.accept(stream)),
+                                None => Stream::Plain(stream),
+                            };
+                            return (
+                                Bounded::new(stream, (slot, share), self.idle, self.head),
+                                addr,
                             );
-                            continue;
-                        };
-                        // The handshake runs as the connection is first
-                        // read or written, on the connection's own task
-                        // and under its idle limit, never here.
-                        let stream = match &self.tls {
-                            Some(tls) => Stream::Handshaking(tls.accept(stream)),
-                            None => Stream::Plain(stream),
-                        };
-                        return (
-                            Bounded::new(stream, (slot, share), self.idle, self.head),
-                            addr,
-                        );
-                    }
-                    // Past the cap the connection is answered and closed at
-                    // once, so it holds no descriptor; the client tries
-                    // again. A fresh socket's send buffer is empty, so the
-                    // answer fits without waiting. (Over TLS there is no
-                    // answer before a handshake: the client sees the close.)
-                    Err(_) => {
-                        if self.tls.is_none() {
-                            let _ = stream.try_write(OVERLOADED);
                         }
-                        tracing::debug!(%addr, "refused a client connection: too many open");
-                        drop(stream);
+                        (None, _) => &OVERLOADED,
+                        (Some(_), None) => &OVERLOADED_ADDRESS,
+                    };
+                    // Past either bound the connection is answered and
+                    // closed at once, so it holds no descriptor; the client
+                    // tries again. A fresh socket's send buffer is empty, so
+                    // the answer fits without waiting. (Over TLS there is no
+                    // answer before a handshake: the client sees the close.)
+                    if self.tls.is_none() {
+                        let _ = stream.try_write(answer);
                     }
-                },
+                    tracing::debug!(%addr, "refused a client connection: past its bounds");
+                }
                 // Out of file descriptors and the like: wait, as axum does.
                 Err(e) => {
                     tracing::debug!("accepting a client connection: {e}");
@@ -497,7 +496,7 @@ mod tests {
 
     #[test]
     fn the_overloaded_answers_are_well_formed() {
-        for answer in [OVERLOADED, OVERLOADED_ADDRESS] {
+        for answer in [&OVERLOADED[..], &OVERLOADED_ADDRESS[..]] {
             let text = std::str::from_utf8(answer).unwrap();
             let (head, body) = text.split_once("\r\n\r\n").unwrap();
             let length: usize = head

@@ -747,27 +747,19 @@ impl Driver {
     /// then are all there are; they are stepped over as many turns as the
     /// pipeline's room needs.
     fn try_stop(&mut self) {
-        let Some(stop) = &self.stopping else {
-            return;
-        };
-        let late = stop.since.elapsed() >= STOP_FLUSH_MAX;
-        if stop.to_flush.is_none() && self.pipeline.is_empty() && self.carry_is_empty() {
-            let keys = self.held_keys();
-            if let Some(stop) = &mut self.stopping {
-                stop.to_flush = Some(keys);
-            }
-        }
-        if let Some(mut keys) = self.stopping.as_mut().and_then(|s| s.to_flush.take()) {
-            if !late {
-                self.flush_keys(&mut keys);
-            }
-            if let Some(stop) = &mut self.stopping {
-                stop.to_flush = Some(keys);
-            }
-        }
         let Some(stop) = &mut self.stopping else {
             return;
         };
+        let late = stop.since.elapsed() >= STOP_FLUSH_MAX;
+        let mut to_flush = stop.to_flush.take();
+        if to_flush.is_none() && self.pipeline.is_empty() && self.carry_is_empty() {
+            to_flush = Some(self.held_keys());
+        }
+        if let (Some(keys), false) = (&mut to_flush, late) {
+            self.flush_keys(keys);
+        }
+        let stop = self.stopping.as_mut().expect("checked above");
+        stop.to_flush = to_flush;
         let flushed = stop.to_flush.as_ref().is_some_and(|k| k.is_empty());
         // A stopped replica writes nothing more.
         let fatal = self.health.fatal().is_some();
