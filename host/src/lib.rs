@@ -46,3 +46,12 @@ pub mod system_record;
 pub mod tls;
 pub mod transport;
 pub mod wan;
+
+/// What a caught panic said, when it said it as text.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}

@@ -129,7 +129,7 @@ impl Metrics {
         let fsync_seconds = seconds();
         registry.register(
             "fsync_seconds",
-            "Group commits: write transaction and fsync duration",
+            "Group commits: log append and fsync duration",
             fsync_seconds.clone(),
         );
         let group_commit_writes = sizes();

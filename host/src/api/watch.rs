@@ -113,7 +113,9 @@ impl Watcher {
             if !self.wants(&entry.key) {
                 continue;
             }
-            let committed = match self.storage.committed(&entry.key) {
+            // The page waited for LMDB to hold what was logged: the
+            // entry's value is there, or a newer one.
+            let committed = match self.storage.committed_applied(&entry.key) {
                 Ok(Some(c)) => c,
                 Ok(None) => continue,
                 Err(e) => {
@@ -322,7 +324,7 @@ mod tests {
             }),
         };
         let writes: Vec<_> = (0..6).map(write).collect();
-        storage.commit(writes.iter()).unwrap();
+        storage.commit(writes.to_vec()).unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let slots = Arc::new(tokio::sync::Semaphore::new(1));
         let mut watcher = Watcher {
@@ -345,7 +347,7 @@ mod tests {
         assert!(!watcher.ended);
         // Later commits (7 to 12), then a truncation past where it stands.
         let later: Vec<_> = (6..12).map(write).collect();
-        storage.commit(later.iter()).unwrap();
+        storage.commit(later.to_vec()).unwrap();
         assert_eq!(storage.truncate_changelog(8).unwrap(), 8);
         assert!(watcher.read());
         assert!(watcher.ended);

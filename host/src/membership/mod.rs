@@ -620,7 +620,7 @@ mod tests {
                 value: Some(committed.encode()),
             }),
         };
-        storage.commit([write].iter()).unwrap();
+        storage.commit([write].to_vec()).unwrap();
         assert_eq!(durable_record(&storage).unwrap().unwrap().epoch, 3);
         // A newer record adopted from a peer wins; an older one does not.
         let mut fetched = committed.clone();

@@ -552,11 +552,7 @@ fn spawn_guarded(name: &'static str, health: Arc<Health>, body: impl FnOnce() + 
         .name(name.into())
         .spawn(move || {
             if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "no message".into());
+                let what = crate::panic_message(&*panic);
                 health.stop(format!("the {name} thread panicked: {what}"));
             }
         })

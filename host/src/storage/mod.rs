@@ -11,11 +11,14 @@
 //!   one commit this replica learned, in the order it made them durable
 //!   (not the value: replay reads values through consensus).
 //!
-//! [`Storage::commit`] writes many readies in one write transaction and one
-//! fsync (LMDB's default durability: `mdb_txn_commit` syncs the data file
-//! before it returns).
+//! [`Storage::commit`] makes many readies durable as one record of the
+//! write-ahead log and one fsync (`wal`); a thread of its own then moves
+//! them into LMDB, several groups a transaction. Reads see every durable
+//! write: the core's state loads look in the log first, every other read
+//! waits until LMDB holds what was logged when it began.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballot_core::Write;
@@ -26,8 +29,11 @@ mod meta;
 mod record;
 #[cfg(test)]
 mod tests;
+mod wal;
 
 use record::*;
+use wal::Wal;
+pub use wal::WAL_FORMAT;
 
 /// Format byte leading the `meta` and `values` records this module writes.
 /// Readers refuse other values.
@@ -36,9 +42,11 @@ pub const STORAGE_FORMAT: u8 = 1;
 /// whole `values` record (with the value) and `[key_len: u32][key]`.
 pub const CHANGELOG_FORMAT: u8 = 2;
 /// The directory's format, in `meta/format`: 2 since changelog entries
-/// hold no values. A format-1 directory becomes format 2 when opened: its
-/// entries are read in either format and leave with truncation.
-pub const DIRECTORY_FORMAT: u8 = 2;
+/// hold no values, 3 since writes go through the log (`wal`), which a
+/// build that reads format 2 would not replay. A format-1 directory
+/// becomes format 3 when opened: its entries are read in either format
+/// and leave with truncation; a format-2 directory has nothing to move.
+pub const DIRECTORY_FORMAT: u8 = 3;
 /// Default LMDB map size: address space reserved, not disk used.
 pub const MAP_SIZE_DEFAULT: usize = 64 << 30;
 
@@ -48,6 +56,8 @@ const META_INCARNATION: &[u8] = b"incarnation";
 const META_IDENTITY: &[u8] = b"identity";
 const META_MEMBERS: &[u8] = b"members";
 const META_ADMITTED: &[u8] = b"admitted";
+/// The last log record LMDB holds.
+const META_WAL: &[u8] = b"wal";
 
 /// Bytes of a data directory's identity.
 pub const IDENTITY_LEN: usize = 16;
@@ -147,6 +157,100 @@ pub struct Storage {
     values: Database<Bytes, Bytes>,
     changelog: Database<U64<BigEndian>, Bytes>,
     identity: DirIdentity,
+    wal: Arc<Wal>,
+    _applier: Arc<wal::Closer>,
+}
+
+/// The databases a log record goes to.
+#[derive(Clone, Copy)]
+struct Tables {
+    meta: Database<Bytes, Bytes>,
+    state: Database<Bytes, Bytes>,
+    values: Database<Bytes, Bytes>,
+    changelog: Database<U64<BigEndian>, Bytes>,
+}
+
+impl Tables {
+    /// Puts the log records numbered from `first` in `wtxn`, in order,
+    /// and records the last of them as applied.
+    fn put_records<'w>(
+        &self,
+        wtxn: &mut heed::RwTxn,
+        first: u64,
+        records: impl Iterator<Item = &'w [Write]>,
+    ) -> Result<(), Error> {
+        let mut seq = match self.changelog.last(wtxn)? {
+            Some((last, _)) => last + 1,
+            None => 1,
+        };
+        let mut last = first;
+        let mut record = Vec::new();
+        for (n, writes) in records.enumerate() {
+            last = first + n as u64;
+            for w in writes {
+                self.state.put(wtxn, &w.key, &w.state)?;
+                if let Some(commit) = &w.commit {
+                    record.clear();
+                    encode_committed(&mut record, commit.version, commit.value.as_deref());
+                    self.values.put(wtxn, &w.key, &record)?;
+                    record.clear();
+                    encode_change(&mut record, commit.version, &w.key);
+                    self.changelog.put(wtxn, &seq, &record)?;
+                    seq += 1;
+                }
+            }
+        }
+        self.meta.put(wtxn, META_WAL, &record_u64(last))?;
+        Ok(())
+    }
+}
+
+/// Opens the log in `dir` and puts in `wtxn` the records LMDB does not
+/// hold yet. Returns the file and the last record LMDB then holds.
+fn replay(
+    dir: &Path,
+    tables: &Tables,
+    wtxn: &mut heed::RwTxn,
+) -> Result<(std::fs::File, u64), Error> {
+    use std::io::Read;
+    let path = dir.join(wal::WAL_FILE);
+    let io = |e: std::io::Error| StorageError::Io(format!("reading {}: {e}", path.display()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    // The file's name must outlast a power loss as surely as what it will
+    // hold: the directory is flushed once the file is there.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io)?;
+    let applied = match tables.meta.get(wtxn, META_WAL)? {
+        Some(bytes) => read_u64(bytes)?,
+        None => 0,
+    };
+    let records = wal::decode_records(&bytes)?;
+    let todo: Vec<_> = records.iter().filter(|(seq, _)| *seq > applied).collect();
+    let (Some((first, _)), Some((last, _))) = (todo.first(), todo.last()) else {
+        return Ok((file, applied));
+    };
+    if *first != applied + 1 {
+        return Err(StorageError::Corrupt(format!(
+            "{} starts at record {first} but LMDB holds records up to {applied} only",
+            path.display()
+        )));
+    }
+    tables.put_records(wtxn, *first, todo.iter().map(|(_, w)| w.as_slice()))?;
+    tracing::info!(
+        records = todo.len(),
+        last,
+        "applied the log records lmdb did not hold yet"
+    );
+    Ok((file, *last))
 }
 
 /// Random bytes from the operating system, through the TLS stack's source.
@@ -160,11 +264,18 @@ pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
 }
 
 impl Storage {
-    /// Holds LMDB's write lock until the transaction is dropped: every
+    /// Holds LMDB's write lock until the transaction is dropped: the
+    /// log's applier waits for it (tests only).
+    #[cfg(test)]
+    pub(crate) fn hold_applier(&self) -> heed::RwTxn<'_> {
+        self.env.write_txn().expect("write transaction")
+    }
+
+    /// Holds the log's append end until the guard is dropped: every
     /// commit of the writer thread waits for it (tests only).
     #[cfg(test)]
-    pub(crate) fn hold_writes(&self) -> heed::RwTxn<'_> {
-        self.env.write_txn().expect("write transaction")
+    pub(crate) fn hold_writes(&self) -> std::sync::MutexGuard<'_, wal::Tail> {
+        self.wal.hold()
     }
 
     /// Opens (or creates) the store in `dir` for replica `replica`, and
@@ -193,6 +304,7 @@ impl Storage {
         match meta.get(&wtxn, META_FORMAT)? {
             None => meta.put(&mut wtxn, META_FORMAT, &[DIRECTORY_FORMAT])?,
             Some([DIRECTORY_FORMAT]) => {}
+            Some([2]) => meta.put(&mut wtxn, META_FORMAT, &[DIRECTORY_FORMAT])?,
             // Entries already written stay as they are (read below in
             // either format) and go with truncation; new ones are format 2.
             // Rewriting them here would make opening a directory with a
@@ -201,12 +313,13 @@ impl Storage {
                 meta.put(&mut wtxn, META_FORMAT, &[DIRECTORY_FORMAT])?;
                 tracing::info!(
                     dir = %dir.display(),
-                    "storage format 1 moved to 2: new changelog entries hold no values"
+                    "storage format 1 moved to {DIRECTORY_FORMAT}: new changelog entries \
+                     hold no values"
                 );
             }
             Some(other) => {
                 return Err(StorageError::Foreign(format!(
-                    "{} holds storage format {other:?}; this build reads formats 1 and \
+                    "{} holds storage format {other:?}; this build reads formats 1 to \
                      {DIRECTORY_FORMAT}",
                     dir.display()
                 )))
@@ -252,7 +365,35 @@ impl Storage {
             }
             None => meta.put(&mut wtxn, META_ADMITTED, &record_flag(!fresh))?,
         }
+        let tables = Tables {
+            meta,
+            state,
+            values,
+            changelog,
+        };
+        let (log, applied) = replay(dir, &tables, &mut wtxn)?;
         wtxn.commit()?;
+        // What the log held is in LMDB now, durably: the log starts over.
+        log.set_len(0)
+            .and_then(|()| log.sync_all())
+            .map_err(|e| StorageError::Io(format!("emptying the log in {}: {e}", dir.display())))?;
+        wal::preallocate(&log);
+        let wal = Arc::new(Wal::new(log, applied));
+        let thread = {
+            let (wal, env) = (wal.clone(), env.clone());
+            std::thread::Builder::new()
+                .name("ballot-applier".into())
+                .spawn(move || {
+                    wal::applier(wal, |first, groups| {
+                        let mut wtxn = env.write_txn()?;
+                        let records = groups.iter().map(|g| g.as_slice());
+                        tables.put_records(&mut wtxn, first, records)?;
+                        wtxn.commit()?;
+                        Ok(())
+                    })
+                })
+                .map_err(|e| StorageError::Io(format!("starting the applier: {e}")))?
+        };
         let storage = Storage {
             env,
             meta,
@@ -260,12 +401,17 @@ impl Storage {
             values,
             changelog,
             identity,
+            _applier: Arc::new(wal::Closer {
+                wal: wal.clone(),
+                thread: Some(thread),
+            }),
+            wal,
         };
         Ok((storage, incarnation))
     }
 
     /// The protocol state of `keys` in order (empty when never touched),
-    /// `pending` first (a state not durable yet), then the file, until
+    /// `pending` first (a state not durable yet), then the log, then LMDB, until
     /// the next one would take the total past `max`: a prefix of `keys`,
     /// never empty when `keys` is not. One read transaction; a state is
     /// copied only once it fits.
@@ -275,11 +421,14 @@ impl Storage {
         max: usize,
         pending: impl Fn(&[u8]) -> Option<&'p [u8]>,
     ) -> Result<Vec<(&'k [u8], Vec<u8>)>, Error> {
+        // The snapshot is taken under the log's lock: a record the log no
+        // longer holds was applied before it.
+        let logged = self.wal.shared();
         let rtxn = self.env.read_txn()?;
         let mut out = Vec::with_capacity(keys.len());
         let mut total = 0usize;
         for &key in keys {
-            let state = match pending(key) {
+            let state = match pending(key).or_else(|| Wal::lookup(&logged, key)) {
                 Some(s) => s,
                 None => self.state.get(&rtxn, key)?.unwrap_or_default(),
             };
@@ -296,6 +445,7 @@ impl Storage {
     /// `after` (from the first when `None`). One read transaction per page.
     pub fn state_keys(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, Error> {
         use std::ops::Bound;
+        self.wal.settle()?;
         let rtxn = self.env.read_txn()?;
         let lower = match after {
             Some(a) => Bound::Excluded(a),
@@ -321,6 +471,7 @@ impl Storage {
         limit: usize,
     ) -> Result<Vec<Vec<u8>>, Error> {
         use std::ops::Bound;
+        self.wal.settle()?;
         let rtxn = self.env.read_txn()?;
         // LMDB refuses an empty key as a bound: the empty prefix is
         // unbounded (no key is empty).
@@ -342,41 +493,28 @@ impl Storage {
         Ok(out)
     }
 
-    /// Makes every write durable in one transaction and one fsync.
-    pub fn commit<'w>(
-        &self,
-        writes: impl Iterator<Item = &'w Write>,
-    ) -> Result<CommitStats, Error> {
+    /// Makes every write durable as one log record and one fsync.
+    pub fn commit(&self, writes: Vec<Write>) -> Result<CommitStats, Error> {
         let started = Instant::now();
-        let mut wtxn = self.env.write_txn()?;
-        let mut seq = match self.changelog.last(&wtxn)? {
-            Some((last, _)) => last + 1,
-            None => 1,
-        };
-        let mut count = 0;
-        let mut record = Vec::new();
-        for w in writes {
-            count += 1;
-            self.state.put(&mut wtxn, &w.key, &w.state)?;
-            if let Some(commit) = &w.commit {
-                record.clear();
-                encode_committed(&mut record, commit.version, commit.value.as_deref());
-                self.values.put(&mut wtxn, &w.key, &record)?;
-                record.clear();
-                encode_change(&mut record, commit.version, &w.key);
-                self.changelog.put(&mut wtxn, &seq, &record)?;
-                seq += 1;
-            }
-        }
-        wtxn.commit()?;
+        let count = writes.len();
+        self.wal.append(writes)?;
         Ok(CommitStats {
             writes: count,
             elapsed: started.elapsed(),
         })
     }
 
-    /// The committed value of `key` as this replica last learned it.
-    pub fn committed(&self, key: &[u8]) -> Result<Option<Committed>, Error> {
+    /// Why the log's applier stopped, if it did: the replica must stop
+    /// answering (reads of LMDB fail with it already).
+    pub fn failure(&self) -> Option<Error> {
+        self.wal.failure()
+    }
+
+    /// The committed value of `key` as LMDB holds it now, without waiting
+    /// for the log: for a reader that already waited (through a changelog
+    /// page, whose entries' values LMDB holds with them) and wants nothing
+    /// newer than what it read.
+    pub fn committed_applied(&self, key: &[u8]) -> Result<Option<Committed>, Error> {
         let rtxn = self.env.read_txn()?;
         match self.values.get(&rtxn, key)? {
             None => Ok(None),
@@ -384,8 +522,15 @@ impl Storage {
         }
     }
 
+    /// The committed value of `key` as this replica last learned it.
+    pub fn committed(&self, key: &[u8]) -> Result<Option<Committed>, Error> {
+        self.wal.settle()?;
+        self.committed_applied(key)
+    }
+
     /// Changelog entries from `from` on, at most `limit`.
     pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<ChangelogEntry>, Error> {
+        self.wal.settle()?;
         let rtxn = self.env.read_txn()?;
         self.changes_in(&rtxn, from, limit)
     }
@@ -398,6 +543,7 @@ impl Storage {
         from: u64,
         limit: usize,
     ) -> Result<(u64, u64, Vec<ChangelogEntry>), Error> {
+        self.wal.settle()?;
         let rtxn = self.env.read_txn()?;
         let (first, last) = self.bounds_in(&rtxn)?;
         Ok((first, last, self.changes_in(&rtxn, from, limit)?))
@@ -429,6 +575,7 @@ impl Storage {
     /// The first and last changelog sequence numbers held (`first` is
     /// `last + 1` when it is empty; `last` is 0 before the first commit).
     pub fn changelog_bounds(&self) -> Result<(u64, u64), Error> {
+        self.wal.settle()?;
         let rtxn = self.env.read_txn()?;
         self.bounds_in(&rtxn)
     }
@@ -442,6 +589,7 @@ impl Storage {
     /// Drops changelog entries up to `upto`, always keeping the newest one
     /// (it numbers the next commit). Returns how many went.
     pub fn truncate_changelog(&self, upto: u64) -> Result<usize, Error> {
+        self.wal.settle()?;
         let mut wtxn = self.env.write_txn()?;
         let Some((last, _)) = self.changelog.last(&wtxn)? else {
             return Ok(0);
@@ -462,6 +610,7 @@ impl Storage {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, u64)>, Error> {
         use std::ops::Bound;
+        self.wal.settle()?;
         let rtxn = self.env.read_txn()?;
         let lower = match after {
             Some(a) => Bound::Excluded(a),

@@ -41,7 +41,7 @@ fn writes_survive_reopen_and_the_boot_counter_grows() {
                 }),
             },
         ];
-        let stats = s.commit(writes.iter()).unwrap();
+        let stats = s.commit(writes.to_vec()).unwrap();
         assert_eq!(stats.writes, 3);
     }
     let (s, inc) = Storage::open(&dir, 3, 1 << 26).unwrap();
@@ -118,7 +118,7 @@ fn the_changelog_truncates_but_keeps_its_newest_entry_and_cursors_persist() {
             }),
         })
         .collect();
-    storage.commit(writes.iter()).unwrap();
+    storage.commit(writes.to_vec()).unwrap();
     assert_eq!(storage.changelog_bounds().unwrap(), (1, 10));
     assert_eq!(storage.truncate_changelog(4).unwrap(), 4);
     assert_eq!(storage.changelog_bounds().unwrap(), (5, 10));
@@ -130,7 +130,7 @@ fn the_changelog_truncates_but_keeps_its_newest_entry_and_cursors_persist() {
     // Never the newest entry: it numbers the next commit.
     assert_eq!(storage.truncate_changelog(u64::MAX).unwrap(), 5);
     assert_eq!(storage.changelog_bounds().unwrap(), (10, 10));
-    storage.commit(writes[..1].iter()).unwrap();
+    storage.commit(writes[..1].to_vec()).unwrap();
     assert_eq!(storage.changelog_bounds().unwrap(), (10, 11));
     let versions = storage.versions(None, 10).unwrap();
     assert_eq!(versions.len(), 4);
@@ -186,12 +186,12 @@ fn changelog_entry_bytes_are_fixed() {
     assert_eq!(decode_change_v1(&v1[..v1.len() - 1]), None);
 }
 
-/// A format-1 directory (changelog entries with whole values) becomes
-/// format 2 when opened: `meta/format` says 2, its entries read as before
+/// A format-1 directory (changelog entries with whole values) takes the
+/// current format when opened: `meta/format` says so, its entries read as before
 /// (same sequence numbers, keys and versions), new entries hold no value,
 /// and values and states are untouched.
 #[test]
-fn a_format_1_directory_becomes_format_2_when_opened() {
+fn a_format_1_directory_takes_the_current_format_when_opened() {
     let dir = tmp("migrate");
     let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
     let write = |key: &[u8], version: u64, value: Option<&[u8]>| Write {
@@ -202,8 +202,9 @@ fn a_format_1_directory_becomes_format_2_when_opened() {
             value: value.map(<[u8]>::to_vec),
         }),
     };
-    s.commit([write(b"a", 1, Some(b"one")), write(b"b", 5, None)].iter())
+    s.commit(vec![write(b"a", 1, Some(b"one")), write(b"b", 5, None)])
         .unwrap();
+    s.wal.settle().unwrap();
     // Turn it into what a format-1 build left: its format record and its
     // changelog entries, byte for byte.
     {
@@ -225,7 +226,10 @@ fn a_format_1_directory_becomes_format_2_when_opened() {
     let entries: Vec<_> = log.iter().map(|e| (e.seq, &e.key[..], e.version)).collect();
     assert_eq!(entries, [(1, &b"a"[..], 1), (2, &b"b"[..], 5)]);
     let rtxn = s.env.read_txn().unwrap();
-    assert_eq!(s.meta.get(&rtxn, META_FORMAT).unwrap(), Some(&[2u8][..]));
+    assert_eq!(
+        s.meta.get(&rtxn, META_FORMAT).unwrap(),
+        Some(&[DIRECTORY_FORMAT][..])
+    );
     drop(rtxn);
     assert_eq!(
         s.committed(b"a").unwrap(),
@@ -234,8 +238,8 @@ fn a_format_1_directory_becomes_format_2_when_opened() {
             value: Some(b"one".to_vec())
         })
     );
-    // New commits follow on in format 2, and both read back in order.
-    s.commit([write(b"c", 1, Some(b"x"))].iter()).unwrap();
+    // New commits follow on in changelog format 2, and both read back in order.
+    s.commit(vec![write(b"c", 1, Some(b"x"))]).unwrap();
     assert_eq!(s.changes(3, 10).unwrap()[0].key, b"c");
     let rtxn = s.env.read_txn().unwrap();
     assert_eq!(
@@ -250,7 +254,7 @@ fn a_format_1_directory_becomes_format_2_when_opened() {
     {
         let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
         let mut wtxn = s.env.write_txn().unwrap();
-        s.meta.put(&mut wtxn, META_FORMAT, &[3]).unwrap();
+        s.meta.put(&mut wtxn, META_FORMAT, &[4]).unwrap();
         wtxn.commit().unwrap();
     }
     let err = Storage::open(&dir, 1, 1 << 26).err().unwrap();
@@ -336,11 +340,31 @@ fn a_full_map_is_its_own_error_and_what_was_committed_stays() {
             value: Some(vec![9; 4096]),
         }),
     };
-    s.commit([write(0)].iter()).unwrap();
-    let full = (1..2000).find_map(|i| s.commit([write(i)].iter()).err());
+    s.commit([write(0)].to_vec()).unwrap();
+    // A commit is durable once logged; the map fills when the applier
+    // moves it into LMDB, and the commits after that are refused.
+    let mut acknowledged = 1;
+    let full = (1..2000).find_map(|i| match s.commit([write(i)].to_vec()) {
+        Ok(_) => {
+            acknowledged += 1;
+            None
+        }
+        Err(e) => Some(e),
+    });
     assert_eq!(full, Some(StorageError::Full), "a 1 MiB map fills");
     assert!(full.unwrap().to_string().contains("map_size_mib"));
-    assert_eq!(s.committed(b"k0").unwrap().map(|c| c.version), Some(1));
+    // Reads of LMDB, which lacks what the applier could not take, fail
+    // with the same error rather than answer without it.
+    assert_eq!(s.committed(b"k0").err(), Some(StorageError::Full));
+    drop(s);
+    // The same map cannot take the log's records either: refused, whole.
+    assert_eq!(
+        Storage::open(&dir, 1, 1 << 20).err(),
+        Some(StorageError::Full)
+    );
+    // A larger one takes every acknowledged write.
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    assert_eq!(s.versions(None, usize::MAX).unwrap().len(), acknowledged);
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -354,5 +378,334 @@ fn a_directory_of_another_replica_is_foreign() {
         Err(e) => panic!("another kind: {e:?}"),
         Ok(_) => panic!("replica 2 opened replica 1's directory"),
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn put(key: &[u8], version: u64, value: &[u8]) -> Write {
+    Write {
+        key: key.to_vec(),
+        state: vec![version as u8; 3],
+        commit: Some(Commit {
+            version,
+            value: Some(value.to_vec()),
+        }),
+    }
+}
+
+fn wal_path(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join(wal::WAL_FILE)
+}
+
+#[test]
+fn log_record_bytes_are_fixed() {
+    let mut out = Vec::new();
+    let writes = [
+        put(b"k", 1, b"v"),
+        Write {
+            key: b"j".to_vec(),
+            state: vec![],
+            commit: None,
+        },
+    ];
+    wal::encode_record(&mut out, 7, &writes);
+    let payload: &[u8] = &[
+        0, 0, 0, 2, // two writes
+        0, 0, 0, 1, b'k', 0, 0, 0, 3, 1, 1, 1, // key, state
+        1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 1, b'v', // commit: version 1, "v"
+        0, 0, 0, 1, b'j', 0, 0, 0, 0, 0, // key, empty state, no commit
+    ];
+    let mut expected = vec![WAL_FORMAT, 0, 0, 0, 0, 0, 0, 0, 7];
+    expected.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&expected);
+    crc.update(payload);
+    expected.extend_from_slice(&crc.finalize().to_be_bytes());
+    expected.extend_from_slice(payload);
+    assert_eq!(out, expected);
+    // The checksum is CRC-32 (IEEE): pinned, not only recomputed.
+    assert_eq!(&out[13..17], &[30, 126, 73, 108]);
+    assert_eq!(
+        wal::decode_records(&out).unwrap(),
+        vec![(7, writes.to_vec())]
+    );
+}
+
+/// Reading the log stops at the first record that is cut short, fails its
+/// checksum or does not follow the one before: what lies after the end of
+/// the last append (a torn write, or older records under a rewound file)
+/// is never taken for a record.
+#[test]
+fn the_log_ends_at_the_first_record_that_is_torn_damaged_or_out_of_order() {
+    let record = |seq: u64, key: &[u8]| {
+        let mut out = Vec::new();
+        wal::encode_record(&mut out, seq, &[put(key, seq, b"x")]);
+        out
+    };
+    let seqs = |bytes: &[u8]| -> Vec<u64> {
+        let records = wal::decode_records(bytes).unwrap();
+        records.iter().map(|(s, _)| *s).collect()
+    };
+    let (r7, r8, r9) = (record(7, b"a"), record(8, b"b"), record(9, b"c"));
+    assert_eq!(seqs(&[r7.clone(), r8.clone()].concat()), [7, 8]);
+    // Torn: the next record cut anywhere.
+    for cut in 1..r8.len() {
+        assert_eq!(seqs(&[&r7[..], &r8[..cut]].concat()), [7], "cut at {cut}");
+    }
+    // Damaged: any byte of the next record flipped.
+    for at in 0..r8.len() {
+        let mut bad = r8.clone();
+        bad[at] ^= 0x40;
+        assert_eq!(seqs(&[&r7[..], &bad[..]].concat()), [7], "byte {at}");
+    }
+    // Out of order: a gap, or an older record left under a rewound file.
+    assert_eq!(seqs(&[r7.clone(), r9.clone()].concat()), [7]);
+    assert_eq!(seqs(&[r8.clone(), r7.clone()].concat()), [8]);
+    // Zeros (a file extended but not written) end it too.
+    assert_eq!(seqs(&[r7.clone(), vec![0; 64]].concat()), [7]);
+    assert!(seqs(&[]).is_empty());
+}
+
+/// A record the log made durable but LMDB never received (the process
+/// died between the two) is applied when the directory is opened, once,
+/// after those LMDB holds; a torn record after it is not.
+#[test]
+fn records_logged_but_not_applied_are_applied_when_opened() {
+    let dir = tmp("replay");
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    s.commit(vec![put(b"a", 1, b"one")]).unwrap();
+    s.commit(vec![put(b"b", 1, b"two")]).unwrap();
+    drop(s);
+    // The file still holds records 1 and 2, applied; add 3 and 4 as a
+    // writer that died before its applier would have left them, then
+    // half of 5.
+    let kept = wal::decode_records(&std::fs::read(wal_path(&dir)).unwrap()).unwrap();
+    assert_eq!(kept.len(), 2, "records 1 and 2 stay until the next open");
+    let mut log = Vec::new();
+    for (seq, writes) in &kept {
+        wal::encode_record(&mut log, *seq, writes);
+    }
+    wal::encode_record(&mut log, 3, &[put(b"a", 2, b"three")]);
+    wal::encode_record(&mut log, 4, &[put(b"c", 1, b"four"), put(b"a", 3, b"four")]);
+    let mut torn = Vec::new();
+    wal::encode_record(&mut torn, 5, &[put(b"d", 1, b"never")]);
+    log.extend_from_slice(&torn[..torn.len() - 2]);
+    std::fs::write(wal_path(&dir), &log).unwrap();
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    let version = |k: &[u8]| s.committed(k).unwrap().map(|c| c.version);
+    assert_eq!(version(b"a"), Some(3));
+    assert_eq!(version(b"c"), Some(1));
+    assert_eq!(version(b"d"), None, "the torn record is not applied");
+    let log: Vec<_> = s
+        .changes(1, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.key, e.version))
+        .collect();
+    let expected: Vec<(Vec<u8>, u64)> = vec![
+        (b"a".to_vec(), 1),
+        (b"b".to_vec(), 1),
+        (b"a".to_vec(), 2),
+        (b"c".to_vec(), 1),
+        (b"a".to_vec(), 3),
+    ];
+    assert_eq!(log, expected, "each record applied once, in order");
+    let emptied = std::fs::read(wal_path(&dir)).unwrap();
+    assert!(
+        wal::decode_records(&emptied).unwrap().is_empty(),
+        "the log starts over"
+    );
+    // Numbering goes on after the replayed records.
+    s.commit(vec![put(b"e", 1, b"five")]).unwrap();
+    drop(s);
+    let records = wal::decode_records(&std::fs::read(wal_path(&dir)).unwrap()).unwrap();
+    assert_eq!(records.iter().map(|r| r.0).collect::<Vec<_>>(), [5]);
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    assert_eq!(s.changes(1, 10).unwrap().len(), 6);
+    drop(s);
+    // A log that starts after a record LMDB never held is damage: refused.
+    let mut gap = Vec::new();
+    wal::encode_record(&mut gap, 9, &[put(b"f", 1, b"gap")]);
+    std::fs::write(wal_path(&dir), &gap).unwrap();
+    match Storage::open(&dir, 1, 1 << 26) {
+        Err(StorageError::Corrupt(m)) => assert!(m.contains("starts at record 9"), "{m}"),
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a log with a gap was opened"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Between the log's fsync and the applier's transaction a write is
+/// durable but not in LMDB: the core's state loads find it in the log,
+/// and every other read waits for LMDB to hold it. The applier is held at
+/// LMDB's write lock.
+#[test]
+fn reads_see_what_was_logged_before_lmdb_holds_it() {
+    let dir = tmp("settle");
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    s.commit(vec![put(b"k", 1, b"old")]).unwrap();
+    s.wal.settle().unwrap();
+    let held = s.hold_applier();
+    s.commit(vec![put(b"k", 2, b"new"), put(b"l", 1, b"new")])
+        .unwrap();
+    let states = s
+        .states_within(&[b"k", b"l"], usize::MAX, |_| None)
+        .unwrap();
+    assert_eq!(
+        states[0].1,
+        vec![2; 3],
+        "the state load found the logged state"
+    );
+    assert_eq!(states[1].1, vec![1; 3]);
+    // Each read on a thread of its own, so that one that did not wait
+    // shows as finished while the applier is held.
+    type Read = Box<dyn FnOnce(&Storage) -> String + Send>;
+    let reads: Vec<(&str, Read)> = vec![
+        (
+            "committed",
+            Box::new(|s| format!("{:?}", s.committed(b"k").unwrap().map(|c| c.version))),
+        ),
+        (
+            "changelog_bounds",
+            Box::new(|s| format!("{:?}", s.changelog_bounds().unwrap())),
+        ),
+        (
+            "changes",
+            Box::new(|s| format!("{}", s.changes(1, 10).unwrap().len())),
+        ),
+        (
+            "changes_page",
+            Box::new(|s| format!("{}", s.changes_page(1, 10).unwrap().2.len())),
+        ),
+        (
+            "state_keys",
+            Box::new(|s| format!("{}", s.state_keys(None, 10).unwrap().len())),
+        ),
+        (
+            "state_keys_in",
+            Box::new(|s| format!("{}", s.state_keys_in(b"", None, 10).unwrap().len())),
+        ),
+        (
+            "versions",
+            Box::new(|s| format!("{}", s.versions(None, 10).unwrap().len())),
+        ),
+    ];
+    let readers: Vec<_> = reads
+        .into_iter()
+        .map(|(name, read)| {
+            let s = s.clone();
+            (name, std::thread::spawn(move || read(&s)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for (name, reader) in &readers {
+        assert!(!reader.is_finished(), "{name} did not wait for LMDB");
+    }
+    drop(held);
+    let seen: Vec<(&str, String)> = readers
+        .into_iter()
+        .map(|(name, reader)| (name, reader.join().unwrap()))
+        .collect();
+    let expected = [
+        ("committed", "Some(2)"),
+        ("changelog_bounds", "(1, 3)"),
+        ("changes", "3"),
+        ("changes_page", "3"),
+        ("state_keys", "2"),
+        ("state_keys_in", "2"),
+        ("versions", "2"),
+    ];
+    let seen: Vec<(&str, &str)> = seen.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    assert_eq!(seen, expected);
+    let states = s.states_within(&[b"k"], usize::MAX, |_| None).unwrap();
+    assert_eq!(states[0].1, vec![2; 3], "and LMDB once applied");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The file is written from its start again once LMDB holds everything
+/// logged: four times [`wal::FILE_MAX`] goes through a file that never
+/// passes its preallocated size (or `FILE_MAX` and one record), with
+/// nobody reading (the writer hurries the applier, then waits for it),
+/// and all of it is there after a reopen.
+#[test]
+fn the_log_rewinds_and_stays_bounded() {
+    let dir = tmp("rewind");
+    let (s, _) = Storage::open(&dir, 1, 1 << 28).unwrap();
+    let value = vec![5u8; 64 << 10];
+    let rounds = 4 * (wal::FILE_MAX as usize) / value.len();
+    for i in 0..rounds {
+        s.commit(vec![put(format!("k{i}").as_bytes(), 1, &value)])
+            .unwrap();
+    }
+    let len = std::fs::metadata(wal_path(&dir)).unwrap().len();
+    let bound = wal::PREALLOCATE.max(wal::FILE_MAX + 2 * value.len() as u64);
+    assert!(len <= bound, "the log grew to {len} bytes");
+    drop(s);
+    let (s, _) = Storage::open(&dir, 1, 1 << 28).unwrap();
+    assert_eq!(s.versions(None, usize::MAX).unwrap().len(), rounds);
+    assert_eq!(s.changelog_bounds().unwrap(), (1, rounds as u64));
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A format-2 directory (from before the log) takes format 3 when opened,
+/// with nothing else to move; what it held reads as before.
+#[test]
+fn a_format_2_directory_takes_format_3_when_opened() {
+    let dir = tmp("format2");
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    s.commit(vec![put(b"a", 1, b"one")]).unwrap();
+    s.wal.settle().unwrap();
+    {
+        let mut wtxn = s.env.write_txn().unwrap();
+        s.meta.put(&mut wtxn, META_FORMAT, &[2]).unwrap();
+        // A format-2 build kept no log position.
+        s.meta.delete(&mut wtxn, META_WAL).unwrap();
+        wtxn.commit().unwrap();
+    }
+    drop(s);
+    std::fs::remove_file(wal_path(&dir)).unwrap();
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    let rtxn = s.env.read_txn().unwrap();
+    assert_eq!(s.meta.get(&rtxn, META_FORMAT).unwrap(), Some(&[3u8][..]));
+    drop(rtxn);
+    assert_eq!(s.committed(b"a").unwrap().map(|c| c.version), Some(1));
+    s.commit(vec![put(b"b", 1, b"two")]).unwrap();
+    assert_eq!(s.changelog_bounds().unwrap(), (1, 2));
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An applier that panics is recorded as the log's failure, like one whose
+/// transaction fails: reads that need LMDB and later appends fail with
+/// it instead of waiting for ever, and the record stays in the file.
+#[test]
+fn an_applier_that_panics_fails_the_reads_and_appends_that_wait_for_it() {
+    let dir = tmp("applier-panic");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(wal_path(&dir))
+        .unwrap();
+    let log = Arc::new(wal::Wal::new(file, 0));
+    let applier = {
+        let log = log.clone();
+        std::thread::spawn(move || wal::applier(log, |_, _| panic!("planted")))
+    };
+    log.append(vec![put(b"k", 1, b"v")]).unwrap();
+    let err = log.settle().unwrap_err();
+    assert!(err.to_string().contains("panicked: planted"), "{err}");
+    applier.join().unwrap();
+    assert_eq!(log.failure(), Some(err.clone()));
+    assert_eq!(log.append(vec![put(b"k", 2, b"w")]).err(), Some(err));
+    let records = wal::decode_records(&std::fs::read(wal_path(&dir)).unwrap()).unwrap();
+    assert_eq!(
+        records.len(),
+        1,
+        "the logged record stays for the next open"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
