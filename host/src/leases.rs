@@ -364,8 +364,10 @@ impl Leases {
                 let Some(id) = lease::id_of(key) else {
                     continue;
                 };
-                let Some(committed) = self.storage.committed(key).map_err(|e| e.to_string())?
-                else {
+                // The listing waited for LMDB to hold what was logged
+                // when it began: no need to wait again for each key.
+                let committed = self.storage.committed_applied(key);
+                let Some(committed) = committed.map_err(|e| e.to_string())? else {
                     continue;
                 };
                 let Some(bytes) = committed.value else {

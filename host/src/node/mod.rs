@@ -788,7 +788,7 @@ mod tests {
     }
 
     /// Puts `v` at `key` and waits until the core has stepped it: with the
-    /// writer held at LMDB's write lock, its own fast acceptance waits. The
+    /// writer held at the log's append, its own fast acceptance waits. The
     /// answer comes on the receiver returned (keep it).
     async fn put_behind_the_writer(
         core: &Core,
@@ -814,9 +814,9 @@ mod tests {
     /// listing fence, and through them the status the membership driver
     /// waits on before the sweeps) only once every ready its core stepped
     /// before adopting it is durable. A fast acceptance of the epoch
-    /// before, still on its way to LMDB, would otherwise be missing from
-    /// every sweep's listing, which reads LMDB. Real LMDB, the writer
-    /// thread held at LMDB's write lock, the native core.
+    /// before, still on its way to the disk, would otherwise be missing
+    /// from every sweep's listing. Real LMDB and log, the writer thread
+    /// held at the log's append, the native core.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_epoch_is_published_once_what_was_stepped_before_it_is_durable() {
         let NativeCore {
@@ -993,7 +993,7 @@ mod tests {
     /// what a step after it held: that step's timers, the held decision's
     /// among them, reach the core only once the ready before is durable,
     /// so the flush waits for every ready first. Real LMDB, the writer held
-    /// at LMDB's write lock, the native core.
+    /// at the log's append, the native core.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_writes_what_was_held_behind_a_ready_not_yet_durable() {
         let NativeCore {

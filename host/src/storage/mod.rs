@@ -378,7 +378,8 @@ impl Storage {
             .and_then(|()| log.sync_all())
             .map_err(|e| StorageError::Io(format!("emptying the log in {}: {e}", dir.display())))?;
         wal::preallocate(&log);
-        let wal = Arc::new(Wal::new(log, applied));
+        let salt = u64::from_be_bytes(random_bytes::<8>()?);
+        let wal = Arc::new(Wal::new(log, applied, salt));
         let thread = {
             let (wal, env) = (wal.clone(), env.clone());
             std::thread::Builder::new()

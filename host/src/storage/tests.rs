@@ -407,14 +407,14 @@ fn log_record_bytes_are_fixed() {
             commit: None,
         },
     ];
-    wal::encode_record(&mut out, 7, &writes);
+    wal::encode_record(&mut out, 0x0102_0304_0506_0708, 7, &writes);
     let payload: &[u8] = &[
         0, 0, 0, 2, // two writes
         0, 0, 0, 1, b'k', 0, 0, 0, 3, 1, 1, 1, // key, state
         1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 1, b'v', // commit: version 1, "v"
         0, 0, 0, 1, b'j', 0, 0, 0, 0, 0, // key, empty state, no commit
     ];
-    let mut expected = vec![WAL_FORMAT, 0, 0, 0, 0, 0, 0, 0, 7];
+    let mut expected = vec![WAL_FORMAT, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 7];
     expected.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     let mut crc = crc32fast::Hasher::new();
     crc.update(&expected);
@@ -423,7 +423,7 @@ fn log_record_bytes_are_fixed() {
     expected.extend_from_slice(payload);
     assert_eq!(out, expected);
     // The checksum is CRC-32 (IEEE): pinned, not only recomputed.
-    assert_eq!(&out[13..17], &[30, 126, 73, 108]);
+    assert_eq!(&out[21..25], &[80, 73, 73, 124]);
     assert_eq!(
         wal::decode_records(&out).unwrap(),
         vec![(7, writes.to_vec())]
@@ -436,11 +436,12 @@ fn log_record_bytes_are_fixed() {
 /// is never taken for a record.
 #[test]
 fn the_log_ends_at_the_first_record_that_is_torn_damaged_or_out_of_order() {
-    let record = |seq: u64, key: &[u8]| {
+    let salted = |salt: u64, seq: u64, key: &[u8]| {
         let mut out = Vec::new();
-        wal::encode_record(&mut out, seq, &[put(key, seq, b"x")]);
+        wal::encode_record(&mut out, salt, seq, &[put(key, seq, b"x")]);
         out
     };
+    let record = |seq: u64, key: &[u8]| salted(77, seq, key);
     let seqs = |bytes: &[u8]| -> Vec<u64> {
         let records = wal::decode_records(bytes).unwrap();
         records.iter().map(|(s, _)| *s).collect()
@@ -460,6 +461,9 @@ fn the_log_ends_at_the_first_record_that_is_torn_damaged_or_out_of_order() {
     // Out of order: a gap, or an older record left under a rewound file.
     assert_eq!(seqs(&[r7.clone(), r9.clone()].concat()), [7]);
     assert_eq!(seqs(&[r8.clone(), r7.clone()].concat()), [8]);
+    // Another salt: a record of the file's life before a rewind, or one
+    // a client wrote inside a value, however well it is numbered.
+    assert_eq!(seqs(&[r7.clone(), salted(78, 8, b"b")].concat()), [7]);
     // Zeros (a file extended but not written) end it too.
     assert_eq!(seqs(&[r7.clone(), vec![0; 64]].concat()), [7]);
     assert!(seqs(&[]).is_empty());
@@ -478,16 +482,19 @@ fn records_logged_but_not_applied_are_applied_when_opened() {
     // The file still holds records 1 and 2, applied; add 3 and 4 as a
     // writer that died before its applier would have left them, then
     // half of 5.
-    let kept = wal::decode_records(&std::fs::read(wal_path(&dir)).unwrap()).unwrap();
+    let file = std::fs::read(wal_path(&dir)).unwrap();
+    let kept = wal::decode_records(&file).unwrap();
     assert_eq!(kept.len(), 2, "records 1 and 2 stay until the next open");
+    let salt = u64::from_be_bytes(file[1..9].try_into().unwrap());
     let mut log = Vec::new();
     for (seq, writes) in &kept {
-        wal::encode_record(&mut log, *seq, writes);
+        wal::encode_record(&mut log, salt, *seq, writes);
     }
-    wal::encode_record(&mut log, 3, &[put(b"a", 2, b"three")]);
-    wal::encode_record(&mut log, 4, &[put(b"c", 1, b"four"), put(b"a", 3, b"four")]);
+    wal::encode_record(&mut log, salt, 3, &[put(b"a", 2, b"three")]);
+    let four = [put(b"c", 1, b"four"), put(b"a", 3, b"four")];
+    wal::encode_record(&mut log, salt, 4, &four);
     let mut torn = Vec::new();
-    wal::encode_record(&mut torn, 5, &[put(b"d", 1, b"never")]);
+    wal::encode_record(&mut torn, salt, 5, &[put(b"d", 1, b"never")]);
     log.extend_from_slice(&torn[..torn.len() - 2]);
     std::fs::write(wal_path(&dir), &log).unwrap();
     let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
@@ -524,7 +531,7 @@ fn records_logged_but_not_applied_are_applied_when_opened() {
     drop(s);
     // A log that starts after a record LMDB never held is damage: refused.
     let mut gap = Vec::new();
-    wal::encode_record(&mut gap, 9, &[put(b"f", 1, b"gap")]);
+    wal::encode_record(&mut gap, 1, 9, &[put(b"f", 1, b"gap")]);
     std::fs::write(wal_path(&dir), &gap).unwrap();
     match Storage::open(&dir, 1, 1 << 26) {
         Err(StorageError::Corrupt(m)) => assert!(m.contains("starts at record 9"), "{m}"),
@@ -690,7 +697,7 @@ fn an_applier_that_panics_fails_the_reads_and_appends_that_wait_for_it() {
         .truncate(true)
         .open(wal_path(&dir))
         .unwrap();
-    let log = Arc::new(wal::Wal::new(file, 0));
+    let log = Arc::new(wal::Wal::new(file, 0, 1));
     let applier = {
         let log = log.clone();
         std::thread::spawn(move || wal::applier(log, |_, _| panic!("planted")))

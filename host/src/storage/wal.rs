@@ -18,9 +18,12 @@
 //! Opening the directory applies the records LMDB does not hold yet (those
 //! after `meta/wal`) and empties the file. Once everything logged is
 //! applied and the file is past [`REWIND_AT`], the next record is written
-//! at offset 0 again: the records after it are older, and reading stops at
-//! the first record whose sequence number does not follow, whose checksum
-//! fails or that is cut short.
+//! at offset 0 again, under a new random salt: the records after it are
+//! older, and reading stops at the first record whose salt is not the
+//! first record's, whose sequence number does not follow, whose checksum
+//! fails or that is cut short. The salt also keeps a record that a client
+//! wrote inside a value, left behind by a rewind, from being taken for
+//! one: its writer cannot know the salt.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -37,8 +40,10 @@ use super::Error;
 pub const WAL_FORMAT: u8 = 1;
 /// The log's file name in the data directory.
 pub(super) const WAL_FILE: &str = "wal";
-/// `[format][seq u64][len u32][crc32 u32]`.
-const HEADER_LEN: usize = 17;
+/// `[format][salt u64][seq u64][len u32][crc32 u32]`.
+const HEADER_LEN: usize = 25;
+/// The header's bytes the checksum covers, with the payload.
+const CHECKED_LEN: usize = 21;
 /// Once everything logged is applied, a file longer than this is written
 /// from its start again.
 pub(super) const REWIND_AT: u64 = 4 << 20;
@@ -60,14 +65,16 @@ const APPLY_DELAY: Duration = Duration::from_millis(10);
 const APPLY_BYTES: usize = 4 << 20;
 
 /// One record, appended to `out`:
-/// `[1][seq u64 BE][len u32 BE][crc32 u32 BE][payload: len bytes]`, the
-/// CRC-32 (IEEE) taken over the first 13 bytes and the payload. The
+/// `[1][salt u64 BE][seq u64 BE][len u32 BE][crc32 u32 BE][payload: len
+/// bytes]`, the CRC-32 (IEEE) taken over the first 21 bytes and the
+/// payload; `salt` is drawn when the file is emptied or rewound. The
 /// payload is `[count u32 BE]` and `count` writes, each
 /// `[key_len u32 BE][key][state_len u32 BE][state][0]` or, when it learned
 /// a commit, `...[state][1]` and the commit as `values` holds it.
-pub(super) fn encode_record(out: &mut Vec<u8>, seq: u64, writes: &[Write]) {
+pub(super) fn encode_record(out: &mut Vec<u8>, salt: u64, seq: u64, writes: &[Write]) {
     let start = out.len();
     out.push(WAL_FORMAT);
+    out.extend_from_slice(&salt.to_be_bytes());
     out.extend_from_slice(&seq.to_be_bytes());
     out.extend_from_slice(&[0; 8]);
     let body = out.len();
@@ -86,9 +93,9 @@ pub(super) fn encode_record(out: &mut Vec<u8>, seq: u64, writes: &[Write]) {
         }
     }
     let len = (out.len() - body) as u32;
-    out[start + 9..start + 13].copy_from_slice(&len.to_be_bytes());
-    let crc = checksum(&out[start..start + 13], &out[body..]);
-    out[start + 13..body].copy_from_slice(&crc.to_be_bytes());
+    out[start + 17..start + CHECKED_LEN].copy_from_slice(&len.to_be_bytes());
+    let crc = checksum(&out[start..start + CHECKED_LEN], &out[body..]);
+    out[start + CHECKED_LEN..body].copy_from_slice(&crc.to_be_bytes());
 }
 
 fn checksum(header: &[u8], payload: &[u8]) -> u32 {
@@ -98,23 +105,27 @@ fn checksum(header: &[u8], payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// The records at the start of `bytes`, while each is whole, checks out
-/// and numbers the one after the record before it. A record that checks
-/// out but does not decode is damage, not a torn end.
+/// The records at the start of `bytes`, while each is whole, checks out,
+/// carries the first record's salt and numbers the one after the record
+/// before it. A record that checks out but does not decode is damage, not
+/// a torn end.
 pub(super) fn decode_records(bytes: &[u8]) -> Result<Vec<(u64, Vec<Write>)>, Error> {
     let mut out: Vec<(u64, Vec<Write>)> = Vec::new();
+    let mut first_salt = None;
     let mut at = 0;
     while bytes.len() - at >= HEADER_LEN {
         let header = &bytes[at..at + HEADER_LEN];
-        let seq = u64::from_be_bytes(header[1..9].try_into().expect("8 bytes"));
-        let len = u32::from_be_bytes(header[9..13].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_be_bytes(header[13..17].try_into().expect("4 bytes"));
+        let salt = u64::from_be_bytes(header[1..9].try_into().expect("8 bytes"));
+        let seq = u64::from_be_bytes(header[9..17].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(header[17..21].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_be_bytes(header[21..25].try_into().expect("4 bytes"));
         let follows = out.last().is_none_or(|(last, _)| seq == last + 1);
-        if header[0] != WAL_FORMAT || !follows || bytes.len() - at - HEADER_LEN < len {
+        let same = *first_salt.get_or_insert(salt) == salt;
+        if header[0] != WAL_FORMAT || !same || !follows || bytes.len() - at - HEADER_LEN < len {
             break;
         }
         let payload = &bytes[at + HEADER_LEN..at + HEADER_LEN + len];
-        if checksum(&header[..13], payload) != crc {
+        if checksum(&header[..CHECKED_LEN], payload) != crc {
             break;
         }
         let writes = decode_payload(payload).ok_or_else(|| {
@@ -175,6 +186,9 @@ pub(super) fn preallocate(file: &File) {
 pub(crate) struct Tail {
     file: File,
     offset: u64,
+    /// Carried by every record written since the file was last emptied
+    /// or rewound.
+    salt: u64,
     buf: Vec<u8>,
 }
 
@@ -221,12 +235,14 @@ fn bytes_of(writes: &[Write]) -> usize {
 }
 
 impl Wal {
-    /// An empty log in `file` whose next record is `applied + 1`.
-    pub(super) fn new(file: File, applied: u64) -> Wal {
+    /// An empty log in `file` whose next record is `applied + 1`, its
+    /// records salted with `salt`.
+    pub(super) fn new(file: File, applied: u64, salt: u64) -> Wal {
         Wal {
             tail: Mutex::new(Tail {
                 file,
                 offset: 0,
+                salt,
                 buf: Vec::new(),
             }),
             shared: Mutex::new(Shared {
@@ -304,6 +320,7 @@ impl Wal {
             if tail.offset >= REWIND_AT {
                 if shared.applied == shared.logged {
                     tail.offset = 0;
+                    tail.salt = u64::from_be_bytes(super::random_bytes::<8>()?);
                 } else {
                     shared.hurry = true;
                     self.changed.notify_all();
@@ -311,9 +328,14 @@ impl Wal {
             }
             shared.logged + 1
         };
-        let Tail { file, offset, buf } = &mut *tail;
+        let Tail {
+            file,
+            offset,
+            salt,
+            buf,
+        } = &mut *tail;
         buf.clear();
-        encode_record(buf, seq, &writes);
+        encode_record(buf, *salt, seq, &writes);
         file.write_all_at(buf, *offset)
             .and_then(|()| file.sync_data())
             .map_err(|e| {
