@@ -39,6 +39,13 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     pub group_commit_writes: Histogram,
     pub group_commit_readies: Histogram,
+    /// The log applier's LMDB transactions: duration, and log records in each.
+    pub log_apply_seconds: Histogram,
+    pub log_apply_records: Histogram,
+    /// Log records, and their bytes of writes, LMDB does not hold yet
+    /// (set when `/metrics` is read).
+    pub log_unapplied_records: Gauge,
+    pub log_unapplied_bytes: Gauge,
     /// 1 while the outgoing link to a peer is up.
     pub peer_connected: Family<Labels, Gauge>,
     /// Messages to a peer dropped because its queue was full or it was down.
@@ -137,6 +144,30 @@ impl Metrics {
             "group_commit_writes",
             "Key writes per group commit",
             group_commit_writes.clone(),
+        );
+        let log_apply_seconds = seconds();
+        registry.register(
+            "log_apply_seconds",
+            "The log applier's LMDB transactions: write and both flushes",
+            log_apply_seconds.clone(),
+        );
+        let log_apply_records = sizes();
+        registry.register(
+            "log_apply_records",
+            "Log records per LMDB transaction of the applier",
+            log_apply_records.clone(),
+        );
+        let log_unapplied_records = Gauge::default();
+        registry.register(
+            "log_unapplied_records",
+            "Log records durable but not yet in LMDB",
+            log_unapplied_records.clone(),
+        );
+        let log_unapplied_bytes = Gauge::default();
+        registry.register(
+            "log_unapplied_bytes",
+            "Bytes of writes in log records not yet in LMDB",
+            log_unapplied_bytes.clone(),
         );
         let group_commit_readies = sizes();
         registry.register(
@@ -250,6 +281,10 @@ impl Metrics {
             watch_events,
             watchers_ended,
             leases_live,
+            log_apply_seconds,
+            log_apply_records,
+            log_unapplied_records,
+            log_unapplied_bytes,
             lease_expiries,
             lease_keys_deleted,
             protocol_info,

@@ -422,6 +422,13 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
         core_config.round_timeout_ms = ms;
     }
     let metrics = Arc::new(Metrics::new());
+    storage.on_apply({
+        let metrics = metrics.clone();
+        move |elapsed, records| {
+            metrics.log_apply_seconds.observe(elapsed.as_secs_f64());
+            metrics.log_apply_records.observe(records as f64);
+        }
+    });
     let failures = metrics.policy_failures.clone();
     let (initial, protocol_view, engine, runtime) = match config.core {
         CoreKind::Wasm => {

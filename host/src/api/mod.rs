@@ -165,6 +165,9 @@ async fn cluster(State(app): State<App>) -> Response {
 }
 
 async fn metrics(State(app): State<App>) -> Response {
+    let (records, bytes) = app.storage.log_backlog();
+    app.metrics.log_unapplied_records.set(records as i64);
+    app.metrics.log_unapplied_bytes.set(bytes as i64);
     (
         [(
             header::CONTENT_TYPE,

@@ -505,6 +505,17 @@ impl Storage {
         })
     }
 
+    /// Has `observer` told the duration and log records of each of the
+    /// applier's LMDB transactions (metrics; the first one set stays).
+    pub fn on_apply(&self, observer: impl Fn(Duration, usize) + Send + Sync + 'static) {
+        self.wal.observe(Box::new(observer));
+    }
+
+    /// Log records, and their bytes of writes, LMDB does not hold yet.
+    pub fn log_backlog(&self) -> (u64, usize) {
+        self.wal.backlog()
+    }
+
     /// Why the log's applier stopped, if it did: the replica must stop
     /// answering (reads of LMDB fail with it already).
     pub fn failure(&self) -> Option<Error> {

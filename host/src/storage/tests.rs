@@ -716,3 +716,31 @@ fn an_applier_that_panics_fails_the_reads_and_appends_that_wait_for_it() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What the log holds and LMDB does not is told as a backlog, and each
+/// applier transaction to the observer, with its records.
+#[test]
+fn the_backlog_and_the_applier_transactions_are_told() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tmp("observe");
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    let applied = Arc::new(AtomicUsize::new(0));
+    s.on_apply({
+        let applied = applied.clone();
+        move |_, records| {
+            applied.fetch_add(records, Ordering::SeqCst);
+        }
+    });
+    assert_eq!(s.log_backlog(), (0, 0));
+    let held = s.hold_applier();
+    s.commit(vec![put(b"k", 1, b"value")]).unwrap();
+    s.commit(vec![put(b"l", 1, b"value")]).unwrap();
+    // Key, three bytes of state and the value, twice.
+    assert_eq!(s.log_backlog(), (2, 2 * (1 + 3 + 5)));
+    drop(held);
+    s.wal.settle().unwrap();
+    assert_eq!(s.log_backlog(), (0, 0));
+    assert_eq!(applied.load(Ordering::SeqCst), 2);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

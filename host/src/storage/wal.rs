@@ -214,11 +214,15 @@ pub(super) struct Shared {
     closing: bool,
 }
 
+/// Told each applier transaction's duration and record count.
+pub(super) type ApplyObserver = Box<dyn Fn(Duration, usize) + Send + Sync>;
+
 /// The log, shared by the writer, the applier thread and the readers.
 pub(super) struct Wal {
     tail: Mutex<Tail>,
     shared: Mutex<Shared>,
     changed: Condvar,
+    observer: std::sync::OnceLock<ApplyObserver>,
 }
 
 fn bytes_of(writes: &[Write]) -> usize {
@@ -257,7 +261,20 @@ impl Wal {
                 closing: false,
             }),
             changed: Condvar::new(),
+            observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Has `observer` told of every applier transaction from now on (the
+    /// first one set stays).
+    pub(super) fn observe(&self, observer: ApplyObserver) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Records and bytes of writes logged and not applied yet.
+    pub(super) fn backlog(&self) -> (u64, usize) {
+        let shared = self.shared();
+        (shared.logged - shared.applied, shared.queued_bytes)
     }
 
     pub(super) fn shared(&self) -> MutexGuard<'_, Shared> {
@@ -462,7 +479,11 @@ impl Wal {
 pub(super) fn applier(wal: Arc<Wal>, apply: impl Fn(u64, &[Arc<Vec<Write>>]) -> Result<(), Error>) {
     let run = std::panic::AssertUnwindSafe(|| {
         while let Some((first, groups)) = wal.next_batch() {
+            let started = Instant::now();
             apply(first, &groups)?;
+            if let Some(observe) = wal.observer.get() {
+                observe(started.elapsed(), groups.len());
+            }
             wal.applied(groups.len());
         }
         Ok(())
