@@ -43,7 +43,7 @@ mod writer;
 use driver::Driver;
 
 /// Longest key: LMDB's key size limit.
-pub const KEY_MAX: usize = 511;
+pub const KEY_MAX: usize = crate::storage::LMDB_KEY_MAX;
 /// Readies stepped but not yet durable before the core stops taking input.
 const PIPELINE_MAX: usize = 64;
 /// Events handed to the protocol in one step, at most.

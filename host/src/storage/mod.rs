@@ -47,6 +47,10 @@ pub const CHANGELOG_FORMAT: u8 = 2;
 /// becomes format 3 when opened: its entries are read in either format
 /// and leave with truncation; a format-2 directory has nothing to move.
 pub const DIRECTORY_FORMAT: u8 = 3;
+/// LMDB's largest key (its default build): a write past it, or an empty
+/// key, is refused before it is logged, since LMDB would refuse it when
+/// the log is applied, and at every open after.
+pub const LMDB_KEY_MAX: usize = 511;
 /// Default LMDB map size: address space reserved, not disk used.
 pub const MAP_SIZE_DEFAULT: usize = 64 << 30;
 
@@ -494,8 +498,18 @@ impl Storage {
         Ok(out)
     }
 
-    /// Makes every write durable as one log record and one fsync.
+    /// Makes every write durable as one log record and one fsync. A key
+    /// LMDB would refuse fails the whole group before anything is logged.
     pub fn commit(&self, writes: Vec<Write>) -> Result<CommitStats, Error> {
+        if let Some(w) = writes
+            .iter()
+            .find(|w| w.key.is_empty() || w.key.len() > LMDB_KEY_MAX)
+        {
+            return Err(StorageError::Lmdb(format!(
+                "a write of a {}-byte key was refused: keys are 1 to {LMDB_KEY_MAX} bytes",
+                w.key.len()
+            )));
+        }
         let started = Instant::now();
         let count = writes.len();
         self.wal.append(writes)?;

@@ -744,3 +744,27 @@ fn the_backlog_and_the_applier_transactions_are_told() {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A key LMDB would refuse fails its group before it is logged: the
+/// applier would fail on it, and so would every open after.
+#[test]
+fn a_key_lmdb_refuses_fails_its_group_before_the_log() {
+    let dir = tmp("bad-key");
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    for key in [vec![], vec![b'k'; LMDB_KEY_MAX + 1]] {
+        let len = key.len();
+        let group = vec![put(b"fine", 1, b"v"), put(&key, 1, b"v")];
+        match s.commit(group) {
+            Err(StorageError::Lmdb(m)) => assert!(m.contains("keys are 1 to 511"), "{m}"),
+            other => panic!("a {len}-byte key: {other:?}"),
+        }
+    }
+    assert_eq!(s.log_backlog(), (0, 0), "nothing was logged");
+    s.commit(vec![put(&[b'k'; LMDB_KEY_MAX], 1, b"v")]).unwrap();
+    drop(s);
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    assert_eq!(s.versions(None, 10).unwrap().len(), 1);
+    assert_eq!(s.committed(b"fine").unwrap(), None);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
