@@ -42,6 +42,8 @@ pub struct Metrics {
     /// The log applier's LMDB transactions: duration, and log records in each.
     pub log_apply_seconds: Histogram,
     pub log_apply_records: Histogram,
+    /// Time group commits waited for the log's applier before appending.
+    pub log_wait_seconds: Histogram,
     /// Log records, and their bytes of writes, LMDB does not hold yet
     /// (set when `/metrics` is read).
     pub log_unapplied_records: Gauge,
@@ -156,6 +158,12 @@ impl Metrics {
             "log_apply_records",
             "Log records per LMDB transaction of the applier",
             log_apply_records.clone(),
+        );
+        let log_wait_seconds = seconds();
+        registry.register(
+            "log_wait_seconds",
+            "Group commits that waited for the log applier (the file's bound, or bytes not yet applied): how long",
+            log_wait_seconds.clone(),
         );
         let log_unapplied_records = Gauge::default();
         registry.register(
@@ -283,6 +291,7 @@ impl Metrics {
             leases_live,
             log_apply_seconds,
             log_apply_records,
+            log_wait_seconds,
             log_unapplied_records,
             log_unapplied_bytes,
             lease_expiries,

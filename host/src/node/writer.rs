@@ -58,6 +58,9 @@ pub(super) fn writer(
             match storage.commit(persist.collect()) {
                 Ok(stats) => {
                     metrics.fsync_seconds.observe(stats.elapsed.as_secs_f64());
+                    if !stats.waited.is_zero() {
+                        metrics.log_wait_seconds.observe(stats.waited.as_secs_f64());
+                    }
                     metrics.group_commit_writes.observe(stats.writes as f64);
                     metrics.group_commit_readies.observe(group.len() as f64);
                 }

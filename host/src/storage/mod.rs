@@ -150,6 +150,9 @@ pub struct ChangelogEntry {
 pub struct CommitStats {
     pub writes: usize,
     pub elapsed: Duration,
+    /// Of `elapsed`, the time spent waiting for the log's applier (the
+    /// file's bound, or the bytes not yet applied).
+    pub waited: Duration,
 }
 
 /// A replica's LMDB environment.
@@ -512,10 +515,11 @@ impl Storage {
         }
         let started = Instant::now();
         let count = writes.len();
-        self.wal.append(writes)?;
+        let waited = self.wal.append(writes)?;
         Ok(CommitStats {
             writes: count,
             elapsed: started.elapsed(),
+            waited,
         })
     }
 

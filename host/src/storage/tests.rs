@@ -768,3 +768,37 @@ fn a_key_lmdb_refuses_fails_its_group_before_the_log() {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A commit that finds the file at its bound with records LMDB does not
+/// hold waits for the applier, and says how long; one that finds room
+/// does not wait.
+#[test]
+fn a_commit_at_the_files_bound_waits_for_the_applier_and_says_so() {
+    let dir = tmp("bound-wait");
+    let (s, _) = Storage::open(&dir, 1, 1 << 28).unwrap();
+    let value = vec![5u8; 1 << 20];
+    let first = s.commit(vec![put(b"k0", 1, &value)]).unwrap();
+    assert!(first.waited.is_zero(), "{:?}", first.waited);
+    let held = s.hold_applier();
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let rounds = wal::FILE_MAX as usize / value.len() + 1;
+            (1..=rounds)
+                .map(|i| s.commit(vec![put(format!("k{i}").as_bytes(), 1, &value)]))
+                .map(|r| r.unwrap().waited)
+                .max()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !writer.is_finished(),
+        "the writer went past the file's bound"
+    );
+    drop(held);
+    let waited = writer.join().unwrap();
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -286,22 +286,23 @@ impl Wal {
     }
 
     /// Waits while `blocked` holds, counted among those the applier
-    /// hurries for.
+    /// hurries for; returns how long (zero when it did not wait).
     fn wait_for_applier<'a>(
         &self,
         mut shared: MutexGuard<'a, Shared>,
         blocked: impl Fn(&Shared) -> bool,
-    ) -> MutexGuard<'a, Shared> {
+    ) -> (MutexGuard<'a, Shared>, Duration) {
         if !blocked(&shared) {
-            return shared;
+            return (shared, Duration::ZERO);
         }
+        let started = Instant::now();
         shared.waiting += 1;
         self.changed.notify_all();
         while blocked(&shared) {
             shared = self.wait(shared);
         }
         shared.waiting -= 1;
-        shared
+        (shared, started.elapsed())
     }
 
     /// Holds the append end: every append waits for the guard (tests).
@@ -311,8 +312,9 @@ impl Wal {
     }
 
     /// Makes `writes` durable as one record, then hands them to the
-    /// applier. Returns once the record is on disk.
-    pub(super) fn append(&self, writes: Vec<Write>) -> Result<(), Error> {
+    /// applier. Returns once the record is on disk, with how long it
+    /// waited for the applier first.
+    pub(super) fn append(&self, writes: Vec<Write>) -> Result<Duration, Error> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = bytes_of(&writes);
         // A record's length is a u32: a larger group (far past what the
@@ -323,10 +325,10 @@ impl Wal {
                 "a group of {bytes} bytes is past the log's record size"
             )));
         }
-        let seq = {
+        let (seq, waited) = {
             // Bounded memory, and a bounded file: both wait for the applier.
             let offset = tail.offset;
-            let mut shared = self.wait_for_applier(self.shared(), |shared| {
+            let (mut shared, waited) = self.wait_for_applier(self.shared(), |shared| {
                 shared.failed.is_none()
                     && ((shared.queued_bytes > 0 && shared.queued_bytes + bytes > QUEUED_MAX)
                         || (offset >= FILE_MAX && shared.applied < shared.logged))
@@ -343,7 +345,7 @@ impl Wal {
                     self.changed.notify_all();
                 }
             }
-            shared.logged + 1
+            (shared.logged + 1, waited)
         };
         let Tail {
             file,
@@ -370,7 +372,7 @@ impl Wal {
         shared.logged = seq;
         drop(shared);
         self.changed.notify_all();
-        Ok(())
+        Ok(waited)
     }
 
     /// The state of `key` in the newest record not applied yet that
@@ -387,7 +389,7 @@ impl Wal {
     pub(super) fn settle(&self) -> Result<(), Error> {
         let shared = self.shared();
         let target = shared.logged;
-        let shared = self.wait_for_applier(shared, |shared| {
+        let (shared, _) = self.wait_for_applier(shared, |shared| {
             shared.applied < target && shared.failed.is_none()
         });
         match &shared.failed {
