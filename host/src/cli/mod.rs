@@ -364,12 +364,7 @@ enum CertCmd {
 fn quiet_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("");
+        let message = crate::panic_message(info.payload());
         if message.contains("Broken pipe") || message.contains("BrokenPipe") {
             std::process::exit(141);
         }

@@ -198,9 +198,8 @@ pub(super) struct Shared {
     pub(super) logged: u64,
     /// The last record LMDB holds.
     pub(super) applied: u64,
-    /// Logged and not applied, in order: record `applied + 1` first, each
-    /// with when it was logged.
-    queue: VecDeque<(Instant, Arc<Vec<Write>>)>,
+    /// Logged and not applied, in order: record `applied + 1` first.
+    queue: VecDeque<Queued>,
     /// Each key written by a queued record: that record and the write's
     /// place in it (the last write of the key).
     latest: HashMap<Vec<u8>, (u64, usize)>,
@@ -216,6 +215,14 @@ pub(super) struct Shared {
 
 /// Told each applier transaction's duration and record count.
 pub(super) type ApplyObserver = Box<dyn Fn(Duration, usize) + Send + Sync>;
+
+/// A record logged and not applied yet.
+struct Queued {
+    logged_at: Instant,
+    /// Its writes' bytes, counted in `Shared::queued_bytes`.
+    bytes: usize,
+    writes: Arc<Vec<Write>>,
+}
 
 /// The log, shared by the writer, the applier thread and the readers.
 pub(super) struct Wal {
@@ -338,8 +345,9 @@ impl Wal {
             }
             if tail.offset >= REWIND_AT {
                 if shared.applied == shared.logged {
+                    let salt = u64::from_be_bytes(super::random_bytes::<8>()?);
                     tail.offset = 0;
-                    tail.salt = u64::from_be_bytes(super::random_bytes::<8>()?);
+                    tail.salt = salt;
                 } else {
                     shared.hurry = true;
                     self.changed.notify_all();
@@ -367,7 +375,11 @@ impl Wal {
         for (i, w) in writes.iter().enumerate() {
             shared.latest.insert(w.key.clone(), (seq, i));
         }
-        shared.queue.push_back((Instant::now(), Arc::new(writes)));
+        shared.queue.push_back(Queued {
+            logged_at: Instant::now(),
+            bytes,
+            writes: Arc::new(writes),
+        });
         shared.queued_bytes += bytes;
         shared.logged = seq;
         drop(shared);
@@ -379,8 +391,8 @@ impl Wal {
     /// writes it.
     pub(super) fn lookup<'s>(shared: &'s Shared, key: &[u8]) -> Option<&'s [u8]> {
         let &(seq, i) = shared.latest.get(key)?;
-        let (_, group) = shared.queue.get((seq - shared.applied - 1) as usize)?;
-        Some(&group[i].state)
+        let queued = shared.queue.get((seq - shared.applied - 1) as usize)?;
+        Some(&queued.writes[i].state)
     }
 
     /// Waits until LMDB holds every record logged when this was called.
@@ -416,7 +428,7 @@ impl Wal {
     fn next_batch(&self) -> Option<(u64, Vec<Arc<Vec<Write>>>)> {
         let mut shared = self.shared();
         loop {
-            let Some(&(logged_at, _)) = shared.queue.front() else {
+            let Some(&Queued { logged_at, .. }) = shared.queue.front() else {
                 if shared.closing {
                     return None;
                 }
@@ -440,7 +452,7 @@ impl Wal {
                 .0;
         }
         shared.hurry = false;
-        let batch = shared.queue.iter().map(|(_, g)| g.clone()).collect();
+        let batch = shared.queue.iter().map(|q| q.writes.clone()).collect();
         Some((shared.applied + 1, batch))
     }
 
@@ -448,9 +460,9 @@ impl Wal {
     fn applied(&self, count: usize) {
         let mut shared = self.shared();
         let applied = shared.applied + count as u64;
-        for (_, group) in shared.queue.drain(..count).collect::<Vec<_>>() {
-            shared.queued_bytes -= bytes_of(&group);
-            for w in group.iter() {
+        for queued in shared.queue.drain(..count).collect::<Vec<_>>() {
+            shared.queued_bytes -= queued.bytes;
+            for w in queued.writes.iter() {
                 if shared
                     .latest
                     .get(&w.key)
