@@ -58,9 +58,12 @@ pub(super) const PREALLOCATE: u64 = FILE_MAX + (1 << 20);
 /// Bytes of writes logged and not yet applied before the writer waits.
 const QUEUED_MAX: usize = 64 << 20;
 /// How long a record may wait for the applier when nobody waits for it:
-/// an LMDB commit is two flushes, so the applier gathers records, and the
-/// flushes the log's appends queue behind are fewer.
-const APPLY_DELAY: Duration = Duration::from_millis(10);
+/// an LMDB commit is two flushes and a tree walk per key, so the applier
+/// gathers records, and the flushes the log's appends queue behind are
+/// fewer. Nothing that answers a client waits on it (reads that need LMDB
+/// hurry it), so it is long: at 10 ms the applier's transactions cost
+/// about a tenth of a busy replica's CPU (design section 13).
+const APPLY_DELAY: Duration = Duration::from_millis(100);
 /// Queued bytes past which the applier goes without waiting.
 const APPLY_BYTES: usize = 4 << 20;
 
