@@ -378,6 +378,11 @@ impl Wal {
         for (i, w) in writes.iter().enumerate() {
             shared.latest.insert(w.key.clone(), (seq, i));
         }
+        // The applier needs waking only if it had nothing queued or
+        // should go now: behind a queued record it sleeps until that
+        // record's delay is up, which a later record does not move. (A
+        // wake-up per append was one thread switch per group commit.)
+        let wake = shared.queue.is_empty() || shared.queued_bytes + bytes >= APPLY_BYTES;
         shared.queue.push_back(Queued {
             logged_at: Instant::now(),
             bytes,
@@ -386,7 +391,9 @@ impl Wal {
         shared.queued_bytes += bytes;
         shared.logged = seq;
         drop(shared);
-        self.changed.notify_all();
+        if wake {
+            self.changed.notify_all();
+        }
         Ok(waited)
     }
 
