@@ -565,6 +565,9 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
                         p.p99_ms,
                         p.errors
                     );
+                    if let Some(e) = &p.first_error {
+                        eprintln!("  the first error: {e}");
+                    }
                     points.push(p);
                 }
                 run += 1;
