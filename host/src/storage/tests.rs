@@ -458,8 +458,7 @@ fn the_log_ends_at_the_first_record_that_is_torn_damaged_or_out_of_order() {
         bad[at] ^= 0x40;
         assert_eq!(seqs(&[&r7[..], &bad[..]].concat()), [7], "byte {at}");
     }
-    // Out of order: a gap, or an older record left under a rewound file.
-    assert_eq!(seqs(&[r7.clone(), r9.clone()].concat()), [7]);
+    // An older record ends it.
     assert_eq!(seqs(&[r8.clone(), r7.clone()].concat()), [8]);
     // Another salt: a record of the file's life before a rewind, or one
     // a client wrote inside a value, however well it is numbered.
@@ -467,6 +466,43 @@ fn the_log_ends_at_the_first_record_that_is_torn_damaged_or_out_of_order() {
     // Zeros (a file extended but not written) end it too.
     assert_eq!(seqs(&[r7.clone(), vec![0; 64]].concat()), [7]);
     assert!(seqs(&[]).is_empty());
+
+    // Damage, not an end: an intact later record of the same salt after
+    // it means acknowledged records were lost. A gap; a damaged or torn
+    // record before the next; the damaged first record before the next.
+    let corrupt = |bytes: &[u8], what: &str| match wal::decode_records(bytes) {
+        Err(Error::Corrupt(m)) => assert!(m.contains("record 9"), "{what}: {m}"),
+        other => panic!("{what}: {:?}", other.map(|r| r.len())),
+    };
+    corrupt(&[r7.clone(), r9.clone()].concat(), "a gap");
+    for at in 0..r8.len() {
+        let mut bad = r8.clone();
+        bad[at] ^= 0x40;
+        corrupt(
+            &[&r7[..], &bad[..], &r9[..]].concat(),
+            &format!("byte {at} of 8"),
+        );
+        // Past the salt, a damaged first record is found out too.
+        if at >= 9 {
+            corrupt(
+                &[&bad[..], &r9[..]].concat(),
+                &format!("byte {at} of the first"),
+            );
+        }
+    }
+    for cut in 1..r8.len() {
+        corrupt(
+            &[&r7[..], &r8[..cut], &r9[..]].concat(),
+            &format!("8 cut at {cut}"),
+        );
+    }
+    // A later record of another salt is not evidence.
+    let mut bad = r8.clone();
+    bad[30] ^= 0x40;
+    assert_eq!(
+        seqs(&[&r7[..], &bad[..], &salted(78, 9, b"c")[..]].concat()),
+        [7]
+    );
 }
 
 /// A record the log made durable but LMDB never received (the process
@@ -537,6 +573,20 @@ fn records_logged_but_not_applied_are_applied_when_opened() {
         Err(StorageError::Corrupt(m)) => assert!(m.contains("starts at record 9"), "{m}"),
         Err(e) => panic!("another error: {e}"),
         Ok(_) => panic!("a log with a gap was opened"),
+    }
+    // Damage in the middle, with records after it: refused, not cut
+    // short there (records 7 and 8 were acknowledged).
+    let mut damaged = Vec::new();
+    for (seq, key) in [(6, b"f"), (7, b"g"), (8, b"h")] {
+        wal::encode_record(&mut damaged, 1, seq, &[put(key, 1, b"v")]);
+    }
+    let second = damaged.len() / 3;
+    damaged[second + 30] ^= 1;
+    std::fs::write(wal_path(&dir), &damaged).unwrap();
+    match Storage::open(&dir, 1, 1 << 26) {
+        Err(StorageError::Corrupt(m)) => assert!(m.contains("record 8"), "{m}"),
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a log damaged in the middle was opened"),
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -110,8 +110,17 @@ fn checksum(header: &[u8], payload: &[u8]) -> u32 {
 
 /// The records at the start of `bytes`, while each is whole, checks out,
 /// carries the first record's salt and numbers the one after the record
-/// before it. A record that checks out but does not decode is damage, not
-/// a torn end.
+/// before it.
+///
+/// Where that ends must be the end of what was written: a record is
+/// appended only once the one before it is durable, so a torn write is
+/// the last. Damage is refused as corrupt rather than read as the end,
+/// since records after it were acknowledged:
+/// - a record that checks out but does not decode;
+/// - an intact record of the same salt, numbered past the last one read,
+///   anywhere after the end (the records between were lost). The salt
+///   keeps records of the file's earlier passes and values that look like
+///   records out of it. Damage to the first record's salt hides this.
 pub(super) fn decode_records(bytes: &[u8]) -> Result<Vec<(u64, Vec<Write>)>, Error> {
     let mut out: Vec<(u64, Vec<Write>)> = Vec::new();
     let mut first_salt = None;
@@ -137,7 +146,42 @@ pub(super) fn decode_records(bytes: &[u8]) -> Result<Vec<(u64, Vec<Write>)>, Err
         out.push((seq, writes));
         at += HEADER_LEN + len;
     }
+    let floor = out.last().map_or(0, |(seq, _)| *seq);
+    if let Some((found, seq)) = first_salt.and_then(|salt| intact_after(bytes, at, salt, floor)) {
+        return Err(Error::Corrupt(format!(
+            "the log is damaged at byte {at}: record {seq} at byte {found} is intact after it, \
+             so the records before it were lost"
+        )));
+    }
     Ok(out)
+}
+
+/// The first intact record carrying `salt` and numbered past `floor` at
+/// or after byte `from`, and where it starts.
+fn intact_after(bytes: &[u8], from: usize, salt: u64, floor: u64) -> Option<(usize, u64)> {
+    let mut marker = [WAL_FORMAT; 9];
+    marker[1..].copy_from_slice(&salt.to_be_bytes());
+    let mut at = from;
+    while bytes.len().saturating_sub(at) >= HEADER_LEN {
+        let found = at
+            + bytes[at..]
+                .windows(marker.len())
+                .position(|w| w == marker)?;
+        let Some(header) = bytes.get(found..found + HEADER_LEN) else {
+            return None;
+        };
+        let seq = u64::from_be_bytes(header[9..17].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(header[17..21].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_be_bytes(header[21..25].try_into().expect("4 bytes"));
+        let payload = bytes
+            .get(found + HEADER_LEN..)
+            .and_then(|rest| rest.get(..len));
+        if seq > floor && payload.is_some_and(|p| checksum(&header[..CHECKED_LEN], p) == crc) {
+            return Some((found, seq));
+        }
+        at = found + 1;
+    }
+    None
 }
 
 fn decode_payload(mut p: &[u8]) -> Option<Vec<Write>> {
