@@ -240,7 +240,7 @@ fn replay(
         Some(bytes) => read_u64(bytes)?,
         None => 0,
     };
-    let records = wal::decode_records(&bytes)?;
+    let records = wal::decode_records(&bytes, applied)?;
     let todo: Vec<_> = records.iter().filter(|(seq, _)| *seq > applied).collect();
     let (Some((first, _)), Some((last, _))) = (todo.first(), todo.last()) else {
         return Ok((file, applied));

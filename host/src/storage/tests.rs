@@ -425,7 +425,7 @@ fn log_record_bytes_are_fixed() {
     // The checksum is CRC-32 (IEEE): pinned, not only recomputed.
     assert_eq!(&out[21..25], &[80, 73, 73, 124]);
     assert_eq!(
-        wal::decode_records(&out).unwrap(),
+        wal::decode_records(&out, 0).unwrap(),
         vec![(7, writes.to_vec())]
     );
 }
@@ -443,7 +443,7 @@ fn the_log_ends_at_the_first_record_that_is_torn_damaged_or_out_of_order() {
     };
     let record = |seq: u64, key: &[u8]| salted(77, seq, key);
     let seqs = |bytes: &[u8]| -> Vec<u64> {
-        let records = wal::decode_records(bytes).unwrap();
+        let records = wal::decode_records(bytes, 0).unwrap();
         records.iter().map(|(s, _)| *s).collect()
     };
     let (r7, r8, r9) = (record(7, b"a"), record(8, b"b"), record(9, b"c"));
@@ -470,7 +470,7 @@ fn the_log_ends_at_the_first_record_that_is_torn_damaged_or_out_of_order() {
     // Damage, not an end: an intact later record of the same salt after
     // it means acknowledged records were lost. A gap; a damaged or torn
     // record before the next; the damaged first record before the next.
-    let corrupt = |bytes: &[u8], what: &str| match wal::decode_records(bytes) {
+    let corrupt = |bytes: &[u8], what: &str| match wal::decode_records(bytes, 0) {
         Err(Error::Corrupt(m)) => assert!(m.contains("record 9"), "{what}: {m}"),
         other => panic!("{what}: {:?}", other.map(|r| r.len())),
     };
@@ -503,6 +503,19 @@ fn the_log_ends_at_the_first_record_that_is_torn_damaged_or_out_of_order() {
         seqs(&[&r7[..], &bad[..], &salted(78, 9, b"c")[..]].concat()),
         [7]
     );
+    // Nor one LMDB already holds: a rewound file whose new first record
+    // tore shows the old pass again, damaged where the tear landed.
+    let damaged_pass = [&r7[..], &bad[..], &r9[..]].concat();
+    let read = wal::decode_records(&damaged_pass, 9).unwrap();
+    assert_eq!(read.iter().map(|r| r.0).collect::<Vec<_>>(), [7]);
+    corrupt(&damaged_pass, "the same pass when LMDB holds less");
+    // Nor does a first header that is not a record give the salt: zeros
+    // (a tear at the first page after an open), then a client's value
+    // shaped like a record of salt 0.
+    let zeros_then_forged = [&[0u8; 64][..], &salted(0, 1 << 63, b"x")[..]].concat();
+    assert!(wal::decode_records(&zeros_then_forged, 0)
+        .unwrap()
+        .is_empty());
 }
 
 /// A record the log made durable but LMDB never received (the process
@@ -519,7 +532,7 @@ fn records_logged_but_not_applied_are_applied_when_opened() {
     // writer that died before its applier would have left them, then
     // half of 5.
     let file = std::fs::read(wal_path(&dir)).unwrap();
-    let kept = wal::decode_records(&file).unwrap();
+    let kept = wal::decode_records(&file, 0).unwrap();
     assert_eq!(kept.len(), 2, "records 1 and 2 stay until the next open");
     let salt = u64::from_be_bytes(file[1..9].try_into().unwrap());
     let mut log = Vec::new();
@@ -554,13 +567,13 @@ fn records_logged_but_not_applied_are_applied_when_opened() {
     assert_eq!(log, expected, "each record applied once, in order");
     let emptied = std::fs::read(wal_path(&dir)).unwrap();
     assert!(
-        wal::decode_records(&emptied).unwrap().is_empty(),
+        wal::decode_records(&emptied, 0).unwrap().is_empty(),
         "the log starts over"
     );
     // Numbering goes on after the replayed records.
     s.commit(vec![put(b"e", 1, b"five")]).unwrap();
     drop(s);
-    let records = wal::decode_records(&std::fs::read(wal_path(&dir)).unwrap()).unwrap();
+    let records = wal::decode_records(&std::fs::read(wal_path(&dir)).unwrap(), 0).unwrap();
     assert_eq!(records.iter().map(|r| r.0).collect::<Vec<_>>(), [5]);
     let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
     assert_eq!(s.changes(1, 10).unwrap().len(), 6);
@@ -588,6 +601,40 @@ fn records_logged_but_not_applied_are_applied_when_opened() {
         Err(e) => panic!("another error: {e}"),
         Ok(_) => panic!("a log damaged in the middle was opened"),
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A file rewound under a new salt whose first record tore at its first
+/// page still shows the old pass's first record, then damage, then the
+/// rest of the old pass: all of it applied (a rewind waits for that), so
+/// the directory opens with every write.
+#[test]
+fn a_rewound_log_torn_at_its_first_page_opens() {
+    let dir = tmp("rewound-torn");
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    for (i, key) in [b"a", b"b", b"c"].iter().enumerate() {
+        s.commit(vec![put(*key, 1, format!("v{i}").as_bytes())])
+            .unwrap();
+    }
+    drop(s);
+    let mut file = std::fs::read(wal_path(&dir)).unwrap();
+    let kept = wal::decode_records(&file, 3).unwrap();
+    assert_eq!(kept.len(), 3);
+    let salt = u64::from_be_bytes(file[1..9].try_into().unwrap());
+    let mut first = Vec::new();
+    wal::encode_record(&mut first, salt, 1, &kept[0].1);
+    // The new record's second page landed over record 2; its first page,
+    // with the new salt, did not.
+    let second = first.len();
+    for b in &mut file[second + 3..second + 40] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(wal_path(&dir), &file).unwrap();
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).expect("a healthy directory opens");
+    for key in [b"a", b"b", b"c"] {
+        assert_eq!(s.committed(key).unwrap().map(|c| c.version), Some(1));
+    }
+    drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -758,7 +805,7 @@ fn an_applier_that_panics_fails_the_reads_and_appends_that_wait_for_it() {
     applier.join().unwrap();
     assert_eq!(log.failure(), Some(err.clone()));
     assert_eq!(log.append(vec![put(b"k", 2, b"w")]).err(), Some(err));
-    let records = wal::decode_records(&std::fs::read(wal_path(&dir)).unwrap()).unwrap();
+    let records = wal::decode_records(&std::fs::read(wal_path(&dir)).unwrap(), 0).unwrap();
     assert_eq!(
         records.len(),
         1,

@@ -117,11 +117,14 @@ fn checksum(header: &[u8], payload: &[u8]) -> u32 {
 /// the last. Damage is refused as corrupt rather than read as the end,
 /// since records after it were acknowledged:
 /// - a record that checks out but does not decode;
-/// - an intact record of the same salt, numbered past the last one read,
-///   anywhere after the end (the records between were lost). The salt
-///   keeps records of the file's earlier passes and values that look like
-///   records out of it. Damage to the first record's salt hides this.
-pub(super) fn decode_records(bytes: &[u8]) -> Result<Vec<(u64, Vec<Write>)>, Error> {
+/// - an intact record of the same salt, numbered past both the last one
+///   read and `applied` (the last record LMDB holds), anywhere after the
+///   end: the records between were lost. The salt keeps records of the
+///   file's earlier passes and values that look like records out of it;
+///   `applied` keeps a rewound file whose first record was torn (the old
+///   pass's records show again, all applied, since a rewind waits for
+///   that). Damage to the first record's format byte or salt hides this.
+pub(super) fn decode_records(bytes: &[u8], applied: u64) -> Result<Vec<(u64, Vec<Write>)>, Error> {
     let mut out: Vec<(u64, Vec<Write>)> = Vec::new();
     let mut first_salt = None;
     let mut at = 0;
@@ -132,8 +135,11 @@ pub(super) fn decode_records(bytes: &[u8]) -> Result<Vec<(u64, Vec<Write>)>, Err
         let len = u32::from_be_bytes(header[17..21].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_be_bytes(header[21..25].try_into().expect("4 bytes"));
         let follows = out.last().is_none_or(|(last, _)| seq == last + 1);
+        if header[0] != WAL_FORMAT {
+            break;
+        }
         let same = *first_salt.get_or_insert(salt) == salt;
-        if header[0] != WAL_FORMAT || !same || !follows || bytes.len() - at - HEADER_LEN < len {
+        if !same || !follows || bytes.len() - at - HEADER_LEN < len {
             break;
         }
         let payload = &bytes[at + HEADER_LEN..at + HEADER_LEN + len];
@@ -146,7 +152,7 @@ pub(super) fn decode_records(bytes: &[u8]) -> Result<Vec<(u64, Vec<Write>)>, Err
         out.push((seq, writes));
         at += HEADER_LEN + len;
     }
-    let floor = out.last().map_or(0, |(seq, _)| *seq);
+    let floor = out.last().map_or(applied, |(seq, _)| applied.max(*seq));
     if let Some((found, seq)) = first_salt.and_then(|salt| intact_after(bytes, at, salt, floor)) {
         return Err(Error::Corrupt(format!(
             "the log is damaged at byte {at}: record {seq} at byte {found} is intact after it, \
