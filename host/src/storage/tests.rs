@@ -638,6 +638,50 @@ fn a_rewound_log_torn_at_its_first_page_opens() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A read that waits for the applier on a worker of a multi-thread
+/// runtime (a listing, a watcher, a peer's question) leaves the worker's
+/// other tasks to run: with both workers of a two-worker runtime waiting,
+/// a third task still runs.
+#[test]
+fn a_read_waiting_for_the_applier_does_not_hold_the_runtime() {
+    let dir = tmp("block-in-place");
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = s.hold_applier();
+    s.commit(vec![put(b"k", 1, b"v")]).unwrap();
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let s = s.clone();
+            rt.spawn(async move { s.state_keys(None, 10).unwrap().len() })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        readers.iter().all(|r| !r.is_finished()),
+        "the reads wait for the applier"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(());
+    });
+    let probe_ran = rx.recv_timeout(Duration::from_secs(2)).is_ok();
+    drop(held);
+    for r in readers {
+        assert_eq!(rt.block_on(r).unwrap(), 1, "the read saw the logged write");
+    }
+    assert!(
+        probe_ran,
+        "a task waited behind reads that wait for the applier"
+    );
+    drop(rt);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Between the log's fsync and the applier's transaction a write is
 /// durable but not in LMDB: the core's state loads find it in the log,
 /// and every other read waits for LMDB to hold it. The applier is held at

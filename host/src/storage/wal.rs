@@ -347,6 +347,13 @@ impl Wal {
 
     /// Waits while `blocked` holds, counted among those the applier
     /// hurries for; returns how long (zero when it did not wait).
+    ///
+    /// Listings, watchers and peers' questions read storage on the I/O
+    /// runtime's workers. A wait there (one LMDB transaction, longer
+    /// under a backlog) would hold the worker and every task queued on
+    /// it, client requests and peer traffic included: on a multi-thread
+    /// runtime the wait tells tokio first, which hands the worker's other
+    /// tasks to another thread (`block_in_place`).
     fn wait_for_applier<'a>(
         &self,
         mut shared: MutexGuard<'a, Shared>,
@@ -358,9 +365,19 @@ impl Wal {
         let started = Instant::now();
         shared.waiting += 1;
         self.changed.notify_all();
-        while blocked(&shared) {
-            shared = self.wait(shared);
-        }
+        let wait = |mut shared: MutexGuard<'a, Shared>| {
+            while blocked(&shared) {
+                shared = self.wait(shared);
+            }
+            shared
+        };
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        shared = if on_worker {
+            tokio::task::block_in_place(|| wait(shared))
+        } else {
+            wait(shared)
+        };
         shared.waiting -= 1;
         (shared, started.elapsed())
     }
