@@ -355,7 +355,7 @@ impl Wal {
     /// runtime the wait tells tokio first, which hands the worker's other
     /// tasks to another thread (`block_in_place`).
     fn wait_for_applier<'a>(
-        &self,
+        &'a self,
         mut shared: MutexGuard<'a, Shared>,
         blocked: impl Fn(&Shared) -> bool,
     ) -> (MutexGuard<'a, Shared>, Duration) {
@@ -371,10 +371,15 @@ impl Wal {
             }
             shared
         };
+        // (A current-thread runtime that entered a multi-thread runtime's
+        // handle would make `block_in_place` panic; nothing here does.)
         let on_worker = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         shared = if on_worker {
-            tokio::task::block_in_place(|| wait(shared))
+            // The handoff may start a thread: not under the log's lock,
+            // which the writer takes after every fsync.
+            drop(shared);
+            tokio::task::block_in_place(|| wait(self.shared()))
         } else {
             wait(shared)
         };
