@@ -638,6 +638,45 @@ fn a_rewound_log_torn_at_its_first_page_opens() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Nobody waits for the applier here: records reach LMDB by its delay
+/// alone, including one appended while it was inside a transaction (an
+/// append wakes it only when its queue was empty; behind a queued record
+/// it sleeps until that record's delay is up).
+#[test]
+fn records_reach_lmdb_by_the_delay_alone() {
+    let dir = tmp("delay-alone");
+    let (s, _) = Storage::open(&dir, 1, 1 << 26).unwrap();
+    let drained = |s: &Storage, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while s.log_backlog().0 > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {:?} left",
+                s.log_backlog()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    s.commit(vec![put(b"a", 1, b"one")]).unwrap();
+    drained(&s, "a record into an empty queue");
+    let held = s.hold_applier();
+    s.commit(vec![put(b"b", 1, b"two")]).unwrap();
+    // Past the delay: the applier has taken record 2 and waits for LMDB.
+    std::thread::sleep(Duration::from_millis(300));
+    s.commit(vec![put(b"c", 1, b"three")]).unwrap();
+    assert_eq!(s.log_backlog().0, 2);
+    drop(held);
+    drained(&s, "a record appended during a transaction");
+    for key in [b"a", b"b", b"c"] {
+        assert_eq!(
+            s.committed_applied(key).unwrap().map(|c| c.version),
+            Some(1)
+        );
+    }
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A read that waits for the applier on a worker of a multi-thread
 /// runtime (a listing, a watcher, a peer's question) leaves the worker's
 /// other tasks to run: with both workers of a two-worker runtime waiting,
