@@ -128,29 +128,20 @@ pub(super) fn decode_records(bytes: &[u8], applied: u64) -> Result<Vec<(u64, Vec
     let mut out: Vec<(u64, Vec<Write>)> = Vec::new();
     let mut first_salt = None;
     let mut at = 0;
-    while bytes.len() - at >= HEADER_LEN {
-        let header = &bytes[at..at + HEADER_LEN];
-        let salt = u64::from_be_bytes(header[1..9].try_into().expect("8 bytes"));
-        let seq = u64::from_be_bytes(header[9..17].try_into().expect("8 bytes"));
-        let len = u32::from_be_bytes(header[17..21].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_be_bytes(header[21..25].try_into().expect("4 bytes"));
-        let follows = out.last().is_none_or(|(last, _)| seq == last + 1);
-        if header[0] != WAL_FORMAT {
+    while let Some(h) = Header::at(bytes, at) {
+        if h.format != WAL_FORMAT {
             break;
         }
-        let same = *first_salt.get_or_insert(salt) == salt;
-        if !same || !follows || bytes.len() - at - HEADER_LEN < len {
+        let same = *first_salt.get_or_insert(h.salt) == h.salt;
+        let follows = out.last().is_none_or(|(last, _)| h.seq == last + 1);
+        let Some(payload) = (same && follows).then(|| h.payload(bytes, at)).flatten() else {
             break;
-        }
-        let payload = &bytes[at + HEADER_LEN..at + HEADER_LEN + len];
-        if checksum(&header[..CHECKED_LEN], payload) != crc {
-            break;
-        }
+        };
         let writes = decode_payload(payload).ok_or_else(|| {
-            Error::Corrupt(format!("log record {seq} checks out but is malformed"))
+            Error::Corrupt(format!("log record {} checks out but is malformed", h.seq))
         })?;
-        out.push((seq, writes));
-        at += HEADER_LEN + len;
+        out.push((h.seq, writes));
+        at += HEADER_LEN + h.len;
     }
     let floor = out.last().map_or(applied, |(seq, _)| applied.max(*seq));
     if let Some((found, seq)) = first_salt.and_then(|salt| intact_after(bytes, at, salt, floor)) {
@@ -162,32 +153,54 @@ pub(super) fn decode_records(bytes: &[u8], applied: u64) -> Result<Vec<(u64, Vec
     Ok(out)
 }
 
+/// A record's header, as read.
+struct Header {
+    format: u8,
+    salt: u64,
+    seq: u64,
+    len: usize,
+    crc: u32,
+}
+
+impl Header {
+    /// The header at byte `at`, if a whole one is there.
+    fn at(bytes: &[u8], at: usize) -> Option<Header> {
+        let h = bytes.get(at..at.checked_add(HEADER_LEN)?)?;
+        Some(Header {
+            format: h[0],
+            salt: u64::from_be_bytes(h[1..9].try_into().expect("8 bytes")),
+            seq: u64::from_be_bytes(h[9..17].try_into().expect("8 bytes")),
+            len: u32::from_be_bytes(h[17..21].try_into().expect("4 bytes")) as usize,
+            crc: u32::from_be_bytes(h[21..25].try_into().expect("4 bytes")),
+        })
+    }
+
+    /// The payload of this header's record at byte `at`, if it is whole
+    /// and checks out.
+    fn payload<'b>(&self, bytes: &'b [u8], at: usize) -> Option<&'b [u8]> {
+        let payload = bytes.get(at + HEADER_LEN..)?.get(..self.len)?;
+        (checksum(&bytes[at..at + CHECKED_LEN], payload) == self.crc).then_some(payload)
+    }
+}
+
 /// The first intact record carrying `salt` and numbered past `floor` at
 /// or after byte `from`, and where it starts.
 fn intact_after(bytes: &[u8], from: usize, salt: u64, floor: u64) -> Option<(usize, u64)> {
     let mut marker = [WAL_FORMAT; 9];
     marker[1..].copy_from_slice(&salt.to_be_bytes());
     let mut at = from;
-    while bytes.len().saturating_sub(at) >= HEADER_LEN {
+    loop {
         let found = at
-            + bytes[at..]
+            + bytes
+                .get(at..)?
                 .windows(marker.len())
                 .position(|w| w == marker)?;
-        let Some(header) = bytes.get(found..found + HEADER_LEN) else {
-            return None;
-        };
-        let seq = u64::from_be_bytes(header[9..17].try_into().expect("8 bytes"));
-        let len = u32::from_be_bytes(header[17..21].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_be_bytes(header[21..25].try_into().expect("4 bytes"));
-        let payload = bytes
-            .get(found + HEADER_LEN..)
-            .and_then(|rest| rest.get(..len));
-        if seq > floor && payload.is_some_and(|p| checksum(&header[..CHECKED_LEN], p) == crc) {
-            return Some((found, seq));
+        let h = Header::at(bytes, found)?;
+        if h.seq > floor && h.payload(bytes, found).is_some() {
+            return Some((found, h.seq));
         }
         at = found + 1;
     }
-    None
 }
 
 fn decode_payload(mut p: &[u8]) -> Option<Vec<Write>> {
