@@ -133,7 +133,9 @@ pub(super) fn decode_records(bytes: &[u8], applied: u64) -> Result<Vec<(u64, Vec
             break;
         }
         let same = *first_salt.get_or_insert(h.salt) == h.salt;
-        let follows = out.last().is_none_or(|(last, _)| h.seq == last + 1);
+        let follows = out
+            .last()
+            .is_none_or(|(last, _)| last.checked_add(1) == Some(h.seq));
         let Some(payload) = (same && follows).then(|| h.payload(bytes, at)).flatten() else {
             break;
         };
