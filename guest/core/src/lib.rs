@@ -27,6 +27,7 @@
 
 extern crate alloc;
 
+pub mod bytes;
 pub mod register;
 pub mod replica;
 pub mod types;

@@ -637,8 +637,20 @@ impl<E: Env> Replica<E> {
         }
     }
 
+    /// The ops of `key`, an empty entry made if there is none.
+    fn key_ops(&mut self, key: &[u8]) -> &mut KeyOps {
+        if !self.ops.contains_key(key) {
+            self.ops.insert(key.to_vec(), KeyOps::default());
+        }
+        self.ops.get_mut(key).expect("inserted above")
+    }
+
     fn mark_dirty(&mut self, key: &[u8], committed: bool) {
-        let entry = self.dirty.entry(key.to_vec()).or_default();
+        // Looked up first: the entry API would copy the key every time.
+        let entry = match self.dirty.get_mut(key) {
+            Some(entry) => entry,
+            None => self.dirty.entry(key.to_vec()).or_default(),
+        };
         entry.commit |= committed;
         entry.other |= !committed;
     }
@@ -651,8 +663,10 @@ impl<E: Env> Replica<E> {
 
     /// What this step says about `key` from here on waits for its writes.
     fn hold_from_here(&mut self, key: &[u8]) {
-        let mark = (self.outbox.len(), self.actions.complete.len());
-        self.voted.entry(key.to_vec()).or_insert(mark);
+        if !self.voted.contains_key(key) {
+            let mark = (self.outbox.len(), self.actions.complete.len());
+            self.voted.insert(key.to_vec(), mark);
+        }
     }
 
     fn complete(&mut self, key: &[u8], completion: Completion) {
@@ -1032,7 +1046,7 @@ impl<E: Env> Replica<E> {
     }
 
     fn enqueue(&mut self, key: &[u8], op: Op) {
-        let ops = self.ops.entry(key.to_vec()).or_default();
+        let ops = self.key_ops(key);
         ops.queue.push_back(op);
         if ops.active.is_none() {
             self.start_next(key);
@@ -1183,7 +1197,7 @@ impl<E: Env> Replica<E> {
     }
 
     fn put_active(&mut self, key: &[u8], op: Op) {
-        let ops = self.ops.entry(key.to_vec()).or_default();
+        let ops = self.key_ops(key);
         debug_assert!(ops.active.is_none());
         ops.active = Some(op);
     }
@@ -1376,7 +1390,7 @@ impl<E: Env> Replica<E> {
         if members.is_empty() {
             return;
         }
-        let ops = self.ops.entry(key.to_vec()).or_default();
+        let ops = self.key_ops(key);
         for m in members.into_iter().rev() {
             ops.queue.push_front(m.op);
         }

@@ -93,6 +93,10 @@ pub struct Proposal {
 }
 
 impl Proposal {
+    fn size_hint(&self) -> usize {
+        24 + self.value.as_ref().map_or(0, Vec::len)
+    }
+
     fn valid(&self) -> bool {
         (1..=COUNT_MAX).contains(&self.count)
     }
@@ -102,6 +106,12 @@ impl Proposal {
 pub struct Accepted {
     pub ballot: Ballot,
     pub proposal: Proposal,
+}
+
+impl Accepted {
+    fn size_hint(&self) -> usize {
+        8 + self.proposal.size_hint()
+    }
 }
 
 /// A chosen value: the key's state at `version`, with the ids of the
@@ -117,6 +127,10 @@ pub struct Chosen {
 }
 
 impl Chosen {
+    fn size_hint(&self) -> usize {
+        16 + self.value.as_ref().map_or(0, Vec::len) + 12 * self.winners.len()
+    }
+
     /// The id chosen at `slot`, if this record still remembers it.
     pub fn winner(&self, slot: u64) -> Option<ProposalId> {
         self.winners
@@ -129,11 +143,11 @@ impl Chosen {
     pub fn next(&self, proposal: &Proposal) -> Chosen {
         let slot = self.version + 1;
         let version = self.version.saturating_add(proposal.count as u64);
-        let mut winners = self.winners.clone();
+        // Past WINNERS_MAX the oldest goes; one allocation.
+        let skip = usize::from(self.winners.len() >= WINNERS_MAX);
+        let mut winners = Vec::with_capacity(self.winners.len() + 1 - skip);
+        winners.extend_from_slice(&self.winners[skip..]);
         winners.push((slot, proposal.id));
-        if winners.len() > WINNERS_MAX {
-            winners.remove(0);
-        }
         Chosen {
             version,
             value: proposal.value.clone(),
@@ -314,13 +328,36 @@ impl core::fmt::Display for DecodeError {
     }
 }
 
-fn encode<T: Serialize>(format: u8, value: &T) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
+/// Postcard output straight into the buffer that already holds the format
+/// byte (`to_allocvec` would take a second buffer and a copy).
+struct Out(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Out {
+    type Output = Vec<u8>;
+
+    #[inline(always)]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
+}
+
+/// `capacity` is a guess at the encoded size, to spare regrowing.
+fn encode<T: Serialize>(format: u8, value: &T, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
     out.push(format);
     // Serializing into a Vec cannot fail for these types.
-    let body = postcard::to_allocvec(value).expect("postcard encoding into a Vec");
-    out.extend_from_slice(&body);
-    out
+    postcard::serialize_with_flavor(value, Out(out)).expect("postcard encoding into a Vec")
 }
 
 fn decode<'a, T: Deserialize<'a>>(format: u8, bytes: &'a [u8]) -> Result<T, DecodeError> {
@@ -356,14 +393,20 @@ impl KeyState {
     /// (the formats before batches are read only).
     pub fn encode_as(&self, format: u8) -> Vec<u8> {
         if format == STATE_FORMAT_CHECKED {
-            let mut out = encode(format, self);
+            let mut out = encode(format, self, self.size_hint() + 4);
             let crc = crc32c(&out);
             out.extend_from_slice(&crc.to_le_bytes());
             out
         } else {
             debug_assert_eq!(format, STATE_FORMAT);
-            encode(STATE_FORMAT, self)
+            encode(STATE_FORMAT, self, self.size_hint())
         }
+    }
+
+    /// About the encoded size: the values, the winners, and room for the
+    /// numbers.
+    fn size_hint(&self) -> usize {
+        32 + self.chosen.size_hint() + self.accepted.as_ref().map_or(0, Accepted::size_hint)
     }
 
     /// Decodes persisted state in any format of [`STATE_FORMATS`]; empty
@@ -404,7 +447,41 @@ impl KeyState {
 impl Msg {
     /// Encodes in wire format 3, stamped with the sender's `epoch`.
     pub fn encode_at(&self, epoch: u64) -> Vec<u8> {
-        encode(WIRE_FORMAT_BATCH, &(epoch, self))
+        encode(WIRE_FORMAT_BATCH, &(epoch, self), self.size_hint())
+    }
+
+    /// About the encoded size (see [`KeyState::size_hint`]).
+    fn size_hint(&self) -> usize {
+        let chosen = |c: &Option<Chosen>| c.as_ref().map_or(0, Chosen::size_hint);
+        let accepted = |a: &Option<Accepted>| a.as_ref().map_or(0, Accepted::size_hint);
+        32 + match self {
+            Msg::Prepare { catch_up, .. } => chosen(catch_up),
+            Msg::Promise { accepted: a, .. } | Msg::Nack { accepted: a, .. } => accepted(a),
+            Msg::Accept {
+                proposal, catch_up, ..
+            }
+            | Msg::Continue {
+                proposal, catch_up, ..
+            } => proposal.size_hint() + chosen(catch_up),
+            Msg::Stale { chosen: c } | Msg::Learn { chosen: c } => c.size_hint(),
+            Msg::QueryReply {
+                chosen: c,
+                accepted: a,
+                ..
+            } => c.size_hint() + accepted(a),
+            Msg::Forward { command, .. } => command.len(),
+            Msg::Forwarded { reply, .. } => match &reply.outcome {
+                ReplyOutcome::Done { value, .. } => value.as_ref().map_or(0, Vec::len),
+                ReplyOutcome::Rejected {
+                    code,
+                    message,
+                    value,
+                    ..
+                } => code.len() + message.len() + value.as_ref().map_or(0, Vec::len),
+                ReplyOutcome::Failed { message, .. } => message.len(),
+            },
+            Msg::Accepted { .. } | Msg::Behind { .. } | Msg::Query { .. } => 0,
+        }
     }
 
     /// Decodes any wire format of [`WIRE_FORMATS`]: the sender's epoch (1
@@ -471,6 +548,11 @@ impl Msg {
     /// Variant indexes of [`Msg::Forward`] and [`Msg::Forwarded`].
     pub const FORWARD: u64 = 11;
     pub const FORWARDED: u64 = 12;
+    /// Variant indexes of the requests a key's coordinator sends:
+    /// [`Msg::Prepare`], [`Msg::Accept`] and [`Msg::Continue`].
+    pub const PREPARE: u64 = 0;
+    pub const ACCEPT: u64 = 2;
+    pub const CONTINUE: u64 = 10;
 
     /// Whether the message states a decided fact (a chosen value) that any
     /// replica may take from any epoch; every other message is part of a
@@ -722,6 +804,45 @@ mod tests {
         assert_eq!(Msg::decode_any(&v1).unwrap(), (1, forward));
         assert_eq!(Msg::peek_variant(&[]), None);
         assert_eq!(Msg::peek_variant(&[9, 1]), None);
+        let ballot = Ballot {
+            counter: 1,
+            replica: 2,
+        };
+        let proposal = Proposal {
+            id: id(2, 1),
+            value: None,
+            count: 1,
+        };
+        for (msg, variant) in [
+            (
+                Msg::Prepare {
+                    slot: 1,
+                    ballot,
+                    catch_up: None,
+                },
+                Msg::PREPARE,
+            ),
+            (
+                Msg::Accept {
+                    slot: 1,
+                    ballot,
+                    proposal: proposal.clone(),
+                    catch_up: None,
+                },
+                Msg::ACCEPT,
+            ),
+            (
+                Msg::Continue {
+                    slot: 1,
+                    ballot,
+                    proposal,
+                    catch_up: None,
+                },
+                Msg::CONTINUE,
+            ),
+        ] {
+            assert_eq!(Msg::peek_variant(&msg.encode_at(1)), Some(variant));
+        }
     }
 
     fn id(replica: u32, seq: u64) -> ProposalId {
