@@ -96,6 +96,9 @@ pub struct Response {
     pub status: StatusCode,
     /// The version in the `ETag` header, if any.
     pub version: Option<u64>,
+    /// The client URL of the replica that leads the key, from the
+    /// `Ballot-Leader` header of a replica that forwarded the request there.
+    pub leader: Option<String>,
     pub body: Bytes,
 }
 
@@ -255,6 +258,11 @@ impl Client {
                 .get(hyper::header::ETAG)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim_matches('"').parse().ok());
+            let leader = response
+                .headers()
+                .get("ballot-leader")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let body = response
                 .into_body()
                 .collect()
@@ -267,6 +275,7 @@ impl Client {
             Ok(Response {
                 status,
                 version,
+                leader,
                 body,
             })
         };
@@ -464,6 +473,7 @@ impl Client {
             return Ok(Err(Response {
                 status: parts.status,
                 version,
+                leader: None,
                 body: bytes,
             }));
         }

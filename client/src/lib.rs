@@ -40,8 +40,13 @@
 //! [`Error::Unavailable`] with `maybe_applied: true` instead: read the key to
 //! learn what happened.
 //!
-//! Listing, watches and leases are not in the API yet; neither is TLS for
-//! the client API. An admin token is sent with [`Client::with_token`].
+//! **Routing.** A replica that forwards a key's command to the key's leader
+//! names the leader's URL in the `Ballot-Leader` header; the client sends
+//! that key's next requests to the endpoint with that URL, if it has one
+//! ([`Routes`]).
+//!
+//! An admin token is sent with [`Client::with_token`]; `https://`
+//! endpoints need [`Client::with_tls`].
 
 pub mod http;
 pub mod views;
@@ -197,13 +202,72 @@ enum Idempotent {
     No,
 }
 
+/// Keys whose leader a [`Routes`] remembers, at most; past it the table
+/// starts over.
+pub const ROUTES_MAX: usize = 4096;
+
+/// Per key, which of a client's endpoints leads it, learned from the
+/// `Ballot-Leader` header: a replica that forwarded a key's command to the
+/// key's leader names the leader's URL there. Sending the key's next
+/// requests to that endpoint saves a hop between replicas each way. A
+/// route is a hint: a replica that no longer leads the key forwards the
+/// request and names the new leader.
+#[derive(Default)]
+pub struct Routes {
+    keys: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl Routes {
+    /// The endpoint `key`'s requests go to first, if one leads it.
+    pub fn get(&self, key: &str) -> Option<usize> {
+        self.keys.lock().expect("routes lock").get(key).copied()
+    }
+
+    /// Learns from an answer for `key` whose `Ballot-Leader` header was
+    /// `leader`: the key goes to the endpoint of that URL (a URL none of
+    /// `endpoints` has drops the route). An answer without the header
+    /// changes nothing.
+    pub fn learn(&self, key: &str, leader: Option<&str>, endpoints: &[http::Client]) {
+        let Some(leader) = leader else {
+            return;
+        };
+        let leader = leader.trim_end_matches('/');
+        let at = endpoints
+            .iter()
+            .position(|e| e.endpoint().trim_end_matches('/') == leader);
+        let mut keys = self.keys.lock().expect("routes lock");
+        match at {
+            Some(at) if keys.get(key) != Some(&at) => {
+                if keys.len() >= ROUTES_MAX {
+                    keys.clear();
+                }
+                keys.insert(key.to_string(), at);
+            }
+            Some(_) => {}
+            None => {
+                keys.remove(key);
+            }
+        }
+    }
+
+    /// Drops `key`'s route (its endpoint failed).
+    pub fn forget(&self, key: &str) {
+        self.keys.lock().expect("routes lock").remove(key);
+    }
+}
+
 /// A client of a Ballot cluster: typed key-value calls over any of its
 /// replicas, with retries and failover. Cheap to clone.
+///
+/// **Routing.** A key's requests go first to the endpoint that leads it,
+/// once an answer named it ([`Routes`]); the others start at the endpoint
+/// that answered last.
 #[derive(Clone)]
 pub struct Client {
     endpoints: Arc<[http::Client]>,
     /// The endpoint that answered last; requests start there.
     preferred: Arc<AtomicUsize>,
+    routes: Arc<Routes>,
     retry: Retry,
 }
 
@@ -225,6 +289,7 @@ impl Client {
         Client {
             endpoints,
             preferred: Arc::new(AtomicUsize::new(0)),
+            routes: Arc::default(),
             retry: Retry::default(),
         }
     }
@@ -607,7 +672,12 @@ impl Client {
         idempotent: Idempotent,
     ) -> Result<http::Response, Error> {
         let n = self.endpoints.len();
-        let mut at = self.preferred.load(Ordering::Relaxed) % n;
+        // A key's path (without the query) names its route.
+        let route = path
+            .strip_prefix("/v1/kv/")
+            .map(|k| k.split('?').next().unwrap_or(k));
+        let routed = route.and_then(|k| self.routes.get(k)).filter(|&at| at < n);
+        let mut at = routed.unwrap_or_else(|| self.preferred.load(Ordering::Relaxed) % n);
         let mut pause = self.retry.backoff;
         let mut last = None;
         for attempt in 0..self.retry.attempts {
@@ -630,7 +700,12 @@ impl Client {
                     (error, !maybe_applied || idempotent == Idempotent::Yes)
                 }
                 Ok(r) => {
-                    self.preferred.store(at, Ordering::Relaxed);
+                    if let Some(key) = route {
+                        self.routes.learn(key, r.leader.as_deref(), &self.endpoints);
+                    }
+                    if routed != Some(at) {
+                        self.preferred.store(at, Ordering::Relaxed);
+                    }
                     return Ok(r);
                 }
                 Err(e) => {
@@ -662,6 +737,9 @@ impl Client {
                 },
                 other => other,
             });
+            if let Some(key) = route.filter(|_| routed == Some(at)) {
+                self.routes.forget(key);
+            }
             if !retry {
                 break;
             }
@@ -734,6 +812,7 @@ mod tests {
         let r = http::Response {
             status: StatusCode::PRECONDITION_FAILED,
             version: Some(3),
+            leader: None,
             body: Bytes::from_static(
                 br#"{"error":{"code":"version-mismatch","message":"at 3","current":{"version":3,"value_hex":"00ff"}}}"#,
             ),
@@ -752,10 +831,38 @@ mod tests {
     }
 
     #[test]
+    fn routes_follow_the_named_leader_among_the_endpoints() {
+        let endpoints: Vec<http::Client> = ["http://a:1", "http://b:2/"]
+            .into_iter()
+            .map(http::Client::new)
+            .collect();
+        let routes = Routes::default();
+        routes.learn("k", None, &endpoints);
+        assert_eq!(routes.get("k"), None, "no header, no route");
+        routes.learn("k", Some("http://b:2"), &endpoints);
+        assert_eq!(routes.get("k"), Some(1), "a trailing slash is the same URL");
+        routes.learn("k", None, &endpoints);
+        assert_eq!(routes.get("k"), Some(1), "the leader itself names nobody");
+        routes.learn("k", Some("http://a:1/"), &endpoints);
+        assert_eq!(routes.get("k"), Some(0));
+        routes.learn("k", Some("http://elsewhere:3"), &endpoints);
+        assert_eq!(routes.get("k"), None, "a leader the client cannot reach");
+        routes.learn("k", Some("http://a:1"), &endpoints);
+        routes.forget("k");
+        assert_eq!(routes.get("k"), None);
+        for i in 0..ROUTES_MAX + 5 {
+            routes.learn(&format!("k{i}"), Some("http://a:1"), &endpoints);
+        }
+        assert!(routes.keys.lock().unwrap().len() <= ROUTES_MAX);
+        assert_eq!(routes.get(&format!("k{}", ROUTES_MAX + 4)), Some(0));
+    }
+
+    #[test]
     fn an_unreadable_503_may_have_applied() {
         let r = http::Response {
             status: StatusCode::SERVICE_UNAVAILABLE,
             version: None,
+            leader: None,
             body: Bytes::from_static(b"upstream gone"),
         };
         assert!(maybe_applied(&r));

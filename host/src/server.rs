@@ -672,6 +672,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     .min(Duration::from_secs(5)),
                 closing: closing.clone(),
                 leases: leases.clone(),
+                leaders: core.leaders.clone(),
             };
             tokio::spawn(leases.run(closing.clone()));
             if !app.access.has_admin() {

@@ -1229,6 +1229,81 @@ fn the_typed_client_answers_in_types_and_fails_over() {
     });
 }
 
+/// A replica that forwards a key's command to the key's leader names the
+/// leader in `Ballot-Leader`; the typed client sends the key's next
+/// requests there, and a replica that leads the key names nobody.
+#[test]
+fn a_forwarding_replica_names_the_leader_and_the_client_goes_there() {
+    let scratch = Scratch::new("leader-hints");
+    runtime().block_on(async {
+        let cluster = start(&scratch.0, 3).await;
+        let raw = clients(&cluster);
+        let urls: Vec<String> = cluster.nodes.iter().map(|n| n.http()).collect();
+        // Writers at every replica at once make the key contended: one
+        // replica wins a classic round and keeps leading it.
+        let mut leader = None;
+        for _ in 0..20 {
+            let mut writers = Vec::new();
+            for c in &raw {
+                let c = c.clone();
+                writers.push(tokio::spawn(async move {
+                    for i in 0..10 {
+                        put(&c, "hint/k", &format!("v{i}")).await;
+                    }
+                }));
+            }
+            for w in writers {
+                w.await.unwrap();
+            }
+            let mut named = Vec::new();
+            for c in &raw {
+                let r = put(c, "hint/k", "probe").await;
+                assert!(r.status.is_success(), "{}", r.error_message());
+                named.push(r.leader);
+            }
+            let hints: Vec<&String> = named.iter().flatten().collect();
+            if hints.len() == 2 && hints[0] == hints[1] {
+                let at = urls
+                    .iter()
+                    .position(|u| u == hints[0])
+                    .expect("a member's URL");
+                assert_eq!(named[at], None, "the leader names nobody: {named:?}");
+                leader = Some(at);
+                break;
+            }
+        }
+        let leader = leader.expect("a replica came to lead the contended key");
+        let other = (leader + 1) % 3;
+
+        // The typed client starts at a replica that does not lead the key.
+        let mut order = vec![other, leader, (leader + 2) % 3];
+        order.dedup();
+        let store = ballot_client::Client::new(order.iter().map(|&i| urls[i].clone()))
+            .with_tls(&cluster.nodes[0].tls());
+        let count = "ballot_request_duration_seconds_count{op=\"command\"}";
+        let before = (
+            metric(&raw[other], count).await,
+            metric(&raw[leader], count).await,
+        );
+        for i in 0..5 {
+            store.put("hint/k", format!("routed {i}")).await.unwrap();
+        }
+        let after = (
+            metric(&raw[other], count).await,
+            metric(&raw[leader], count).await,
+        );
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (1.0, 4.0),
+            "the first write went to replica {}, the rest to the leader {}",
+            other + 1,
+            leader + 1
+        );
+        let e = store.get("hint/k").await.unwrap().unwrap();
+        assert_eq!(e.value.as_ref(), b"routed 4");
+    });
+}
+
 /// The CLI's read commands print one JSON document with `--output json`,
 /// and its exit codes say what happened; `ballot completions` prints a
 /// script for the shell.

@@ -34,6 +34,36 @@ fn key_of(path: KeyPath) -> Result<Vec<u8>, ApiError> {
     Ok(key.into_bytes())
 }
 
+/// The header naming the client URL of the replica that leads the key,
+/// on an answer from a replica that forwarded the key's command there.
+pub const LEADER: &str = "ballot-leader";
+
+/// Names the key's leader on every `/v1/kv` answer of a replica that
+/// forwards the key's commands (see `node::Leaders`): a client that sends
+/// the key's next requests there saves a hop between replicas each way.
+pub(super) async fn leader_hint(
+    State(app): State<App>,
+    path: KeyPath,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    let Ok(Path(key)) = path else {
+        return response;
+    };
+    let url = app
+        .leaders
+        .get(key.as_bytes())
+        .and_then(|id| app.membership.http_of(id))
+        .and_then(|url| HeaderValue::from_str(&url).ok());
+    if let Some(url) = url {
+        response
+            .headers_mut()
+            .insert(header::HeaderName::from_static(LEADER), url);
+    }
+    response
+}
+
 /// PUT and DELETE speak the register's commands; a key bound to another
 /// policy takes its own commands through POST.
 fn register_only(app: &App, key: &[u8]) -> Result<(), ApiError> {

@@ -88,6 +88,8 @@ pub struct App {
     pub closing: Arc<std::sync::atomic::AtomicBool>,
     /// Lease requests, through this replica's core.
     pub leases: Arc<crate::leases::Leases>,
+    /// Which replica leads a key, as far as this one can tell.
+    pub leaders: Arc<crate::node::Leaders>,
 }
 
 /// The router.
@@ -99,6 +101,12 @@ pub fn router(app: App) -> Router {
                 .put(kv::put_kv)
                 .delete(kv::delete_kv)
                 .post(kv::post_kv)
+                // Inside the access check: only a client the key is open
+                // to learns who leads it.
+                .route_layer(axum::middleware::from_fn_with_state(
+                    app.clone(),
+                    kv::leader_hint,
+                ))
                 .route_layer(axum::middleware::from_fn_with_state(
                     app.clone(),
                     access::data,

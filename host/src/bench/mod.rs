@@ -73,6 +73,10 @@ pub struct Plan {
     /// link emulator's relays (`crate::wan`) at zero delay: the relays' own
     /// cost, against the direct cluster in the same run.
     pub relay: bool,
+    /// Ballot's clients send a key's requests to the replica that leads it,
+    /// once an answer named it (`Ballot-Leader`), as `ballot-client` does;
+    /// never with `wan`, whose clients stay in their region.
+    pub routing: bool,
     /// Run every cluster (Ballot's and etcd's) across the regions of this
     /// topology, behind the link emulator; `clients` is then per region,
     /// each region's clients talk to a replica of their region, and every
@@ -148,7 +152,9 @@ pub struct Report {
 /// The operations of one system.
 #[derive(Clone)]
 enum Target {
-    Ballot(Vec<Client>),
+    /// A client per replica; client `c` starts at replica `c % n`, and with
+    /// routes goes to the key's leader once it is known.
+    Ballot(Vec<Client>, Option<Arc<ballot_client::Routes>>),
     #[cfg(feature = "etcd")]
     Etcd(etcd::Etcd),
 }
@@ -193,9 +199,25 @@ impl Target {
             }
         };
         match self {
-            Target::Ballot(replicas) => {
-                let c = &replicas[client % replicas.len()];
-                ballot_op(c, kind, &key, value).await
+            Target::Ballot(replicas, routes) => {
+                let own = client % replicas.len();
+                let Some(routes) = routes else {
+                    return Ok(ballot_op(&replicas[own], kind, &key, value).await?.0);
+                };
+                let path = crate::client::escape_key(&key);
+                let at = routes.get(&path).filter(|&at| at < replicas.len());
+                match ballot_op(&replicas[at.unwrap_or(own)], kind, &key, value).await {
+                    Ok((done, leader)) => {
+                        routes.learn(&path, leader.as_deref(), replicas);
+                        Ok(done)
+                    }
+                    Err(e) => {
+                        if at.is_some() {
+                            routes.forget(&path);
+                        }
+                        Err(e)
+                    }
+                }
             }
             #[cfg(feature = "etcd")]
             Target::Etcd(e) => e.op(client, kind, &key, value).await,
@@ -206,7 +228,7 @@ impl Target {
         for k in 0..64 {
             let key = format!("bench/k/{k}");
             match self {
-                Target::Ballot(replicas) => {
+                Target::Ballot(replicas, _) => {
                     let r = replicas[0]
                         .put(&key, value.clone(), Precondition::None)
                         .await?;
@@ -222,10 +244,17 @@ impl Target {
     }
 }
 
-async fn ballot_op(c: &Client, kind: Workload, key: &str, value: &Bytes) -> Result<Done, String> {
+/// One operation through replica `c`: what it did, and the leader its
+/// last answer named (`Ballot-Leader`).
+async fn ballot_op(
+    c: &Client,
+    kind: Workload,
+    key: &str,
+    value: &Bytes,
+) -> Result<(Done, Option<String>), String> {
     let check = |r: crate::client::Response| match r.status {
-        s if s.is_success() => Ok(Done::Ok),
-        StatusCode::PRECONDITION_FAILED => Ok(Done::Conflict),
+        s if s.is_success() => Ok((Done::Ok, r.leader)),
+        StatusCode::PRECONDITION_FAILED => Ok((Done::Conflict, r.leader)),
         s => Err(format!("{s} {}", r.error_message())),
     };
     match kind {
@@ -467,10 +496,11 @@ async fn start_ballot(plan: &Plan, core: CoreKind, relay: bool) -> Result<System
             .collect(),
         None => clients.clone(),
     };
+    let routes = (plan.routing && plan.wan.is_none()).then(Arc::default);
     let pids = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     Ok(System {
         name: name.into(),
-        target: Target::Ballot(target),
+        target: Target::Ballot(target, routes),
         pids,
         metrics: clients,
         _cluster: Some(cluster),
@@ -512,7 +542,7 @@ pub async fn run(plan: Plan) -> Result<Report, String> {
             .collect();
         systems.push(System {
             name: "ballot".into(),
-            target: Target::Ballot(clients.clone()),
+            target: Target::Ballot(clients.clone(), plan.routing.then(Arc::default)),
             pids: Vec::new(),
             metrics: clients,
             _cluster: None,

@@ -117,7 +117,7 @@ pub async fn run_swaps(plan: Plan, clients: usize) -> Result<Vec<SwapPoint>, Str
     eprintln!("starting a {}-replica Ballot cluster (wasm)", plan.nodes);
     let system = start_ballot(&plan, CoreKind::Wasm, false).await?;
     #[allow(irrefutable_let_patterns)] // refutable with the etcd feature
-    let Target::Ballot(replicas) = system.target.clone() else {
+    let Target::Ballot(replicas, _) = system.target.clone() else {
         unreachable!("start_ballot starts Ballot");
     };
     let value = Bytes::from(vec![b'v'; plan.value_bytes]);

@@ -66,6 +66,11 @@ pub(super) struct BenchArgs {
     /// the direct cluster in the same run).
     #[arg(long, conflicts_with = "wan")]
     relay: bool,
+    /// Send every Ballot client's requests to its own replica, which
+    /// forwards a key's commands to the key's leader, instead of to the
+    /// leader the `Ballot-Leader` header named (as `ballot-client` does).
+    #[arg(long)]
+    no_routing: bool,
     /// Run every cluster (and etcd, with --compare etcd) across the regions
     /// of this topology file (`examples/wan/3-regions.toml`), through the
     /// link emulator: each region's clients use that region's replica, and
@@ -122,6 +127,7 @@ pub(super) fn bench(mut args: BenchArgs) -> ExitCode {
         spread_keys: args.spread_keys,
         cores: args.core,
         relay: args.relay,
+        routing: !args.no_routing,
         wan,
         etcd: args.compare.is_some(),
         endpoints: args.endpoints,

@@ -263,6 +263,13 @@ impl Membership {
         })
     }
 
+    /// The client URL of member `id`, if the record names one.
+    pub fn http_of(&self, id: ReplicaId) -> Option<String> {
+        let local = self.local.lock().expect("membership lock");
+        let record = local.record.as_ref()?;
+        record.replicas.iter().find(|m| m.id == id)?.http.clone()
+    }
+
     /// The record this replica runs, if it runs one yet.
     pub fn record(&self) -> Option<MembersRecord> {
         self.local.lock().expect("membership lock").record.clone()

@@ -97,6 +97,7 @@ pub(super) struct Driver {
     pub(super) settling: Option<(u64, u64)>,
     /// Commands peers forwarded to the running instance (see `forwards`).
     pub(super) forwards: Forwards,
+    pub(super) leaders: Arc<super::Leaders>,
     /// Events for the next step that came from no queue: forwards held
     /// during a swap, handed to the new instance, and the events of keys a
     /// step left out to stay within [`STEP_STATE_BYTES_MAX`]. They go
@@ -832,6 +833,7 @@ impl Driver {
 
     fn dispatch(&mut self, actions: Actions) {
         let mut by_peer: HashMap<u32, Vec<Message>> = HashMap::new();
+        self.leaders.observe(&actions.send);
         for o in actions.send {
             self.forwards.outbound(&o);
             by_peer.entry(o.to).or_default().push((o.key, o.payload));

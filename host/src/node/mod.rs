@@ -38,7 +38,10 @@ mod checks;
 mod clock;
 mod driver;
 mod forwards;
+mod leaders;
 mod writer;
+
+pub use leaders::Leaders;
 
 use driver::Driver;
 
@@ -439,6 +442,8 @@ pub struct Core {
     pub request_bytes: Budget,
     pub health: Arc<Health>,
     pub control: Arc<Mailbox>,
+    /// Which replica leads a key, as far as this one can tell.
+    pub leaders: Arc<Leaders>,
 }
 
 impl Core {
@@ -485,6 +490,7 @@ pub fn start(
     let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
     let control = Arc::new(Mailbox::default());
     let health = Arc::new(Health::default());
+    let leaders = Arc::new(Leaders::default());
     // Neither fills: the core stops stepping with PIPELINE_MAX readies
     // unreleased, and each durability report covers at least one of them.
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Ready>(PIPELINE_MAX);
@@ -523,6 +529,7 @@ pub fn start(
         epoch,
         settling: None,
         forwards: forwards::Forwards::new(initial.incarnation),
+        leaders: leaders.clone(),
         carry: Batch::default(),
     };
     let span = tracing::Span::current();
@@ -540,6 +547,7 @@ pub fn start(
         request_bytes: Budget::new(REQUEST_QUEUE_BYTES),
         health,
         control,
+        leaders,
     })
 }
 
