@@ -878,6 +878,145 @@ mod tests {
         }
     }
 
+    /// `encode` writes what postcard's own `to_allocvec` writes, behind
+    /// the format byte, for every message variant and both state formats.
+    #[test]
+    fn encoding_into_one_buffer_writes_postcard_bytes() {
+        let state = sample_state(2);
+        let chosen = state.chosen.clone();
+        let accepted = state.accepted.clone();
+        let proposal = accepted.clone().unwrap().proposal;
+        let ballot = state.promised;
+        let reply = |outcome| Reply {
+            outcome,
+            changed: true,
+            prior_absent: false,
+            fast: true,
+            attempts: 2,
+            prepares: 1,
+        };
+        let messages = vec![
+            Msg::Prepare {
+                slot: 3,
+                ballot,
+                catch_up: Some(chosen.clone()),
+            },
+            Msg::Promise {
+                slot: 3,
+                ballot,
+                accepted: accepted.clone(),
+            },
+            Msg::Accept {
+                slot: 3,
+                ballot,
+                proposal: proposal.clone(),
+                catch_up: None,
+            },
+            Msg::Accepted {
+                slot: 3,
+                ballot,
+                id: id(1, 9),
+            },
+            Msg::Nack {
+                slot: 3,
+                ballot,
+                promised: ballot,
+                accepted: None,
+            },
+            Msg::Stale {
+                chosen: chosen.clone(),
+            },
+            Msg::Behind { slot: 300 },
+            Msg::Learn {
+                chosen: chosen.clone(),
+            },
+            Msg::Query { id: 1 << 40 },
+            Msg::QueryReply {
+                id: 4,
+                chosen: chosen.clone(),
+                accepted,
+            },
+            Msg::Continue {
+                slot: 4,
+                ballot,
+                proposal,
+                catch_up: Some(chosen),
+            },
+            Msg::Forward {
+                id: 5,
+                incarnation: 6,
+                command: vec![7; 300],
+            },
+            Msg::Forwarded {
+                id: 5,
+                incarnation: 6,
+                reply: reply(ReplyOutcome::Done {
+                    value: Some(vec![1; 200]),
+                    version: 9,
+                }),
+            },
+            Msg::Forwarded {
+                id: 5,
+                incarnation: 6,
+                reply: reply(ReplyOutcome::Rejected {
+                    code: "c".into(),
+                    message: "m".into(),
+                    value: None,
+                    version: 9,
+                }),
+            },
+            Msg::Forwarded {
+                id: 5,
+                incarnation: 6,
+                reply: reply(ReplyOutcome::Failed {
+                    reason: 1,
+                    maybe_applied: true,
+                    message: "gone".into(),
+                }),
+            },
+        ];
+        for m in &messages {
+            let mut want = vec![WIRE_FORMAT_BATCH];
+            want.extend(postcard::to_allocvec(&(7u64, m)).unwrap());
+            assert_eq!(m.encode_at(7), want, "{m:?}");
+        }
+        let mut want = vec![STATE_FORMAT];
+        want.extend(postcard::to_allocvec(&state).unwrap());
+        assert_eq!(state.encode(), want);
+        let mut want = vec![STATE_FORMAT_CHECKED];
+        want.extend(postcard::to_allocvec(&state).unwrap());
+        let crc = crc32c(&want);
+        want.extend(crc.to_le_bytes());
+        assert_eq!(state.encode_as(STATE_FORMAT_CHECKED), want);
+    }
+
+    /// `Chosen::next` appends the new winner and, from WINNERS_MAX on,
+    /// drops the oldest one only: as the push-then-remove it replaced, for
+    /// lists of any length (a foreign record may carry more).
+    #[test]
+    fn the_next_chosen_keeps_the_newest_winners() {
+        let proposal = Proposal {
+            id: id(3, 77),
+            value: Some(vec![1]),
+            count: 2,
+        };
+        for len in 0..WINNERS_MAX + 4 {
+            let chosen = Chosen {
+                version: 50,
+                value: None,
+                winners: (0..len as u64).map(|s| (s + 1, id(1, s))).collect(),
+            };
+            let mut want = chosen.winners.clone();
+            want.push((51, proposal.id));
+            if want.len() > WINNERS_MAX {
+                want.remove(0);
+            }
+            let next = chosen.next(&proposal);
+            assert_eq!(next.winners, want, "{len} winners before");
+            assert_eq!((next.version, next.value), (52, Some(vec![1])));
+        }
+    }
+
     /// Key-state format 1, as protocols up to 0.5 wrote it.
     const STATE_V1: [u8; 24] = [
         1, // format

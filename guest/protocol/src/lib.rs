@@ -19,23 +19,3 @@ const TRAP_ON_STEP: bool = false;
 const INVALID_KEY_ON_STEP: bool = false;
 
 include!("component.rs");
-
-/// The builtin compares a byte at a time: see `ballot_core::bytes`.
-///
-/// # Safety
-/// `memcmp`'s contract: `n` readable bytes at `a` and at `b`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    // SAFETY: the caller's contract is `compare`'s.
-    unsafe { ballot_core::bytes::compare(a, b, n) }
-}
-
-/// Equality only; see [`memcmp`].
-///
-/// # Safety
-/// As [`memcmp`].
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    // SAFETY: as above.
-    unsafe { ballot_core::bytes::compare(a, b, n) }
-}

@@ -37,7 +37,8 @@ pub(super) struct AddMember {
     id: u32,
     /// Its QUIC address.
     peer: std::net::SocketAddr,
-    /// Its client URL, for status displays.
+    /// Its client URL, shown in the status and named to clients in
+    /// `Ballot-Leader`.
     #[serde(default)]
     http: Option<String>,
 }
@@ -51,6 +52,16 @@ pub(super) async fn add_member(
         return Err(ApiError::bad_request(
             "invalid-change",
             "replica ids start at 1",
+        ));
+    }
+    if let Some(http) = add.http.as_deref().filter(|u| !super::kv::client_url_ok(u)) {
+        return Err(ApiError::bad_request(
+            "invalid-change",
+            format!(
+                "http must be an http:// or https:// URL of at most {} visible ASCII bytes without credentials, not {:?}",
+                super::kv::CLIENT_URL_MAX,
+                http.chars().take(64).collect::<String>()
+            ),
         ));
     }
     let change = MemberChange {
