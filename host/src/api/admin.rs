@@ -54,12 +54,16 @@ pub(super) async fn add_member(
             "replica ids start at 1",
         ));
     }
-    if let Some(http) = add.http.as_deref().filter(|u| !super::kv::client_url_ok(u)) {
+    if let Some(http) = add
+        .http
+        .as_deref()
+        .filter(|u| !crate::membership::client_url_ok(u))
+    {
         return Err(ApiError::bad_request(
             "invalid-change",
             format!(
                 "http must be an http:// or https:// URL of at most {} visible ASCII bytes without credentials, not {:?}",
-                super::kv::CLIENT_URL_MAX,
+                crate::membership::CLIENT_URL_MAX,
                 http.chars().take(64).collect::<String>()
             ),
         ));

@@ -57,7 +57,7 @@ pub(super) async fn leader_hint(
         .leaders
         .get(&key)
         .and_then(|id| app.membership.http_of(id))
-        .filter(|url| client_url_ok(url))
+        .filter(|url| crate::membership::client_url_ok(url))
         .and_then(|url| HeaderValue::from_str(&url).ok());
     if let Some(url) = url {
         response
@@ -65,19 +65,6 @@ pub(super) async fn leader_hint(
             .insert(header::HeaderName::from_static(LEADER), url);
     }
     response
-}
-
-/// Longest member client URL named to clients.
-pub const CLIENT_URL_MAX: usize = 256;
-
-/// Whether `url` may be named to clients as a member's address: `http://`
-/// or `https://`, at most [`CLIENT_URL_MAX`] bytes of visible ASCII, and
-/// no credentials (`user@`).
-pub(super) fn client_url_ok(url: &str) -> bool {
-    url.len() <= CLIENT_URL_MAX
-        && (url.starts_with("http://") || url.starts_with("https://"))
-        && url.bytes().all(|b| b.is_ascii_graphic())
-        && !url.contains('@')
 }
 
 /// PUT and DELETE speak the register's commands; a key bound to another
@@ -558,28 +545,4 @@ pub(super) async fn list_kv(
         "next": next,
     }))
     .into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::client_url_ok;
-
-    #[test]
-    fn only_plain_http_urls_are_named_to_clients() {
-        assert!(client_url_ok("https://10.0.0.2:7001"));
-        assert!(client_url_ok("http://replica-2.example:7001/"));
-        for bad in [
-            "",
-            "replica-2:7001",
-            "ftp://h",
-            "https://user:secret@h:1",
-            "https://h:1/a b",
-            "https://h:1/\r\nx: y",
-            "https://h/é",
-        ] {
-            assert!(!client_url_ok(bad), "{bad:?}");
-        }
-        let long = format!("https://h/{}", "a".repeat(super::CLIENT_URL_MAX));
-        assert!(!client_url_ok(&long));
-    }
 }

@@ -224,6 +224,19 @@ pub fn lost_directory(me: ReplicaId, peer: ReplicaId, reason: &str) -> String {
     )
 }
 
+/// Longest member client URL named to clients.
+pub const CLIENT_URL_MAX: usize = 256;
+
+/// Whether `url` may be named to clients as a member's address: `http://`
+/// or `https://`, at most [`CLIENT_URL_MAX`] bytes of visible ASCII, and
+/// no credentials (`user@`).
+pub fn client_url_ok(url: &str) -> bool {
+    url.len() <= CLIENT_URL_MAX
+        && (url.starts_with("http://") || url.starts_with("https://"))
+        && url.bytes().all(|b| b.is_ascii_graphic())
+        && !url.contains('@')
+}
+
 /// The newest membership record this replica holds durably: its committed
 /// copy of the system key, or the record it adopted from a peer (written
 /// before the core ran its epoch), whichever has the newer epoch. The daemon
@@ -773,5 +786,24 @@ mod tests {
         assert!(
             matches!(back, Answer::Changes { first: 3, last: 4, ref entries } if entries.len() == 2)
         );
+    }
+
+    #[test]
+    fn only_plain_http_urls_are_named_to_clients() {
+        assert!(client_url_ok("https://10.0.0.2:7001"));
+        assert!(client_url_ok("http://replica-2.example:7001/"));
+        for bad in [
+            "",
+            "replica-2:7001",
+            "ftp://h",
+            "https://user:secret@h:1",
+            "https://h:1/a b",
+            "https://h:1/\r\nx: y",
+            "https://h/é",
+        ] {
+            assert!(!client_url_ok(bad), "{bad:?}");
+        }
+        let long = format!("https://h/{}", "a".repeat(CLIENT_URL_MAX));
+        assert!(!client_url_ok(&long));
     }
 }
