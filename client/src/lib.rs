@@ -323,6 +323,15 @@ impl Client {
         self
     }
 
+    /// The endpoint a request for the key at `route` (its escaped path)
+    /// goes to first: the key's leader, if an answer named it.
+    fn endpoint_for(&self, route: &str) -> &str {
+        match self.routes.get(route) {
+            Some(at) if at < self.endpoints.len() => self.endpoints[at].endpoint(),
+            _ => self.endpoint(),
+        }
+    }
+
     /// The endpoint requests go to first.
     pub fn endpoint(&self) -> &str {
         self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()].endpoint()
@@ -488,7 +497,10 @@ impl Client {
         let body: serde_json::Value =
             serde_json::from_slice(&r.body).map_err(|e| Error::Unavailable {
                 code: "bad-response".into(),
-                message: format!("{}: the answer is not JSON: {e}", self.endpoint()),
+                message: format!(
+                    "{}: the answer is not JSON: {e}",
+                    self.endpoint_for(http::escape_key(key).as_str())
+                ),
                 maybe_applied: true,
             })?;
         Ok(Applied {
