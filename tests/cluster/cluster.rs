@@ -1236,7 +1236,7 @@ fn the_typed_client_answers_in_types_and_fails_over() {
 fn a_forwarding_replica_names_the_leader_and_the_client_goes_there() {
     let scratch = Scratch::new("leader-hints");
     runtime().block_on(async {
-        let cluster = start(&scratch.0, 3).await;
+        let mut cluster = start(&scratch.0, 3).await;
         let raw = clients(&cluster);
         let urls: Vec<String> = cluster.nodes.iter().map(|n| n.http()).collect();
         // Writers at every replica at once make the key contended: one
@@ -1301,6 +1301,33 @@ fn a_forwarding_replica_names_the_leader_and_the_client_goes_there() {
         );
         let e = store.get("hint/k").await.unwrap().unwrap();
         assert_eq!(e.value.as_ref(), b"routed 4");
+
+        // The leader dies: the routed endpoint fails, the route goes, and
+        // the key's writes go on through the others (a write that may
+        // have applied is reported so, never retried: `put` is not
+        // idempotent).
+        cluster.kill(leader as u32 + 1);
+        // Let the pool see the kept-alive connection close (see
+        // `the_typed_client_answers_in_types_and_fails_over`).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut written = Vec::new();
+        let last = loop {
+            let value = format!("after {}", written.len());
+            written.push(value.clone());
+            match store.put("hint/k", value.clone()).await {
+                Ok(_) => break value,
+                Err(ballot_client::Error::Unavailable { .. }) if Instant::now() < deadline => {}
+                Err(e) => panic!("writing after the leader died: {e:?}"),
+            }
+        };
+        let e = store.get("hint/k").await.unwrap().unwrap();
+        let now = String::from_utf8_lossy(&e.value).into_owned();
+        assert!(written.contains(&now), "{now:?} is none of {written:?}");
+        // Once the write that succeeded is known, later ones stay.
+        store.put("hint/k", "settled").await.unwrap();
+        let e = store.get("hint/k").await.unwrap().unwrap();
+        assert_eq!(e.value.as_ref(), b"settled", "after {last:?}");
     });
 }
 
