@@ -323,15 +323,6 @@ impl Client {
         self
     }
 
-    /// The endpoint a request for the key at `route` (its escaped path)
-    /// goes to first: the key's leader, if an answer named it.
-    fn endpoint_for(&self, route: &str) -> &str {
-        match self.routes.get(route) {
-            Some(at) if at < self.endpoints.len() => self.endpoints[at].endpoint(),
-            _ => self.endpoint(),
-        }
-    }
-
     /// The endpoint requests go to first.
     pub fn endpoint(&self) -> &str {
         self.endpoints[self.preferred.load(Ordering::Relaxed) % self.endpoints.len()].endpoint()
@@ -488,8 +479,8 @@ impl Client {
     /// Runs `command` through the policy bound to the key (`POST`).
     pub async fn apply(&self, key: &str, command: impl Into<Bytes>) -> Result<Applied, Error> {
         let path = format!("/v1/kv/{}", http::escape_key(key));
-        let r = self
-            .call(Method::POST, &path, &[], command.into(), Idempotent::No)
+        let (r, at) = self
+            .call_at(Method::POST, &path, &[], command.into(), Idempotent::No)
             .await?;
         if !r.status.is_success() {
             return Err(refusal(&r));
@@ -499,7 +490,7 @@ impl Client {
                 code: "bad-response".into(),
                 message: format!(
                     "{}: the answer is not JSON: {e}",
-                    self.endpoint_for(http::escape_key(key).as_str())
+                    self.endpoints[at].endpoint()
                 ),
                 maybe_applied: true,
             })?;
@@ -683,6 +674,21 @@ impl Client {
         body: Bytes,
         idempotent: Idempotent,
     ) -> Result<http::Response, Error> {
+        let (r, _) = self
+            .call_at(method, path, headers, body, idempotent)
+            .await?;
+        Ok(r)
+    }
+
+    /// [`Client::call`], with the index of the endpoint that answered.
+    async fn call_at(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+        idempotent: Idempotent,
+    ) -> Result<(http::Response, usize), Error> {
         let n = self.endpoints.len();
         // A key's path (without the query) names its route.
         let route = path
@@ -718,7 +724,7 @@ impl Client {
                     if routed != Some(at) {
                         self.preferred.store(at, Ordering::Relaxed);
                     }
-                    return Ok(r);
+                    return Ok((r, at));
                 }
                 Err(e) => {
                     let error = Error::Unavailable {

@@ -1302,10 +1302,9 @@ fn a_forwarding_replica_names_the_leader_and_the_client_goes_there() {
         let e = store.get("hint/k").await.unwrap().unwrap();
         assert_eq!(e.value.as_ref(), b"routed 4");
 
-        // The leader dies: the routed endpoint fails, the route goes, and
-        // the key's writes go on through the others (a write that may
-        // have applied is reported so, never retried: `put` is not
-        // idempotent).
+        // The leader dies: the key's writes go on through the others
+        // rather than stay with the routed endpoint (a write that may have
+        // applied is reported so, never retried: `put` is not idempotent).
         cluster.kill(leader as u32 + 1);
         // Let the pool see the kept-alive connection close (see
         // `the_typed_client_answers_in_types_and_fails_over`).

@@ -293,7 +293,8 @@ enum ClusterCmd {
         /// Its QUIC address (host:port).
         #[arg(long)]
         peer: std::net::SocketAddr,
-        /// Its client URL, shown by `cluster status`.
+        /// Its client URL (`https://host:port`), shown by `cluster status`
+        /// and named to clients as a key's leader (`Ballot-Leader`).
         #[arg(long)]
         http: Option<String>,
         /// Return once the change is queued instead of following it.

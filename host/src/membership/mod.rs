@@ -228,11 +228,16 @@ pub fn lost_directory(me: ReplicaId, peer: ReplicaId, reason: &str) -> String {
 pub const CLIENT_URL_MAX: usize = 256;
 
 /// Whether `url` may be named to clients as a member's address: `http://`
-/// or `https://`, at most [`CLIENT_URL_MAX`] bytes of visible ASCII, and
-/// no credentials (`user@`).
+/// or `https://` (any case) and a host, at most [`CLIENT_URL_MAX`] bytes of
+/// visible ASCII, and no credentials (`user@`).
 pub fn client_url_ok(url: &str) -> bool {
+    let rest = ["http://", "https://"].iter().find_map(|scheme| {
+        url.get(..scheme.len())
+            .filter(|s| s.eq_ignore_ascii_case(scheme))
+            .map(|_| &url[scheme.len()..])
+    });
     url.len() <= CLIENT_URL_MAX
-        && (url.starts_with("http://") || url.starts_with("https://"))
+        && rest.is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
         && url.bytes().all(|b| b.is_ascii_graphic())
         && !url.contains('@')
 }
@@ -792,10 +797,13 @@ mod tests {
     fn only_plain_http_urls_are_named_to_clients() {
         assert!(client_url_ok("https://10.0.0.2:7001"));
         assert!(client_url_ok("http://replica-2.example:7001/"));
+        assert!(client_url_ok("HTTPS://[::1]:8001"));
         for bad in [
             "",
             "replica-2:7001",
             "ftp://h",
+            "https://",
+            "http:///path",
             "https://user:secret@h:1",
             "https://h:1/a b",
             "https://h:1/\r\nx: y",
