@@ -90,6 +90,10 @@ impl Tls {
     }
 }
 
+/// The answer header in which a replica that forwarded a key's command
+/// names the client URL of the key's leader.
+pub const LEADER_HEADER: &str = "ballot-leader";
+
 /// A response, whole.
 #[derive(Clone, Debug)]
 pub struct Response {
@@ -97,7 +101,7 @@ pub struct Response {
     /// The version in the `ETag` header, if any.
     pub version: Option<u64>,
     /// The client URL of the replica that leads the key, from the
-    /// `Ballot-Leader` header of a replica that forwarded the request there.
+    /// [`LEADER_HEADER`] of a replica that forwarded the request there.
     pub leader: Option<String>,
     pub body: Bytes,
 }
@@ -260,7 +264,7 @@ impl Client {
                 .and_then(|v| v.trim_matches('"').parse().ok());
             let leader = response
                 .headers()
-                .get("ballot-leader")
+                .get(LEADER_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             let body = response

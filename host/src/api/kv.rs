@@ -34,10 +34,6 @@ fn key_of(path: KeyPath) -> Result<Vec<u8>, ApiError> {
     Ok(key.into_bytes())
 }
 
-/// The header naming the client URL of the replica that leads the key,
-/// on an answer from a replica that forwarded the key's command there.
-pub const LEADER: &str = "ballot-leader";
-
 /// Names the key's leader on every `/v1/kv` answer of a replica that
 /// forwards the key's commands (see `node::Leaders`): a client that sends
 /// the key's next requests there saves a hop between replicas each way.
@@ -60,9 +56,10 @@ pub(super) async fn leader_hint(
         .filter(|url| crate::membership::client_url_ok(url))
         .and_then(|url| HeaderValue::from_str(&url).ok());
     if let Some(url) = url {
-        response
-            .headers_mut()
-            .insert(header::HeaderName::from_static(LEADER), url);
+        response.headers_mut().insert(
+            header::HeaderName::from_static(crate::client::LEADER_HEADER),
+            url,
+        );
     }
     response
 }
