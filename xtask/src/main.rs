@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use ballot_guest_build::{componentize, sha256_hex, Toolchain, TARGET};
 
 /// (crate, artifact stem, committed file, relative to the workspace)
-const GUESTS: [(&str, &str, &str); 12] = [
+const GUESTS: [(&str, &str, &str); 13] = [
     (
         "ballot-guest-protocol",
         "ballot_guest_protocol",
@@ -44,6 +44,11 @@ const GUESTS: [(&str, &str, &str); 12] = [
     ("hostile", "hostile", "tests/components/hostile.wasm"),
     ("stray", "stray", "tests/components/stray.wasm"),
     ("foreign", "foreign", "tests/components/foreign.wasm"),
+    (
+        "protocol-spin",
+        "protocol_spin",
+        "tests/components/protocol-spin.wasm",
+    ),
     (
         "protocol-trap",
         "protocol_trap",

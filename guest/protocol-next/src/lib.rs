@@ -17,6 +17,7 @@ wit_bindgen::generate!({
 });
 
 const TRAP_ON_STEP: bool = false;
+const SPIN_ON_STEP: bool = false;
 const INVALID_KEY_ON_STEP: bool = false;
 
 include!("../../protocol/src/component.rs");

@@ -1,8 +1,10 @@
 // The protocol component's body, shared by the builds that include it
 // (`guest/protocol`, `guest/protocol-next`, a test fixture). The including
 // crate generates the `protocol` world's bindings and defines
-// `STATE_FORMAT`, `TRAP_ON_STEP` and `INVALID_KEY_ON_STEP` (a fixture that
-// writes under a key no host can store, for the host's output checks).
+// `STATE_FORMAT`, `TRAP_ON_STEP`, `SPIN_ON_STEP` (a fixture whose steps
+// never end, for the calls' time limit) and `INVALID_KEY_ON_STEP` (a
+// fixture that writes under a key no host can store, for the host's output
+// checks).
 
 use std::cell::RefCell;
 
@@ -88,6 +90,12 @@ impl wit::Guest for Component {
     fn step(batch: wit::Batch) -> wit::Ready {
         if TRAP_ON_STEP {
             panic!("this build traps on every step");
+        }
+        if SPIN_ON_STEP {
+            let mut turns = 0u64;
+            loop {
+                turns = std::hint::black_box(turns.wrapping_add(1));
+            }
         }
         let batch = core::Batch {
             now_ms: batch.now_ms,

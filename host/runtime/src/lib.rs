@@ -398,6 +398,32 @@ mod tests {
         assert!(e.to_string().starts_with("step failed: it trapped"), "{e}");
     }
 
+    /// A protocol step that never ends is stopped once it has run its
+    /// limit, and not before.
+    #[test]
+    fn a_protocol_step_that_never_ends_is_stopped_at_its_limit() {
+        let spinning = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/components/protocol-spin.wasm"),
+        )
+        .unwrap();
+        let rt = Runtime::with_components(&spinning, REGISTER_WASM).unwrap();
+        let mut core = rt.replica(core::Config::new(1, 1, vec![1, 2, 3])).unwrap();
+        let cpu = thread_cpu();
+        let started = std::time::Instant::now();
+        let e = core.try_step(core::Batch::default()).unwrap_err();
+        let (ran, took) = (thread_cpu(), started.elapsed());
+        assert!(
+            matches!(e, RuntimeError::Deadline { call: "step" }),
+            "{e:?}"
+        );
+        let limit = std::time::Duration::from_millis(PROTOCOL_CALL_MS);
+        assert!(took >= limit, "stopped after {took:?}");
+        if let (Some(before), Some(after)) = (cpu, ran) {
+            assert!(after - before >= limit - std::time::Duration::from_millis(TICK_MS));
+        }
+    }
+
     fn hostile() -> Vec<u8> {
         std::fs::read(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -12,11 +12,15 @@ use crate::*;
 struct ProtocolHost {
     limits: StoreLimits,
     policies: Policies,
-    /// When the call in progress began (wall time, and its thread's CPU
-    /// time), and how much of it its policies' calls took: the protocol's
-    /// own time is the difference.
+    /// When the call in progress began, and how much of it its policies'
+    /// calls took: the protocol's own time is the difference.
     started: Instant,
-    started_cpu: Option<Duration>,
+    /// Its thread's CPU time at the call's first epoch tick, and the wall
+    /// time the call had run by then. Taken there rather than at the
+    /// call's start: reading a thread's CPU clock is a system call (half a
+    /// microsecond or more in a VM, about a tenth of a short call), and
+    /// nearly every call ends before a tick.
+    cpu_mark: Option<(Duration, Duration)>,
     in_policies: Duration,
 }
 
@@ -24,20 +28,42 @@ impl ProtocolHost {
     /// What is left of the call's own time limit, in ticks; `None` once it
     /// is spent. The call is stopped only once its thread has also used
     /// that much CPU since it began: time the thread did not run (a loaded
-    /// machine, a paused VM) is not the protocol's.
-    fn ticks_left(&self) -> Option<u64> {
-        let limit = Duration::from_millis(PROTOCOL_CALL_MS);
-        let own = self.started.elapsed().saturating_sub(self.in_policies);
-        if own >= Duration::from_millis(PROTOCOL_CALL_WALL_MAX_MS) {
-            return None;
+    /// machine, a paused VM) is not the protocol's. The time before the
+    /// first tick (at most one tick) counts as run.
+    fn ticks_left(&mut self) -> Option<u64> {
+        let now = thread_cpu();
+        if self.cpu_mark.is_none() {
+            self.cpu_mark = now.map(|cpu| (cpu, self.started.elapsed()));
         }
-        let ran = match (self.started_cpu, thread_cpu()) {
-            (Some(started), Some(now)) => now.saturating_sub(started),
-            _ => self.started.elapsed(),
-        };
-        let left = limit.saturating_sub(own).max(limit.saturating_sub(ran));
-        (!left.is_zero()).then(|| ticks(left.as_millis() as u64))
+        let elapsed = self.started.elapsed();
+        let ran = ran_since(self.cpu_mark, now, elapsed);
+        call_left(elapsed.saturating_sub(self.in_policies), ran)
+            .map(|left| ticks(left.as_millis() as u64))
     }
+}
+
+/// How long a call's thread has run: from the CPU mark on, plus the wall
+/// time before the mark; the wall time when there is no CPU clock.
+fn ran_since(
+    mark: Option<(Duration, Duration)>,
+    now: Option<Duration>,
+    elapsed: Duration,
+) -> Duration {
+    match (mark, now) {
+        (Some((cpu, before)), Some(now)) => before + now.saturating_sub(cpu),
+        _ => elapsed,
+    }
+}
+
+/// What is left of a protocol call's limit given its own wall time and
+/// how long its thread ran: `None` once either says it is spent.
+fn call_left(own: Duration, ran: Duration) -> Option<Duration> {
+    if own >= Duration::from_millis(PROTOCOL_CALL_WALL_MAX_MS) {
+        return None;
+    }
+    let limit = Duration::from_millis(PROTOCOL_CALL_MS);
+    let left = limit.saturating_sub(own).max(limit.saturating_sub(ran));
+    (!left.is_zero()).then_some(left)
 }
 
 impl protocol_world::ballot::core::log::Host for ProtocolHost {
@@ -109,20 +135,21 @@ impl WasmCore {
             limits: limits(MEMORY_MAX_BYTES),
             policies,
             started: Instant::now(),
-            started_cpu: thread_cpu(),
+            cpu_mark: None,
             in_policies: Duration::ZERO,
         };
         let mut store = Store::new(engine, host);
         store.limiter(|s| &mut s.limits);
-        // The deadline passes at every tick beyond the call's limit less
-        // what its policies took; the call stops once its own time is spent.
-        store.epoch_deadline_callback(|store| {
-            Ok(match store.data().ticks_left() {
+        // The deadline passes at the call's first tick, then at every tick
+        // beyond its limit less what its policies took; the call stops once
+        // its own time is spent.
+        store.epoch_deadline_callback(|mut store| {
+            Ok(match store.data_mut().ticks_left() {
                 Some(ticks) => UpdateDeadline::Continue(ticks),
                 None => UpdateDeadline::Interrupt,
             })
         });
-        store.set_epoch_deadline(ticks(PROTOCOL_CALL_MS));
+        store.set_epoch_deadline(1);
         let instance = linker
             .instantiate(&mut store, protocol)
             .map_err(|e| err("instantiating the protocol component", e))?;
@@ -162,9 +189,9 @@ impl WasmCore {
     fn arm(&mut self) {
         let host = self.store.data_mut();
         host.started = Instant::now();
-        host.started_cpu = thread_cpu();
+        host.cpu_mark = None;
         host.in_policies = Duration::ZERO;
-        self.store.set_epoch_deadline(ticks(PROTOCOL_CALL_MS));
+        self.store.set_epoch_deadline(1);
     }
 
     /// Runs the component's `self-check` export; false when it has none.
@@ -373,5 +400,32 @@ impl core::Core for WasmCore {
 
     fn reconfigure(&mut self, members: core::Members) -> Result<(), String> {
         self.try_reconfigure(members).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_call_is_stopped_once_its_wall_time_and_its_threads_run_are_spent() {
+        // Its own wall time is spent but its thread ran little: it goes on.
+        assert_eq!(call_left(2_500 * MS, 600 * MS), Some(1_400 * MS));
+        // Both spent: stopped.
+        assert_eq!(call_left(2_500 * MS, 2_000 * MS), None);
+        // Past the wall-time cap, whatever the CPU clock says.
+        assert_eq!(call_left(20_000 * MS, 0 * MS), None);
+        assert_eq!(call_left(10 * MS, 10 * MS), Some(1_990 * MS));
+    }
+
+    #[test]
+    fn the_run_counts_the_time_before_the_cpu_mark_as_run() {
+        let mark = Some((5_000 * MS, 10 * MS));
+        assert_eq!(ran_since(mark, Some(5_500 * MS), 3_000 * MS), 510 * MS);
+        // No CPU clock: the wall time.
+        assert_eq!(ran_since(None, None, 3_000 * MS), 3_000 * MS);
+        assert_eq!(ran_since(mark, None, 3_000 * MS), 3_000 * MS);
     }
 }

@@ -12,6 +12,7 @@ wit_bindgen::generate!({
 });
 
 const TRAP_ON_STEP: bool = false;
+const SPIN_ON_STEP: bool = false;
 const INVALID_KEY_ON_STEP: bool = true;
 
 include!("../../../../guest/protocol/src/component.rs");

@@ -11,6 +11,7 @@ wit_bindgen::generate!({
 });
 
 const TRAP_ON_STEP: bool = true;
+const SPIN_ON_STEP: bool = false;
 const INVALID_KEY_ON_STEP: bool = false;
 
 include!("../../../../guest/protocol/src/component.rs");
