@@ -43,7 +43,7 @@
 //! **Routing.** A replica that forwards a key's command to the key's leader
 //! names the leader's URL in the `Ballot-Leader` header; the client sends
 //! that key's next requests to the endpoint with that URL, if it has one
-//! ([`Routes`]).
+//! ([`Routes`]). A 503 that names a leader sends the retry, if any, there.
 //!
 //! An admin token is sent with [`Client::with_token`]; `https://`
 //! endpoints need [`Client::with_tls`].
@@ -231,10 +231,7 @@ impl Routes {
         let Some(leader) = leader else {
             return;
         };
-        let leader = leader.trim_end_matches('/');
-        let at = endpoints
-            .iter()
-            .position(|e| e.endpoint().trim_end_matches('/') == leader);
+        let at = Routes::endpoint_of(leader, endpoints);
         let mut keys = self.keys.lock().expect("routes lock");
         match at {
             Some(at) if keys.get(key) != Some(&at) => {
@@ -253,6 +250,14 @@ impl Routes {
     /// Drops `key`'s route (its endpoint failed).
     pub fn forget(&self, key: &str) {
         self.keys.lock().expect("routes lock").remove(key);
+    }
+
+    /// Which of `endpoints` has the URL `leader` (up to a trailing slash).
+    fn endpoint_of(leader: &str, endpoints: &[http::Client]) -> Option<usize> {
+        let leader = leader.trim_end_matches('/');
+        endpoints
+            .iter()
+            .position(|e| e.endpoint().trim_end_matches('/') == leader)
     }
 }
 
@@ -694,7 +699,7 @@ impl Client {
         let route = path
             .strip_prefix("/v1/kv/")
             .map(|k| k.split('?').next().unwrap_or(k));
-        let routed = route.and_then(|k| self.routes.get(k)).filter(|&at| at < n);
+        let mut routed = route.and_then(|k| self.routes.get(k)).filter(|&at| at < n);
         let mut at = routed.unwrap_or_else(|| self.preferred.load(Ordering::Relaxed) % n);
         let mut pause = self.retry.backoff;
         let mut last = None;
@@ -707,8 +712,15 @@ impl Client {
             let outcome = endpoint
                 .send(method.clone(), path, headers, body.clone())
                 .await;
+            // A 503 that names the key's leader sends the retry there.
+            let mut named = None;
             let (error, retry) = match outcome {
                 Ok(r) if r.status == StatusCode::SERVICE_UNAVAILABLE => {
+                    named = r
+                        .leader
+                        .as_deref()
+                        .and_then(|l| Routes::endpoint_of(l, &self.endpoints))
+                        .filter(|&l| l != at);
                     let maybe_applied = maybe_applied(&r);
                     let error = Error::Unavailable {
                         code: r.error_code().unwrap_or_else(|| "unavailable".into()),
@@ -758,10 +770,18 @@ impl Client {
             if let Some(key) = route.filter(|_| routed == Some(at)) {
                 self.routes.forget(key);
             }
+            if let (Some(key), Some(leader)) = (route, named) {
+                self.routes.learn(
+                    key,
+                    Some(self.endpoints[leader].endpoint()),
+                    &self.endpoints,
+                );
+                routed = Some(leader);
+            }
             if !retry {
                 break;
             }
-            at = (at + 1) % n;
+            at = named.unwrap_or((at + 1) % n);
         }
         Err(last.expect("at least one attempt"))
     }
@@ -891,6 +911,86 @@ mod tests {
             ..r
         };
         assert!(!maybe_applied(&r));
+    }
+
+    /// Serves every connection with `answer`, counting the requests.
+    async fn answering(answer: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (answer, seen) = (answer.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    // One request per connection: the head, then the body.
+                    while let Ok(n) = conn.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&got).to_lowercase();
+                        let Some(head) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let body = text[..head]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= head + 4 + body {
+                            seen.fetch_add(1, Ordering::SeqCst);
+                            let _ = conn.write_all(answer.as_bytes()).await;
+                            got.clear();
+                        }
+                    }
+                });
+            }
+        });
+        (url, count)
+    }
+
+    /// A replica that answers 503 and names the key's leader sends the
+    /// retry to that leader, not to the next endpoint, and the key's next
+    /// requests go there first.
+    #[tokio::test]
+    async fn a_503_that_names_the_leader_sends_the_retry_there() {
+        let (leader, at_leader) =
+            answering("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".into()).await;
+        let body = r#"{"error":{"code":"no-quorum","message":"m","maybe_applied":false}}"#;
+        let (follower, at_follower) = answering(format!(
+            "HTTP/1.1 503 Service Unavailable\r\n{}: {leader}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            http::LEADER_HEADER,
+            body.len()
+        ))
+        .await;
+        // Between them, an endpoint where nothing listens.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let client = Client::new([follower, format!("http://{dead}"), leader]).with_retry(Retry {
+            attempts: 2,
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        });
+        client
+            .put("k", "v")
+            .await
+            .expect("the retry goes to the named leader");
+        assert_eq!(at_follower.load(Ordering::SeqCst), 1);
+        assert_eq!(at_leader.load(Ordering::SeqCst), 1);
+        client.put("k", "w").await.unwrap();
+        assert_eq!(
+            at_follower.load(Ordering::SeqCst),
+            1,
+            "the key's route is the leader"
+        );
+        assert_eq!(at_leader.load(Ordering::SeqCst), 2);
     }
 
     /// No replica listens: every attempt is refused, certainly unapplied,
