@@ -703,16 +703,19 @@ impl Client {
         let mut at = routed.unwrap_or_else(|| self.preferred.load(Ordering::Relaxed) % n);
         let mut pause = self.retry.backoff;
         let mut last = None;
+        let mut tried = vec![false; n];
         for attempt in 0..self.retry.attempts {
             if attempt > 0 {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(self.retry.max_backoff);
             }
+            tried[at] = true;
             let endpoint = &self.endpoints[at];
             let outcome = endpoint
                 .send(method.clone(), path, headers, body.clone())
                 .await;
-            // A 503 that names the key's leader sends the retry there.
+            // A 503 that names the key's leader sends the retry there, once:
+            // a leader already tried in this call is not tried again.
             let mut named = None;
             let (error, retry) = match outcome {
                 Ok(r) if r.status == StatusCode::SERVICE_UNAVAILABLE => {
@@ -720,7 +723,7 @@ impl Client {
                         .leader
                         .as_deref()
                         .and_then(|l| Routes::endpoint_of(l, &self.endpoints))
-                        .filter(|&l| l != at);
+                        .filter(|&l| !tried[l]);
                     let maybe_applied = maybe_applied(&r);
                     let error = Error::Unavailable {
                         code: r.error_code().unwrap_or_else(|| "unavailable".into()),
@@ -991,6 +994,38 @@ mod tests {
             "the key's route is the leader"
         );
         assert_eq!(at_leader.load(Ordering::SeqCst), 2);
+    }
+
+    /// A 503 that names a leader this call already tried (a stale hint
+    /// naming a dead replica) does not send the retry back there: the
+    /// call goes on to the endpoints it has not tried.
+    #[tokio::test]
+    async fn a_named_leader_already_tried_is_not_tried_again() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let dead = format!("http://{dead}");
+        let body = r#"{"error":{"code":"no-quorum","message":"m","maybe_applied":false}}"#;
+        let (stale, _) = answering(format!(
+            "HTTP/1.1 503 Service Unavailable\r\n{}: {dead}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            http::LEADER_HEADER,
+            body.len()
+        ))
+        .await;
+        let (healthy, at_healthy) =
+            answering("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".into()).await;
+        let client = Client::new([dead, stale, healthy]).with_retry(Retry {
+            attempts: 3,
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        });
+        client
+            .put("k", "v")
+            .await
+            .expect("the third endpoint answers");
+        assert_eq!(at_healthy.load(Ordering::SeqCst), 1);
     }
 
     /// No replica listens: every attempt is refused, certainly unapplied,

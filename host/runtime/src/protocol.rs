@@ -33,7 +33,7 @@ impl ProtocolHost {
     fn ticks_left(&mut self) -> Option<u64> {
         let now = thread_cpu();
         if self.cpu_mark.is_none() {
-            self.cpu_mark = now.map(|cpu| (cpu, self.started.elapsed()));
+            self.cpu_mark = now.map(|cpu| (cpu, run_before_mark(self.started.elapsed())));
         }
         let elapsed = self.started.elapsed();
         let ran = ran_since(self.cpu_mark, now, elapsed);
@@ -42,8 +42,17 @@ impl ProtocolHost {
     }
 }
 
-/// How long a call's thread has run: from the CPU mark on, plus the wall
-/// time before the mark; the wall time when there is no CPU clock.
+/// What counts as run before the CPU mark: the wall time since the call
+/// began, but at most one tick. The mark comes at the first epoch check
+/// after a tick, so a call that ran before it ran less than a tick; time
+/// beyond that is time the thread was not running wasm (descheduled,
+/// paused, in a host import), which is not the protocol's.
+fn run_before_mark(elapsed: Duration) -> Duration {
+    elapsed.min(Duration::from_millis(TICK_MS))
+}
+
+/// How long a call's thread has run: from the CPU mark on, plus what
+/// counted as run before it; the wall time when there is no CPU clock.
 fn ran_since(
     mark: Option<(Duration, Duration)>,
     now: Option<Duration>,
@@ -418,6 +427,17 @@ mod tests {
         // Past the wall-time cap, whatever the CPU clock says.
         assert_eq!(call_left(20_000 * MS, 0 * MS), None);
         assert_eq!(call_left(10 * MS, 10 * MS), Some(1_990 * MS));
+    }
+
+    /// A call whose thread did not run before its first tick (a paused
+    /// process, a starved thread) is not stopped for that time.
+    #[test]
+    fn a_pause_before_the_first_tick_is_not_counted_as_run() {
+        let elapsed = 3_000 * MS;
+        let mark = Some((7 * MS, run_before_mark(elapsed)));
+        let ran = ran_since(mark, Some(7 * MS), elapsed);
+        assert_eq!(ran, Duration::from_millis(TICK_MS));
+        assert!(call_left(elapsed, ran).is_some());
     }
 
     #[test]
