@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use ballot_client::views::{self, Link};
 
-use crate::api::{self, App, ClusterView, ComponentView, ReplicaView};
+use crate::api::{self, App, AppState, ClusterView, ComponentView, ReplicaView};
 use crate::membership::{self, Member, MembersRecord, Membership, Role};
 use crate::metrics::Metrics;
 use crate::node::{self, Protocol, ProtocolFactory, INBOUND_QUEUE};
@@ -649,7 +649,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                     )
                 }
             };
-            let app = App {
+            let app = App::new(AppState {
                 requests: core.requests.clone(),
                 request_bytes: core.request_bytes.clone(),
                 health: core.health.clone(),
@@ -673,7 +673,7 @@ pub fn serve(config: NodeConfig) -> Result<(), String> {
                 closing: closing.clone(),
                 leases: leases.clone(),
                 leaders: core.leaders.clone(),
-            };
+            });
             tokio::spawn(leases.run(closing.clone()));
             if !app.access.has_admin() {
                 warn!("no admin credential configured: every change to components, policies, the protocol and the membership is refused");

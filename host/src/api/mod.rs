@@ -60,9 +60,27 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub use ballot_client::views::{ClusterView, ComponentView, ReplicaView};
 
-/// What the handlers share.
+/// What the handlers share: a handle on [`AppState`], cheap to clone
+/// (axum clones it for every extractor and middleware of every request).
 #[derive(Clone)]
-pub struct App {
+pub struct App(Arc<AppState>);
+
+impl App {
+    pub fn new(state: AppState) -> App {
+        App(Arc::new(state))
+    }
+}
+
+impl std::ops::Deref for App {
+    type Target = AppState;
+
+    fn deref(&self) -> &AppState {
+        &self.0
+    }
+}
+
+/// The handlers' shared state.
+pub struct AppState {
     pub requests: mpsc::Sender<ClientRequest>,
     /// The byte budget of `requests`.
     pub request_bytes: Budget,
