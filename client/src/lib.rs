@@ -956,27 +956,34 @@ mod tests {
         (url, count)
     }
 
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+
+    /// A 503 `no-quorum` that certainly did not apply and names `leader`.
+    fn unavailable_naming(leader: &str) -> String {
+        let body = r#"{"error":{"code":"no-quorum","message":"m","maybe_applied":false}}"#;
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\n{}: {leader}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            http::LEADER_HEADER,
+            body.len()
+        )
+    }
+
+    /// A URL where nothing listens (a listener's port, just closed).
+    fn nobody() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
     /// A replica that answers 503 and names the key's leader sends the
     /// retry to that leader, not to the next endpoint, and the key's next
     /// requests go there first.
     #[tokio::test]
     async fn a_503_that_names_the_leader_sends_the_retry_there() {
-        let (leader, at_leader) =
-            answering("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".into()).await;
-        let body = r#"{"error":{"code":"no-quorum","message":"m","maybe_applied":false}}"#;
-        let (follower, at_follower) = answering(format!(
-            "HTTP/1.1 503 Service Unavailable\r\n{}: {leader}\r\n\
-             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            http::LEADER_HEADER,
-            body.len()
-        ))
-        .await;
+        let (leader, at_leader) = answering(OK.into()).await;
+        let (follower, at_follower) = answering(unavailable_naming(&leader)).await;
         // Between them, an endpoint where nothing listens.
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let client = Client::new([follower, format!("http://{dead}"), leader]).with_retry(Retry {
+        let client = Client::new([follower, nobody(), leader]).with_retry(Retry {
             attempts: 2,
             backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(2),
@@ -1001,21 +1008,9 @@ mod tests {
     /// call goes on to the endpoints it has not tried.
     #[tokio::test]
     async fn a_named_leader_already_tried_is_not_tried_again() {
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let dead = format!("http://{dead}");
-        let body = r#"{"error":{"code":"no-quorum","message":"m","maybe_applied":false}}"#;
-        let (stale, _) = answering(format!(
-            "HTTP/1.1 503 Service Unavailable\r\n{}: {dead}\r\n\
-             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            http::LEADER_HEADER,
-            body.len()
-        ))
-        .await;
-        let (healthy, at_healthy) =
-            answering("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".into()).await;
+        let dead = nobody();
+        let (stale, _) = answering(unavailable_naming(&dead)).await;
+        let (healthy, at_healthy) = answering(OK.into()).await;
         let client = Client::new([dead, stale, healthy]).with_retry(Retry {
             attempts: 3,
             backoff: Duration::from_millis(1),

@@ -382,11 +382,7 @@ mod tests {
 
     #[test]
     fn a_trapping_step_is_a_trap_and_not_a_refusal() {
-        let trapping = std::fs::read(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/components/protocol-trap.wasm"),
-        )
-        .unwrap();
+        let trapping = fixture("protocol-trap");
         let rt = Runtime::with_components(&trapping, REGISTER_WASM).unwrap();
         let mut core = rt.replica(core::Config::new(1, 1, vec![1, 2, 3])).unwrap();
         let e = core.try_step(core::Batch::default()).unwrap_err();
@@ -402,11 +398,7 @@ mod tests {
     /// limit, and not before, and within the wall-time cap.
     #[test]
     fn a_protocol_step_that_never_ends_is_stopped_at_its_limit() {
-        let spinning = std::fs::read(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/components/protocol-spin.wasm"),
-        )
-        .unwrap();
+        let spinning = fixture("protocol-spin");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = Runtime::with_components(&spinning, REGISTER_WASM).unwrap();
@@ -433,10 +425,11 @@ mod tests {
         }
     }
 
-    fn hostile() -> Vec<u8> {
+    /// A misbehaving component from `tests/components`.
+    fn fixture(name: &str) -> Vec<u8> {
         std::fs::read(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/components/hostile.wasm"),
+                .join(format!("../../tests/components/{name}.wasm")),
         )
         .unwrap()
     }
@@ -447,7 +440,7 @@ mod tests {
     /// the step's policy budget, the remaining commands fail at once.
     #[test]
     fn a_step_is_timed_without_its_policies_whose_time_has_its_own_bound() {
-        let rt = Runtime::with_components(PROTOCOL_WASM, &hostile()).unwrap();
+        let rt = Runtime::with_components(PROTOCOL_WASM, &fixture("hostile")).unwrap();
         // A replica alone: it evaluates each command as it takes it.
         let mut core = rt.replica(core::Config::new(1, 1, vec![1])).unwrap();
         let n = POLICY_STEP_MS / POLICY_CALL_MS + 3;
