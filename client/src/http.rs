@@ -188,6 +188,18 @@ impl Client {
         self
     }
 
+    /// The same client, giving up on an answer after `timeout` (30 s by
+    /// default).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long it waits for an answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The endpoint this client talks to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint

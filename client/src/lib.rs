@@ -313,7 +313,22 @@ impl Client {
         self.endpoints = self
             .endpoints
             .iter()
-            .map(|c| http::Client::with_tls(c.endpoint(), tls).with_token(c.token().cloned()))
+            .map(|c| {
+                http::Client::with_tls(c.endpoint(), tls)
+                    .with_token(c.token().cloned())
+                    .with_timeout(c.timeout())
+            })
+            .collect();
+        self
+    }
+
+    /// The same client, giving up on each attempt's answer after `timeout`
+    /// (30 s by default). An attempt that timed out may have applied.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.endpoints = self
+            .endpoints
+            .iter()
+            .map(|c| c.clone().with_timeout(timeout))
             .collect();
         self
     }
@@ -1021,6 +1036,57 @@ mod tests {
             .await
             .expect("the third endpoint answers");
         assert_eq!(at_healthy.load(Ordering::SeqCst), 1);
+    }
+
+    /// A routed endpoint that takes the request and never answers: a read
+    /// goes on to the next endpoint, a put fails as maybe applied, and
+    /// either way the key's route is dropped.
+    #[tokio::test]
+    async fn a_routed_endpoint_that_never_answers_loses_the_route() {
+        // Accepts connections and reads, never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_url = format!("http://{}", silent.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                held.push(conn);
+            }
+        });
+        let (healthy, at_healthy) = answering(OK.into()).await;
+        let client = Client::new([silent_url.clone(), healthy])
+            .with_timeout(Duration::from_millis(200))
+            .with_retry(Retry {
+                attempts: 2,
+                backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(2),
+            });
+        let route = |client: &Client| {
+            client
+                .routes
+                .learn("k", Some(&silent_url), &client.endpoints);
+            assert_eq!(client.routes.get("k"), Some(0));
+        };
+        route(&client);
+        client
+            .get("k")
+            .await
+            .expect("the read goes on to the next endpoint");
+        assert_eq!(at_healthy.load(Ordering::SeqCst), 1);
+        assert_eq!(client.routes.get("k"), None);
+        route(&client);
+        match client.put("k", "v").await {
+            Err(Error::Unavailable {
+                code,
+                maybe_applied,
+                ..
+            }) => {
+                assert_eq!(code, "no-response");
+                assert!(maybe_applied);
+            }
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        assert_eq!(at_healthy.load(Ordering::SeqCst), 1, "a put is not retried");
+        assert_eq!(client.routes.get("k"), None);
     }
 
     /// No replica listens: every attempt is refused, certainly unapplied,
