@@ -231,19 +231,20 @@ impl Routes {
         let Some(leader) = leader else {
             return;
         };
-        let at = Routes::endpoint_of(leader, endpoints);
+        match Routes::endpoint_of(leader, endpoints) {
+            Some(at) => self.set(key, at),
+            None => self.forget(key),
+        }
+    }
+
+    /// Sends `key`'s requests to endpoint `at` first.
+    fn set(&self, key: &str, at: usize) {
         let mut keys = self.keys.lock().expect("routes lock");
-        match at {
-            Some(at) if keys.get(key) != Some(&at) => {
-                if keys.len() >= ROUTES_MAX {
-                    keys.clear();
-                }
-                keys.insert(key.to_string(), at);
+        if keys.get(key) != Some(&at) {
+            if keys.len() >= ROUTES_MAX {
+                keys.clear();
             }
-            Some(_) => {}
-            None => {
-                keys.remove(key);
-            }
+            keys.insert(key.to_string(), at);
         }
     }
 
@@ -789,11 +790,7 @@ impl Client {
                 self.routes.forget(key);
             }
             if let (Some(key), Some(leader)) = (route, named) {
-                self.routes.learn(
-                    key,
-                    Some(self.endpoints[leader].endpoint()),
-                    &self.endpoints,
-                );
+                self.routes.set(key, leader);
                 routed = Some(leader);
             }
             if !retry {
@@ -944,7 +941,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut got = Vec::new();
-                    // One request per connection: the head, then the body.
+                    // Requests one after another: a head, then its body.
                     while let Ok(n) = conn.read(&mut buf).await {
                         if n == 0 {
                             return;
@@ -969,6 +966,15 @@ mod tests {
             }
         });
         (url, count)
+    }
+
+    /// A retry policy that does not keep a test waiting.
+    fn quick(attempts: u32) -> Retry {
+        Retry {
+            attempts,
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        }
     }
 
     const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
@@ -998,11 +1004,7 @@ mod tests {
         let (leader, at_leader) = answering(OK.into()).await;
         let (follower, at_follower) = answering(unavailable_naming(&leader)).await;
         // Between them, an endpoint where nothing listens.
-        let client = Client::new([follower, nobody(), leader]).with_retry(Retry {
-            attempts: 2,
-            backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(2),
-        });
+        let client = Client::new([follower, nobody(), leader]).with_retry(quick(2));
         client
             .put("k", "v")
             .await
@@ -1026,11 +1028,7 @@ mod tests {
         let dead = nobody();
         let (stale, _) = answering(unavailable_naming(&dead)).await;
         let (healthy, at_healthy) = answering(OK.into()).await;
-        let client = Client::new([dead, stale, healthy]).with_retry(Retry {
-            attempts: 3,
-            backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(2),
-        });
+        let client = Client::new([dead, stale, healthy]).with_retry(quick(3));
         client
             .put("k", "v")
             .await
@@ -1055,11 +1053,7 @@ mod tests {
         let (healthy, at_healthy) = answering(OK.into()).await;
         let client = Client::new([silent_url.clone(), healthy])
             .with_timeout(Duration::from_millis(200))
-            .with_retry(Retry {
-                attempts: 2,
-                backoff: Duration::from_millis(1),
-                max_backoff: Duration::from_millis(2),
-            });
+            .with_retry(quick(2));
         let route = |client: &Client| {
             client
                 .routes
@@ -1101,11 +1095,7 @@ mod tests {
                 l.local_addr().unwrap().port()
             })
             .collect();
-        let client = Client::new(ports.iter().map(|&p| dead(p))).with_retry(Retry {
-            attempts: 3,
-            backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(2),
-        });
+        let client = Client::new(ports.iter().map(|&p| dead(p))).with_retry(quick(3));
         match client.put("k", "v").await {
             Err(Error::Unavailable {
                 code,

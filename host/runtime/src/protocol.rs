@@ -32,10 +32,10 @@ impl ProtocolHost {
     /// first tick (at most one tick) counts as run.
     fn ticks_left(&mut self) -> Option<u64> {
         let now = thread_cpu();
-        if self.cpu_mark.is_none() {
-            self.cpu_mark = now.map(|cpu| (cpu, run_before_mark(self.started.elapsed())));
-        }
         let elapsed = self.started.elapsed();
+        if self.cpu_mark.is_none() {
+            self.cpu_mark = now.map(|cpu| (cpu, run_before_mark(elapsed)));
+        }
         let ran = ran_since(self.cpu_mark, now, elapsed);
         call_left(elapsed.saturating_sub(self.in_policies), ran)
             .map(|left| ticks(left.as_millis() as u64))

@@ -7,7 +7,8 @@
 //! client that knows the leader's endpoint sends that key's next requests
 //! there (see `ballot-client`). The hint is only a hint: a replica that
 //! does not lead the key forwards the command as before, so a stale or
-//! wrong one costs the hop it would have saved, never an answer.
+//! wrong one costs the hop it would have saved (and a hinted replica that
+//! fails costs the client that attempt, as any failed endpoint does).
 //!
 //! The hints come from what the protocol sends, read by variant only (as
 //! [`super::forwards`] does): a Forward to replica R names R; a Prepare,
